@@ -1,0 +1,49 @@
+# virtfs: `make run` mounts ./mnt with an embedded controller; `make test` runs the suite.
+# Both set everything up on a fresh Debian machine (apt packages, a venv with the project).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STATE   ?= $(CURDIR)/state
+MNT     ?= $(CURDIR)/mnt
+PYTEST_ARGS ?=
+
+.PHONY: all setup sysdeps run controller test test-fast lint typecheck bench clean
+
+all: test
+
+sysdeps:
+	@bash scripts/sysdeps.sh
+
+$(BIN)/.installed: pyproject.toml | sysdeps
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: sysdeps $(BIN)/.installed
+
+run: setup
+	mkdir -p $(MNT)
+	VIRTFS_STATE_DIR=$(STATE) $(BIN)/virtfs-mount $(MNT) --demo
+
+controller: setup
+	VIRTFS_STATE_DIR=$(STATE) $(BIN)/virtfs-controller
+
+test: setup
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check controller virtfs tests bench
+
+typecheck: setup
+	$(BIN)/mypy controller virtfs
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""The virtfs controller: authoritative tables, journal, RPC server and vdctl."""

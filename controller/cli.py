@@ -1,0 +1,326 @@
+"""vdctl: the admin CLI. Talks to the controller over its socket.
+
+JSON goes to stdout, notices to stderr. Exit 0 on success, 1 on an error
+(one line on stderr), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+from . import protocol as P
+from .client import ConnectionLost, open_controller
+from .daemon import default_socket, default_state_dir
+from .extents import NO_LUN, state_names
+from .units import SizeError, format_size, parse_size
+
+_NEG = "neg:"  # argv rewrite so "disk resize d -1G" is not taken for an option
+
+
+def size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SizeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def delta_arg(text: str) -> tuple[str, int]:
+    """SIZE, +SIZE or -SIZE for resize."""
+    sign = ""
+    if text.startswith(_NEG):
+        sign, text = "-", text[len(_NEG):]
+    elif text[:1] in "+-":
+        sign, text = text[0], text[1:]
+    return sign, size_arg(text)
+
+
+def _globals(parser: argparse.ArgumentParser, default: Any) -> None:
+    g = parser.add_argument_group("global options")
+    g.add_argument("--state-dir", default=default,
+                   help="the controller's state dir (its socket is STATE_DIR/controller.sock; "
+                   "default $VIRTFS_STATE_DIR or ~/.local/state/virtfs)")
+    g.add_argument("--controller", metavar="ADDR", default=default,
+                   help="the controller's address, unix:PATH")
+    g.add_argument("--format", choices=("table", "json"), default=default,
+                   help="output format (default table)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vdctl",
+        description="Manage virtfs storage containers and virtual disks.",
+        epilog="Sizes take binary suffixes K, M, G, T (powers of 1024) or plain bytes. "
+        "Global options may also follow the verb, e.g. 'vdctl disk ls --format json'.",
+    )
+    _globals(p, None)
+    nouns = p.add_subparsers(dest="noun", metavar="NOUN", required=True)
+
+    def verb(sub: Any, name: str, help_: str) -> argparse.ArgumentParser:
+        vp = sub.add_parser(name, help=help_, description=help_)
+        _globals(vp, argparse.SUPPRESS)
+        return vp
+
+    verb(nouns, "status", "show the controller's status")
+    verb(nouns, "check", "verify the persistent table (exit 1 on corruption)")
+
+    c = nouns.add_parser("container", help="storage containers (backing files or devices)")
+    cv = c.add_subparsers(dest="verb", metavar="VERB", required=True)
+    a = verb(cv, "add", "add a container: an existing file or block device, or a new sparse "
+             "file of --size")
+    a.add_argument("name")
+    a.add_argument("path", type=os.path.abspath)
+    a.add_argument("--size", type=size_arg,
+                   help="create a sparse file of this size if PATH does not exist; with an "
+                   "existing file, use only its first SIZE bytes")
+    verb(cv, "ls", "list containers with usage")
+    verb(cv, "info", "show one container and the disks on it").add_argument("name")
+    verb(cv, "rm", "remove an empty container (the file itself is left in place)"
+         ).add_argument("name")
+
+    d = nouns.add_parser("disk", help="virtual disks")
+    dv = d.add_subparsers(dest="verb", metavar="VERB", required=True)
+    cr = verb(dv, "create", "create a disk (thin unless --thick)")
+    cr.add_argument("name")
+    cr.add_argument("--size", type=size_arg, required=True, help="any byte size")
+    cr.add_argument("--thick", action="store_true", help="allocate all space now")
+    cr.add_argument("--segment-size", type=size_arg,
+                    help="allocation unit for thin disks (default 4M, multiple of 4K)")
+    cr.add_argument("--container", help="allocate only on this container")
+    verb(dv, "ls", "list disks")
+    verb(dv, "info", "show one disk").add_argument("name")
+    verb(dv, "map", "show a disk's segment map: entries and their states").add_argument("name")
+    rs = verb(dv, "resize", "set a disk's size, or grow/shrink it by +SIZE/-SIZE")
+    rs.add_argument("name")
+    rs.add_argument("size", type=delta_arg, metavar="SIZE|+SIZE|-SIZE")
+    rs.add_argument("--allow-shrink", action="store_true", help="permit shrinking (data past "
+                    "the new end is discarded)")
+    verb(dv, "rm", "remove a disk and free its space").add_argument("name")
+    return p
+
+
+# ---------------------------------------------------------------- output
+
+
+def _table(rows: list[list[str]], headers: list[str], out: Any) -> None:
+    widths = [len(h) for h in headers]
+    for r in rows:
+        widths = [max(w, len(x)) for w, x in zip(widths, r, strict=True)]
+    out.write("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip() + "\n")
+    for r in rows:
+        out.write("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+def _kv(d: dict[str, Any], out: Any) -> None:
+    for k, v in d.items():
+        if isinstance(v, list | dict):
+            continue
+        if isinstance(v, int) and not isinstance(v, bool) and k in (
+                "size", "used", "free", "allocated", "capacity", "segment_size",
+                "journal_bytes"):
+            v = f"{v} ({format_size(v)})"
+        out.write(f"{k + ':':<15} {v}\n")
+
+
+def _pct(used: int, size: int) -> str:
+    return f"{100 * used / size:.1f}%" if size else "-"
+
+
+class Cli:
+    def __init__(self, args: argparse.Namespace, client: Any, out: Any):
+        self.args = args
+        self.c = client
+        self.out = out
+        self.json = getattr(args, "format", None) == "json"
+
+    def emit_json(self, obj: Any) -> None:
+        json.dump(obj, self.out, indent=2, sort_keys=False)
+        self.out.write("\n")
+
+    async def status(self) -> int:
+        r = await self.c.call("status")
+        self.emit_json(r) if self.json else _kv(r, self.out)
+        return 0
+
+    async def check(self) -> int:
+        r = await self.c.call("check")
+        if self.json:
+            self.emit_json(r)
+        else:
+            for p in r["problems"]:
+                self.out.write(f"{p['level']}: {p['message']}\n")
+            verdict = "clean" if r["ok"] else "CORRUPT"
+            self.out.write(f"check: {verdict}: {r['containers']} containers, {r['disks']} disks, "
+                           f"{r['extents']} extents, {r['errors']} errors, {r['leaks']} leaks\n")
+        return 0 if r["ok"] else 1
+
+    async def container_add(self) -> int:
+        r = await self.c.call("container.add", name=self.args.name, path=self.args.path,
+                              size=self.args.size)
+        self._container_out(r)
+        return 0
+
+    def _container_out(self, r: dict[str, Any]) -> None:
+        self.emit_json(r) if self.json else _kv(r, self.out)
+
+    async def container_ls(self) -> int:
+        rows = await self.c.call("container.ls")
+        if self.json:
+            self.emit_json(rows)
+            return 0
+        _table([[r["name"], str(r["lun"]), format_size(r["size"]), format_size(r["used"]),
+                 format_size(r["free"]), _pct(r["used"], r["size"]), r["state"], r["path"]]
+                for r in rows], ["NAME", "LUN", "SIZE", "USED", "FREE", "USE%", "STATE", "PATH"],
+               self.out)
+        return 0
+
+    async def container_info(self) -> int:
+        r = await self.c.call("container.info", name=self.args.name)
+        if self.json:
+            self.emit_json(r)
+            return 0
+        _kv(r, self.out)
+        for d in r["disks"]:
+            self.out.write(f"  disk {d['name']}: {d['bytes']} bytes\n")
+        return 0
+
+    async def container_rm(self) -> int:
+        r = await self.c.call("container.rm", name=self.args.name)
+        if self.json:
+            self.emit_json(r)
+        print(f"container {r['name']} removed; {r['path']} was left in place",
+              file=sys.stderr)
+        return 0
+
+    async def disk_create(self) -> int:
+        a = self.args
+        r = await self.c.call("disk.create", name=a.name, size=a.size, thick=a.thick,
+                              segment_size=a.segment_size, container=a.container)
+        self.emit_json(r) if self.json else _kv(r, self.out)
+        return 0
+
+    async def disk_ls(self) -> int:
+        rows = await self.c.call("disk.ls")
+        if self.json:
+            self.emit_json(rows)
+            return 0
+        _table([[r["name"], str(r["size"]), format_size(r["size"]), r["provisioning"],
+                 format_size(r["allocated"]), str(r["extents"]), r["container"] or "-"]
+                for r in rows],
+               ["NAME", "BYTES", "SIZE", "TYPE", "ALLOCATED", "EXTENTS", "PINNED"], self.out)
+        return 0
+
+    async def disk_info(self) -> int:
+        r = await self.c.call("disk.info", name=self.args.name)
+        if self.json:
+            self.emit_json(r)
+            return 0
+        _kv(r, self.out)
+        for p in r["placement"]:
+            self.out.write(f"  on {p['container']}: {p['bytes']} bytes\n")
+        return 0
+
+    async def disk_map(self) -> int:
+        start: int | None = 0
+        first = True
+        while start is not None:
+            page = await self.c.call("disk.map", name=self.args.name, start=start)
+            luns = {int(k): v for k, v in page["containers"].items()}
+            if first and self.json:
+                self.out.write(json.dumps({"name": page["name"], "size": page["size"],
+                                           "epoch": page["epoch"]})[:-1] + ', "entries": [')
+            elif first:
+                self.out.write(f"{'VSTART':>16}  {'LENGTH':>14}  {'CONTAINER':<12}  "
+                               f"{'OFFSET':>16}  STATE\n")
+            for vstart, length, lun, offset, flags in page["rows"]:
+                mapped = lun != NO_LUN
+                if self.json:
+                    row = {"vstart": vstart, "length": length,
+                           "container": luns.get(lun) if mapped else None,
+                           "lun": lun if mapped else None, "offset": offset if mapped else None,
+                           "state": state_names(flags) or ["valid"]}
+                    self.out.write(("\n  " if first else ",\n  ") + json.dumps(row))
+                else:
+                    st = ",".join(state_names(flags)) or "valid"
+                    self.out.write(f"{vstart:>16}  {length:>14}  "
+                                   f"{(luns.get(lun, '?') if mapped else '-'):<12}  "
+                                   f"{(offset if mapped else '-'):>16}  {st}\n")
+                first = False
+            start = page["next"]
+        if self.json:
+            self.out.write("\n]}\n")
+        return 0
+
+    async def disk_resize(self) -> int:
+        sign, amount = self.args.size
+        size = amount
+        if sign:
+            cur = (await self.c.call("disk.info", name=self.args.name))["size"]
+            size = cur + amount if sign == "+" else cur - amount
+            if size <= 0:
+                raise P.invalid(f"cannot shrink {self.args.name!r} ({cur} bytes) by {amount}")
+        r = await self.c.call("disk.resize", name=self.args.name, size=size,
+                              allow_shrink=self.args.allow_shrink)
+        self.emit_json(r) if self.json else _kv(r, self.out)
+        return 0
+
+    async def disk_rm(self) -> int:
+        r = await self.c.call("disk.rm", name=self.args.name)
+        if self.json:
+            self.emit_json(r)
+        print(f"disk {r['name']} removed ({r['allocated']} bytes freed)", file=sys.stderr)
+        return 0
+
+
+def _rewrite_negative(argv: list[str]) -> list[str]:
+    return [_NEG + a[1:] if re.fullmatch(r"-\d[\d.]*[A-Za-z]*", a) else a for a in argv]
+
+
+def controller_addr(args: argparse.Namespace) -> str:
+    if getattr(args, "controller", None):
+        return str(args.controller)
+    state_dir = getattr(args, "state_dir", None) or default_state_dir()
+    return default_socket(os.path.abspath(state_dir))
+
+
+def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(_rewrite_negative(argv))
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else 2
+    out = out or sys.stdout
+    addr = controller_addr(args)
+    method_name = args.noun if args.noun in ("status", "check") else f"{args.noun}_{args.verb}"
+
+    async def run() -> int:
+        async with open_controller(addr, role="admin", name="vdctl") as client:
+            method: Callable[[], Any] = getattr(Cli(args, client, out), method_name)
+            return int(await method())
+
+    try:
+        return trio.run(run)
+    except ConnectionLost as e:
+        hint = "" if "connect" not in e.message else " (is virtfs-controller running?)"
+        print(f"vdctl: error: {e.message}{hint}", file=sys.stderr)
+        return 1
+    except P.RemoteError as e:
+        print(f"vdctl: error: {e.message}", file=sys.stderr)
+        return 1
+    except trio.TooSlowError:
+        print("vdctl: error: the controller did not answer in time", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Wire messages shared by the controller, the agent and vdctl.
+
+A frame is a 4-byte big-endian length and a msgpack map. Requests are
+``{"id": int, "op": str, "args": map}``; replies ``{"id": int, "ok": true,
+"result": ...}`` or ``{"id": int, "ok": false, "error": {"code", "message"}}``.
+The first request on a connection must be ``hello`` with ``PROTOCOL_VERSION``.
+The server may also send unsolicited ``{"push": str, ...}`` frames to agents.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+BLOCK_SIZE = 4096
+DEFAULT_SEGMENT_SIZE = 4 << 20
+MIN_SEGMENT_SIZE = BLOCK_SIZE
+MAX_SEGMENT_SIZE = 1 << 40
+MAX_DISK_SIZE = 1 << 60
+MAX_NAME_BYTES = 128
+
+# Error codes, with the errno an agent maps them to.
+E_NOT_FOUND = "not_found"
+E_EXISTS = "exists"
+E_INVALID = "invalid"
+E_NO_SPACE = "no_space"
+E_BUSY = "busy"
+E_PROTOCOL = "protocol"
+E_UNAUTHORIZED = "unauthorized"
+E_IO = "io_error"
+E_INTERNAL = "internal"
+E_UNSUPPORTED = "unsupported"
+
+
+class RemoteError(Exception):
+    """An error reply, raised by the client and by service methods alike."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_wire(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+def invalid(message: str) -> RemoteError:
+    return RemoteError(E_INVALID, message)
+
+
+def not_found(what: str, name: str) -> RemoteError:
+    return RemoteError(E_NOT_FOUND, f"no such {what}: {name!r}")
+
+
+# ---------------------------------------------------------------- validation
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """Names of disks and containers: LVM's character set, 1..128 bytes."""
+    if not isinstance(name, str):
+        raise invalid(f"{what} must be a string")
+    if not name:
+        raise invalid(f"{what} must not be empty")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise invalid(f"{what} is longer than {MAX_NAME_BYTES} bytes")
+    if not _NAME_RE.fullmatch(name):
+        raise invalid(
+            f"{what} {name!r} may use only letters, digits and . _ + - "
+            "(and may not start with . + or -)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    types: tuple[type, ...]
+    required: bool = True
+    default: Any = None
+
+
+def _f(name: str, *types: type, required: bool = True, default: Any = None) -> Field:
+    return Field(name, types, required, default)
+
+
+NAME = _f("name", str)
+# op -> (fields, roles allowed). Anything not listed here is refused.
+OPS: dict[str, tuple[tuple[Field, ...], frozenset[str]]] = {}
+
+ADMIN = frozenset({"admin"})
+ANY = frozenset({"admin", "agent"})
+
+
+def _op(name: str, *fields: Field, roles: frozenset[str] = ANY) -> None:
+    OPS[name] = (fields, roles)
+
+
+_op("status")
+_op("container.add", NAME, _f("path", str), _f("size", int, type(None), required=False),
+    roles=ADMIN)
+_op("container.ls")
+_op("container.info", NAME)
+_op("container.rm", NAME, roles=ADMIN)
+_op("disk.create", NAME, _f("size", int),
+    _f("thick", bool, required=False, default=False),
+    _f("segment_size", int, type(None), required=False),
+    _f("container", str, type(None), required=False))
+_op("disk.ls")
+_op("disk.info", NAME)
+_op("disk.map", NAME, _f("start", int, required=False, default=0),
+    _f("limit", int, type(None), required=False))
+_op("disk.resize", NAME, _f("size", int),
+    _f("allow_shrink", bool, required=False, default=False))
+_op("disk.rm", NAME)
+_op("check", roles=ADMIN)
+
+
+def validate_args(op: str, args: object) -> dict[str, Any]:
+    """Type-check a request's args against the op's schema; return them with defaults."""
+    spec = OPS.get(op)
+    if spec is None:
+        raise RemoteError(E_UNSUPPORTED, f"unknown operation {op!r}")
+    fields, _roles = spec
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise invalid("args must be a map")
+    known = {f.name for f in fields}
+    extra = sorted(set(args) - known)
+    if extra:
+        raise invalid(f"{op}: unexpected argument(s) {', '.join(map(str, extra))}")
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f.name not in args:
+            if f.required:
+                raise invalid(f"{op}: missing argument {f.name!r}")
+            out[f.name] = f.default
+            continue
+        value = args[f.name]
+        # bool is an int subclass: never let True pass as a size.
+        ok = any(
+            (type(value) is bool) if t is bool
+            else (isinstance(value, t) and type(value) is not bool)
+            for t in f.types
+        )
+        if not ok:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in f.types)
+            raise invalid(f"{op}: argument {f.name!r} must be {names}")
+        out[f.name] = value
+    return out

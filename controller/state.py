@@ -1,0 +1,423 @@
+"""The authoritative ("second") table: containers, disks and their segment maps.
+
+``State.apply(record)`` is the only mutator. The service builds a record
+(having made every choice: LUN ids, placements, timestamps), applies it, and
+the journal persists it; replay feeds the same records through the same
+``apply``, so a restarted controller cannot drift from the live one. This
+module does no I/O and imports no trio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .allocator import ALIGN, AllocError, FreeSpace
+from .bitmap import Bitmap
+from .extents import MAX_EXTENT, Extent, ExtentError, ExtentMap
+from .protocol import BLOCK_SIZE
+
+STATE_FORMAT = 1
+
+
+class StateError(ValueError):
+    """A record that cannot be applied: in replay, this means corruption."""
+
+
+def round_up(n: int, align: int = ALIGN) -> int:
+    return -(-n // align) * align
+
+
+@dataclass
+class Container:
+    name: str
+    lun: int
+    path: str
+    size: int
+    created: bool  # virtfs created the file (and may delete it on rm)
+    space: FreeSpace
+    failed: bool = False
+
+    @property
+    def usable(self) -> int:
+        return self.size - self.size % ALIGN
+
+    @property
+    def used(self) -> int:
+        return self.usable - self.space.free
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "lun": self.lun,
+            "path": self.path,
+            "size": self.size,
+            "used": self.used,
+            "free": self.space.free,
+            "created": self.created,
+            "state": "error" if self.failed else "ok",
+        }
+
+
+@dataclass
+class Alt:
+    """An alternate location of a segment and the blocks whose data is there."""
+
+    lun: int
+    offset: int
+    bitmap: Bitmap
+
+
+@dataclass
+class Disk:
+    name: str
+    size: int
+    segment_size: int
+    thick: bool
+    pin: int | None  # allocate only on this LUN, if set
+    home: int  # preferred LUN for thin allocation
+    ctime: float
+    extents: ExtentMap = field(default_factory=ExtentMap)
+    alts: dict[int, Alt] = field(default_factory=dict)
+    epoch: int = 1
+
+    @property
+    def allocated(self) -> int:
+        return self.extents.mapped_bytes
+
+    def to_dict(self, luns: dict[int, Container]) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "segment_size": self.segment_size,
+            "provisioning": "thick" if self.thick else "thin",
+            "allocated": self.allocated,
+            "extents": len(self.extents),
+            "container": luns[self.pin].name if self.pin is not None else None,
+            "home": luns[self.home].name if self.home in luns else None,
+            "epoch": self.epoch,
+            "ctime": self.ctime,
+        }
+
+
+def _pieces(rec: dict[str, Any], key: str = "map") -> list[tuple[int, int, int, int]]:
+    raw = rec.get(key, [])
+    if not isinstance(raw, list):
+        raise StateError(f"{key} must be a list")
+    out = []
+    for p in raw:
+        if (
+            not isinstance(p, list)
+            or len(p) != 4
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+        ):
+            raise StateError(f"bad map piece {p!r}")
+        out.append((p[0], p[1], p[2], p[3]))
+    return out
+
+
+class State:
+    def __init__(self) -> None:
+        self.containers: dict[str, Container] = {}
+        self.luns: dict[int, Container] = {}
+        self.disks: dict[str, Disk] = {}
+        self.next_lun = 1
+        self.seq = 0  # sequence number of the last applied record
+
+    # ------------------------------------------------------------ lookups
+    def container(self, name: str) -> Container:
+        c = self.containers.get(name)
+        if c is None:
+            raise StateError(f"no such container: {name!r}")
+        return c
+
+    def disk(self, name: str) -> Disk:
+        d = self.disks.get(name)
+        if d is None:
+            raise StateError(f"no such disk: {name!r}")
+        return d
+
+    def lun_users(self, lun: int) -> Iterator[tuple[Disk, Extent]]:
+        for d in self.disks.values():
+            for e in d.extents:
+                if e.lun == lun:
+                    yield d, e
+
+    # ------------------------------------------------------------ the mutator
+    def apply(self, rec: dict[str, Any]) -> None:
+        op = rec.get("op")
+        handler = _HANDLERS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise StateError(f"unknown record op {op!r}")
+        try:
+            handler(self, rec)
+        except (KeyError, TypeError) as e:
+            raise StateError(f"malformed {op} record: {e!r}") from None
+        except (ExtentError, AllocError) as e:
+            raise StateError(f"{op} record does not fit the table: {e}") from None
+        seq = rec.get("seq")
+        if isinstance(seq, int):
+            self.seq = seq
+
+    def _map(self, d: Disk, pieces: list[tuple[int, int, int, int]]) -> None:
+        """Map pieces (vstart, length, lun, offset) into d and take their space."""
+        for vstart, length, lun, offset in pieces:
+            c = self.luns.get(lun)
+            if c is None:
+                raise StateError(f"no container with LUN {lun}")
+            if vstart % ALIGN or offset % ALIGN or length <= 0:
+                raise StateError(f"misaligned piece {vstart}+{length} -> {lun}:{offset}")
+            if vstart + length > d.size:
+                raise StateError(f"piece {vstart}+{length} runs past disk {d.name!r}")
+            if length % ALIGN and vstart + length != d.size:
+                raise StateError(f"short piece {vstart}+{length} is not at the end of the disk")
+            c.space.take(offset, round_up(length))
+            pos = 0
+            while pos < length:  # respect MAX_EXTENT even for a huge thick piece
+                n = min(MAX_EXTENT, length - pos)
+                d.extents.insert(vstart + pos, n, lun, offset + pos)
+                pos += n
+        d.epoch += 1
+
+    def _unmap(self, d: Disk, start: int, end: int) -> list[Extent]:
+        """Unmap [start, end) (block-aligned start) of d and free the space."""
+        if start % ALIGN:
+            raise StateError(f"unaligned unmap start {start}")
+        removed = d.extents.remove_range(start, end)
+        for e in removed:
+            self.luns[e.lun].space.release(e.offset, round_up(e.length))
+            d.alts.pop(e.vstart, None)
+        d.epoch += 1
+        return removed
+
+    def _container_add(self, rec: dict[str, Any]) -> None:
+        name, lun, size = rec["name"], rec["lun"], rec["size"]
+        if name in self.containers or lun in self.luns:
+            raise StateError(f"container {name!r} / LUN {lun} already exists")
+        c = Container(name, lun, rec["path"], size, bool(rec["created"]), FreeSpace(size))
+        self.containers[name] = c
+        self.luns[lun] = c
+        self.next_lun = max(self.next_lun, lun + 1)
+
+    def _container_rm(self, rec: dict[str, Any]) -> None:
+        c = self.container(rec["name"])
+        if c.used:
+            raise StateError(f"container {c.name!r} still holds {c.used} bytes")
+        del self.containers[c.name]
+        del self.luns[c.lun]
+
+    def _disk_create(self, rec: dict[str, Any]) -> None:
+        name = rec["name"]
+        if name in self.disks:
+            raise StateError(f"disk {name!r} already exists")
+        d = Disk(
+            name=name,
+            size=rec["size"],
+            segment_size=rec["segment_size"],
+            thick=bool(rec["thick"]),
+            pin=rec["pin"],
+            home=rec["home"],
+            ctime=rec.get("ctime", 0.0),
+        )
+        self._map(d, _pieces(rec))
+        self.disks[name] = d
+
+    def _disk_map(self, rec: dict[str, Any]) -> None:
+        self._map(self.disk(rec["name"]), _pieces(rec))
+
+    def _disk_resize(self, rec: dict[str, Any]) -> None:
+        d = self.disk(rec["name"])
+        new = rec["size"]
+        if not isinstance(new, int) or new < 0:
+            raise StateError(f"bad size {new!r}")
+        if new < d.size:
+            cut = round_up(new)
+            self._unmap(d, cut, d.size)
+            last = d.extents.find(new - 1) if new else None
+            if last is not None and last.vend > new:
+                # clip the tail extent; its block-rounded footprint is unchanged
+                d.extents.remove_range(last.vstart, last.vend)
+                d.extents.insert(last.vstart, new - last.vstart, last.lun, last.offset,
+                                 last.flags)
+        old_end = d.size
+        d.size = new
+        if new > old_end:
+            tail = d.extents.find(old_end - 1) if old_end else None
+            if tail is not None and old_end % ALIGN:
+                # the old short tail extent grows to its full block (already allocated)
+                d.extents.remove_range(tail.vstart, tail.vend)
+                d.extents.insert(tail.vstart, min(round_up(tail.length), new - tail.vstart),
+                                 tail.lun, tail.offset, tail.flags)
+        self._map(d, _pieces(rec))
+
+    def _disk_rm(self, rec: dict[str, Any]) -> None:
+        d = self.disk(rec["name"])
+        self._unmap(d, 0, d.size)
+        del self.disks[d.name]
+
+    def _disk_unmap(self, rec: dict[str, Any]) -> None:
+        d = self.disk(rec["name"])
+        start, end = rec["start"], rec["end"]
+        if not (0 <= start <= end <= d.size):
+            raise StateError(f"unmap range {start}..{end} outside disk")
+        self._unmap(d, start, end)
+
+    # ------------------------------------------------------------ checkpoint form
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "seq": self.seq,
+            "next_lun": self.next_lun,
+            "containers": [
+                {
+                    "name": c.name,
+                    "lun": c.lun,
+                    "path": c.path,
+                    "size": c.size,
+                    "created": c.created,
+                    "failed": c.failed,
+                    "free": c.space.to_wire(),
+                    "cursor": c.space.cursor,
+                }
+                for c in self.containers.values()
+            ],
+            "disks": [
+                {
+                    "name": d.name,
+                    "size": d.size,
+                    "segment_size": d.segment_size,
+                    "thick": d.thick,
+                    "pin": d.pin,
+                    "home": d.home,
+                    "ctime": d.ctime,
+                    "epoch": d.epoch,
+                    "extents": d.extents.to_wire(),
+                    "alts": [
+                        [vs, a.lun, a.offset, a.bitmap.nblocks, a.bitmap.to_bytes()]
+                        for vs, a in d.alts.items()
+                    ],
+                }
+                for d in self.disks.values()
+            ],
+        }
+
+    @classmethod
+    def from_wire(cls, w: dict[str, Any]) -> State:
+        if not isinstance(w, dict) or w.get("format") != STATE_FORMAT:
+            raise StateError("checkpoint has an unknown format")
+        s = cls()
+        try:
+            s.seq = w["seq"]
+            s.next_lun = w["next_lun"]
+            for cw in w["containers"]:
+                space = FreeSpace.from_wire(cw["size"], cw["free"], cw.get("cursor", 0))
+                c = Container(cw["name"], cw["lun"], cw["path"], cw["size"], cw["created"],
+                              space, cw.get("failed", False))
+                s.containers[c.name] = c
+                s.luns[c.lun] = c
+            for dw in w["disks"]:
+                d = Disk(dw["name"], dw["size"], dw["segment_size"], dw["thick"], dw["pin"],
+                         dw["home"], dw["ctime"], ExtentMap.from_wire(dw["extents"]),
+                         epoch=dw["epoch"])
+                for vs, lun, off, nblocks, bits in dw["alts"]:
+                    d.alts[vs] = Alt(lun, off, Bitmap(nblocks, bits))
+                s.disks[d.name] = d
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateError(f"checkpoint is malformed: {e!r}") from None
+        return s
+
+
+_HANDLERS = {
+    "container.add": State._container_add,
+    "container.rm": State._container_rm,
+    "disk.create": State._disk_create,
+    "disk.map": State._disk_map,
+    "disk.resize": State._disk_resize,
+    "disk.rm": State._disk_rm,
+    "disk.unmap": State._disk_unmap,
+}
+
+
+# ---------------------------------------------------------------- consistency check
+
+
+@dataclass
+class Problem:
+    level: str  # "error" (corruption) or "leak"
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"level": self.level, "message": self.message}
+
+
+def check(state: State) -> list[Problem]:
+    """Verify the table's invariants; errors are corruption, leaks are lost space."""
+    probs: list[Problem] = []
+
+    def err(msg: str) -> None:
+        probs.append(Problem("error", msg))
+
+    used: dict[int, list[tuple[int, int, str]]] = {lun: [] for lun in state.luns}
+    for d in state.disks.values():
+        prev_end = 0
+        count = 0
+        mapped = 0
+        for e in d.extents:
+            where = f"disk {d.name!r} extent {e.vstart}+{e.length}"
+            count += 1
+            mapped += e.length
+            if e.vstart < prev_end:
+                err(f"{where} overlaps the previous extent")
+            prev_end = e.vend
+            if e.vend > d.size:
+                err(f"{where} runs past the disk's end ({d.size})")
+            if e.vstart % ALIGN or e.offset % ALIGN or (e.length % ALIGN and e.vend != d.size):
+                err(f"{where} is not block-aligned")
+            c = state.luns.get(e.lun)
+            if c is None:
+                err(f"{where} points at unknown LUN {e.lun}")
+                continue
+            if e.offset + round_up(e.length) > c.usable:
+                err(f"{where} runs past the end of container {c.name!r}")
+            used[e.lun].append((e.offset, round_up(e.length), where))
+        if count != len(d.extents) or mapped != d.extents.mapped_bytes:
+            err(f"disk {d.name!r} extent counters are wrong")
+        for vs, a in d.alts.items():
+            e2 = d.extents.find(vs)
+            if e2 is None or e2.vstart != vs:
+                err(f"disk {d.name!r} alternate at {vs} has no segment")
+            elif a.bitmap.nblocks != -(-e2.length // BLOCK_SIZE):
+                err(f"disk {d.name!r} bitmap at {vs} has {a.bitmap.nblocks} blocks, "
+                    f"segment needs {-(-e2.length // BLOCK_SIZE)}")
+            if a.lun not in state.luns:
+                err(f"disk {d.name!r} alternate at {vs} points at unknown LUN {a.lun}")
+            else:
+                used[a.lun].append((a.offset, round_up(e2.length if e2 else 0),
+                                    f"disk {d.name!r} alternate at {vs}"))
+
+    for lun, ranges in used.items():
+        c = state.luns[lun]
+        ranges.sort()
+        # reference counts: nothing is shared yet, so every block has exactly one owner
+        for (o1, n1, w1), (o2, _n2, w2) in zip(ranges, ranges[1:], strict=False):
+            if o2 < o1 + n1:
+                err(f"container {c.name!r}: {w1} and {w2} share storage at {o2}")
+        free = list(c.space.ranges())
+        fi = 0
+        total_used = 0
+        for off, n, where in ranges:
+            total_used += n
+            while fi < len(free) and free[fi][0] + free[fi][1] <= off:
+                fi += 1
+            if fi < len(free) and free[fi][0] < off + n:
+                err(f"container {c.name!r}: {where} is in use but marked free")
+        if total_used + c.space.free < c.usable:
+            probs.append(Problem(
+                "leak",
+                f"container {c.name!r}: {c.usable - total_used - c.space.free} bytes are "
+                "neither free nor used by any disk",
+            ))
+        elif total_used + c.space.free > c.usable and not any(p.level == "error" for p in probs):
+            err(f"container {c.name!r}: used + free exceeds its size")
+    return probs

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install the Debian packages virtfs needs to build, run and test, if any are missing.
+set -euo pipefail
+PKGS=(fuse3 libfuse3-dev pkg-config python3-venv fio qemu-utils e2fsprogs strace util-linux
+      iproute2 procps)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# python3-venv only matters when the python3 on PATH is Debian's own
+if [[ " ${missing[*]:-} " == *" python3-venv "* ]] && python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    missing=("${missing[@]/python3-venv}")
+fi
+read -ra missing <<<"${missing[*]:-}"
+if ((${#missing[@]})); then
+    echo "sysdeps: installing ${missing[*]}" >&2
+    SUDO=""
+    [[ $(id -u) -eq 0 ]] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi

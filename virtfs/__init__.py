@@ -1,0 +1,1 @@
+"""The virtfs agent: a FUSE mount serving virtual disks from a cached segment table."""
