@@ -201,6 +201,8 @@ class Cli:
 
     async def disk_create(self) -> int:
         a = self.args
+        if a.size == 0:
+            raise P.invalid("--size must be more than 0 bytes")
         r = await self.c.call("disk.create", name=a.name, size=a.size, thick=a.thick,
                               segment_size=a.segment_size, container=a.container)
         self.emit_json(r) if self.json else _kv(r, self.out)

@@ -220,8 +220,8 @@ class Service:
         P.check_name(name, "disk name")
         if name in self.state.disks:
             raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
-        if not 0 < size <= P.MAX_DISK_SIZE:
-            raise P.invalid(f"disk size must be between 1 byte and {P.MAX_DISK_SIZE} bytes")
+        if not 0 <= size <= P.MAX_DISK_SIZE:
+            raise P.invalid(f"disk size must be between 0 and {P.MAX_DISK_SIZE} bytes")
         seg = P.DEFAULT_SEGMENT_SIZE if segment_size is None else segment_size
         if seg % P.BLOCK_SIZE or not P.MIN_SEGMENT_SIZE <= seg <= P.MAX_SEGMENT_SIZE:
             raise P.invalid(f"segment size must be a multiple of {P.BLOCK_SIZE} between "
@@ -280,8 +280,8 @@ class Service:
 
     async def disk_resize(self, name: str, size: int, allow_shrink: bool) -> dict[str, Any]:
         d = self._disk(name)
-        if not 0 < size <= P.MAX_DISK_SIZE:
-            raise P.invalid(f"disk size must be between 1 byte and {P.MAX_DISK_SIZE} bytes")
+        if not 0 <= size <= P.MAX_DISK_SIZE:
+            raise P.invalid(f"disk size must be between 0 and {P.MAX_DISK_SIZE} bytes")
         if size < d.size and not allow_shrink:
             raise P.invalid(f"shrinking {name!r} from {d.size} to {size} bytes discards data; "
                             "pass --allow-shrink to do it")

@@ -231,7 +231,7 @@ class State:
         new = rec["size"]
         if not isinstance(new, int) or new < 0:
             raise StateError(f"bad size {new!r}")
-        if new < d.size:
+        if new < d.size and d.size:
             cut = round_up(new)
             self._unmap(d, cut, d.size)
             last = d.extents.find(new - 1) if new else None
@@ -255,6 +255,16 @@ class State:
         d = self.disk(rec["name"])
         self._unmap(d, 0, d.size)
         del self.disks[d.name]
+
+    def _disk_rename(self, rec: dict[str, Any]) -> None:
+        d = self.disk(rec["name"])
+        new = rec["new"]
+        if not isinstance(new, str) or new in self.disks:
+            raise StateError(f"cannot rename {d.name!r} to {new!r}")
+        del self.disks[d.name]
+        d.name = new
+        d.epoch += 1
+        self.disks[new] = d
 
     def _disk_unmap(self, rec: dict[str, Any]) -> None:
         d = self.disk(rec["name"])
@@ -335,6 +345,7 @@ _HANDLERS = {
     "disk.map": State._disk_map,
     "disk.resize": State._disk_resize,
     "disk.rm": State._disk_rm,
+    "disk.rename": State._disk_rename,
     "disk.unmap": State._disk_unmap,
 }
 
