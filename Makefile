@@ -14,10 +14,11 @@ all: test
 sysdeps:
 	@bash scripts/sysdeps.sh
 
-$(BIN)/.installed: pyproject.toml | sysdeps
+$(BIN)/.installed: pyproject.toml third_party/pyfuse3/fallocate.patch scripts/build-pyfuse3.sh | sysdeps
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	bash scripts/build-pyfuse3.sh $(BIN)/python
 	touch $@
 
 setup: sysdeps $(BIN)/.installed

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages virtfs needs to build, run and test, if any are missing.
 set -euo pipefail
-PKGS=(fuse3 libfuse3-dev pkg-config python3-venv fio qemu-utils e2fsprogs strace util-linux
+PKGS=(fuse3 libfuse3-dev pkg-config gcc patch python3-venv fio qemu-utils e2fsprogs strace util-linux
       iproute2 procps)
 missing=()
 for p in "${PKGS[@]}"; do
