@@ -77,7 +77,8 @@ class FreeSpace:
         self.cursor = offset + length
 
     def release(self, offset: int, length: int) -> None:
-        if length <= 0 or offset < 0 or offset + length > self.size:
+        # the partial block at the end is never free, so it can never be released
+        if length <= 0 or offset < 0 or offset + length > self.size - self.size % ALIGN:
             raise AllocError(f"bad range {offset}+{length}")
         i = bisect_right(self._starts, offset)  # first free range after offset
         if i > 0 and self._starts[i - 1] + self._lens[i - 1] > offset:

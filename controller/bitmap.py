@@ -36,9 +36,11 @@ class Bitmap:
 
     def set_range(self, start: int, count: int) -> int:
         """Set blocks [start, start+count); return how many were newly set."""
+        if count > 0:  # check both ends first: a bad range must change nothing
+            self._check(start)
+            self._check(start + count - 1)
         newly = 0
         for b in range(start, start + count):
-            self._check(b)
             mask = 1 << (b & 7)
             if not self._bits[b >> 3] & mask:
                 self._bits[b >> 3] |= mask

@@ -15,6 +15,8 @@ from typing import Any
 
 import trio
 
+from .agents import DEFAULT_LEASE
+from .client import single_leaf
 from .journal import Journal, JournalCorrupt, recover
 from .server import Server, serve_listeners
 from .service import Service
@@ -57,8 +59,8 @@ def lock_state_dir(state_dir: str) -> int:
 
 @asynccontextmanager
 async def open_controller_service(state_dir: str, listen: list[str] | None = None, *,
-                                  checkpoint_bytes: int | None = None
-                                  ) -> AsyncIterator[Service]:
+                                  checkpoint_bytes: int | None = None,
+                                  lease: float = DEFAULT_LEASE) -> AsyncIterator[Service]:
     """Run a controller (journal committer + listeners) for the block's duration.
 
     Used by the daemon and by the agent's embedded mode.
@@ -76,7 +78,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
         if checkpoint_bytes is not None:
             kw["checkpoint_bytes"] = checkpoint_bytes
         journal = Journal(state_dir, rec.state, **kw)
-        service = Service(rec.state, journal, state_dir)
+        service = Service(rec.state, journal, state_dir, lease=lease)
         server = Server(service.dispatch)
         addrs = listen or [default_socket(state_dir)]
         try:
@@ -85,6 +87,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
                 await nursery.start(serve_listeners, server, addrs)
                 yield service
                 nursery.cancel_scope.cancel()
+            service.agents.shutdown()
             # a clean stop: everything queued was committed; checkpoint for a fast start
             if journal.durable_seq == rec.state.seq:
                 journal.checkpoint_now_sync()
@@ -100,9 +103,9 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
         os.close(lock_fd)
 
 
-async def _run(state_dir: str, listen: list[str]) -> None:
+async def _run(state_dir: str, listen: list[str], lease: float) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_controller_service(state_dir, listen):
+        async with open_controller_service(state_dir, listen, lease=lease):
             print(f"virtfs-controller: serving {', '.join(listen)} (state dir {state_dir})",
                   file=sys.stderr, flush=True)
             async for sig in signals:
@@ -129,19 +132,27 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: $VIRTFS_STATE_DIR or ~/.local/state/virtfs)")
     p.add_argument("--listen", action="append", metavar="ADDR",
                    help="unix:PATH (default unix:STATE_DIR/controller.sock); may repeat")
+    p.add_argument("--lease", type=float, default=DEFAULT_LEASE, metavar="SECONDS",
+                   help=f"agent lease (default {DEFAULT_LEASE:.0f} s): how long an agent that "
+                   "lost the controller keeps using its cached entries")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     state_dir = os.path.abspath(args.state_dir or default_state_dir())
     listen = args.listen or [default_socket(state_dir)]
     try:
-        trio.run(_run, state_dir, listen)
-    except (StateDirBusy, JournalCorrupt) as e:
+        if not 0.5 <= args.lease <= 3600:
+            p.error("--lease must be between 0.5 and 3600 seconds")
+        trio.run(_run, state_dir, listen, args.lease)
+    except (StateDirBusy, JournalCorrupt, OSError, ValueError) as e:
         print(f"virtfs-controller: {e}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as e:
-        print(f"virtfs-controller: {e}", file=sys.stderr)
-        return 1
+    except BaseExceptionGroup as eg:
+        leaf = single_leaf(eg)
+        if isinstance(leaf, StateDirBusy | JournalCorrupt | OSError | ValueError):
+            print(f"virtfs-controller: {leaf}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

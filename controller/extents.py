@@ -15,16 +15,11 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from typing import NamedTuple
 
-# Entry states (bit flags). ZERO only appears on synthesised gap entries.
-ZERO = 1
-NOWRITE = 2
-INVALID = 4
-ERROR = 8
-STATE_NAMES = {ZERO: "zero", NOWRITE: "nowrite", INVALID: "invalid", ERROR: "error"}
+# Entry states are bit flags (protocol.py); ZERO only appears on synthesised gap entries.
+from .protocol import ERROR, INVALID, NO_LUN, NOWRITE, STATE_NAMES, ZERO  # noqa: E402, F401
 
 MAX_EXTENT = 32 << 30
 _CHUNK = 512
-NO_LUN = -1
 
 
 class Extent(NamedTuple):

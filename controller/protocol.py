@@ -22,6 +22,15 @@ MAX_SEGMENT_SIZE = 1 << 40
 MAX_DISK_SIZE = 1 << 60
 MAX_NAME_BYTES = 128
 
+# Entry state bits, as stored in the table and sent to agents. A row on the wire is
+# [vstart, length, lun, offset, flags]; ZERO rows have lun NO_LUN.
+ZERO = 1  # not allocated: reads are zeros, a write faults
+NOWRITE = 2  # reads direct, a write faults
+INVALID = 4  # every I/O faults
+ERROR = 8  # I/O fails with EIO at once
+STATE_NAMES = {ZERO: "zero", NOWRITE: "nowrite", INVALID: "invalid", ERROR: "error"}
+NO_LUN = -1
+
 # Error codes, with the errno an agent maps them to.
 E_NOT_FOUND = "not_found"
 E_EXISTS = "exists"
@@ -93,6 +102,7 @@ NAME = _f("name", str)
 OPS: dict[str, tuple[tuple[Field, ...], frozenset[str]]] = {}
 
 ADMIN = frozenset({"admin"})
+AGENT = frozenset({"agent"})
 ANY = frozenset({"admin", "agent"})
 
 
@@ -117,7 +127,26 @@ _op("disk.map", NAME, _f("start", int, required=False, default=0),
 _op("disk.resize", NAME, _f("size", int),
     _f("allow_shrink", bool, required=False, default=False))
 _op("disk.rm", NAME)
+_op("disk.rename", NAME, _f("new", str))
+_op("disk.discard", NAME, _f("offset", int), _f("length", int))
 _op("check", roles=ADMIN)
+_op("agent.ls")
+# agent-only: the data path's control plane
+_op("agent.register", _f("name", str), _f("host", str), _f("mount", str), roles=AGENT)
+_op("agent.heartbeat", roles=AGENT)
+_op("agent.bye", roles=AGENT)
+_op("agent.ack", _f("pid", int), roles=AGENT)
+_op("disk.open", NAME, roles=AGENT)
+_op("disk.close", NAME, roles=AGENT)
+_op("disk.table", NAME, roles=AGENT)
+_op("disk.fault", NAME, _f("offset", int), _f("length", int), _f("write", bool), roles=AGENT)
+_op("io.error", NAME, _f("lun", int), _f("offset", int), _f("message", str), roles=AGENT)
+
+# ops whose service method also receives the calling connection
+CONN_OPS = frozenset({"agent.register", "agent.heartbeat", "agent.bye", "disk.open",
+                      "disk.close",
+                      "disk.table",
+                      "disk.fault", "disk.discard", "disk.rm", "disk.resize"})
 
 
 def validate_args(op: str, args: object) -> dict[str, Any]:

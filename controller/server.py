@@ -25,7 +25,7 @@ FRAME_TIMEOUT = 10.0  # once a frame has begun, all of it must arrive within thi
 HELLO_TIMEOUT = 10.0
 MAX_INFLIGHT = 64  # concurrent requests per connection
 
-Dispatch = Callable[[str, dict[str, Any]], Awaitable[Any]]
+Dispatch = Callable[[str, dict[str, Any], "Connection"], Awaitable[Any]]
 
 
 class FrameError(Exception):
@@ -83,6 +83,8 @@ class Connection:
         self.name = ""
         self.send_lock = trio.Lock()
         self.closed = False
+        self.agent: Any = None  # set by agent.register
+        self.on_close: list[Callable[[], None]] = []
 
     async def send(self, msg: dict[str, Any]) -> None:
         data = codec.wire_frame(msg)
@@ -126,6 +128,8 @@ class Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 nursery.cancel_scope.cancel()
         self.closed = True
+        for cb in self.on_close:
+            cb()
         await self.stream.aclose()
 
     async def hello(self, msg: dict[str, Any]) -> None:
@@ -156,7 +160,7 @@ class Connection:
             if self.role not in spec[1]:
                 raise P.RemoteError(P.E_UNAUTHORIZED, f"{op} is not allowed for {self.role}s")
             args = P.validate_args(op, msg.get("args"))
-            result = await self.dispatch(op, args)
+            result = await self.dispatch(op, args, self)
             await self.send({"id": rid, "ok": True, "result": result})
         except P.RemoteError as e:
             await self.reply_error(rid, e)

@@ -7,86 +7,45 @@ table; the reply waits for the group commit.
 
 from __future__ import annotations
 
+import logging
 import os
-import stat
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
 from . import protocol as P
+from . import storage
+from .agents import DEFAULT_LEASE, Agent, AgentRegistry
 from .allocator import NoSpace
-from .extents import Extent
+from .extents import INVALID, ZERO, Extent
 from .journal import Journal
 from .state import Container, Disk, State, check, round_up
+
+log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 MAX_MAP_ROWS = 65536
 
 
-def _size_of(path: str) -> tuple[int, bool]:
-    """(size, is_block_device) of an existing file or block device."""
-    st = os.stat(path)
-    if stat.S_ISBLK(st.st_mode):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return os.lseek(fd, 0, os.SEEK_END), True
-        finally:
-            os.close(fd)
-    if stat.S_ISREG(st.st_mode):
-        return st.st_size, False
-    raise P.invalid(f"container path {path!r} is neither a regular file nor a block device")
-
-
-def _check_container_path(path: str) -> None:
-    if "\0" in path or not os.path.isabs(path):
-        raise P.invalid(f"container path {path!r} must be absolute")
-    if os.path.normpath(path) != path or ".." in path.split("/"):
-        raise P.invalid(f"container path {path!r} must be normalised (no '..', '//', "
-                        "or trailing '/')")
-
-
-def _open_container_path(path: str, size: int | None, taken: dict[str, str]) -> tuple[int, bool]:
-    """Probe (or create, sparse) a container's file; (size to use, created)."""
-    real = os.path.realpath(path)
-    for other, cname in taken.items():
-        if os.path.realpath(other) == real:
-            raise P.RemoteError(P.E_EXISTS, f"{path!r} is already container {cname!r}")
-    if os.path.lexists(path):
-        fsize, _blk = _size_of(path)
-        if size is not None and size > fsize:
-            raise P.invalid(f"{path!r} holds {fsize} bytes, less than --size {size}")
-        csize = size if size is not None else fsize
-        if csize < 4096:
-            raise P.invalid(f"{path!r} is smaller than 4096 bytes")
-        return csize, False
-    if size is None:
-        raise P.RemoteError(P.E_NOT_FOUND, f"container path {path!r} does not exist (give "
-                            "--size to create a sparse file there)")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise P.RemoteError(P.E_NOT_FOUND, f"directory {parent!r} does not exist")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as e:
-        raise P.RemoteError(P.E_IO, f"cannot create {path!r}: {e.strerror}") from None
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    except OSError as e:
-        os.close(fd)
-        os.unlink(path)
-        raise P.RemoteError(P.E_IO, f"cannot size {path!r}: {e.strerror}") from None
-    os.close(fd)
-    return size, True
+FAULT_WAIT = 30.0  # longest a fault waits for a restriction on its range to lift
 
 
 class Service:
-    def __init__(self, state: State, journal: Journal, state_dir: str):
+    def __init__(self, state: State, journal: Journal, state_dir: str, *,
+                 lease: float = DEFAULT_LEASE):
         self.state = state
         self.journal = journal
         self.state_dir = state_dir
         self.started = time.time()
+        self.agents = AgentRegistry(lease, os.path.join(state_dir, "agents.live"))
+        # one planner at a time: plan -> zero the space -> record, with awaits between
+        self._alloc_lock = trio.Lock()
+        # ranges whose entries are being restricted at agents before a change (disk -> ranges)
+        self._restricted: dict[str, list[tuple[int, int]]] = {}
+        self._restriction_lifted = trio.Event()
 
     # ------------------------------------------------------------ helpers
     def _container(self, name: str) -> Container:
@@ -172,11 +131,12 @@ class Service:
         P.check_name(name, "container name")
         if name in self.state.containers:
             raise P.RemoteError(P.E_EXISTS, f"container {name!r} already exists")
-        _check_container_path(path)
+        storage.check_container_path(path)
         if size is not None and size < 4096:
             raise P.invalid("container size must be at least 4096 bytes")
         taken = {c.path: c.name for c in self.state.containers.values()}
-        csize, created = await trio.to_thread.run_sync(_open_container_path, path, size, taken)
+        csize, created = await trio.to_thread.run_sync(storage.open_container_path, path, size,
+                                                        taken)
         # re-check after the await: another request may have taken the name
         if name in self.state.containers:
             if created:
@@ -234,12 +194,16 @@ class Service:
             raise P.RemoteError(P.E_NO_SPACE, "no containers (add one with: vdctl container "
                                 "add NAME PATH --size SIZE)")
         home = cands[0].lun
-        pieces = self._plan(size, pin, home, 0) if thick else []
-        await self.journal.commit({
-            "op": "disk.create", "name": name, "size": size, "segment_size": seg,
-            "thick": thick, "pin": pin, "home": home, "ctime": round(time.time(), 3),
-            "map": pieces,
-        })
+        async with self._alloc_lock:
+            pieces = await self._plan_zeroed(size, pin, home, 0) if thick and size else []
+            if name in self.state.disks:
+                raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
+            seq = self.journal.record({
+                "op": "disk.create", "name": name, "size": size, "segment_size": seg,
+                "thick": thick, "pin": pin, "home": home, "ctime": round(time.time(), 3),
+                "map": pieces,
+            })
+        await self.journal.wait_durable(seq)
         return self._disk_info(self.state.disks[name])
 
     async def disk_ls(self) -> list[dict[str, Any]]:
@@ -278,28 +242,302 @@ class Service:
         return {"name": d.name, "size": d.size, "epoch": d.epoch, "containers": luns,
                 "rows": rows, "next": nxt}
 
-    async def disk_resize(self, name: str, size: int, allow_shrink: bool) -> dict[str, Any]:
+    async def disk_resize(self, name: str, size: int, allow_shrink: bool,
+                          conn: Any = None) -> dict[str, Any]:
         d = self._disk(name)
         if not 0 <= size <= P.MAX_DISK_SIZE:
             raise P.invalid(f"disk size must be between 0 and {P.MAX_DISK_SIZE} bytes")
         if size < d.size and not allow_shrink:
             raise P.invalid(f"shrinking {name!r} from {d.size} to {size} bytes discards data; "
                             "pass --allow-shrink to do it")
-        pieces: list[list[int]] = []
-        if size > d.size and d.thick:
-            start = round_up(d.size)
-            if size > start:
-                pieces = self._plan(size - start, d.pin, d.home, start)
-        if size != d.size:
-            await self.journal.commit({"op": "disk.resize", "name": name, "size": size,
-                                       "map": pieces})
+        if size == d.size:
+            return self._disk_info(d)
+        old = d.size
+        if size < old:
+            async with self._restrict(name, size, old, exclude=None):
+                freed = self._physical(d, round_up(size), old)
+                await self.journal.commit({"op": "disk.resize", "name": name, "size": size,
+                                           "map": []})
+            await self._release_space(freed)
+        else:
+            async with self._alloc_lock:
+                d = self._disk(name)
+                pieces: list[list[int]] = []
+                start = round_up(d.size)
+                if d.thick and size > start:
+                    pieces = await self._plan_zeroed(size - start, d.pin, d.home, start)
+                seq = self.journal.record({"op": "disk.resize", "name": name, "size": size,
+                                           "map": pieces})
+            await self.journal.wait_durable(seq)
+        d = self._disk(name)
+        await self._push_update(d, min(old, size) // P.BLOCK_SIZE * P.BLOCK_SIZE, d.size)
         return self._disk_info(d)
 
-    async def disk_rm(self, name: str) -> dict[str, Any]:
+    async def disk_rm(self, name: str, conn: Any = None) -> dict[str, Any]:
         d = self._disk(name)
+        users = self.agents.open_by(name)
+        if users:
+            raise P.RemoteError(P.E_BUSY, f"disk {name!r} is open on agent(s) "
+                                f"{', '.join(a.name for a in users)}; close it there first")
+        await self.agents.wait_grace()
+        d = self._disk(name)
+        if self.agents.open_by(name):
+            raise P.RemoteError(P.E_BUSY, f"disk {name!r} was opened meanwhile")
         info = self._disk_info(d)
+        freed = self._physical(d, 0, d.size)
         await self.journal.commit({"op": "disk.rm", "name": name})
+        await self._release_space(freed)
         return info
+
+    async def disk_rename(self, name: str, new: str) -> dict[str, Any]:
+        d = self._disk(name)
+        P.check_name(new, "new disk name")
+        if new in self.state.disks:
+            raise P.RemoteError(P.E_EXISTS, f"disk {new!r} already exists")
+        await self.journal.commit({"op": "disk.rename", "name": name, "new": new})
+        self.agents.rename(name, new)
+        if name in self._restricted:
+            self._restricted[new] = self._restricted.pop(name)
+        await self.agents.push_all(self.agents.caching(new),
+                                   {"push": "rename", "disk": name, "new": new})
+        return self._disk_info(d)
+
+    async def disk_discard(self, name: str, offset: int, length: int,
+                           conn: Any = None) -> dict[str, Any]:
+        """Free whole segments in the range; the caller zeroes the partial ends itself."""
+        d = self._disk(name)
+        if offset < 0 or length < 0:
+            raise P.invalid("discard range must not be negative")
+        end = min(offset + length, d.size)
+        seg = d.segment_size
+        a = min(round_up(offset, seg), end)
+        b = end if end == d.size else max(end // seg * seg, a)
+        if b > a:
+            async with self._restrict(name, a, b, exclude=None):
+                freed = self._physical(d, a, b)
+                if freed:
+                    await self.journal.commit({"op": "disk.unmap", "name": name, "start": a,
+                                               "end": b})
+            await self._release_space(freed)
+            await self._push_update(d, a, b)
+        zero = [[lo, hi] for lo, hi in ((offset, a), (max(b, a), end)) if hi > lo]
+        return {"epoch": d.epoch, "freed": [a, b] if b > a else None, "zero": zero,
+                "rows": self._rows(d, a, b) if b > a else []}
+
+    # ------------------------------------------------------------ agents
+    def _agent(self, conn: Any) -> Agent:
+        a = getattr(conn, "agent", None)
+        if a is None:
+            raise P.RemoteError(P.E_PROTOCOL, "register first (agent.register)")
+        return a
+
+    async def agent_register(self, name: str, host: str, mount: str, conn: Any) -> dict[str, Any]:
+        if conn.agent is not None:
+            raise P.RemoteError(P.E_PROTOCOL, "already registered")
+
+        async def send(msg: dict[str, Any]) -> None:
+            await conn.send(msg)
+            if conn.closed:
+                raise ConnectionError("connection closed")
+
+        agent = self.agents.register(name, host, mount, send)
+        conn.agent = agent
+        conn.on_close.append(lambda: self.agents.disconnected(agent))
+        return {"agent_id": agent.id, "lease": self.agents.lease}
+
+    async def agent_heartbeat(self, conn: Any) -> dict[str, Any]:
+        a = self._agent(conn)
+        self.agents.renew(a)
+        epochs = {}
+        for name in a.opens:
+            d = self.state.disks.get(name)
+            epochs[name] = d.epoch if d is not None else None
+        return {"lease": self.agents.lease, "epochs": epochs}
+
+    async def agent_bye(self, conn: Any) -> None:
+        """A clean agent exit: it uses no entry any more, so its lease need not be waited out."""
+        a = self._agent(conn)
+        self.agents.remove(a)
+        conn.agent = None
+
+    async def agent_ack(self, pid: int) -> bool:
+        return self.agents.ack(pid)
+
+    async def agent_ls(self) -> list[dict[str, Any]]:
+        return self.agents.to_list()
+
+    async def io_error(self, name: str, lun: int, offset: int, message: str) -> None:
+        c = self.state.luns.get(lun)
+        log.error("agent reports an I/O error on disk %r, container %s at %d: %s",
+                  name, c.name if c else lun, offset, message)
+
+    def _rows(self, d: Disk, start: int, end: int) -> list[list[int]]:
+        """Entries for [start, end) as the agent gets them: restricted ranges are invalid."""
+        restricted = self._restricted.get(d.name, [])
+        rows = []
+        for e in d.extents.entries(start, end):
+            flags = e.flags
+            if any(lo < e.vend and e.vstart < hi for lo, hi in restricted):
+                # split so only the restricted part turns invalid
+                cuts = sorted({e.vstart, e.vend, *(x for r in restricted for x in r
+                                                   if e.vstart < x < e.vend)})
+                for lo, hi in zip(cuts, cuts[1:], strict=False):
+                    inside = any(rlo <= lo and hi <= rhi for rlo, rhi in restricted)
+                    off = e.offset + (lo - e.vstart) if not flags & ZERO else 0
+                    rows.append([lo, hi - lo, e.lun, off, flags | (INVALID if inside else 0)])
+                continue
+            rows.append([e.vstart, e.length, e.lun, e.offset, flags])
+        return rows
+
+    def _table(self, d: Disk) -> dict[str, Any]:
+        return {
+            "name": d.name, "size": d.size, "epoch": d.epoch, "segment_size": d.segment_size,
+            "containers": {str(c.lun): c.path for c in self.state.containers.values()},
+            "failed": [c.lun for c in self.state.containers.values() if c.failed],
+        }
+
+    async def disk_open(self, name: str, conn: Any) -> dict[str, Any]:
+        a = self._agent(conn)
+        d = self._disk(name)
+        a.opens[name] = a.opens.get(name, 0) + 1
+        out = self._table(d)
+        out["rows"] = self._rows(d, 0, d.size)
+        return out
+
+    async def disk_table(self, name: str, conn: Any) -> dict[str, Any]:
+        """A fresh copy of a disk's table for an agent that already has it open."""
+        self._agent(conn)
+        d = self._disk(name)
+        out = self._table(d)
+        out["rows"] = self._rows(d, 0, d.size)
+        return out
+
+    async def disk_close(self, name: str, conn: Any) -> None:
+        a = self._agent(conn)
+        n = a.opens.get(name, 0)
+        if n <= 1:
+            a.opens.pop(name, None)
+        else:
+            a.opens[name] = n - 1
+
+    def _is_restricted(self, name: str, start: int, end: int) -> bool:
+        return any(lo < end and start < hi for lo, hi in self._restricted.get(name, []))
+
+    async def disk_fault(self, name: str, offset: int, length: int, write: bool,
+                         conn: Any) -> dict[str, Any]:
+        """An agent lacks a usable entry: allocate (writes to zero ranges) and answer entries."""
+        self._agent(conn)
+        d = self._disk(name)
+        if offset < 0 or length <= 0 or offset >= d.size:
+            raise P.invalid(f"fault range {offset}+{length} is outside disk {name!r} "
+                            f"(size {d.size})")
+        end = min(offset + length, d.size)
+        with trio.move_on_after(FAULT_WAIT):
+            while self._is_restricted(name, offset, end):
+                await self._restriction_lifted.wait()
+            d = self._disk(name)
+        seg = d.segment_size
+        lo = offset // seg * seg
+        hi = min(round_up(end, seg), d.size)
+        if write:
+            async with self._alloc_lock:
+                d = self._disk(name)
+                hi = min(hi, d.size)
+                gaps = [e for e in d.extents.entries(lo, hi) if e.flags & ZERO]
+                seq = None
+                if gaps:
+                    pieces: list[list[int]] = []
+                    for g in gaps:
+                        pieces += await self._plan_zeroed(g.length, d.pin, d.home, g.vstart,
+                                                          zero=False)
+                    await self._zero(pieces)
+                    self._check_still_free(pieces)
+                    seq = self.journal.record({"op": "disk.map", "name": name, "map": pieces})
+            if seq is not None:
+                await self.journal.wait_durable(seq)
+                await self._push_update(d, lo, hi, exclude=conn.agent)
+        out = self._table(d)
+        out["rows"] = self._rows(d, lo, hi)
+        return out
+
+    # ------------------------------------------------------------ coherence helpers
+    async def _plan_zeroed(self, length: int, pin: int | None, home: int | None, vstart: int,
+                           zero: bool = True) -> list[list[int]]:
+        pieces = self._plan(length, pin, home, vstart)
+        if zero:
+            await self._zero(pieces)
+            self._check_still_free(pieces)
+        return pieces
+
+    def _check_still_free(self, pieces: list[list[int]]) -> None:
+        for _v, n, lun, off in pieces:
+            c = self.state.luns.get(lun)
+            if c is None or not c.space.is_free(off, round_up(n)):
+                raise P.RemoteError(P.E_BUSY, "the container changed during allocation; retry")
+
+    async def _zero(self, pieces: list[list[int]]) -> None:
+        by_lun: dict[int, list[tuple[int, int]]] = {}
+        for _v, n, lun, off in pieces:
+            by_lun.setdefault(lun, []).append((off, round_up(n)))
+        for lun, ranges in by_lun.items():
+            path = self.state.luns[lun].path
+            try:
+                await trio.to_thread.run_sync(storage.zero_ranges, path, ranges)
+            except OSError as e:
+                raise P.RemoteError(P.E_IO, f"cannot prepare space on {path}: {e}") from None
+
+    def _physical(self, d: Disk, start: int, end: int) -> list[tuple[str, int, int]]:
+        """(container path, offset, length) of d's storage in [start, end), block-rounded."""
+        out = []
+        for e in d.extents.entries(start, end):
+            if not e.flags & ZERO and e.offset % P.BLOCK_SIZE == 0:
+                out.append((self.state.luns[e.lun].path, e.offset, round_up(e.length)))
+        return out
+
+    async def _release_space(self, freed: list[tuple[str, int, int]]) -> None:
+        """Give freed space back to the host (punch holes in file containers); best effort."""
+        by_path: dict[str, list[tuple[int, int]]] = {}
+        for path, off, n in freed:
+            by_path.setdefault(path, []).append((off, n))
+        for path, ranges in by_path.items():
+            try:
+                await trio.to_thread.run_sync(storage.release_ranges, path, ranges)
+            except OSError as e:
+                log.warning("could not punch freed space in %s: %s", path, e)
+
+    @asynccontextmanager
+    async def _restrict(self, name: str, start: int, end: int,
+                        exclude: Agent | None) -> AsyncIterator[None]:
+        """Turn off I/O on [start, end) at every caching agent, drained, for the block."""
+        await self.agents.wait_grace()
+        rng = (start, end)
+        self._restricted.setdefault(name, []).append(rng)
+        try:
+            d = self._disk(name)
+            agents = self.agents.caching(name, exclude)
+            if agents:
+                await self.agents.push_all(agents, {
+                    "push": "update", "disk": name, "epoch": d.epoch, "size": d.size,
+                    "start": start, "end": end, "rows": self._rows(d, start, end),
+                    "drain": True})
+            yield
+        finally:
+            lst = self._restricted.get(name, [])
+            if rng in lst:
+                lst.remove(rng)
+            if not lst:
+                self._restricted.pop(name, None)
+            self._restriction_lifted.set()
+            self._restriction_lifted = trio.Event()
+
+    async def _push_update(self, d: Disk, start: int, end: int,
+                           exclude: Agent | None = None) -> None:
+        agents = self.agents.caching(d.name, exclude)
+        if agents:
+            end = max(start, min(end, d.size))
+            await self.agents.push_all(agents, {
+                "push": "update", "disk": d.name, "epoch": d.epoch, "size": d.size,
+                "start": start, "end": end, "rows": self._rows(d, start, end), "drain": False})
 
     # ------------------------------------------------------------ check
     async def check(self) -> dict[str, Any]:
@@ -316,8 +554,10 @@ class Service:
         }
 
     # ------------------------------------------------------------ dispatch
-    async def dispatch(self, op: str, args: dict[str, Any]) -> Any:
+    async def dispatch(self, op: str, args: dict[str, Any], conn: Any = None) -> Any:
         method = getattr(self, op.replace(".", "_"), None)
         if method is None:
             raise P.RemoteError(P.E_UNSUPPORTED, f"operation {op!r} is not implemented")
+        if op in P.CONN_OPS:
+            return await method(conn=conn, **args)
         return await method(**args)

@@ -160,18 +160,43 @@ class State:
         if isinstance(seq, int):
             self.seq = seq
 
-    def _map(self, d: Disk, pieces: list[tuple[int, int, int, int]]) -> None:
-        """Map pieces (vstart, length, lun, offset) into d and take their space."""
+    def _check_pieces(self, d: Disk, pieces: list[tuple[int, int, int, int]],
+                      size: int) -> None:
+        """Refuse pieces that cannot all be mapped, before anything changes.
+
+        apply() must change nothing when it raises: a refused live record is not
+        journaled, so a half-applied one would make the live table drift from replay.
+        """
         for vstart, length, lun, offset in pieces:
             c = self.luns.get(lun)
             if c is None:
                 raise StateError(f"no container with LUN {lun}")
-            if vstart % ALIGN or offset % ALIGN or length <= 0:
+            if vstart < 0 or vstart % ALIGN or offset % ALIGN or length <= 0:
                 raise StateError(f"misaligned piece {vstart}+{length} -> {lun}:{offset}")
-            if vstart + length > d.size:
+            if vstart + length > size:
                 raise StateError(f"piece {vstart}+{length} runs past disk {d.name!r}")
-            if length % ALIGN and vstart + length != d.size:
+            if length % ALIGN and vstart + length != size:
                 raise StateError(f"short piece {vstart}+{length} is not at the end of the disk")
+            if not c.space.is_free(offset, round_up(length)):
+                raise StateError(f"piece {vstart}+{length} does not fit the table: "
+                                 f"{lun}:{offset}+{round_up(length)} is not free")
+            if next(d.extents.stored_in(vstart, vstart + length), None) is not None:
+                raise StateError(f"piece {vstart}+{length} does not fit the table: "
+                                 "already mapped")
+        for key in (lambda p: (0, p[0]), lambda p: (p[2], p[3])):  # virtual, then physical
+            prev: tuple[int, int] | None = None
+            for p in sorted(pieces, key=key):
+                k = key(p)
+                if prev is not None and k[0] == prev[0] and k[1] < prev[1]:
+                    raise StateError(f"piece {p[0]}+{p[1]} does not fit the table: pieces "
+                                     "of one record overlap")
+                prev = (k[0], k[1] + round_up(p[1]))
+
+    def _map(self, d: Disk, pieces: list[tuple[int, int, int, int]]) -> None:
+        """Map pieces (vstart, length, lun, offset) into d and take their space."""
+        self._check_pieces(d, pieces, d.size)
+        for vstart, length, lun, offset in pieces:
+            c = self.luns[lun]
             c.space.take(offset, round_up(length))
             pos = 0
             while pos < length:  # respect MAX_EXTENT even for a huge thick piece
@@ -231,6 +256,8 @@ class State:
         new = rec["size"]
         if not isinstance(new, int) or new < 0:
             raise StateError(f"bad size {new!r}")
+        pieces = _pieces(rec)
+        self._check_pieces(d, pieces, new)  # before anything changes
         if new < d.size and d.size:
             cut = round_up(new)
             self._unmap(d, cut, d.size)
@@ -249,7 +276,7 @@ class State:
                 d.extents.remove_range(tail.vstart, tail.vend)
                 d.extents.insert(tail.vstart, min(round_up(tail.length), new - tail.vstart),
                                  tail.lun, tail.offset, tail.flags)
-        self._map(d, _pieces(rec))
+        self._map(d, pieces)
 
     def _disk_rm(self, rec: dict[str, Any]) -> None:
         d = self.disk(rec["name"])
@@ -271,6 +298,9 @@ class State:
         start, end = rec["start"], rec["end"]
         if not (0 <= start <= end <= d.size):
             raise StateError(f"unmap range {start}..{end} outside disk")
+        if end % ALIGN and end != d.size:
+            # freeing a partial block would free storage the rest of the block still uses
+            raise StateError(f"unaligned unmap end {end} inside the disk")
         self._unmap(d, start, end)
 
     # ------------------------------------------------------------ checkpoint form

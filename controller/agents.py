@@ -1,0 +1,186 @@
+"""Agents the controller knows: their leases, open disks, and pushes with acknowledgement.
+
+An agent holds a lease renewed by heartbeats. Before the controller changes,
+frees or shares storage behind entries an agent caches, it pushes the
+restricted entries and waits for the agent's ack (sent once the agent has
+drained in-flight I/O on them). An agent that does not answer is waited out:
+once its lease has expired it no longer uses any entry, so the change is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE = 10.0
+LEASE_MARGIN = 0.5  # clocks differ: wait this much past a lease before trusting it gone
+
+Sender = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class Agent:
+    id: int
+    name: str
+    host: str
+    mount: str
+    send: Sender | None  # None while disconnected
+    lease_until: float  # trio clock
+    registered: float = field(default_factory=time.time)
+    opens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def connected(self) -> bool:
+        return self.send is not None
+
+
+class AgentRegistry:
+    def __init__(self, lease: float = DEFAULT_LEASE, marker: str | None = None):
+        self.lease = lease
+        # marker: a file that exists while agents may hold leases. A controller that
+        # starts and finds it must wait out those leases before freeing storage.
+        self.marker = marker
+        self.agents: dict[int, Agent] = {}
+        self._next_id = 1
+        self._next_pid = 1
+        self._acks: dict[int, trio.Event] = {}
+        # After a controller start, agents of the previous incarnation may still
+        # hold leases we know nothing of; nothing is freed before this passes.
+        stale = marker is not None and os.path.exists(marker)
+        self.grace_until = trio.current_time() + (lease + LEASE_MARGIN if stale else 0.0)
+
+    def _mark(self) -> None:
+        if self.marker is not None and not os.path.exists(self.marker):
+            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.fsync(fd)
+            os.close(fd)
+            dfd = os.open(os.path.dirname(self.marker), os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(dfd)
+            os.close(dfd)
+
+    def shutdown(self) -> None:
+        """On a clean stop: if no agent is left, the next start needs no grace period."""
+        self.expire()
+        if self.marker is not None and not self.agents and self.grace_until <= trio.current_time():
+            try:
+                os.unlink(self.marker)
+            except FileNotFoundError:
+                pass
+
+    def register(self, name: str, host: str, mount: str, send: Sender) -> Agent:
+        self._mark()
+        a = Agent(self._next_id, name, host, mount, send, trio.current_time() + self.lease)
+        self._next_id += 1
+        self.agents[a.id] = a
+        log.info("agent %d (%s on %s, %s) registered", a.id, name, host, mount)
+        return a
+
+    def renew(self, a: Agent) -> None:
+        a.lease_until = trio.current_time() + self.lease
+
+    def disconnected(self, a: Agent) -> None:
+        """The connection dropped: keep the agent (and what it caches) until its lease ends."""
+        a.send = None
+        if a.id not in self.agents:
+            return
+        log.info("agent %d (%s) disconnected; lease ends in %.1f s", a.id, a.name,
+                 max(0.0, a.lease_until - trio.current_time()))
+
+    def remove(self, a: Agent) -> None:
+        self.agents.pop(a.id, None)
+        log.info("agent %d (%s) signed off", a.id, a.name)
+
+    def expire(self) -> None:
+        now = trio.current_time()
+        for a in list(self.agents.values()):
+            if not a.connected and now > a.lease_until + LEASE_MARGIN:
+                log.info("agent %d (%s) lease expired; forgetting it", a.id, a.name)
+                del self.agents[a.id]
+
+    def caching(self, disk: str, exclude: Agent | None = None) -> list[Agent]:
+        self.expire()
+        return [a for a in self.agents.values() if a.opens.get(disk) and a is not exclude]
+
+    def open_by(self, disk: str) -> list[Agent]:
+        return self.caching(disk)
+
+    def rename(self, old: str, new: str) -> None:
+        for a in self.agents.values():
+            if old in a.opens:
+                a.opens[new] = a.opens.pop(old)
+
+    def ack(self, pid: int) -> bool:
+        ev = self._acks.get(pid)
+        if ev is None:
+            return False
+        ev.set()
+        return True
+
+    async def wait_grace(self) -> None:
+        delay = self.grace_until - trio.current_time()
+        if delay > 0:
+            log.info("waiting %.1f s for leases of a previous controller's agents", delay)
+            await trio.sleep(delay)
+
+    async def push_all(self, agents: list[Agent], msg: dict[str, Any]) -> None:
+        """Push msg to each agent and wait for every ack (or that agent's lease to run out)."""
+        if not agents:
+            return
+        async with trio.open_nursery() as n:
+            for a in agents:
+                n.start_soon(self._push_one, a, dict(msg))
+
+    async def _push_one(self, a: Agent, msg: dict[str, Any]) -> None:
+        pid = self._next_pid
+        self._next_pid += 1
+        msg["pid"] = pid
+        ev = trio.Event()
+        self._acks[pid] = ev
+        try:
+            while True:
+                if a.send is not None:
+                    try:
+                        await a.send(msg)
+                    except Exception as e:  # a broken connection
+                        log.info("push to agent %d failed: %s", a.id, e)
+                        self.disconnected(a)
+                # wait for the ack, or until the lease (which the ack would have renewed)
+                # has certainly run out
+                deadline = a.lease_until + LEASE_MARGIN
+                with trio.move_on_at(deadline):
+                    await ev.wait()
+                    self.renew(a)
+                    return
+                if trio.current_time() >= a.lease_until + LEASE_MARGIN:
+                    log.warning("agent %d (%s) did not acknowledge push %d; its lease has "
+                                "expired, so it no longer uses the entries", a.id, a.name, pid)
+                    a.opens.clear()
+                    return
+                # the lease was renewed by a heartbeat meanwhile: push again
+        finally:
+            self._acks.pop(pid, None)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        self.expire()
+        now = trio.current_time()
+        return [
+            {
+                "id": a.id,
+                "name": a.name,
+                "host": a.host,
+                "mount": a.mount,
+                "connected": a.connected,
+                "lease_left": round(max(0.0, a.lease_until - now), 3),
+                "registered": a.registered,
+                "disks": sorted(d for d, n in a.opens.items() if n),
+            }
+            for a in sorted(self.agents.values(), key=lambda a: a.id)
+        ]

@@ -1,0 +1,137 @@
+"""The agent's session with the controller: connect, register, heartbeat, pushes.
+
+The session reconnects forever with backoff. While connected it renews the
+lease every third of the lease period; ``lease_until`` (trio clock) is when
+cached entries stop being trusted if no renewal arrives. Calls made while the
+controller is away wait (up to their deadline) for the session to come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from controller.client import Client, ConnectionLost, open_controller
+from controller.protocol import RemoteError
+
+log = logging.getLogger(__name__)
+
+PushHandler = Callable[[dict[str, Any]], Awaitable[None]]
+ReconnectHandler = Callable[[Client], Awaitable[None]]
+
+
+class ControllerUnavailable(Exception):
+    """No controller answered within the deadline."""
+
+
+class Session:
+    def __init__(self, addr: str, mount: str, *, call_timeout: float = 30.0):
+        self.addr = addr
+        self.mount = mount
+        self.call_timeout = call_timeout
+        self.client: Client | None = None
+        self.agent_id: int | None = None
+        self.lease = 10.0
+        self.lease_until = -1.0
+        self._up = trio.Event()
+        self.on_push: PushHandler | None = None
+        self.on_reconnect: ReconnectHandler | None = None
+        self.reconnects = 0
+        self._nursery: trio.Nursery | None = None
+
+    def lease_valid(self) -> bool:
+        return trio.current_time() < self.lease_until
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a registered connection; task_status.started() after the first one."""
+        started = False
+        backoff = 0.05
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            while True:
+                try:
+                    await self._connected_session(task_status if not started else None)
+                    started = True
+                except (ConnectionLost, OSError, trio.TooSlowError, RemoteError) as e:
+                    if self.client is not None or started:
+                        log.warning("lost the controller at %s: %s", self.addr, e)
+                finally:
+                    self.client = None
+                    if self._up.is_set():
+                        self._up = trio.Event()
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    async def _connected_session(self, task_status: Any) -> None:
+        async def push(msg: dict[str, Any]) -> None:
+            # never block the reader: a push handler may need replies to finish
+            assert self._nursery is not None
+            self._nursery.start_soon(self._handle_push, msg)
+
+        async with open_controller(self.addr, role="agent", name=f"agent@{socket.gethostname()}",
+                                   on_push=push, timeout=5.0) as client:
+            sent = trio.current_time()
+            reg = await client.call("agent.register", name=f"{socket.gethostname()}:{self.mount}",
+                                    host=socket.gethostname(), mount=self.mount)
+            self.agent_id = reg["agent_id"]
+            self.lease = float(reg["lease"])
+            self.lease_until = sent + self.lease
+            self.client = client
+            first = self.reconnects == 0
+            self.reconnects += 1
+            log.info("registered with the controller at %s as agent %d (lease %.1f s)",
+                     self.addr, self.agent_id, self.lease)
+            if not first and self.on_reconnect is not None:
+                await self.on_reconnect(client)
+            self._up.set()
+            if task_status is not None:
+                task_status.started()
+            while True:
+                await trio.sleep(self.lease / 3)
+                sent = trio.current_time()
+                hb = await client.call("agent.heartbeat", timeout=self.lease / 2)
+                self.lease_until = sent + self.lease
+                if self.on_push is not None and hb.get("epochs"):
+                    await self.on_push({"push": "epochs", "epochs": hb["epochs"]})
+
+    async def _handle_push(self, msg: dict[str, Any]) -> None:
+        try:
+            if self.on_push is not None:
+                await self.on_push(msg)
+            pid = msg.get("pid")
+            client = self.client
+            if isinstance(pid, int) and client is not None:
+                await client.call("agent.ack", timeout=self.lease, pid=pid)
+        except (ConnectionLost, RemoteError, trio.TooSlowError) as e:
+            log.info("could not finish push %s: %s", msg.get("push"), e)
+        except Exception:
+            log.exception("push handler failed for %s", msg.get("push"))
+
+    async def wait_up(self, deadline: float) -> Client:
+        while self.client is None:
+            with trio.move_on_at(deadline):
+                await self._up.wait()
+            if self.client is None and trio.current_time() >= deadline:
+                raise ControllerUnavailable(f"no controller at {self.addr}")
+        return self.client
+
+    async def call(self, op: str, *, timeout: float | None = None, retry: bool = True,
+                   **args: Any) -> Any:
+        """Call op, waiting for (and, if retry, retrying across) reconnections until timeout."""
+        deadline = trio.current_time() + (timeout if timeout is not None else self.call_timeout)
+        while True:
+            client = await self.wait_up(deadline)
+            try:
+                return await client.call(op, timeout=max(0.1, deadline - trio.current_time()),
+                                         **args)
+            except ConnectionLost:
+                if not retry or trio.current_time() >= deadline:
+                    raise ControllerUnavailable(f"lost the controller during {op}") from None
+                await trio.sleep(0.05)
+            except trio.TooSlowError:
+                raise ControllerUnavailable(f"the controller did not answer {op} in time"
+                                            ) from None

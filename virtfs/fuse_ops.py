@@ -1,0 +1,282 @@
+"""pyfuse3 adapter: translate FUSE requests to the model (disks.py), map errors.
+
+Nothing here knows about tables or containers. Every handler goes through
+``@handler``: DiskError becomes its errno, FUSEError passes, and anything else
+is logged with its traceback and becomes EIO, because pyfuse3 tears the whole
+mount down on any other exception.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from controller.protocol import RemoteError, check_name
+
+from .disks import ROOT_INODE, DiskError, OpenDisk, Volumes
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 1.0
+BLOCK = 4096
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+TEST_RAISE_ENV = "VIRTFS_TEST_RAISE_IN"  # test hook: handler name that raises RuntimeError
+
+T = TypeVar("T")
+
+
+def handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            if os.environ.get(TEST_RAISE_ENV) == name:
+                raise RuntimeError(f"test hook: {name} raises")
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except DiskError as e:
+            if e.errno not in (errno.ENOENT, errno.EEXIST):
+                log.warning("%s: %s", name, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("unexpected error in FUSE handler %s; returning EIO", name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _name(raw: bytes) -> str:
+    try:
+        name = os.fsdecode(raw)
+        check_name(name)
+    except (UnicodeError, RemoteError):
+        raise DiskError(errno.EINVAL, f"bad disk name {raw!r}") from None
+    return name
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, volumes: Volumes, nursery: trio.Nursery):
+        super().__init__()
+        self.v = volumes
+        self.nursery = nursery
+        self.handles: dict[int, tuple[OpenDisk, bool]] = {}
+        self._next_fh = 1
+        self.uid, self.gid = os.getuid(), os.getgid()
+        volumes.invalidate = self._invalidate
+
+    # ------------------------------------------------------------ helpers
+    def _invalidate(self, inode: int) -> None:
+        async def run() -> None:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.debug("invalidate_inode(%d): %s", inode, e)
+
+        self.nursery.start_soon(run)
+
+    def _attr(self, inode: int, size: int = 0, allocated: int = 0,
+              ctime: float = 0.0) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.generation = 0
+        a.entry_timeout = ATTR_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        if inode == ROOT_INODE:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+        else:
+            a.st_mode = stat.S_IFREG | 0o644
+            a.st_nlink = 1
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_size = size
+        a.st_blksize = BLOCK
+        a.st_blocks = allocated // 512
+        ns = int(ctime * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        return a
+
+    async def _disk_attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        if inode == ROOT_INODE:
+            return self._attr(ROOT_INODE)
+        info = await self.v.info(inode)
+        return self._attr(inode, info.size, info.allocated, info.ctime)
+
+    def _fh(self, od: OpenDisk, writable: bool) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = (od, writable)
+        return fh
+
+    def _handle(self, fh: int, write: bool = False) -> OpenDisk:
+        try:
+            od, writable = self.handles[fh]
+        except KeyError:
+            raise DiskError(errno.EBADF) from None
+        if write and not writable:
+            raise DiskError(errno.EBADF)
+        return od
+
+    # ------------------------------------------------------------ namespace
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT_INODE:
+            raise DiskError(errno.ENOTDIR)
+        if name == b".":
+            return await self._disk_attr(ROOT_INODE)
+        try:
+            disk = os.fsdecode(name)
+        except UnicodeError:
+            raise DiskError(errno.ENOENT) from None
+        return await self._disk_attr(await self.v.lookup(disk))
+
+    @handler
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return await self._disk_attr(inode)
+
+    @handler
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any,
+                      fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        if inode == ROOT_INODE:
+            raise DiskError(errno.EPERM)
+        if fields.update_size:
+            await self.v.truncate(inode, attr.st_size)
+        # mode, owner and times are fixed properties of a disk: accepted, not stored
+        return await self._disk_attr(inode)
+
+    @handler
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode != ROOT_INODE:
+            raise DiskError(errno.ENOTDIR)
+        return 0
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = await self.v.listdir()
+        for i, (name, inode) in enumerate(entries[start_id:], start_id):
+            try:
+                attr = await self._disk_attr(inode)
+            except DiskError:
+                continue  # vanished meanwhile
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, i + 1):
+                break
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @handler
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        st = await self.v.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = BLOCK
+        s.f_blocks = st["capacity"] // BLOCK
+        s.f_bfree = s.f_bavail = max(0, st["capacity"] - st["used"]) // BLOCK
+        s.f_files = st["disks"] + 1
+        s.f_ffree = s.f_favail = 1 << 20
+        s.f_namemax = 128
+        return s
+
+    @handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if parent_inode != ROOT_INODE:
+            raise DiskError(errno.ENOTDIR)
+        if not stat.S_ISREG(mode):
+            raise DiskError(errno.EPERM)
+        inode = await self.v.create(_name(name))
+        od = await self.v.open_disk(inode)
+        fi = pyfuse3.FileInfo(fh=self._fh(od, True))
+        return fi, await self._disk_attr(inode)
+
+    @handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISREG(mode):
+            raise DiskError(errno.EPERM)
+        return await self._disk_attr(await self.v.create(_name(name)))
+
+    @handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        raise DiskError(errno.EPERM)
+
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        if parent_inode != ROOT_INODE:
+            raise DiskError(errno.ENOTDIR)
+        await self.v.unlink(os.fsdecode(name))
+
+    @handler
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise DiskError(errno.EINVAL)
+        await self.v.rename(os.fsdecode(name_old), _name(name_new),
+                            replace=not flags & pyfuse3.RENAME_NOREPLACE)
+
+    # ------------------------------------------------------------ data
+    @handler
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if inode == ROOT_INODE:
+            raise DiskError(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        od = await self.v.open_disk(inode)
+        if flags & os.O_TRUNC and writable:
+            await self.v.truncate(inode, 0)
+        return pyfuse3.FileInfo(fh=self._fh(od, writable))
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.v.read(self._handle(fh), off, size)
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.v.write(self._handle(fh, write=True), off, buf)
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.v.fsync(self._handle(fh))
+
+    @handler
+    async def release(self, fh: int) -> None:
+        od, _ = self.handles.pop(fh, (None, False))
+        if od is not None:
+            await self.v.release(od)
+
+    @handler
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        od = self._handle(fh, write=True)
+        if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+            await self.v.discard(od, offset, length)
+        elif mode == 0:
+            # preallocate: grow the file if needed (space is allocated on first write)
+            if offset + length > od.table.size:
+                await self.v.grow(od, offset + length)
+        else:
+            raise DiskError(errno.EOPNOTSUPP)
+
+    @handler
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        return None

@@ -1,0 +1,207 @@
+"""virtfs-mount: the agent. init -> nursery (session, FUSE loop) -> clean close.
+
+Without --controller, and with no controller answering on the state dir's
+socket, it runs an embedded controller in-process (still listening on that
+socket, so vdctl works) and creates a default sparse container on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pyfuse3
+import trio
+
+from controller.client import ConnectionLost, open_controller, single_leaf
+from controller.daemon import (
+    StateDirBusy,
+    default_socket,
+    default_state_dir,
+    open_controller_service,
+    setup_logging,
+)
+from controller.journal import JournalCorrupt
+from controller.protocol import RemoteError
+from controller.units import SizeError, parse_size
+
+from .agent import Session
+from .blockio import ContainerIO
+from .disks import Volumes
+from .fuse_ops import Operations
+
+log = logging.getLogger("virtfs.mount")
+
+DEFAULT_CONTAINER = "default"
+DEFAULT_CONTAINER_SIZE = "64G"
+DEMO_DISK = "demo"
+DEMO_SIZE = 1 << 30
+CONNECT_TIMEOUT = 30.0
+
+
+class MountError(Exception):
+    pass
+
+
+async def controller_answers(addr: str) -> bool:
+    try:
+        async with open_controller(addr, role="admin", name="virtfs-mount-probe", timeout=3.0):
+            return True
+    except (ConnectionLost, RemoteError, OSError, trio.TooSlowError):
+        return False
+
+
+def _default_container_path(state_dir: str) -> tuple[str, bool]:
+    path = os.path.join(state_dir, "containers", "default.img")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    return path, os.path.exists(path)
+
+
+async def _prepare_embedded(service: Any, state_dir: str, size: int, demo: bool) -> None:
+    if not service.state.containers:
+        path, exists = _default_container_path(state_dir)
+        info = await service.container_add(DEFAULT_CONTAINER, path, None if exists else size)
+        print(f"virtfs-mount: created container {DEFAULT_CONTAINER!r} at {path} "
+              f"({info['size']} bytes, sparse)", file=sys.stderr)
+    if demo and DEMO_DISK not in service.state.disks:
+        await service.disk_create(DEMO_DISK, DEMO_SIZE, False, None, None)
+        print(f"virtfs-mount: created thin disk {DEMO_DISK!r} ({DEMO_SIZE} bytes)",
+              file=sys.stderr)
+
+
+async def _run(args: argparse.Namespace) -> None:
+    mountpoint, state_dir = args.mountpoint, args.state_dir
+    addr = args.controller or default_socket(state_dir)
+    async with AsyncExitStack() as stack:
+        if args.controller is None and not await controller_answers(addr):
+            service = await stack.enter_async_context(
+                open_controller_service(state_dir, lease=args.lease))
+            await _prepare_embedded(service, state_dir, args.default_container_size, args.demo)
+            log.info("embedded controller serving %s", addr)
+        elif args.demo:
+            log.info("--demo only applies to an embedded controller; ignored")
+        session = Session(addr, mountpoint, call_timeout=args.fault_timeout)
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    await nursery.start(session.run)
+            except trio.TooSlowError:
+                raise MountError(f"no controller answered at {addr} within "
+                                 f"{CONNECT_TIMEOUT:.0f} s") from None
+            io = ContainerIO()
+            volumes = Volumes(session, io, fault_timeout=args.fault_timeout)
+            ops = Operations(volumes, nursery)
+            options = set(pyfuse3.default_options)
+            options |= {"fsname=virtfs", "subtype=virtfs"}
+            if args.debug_fuse:
+                options.add("debug")
+            try:
+                pyfuse3.init(ops, mountpoint, options)
+            except RuntimeError as e:
+                raise MountError(f"cannot mount {mountpoint}: {e}") from None
+            print(f"virtfs-mount: {mountpoint} mounted (controller {addr})", file=sys.stderr,
+                  flush=True)
+
+            async def signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as rx:
+                    async for sig in rx:
+                        log.info("signal %d: unmounting", sig)
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(signals)
+            try:
+                await pyfuse3.main()
+            finally:
+                pyfuse3.close(unmount=True)
+                with trio.move_on_after(10) as scope:
+                    scope.shield = True
+                    await _goodbye(volumes, io)
+                io.close()
+                nursery.cancel_scope.cancel()
+
+
+async def _goodbye(volumes: Volumes, io: ContainerIO) -> None:
+    """Sync, close what is still open, and release our lease at the controller."""
+    try:
+        await io.sync()
+    except OSError as e:
+        log.error("final sync failed: %s", e)
+    for od in list(volumes.open.values()):
+        od.handles = 1
+        try:
+            await volumes.release(od)
+        except Exception as e:
+            log.warning("closing %s: %s", od.name, e)
+    try:
+        await volumes.session.call("agent.bye", timeout=3.0, retry=False)
+    except Exception as e:
+        log.info("agent.bye: %s", e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="virtfs-mount",
+        description="Mount virtfs: every virtual disk appears as a file in MOUNTPOINT. Runs in "
+        "the foreground; stop it with Ctrl-C, SIGTERM or 'fusermount3 -u MOUNTPOINT'.",
+    )
+    p.add_argument("mountpoint")
+    p.add_argument("--controller", metavar="ADDR",
+                   help="controller address (unix:PATH). Default: the state dir's socket; if "
+                   "no controller answers there, an embedded one is started")
+    p.add_argument("--state-dir", help="state dir for the embedded controller and the default "
+                   "socket (default $VIRTFS_STATE_DIR or ~/.local/state/virtfs)")
+    p.add_argument("--default-container-size", default=DEFAULT_CONTAINER_SIZE, metavar="SIZE",
+                   help=f"size of the sparse default container the embedded controller creates "
+                   f"on first use (default {DEFAULT_CONTAINER_SIZE})")
+    p.add_argument("--demo", action="store_true",
+                   help=f"embedded controller: also create a {DEMO_SIZE >> 30} GiB thin disk "
+                   f"{DEMO_DISK!r} if it does not exist")
+    p.add_argument("--fault-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long I/O waits for the controller before failing with EIO "
+                   "(default 30)")
+    p.add_argument("--lease", type=float, default=10.0, metavar="SECONDS",
+                   help="agent lease of the embedded controller (default 10)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+    args = p.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args.default_container_size = parse_size(args.default_container_size)
+    except SizeError as e:
+        p.error(str(e))
+    if not os.path.isdir(args.mountpoint):
+        print(f"virtfs-mount: {args.mountpoint} is not a directory", file=sys.stderr)
+        return 1
+    if os.path.ismount(args.mountpoint):
+        print(f"virtfs-mount: {args.mountpoint} is already a mount point", file=sys.stderr)
+        return 1
+    args.mountpoint = os.path.abspath(args.mountpoint)
+    args.state_dir = os.path.abspath(args.state_dir or default_state_dir())
+    known = (MountError, StateDirBusy, JournalCorrupt, RemoteError, OSError)
+    try:
+        trio.run(_run, args)
+    except known as e:
+        print(f"virtfs-mount: {getattr(e, 'message', None) or e}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as eg:
+        leaf = single_leaf(eg)
+        if isinstance(leaf, known):
+            print(f"virtfs-mount: {getattr(leaf, 'message', None) or leaf}", file=sys.stderr)
+            return 1
+        if isinstance(leaf, KeyboardInterrupt):
+            return 130
+        raise
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
