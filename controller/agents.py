@@ -130,6 +130,12 @@ class AgentRegistry:
             log.info("waiting %.1f s for leases of a previous controller's agents", delay)
             await trio.sleep(delay)
 
+    async def notify(self, msg: dict[str, Any], timeout: float = 2.0) -> None:
+        """A hint for every connected agent (e.g. the disk list changed), acked within timeout."""
+        agents = [a for a in self.agents.values() if a.connected]
+        with trio.move_on_after(timeout):
+            await self.push_all(agents, msg)
+
     async def push_all(self, agents: list[Agent], msg: dict[str, Any]) -> None:
         """Push msg to each agent and wait for every ack (or that agent's lease to run out)."""
         if not agents:

@@ -25,11 +25,19 @@ from .units import SizeError, format_size, parse_size
 _NEG = "neg:"  # argv rewrite so "disk resize d -1G" is not taken for an option
 
 
+MAX_SIZE_ARG = (1 << 63) - 1  # what msgpack carries as a signed int
+
+
 def size_arg(text: str) -> int:
+    if text.startswith(_NEG):  # undo the argv rewrite so the message shows what was typed
+        text = "-" + text[len(_NEG):]
     try:
-        return parse_size(text)
+        n = parse_size(text)
     except SizeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if n > MAX_SIZE_ARG:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: too large")
+    return n
 
 
 def delta_arg(text: str) -> tuple[str, int]:

@@ -204,6 +204,7 @@ class Service:
                 "map": pieces,
             })
         await self.journal.wait_durable(seq)
+        await self.agents.notify({"push": "namespace"})
         return self._disk_info(self.state.disks[name])
 
     async def disk_ls(self) -> list[dict[str, Any]]:
@@ -271,6 +272,7 @@ class Service:
             await self.journal.wait_durable(seq)
         d = self._disk(name)
         await self._push_update(d, min(old, size) // P.BLOCK_SIZE * P.BLOCK_SIZE, d.size)
+        await self.agents.notify({"push": "namespace"})
         return self._disk_info(d)
 
     async def disk_rm(self, name: str, conn: Any = None) -> dict[str, Any]:
@@ -287,6 +289,7 @@ class Service:
         freed = self._physical(d, 0, d.size)
         await self.journal.commit({"op": "disk.rm", "name": name})
         await self._release_space(freed)
+        await self.agents.notify({"push": "namespace", "removed": [name]})
         return info
 
     async def disk_rename(self, name: str, new: str) -> dict[str, Any]:
@@ -300,6 +303,7 @@ class Service:
             self._restricted[new] = self._restricted.pop(name)
         await self.agents.push_all(self.agents.caching(new),
                                    {"push": "rename", "disk": name, "new": new})
+        await self.agents.notify({"push": "namespace", "removed": [name]})
         return self._disk_info(d)
 
     async def disk_discard(self, name: str, offset: int, length: int,

@@ -111,3 +111,31 @@ def controller(tmp_path: Path):
         yield c
     finally:
         c.stop()
+
+
+# ---------------------------------------------------------------- real mounts
+
+from mounts import MountProc  # noqa: E402
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path):
+    """mount_factory(name='m', controller=None, args=[...], env={...}) -> a started MountProc."""
+    made: list[MountProc] = []
+
+    def make(name: str = "m", *, state_dir: Path | None = None, controller: str | None = None,
+             args: list[str] | None = None, env: dict[str, str] | None = None) -> MountProc:
+        m = MountProc(tmp_path / name, state_dir or tmp_path / "state",
+                      tmp_path / f"{name}.log", controller=controller, args=args, env=env)
+        made.append(m)
+        return m.start()
+
+    yield make
+    for m in reversed(made):
+        m.close()
+
+
+@pytest.fixture
+def embedded(mount_factory):
+    """A mount with an embedded controller, a 4 GiB default container and no disks."""
+    return mount_factory("mnt", args=["--default-container-size", "4G"])

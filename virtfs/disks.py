@@ -93,7 +93,8 @@ class Volumes:
         self.by_inode: dict[int, OpenDisk] = {}
         self._statfs: tuple[float, dict[str, Any]] | None = None
         # set by the FUSE adapter: drop the kernel's cache of an inode's data/attrs
-        self.invalidate: Callable[[int], None] = lambda inode: None
+        self.invalidate: Callable[..., None] = lambda inode, attr_only=False: None
+        self.invalidate_entry: Callable[[str], None] = lambda name: None
         session.on_push = self.handle_push
         session.on_reconnect = self.reload_all
 
@@ -191,6 +192,7 @@ class Volumes:
         od.handles -= 1
         if od.handles > 0:
             return
+        self._listing_at = -1e9  # the listing's sizes may be older than our table
         self.open.pop(od.name, None)
         self.by_inode.pop(od.inode, None)
         try:
@@ -248,6 +250,15 @@ class Volumes:
                 od.name = new
                 self.open[new] = od
             self._listing_at = -1e9
+        elif kind == "namespace":
+            self._listing_at = -1e9
+            for name in msg.get("removed", []):
+                if name not in self.open:
+                    self.invalidate_entry(name)
+                    ino = self.names.pop(name, None)
+                    if ino is not None:
+                        self.inodes.pop(ino, None)
+                    self.listing.pop(name, None)
         elif kind == "epochs":
             for name, epoch in msg["epochs"].items():
                 od = self.open.get(name)
@@ -285,7 +296,10 @@ class Volumes:
             if rows:
                 start = rows[0][0]
                 end = rows[-1][0] + rows[-1][1]
+                before = od.table.allocated if write else 0
                 od.table.replace(start, end, rows, size=r["size"], epoch=r["epoch"])
+                if write and od.table.allocated != before:
+                    self.invalidate(od.inode, attr_only=True)  # st_blocks changed
         finally:
             del od.faults[key]
             ev.set()
@@ -419,6 +433,7 @@ class Volumes:
             start = r["rows"][0][0]
             stop = r["rows"][-1][0] + r["rows"][-1][1]
             od.table.replace(start, stop, r["rows"], epoch=r["epoch"])
+            self.invalidate(od.inode, attr_only=True)
         for lo, hi in r["zero"]:
             pos = lo
             while pos < hi:

@@ -46,7 +46,9 @@ def handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except pyfuse3.FUSEError:
             raise
         except DiskError as e:
-            if e.errno not in (errno.ENOENT, errno.EEXIST):
+            if e.errno in (errno.ENOENT, errno.EEXIST, errno.EOPNOTSUPP):
+                log.debug("%s: %s", name, e)
+            else:
                 log.warning("%s: %s", name, e)
             raise pyfuse3.FUSEError(e.errno) from None
         except trio.Cancelled:
@@ -79,12 +81,16 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
         volumes.invalidate = self._invalidate
+        volumes.invalidate_entry = lambda name: pyfuse3.invalidate_entry_async(
+            ROOT_INODE, os.fsencode(name), ignore_enoent=True)
 
     # ------------------------------------------------------------ helpers
-    def _invalidate(self, inode: int) -> None:
+    def _invalidate(self, inode: int, attr_only: bool = False) -> None:
+        # never from inside a handler's own call chain: the kernel may be waiting on
+        # this very request, so run it in a thread and do not wait for it
         async def run() -> None:
             try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, attr_only)
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     log.debug("invalidate_inode(%d): %s", inode, e)
