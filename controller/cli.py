@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--allow-shrink", action="store_true", help="permit shrinking (data past "
                     "the new end is discarded)")
     verb(dv, "rm", "remove a disk and free its space").add_argument("name")
+
+    ag = nouns.add_parser("agent", help="agents (virtfs-mount processes) the controller knows")
+    agv = ag.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verb(agv, "ls", "list agents with their leases and open disks")
     return p
 
 
@@ -286,6 +290,17 @@ class Cli:
         if self.json:
             self.emit_json(r)
         print(f"disk {r['name']} removed ({r['allocated']} bytes freed)", file=sys.stderr)
+        return 0
+
+    async def agent_ls(self) -> int:
+        rows = await self.c.call("agent.ls")
+        if self.json:
+            self.emit_json(rows)
+            return 0
+        _table([[str(r["id"]), r["host"], r["mount"],
+                 "connected" if r["connected"] else "disconnected", f"{r['lease_left']:.1f}s",
+                 ",".join(r["disks"]) or "-"]
+                for r in rows], ["ID", "HOST", "MOUNT", "STATE", "LEASE", "DISKS"], self.out)
         return 0
 
 

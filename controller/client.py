@@ -69,9 +69,12 @@ class Client:
             raise ConnectionLost(self.close_reason or "not connected")
         rid = self._next_id
         self._next_id += 1
+        try:
+            frame = codec.wire_frame({"id": rid, "op": op, "args": args})
+        except (TypeError, ValueError, OverflowError) as e:
+            raise P.invalid(f"{op}: arguments cannot be encoded: {e}") from None
         send, recv = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[rid] = send
-        frame = codec.wire_frame({"id": rid, "op": op, "args": args})
         with trio.fail_after(timeout if timeout is not None else math.inf):
             try:
                 async with self._send_lock:

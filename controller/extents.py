@@ -145,6 +145,8 @@ class ExtentMap:
 
     def stored_in(self, start: int, end: int) -> Iterator[Extent]:
         """Stored extents overlapping [start, end), unclipped."""
+        if end <= start:  # an empty range overlaps nothing (else a 0-length entry leaks out)
+            return
         ci, i = self._locate(start)
         if ci >= 0 and self._chunks[ci].get(i).vend <= start:
             ci, i = self._next(ci, i)

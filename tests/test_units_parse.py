@@ -1,0 +1,173 @@
+"""controller/units.py (sizes), controller/protocol.py (names, argument schemas),
+controller/codec.py (frames)."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controller import codec
+from controller import protocol as P
+from controller.units import SizeError, format_size, parse_size
+
+# ---------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize("text,value", [
+    ("4096", 4096), ("0", 0), ("12345", 12345), ("1K", 1024), ("10G", 10 << 30),
+    ("1.5G", 3 << 29), ("0.5K", 512), ("2T", 2 << 40), ("512KiB", 512 << 10),
+    ("4m", 4 << 20), (" 4096 ", 4096), ("1.25K", 1280), ("3B", 3),
+])
+def test_parse_size_accepts(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", [
+    "-1", "10Q", "1.5.G", "", "   ", "1.5", "0.3K", "G", ".5G", "1.G", "1e3", "+5", "0x10",
+    "1 2", "10GG", "1,5G",
+])
+def test_parse_size_rejects(text):
+    with pytest.raises(SizeError):
+        parse_size(text)
+
+
+def test_parse_size_rejects_non_strings():
+    for bad in (None, 5, b"5"):
+        with pytest.raises(SizeError):
+            parse_size(bad)  # type: ignore[arg-type]
+
+
+@given(st.integers(0, 1 << 62))
+def test_parse_size_plain_bytes_roundtrip(n):
+    assert parse_size(str(n)) == n
+
+
+@given(st.integers(0, 1 << 20), st.sampled_from("KMGT"))
+def test_parse_size_suffixes(n, suffix):
+    shift = {"K": 10, "M": 20, "G": 30, "T": 40}[suffix]
+    assert parse_size(f"{n}{suffix}") == n << shift
+
+
+def test_format_size():
+    assert format_size(0) == "0B"
+    assert format_size(1023) == "1023B"
+    assert format_size(1024) == "1K"
+    assert format_size(3 << 29) == "1.5G"
+    assert format_size(10 << 40) == "10T"
+
+
+# ---------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("name", ["a", "disk0", "vm_1.img", "A-b+c", "_x", "x" * 128,
+                                  "a..b"])
+def test_check_name_accepts(name):
+    assert P.check_name(name) == name
+
+
+@pytest.mark.parametrize("name", [
+    "", "/", "a/b", "/abs", "..", ".", "../x", ".hidden", "a\0b", "\0", "x" * 129,
+    "é" * 65,  # 130 bytes in UTF-8 though only 65 characters
+    "-rf", "+x", "a b", "a\nb", "a@snap", "\udcff",
+])
+def test_check_name_rejects(name):
+    with pytest.raises(P.RemoteError) as ei:
+        P.check_name(name, "disk name")
+    assert ei.value.code == P.E_INVALID
+    assert "disk name" in ei.value.message
+
+
+@pytest.mark.parametrize("bad", [None, 5, b"abc", ["a"]])
+def test_check_name_rejects_non_strings(bad):
+    with pytest.raises(P.RemoteError):
+        P.check_name(bad)
+
+
+# ---------------------------------------------------------------- argument schemas
+
+
+def test_validate_args_fills_defaults():
+    got = P.validate_args("disk.create", {"name": "d", "size": 4096})
+    assert got["name"] == "d" and got["size"] == 4096 and got["thick"] is False
+    assert got["segment_size"] is None and got["container"] is None
+    assert P.validate_args("status", None) == {}
+    assert P.validate_args("status", {}) == {}
+    assert P.validate_args("container.add", {"name": "c", "path": "/x", "size": None})[
+        "size"] is None
+
+
+@pytest.mark.parametrize("op,args,what", [
+    ("disk.create", {"name": "d", "size": "big"}, "size"),
+    ("disk.create", {"name": "d", "size": True}, "size"),  # bool is not an int here
+    ("disk.create", {"name": "d", "size": False}, "size"),
+    ("disk.create", {"name": "d", "size": 1.0}, "size"),
+    ("disk.create", {"name": "d", "size": None}, "size"),
+    ("disk.create", {"name": "d", "size": 1, "thick": 1}, "thick"),  # int is not a bool
+    ("disk.create", {"name": 5, "size": 1}, "name"),
+    ("disk.create", {"name": b"d", "size": 1}, "name"),
+    ("disk.resize", {"name": "d", "size": [1]}, "size"),
+    ("disk.resize", {"name": "d", "size": 1, "allow_shrink": "yes"}, "allow_shrink"),
+    ("container.add", {"name": "c", "path": 7}, "path"),
+    ("container.add", {"name": "c", "path": "/x", "size": True}, "size"),
+    ("disk.map", {"name": "d", "limit": True}, "limit"),
+])
+def test_validate_args_rejects_wrong_types(op, args, what):
+    with pytest.raises(P.RemoteError) as ei:
+        P.validate_args(op, args)
+    assert ei.value.code == P.E_INVALID
+    assert repr(what) in ei.value.message
+
+
+def test_validate_args_rejects_missing_and_extra():
+    with pytest.raises(P.RemoteError, match="missing argument 'size'"):
+        P.validate_args("disk.create", {"name": "d"})
+    with pytest.raises(P.RemoteError, match="missing argument 'name'"):
+        P.validate_args("disk.rm", {})
+    with pytest.raises(P.RemoteError, match="unexpected argument.*bogus"):
+        P.validate_args("disk.rm", {"name": "d", "bogus": 1})
+    with pytest.raises(P.RemoteError, match="must be a map"):
+        P.validate_args("disk.rm", ["d"])
+
+
+@pytest.mark.parametrize("op", ["nope", "", "disk.format", "hello", "disk_create"])
+def test_validate_args_rejects_unknown_ops(op):
+    with pytest.raises(P.RemoteError) as ei:
+        P.validate_args(op, {})
+    assert ei.value.code == P.E_UNSUPPORTED
+
+
+# ---------------------------------------------------------------- codec
+
+
+def test_codec_unpack_limits():
+    assert codec.unpack(codec.pack({"a": [1, b"x", "y"]})) == {"a": [1, b"x", "y"]}
+    with pytest.raises(codec.CodecError):
+        codec.unpack(b"\xc1")  # never-used msgpack byte
+    with pytest.raises(codec.CodecError):
+        codec.unpack(codec.pack({1: 2}))  # non-string map key
+    with pytest.raises(codec.CodecError):
+        codec.unpack(msgpack.packb(msgpack.ExtType(5, b"x")))
+    with pytest.raises(codec.CodecError):
+        codec.unpack(b"\x00" * 100, max_size=10)
+    with pytest.raises(codec.CodecError):
+        codec.unpack(b"\xdb\xff\xff\xff\xff")  # str32 claiming 4 GiB, payload missing
+    with pytest.raises(codec.CodecError):
+        codec.wire_length(struct.pack(">I", 2 << 30), max_size=codec.MAX_REQUEST_FRAME)
+
+
+def test_journal_frame_roundtrip_and_damage():
+    rec = {"op": "x", "seq": 1, "data": b"\x00" * 10}
+    f = codec.journal_frame(rec)
+    assert codec.parse_journal_frame(f, 0) == (rec, len(f))
+    assert codec.parse_journal_frame(b"junk" + f, 4) == (rec, len(f) + 4)
+    for i in range(len(f)):
+        for bit in range(8):
+            g = bytearray(f)
+            g[i] ^= 1 << bit
+            assert codec.parse_journal_frame(bytes(g), 0) is None, (i, bit)
+    for n in range(len(f)):
+        assert codec.parse_journal_frame(f[:n], 0) is None

@@ -1,0 +1,487 @@
+"""controller/state.py: apply() of every record kind, replay == live, and check()."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from controller.allocator import ALIGN, FreeSpace
+from controller.bitmap import Bitmap
+from controller.state import Alt, Problem, State, StateError, check, round_up
+
+B = ALIGN
+
+
+def add_container(s: State, name: str, lun: int, size: int) -> dict[str, Any]:
+    rec = {"op": "container.add", "name": name, "lun": lun, "path": f"/dev/null/{name}",
+           "size": size, "created": True}
+    s.apply(rec)
+    return rec
+
+
+def disk_rec(name: str, size: int, pieces: list[list[int]] | None = None, *,
+             thick: bool = False, home: int = 1, pin: int | None = None) -> dict[str, Any]:
+    return {"op": "disk.create", "name": name, "size": size, "segment_size": 4 * B,
+            "thick": thick, "pin": pin, "home": home, "ctime": 1.0, "map": pieces or []}
+
+
+def plan(s: State, length: int, vstart: int, prefer: int | None = None) -> list[list[int]]:
+    """What the service does: place round_up(length) bytes, short tail clipped."""
+    need = round_up(length)
+    if not need:
+        return []
+    conts = sorted(s.containers.values(), key=lambda c: (c.lun != prefer, -c.space.free, c.lun))
+    pieces: list[list[int]] = []
+    pos, remaining = vstart, need
+    for c in conts:
+        take = min(remaining, c.space.free)
+        if not take:
+            continue
+        for off, n in c.space.plan(take):
+            pieces.append([vstart + (pos - vstart), n, c.lun, off])
+            pos += n
+        remaining -= take
+        if not remaining:
+            break
+    assert not remaining, "test planned more than is free"
+    pieces[-1][1] -= need - length
+    return pieces
+
+
+def errors(s: State) -> list[str]:
+    return [p.message for p in check(s) if p.level == "error"]
+
+
+def two_containers() -> State:
+    s = State()
+    add_container(s, "c1", 1, 64 * B + 100)
+    add_container(s, "c2", 2, 32 * B)
+    return s
+
+
+# ---------------------------------------------------------------- each record kind
+
+
+def test_container_add_and_rm():
+    s = two_containers()
+    assert s.containers["c1"].usable == 64 * B and s.containers["c1"].used == 0
+    assert s.next_lun == 3 and s.luns[2].name == "c2"
+    with pytest.raises(StateError):
+        add_container(s, "c1", 9, 10 * B)  # duplicate name
+    with pytest.raises(StateError):
+        add_container(s, "c9", 2, 10 * B)  # duplicate LUN
+    s.apply(disk_rec("d", 5 * B, [[0, 5 * B, 2, 0]], thick=True, home=2))
+    with pytest.raises(StateError, match="still holds"):
+        s.apply({"op": "container.rm", "name": "c2"})
+    s.apply({"op": "container.rm", "name": "c1"})
+    assert "c1" not in s.containers and 1 not in s.luns
+    with pytest.raises(StateError):
+        s.apply({"op": "container.rm", "name": "c1"})
+    assert check(s) == []
+
+
+def test_disk_create_thick_with_short_tail():
+    s = two_containers()
+    s.apply(disk_rec("d", 12345, plan(s, 12345, 0, 1), thick=True))
+    d = s.disks["d"]
+    assert d.allocated == 12345 and d.extents.mapped_bytes == 12345
+    assert s.containers["c1"].used == 4 * B  # 12345 rounded up to blocks
+    assert check(s) == []
+    with pytest.raises(StateError):
+        s.apply(disk_rec("d", 1))
+
+
+@pytest.mark.parametrize("pieces,why", [
+    ([[0, B, 7, 0]], "no container"),
+    ([[1, B, 1, 0]], "misaligned"),
+    ([[0, B, 1, 1]], "misaligned"),
+    ([[0, 0, 1, 0]], "misaligned"),
+    ([[0, 2 * B, 1, 0]], "past disk"),
+    ([[0, 100, 1, 0]], "short piece"),
+    ([[0, B, 1, 64 * B]], "fit"),  # past the container's usable end
+    ([[0, B, 1, 0], [B, B, 1, 0]], "fit"),  # the same storage twice
+    ([["0", B, 1, 0]], "bad map piece"),
+    ([[0, True, 1, 0]], "bad map piece"),
+    ("x", "must be a list"),
+])
+def test_disk_create_rejects_bad_pieces(pieces, why):
+    s = two_containers()
+    size = B + 200 if why == "short piece" else B
+    if why == "fit" and len(pieces) == 2:
+        size = 2 * B
+    s.apply(disk_rec("other", 4 * B, [[0, 4 * B, 1, 8 * B]], thick=True))
+    before = copy.deepcopy(s.to_wire())
+    with pytest.raises(StateError, match=why):
+        s.apply(disk_rec("d", size, pieces))
+    assert s.to_wire() == before, "a refused record changed the table"
+    assert check(s) == []
+
+
+@pytest.mark.parametrize("rec", [
+    {"op": "disk.map", "name": "d", "map": [[2 * B, B, 1, 40 * B], [0, B, 1, 0]]},
+    {"op": "disk.map", "name": "d", "map": [[4 * B, B, 1, 40 * B], [5 * B, B, 1, 40 * B]]},
+    {"op": "disk.map", "name": "d", "map": [[4 * B, 2 * B, 1, 40 * B], [5 * B, B, 2, 0]]},
+    {"op": "disk.map", "name": "d", "map": [[-B, B, 1, 40 * B]]},
+    {"op": "disk.resize", "name": "d", "size": 100 * B, "map": [[8 * B, 90 * B, 1, 0]]},
+    {"op": "disk.resize", "name": "d", "size": 100 * B,
+     "map": [[8 * B, B, 2, 0], [9 * B, B, 99, 0]]},
+    {"op": "disk.resize", "name": "d", "size": 2 * B, "map": [[B, B, 2, 0]]},
+    {"op": "disk.unmap", "name": "d", "start": 0, "end": 3 * B - 1},
+])
+def test_refused_records_change_nothing(rec):
+    """A record refused live is not journaled, so it must leave no trace in the table."""
+    s = two_containers()
+    s.apply(disk_rec("d", 8 * B, [[0, 3 * B, 1, 0]]))
+    before = copy.deepcopy(s.to_wire())
+    with pytest.raises(StateError):
+        s.apply(rec)
+    assert s.to_wire() == before
+    assert check(s) == []
+
+
+def test_disk_map_unmap_and_rm_free_space():
+    s = two_containers()
+    s.apply(disk_rec("thin", 40 * B + 5))
+    assert s.disks["thin"].allocated == 0 and check(s) == []
+    s.apply({"op": "disk.map", "name": "thin", "map": [[8 * B, 4 * B, 1, 0]]})
+    s.apply({"op": "disk.map", "name": "thin", "map": [[40 * B, 5, 2, 0]]})  # short tail
+    assert s.disks["thin"].allocated == 4 * B + 5
+    assert (s.containers["c1"].used, s.containers["c2"].used) == (4 * B, B)
+    with pytest.raises(StateError):  # already mapped
+        s.apply({"op": "disk.map", "name": "thin", "map": [[8 * B, B, 1, 20 * B]]})
+    assert check(s) == []
+    s.apply({"op": "disk.unmap", "name": "thin", "start": 9 * B, "end": 11 * B})
+    assert s.disks["thin"].allocated == 2 * B + 5 and s.containers["c1"].used == 2 * B
+    assert check(s) == []
+    with pytest.raises(StateError):
+        s.apply({"op": "disk.unmap", "name": "thin", "start": 0, "end": 41 * B})
+    with pytest.raises(StateError):
+        s.apply({"op": "disk.unmap", "name": "thin", "start": 100, "end": B})
+    s.apply({"op": "disk.rm", "name": "thin"})
+    assert not s.disks and s.containers["c1"].used == 0 and s.containers["c2"].used == 0
+    assert check(s) == []
+    with pytest.raises(StateError, match="no such disk"):
+        s.apply({"op": "disk.map", "name": "thin", "map": []})
+
+
+def test_disk_unmap_refuses_unaligned_end_inside_the_disk():
+    """Freeing a partial block would hand out storage the rest of the block still uses."""
+    s = two_containers()
+    s.apply(disk_rec("d", 8 * B, plan(s, 8 * B, 0, 1), thick=True))
+    before = copy.deepcopy(s.to_wire())
+    with pytest.raises(StateError):
+        s.apply({"op": "disk.unmap", "name": "d", "start": 0, "end": B + 100})
+    assert s.to_wire() == before
+    assert check(s) == []
+
+
+def test_disk_resize_grow_and_shrink():
+    s = two_containers()
+    s.apply(disk_rec("d", 12345, plan(s, 12345, 0, 1), thick=True))
+    # grow thick: the short tail grows to its full block, new space mapped after it
+    s.apply({"op": "disk.resize", "name": "d", "size": 20000,
+             "map": plan(s, 20000 - 4 * B, 4 * B, 1)})
+    assert s.disks["d"].allocated == 20000 and s.disks["d"].size == 20000
+    assert s.containers["c1"].used == 5 * B and check(s) == []
+    s.apply({"op": "disk.resize", "name": "d", "size": 3 * B + 1, "map": []})
+    assert s.disks["d"].allocated == 3 * B + 1 and s.containers["c1"].used == 4 * B
+    assert check(s) == []
+    s.apply({"op": "disk.resize", "name": "d", "size": 3 * B, "map": []})
+    assert s.containers["c1"].used == 3 * B and check(s) == []
+    s.apply({"op": "disk.resize", "name": "d", "size": 0, "map": []})
+    assert s.disks["d"].allocated == 0 and s.containers["c1"].used == 0 and check(s) == []
+    # grow a thin disk: nothing allocated
+    s.apply({"op": "disk.resize", "name": "d", "size": 1 << 40, "map": []})
+    assert s.disks["d"].allocated == 0
+    with pytest.raises(StateError):
+        s.apply({"op": "disk.resize", "name": "d", "size": -1, "map": []})
+    with pytest.raises(StateError):
+        s.apply({"op": "disk.resize", "name": "nope", "size": 1, "map": []})
+
+
+def test_disk_rename():
+    s = two_containers()
+    s.apply(disk_rec("a", B, plan(s, B, 0, 1), thick=True))
+    s.apply(disk_rec("b", B))
+    epoch = s.disks["a"].epoch
+    s.apply({"op": "disk.rename", "name": "a", "new": "z"})
+    assert sorted(s.disks) == ["b", "z"] and s.disks["z"].name == "z"
+    assert s.disks["z"].epoch > epoch and s.disks["z"].allocated == B
+    with pytest.raises(StateError):
+        s.apply({"op": "disk.rename", "name": "z", "new": "b"})
+    with pytest.raises(StateError):
+        s.apply({"op": "disk.rename", "name": "z", "new": 5})
+    assert check(s) == []
+
+
+@pytest.mark.parametrize("rec", [
+    {}, {"op": 5}, {"op": "disk.format", "name": "d"},
+    {"op": "disk.create", "name": "d"},  # fields missing
+    {"op": "container.add", "name": "c"},
+    {"op": "disk.rm"},
+])
+def test_apply_rejects_malformed_records(rec):
+    with pytest.raises(StateError):
+        two_containers().apply(rec)
+
+
+def test_apply_tracks_seq_and_wire_roundtrip():
+    s = two_containers()
+    s.apply({**disk_rec("d", 9 * B + 3, plan(s, 9 * B + 3, 0, 2), thick=True), "seq": 7})
+    assert s.seq == 7
+    w = s.to_wire()
+    t = State.from_wire(copy.deepcopy(w))
+    assert t.to_wire() == w and check(t) == []
+    with pytest.raises(StateError):
+        State.from_wire({**w, "format": 99})
+    with pytest.raises(StateError):
+        State.from_wire({k: v for k, v in w.items() if k != "disks"})
+
+
+# ---------------------------------------------------------------- random sequences
+
+
+NAMES = ["d0", "d1", "d2", "d3"]
+
+
+class StateMachine(RuleBasedStateMachine):
+    """Random records through apply(); a per-block model, check() and replay as oracles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = State()
+        self.records: list[dict[str, Any]] = []
+        for rec in (
+            {"op": "container.add", "name": "c1", "lun": 1, "path": "/x1",
+             "size": 48 * B + 100, "created": True},
+            {"op": "container.add", "name": "c2", "lun": 2, "path": "/x2", "size": 24 * B,
+             "created": False},
+        ):
+            self.apply(rec)
+        self.model: dict[str, dict[int, tuple[int, int]]] = {}  # disk -> block -> (lun, off)
+
+    def apply(self, rec: dict[str, Any]) -> None:
+        rec = {**rec, "seq": len(self.records) + 1}
+        self.s.apply(copy.deepcopy(rec))
+        self.records.append(rec)
+
+    def free(self) -> int:
+        return sum(c.space.free for c in self.s.containers.values())
+
+    def _take(self, name: str, pieces: list[list[int]]) -> None:
+        for vstart, n, lun, off in pieces:
+            for k in range(0, round_up(n), B):
+                self.model[name][(vstart + k) // B] = (lun, off + k)
+
+    @precondition(lambda self: len(self.s.disks) < len(NAMES))
+    @rule(size=st.integers(0, 30 * B), thick=st.booleans(), odd=st.booleans())
+    def create(self, size: int, thick: bool, odd: bool) -> None:
+        name = next(n for n in NAMES if n not in self.s.disks)
+        size = size if odd else round_up(size)
+        pieces: list[list[int]] = []
+        if thick:
+            if round_up(size) > self.free():
+                return
+            pieces = plan(self.s, size, 0, 1)
+        self.model[name] = {}
+        self.apply(disk_rec(name, size, pieces, thick=thick))
+        self._take(name, pieces)
+
+    @precondition(lambda self: self.s.disks)
+    @rule(data=st.data(), seg=st.integers(0, 8), lun=st.sampled_from([1, 2]))
+    def map_segment(self, data: st.DataObject, seg: int, lun: int) -> None:
+        name = data.draw(st.sampled_from(sorted(self.s.disks)))
+        d = self.s.disks[name]
+        vstart = seg * 4 * B
+        if vstart >= d.size:
+            return
+        length = min(4 * B, d.size - vstart)
+        if next(d.extents.stored_in(vstart, vstart + length), None) is not None:
+            return
+        c = self.s.luns[lun]
+        where = c.space.find_contiguous(round_up(length))
+        if where is None:
+            return
+        pieces = [[vstart, length, lun, where]]
+        self.apply({"op": "disk.map", "name": name, "map": pieces})
+        self._take(name, pieces)
+
+    @precondition(lambda self: self.s.disks)
+    @rule(data=st.data(), size=st.integers(0, 40 * B), odd=st.booleans())
+    def resize(self, data: st.DataObject, size: int, odd: bool) -> None:
+        name = data.draw(st.sampled_from(sorted(self.s.disks)))
+        d = self.s.disks[name]
+        size = size if odd else round_up(size)
+        pieces: list[list[int]] = []
+        if size > d.size and d.thick:
+            start = round_up(d.size)
+            if size > start:
+                if round_up(size - start) > self.free():
+                    return
+                pieces = plan(self.s, size - start, start, d.home)
+        keep = -(-size // B)
+        self.model[name] = {b: v for b, v in self.model[name].items() if b < keep}
+        self.apply({"op": "disk.resize", "name": name, "size": size, "map": pieces})
+        self._take(name, pieces)
+
+    @precondition(lambda self: self.s.disks)
+    @rule(data=st.data(), a=st.integers(0, 40), n=st.integers(0, 40), to_end=st.booleans())
+    def unmap(self, data: st.DataObject, a: int, n: int, to_end: bool) -> None:
+        name = data.draw(st.sampled_from(sorted(self.s.disks)))
+        d = self.s.disks[name]
+        start = min(a * B, round_up(d.size) // B * B)
+        if start > d.size:
+            return
+        end = d.size if to_end else min(start + n * B, d.size)
+        self.apply({"op": "disk.unmap", "name": name, "start": start, "end": end})
+        gone = range(start // B, -(-end // B))
+        self.model[name] = {b: v for b, v in self.model[name].items() if b not in gone}
+
+    @precondition(lambda self: self.s.disks)
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.s.disks)))
+        self.apply({"op": "disk.rm", "name": name})
+        del self.model[name]
+
+    @precondition(lambda self: self.s.disks and len(self.s.disks) < len(NAMES))
+    @rule(data=st.data())
+    def rename(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.s.disks)))
+        new = next(n for n in NAMES if n not in self.s.disks)
+        self.apply({"op": "disk.rename", "name": name, "new": new})
+        self.model[new] = self.model.pop(name)
+
+    @invariant()
+    def table_is_consistent(self) -> None:
+        assert check(self.s) == []
+        used = {lun: 0 for lun in self.s.luns}
+        for name, d in self.s.disks.items():
+            got: dict[int, tuple[int, int]] = {}
+            for e in d.extents:
+                assert e.vend <= d.size
+                for k in range(0, e.length, B):
+                    got[(e.vstart + k) // B] = (e.lun, e.offset + k)
+                used[e.lun] += round_up(e.length)
+            assert got == self.model[name], f"disk {name} moved or lost data"
+            want = sum(min(B, d.size - b * B) for b in got)
+            assert d.allocated == want
+        for lun, c in self.s.luns.items():
+            assert c.used == used[lun]
+
+    @invariant()
+    def replay_matches_live(self) -> None:
+        w = self.s.to_wire()
+        assert State.from_wire(copy.deepcopy(w)).to_wire() == w
+        again = State()
+        for rec in self.records:
+            again.apply(copy.deepcopy(rec))
+        assert again.to_wire() == w
+
+
+StateMachine.TestCase.settings = settings(
+    max_examples=120, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+TestStateRandom = StateMachine.TestCase
+
+
+# ---------------------------------------------------------------- check() on corrupted tables
+
+
+@pytest.fixture
+def healthy() -> State:
+    s = two_containers()
+    s.apply(disk_rec("a", 8 * B, [[0, 8 * B, 1, 0]], thick=True))
+    s.apply(disk_rec("b", 4 * B + 10, [[0, 4 * B + 10, 1, 8 * B]], thick=True))
+    s.apply(disk_rec("t", 100 * B))
+    s.apply({"op": "disk.map", "name": "t", "map": [[12 * B, 4 * B, 2, 0]]})
+    assert check(s) == []
+    return s
+
+
+def _one(s: State, level: str, text: str) -> None:
+    probs = check(s)
+    assert any(p.level == level and text in p.message for p in probs), probs
+
+
+def test_check_overlap(healthy):
+    d = healthy.disks["t"]
+    healthy.containers["c2"].space.take(4 * B, B)
+    d.extents._insert_raw(d.extents.find(12 * B)._replace(vstart=13 * B, offset=4 * B,
+                                                          length=B))
+    _one(healthy, "error", "overlaps the previous extent")
+
+
+def test_check_extent_past_disk_end(healthy):
+    healthy.disks["a"].size = 6 * B
+    _one(healthy, "error", "runs past the disk's end")
+
+
+def test_check_extent_past_container_end(healthy):
+    d = healthy.disks["t"]
+    d.extents.insert(40 * B, B, 2, 32 * B)  # c2 is 32 blocks
+    _one(healthy, "error", "runs past the end of container 'c2'")
+
+
+def test_check_unaligned_extent(healthy):
+    d = healthy.disks["t"]
+    healthy.containers["c2"].space.take(8 * B, B)
+    d.extents.insert(50 * B, 100, 2, 8 * B)
+    _one(healthy, "error", "not block-aligned")
+
+
+def test_check_unknown_lun(healthy):
+    healthy.disks["t"].extents.insert(60 * B, B, 9, 0)
+    _one(healthy, "error", "unknown LUN 9")
+
+
+def test_check_used_but_free(healthy):
+    healthy.containers["c1"].space.release(0, B)  # disk a's first block marked free
+    _one(healthy, "error", "in use but marked free")
+
+
+def test_check_shared_storage(healthy):
+    healthy.disks["t"].extents.insert(70 * B, B, 1, 2 * B)  # disk a's third block
+    _one(healthy, "error", "share storage")
+
+
+def test_check_bitmap_size_mismatch(healthy):
+    d = healthy.disks["t"]
+    healthy.containers["c2"].space.take(20 * B, 4 * B)
+    d.alts[12 * B] = Alt(2, 20 * B, Bitmap(4))
+    assert check(healthy) == []  # the right size is fine
+    d.alts[12 * B] = Alt(2, 20 * B, Bitmap(3))
+    _one(healthy, "error", "bitmap at 49152 has 3 blocks")
+
+
+def test_check_alternate_without_segment(healthy):
+    healthy.disks["t"].alts[40 * B] = Alt(2, 0, Bitmap(1))
+    _one(healthy, "error", "has no segment")
+
+
+def test_check_alternate_unknown_lun(healthy):
+    healthy.disks["t"].alts[12 * B] = Alt(9, 0, Bitmap(4))
+    _one(healthy, "error", "unknown LUN 9")
+
+
+def test_check_alternate_marked_free(healthy):
+    healthy.disks["t"].alts[12 * B] = Alt(2, 20 * B, Bitmap(4))  # space not taken
+    _one(healthy, "error", "in use but marked free")
+
+
+def test_check_leak_is_not_an_error(healthy):
+    healthy.containers["c1"].space.take(30 * B, 2 * B)
+    probs = check(healthy)
+    assert probs == [Problem("leak", "container 'c1': 8192 bytes are neither free nor used "
+                                     "by any disk")]
+
+
+def test_check_free_list_larger_than_container(healthy):
+    c = healthy.containers["c2"]
+    c.space = FreeSpace(64 * B)  # claims more free space than the container holds
+    assert errors(healthy)
