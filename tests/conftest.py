@@ -120,13 +120,16 @@ from mounts import MountProc  # noqa: E402
 
 @pytest.fixture
 def mount_factory(tmp_path: Path):
-    """mount_factory(name='m', controller=None, args=[...], env={...}) -> a started MountProc."""
+    """mount_factory(name='m', controller=None, args=[...], env={...}, prefix=[...]) -> a
+    started MountProc (prefix: a command to run virtfs-mount under, e.g. strace)."""
     made: list[MountProc] = []
 
     def make(name: str = "m", *, state_dir: Path | None = None, controller: str | None = None,
-             args: list[str] | None = None, env: dict[str, str] | None = None) -> MountProc:
+             args: list[str] | None = None, env: dict[str, str] | None = None,
+             prefix: list[str] | None = None) -> MountProc:
         m = MountProc(tmp_path / name, state_dir or tmp_path / "state",
-                      tmp_path / f"{name}.log", controller=controller, args=args, env=env)
+                      tmp_path / f"{name}.log", controller=controller, args=args, env=env,
+                      prefix=prefix)
         made.append(m)
         return m.start()
 

@@ -21,19 +21,20 @@ class MountProc:
 
     def __init__(self, mnt: Path, state_dir: Path, log_path: Path, *,
                  controller: str | None = None, args: list[str] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, prefix: list[str] | None = None):
         self.path = mnt
         self.state_dir = state_dir
         self.log_path = log_path
         self.controller = controller
         self.args = args or []
         self.env = env or {}
+        self.prefix = prefix or []  # e.g. strace fault injection; .pid is then the prefix's
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> MountProc:
         self.path.mkdir(parents=True, exist_ok=True)
-        cmd = [str(BIN / "virtfs-mount"), str(self.path), "--state-dir", str(self.state_dir),
-               *self.args]
+        cmd = [*self.prefix, str(BIN / "virtfs-mount"), str(self.path),
+               "--state-dir", str(self.state_dir), *self.args]
         if self.controller:
             cmd += ["--controller", self.controller]
         log = open(self.log_path, "ab")  # noqa: SIM115

@@ -53,16 +53,21 @@ class Session:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while True:
+                registrations = self.reconnects
                 try:
                     await self._connected_session(task_status if not started else None)
-                    started = True
                 except (ConnectionLost, OSError, trio.TooSlowError, RemoteError) as e:
                     if self.client is not None or started:
                         log.warning("lost the controller at %s: %s", self.addr, e)
                 finally:
+                    # _connected_session only ever ends by raising: a registration counts,
+                    # so task_status.started() is never called a second time
+                    started = started or self.reconnects > 0
                     self.client = None
                     if self._up.is_set():
                         self._up = trio.Event()
+                if self.reconnects > registrations:
+                    backoff = 0.05  # we were registered: this is a new outage
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
 
@@ -91,7 +96,12 @@ class Session:
             if task_status is not None:
                 task_status.started()
             while True:
-                await trio.sleep(self.lease / 3)
+                # wake early when the connection drops, to reconnect at once rather than
+                # at the next heartbeat (calls meanwhile would fail against the dead link)
+                with trio.move_on_after(self.lease / 3):
+                    await client.closed_event.wait()
+                if client.closed:
+                    raise ConnectionLost(client.close_reason or "connection lost")
                 sent = trio.current_time()
                 hb = await client.call("agent.heartbeat", timeout=self.lease / 2)
                 self.lease_until = sent + self.lease

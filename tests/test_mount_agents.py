@@ -1,0 +1,88 @@
+"""Several agents on one disk: one standalone controller, two virtfs-mount processes."""
+
+from __future__ import annotations
+
+import os
+
+from faultkit import (
+    BLOCK,
+    SEG,
+    add_container,
+    agent,
+    check_clean,
+    disk_info,
+    dread,
+    dwrite,
+    open_direct,
+    vd,
+)
+from tools import run
+
+
+def test_two_agents_share_a_disk_with_o_direct(controller, mount_factory, tmp_path):
+    add_container(controller, "c1", tmp_path / "c1.img")
+    vd(controller, "disk", "create", "d", "--size", "32M")
+    m1 = agent(mount_factory, controller, "m1")
+    m2 = agent(mount_factory, controller, "m2")
+    p1, p2 = m1.path / "d", m2.path / "d"
+    want = bytearray(32 << 20)
+    fd1, fd2 = open_direct(p1), open_direct(p2)
+    try:
+        # the controller knows both agents, each with d open
+        rows = vd(controller, "agent", "ls", "--format", "json").json()
+        assert sorted(r["mount"] for r in rows) == sorted([str(m1.path), str(m2.path)])
+        assert all(r["connected"] and r["disks"] == ["d"] and r["lease_left"] > 0
+                   for r in rows), rows
+        table = vd(controller, "agent", "ls").out
+        assert table.splitlines()[0].split() == ["ID", "HOST", "MOUNT", "STATE", "LEASE",
+                                                 "DISKS"]
+        assert str(m1.path) in table and str(m2.path) in table
+
+        # both agents first read zeros everywhere (each caches the segments as holes)
+        for fd in (fd1, fd2):
+            for s in range(8):
+                assert dread(fd, s * SEG + SEG // 2, 64 << 10) == bytes(64 << 10)
+
+        def put(fd: int, off: int, data: bytes) -> None:
+            dwrite(fd, off, data)
+            os.fsync(fd)
+            want[off : off + len(data)] = data
+
+        def same(fd: int, off: int, length: int) -> None:
+            assert dread(fd, off, length) == want[off : off + length], \
+                f"fd {fd}: differs in [{off}, {off + length})"
+
+        # 1 -> 2: agent 1 allocates segment 1 (agent 2 read zeros there before)
+        put(fd1, SEG + 3 * BLOCK, os.urandom(256 << 10))
+        same(fd2, SEG, SEG)
+        # 2 -> 1: agent 2 allocates segments 2 and 3 in one write across the boundary
+        put(fd2, 3 * SEG - (512 << 10), os.urandom(1 << 20))
+        same(fd1, 2 * SEG, 2 * SEG)
+        # overwrites of allocated space go straight to the container, seen both ways
+        put(fd2, SEG, os.urandom(128 << 10))
+        same(fd1, SEG, SEG)
+        put(fd1, 3 * SEG - BLOCK, os.urandom(2 * BLOCK))
+        same(fd2, 2 * SEG, 2 * SEG)
+        for fd in (fd1, fd2):
+            same(fd, 0, 32 << 20)
+        assert disk_info(controller, "d")["allocated"] == 3 * SEG
+
+        # discard through agent 1: a whole segment (freed) and a partial range (zeroed)
+        run(["fallocate", "--punch-hole", "--keep-size", "-o", str(2 * SEG), "-l", str(SEG),
+             str(p1)])
+        run(["fallocate", "--punch-hole", "--keep-size", "-o", str(SEG + 4 * BLOCK), "-l",
+             str(3 * BLOCK), str(p1)])
+        want[2 * SEG : 3 * SEG] = bytes(SEG)
+        want[SEG + 4 * BLOCK : SEG + 7 * BLOCK] = bytes(3 * BLOCK)
+        for fd in (fd2, fd1):
+            same(fd, 0, 32 << 20)
+        assert disk_info(controller, "d")["allocated"] == 2 * SEG
+
+        # the freed segment is allocated again, by the other agent, and seen by the first
+        put(fd2, 2 * SEG + (1 << 20), os.urandom(64 << 10))
+        same(fd1, 2 * SEG, SEG)
+        assert disk_info(controller, "d")["allocated"] == 3 * SEG
+    finally:
+        os.close(fd1)
+        os.close(fd2)
+    check_clean(controller)
