@@ -31,6 +31,7 @@ class Client:
         self._send_lock = trio.Lock()
         self.closed = False
         self.close_reason = ""
+        self.closed_event = trio.Event()  # set with closed: lets a holder notice at once
 
     async def _reader(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         reader = FrameReader(self.stream, codec.MAX_RESPONSE_FRAME)
@@ -59,6 +60,7 @@ class Client:
             self.close_reason = str(e) or e.__class__.__name__
         finally:
             self.closed = True
+            self.closed_event.set()
             for chan in self._waiting.values():
                 chan.close()
             self._waiting.clear()

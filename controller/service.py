@@ -232,7 +232,7 @@ class Service:
         lim = MAX_MAP_ROWS if limit is None else limit
         if not 0 < lim <= MAX_MAP_ROWS:
             raise P.invalid(f"limit must be between 1 and {MAX_MAP_ROWS}")
-        rows = []
+        rows: list[list[int]] = []
         nxt = None
         for e in d.extents.entries(start, d.size):
             if len(rows) == lim:

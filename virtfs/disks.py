@@ -13,7 +13,7 @@ import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -36,6 +36,7 @@ from .blockio import ContainerIO
 from .mapcache import DiskTable, Entry, Inflight, TableError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LISTING_TTL = 1.0
 STATFS_TTL = 2.0
@@ -333,8 +334,8 @@ class Volumes:
                     parts.append(bytes(e.length))
                 else:
                     with od.inflight.track(e.vstart, e.vend):
-                        parts.append(self._io(od, "read", e, lambda e=e: self.io.pread(
-                            e.lun, e.offset, e.length)))
+                        parts.append(self._io(od, "read", e, self.io.pread, e.lun, e.offset,
+                                              e.length))
                 pos = e.vend
             else:
                 break
@@ -343,9 +344,9 @@ class Volumes:
             await self._fault(od, pos, end - pos, False, deadline)
         return b"".join(parts)
 
-    def _io(self, od: OpenDisk, what: str, e: Entry, fn: Callable[[], Any]) -> Any:
+    def _io(self, od: OpenDisk, what: str, e: Entry, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return fn()
+            return fn(*args)
         except OSError as err:
             log.error("%s on %s (LUN %d offset %d) failed: %s", what, od.name, e.lun, e.offset,
                       err)
@@ -384,8 +385,7 @@ class Volumes:
                     break
                 chunk = view[e.vstart - offset : e.vend - offset]
                 with od.inflight.track(e.vstart, e.vend):
-                    self._io(od, "write", e, lambda e=e, chunk=chunk: self.io.pwrite(
-                        e.lun, e.offset, chunk))
+                    self._io(od, "write", e, self.io.pwrite, e.lun, e.offset, chunk)
                 od.used_luns.add(e.lun)
                 pos = e.vend
             else:

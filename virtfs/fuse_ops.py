@@ -13,8 +13,8 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -32,13 +32,14 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 TEST_RAISE_ENV = "VIRTFS_TEST_RAISE_IN"  # test hook: handler name that raises RuntimeError
 
 T = TypeVar("T")
+PS = ParamSpec("PS")
 
 
-def handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def handler(fn: Callable[PS, Coroutine[Any, Any, T]]) -> Callable[PS, Coroutine[Any, Any, T]]:
     name = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
+    async def wrapper(*args: PS.args, **kwargs: PS.kwargs) -> T:
         try:
             if os.environ.get(TEST_RAISE_ENV) == name:
                 raise RuntimeError(f"test hook: {name} raises")
@@ -284,5 +285,5 @@ class Operations(pyfuse3.Operations):
             raise DiskError(errno.EOPNOTSUPP)
 
     @handler
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None

@@ -1,0 +1,723 @@
+"""Controller workloads: journal group commit, replay, and table size.
+
+- ``commit``: a real ``virtfs-controller`` process on a temp state dir, N client
+  connections (each ``open_controller``) doing small metadata changes; every
+  reply is sent only after the record is fsynced, so ops/s here are
+  acknowledged durable ops. fsyncs/op comes from the controller's own
+  ``commits`` counter (``status``).
+- ``replay``: a journal of 1,000,000 realistic records (thin segment
+  allocations, resizes, thick create/rm pairs) built through ``State.apply``
+  on a shadow state, then ``recover()`` timed in a fresh process; the
+  replayed state must equal the shadow, byte for byte.
+- ``table``: a 1 TiB thick disk (extent count, ``disk map``), and a 1 TiB thin
+  disk fully allocated in random segment order (no merging: the worst case):
+  memory, build time, checkpoint size, and a full ``disk map``.
+
+Measurements that depend on a process's memory run in a child process
+(``python -m bench.controller child ...``) so earlier workloads do not skew them.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+
+from controller import codec
+from controller.client import Client, open_controller
+from controller.journal import CHECKPOINT, JOURNAL, load_checkpoint, recover, write_atomic
+from controller.protocol import DEFAULT_SEGMENT_SIZE
+from controller.service import Service
+from controller.state import State
+
+from .report import Report, Section, Workload, less_than, more_than
+
+TITLE = "controller: journal group commit, replay, table size"
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+
+# ---------------------------------------------------------------- process helpers
+
+
+def _proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS / VmHWM etc. from /proc/PID/status, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key.startswith("Vm") and rest.strip().endswith("kB"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def _rss(pid: int | str = "self") -> int:
+    return _proc_status(pid)["VmRSS"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+@contextmanager
+def _tempdir(tag: str) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix=f"virtfs-bench-{tag}-") as d:
+        yield Path(d)
+
+
+class ControllerProc:
+    """A virtfs-controller subprocess on a state dir, stopped (cleanly) on exit."""
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.sock = state_dir / "controller.sock"
+        self.addr = f"unix:{self.sock}"
+        self.log = state_dir.parent / f"{state_dir.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_seconds = 0.0
+
+    def __enter__(self) -> ControllerProc:
+        t0 = time.perf_counter()
+        with open(self.log, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "controller.daemon", "--state-dir", str(self.state_dir)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=REPO, env=_env())
+        try:
+            self._wait_ready(t0 + 120)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.ready_seconds = time.perf_counter() - t0
+        return self
+
+    def _wait_ready(self, deadline: float) -> None:
+        assert self.proc is not None
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"virtfs-controller exited with {self.proc.returncode}:\n"
+                                   + self.log.read_text(errors="replace")[-2000:])
+            if self.sock.exists():
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    try:
+                        s.connect(str(self.sock))
+                        return
+                    except OSError:
+                        pass
+            time.sleep(0.01)
+        raise TimeoutError("virtfs-controller did not start listening in time")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _run_child(*args: str) -> dict[str, Any]:
+    """Run ``python -m bench.controller child ARGS`` and return the JSON it prints."""
+    r = subprocess.run([sys.executable, "-m", "bench.controller", "child", *args],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench child {args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return cast(dict[str, Any], json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def _fdatasync_latency(directory: Path, n: int = 200) -> float:
+    """Seconds per append + fdatasync of a small record: the floor under one commit."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(10):
+            os.write(fd, b"x" * 128)
+            os.fdatasync(fd)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            os.write(fd, b"x" * 128)
+            os.fdatasync(fd)
+        return (time.perf_counter() - t0) / n
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def _pct(sorted_vals: list[float], p: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    return sorted_vals[min(len(sorted_vals) - 1, int(p / 100 * len(sorted_vals)))]
+
+
+# ---------------------------------------------------------------- 1. group commit
+
+
+async def _commit_level(addr: str, nclients: int, seconds: float, mix: str,
+                        tag: str) -> dict[str, Any]:
+    """nclients connections doing mix for seconds; ops, latencies, status before/after."""
+    lat: list[float] = []
+    ops = 0
+    go = trio.Event()
+    ready = 0
+    all_ready = trio.Event()
+    t_end = 0.0
+
+    async def worker(i: int) -> None:
+        nonlocal ops, ready
+        async with open_controller(addr, name=f"bench-{i}") as c:
+            mine = f"{tag}-{i}"
+            if mix == "resize":
+                await c.call("disk.create", name=mine, size=MiB)
+            ready += 1
+            if ready == nclients:
+                all_ready.set()
+            await go.wait()
+            k = 0
+            now = time.perf_counter
+            while True:
+                if mix == "resize":
+                    t0 = now()
+                    await c.call("disk.resize", name=mine, size=(2 - k % 2) * MiB,
+                                 allow_shrink=True)
+                    t1 = now()
+                    lat.append(t1 - t0)
+                    ops += 1
+                else:
+                    name = f"{mine}-{k}"
+                    t0 = now()
+                    await c.call("disk.create", name=name, size=MiB)
+                    t1 = now()
+                    await c.call("disk.rm", name=name)
+                    t2 = now()
+                    lat.append(t1 - t0)
+                    lat.append(t2 - t1)
+                    ops += 2
+                    t1 = t2
+                k += 1
+                if t1 >= t_end:
+                    break
+
+    async with open_controller(addr, name="bench-status") as admin:
+        async with trio.open_nursery() as nursery:
+            for i in range(nclients):
+                nursery.start_soon(worker, i)
+            await all_ready.wait()
+            s0 = await admin.call("status")
+            cpu_bench0 = time.process_time()
+            t0 = time.perf_counter()
+            t_end = t0 + seconds
+            go.set()
+        elapsed = time.perf_counter() - t0
+        cpu_bench = time.process_time() - cpu_bench0
+        s1 = await admin.call("status")
+        if mix == "resize":
+            for i in range(nclients):
+                await admin.call("disk.rm", name=f"{tag}-{i}")
+    lat.sort()
+    return {"ops": ops, "elapsed": elapsed, "lat": lat, "cpu_bench": cpu_bench,
+            "commits": s1["commits"] - s0["commits"],
+            "checkpoints": s1["checkpoints"] - s0["checkpoints"]}
+
+
+def bench_commit(report: Report, section: Section) -> None:
+    quick = report.quick
+    seconds = 1.0 if quick else 3.0
+    levels = [(1, "create+rm"), (16, "create+rm"), (64, "create+rm"), (64, "resize")]
+    w = Workload("commit", "journal group commit: acknowledged (fsynced) metadata ops over RPC",
+                 {"controller": "virtfs-controller subprocess",
+                  "clients": "connections from the bench process",
+                  "seconds_per_level": seconds})
+    t_w = time.perf_counter()
+    with _tempdir("commit") as tmp:
+        floor = _fdatasync_latency(tmp)
+        state_dir = tmp / "state"
+        with ControllerProc(state_dir) as ctl:
+
+            async def setup() -> None:
+                async with open_controller(ctl.addr) as c:
+                    await c.call("container.add", name="c0", path=str(tmp / "c0.img"),
+                                 size=64 * GiB)
+
+            trio.run(setup)
+            w.add("raw append+fdatasync latency (this fs)", floor * 1e6, "us")
+            w.add("  = max ops/s at one fsync per op", 1 / floor, "ops/s")
+            single = 0.0
+            for n, mix in levels:
+                report.progress(f"commit: {n} clients, {mix}, {seconds:.0f} s")
+                cpu0 = _cpu_seconds(ctl.pid)
+                r = trio.run(_commit_level, ctl.addr, n, seconds, mix, f"b{n}{mix[0]}")
+                cpu_ctl = _cpu_seconds(ctl.pid) - cpu0
+                ops, el = r["ops"], r["elapsed"]
+                rate = ops / el
+                if n == 1:
+                    single = rate
+                label = f"{n} client{'s' if n > 1 else ''}, {mix}"
+                w.add(f"{label}: acked ops/s", rate, "ops/s", more_than(5000))
+                w.add(f"{label}: fsyncs per op", r["commits"] / ops, "fsync/op")
+                w.add(f"{label}: latency p50 / p99",
+                      f"{_pct(r['lat'], 50) * 1e3:.2f} / {_pct(r['lat'], 99) * 1e3:.2f}", "ms")
+                w.add(f"{label}: controller CPU per op", cpu_ctl / ops * 1e6, "us")
+                w.add(f"{label}: controller / bench CPU busy",
+                      f"{cpu_ctl / el * 100:.0f}% / {r['cpu_bench'] / el * 100:.0f}%",
+                      "of a core")
+                if n > 1 and single:
+                    w.add(f"{label}: speed-up over 1 client", rate / single, "x")
+                if r["checkpoints"]:
+                    w.note(f"{label}: {r['checkpoints']} checkpoint(s) during the run")
+    w.note("each op is one journal record; its reply is sent after the batch holding it "
+           "is written and fdatasync'ed. create+rm = disk.create (1 MiB thin) then disk.rm; "
+           "resize = disk.resize 1 MiB <-> 2 MiB on the client's own thin disk")
+    w.seconds = time.perf_counter() - t_w
+    section.workloads.append(w)
+    report.emit(w)
+
+
+# ---------------------------------------------------------------- 2. replay
+
+
+class _JournalWriter:
+    """Applies records to a shadow State and appends them as journal frames."""
+
+    def __init__(self, path: Path):
+        self.state = State()
+        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.buf: list[bytes] = []
+        self.records = 0
+
+    def emit(self, rec: dict[str, Any]) -> None:
+        rec["seq"] = self.state.seq + 1
+        self.state.apply(rec)
+        self.buf.append(codec.journal_frame(rec))
+        self.records += 1
+        if len(self.buf) >= 8192:
+            self.flush()
+
+    def flush(self) -> None:
+        self.f.write(b"".join(self.buf))
+        self.buf.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self.f.close()
+
+
+def _plan(state: State, length: int, vstart: int, lun: int = 1) -> list[list[int]]:
+    """Place length bytes on lun the way the service does (next fit from the cursor)."""
+    out = []
+    for off, n in state.luns[lun].space.plan(length):
+        out.append([vstart, n, lun, off])
+        vstart += n
+    return out
+
+
+REPLAY_MIXES = {
+    "resize": "disk.resize (+1 MiB) of 64 thin disks",
+    "mixed": "disk.map of one 4 MiB segment / disk.resize / thick disk.create / disk.rm, "
+             "1:1:1:1",
+}
+
+
+def build_replay_journal(path: Path, nrecords: int, mix: str, seed: int = 1) -> State:
+    """A journal of nrecords realistic records; returns the live (shadow) state.
+
+    Both mixes start with two containers and 64 thin 16 GiB disks. ``resize``
+    then grows random disks by 1 MiB. ``mixed`` cycles through a thin segment
+    allocation (disk.map of one 4 MiB segment, random disk and segment, placed
+    next-fit as the service does), a resize, and a 16 MiB thick disk.create +
+    disk.rm pinned to the second container (so the first one's free space
+    stays one range: this measures replay, not a fragmented allocator).
+    """
+    rnd = random.Random(seed)
+    seg = DEFAULT_SEGMENT_SIZE
+    ndisks, disk_size = 64, 16 * GiB
+    j = _JournalWriter(path)
+    j.emit({"op": "container.add", "name": "c0", "lun": 1, "path": str(path.parent / "c0.img"),
+            "size": 2 * TiB, "created": True})
+    j.emit({"op": "container.add", "name": "scratch", "lun": 2,
+            "path": str(path.parent / "scratch.img"), "size": 64 * GiB, "created": True})
+    for i in range(ndisks):
+        j.emit({"op": "disk.create", "name": f"vm{i:02}", "size": disk_size,
+                "segment_size": seg, "thick": False, "pin": None, "home": 1,
+                "ctime": 1.7e9 + i, "map": []})
+    segs = [(d, s) for d in range(ndisks) for s in range(disk_size // seg)]
+    rnd.shuffle(segs)
+    k = 0
+    while j.records < nrecords:
+        phase = 1 if mix == "resize" else k % 4
+        if phase == 0:
+            d, s = segs.pop()
+            j.emit({"op": "disk.map", "name": f"vm{d:02}", "map": _plan(j.state, seg, s * seg)})
+        elif phase == 1:
+            name = f"vm{rnd.randrange(ndisks):02}"
+            j.emit({"op": "disk.resize", "name": name,
+                    "size": j.state.disks[name].size + MiB, "map": []})
+        elif phase == 2:
+            j.emit({"op": "disk.create", "name": f"tmp{k}", "size": 16 * MiB,
+                    "segment_size": seg, "thick": True, "pin": 2, "home": 2,
+                    "ctime": 1.7e9 + k, "map": _plan(j.state, 16 * MiB, 0, lun=2)})
+        else:
+            j.emit({"op": "disk.rm", "name": f"tmp{k - 1}"})
+        k += 1
+    j.close()
+    return j.state
+
+
+def _state_digest(state: State) -> str:
+    return hashlib.sha256(codec.pack(state.to_wire())).hexdigest()
+
+
+def _child_replay(state_dir: str) -> dict[str, Any]:
+    rss0 = _rss()
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    rec = recover(state_dir, repair=False)
+    t_recover = time.perf_counter() - t0
+    cpu_recover = time.process_time() - c0
+    hwm = _proc_status()["VmHWM"]
+    rss1 = _rss()
+    # the share of frame decoding (CRC + msgpack), measured alone; the rest is State.apply
+    with open(os.path.join(state_dir, JOURNAL), "rb") as f:
+        data = f.read()
+    parse = codec.parse_journal_frame
+    t0 = time.perf_counter()
+    pos = 0
+    while (fr := parse(data, pos)) is not None:
+        pos = fr[1]
+    t_decode = time.perf_counter() - t0
+    del data
+    digest = _state_digest(rec.state)
+    # the checkpoint the controller would write for this state, and loading it back
+    t0 = time.perf_counter()
+    snap = codec.journal_frame(rec.state.to_wire())
+    t_encode = time.perf_counter() - t0
+    ckdir = os.path.join(state_dir, "ck")
+    os.mkdir(ckdir)
+    t0 = time.perf_counter()
+    write_atomic(os.path.join(ckdir, CHECKPOINT), snap)
+    t_write = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loaded = load_checkpoint(ckdir)
+    t_load = time.perf_counter() - t0
+    return {"recover_s": t_recover, "recover_cpu_s": cpu_recover, "decode_s": t_decode,
+            "records": rec.records,
+            "seq": rec.state.seq,
+            "journal_bytes": rec.journal_bytes, "rss_before": rss0, "rss_after": rss1,
+            "hwm": hwm, "digest": digest, "ck_digest": _state_digest(loaded),
+            "ck_bytes": len(snap), "ck_encode_s": t_encode, "ck_write_s": t_write,
+            "ck_load_s": t_load}
+
+
+def bench_replay(report: Report, section: Section) -> None:
+    n = 200_000 if report.quick else 1_000_000
+    aim = 5.0 * n / 1_000_000
+    w = Workload("replay", "journal replay: recover() in a fresh process",
+                 {"records": n, "disks": "64 thin 16 GiB, 2 containers",
+                  **{f"mix {k}": v for k, v in REPLAY_MIXES.items()}})
+    t_w = time.perf_counter()
+    for mix in REPLAY_MIXES:
+        with _tempdir("replay") as tmp:
+            report.progress(f"replay: building a {mix} journal of {n:,} records")
+            t0 = time.perf_counter()
+            live = build_replay_journal(tmp / JOURNAL, n, mix)
+            t_build = time.perf_counter() - t0
+            size = (tmp / JOURNAL).stat().st_size
+            live_digest = _state_digest(live)
+            extents = sum(len(d.extents) for d in live.disks.values())
+            ndisks = len(live.disks)
+            del live
+            gc.collect()
+            report.progress(f"replay: recover() of the {mix} journal in a child process")
+            r = _run_child("replay", str(tmp))
+        if r["digest"] != live_digest or r["ck_digest"] != live_digest:
+            raise RuntimeError(f"{mix}: replayed (or checkpointed) state differs from the "
+                               "live state")
+        w.add(f"{mix}: journal size", size / MiB, "MiB")
+        w.add("  bytes per record", size / n, "B")
+        w.add("  build (shadow State.apply + frame + write)", t_build, "s")
+        w.add(f"{mix}: recover() of {n:,} records, wall", r["recover_s"], "s",
+              less_than(aim))
+        w.add("  recover() CPU time", r["recover_cpu_s"], "s", less_than(aim))
+        w.add("  records per second (wall)", r["records"] / r["recover_s"], "rec/s")
+        w.add("  of which frame decode (CRC + msgpack), measured alone", r["decode_s"], "s")
+        w.add("  of which State.apply + loop (the rest)", r["recover_s"] - r["decode_s"], "s")
+        w.add("  peak RSS of the replaying process", r["hwm"] / MiB, "MiB")
+        w.add("  RSS of the recovered state (after - before)",
+              (r["rss_after"] - r["rss_before"]) / MiB, "MiB")
+        w.add("  replayed state == live state (sha256 of to_wire)", True)
+        w.add(f"{mix}: final state, disks / extents", f"{ndisks} / {extents:,}")
+        w.add("  checkpoint of that state: size", r["ck_bytes"] / MiB, "MiB")
+        w.add("  checkpoint encode (to_wire + frame)", r["ck_encode_s"] * 1e3, "ms")
+        w.add("  checkpoint write (tmp, fsync, rename, fsync dir)", r["ck_write_s"] * 1e3, "ms")
+        w.add("  checkpoint load (read, CRC, decode, from_wire)", r["ck_load_s"] * 1e3, "ms")
+        w.add("  replay time / checkpoint load time", r["recover_s"] / r["ck_load_s"], "x")
+    if report.quick:
+        w.note(f"quick run: the aim (5 s for 1,000,000 records) is scaled to {aim:.1f} s")
+    w.seconds = time.perf_counter() - t_w
+    section.workloads.append(w)
+    report.emit(w)
+
+
+# ---------------------------------------------------------------- 3. table size
+
+
+def _thin_records(size: int, seg: int, seed: int) -> Iterator[tuple[int, int]]:
+    """(vstart, length) of every segment of a disk of size, in random order."""
+    order = list(range(-(-size // seg)))
+    random.Random(seed).shuffle(order)
+    for s in order:
+        yield s * seg, min(seg, size - s * seg)
+
+
+def _child_thin_build(state_dir: str, size: int, seg: int, container: str,
+                      csize: int) -> dict[str, Any]:
+    """Build the fully allocated thin disk with State.apply; write its checkpoint."""
+    state = State()
+    state.apply({"op": "container.add", "name": "c0", "lun": 1, "path": container,
+                 "size": csize, "created": True, "seq": 1})
+    gc.collect()
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    state.apply({"op": "disk.create", "name": "thin", "size": size, "segment_size": seg,
+                 "thick": False, "pin": None, "home": 1, "ctime": 1.7e9, "map": [],
+                 "seq": 2})
+    seq = 2
+    for vstart, length in _thin_records(size, seg, seed=7):
+        seq += 1
+        state.apply({"op": "disk.map", "name": "thin", "map": _plan(state, length, vstart),
+                     "seq": seq})
+    t_build = time.perf_counter() - t0
+    gc.collect()
+    rss1 = _rss()
+    d = state.disks["thin"]
+    t0 = time.perf_counter()
+    snap = codec.journal_frame(state.to_wire())
+    t_encode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    write_atomic(os.path.join(state_dir, CHECKPOINT), snap)
+    t_write = time.perf_counter() - t0
+    return {"build_s": t_build, "records": seq - 2, "extents": len(d.extents),
+            "allocated": d.allocated, "rss_delta": rss1 - rss0,
+            "extent_bytes": d.extents.memory_bytes(), "ck_bytes": len(snap),
+            "ck_encode_s": t_encode, "ck_write_s": t_write}
+
+
+async def _map_all(addr: str, name: str) -> tuple[int, int, float]:
+    """Page through disk.map over RPC; (rows, pages, seconds)."""
+    async with open_controller(addr) as c:
+        return await _page(c, name)
+
+
+async def _page(c: Client, name: str) -> tuple[int, int, float]:
+    rows = pages = 0
+    start: int | None = 0
+    t0 = time.perf_counter()
+    while start is not None:
+        page = await c.call("disk.map", name=name, start=start)
+        rows += len(page["rows"])
+        pages += 1
+        start = page["next"]
+    return rows, pages, time.perf_counter() - t0
+
+
+def _vdctl_seconds(state_dir: Path, *args: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "controller.cli", "--state-dir", str(state_dir),
+                    *args], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE, check=True)
+    return time.perf_counter() - t0
+
+
+def _service_map_seconds(state: State, name: str, state_dir: Path) -> tuple[int, float]:
+    """Service.disk_map paging in-process: the controller's share of a disk map, no RPC."""
+
+    async def page_all() -> tuple[int, float]:
+        svc = Service(state, cast(Any, None), str(state_dir))  # disk_map never journals
+        rows = 0
+        start: int | None = 0
+        t0 = time.perf_counter()
+        while start is not None:
+            page = await svc.disk_map(name, start, None)
+            rows += len(page["rows"])
+            start = page["next"]
+        return rows, time.perf_counter() - t0
+
+    return trio.run(page_all)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    r = fn()
+    return r, time.perf_counter() - t0
+
+
+def bench_table(report: Report, section: Section) -> None:
+    size = 256 * GiB if report.quick else TiB
+    per_tib = TiB / size
+    csize = size + size // 10
+    seg = DEFAULT_SEGMENT_SIZE
+    tsz = f"{size // GiB} GiB" if size < TiB else f"{size // TiB} TiB"
+    w = Workload("table", f"table size: {tsz} thick and {tsz} thin disks",
+                 {"container": f"sparse file, {csize / TiB:.2f} TiB", "segment_size": "4 MiB"})
+    t_w = time.perf_counter()
+    with _tempdir("table") as tmp:
+        # -- thick, on a real controller
+        report.progress(f"table: {tsz} thick disk on a real controller")
+        thick_dir = tmp / "thick"
+        with ControllerProc(thick_dir) as ctl:
+            rss_empty = _rss(ctl.pid)
+
+            async def thick() -> dict[str, Any]:
+                async with open_controller(ctl.addr) as c:
+                    await c.call("container.add", name="c0", path=str(tmp / "thick.img"),
+                                 size=csize)
+                    t0 = time.perf_counter()
+                    info = await c.call("disk.create", name="thick", size=size, thick=True)
+                    t_create = time.perf_counter() - t0
+                    rows, pages, t_map = await _page(c, "thick")
+                    return {"info": info, "create_s": t_create, "rows": rows, "map_s": t_map}
+
+            r = trio.run(thick)
+            t_vdctl_thick = _vdctl_seconds(thick_dir, "disk", "map", "thick")
+        w.add("thick: extents in the table", r["info"]["extents"], "extents", less_than(48))
+        w.add("thick: disk.create --thick (planned + fsynced)", r["create_s"] * 1e3, "ms")
+        w.add(f"thick: disk map over RPC ({r['rows']} rows)", r["map_s"] * 1e3, "ms")
+        w.add("thick: vdctl disk map > /dev/null (whole process)", t_vdctl_thick * 1e3, "ms")
+
+        # -- thin, built with State.apply in a fresh process
+        nseg = -(-size // seg)
+        report.progress(f"table: {tsz} thin disk, {nseg:,} disk.map records in random order")
+        thin_dir = tmp / "thin"
+        thin_dir.mkdir(mode=0o700)
+        img = tmp / "thin.img"
+        with open(img, "wb") as f:
+            f.truncate(csize)
+        b = _run_child("thin-build", str(thin_dir), str(size), str(seg), str(img), str(csize))
+        if b["allocated"] != size:
+            raise RuntimeError(f"thin build: {b['allocated']} bytes allocated, expected {size}")
+        w.add(f"thin: extents ({nseg:,} segments in random order)", b["extents"], "extents")
+        w.add("thin: build, State.apply of one disk.map per segment", b["build_s"], "s")
+        w.add("  per record", b["build_s"] / b["records"] * 1e6, "us")
+        w.add("thin: memory per TiB, RSS growth while building",
+              b["rss_delta"] * per_tib / MiB, "MiB", less_than(32))
+        w.add("thin: memory per TiB, extent arrays alone",
+              b["extent_bytes"] * per_tib / MiB, "MiB", less_than(32))
+        w.add("  bytes per extent (RSS growth)", b["rss_delta"] / b["extents"], "B")
+        w.add("thin: checkpoint size", b["ck_bytes"] / MiB, "MiB")
+        w.add("  checkpoint per TiB", b["ck_bytes"] * per_tib / MiB, "MiB")
+        w.add("thin: checkpoint encode (to_wire + frame)", b["ck_encode_s"] * 1e3, "ms")
+        w.add("thin: checkpoint write (fsync'ed)", b["ck_write_s"] * 1e3, "ms")
+
+        # loading it back here: time, then traced memory of the loaded state
+        gc.collect()
+        _, t_load = _timed(lambda: load_checkpoint(str(thin_dir)))
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            state = load_checkpoint(str(thin_dir))
+            gc.collect()
+            traced = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        w.add("thin: checkpoint load", t_load * 1e3, "ms")
+        w.add("thin: memory per TiB, traced (loaded from checkpoint)",
+              traced * per_tib / MiB, "MiB", less_than(32))
+        svc_dir = tmp / "svc"
+        svc_dir.mkdir(mode=0o700)
+        rows_svc, t_svc = _service_map_seconds(state, "thin", svc_dir)
+        del state
+        w.add(f"thin: Service.disk_map, all pages in-process ({rows_svc:,} rows)",
+              t_svc * 1e3, "ms")
+
+        # -- thin, served by a real controller that starts from that checkpoint
+        report.progress("table: real controller on the thin disk's checkpoint")
+        with ControllerProc(thin_dir) as ctl:
+            rss_thin = _rss(ctl.pid)
+            rows, pages, t_map = trio.run(_map_all, ctl.addr, "thin")
+            t_vdctl = _vdctl_seconds(thin_dir, "disk", "map", "thin")
+            t_status = _vdctl_seconds(thin_dir, "status")
+            start_s = ctl.ready_seconds
+        if rows != b["extents"]:
+            raise RuntimeError(f"disk map returned {rows} rows, expected {b['extents']}")
+        w.add("thin: controller start on the checkpoint (to listening)", start_s, "s")
+        w.add("thin: memory per TiB, controller RSS over an empty one",
+              (rss_thin - rss_empty) * per_tib / MiB, "MiB", less_than(32))
+        w.add(f"thin: disk map over RPC ({rows:,} rows, {pages} pages)", t_map, "s")
+        w.add("  rows per second", rows / t_map, "rows/s")
+        w.add("thin: vdctl disk map > /dev/null (whole process)", t_vdctl, "s")
+        w.add("  of which vdctl start-up + connect (vdctl status)", t_status, "s")
+    if report.quick:
+        w.note(f"quick run: a {tsz} disk; per-TiB figures are scaled by {per_tib:.0f}")
+    w.note("the thick aim is 'at most a few dozen' extents, shown as < 48")
+    w.seconds = time.perf_counter() - t_w
+    section.workloads.append(w)
+    report.emit(w)
+
+
+# ---------------------------------------------------------------- section entry
+
+
+WORKLOADS: dict[str, Callable[[Report, Section], None]] = {
+    "commit": bench_commit,
+    "replay": bench_replay,
+    "table": bench_table,
+}
+
+
+def run(report: Report, section: Section) -> None:
+    for fn in WORKLOADS.values():
+        fn(report, section)
+
+
+def _child_main(argv: list[str]) -> int:
+    """``child replay DIR`` | ``child thin-build DIR SIZE SEG CONTAINER CSIZE``: JSON out."""
+    if len(argv) < 2 or argv[0] != "child":
+        print("usage: python -m bench.controller child replay|thin-build ...", file=sys.stderr)
+        return 2
+    kind, rest = argv[1], argv[2:]
+    if kind == "replay":
+        out = _child_replay(rest[0])
+    elif kind == "thin-build":
+        out = _child_thin_build(rest[0], int(rest[1]), int(rest[2]), rest[3], int(rest[4]))
+    else:
+        print(f"unknown child {kind!r}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
