@@ -36,7 +36,7 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, strict_types=False)
 
 
-def unpack(data: bytes, *, max_size: int = MAX_REQUEST_FRAME) -> Any:
+def unpack(data: bytes | memoryview, *, max_size: int = MAX_REQUEST_FRAME) -> Any:
     if len(data) > max_size:
         raise CodecError(f"frame of {len(data)} bytes exceeds the {max_size}-byte cap")
     try:
@@ -66,7 +66,7 @@ def wire_length(header: bytes, *, max_size: int) -> int:
     return length
 
 
-def journal_crc(length: int, payload: bytes) -> int:
+def journal_crc(length: int, payload: bytes | memoryview) -> int:
     return zlib.crc32(payload, zlib.crc32(struct.pack(">I", length)))
 
 
@@ -90,7 +90,7 @@ def parse_journal_frame(buf: bytes | memoryview, pos: int) -> tuple[Any, int] | 
     end = pos + hsize + length
     if end > len(buf):
         return None
-    payload = bytes(buf[pos + hsize : end])
+    payload = memoryview(buf)[pos + hsize : end]  # no copy
     if journal_crc(length, payload) != crc:
         return None
     try:

@@ -225,20 +225,36 @@ class ExtentMap:
         self._delete_raw(old_vstart)
         self._insert_raw(e)
 
+    def _neighbours(self, start: int, end: int) -> tuple[Extent | None, Extent | None]:
+        """(the extent before start, the one after) if [start, end) is a gap; raise otherwise."""
+        ci, i = self._locate(start)
+        left = self._chunks[ci].get(i) if ci >= 0 else None
+        if left is not None and left.vend > start:
+            raise ExtentError(f"range {start}+{end - start} is already mapped")
+        nci, ni = self._next(ci, i)
+        right = self._chunks[nci].get(ni) if nci >= 0 else None
+        if right is not None and right.vstart < end:
+            raise ExtentError(f"range {start}+{end - start} is already mapped")
+        return left, right
+
+    def is_gap(self, start: int, end: int) -> bool:
+        try:
+            self._neighbours(start, end)
+        except ExtentError:
+            return False
+        return True
+
     def insert(self, vstart: int, length: int, lun: int, offset: int, flags: int = 0) -> None:
         """Map [vstart, vstart+length), which must be a gap, merging with neighbours."""
         if length <= 0 or vstart < 0 or offset < 0 or lun < 0:
             raise ExtentError(f"bad extent {vstart}+{length} -> {lun}:{offset}")
         if flags & ZERO:
             raise ExtentError("a stored extent cannot be zero")
-        if next(self.stored_in(vstart, vstart + length), None) is not None:
-            raise ExtentError(f"range {vstart}+{length} is already mapped")
+        left, right = self._neighbours(vstart, vstart + length)
         e = Extent(vstart, length, lun, offset, flags)
-        left = self.find(vstart - 1) if vstart > 0 else None
         if left is not None and _mergeable(left, e):
             self._delete_raw(left.vstart)
             e = Extent(left.vstart, left.length + length, lun, left.offset, flags)
-        right = self.find(e.vend)
         if right is not None and _mergeable(e, right):
             self._delete_raw(right.vstart)
             e = Extent(e.vstart, e.length + right.length, lun, e.offset, flags)

@@ -180,9 +180,11 @@ class State:
             if not c.space.is_free(offset, round_up(length)):
                 raise StateError(f"piece {vstart}+{length} does not fit the table: "
                                  f"{lun}:{offset}+{round_up(length)} is not free")
-            if next(d.extents.stored_in(vstart, vstart + length), None) is not None:
+            if not d.extents.is_gap(vstart, vstart + length):
                 raise StateError(f"piece {vstart}+{length} does not fit the table: "
                                  "already mapped")
+        if len(pieces) < 2:
+            return
         for key in (lambda p: (0, p[0]), lambda p: (p[2], p[3])):  # virtual, then physical
             prev: tuple[int, int] | None = None
             for p in sorted(pieces, key=key):
