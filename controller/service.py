@@ -7,6 +7,7 @@ table; the reply waits for the group commit.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -195,7 +196,8 @@ class Service:
                                 "add NAME PATH --size SIZE)")
         home = cands[0].lun
         async with self._alloc_lock:
-            pieces = await self._plan_zeroed(size, pin, home, 0) if thick and size else []
+            pieces = (await self._plan_zeroed(size, pin, home, 0, preallocate=True)
+                      if thick and size else [])
             if name in self.state.disks:
                 raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
             seq = self.journal.record({
@@ -266,7 +268,8 @@ class Service:
                 pieces: list[list[int]] = []
                 start = round_up(d.size)
                 if d.thick and size > start:
-                    pieces = await self._plan_zeroed(size - start, d.pin, d.home, start)
+                    pieces = await self._plan_zeroed(size - start, d.pin, d.home, start,
+                                                     preallocate=True)
                 seq = self.journal.record({"op": "disk.resize", "name": name, "size": size,
                                            "map": pieces})
             await self.journal.wait_durable(seq)
@@ -466,10 +469,10 @@ class Service:
 
     # ------------------------------------------------------------ coherence helpers
     async def _plan_zeroed(self, length: int, pin: int | None, home: int | None, vstart: int,
-                           zero: bool = True) -> list[list[int]]:
+                           zero: bool = True, preallocate: bool = False) -> list[list[int]]:
         pieces = self._plan(length, pin, home, vstart)
         if zero:
-            await self._zero(pieces)
+            await self._zero(pieces, preallocate)
             self._check_still_free(pieces)
         return pieces
 
@@ -479,16 +482,18 @@ class Service:
             if c is None or not c.space.is_free(off, round_up(n)):
                 raise P.RemoteError(P.E_BUSY, "the container changed during allocation; retry")
 
-    async def _zero(self, pieces: list[list[int]]) -> None:
+    async def _zero(self, pieces: list[list[int]], preallocate: bool = False) -> None:
+        """Zero new space; thick disks also reserve it in the container's own filesystem."""
         by_lun: dict[int, list[tuple[int, int]]] = {}
         for _v, n, lun, off in pieces:
             by_lun.setdefault(lun, []).append((off, round_up(n)))
         for lun, ranges in by_lun.items():
             path = self.state.luns[lun].path
             try:
-                await trio.to_thread.run_sync(storage.zero_ranges, path, ranges)
+                await trio.to_thread.run_sync(storage.zero_ranges, path, ranges, preallocate)
             except OSError as e:
-                raise P.RemoteError(P.E_IO, f"cannot prepare space on {path}: {e}") from None
+                code = P.E_NO_SPACE if e.errno == errno.ENOSPC else P.E_IO
+                raise P.RemoteError(code, f"cannot prepare space on {path}: {e}") from None
 
     def _physical(self, d: Disk, start: int, end: int) -> list[tuple[str, int, int]]:
         """(container path, offset, length) of d's storage in [start, end), block-rounded."""

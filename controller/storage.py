@@ -20,6 +20,7 @@ from . import protocol as P
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 _ZERO_CHUNK = 1 << 20
 
@@ -94,8 +95,13 @@ def open_container_path(path: str, size: int | None, taken: dict[str, str]) -> t
     return size, True
 
 
-def zero_ranges(path: str, ranges: list[tuple[int, int]]) -> None:
-    """Make [offset, offset+length) read as zeros, durably."""
+def zero_ranges(path: str, ranges: list[tuple[int, int]], preallocate: bool = False) -> None:
+    """Make [offset, offset+length) read as zeros, durably.
+
+    In a file container the range becomes a hole (thin on the host too), or with
+    preallocate (thick disks) zeroed space the host filesystem has reserved, so a thick
+    disk never meets ENOSPC from the host and its first writes allocate nothing.
+    """
     if not ranges:
         return
     fd = os.open(path, os.O_RDWR)
@@ -111,7 +117,10 @@ def zero_ranges(path: str, ranges: list[tuple[int, int]]) -> None:
                         raise
             else:
                 try:
-                    punch_hole(fd, offset, length)
+                    if preallocate:
+                        fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                    else:
+                        punch_hole(fd, offset, length)
                     continue
                 except OSError as e:
                     if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):

@@ -81,9 +81,13 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, tuple[OpenDisk, bool]] = {}
         self._next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.initialized = trio.Event()  # the kernel's INIT has been answered
         volumes.invalidate = self._invalidate
         volumes.invalidate_entry = lambda name: pyfuse3.invalidate_entry_async(
             ROOT_INODE, os.fsencode(name), ignore_enoent=True)
+
+    def init(self) -> None:
+        self.initialized.set()
 
     # ------------------------------------------------------------ helpers
     def _invalidate(self, inode: int, attr_only: bool = False) -> None:
