@@ -90,6 +90,7 @@ class Workload:
     figures: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # wall time the workload took, set-up included
+    table: str | None = None  # a preformatted table printed instead of the metric rows
 
     def add(self, name: str, value: float | int | str | None, unit: str = "",
             aim: Aim | None = None) -> Figure:
@@ -124,9 +125,12 @@ class Workload:
         if self.params:
             out.append("  " + ", ".join(f"{k}={fmt(v) if not isinstance(v, str) else v}"
                                         for k, v in self.params.items()))
-        out.append(line(head))
-        out.append(line(["-" * w for w in widths]))
-        out.extend(line(r) for r in rows)
+        if self.table is not None:
+            out.append(self.table)
+        else:
+            out.append(line(head))
+            out.append(line(["-" * w for w in widths]))
+            out.extend(line(r) for r in rows)
         out.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(out)
 

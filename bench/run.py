@@ -22,6 +22,7 @@ from .report import Report, Section
 # dependencies (pyfuse3, a FUSE device) never stop another from running.
 SECTIONS: dict[str, str] = {
     "controller": "bench.controller",
+    "datapath": "bench.datapath",
 }
 
 

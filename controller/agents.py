@@ -36,6 +36,7 @@ class Agent:
     lease_until: float  # trio clock
     registered: float = field(default_factory=time.time)
     opens: dict[str, int] = field(default_factory=dict)
+    kick: Callable[[], None] | None = None  # close its connection
 
     @property
     def connected(self) -> bool:
@@ -75,9 +76,11 @@ class AgentRegistry:
             except FileNotFoundError:
                 pass
 
-    def register(self, name: str, host: str, mount: str, send: Sender) -> Agent:
+    def register(self, name: str, host: str, mount: str, send: Sender,
+                 kick: Callable[[], None] | None = None) -> Agent:
         self._mark()
-        a = Agent(self._next_id, name, host, mount, send, trio.current_time() + self.lease)
+        a = Agent(self._next_id, name, host, mount, send, trio.current_time() + self.lease,
+                  kick=kick)
         self._next_id += 1
         self.agents[a.id] = a
         log.info("agent %d (%s on %s, %s) registered", a.id, name, host, mount)
@@ -94,6 +97,17 @@ class AgentRegistry:
         log.info("agent %d (%s) disconnected; lease ends in %.1f s", a.id, a.name,
                  max(0.0, a.lease_until - trio.current_time()))
 
+    def drop(self, a: Agent) -> None:
+        """Forget an agent whose lease ran out, and cut its connection if it has one.
+
+        Were it kept connected, a paused agent that wakes up would renew its lease
+        with a stale table that no longer receives pushes.
+        """
+        self.agents.pop(a.id, None)
+        kick, a.kick, a.send = a.kick, None, None
+        if kick is not None:
+            kick()
+
     def remove(self, a: Agent) -> None:
         self.agents.pop(a.id, None)
         log.info("agent %d (%s) signed off", a.id, a.name)
@@ -101,9 +115,9 @@ class AgentRegistry:
     def expire(self) -> None:
         now = trio.current_time()
         for a in list(self.agents.values()):
-            if not a.connected and now > a.lease_until + LEASE_MARGIN:
+            if now > a.lease_until + LEASE_MARGIN:
                 log.info("agent %d (%s) lease expired; forgetting it", a.id, a.name)
-                del self.agents[a.id]
+                self.drop(a)
 
     def caching(self, disk: str, exclude: Agent | None = None) -> list[Agent]:
         self.expire()
@@ -167,8 +181,9 @@ class AgentRegistry:
                     return
                 if trio.current_time() >= a.lease_until + LEASE_MARGIN:
                     log.warning("agent %d (%s) did not acknowledge push %d; its lease has "
-                                "expired, so it no longer uses the entries", a.id, a.name, pid)
-                    a.opens.clear()
+                                "expired, so it no longer uses the entries; dropping it (it "
+                                "must register again and reload its tables)", a.id, a.name, pid)
+                    self.drop(a)
                     return
                 # the lease was renewed by a heartbeat meanwhile: push again
         finally:

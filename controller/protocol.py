@@ -127,7 +127,7 @@ _op("disk.map", NAME, _f("start", int, required=False, default=0),
 _op("disk.resize", NAME, _f("size", int),
     _f("allow_shrink", bool, required=False, default=False))
 _op("disk.rm", NAME)
-_op("disk.rename", NAME, _f("new", str))
+_op("disk.rename", NAME, _f("new", str), _f("replace", bool, required=False, default=False))
 _op("disk.discard", NAME, _f("offset", int), _f("length", int))
 _op("check", roles=ADMIN)
 _op("agent.ls")

@@ -85,6 +85,13 @@ class Connection:
         self.closed = False
         self.agent: Any = None  # set by agent.register
         self.on_close: list[Callable[[], None]] = []
+        self._scope: trio.CancelScope | None = None
+
+    def abort(self) -> None:
+        """Close this connection from the server side (the peer must reconnect)."""
+        self.closed = True
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def send(self, msg: dict[str, Any]) -> None:
         data = codec.wire_frame(msg)
@@ -103,6 +110,7 @@ class Connection:
         reader = FrameReader(self.stream, codec.MAX_REQUEST_FRAME)
         limiter = trio.Semaphore(MAX_INFLIGHT)
         async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
             try:
                 while True:
                     timeout = HELLO_TIMEOUT if self.role is None else float("inf")

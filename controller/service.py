@@ -23,7 +23,7 @@ from .agents import DEFAULT_LEASE, Agent, AgentRegistry
 from .allocator import NoSpace
 from .extents import INVALID, ZERO, Extent
 from .journal import Journal
-from .state import Container, Disk, State, check, round_up
+from .state import Container, Disk, State, StateError, check, round_up
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,12 @@ class Service:
         # ranges whose entries are being restricted at agents before a change (disk -> ranges)
         self._restricted: dict[str, list[tuple[int, int]]] = {}
         self._restriction_lifted = trio.Event()
+        # resize, discard, rename-over, rm and fault allocation of one disk, one at a time
+        self._disk_locks: dict[int, trio.Lock] = {}
+        # stamps every table answer and push ("v"), so an agent can tell an answer that was
+        # overtaken by a later change (it then faults again instead of using it). Starts at
+        # the clock so it keeps growing across controller restarts.
+        self.version = time.time_ns() // 1000
 
     # ------------------------------------------------------------ helpers
     def _container(self, name: str) -> Container:
@@ -72,10 +78,14 @@ class Service:
         usable.sort(key=lambda c: (c.lun != home, -c.space.free, c.lun))
         return usable
 
-    def _plan(self, length: int, pin: int | None, home: int | None,
-              vstart: int) -> list[list[int]]:
-        """Place length bytes (block-rounded) starting at vstart; NoSpace if short."""
-        need = round_up(length)
+    def _plan(self, targets: list[tuple[int, int]], pin: int | None,
+              home: int | None) -> list[list[int]]:
+        """Place targets [(vstart, length)] (block-rounded) in one go; NoSpace if short.
+
+        Returns pieces [vstart, length, lun, offset]; only a target that ends at the
+        disk's (unaligned) end maps less than its block-rounded storage.
+        """
+        need = sum(round_up(n) for _v, n in targets)
         cands = self._candidates(pin, home)
         if not cands:
             raise P.RemoteError(P.E_NO_SPACE, "no containers to allocate from "
@@ -85,27 +95,38 @@ class Service:
             where = f"container {cands[0].name!r}" if pin is not None else "the pool"
             raise P.RemoteError(
                 P.E_NO_SPACE, f"need {need} bytes but {where} has only {total_free} free")
-        pieces: list[list[int]] = []
-        pos = vstart
+        phys: list[tuple[int, int, int]] = []  # (lun, offset, length)
         remaining = need
         for c in cands:
-            if not remaining:
-                break
             take = min(remaining, c.space.free)
             if not take:
                 continue
             try:
-                plan = c.space.plan(take)
+                phys += [(c.lun, off, n) for off, n in c.space.plan(take)]
             except NoSpace:
                 continue
-            for off, n in plan:
-                pieces.append([pos, n, c.lun, off])
-                pos += n
             remaining -= take
-        # the last piece may cover a short disk tail: map only the virtual length
-        excess = need - length
-        if excess:
-            pieces[-1][1] -= excess
+            if not remaining:
+                break
+        if remaining:
+            raise P.RemoteError(P.E_NO_SPACE, f"need {need} bytes; the pool is too fragmented")
+        pieces: list[list[int]] = []
+        k = 0
+        for vstart, length in targets:
+            pos, want = vstart, round_up(length)
+            while want:
+                lun, off, n = phys[k]
+                use = min(n, want)
+                pieces.append([pos, use, lun, off])
+                pos += use
+                want -= use
+                if use == n:
+                    k += 1
+                else:
+                    phys[k] = (lun, off + use, n - use)
+            excess = round_up(length) - length
+            if excess:
+                pieces[-1][1] -= excess
         return pieces
 
     # ------------------------------------------------------------ status
@@ -138,11 +159,14 @@ class Service:
         taken = {c.path: c.name for c in self.state.containers.values()}
         csize, created = await trio.to_thread.run_sync(storage.open_container_path, path, size,
                                                         taken)
-        # re-check after the await: another request may have taken the name
-        if name in self.state.containers:
+        # re-check after the await: another request may have taken the name or the path
+        clash = name in self.state.containers or any(
+            c.path == path for c in self.state.containers.values())
+        if clash:
             if created:
                 os.unlink(path)
-            raise P.RemoteError(P.E_EXISTS, f"container {name!r} already exists")
+            raise P.RemoteError(P.E_EXISTS, f"container {name!r} or path {path!r} was "
+                                "added meanwhile")
         lun = self.state.next_lun
         await self.journal.commit({"op": "container.add", "name": name, "lun": lun,
                                    "path": path, "size": csize, "created": created})
@@ -196,11 +220,11 @@ class Service:
                                 "add NAME PATH --size SIZE)")
         home = cands[0].lun
         async with self._alloc_lock:
-            pieces = (await self._plan_zeroed(size, pin, home, 0, preallocate=True)
+            pieces = (await self._plan_zeroed([(0, size)], pin, home, preallocate=True)
                       if thick and size else [])
             if name in self.state.disks:
                 raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
-            seq = self.journal.record({
+            seq = self._record({
                 "op": "disk.create", "name": name, "size": size, "segment_size": seg,
                 "thick": thick, "pin": pin, "home": home, "ctime": round(time.time(), 3),
                 "map": pieces,
@@ -245,62 +269,112 @@ class Service:
         return {"name": d.name, "size": d.size, "epoch": d.epoch, "containers": luns,
                 "rows": rows, "next": nxt}
 
+    def _dlock(self, d: Disk) -> trio.Lock:
+        lk = self._disk_locks.get(id(d))
+        if lk is None:
+            lk = self._disk_locks[id(d)] = trio.Lock()
+        return lk
+
+    def _bump(self) -> int:
+        self.version += 1
+        return self.version
+
     async def disk_resize(self, name: str, size: int, allow_shrink: bool,
                           conn: Any = None) -> dict[str, Any]:
         d = self._disk(name)
         if not 0 <= size <= P.MAX_DISK_SIZE:
             raise P.invalid(f"disk size must be between 0 and {P.MAX_DISK_SIZE} bytes")
-        if size < d.size and not allow_shrink:
-            raise P.invalid(f"shrinking {name!r} from {d.size} to {size} bytes discards data; "
-                            "pass --allow-shrink to do it")
-        if size == d.size:
-            return self._disk_info(d)
-        old = d.size
-        if size < old:
-            async with self._restrict(name, size, old, exclude=None):
-                freed = self._physical(d, round_up(size), old)
-                await self.journal.commit({"op": "disk.resize", "name": name, "size": size,
-                                           "map": []})
-            await self._release_space(freed)
-        else:
-            async with self._alloc_lock:
-                d = self._disk(name)
-                pieces: list[list[int]] = []
-                start = round_up(d.size)
-                if d.thick and size > start:
-                    pieces = await self._plan_zeroed(size - start, d.pin, d.home, start,
-                                                     preallocate=True)
-                seq = self.journal.record({"op": "disk.resize", "name": name, "size": size,
-                                           "map": pieces})
-            await self.journal.wait_durable(seq)
-        d = self._disk(name)
-        await self._push_update(d, min(old, size) // P.BLOCK_SIZE * P.BLOCK_SIZE, d.size)
+        async with self._dlock(d):
+            if self.state.disks.get(d.name) is not d:
+                raise P.not_found("disk", name)
+            old = d.size
+            if size < old and not allow_shrink:
+                raise P.invalid(f"shrinking {name!r} from {old} to {size} bytes discards data; "
+                                "pass --allow-shrink to do it")
+            if size == old:
+                return self._disk_info(d)
+            if size < old:
+                async with self._restrict(d.name, size // P.BLOCK_SIZE * P.BLOCK_SIZE, old,
+                                          exclude=None), self._alloc_lock:
+                    freed = self._physical(d, round_up(size), old)
+                    await self.journal.commit({"op": "disk.resize", "name": d.name,
+                                               "size": size, "map": []})
+                    await self._release_space(freed)
+            else:
+                async with self._alloc_lock:
+                    # the bytes past an unaligned old end (inside its last block) may hold
+                    # data from before a shrink: zero them before they become visible
+                    await self._zero_tail(d)
+                    pieces: list[list[int]] = []
+                    start = round_up(old)
+                    if d.thick and size > start:
+                        pieces = await self._plan_zeroed([(start, size - start)], d.pin, d.home,
+                                                         preallocate=True)
+                    seq = self._record({"op": "disk.resize", "name": d.name, "size": size,
+                                        "map": pieces})
+                await self.journal.wait_durable(seq)
+            await self._push_update(d, min(old, size) // P.BLOCK_SIZE * P.BLOCK_SIZE, d.size)
         await self.agents.notify({"push": "namespace"})
         return self._disk_info(d)
 
-    async def disk_rm(self, name: str, conn: Any = None) -> dict[str, Any]:
-        d = self._disk(name)
+    async def _zero_tail(self, d: Disk) -> None:
+        if not d.size % P.BLOCK_SIZE:
+            return
+        e = d.extents.find(d.size - 1)
+        if e is None:
+            return
+        off = e.offset + (d.size - e.vstart)
+        n = round_up(d.size - e.vstart) - (d.size - e.vstart)
+        path = self.state.luns[e.lun].path
+        try:
+            await trio.to_thread.run_sync(storage.zero_bytes, path, off, n)
+        except OSError as err:
+            raise P.RemoteError(P.E_IO, f"cannot zero the tail of {d.name!r}: {err}") from None
+
+    def _check_removable(self, name: str) -> None:
         users = self.agents.open_by(name)
         if users:
             raise P.RemoteError(P.E_BUSY, f"disk {name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there first")
-        await self.agents.wait_grace()
+
+    async def disk_rm(self, name: str, conn: Any = None) -> dict[str, Any]:
         d = self._disk(name)
-        if self.agents.open_by(name):
-            raise P.RemoteError(P.E_BUSY, f"disk {name!r} was opened meanwhile")
-        info = self._disk_info(d)
-        freed = self._physical(d, 0, d.size)
-        await self.journal.commit({"op": "disk.rm", "name": name})
-        await self._release_space(freed)
+        self._check_removable(name)
+        await self.agents.wait_grace()
+        async with self._dlock(d), self._alloc_lock:
+            if self.state.disks.get(name) is not d:
+                raise P.not_found("disk", name)
+            self._check_removable(name)
+            info = self._disk_info(d)
+            freed = self._physical(d, 0, d.size)
+            await self.journal.commit({"op": "disk.rm", "name": name})
+            await self._release_space(freed)
+        self._disk_locks.pop(id(d), None)
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info
 
-    async def disk_rename(self, name: str, new: str) -> dict[str, Any]:
+    async def disk_rename(self, name: str, new: str, replace: bool) -> dict[str, Any]:
         d = self._disk(name)
         P.check_name(new, "new disk name")
-        if new in self.state.disks:
-            raise P.RemoteError(P.E_EXISTS, f"disk {new!r} already exists")
-        await self.journal.commit({"op": "disk.rename", "name": name, "new": new})
+        if new == name:
+            return self._disk_info(d)
+        target = self.state.disks.get(new)
+        if target is not None:
+            if not replace:
+                raise P.RemoteError(P.E_EXISTS, f"disk {new!r} already exists")
+            self._check_removable(new)
+            await self.agents.wait_grace()
+            async with self._dlock(target), self._alloc_lock:
+                if self.state.disks.get(new) is not target or self._disk(name) is not d:
+                    raise P.RemoteError(P.E_BUSY, "the disks changed meanwhile; retry")
+                self._check_removable(new)
+                freed = self._physical(target, 0, target.size)
+                await self.journal.commit({"op": "disk.rename", "name": name, "new": new,
+                                           "replace": True})
+                await self._release_space(freed)
+            self._disk_locks.pop(id(target), None)
+        else:
+            await self.journal.commit({"op": "disk.rename", "name": name, "new": new})
         self.agents.rename(name, new)
         if name in self._restricted:
             self._restricted[new] = self._restricted.pop(name)
@@ -315,21 +389,24 @@ class Service:
         d = self._disk(name)
         if offset < 0 or length < 0:
             raise P.invalid("discard range must not be negative")
-        end = min(offset + length, d.size)
-        seg = d.segment_size
-        a = min(round_up(offset, seg), end)
-        b = end if end == d.size else max(end // seg * seg, a)
-        if b > a:
-            async with self._restrict(name, a, b, exclude=None):
-                freed = self._physical(d, a, b)
-                if freed:
-                    await self.journal.commit({"op": "disk.unmap", "name": name, "start": a,
-                                               "end": b})
-            await self._release_space(freed)
-            await self._push_update(d, a, b)
-        zero = [[lo, hi] for lo, hi in ((offset, a), (max(b, a), end)) if hi > lo]
-        return {"epoch": d.epoch, "freed": [a, b] if b > a else None, "zero": zero,
-                "rows": self._rows(d, a, b) if b > a else []}
+        async with self._dlock(d):
+            if self.state.disks.get(d.name) is not d:
+                raise P.not_found("disk", name)
+            end = min(offset + length, d.size)
+            seg = d.segment_size
+            a = min(round_up(offset, seg), end)
+            b = end if end == d.size else max(end // seg * seg, a)
+            if b > a:
+                async with self._restrict(d.name, a, b, exclude=None), self._alloc_lock:
+                    freed = self._physical(d, a, b)
+                    if freed:
+                        await self.journal.commit({"op": "disk.unmap", "name": d.name,
+                                                   "start": a, "end": b})
+                        await self._release_space(freed)
+                await self._push_update(d, a, b)
+            zero = [[lo, hi] for lo, hi in ((offset, a), (max(b, a), end)) if hi > lo]
+            return {"epoch": d.epoch, "v": self.version, "freed": [a, b] if b > a else None,
+                    "zero": zero, "rows": self._rows(d, a, b) if b > a else []}
 
     # ------------------------------------------------------------ agents
     def _agent(self, conn: Any) -> Agent:
@@ -347,7 +424,7 @@ class Service:
             if conn.closed:
                 raise ConnectionError("connection closed")
 
-        agent = self.agents.register(name, host, mount, send)
+        agent = self.agents.register(name, host, mount, send, kick=conn.abort)
         conn.agent = agent
         conn.on_close.append(lambda: self.agents.disconnected(agent))
         return {"agent_id": agent.id, "lease": self.agents.lease}
@@ -401,6 +478,7 @@ class Service:
             "name": d.name, "size": d.size, "epoch": d.epoch, "segment_size": d.segment_size,
             "containers": {str(c.lun): c.path for c in self.state.containers.values()},
             "failed": [c.lun for c in self.state.containers.values() if c.failed],
+            "v": self.version,
         }
 
     async def disk_open(self, name: str, conn: Any) -> dict[str, Any]:
@@ -438,43 +516,46 @@ class Service:
         if offset < 0 or length <= 0 or offset >= d.size:
             raise P.invalid(f"fault range {offset}+{length} is outside disk {name!r} "
                             f"(size {d.size})")
-        end = min(offset + length, d.size)
         with trio.move_on_after(FAULT_WAIT):
-            while self._is_restricted(name, offset, end):
+            while self._is_restricted(d.name, offset, offset + length):
                 await self._restriction_lifted.wait()
-            d = self._disk(name)
+        if self._is_restricted(d.name, offset, offset + length):
+            raise P.RemoteError(P.E_BUSY, f"{name!r} at {offset} is being changed; retry")
         seg = d.segment_size
         lo = offset // seg * seg
-        hi = min(round_up(end, seg), d.size)
         if write:
-            async with self._alloc_lock:
-                d = self._disk(name)
-                hi = min(hi, d.size)
-                gaps = [e for e in d.extents.entries(lo, hi) if e.flags & ZERO]
-                seq = None
+            async with self._dlock(d):
+                if self.state.disks.get(d.name) is not d:
+                    raise P.not_found("disk", name)
+                hi = min(round_up(offset + length, seg), d.size)
+                gaps = [(e.vstart, e.length) for e in d.extents.entries(lo, hi)
+                        if e.flags & ZERO]
                 if gaps:
-                    pieces: list[list[int]] = []
-                    for g in gaps:
-                        pieces += await self._plan_zeroed(g.length, d.pin, d.home, g.vstart,
-                                                          zero=False)
-                    await self._zero(pieces)
-                    self._check_still_free(pieces)
-                    seq = self.journal.record({"op": "disk.map", "name": name, "map": pieces})
-            if seq is not None:
-                await self.journal.wait_durable(seq)
-                await self._push_update(d, lo, hi, exclude=conn.agent)
+                    async with self._alloc_lock:
+                        pieces = await self._plan_zeroed(gaps, d.pin, d.home)
+                        seq = self._record({"op": "disk.map", "name": d.name, "map": pieces})
+                    await self.journal.wait_durable(seq)
+                    await self._push_update(d, lo, hi, exclude=conn.agent)
+        hi = min(round_up(offset + length, seg), d.size)
         out = self._table(d)
         out["rows"] = self._rows(d, lo, hi)
         return out
 
     # ------------------------------------------------------------ coherence helpers
-    async def _plan_zeroed(self, length: int, pin: int | None, home: int | None, vstart: int,
-                           zero: bool = True, preallocate: bool = False) -> list[list[int]]:
-        pieces = self._plan(length, pin, home, vstart)
-        if zero:
-            await self._zero(pieces, preallocate)
-            self._check_still_free(pieces)
+    async def _plan_zeroed(self, targets: list[tuple[int, int]], pin: int | None,
+                           home: int | None, preallocate: bool = False) -> list[list[int]]:
+        """Place and zero storage for targets [(vstart, length)]; hold _alloc_lock."""
+        pieces = self._plan(targets, pin, home)
+        await self._zero(pieces, preallocate)
+        self._check_still_free(pieces)
         return pieces
+
+    def _record(self, rec: dict[str, Any]) -> int:
+        try:
+            return self.journal.record(rec)
+        except StateError as e:  # a planning bug: refuse the request, change nothing
+            log.error("refused %s: %s", rec.get("op"), e)
+            raise P.RemoteError(P.E_INTERNAL, f"internal error: {e}") from None
 
     def _check_still_free(self, pieces: list[list[int]]) -> None:
         for _v, n, lun, off in pieces:
@@ -504,7 +585,11 @@ class Service:
         return out
 
     async def _release_space(self, freed: list[tuple[str, int, int]]) -> None:
-        """Give freed space back to the host (punch holes in file containers); best effort."""
+        """Give freed space back to the host (punch holes in file containers); best effort.
+
+        Call it holding _alloc_lock, right after the commit that freed the space: once
+        the lock is released the space may be allocated (and written) again.
+        """
         by_path: dict[str, list[tuple[int, int]]] = {}
         for path, off, n in freed:
             by_path.setdefault(path, []).append((off, n))
@@ -521,6 +606,7 @@ class Service:
         await self.agents.wait_grace()
         rng = (start, end)
         self._restricted.setdefault(name, []).append(rng)
+        self._bump()
         try:
             d = self._disk(name)
             agents = self.agents.caching(name, exclude)
@@ -528,7 +614,7 @@ class Service:
                 await self.agents.push_all(agents, {
                     "push": "update", "disk": name, "epoch": d.epoch, "size": d.size,
                     "start": start, "end": end, "rows": self._rows(d, start, end),
-                    "drain": True})
+                    "drain": True, "v": self.version})
             yield
         finally:
             lst = self._restricted.get(name, [])
@@ -536,17 +622,20 @@ class Service:
                 lst.remove(rng)
             if not lst:
                 self._restricted.pop(name, None)
+            self._bump()
             self._restriction_lifted.set()
             self._restriction_lifted = trio.Event()
 
     async def _push_update(self, d: Disk, start: int, end: int,
                            exclude: Agent | None = None) -> None:
+        self._bump()
         agents = self.agents.caching(d.name, exclude)
         if agents:
             end = max(start, min(end, d.size))
             await self.agents.push_all(agents, {
                 "push": "update", "disk": d.name, "epoch": d.epoch, "size": d.size,
-                "start": start, "end": end, "rows": self._rows(d, start, end), "drain": False})
+                "start": start, "end": end, "rows": self._rows(d, start, end), "drain": False,
+                "v": self.version})
 
     # ------------------------------------------------------------ check
     async def check(self) -> dict[str, Any]:

@@ -288,8 +288,14 @@ class State:
     def _disk_rename(self, rec: dict[str, Any]) -> None:
         d = self.disk(rec["name"])
         new = rec["new"]
-        if not isinstance(new, str) or new in self.disks:
+        if not isinstance(new, str) or new == d.name:
             raise StateError(f"cannot rename {d.name!r} to {new!r}")
+        if new in self.disks:
+            if not rec.get("replace"):
+                raise StateError(f"cannot rename {d.name!r} to {new!r}: it exists")
+            target = self.disks[new]  # replaced atomically, as rename(2) does
+            self._unmap(target, 0, target.size)
+            del self.disks[new]
         del self.disks[d.name]
         d.name = new
         d.epoch += 1
@@ -400,6 +406,13 @@ def check(state: State) -> list[Problem]:
 
     def err(msg: str) -> None:
         probs.append(Problem("error", msg))
+
+    paths: dict[str, str] = {}
+    for cont in state.containers.values():
+        if cont.path in paths:
+            err(f"containers {paths[cont.path]!r} and {cont.name!r} are the same file "
+                f"{cont.path}")
+        paths[cont.path] = cont.name
 
     used: dict[int, list[tuple[int, int, str]]] = {lun: [] for lun in state.luns}
     for d in state.disks.values():

@@ -149,3 +149,13 @@ def release_ranges(path: str, ranges: list[tuple[int, int]]) -> None:
             punch_hole(fd, offset, length)
     finally:
         os.close(fd)
+
+
+def zero_bytes(path: str, offset: int, length: int) -> None:
+    """Write zeros over a small, possibly unaligned range, durably."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        _write_zeros(fd, offset, length)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)

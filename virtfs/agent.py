@@ -34,10 +34,12 @@ class Session:
         self.mount = mount
         self.call_timeout = call_timeout
         self.client: Client | None = None
+        self._ack_client: Client | None = None
         self.agent_id: int | None = None
         self.lease = 10.0
         self.lease_until = -1.0
         self._up = trio.Event()
+        self._renewed = trio.Event()
         self.on_push: PushHandler | None = None
         self.on_reconnect: ReconnectHandler | None = None
         self.reconnects = 0
@@ -79,19 +81,22 @@ class Session:
 
         async with open_controller(self.addr, role="agent", name=f"agent@{socket.gethostname()}",
                                    on_push=push, timeout=5.0) as client:
+            self._ack_client = client  # pushes may arrive (and need acks) during a reload
             sent = trio.current_time()
             reg = await client.call("agent.register", name=f"{socket.gethostname()}:{self.mount}",
                                     host=socket.gethostname(), mount=self.mount)
             self.agent_id = reg["agent_id"]
             self.lease = float(reg["lease"])
-            self.lease_until = sent + self.lease
-            self.client = client
             first = self.reconnects == 0
             self.reconnects += 1
             log.info("registered with the controller at %s as agent %d (lease %.1f s)",
                      self.addr, self.agent_id, self.lease)
             if not first and self.on_reconnect is not None:
+                # reload every table first: until then the old lease (if any is left)
+                # is all the cached entries may be used under
                 await self.on_reconnect(client)
+            self.client = client
+            self._renew(sent)
             self._up.set()
             if task_status is not None:
                 task_status.started()
@@ -104,7 +109,7 @@ class Session:
                     raise ConnectionLost(client.close_reason or "connection lost")
                 sent = trio.current_time()
                 hb = await client.call("agent.heartbeat", timeout=self.lease / 2)
-                self.lease_until = sent + self.lease
+                self._renew(sent)
                 if self.on_push is not None and hb.get("epochs"):
                     await self.on_push({"push": "epochs", "epochs": hb["epochs"]})
 
@@ -113,13 +118,26 @@ class Session:
             if self.on_push is not None:
                 await self.on_push(msg)
             pid = msg.get("pid")
-            client = self.client
+            client = self._ack_client
             if isinstance(pid, int) and client is not None:
                 await client.call("agent.ack", timeout=self.lease, pid=pid)
         except (ConnectionLost, RemoteError, trio.TooSlowError) as e:
             log.info("could not finish push %s: %s", msg.get("push"), e)
         except Exception:
             log.exception("push handler failed for %s", msg.get("push"))
+
+    def _renew(self, sent: float) -> None:
+        self.lease_until = sent + self.lease
+        self._renewed.set()
+        self._renewed = trio.Event()
+
+    async def wait_lease(self, deadline: float) -> None:
+        """Wait for the lease to be renewed (by a heartbeat or a re-registration)."""
+        while not self.lease_valid():
+            with trio.move_on_at(deadline):
+                await self._renewed.wait()
+            if not self.lease_valid() and trio.current_time() >= deadline:
+                raise ControllerUnavailable("the lease was not renewed in time")
 
     async def wait_up(self, deadline: float) -> Client:
         while self.client is None:

@@ -17,7 +17,9 @@ class ContainerIO:
     def __init__(self) -> None:
         self.paths: dict[int, str] = {}
         self._fds: dict[int, int] = {}
-        self.dirty: set[int] = set()  # LUNs written since the last sync
+        self._written: dict[int, int] = {}  # LUN -> writes so far
+        self._synced: dict[int, int] = {}  # LUN -> writes covered by a finished sync
+        self._sync_locks: dict[int, trio.Lock] = {}
 
     def set_paths(self, paths: dict[int, str]) -> None:
         for lun, path in paths.items():
@@ -63,19 +65,24 @@ class ContainerIO:
             n = os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
-        self.dirty.add(lun)
+        self._written[lun] = self._written.get(lun, 0) + 1
 
     async def sync(self, luns: set[int] | None = None) -> None:
-        """fdatasync the given (default: all written) containers."""
-        todo = sorted(self.dirty if luns is None else luns & self.dirty)
-        for lun in todo:
-            self.dirty.discard(lun)
-            fd = self.fd(lun)
-            try:
-                await trio.to_thread.run_sync(os.fdatasync, fd)
-            except OSError:
-                self.dirty.add(lun)
-                raise
+        """fdatasync the given (default: all) containers that have unsynced writes.
+
+        Each container counts its writes; a caller is done only when a sync that
+        *started after* its writes has succeeded, so a concurrent fsync cannot return
+        early on the strength of another caller's sync that may yet fail.
+        """
+        for lun in sorted(self._written if luns is None else luns):
+            target = self._written.get(lun, 0)
+            lock = self._sync_locks.setdefault(lun, trio.Lock())
+            async with lock:
+                if self._synced.get(lun, 0) >= target:
+                    continue  # a sync that started after our writes succeeded meanwhile
+                covered = self._written.get(lun, 0)
+                await trio.to_thread.run_sync(os.fdatasync, self.fd(lun))
+                self._synced[lun] = max(self._synced.get(lun, 0), covered)
 
     def close(self) -> None:
         for lun in list(self._fds):

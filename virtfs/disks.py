@@ -26,6 +26,7 @@ from controller.protocol import (
     E_NOT_FOUND,
     ERROR,
     INVALID,
+    MAX_DISK_SIZE,
     NOWRITE,
     ZERO,
     RemoteError,
@@ -165,11 +166,12 @@ class Volumes:
         return self._statfs[1]
 
     # ------------------------------------------------------------ open / close
-    def _load(self, od: OpenDisk | None, name: str, t: dict[str, Any]) -> DiskTable:
+    def _load(self, od: OpenDisk | None, name: str, t: dict[str, Any],
+              force: bool = False) -> DiskTable:
         self.io.set_paths({int(k): v for k, v in t["containers"].items()})
         if od is None:
-            return DiskTable(name, t["size"], t["epoch"], t["rows"])
-        od.table.load(t["size"], t["epoch"], t["rows"])
+            return DiskTable(name, t["size"], t["epoch"], t["rows"], t.get("v", 0))
+        od.table.load(t["size"], t["epoch"], t["rows"], t.get("v"), force=force)
         return od.table
 
     async def open_disk(self, inode: int) -> OpenDisk:
@@ -209,7 +211,7 @@ class Volumes:
         for name, od in list(self.open.items()):
             try:
                 t = await client.call("disk.open", name=name)
-                self._load(od, name, t)
+                self._load(od, name, t, force=True)  # a new registration: a fresh start
             except RemoteError as e:
                 log.error("disk %s cannot be reopened after reconnecting: %s", name, e.message)
                 od.table.restrict(0, od.table.size)
@@ -229,7 +231,8 @@ class Volumes:
                 return
             start, end = msg["start"], msg["end"]
             try:
-                od.table.replace(start, end, msg["rows"], size=msg["size"], epoch=msg["epoch"])
+                od.table.replace(start, end, msg["rows"], size=msg["size"], epoch=msg["epoch"],
+                                 version=msg.get("v"))
             except TableError as e:
                 log.warning("bad update for %s (%s); reloading the table", od.name, e)
                 od.table.restrict(0, od.table.size)
@@ -298,7 +301,8 @@ class Volumes:
                 start = rows[0][0]
                 end = rows[-1][0] + rows[-1][1]
                 before = od.table.allocated if write else 0
-                od.table.replace(start, end, rows, size=r["size"], epoch=r["epoch"])
+                od.table.replace(start, end, rows, size=r["size"], epoch=r["epoch"],
+                                 version=r.get("v"))
                 if write and od.table.allocated != before:
                     self.invalidate(od.inode, attr_only=True)  # st_blocks changed
         finally:
@@ -313,6 +317,25 @@ class Volumes:
         if e.flags & ZERO:
             return True  # reading a hole needs no lease: nothing to go stale on disk
         return self.session.lease_valid()
+
+    async def _wait(self, od: OpenDisk, pos: int, length: int, write: bool,
+                    deadline: float) -> None:
+        """The entry at pos cannot be used: renew the lease, or fault to the controller."""
+        if trio.current_time() >= deadline:
+            raise DiskError(errno.EIO, f"{od.name}: no usable entry at {pos} in time")
+        e = od.table.pieces(pos, 1)[0]
+        if not self.session.lease_valid() and self._usable_with_lease(e, write):
+            # only the lease is missing: faulting would not help until it is renewed
+            try:
+                await self.session.wait_lease(deadline)
+            except ControllerUnavailable as err:
+                raise DiskError(errno.EIO, f"{od.name}: {err}") from None
+            return
+        await self._fault(od, pos, length, write, deadline)
+
+    @staticmethod
+    def _usable_with_lease(e: Entry, write: bool) -> bool:
+        return not e.flags & INVALID and not (write and e.flags & (ZERO | NOWRITE))
 
     def _deadline(self) -> float:
         return trio.current_time() + self.fault_timeout
@@ -333,16 +356,17 @@ class Volumes:
                 if e.flags & ZERO:
                     parts.append(bytes(e.length))
                 else:
-                    with od.inflight.track(e.vstart, e.vend):
+                    op = od.inflight.begin(e.vstart, e.vend)
+                    try:
                         parts.append(self._io(od, "read", e, self.io.pread, e.lun, e.offset,
                                               e.length))
+                    finally:
+                        od.inflight.end(op)
                 pos = e.vend
             else:
                 break
-            if trio.current_time() >= deadline:
-                raise DiskError(errno.EIO, f"{od.name}: no usable entry at {pos} in time")
-            await self._fault(od, pos, end - pos, False, deadline)
-        return b"".join(parts)
+            await self._wait(od, pos, end - pos, False, deadline)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _io(self, od: OpenDisk, what: str, e: Entry, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -384,15 +408,16 @@ class Volumes:
                 if not self._usable(e, write=True):
                     break
                 chunk = view[e.vstart - offset : e.vend - offset]
-                with od.inflight.track(e.vstart, e.vend):
+                op = od.inflight.begin(e.vstart, e.vend)
+                try:
                     self._io(od, "write", e, self.io.pwrite, e.lun, e.offset, chunk)
+                finally:
+                    od.inflight.end(op)
                 od.used_luns.add(e.lun)
                 pos = e.vend
             else:
                 break
-            if trio.current_time() >= deadline:
-                raise DiskError(errno.EIO, f"{od.name}: no writable entry at {pos} in time")
-            await self._fault(od, pos, end - pos, True, deadline)
+            await self._wait(od, pos, end - pos, True, deadline)
         return len(view)
 
     async def fsync(self, od: OpenDisk) -> None:
@@ -402,6 +427,8 @@ class Volumes:
             raise DiskError(errno.EIO, f"fsync of {od.name}: {e}") from None
 
     async def grow(self, od: OpenDisk, size: int) -> None:
+        if size > MAX_DISK_SIZE:
+            raise DiskError(errno.EFBIG, f"{od.name}: {size} bytes is past the largest disk")
         async with od.grow_lock:
             if size > od.table.size:
                 await self._resize(od.name, size, allow_shrink=False)
@@ -432,7 +459,7 @@ class Volumes:
         if r["rows"]:
             start = r["rows"][0][0]
             stop = r["rows"][-1][0] + r["rows"][-1][1]
-            od.table.replace(start, stop, r["rows"], epoch=r["epoch"])
+            od.table.replace(start, stop, r["rows"], epoch=r["epoch"], version=r.get("v"))
             self.invalidate(od.inode, attr_only=True)
         for lo, hi in r["zero"]:
             pos = lo
@@ -465,14 +492,15 @@ class Volumes:
         self.listing.pop(name, None)
 
     async def rename(self, old: str, new: str, replace: bool) -> None:
+        """rename(2): replaces an existing target atomically (at the controller)."""
         await self.refresh(force=True)
         if old not in self.listing:
             raise DiskError(errno.ENOENT)
-        if new in self.listing:
-            if not replace:
-                raise DiskError(errno.EEXIST)
-            await self.unlink(new)
-        await self._call("disk.rename", f"rename {old}", name=old, new=new)
+        if new in self.listing and not replace:
+            raise DiskError(errno.EEXIST)
+        await self._call("disk.rename", f"rename {old}", name=old, new=new, replace=replace)
         # the controller pushes "rename" to agents with it open (us included); do the
         # namespace part here too, for when we do not have it open
         await self.handle_push({"push": "rename", "disk": old, "new": new})
+        self.listing.pop(new, None)
+        self._listing_at = -1e9

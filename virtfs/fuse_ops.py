@@ -30,6 +30,7 @@ BLOCK = 4096
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 TEST_RAISE_ENV = "VIRTFS_TEST_RAISE_IN"  # test hook: handler name that raises RuntimeError
+_RAISE_IN = os.environ.get(TEST_RAISE_ENV)
 
 T = TypeVar("T")
 PS = ParamSpec("PS")
@@ -41,7 +42,7 @@ def handler(fn: Callable[PS, Coroutine[Any, Any, T]]) -> Callable[PS, Coroutine[
     @functools.wraps(fn)
     async def wrapper(*args: PS.args, **kwargs: PS.kwargs) -> T:
         try:
-            if os.environ.get(TEST_RAISE_ENV) == name:
+            if name == _RAISE_IN:
                 raise RuntimeError(f"test hook: {name} raises")
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -214,7 +215,7 @@ class Operations(pyfuse3.Operations):
             raise DiskError(errno.EPERM)
         inode = await self.v.create(_name(name))
         od = await self.v.open_disk(inode)
-        fi = pyfuse3.FileInfo(fh=self._fh(od, True))
+        fi = pyfuse3.FileInfo(fh=self._fh(od, True), keep_cache=False)
         return fi, await self._disk_attr(inode)
 
     @handler
@@ -252,7 +253,9 @@ class Operations(pyfuse3.Operations):
         od = await self.v.open_disk(inode)
         if flags & os.O_TRUNC and writable:
             await self.v.truncate(inode, 0)
-        return pyfuse3.FileInfo(fh=self._fh(od, writable))
+        # keep_cache=False: the kernel drops this file's page cache at every open, so a
+        # reopen sees what other agents wrote
+        return pyfuse3.FileInfo(fh=self._fh(od, writable), keep_cache=False)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:

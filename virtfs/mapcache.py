@@ -49,15 +49,27 @@ def _rows_to_entries(rows: list[list[int]]) -> list[Entry]:
 
 
 class DiskTable:
-    def __init__(self, name: str, size: int, epoch: int, rows: list[list[int]]):
+    def __init__(self, name: str, size: int, epoch: int, rows: list[list[int]],
+                 version: int = 0):
         self.name = name
         self.size = size
         self.epoch = epoch
+        # the controller's version stamp of the newest answer applied; an older answer
+        # arriving later (replies and pushes can be handled out of order) is not trusted
+        self.version = version
         self._starts: list[int] = []
         self._entries: list[Entry] = []
-        self.load(size, epoch, rows)
+        self.load(size, epoch, rows, version, force=True)
 
-    def load(self, size: int, epoch: int, rows: list[list[int]]) -> None:
+    def stale(self, version: int | None) -> bool:
+        return version is not None and version < self.version
+
+    def load(self, size: int, epoch: int, rows: list[list[int]], version: int | None = None,
+             force: bool = False) -> bool:
+        """Replace the whole table; an answer older than the table only restricts it."""
+        if not force and self.stale(version):
+            self.restrict(0, self.size)
+            return False
         entries = _rows_to_entries(rows)
         pos = 0
         for e in entries:
@@ -67,8 +79,11 @@ class DiskTable:
         if pos != size:
             raise TableError(f"rows cover {pos} bytes of a {size}-byte disk")
         self.size, self.epoch = size, epoch
+        if version is not None:
+            self.version = version if force else max(self.version, version)
         self._entries = entries
         self._starts = [e.vstart for e in entries]
+        return True
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self._entries)
@@ -118,8 +133,17 @@ class DiskTable:
         self.size = size
 
     def replace(self, start: int, end: int, rows: list[list[int]], size: int | None = None,
-                epoch: int | None = None) -> None:
-        """Replace [start, end) with rows that tile it exactly (after resizing to size)."""
+                epoch: int | None = None, version: int | None = None) -> bool:
+        """Replace [start, end) with rows that tile it exactly (after resizing to size).
+
+        An answer older than what the table already holds is not applied: the range is
+        made invalid instead, so the next I/O there faults and fetches the truth.
+        """
+        if self.stale(version):
+            self.restrict(start, min(end, self.size))
+            return False
+        if version is not None:
+            self.version = version
         if size is not None and size != self.size:
             self.resize(size)
         new = _rows_to_entries(rows)
@@ -134,7 +158,7 @@ class DiskTable:
         if start >= end:
             if epoch is not None:
                 self.epoch = epoch
-            return
+            return True
         self._split(start)
         self._split(end)
         i = self._index(start)
@@ -143,12 +167,16 @@ class DiskTable:
         self._starts[i:j] = [e.vstart for e in new]
         if epoch is not None:
             self.epoch = epoch
+        return True
 
     def restrict(self, start: int, end: int) -> None:
         """Mark [start, end) invalid locally (every I/O there will fault)."""
+        end = min(end, self.size)
+        if start >= end:
+            return
         rows = [[e.vstart, e.length, e.lun, e.offset, e.flags | INVALID]
                 for e in self.pieces(start, end - start)]
-        self.replace(start, min(end, self.size), rows)
+        self.replace(start, end, rows)
 
 
 class Inflight:
@@ -157,23 +185,33 @@ class Inflight:
     def __init__(self) -> None:
         self._ops: dict[int, tuple[int, int]] = {}
         self._next = 0
-        self._changed = trio.Event()
+        self._changed: trio.Event | None = None  # only while someone drains
 
-    @contextmanager
-    def track(self, start: int, end: int) -> Iterator[None]:
+    def begin(self, start: int, end: int) -> int:
         op = self._next
         self._next += 1
         self._ops[op] = (start, end)
+        return op
+
+    def end(self, op: int) -> None:
+        del self._ops[op]
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    @contextmanager
+    def track(self, start: int, end: int) -> Iterator[None]:
+        op = self.begin(start, end)
         try:
             yield
         finally:
-            del self._ops[op]
-            self._changed.set()
-            self._changed = trio.Event()
+            self.end(op)
 
     def busy(self, start: int, end: int) -> bool:
         return any(lo < end and start < hi for lo, hi in self._ops.values())
 
     async def drain(self, start: int, end: int) -> None:
         while self.busy(start, end):
+            if self._changed is None:
+                self._changed = trio.Event()
             await self._changed.wait()
