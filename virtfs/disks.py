@@ -297,6 +297,8 @@ class Volumes:
                 raise _remote(e, f"fault on {od.name} at {offset}") from None
             self.io.set_paths({int(k): v for k, v in r["containers"].items()})
             rows = r["rows"]
+            if not rows and r["size"] != od.table.size and not od.table.stale(r.get("v")):
+                od.table.resize(r["size"])
             if rows:
                 start = rows[0][0]
                 end = rows[-1][0] + rows[-1][1]
@@ -348,7 +350,10 @@ class Volumes:
         pos = offset
         deadline = self._deadline()
         while pos < end:
-            for e in od.table.pieces(pos, end - pos):
+            pieces = od.table.pieces(pos, end - pos)
+            if not pieces:
+                break  # the disk shrank meanwhile: end of file moved
+            for e in pieces:
                 if e.flags & ERROR:
                     raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
                 if not self._usable(e, write=False):
@@ -399,7 +404,15 @@ class Volumes:
         pos = offset
         deadline = self._deadline()
         while pos < end:
-            for e in od.table.pieces(pos, end - pos):
+            pieces = od.table.pieces(pos, end - pos)
+            if not pieces and not skip_zero:
+                # the disk shrank meanwhile: like a write past the end, grow it
+                if trio.current_time() >= deadline:
+                    raise DiskError(errno.EIO, f"{od.name}: cannot grow to {end}")
+                await self.grow(od, end)
+                end = min(offset + len(view), od.table.size)
+                continue
+            for e in pieces:
                 if e.flags & ERROR:
                     raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
                 if skip_zero and e.flags & ZERO and not e.flags & INVALID:
