@@ -19,7 +19,7 @@ import trio
 from . import protocol as P
 from .client import ConnectionLost, open_controller
 from .daemon import default_socket, default_state_dir
-from .extents import NO_LUN, state_names
+from .protocol import NO_LUN, state_names
 from .units import SizeError, format_size, parse_size
 
 _NEG = "neg:"  # argv rewrite so "disk resize d -1G" is not taken for an option

@@ -13,32 +13,24 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
-from typing import NamedTuple
 
 # Entry states are bit flags (protocol.py); ZERO only appears on synthesised gap entries.
-from .protocol import ERROR, INVALID, NO_LUN, NOWRITE, STATE_NAMES, ZERO  # noqa: E402, F401
+from .protocol import (  # noqa: E402, F401
+    ERROR,
+    INVALID,
+    NO_LUN,
+    NOWRITE,
+    STATE_NAMES,
+    ZERO,
+    Entry,
+    state_names,
+)
 
 MAX_EXTENT = 32 << 30
 _CHUNK = 512
 
 
-class Extent(NamedTuple):
-    vstart: int
-    length: int
-    lun: int
-    offset: int
-    flags: int
-
-    @property
-    def vend(self) -> int:
-        return self.vstart + self.length
-
-    def states(self) -> list[str]:
-        return [name for bit, name in STATE_NAMES.items() if self.flags & bit]
-
-
-def state_names(flags: int) -> list[str]:
-    return [name for bit, name in STATE_NAMES.items() if flags & bit]
+Extent = Entry  # a stored extent is a table entry
 
 
 class ExtentError(ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 PROTOCOL_VERSION = 1
 
@@ -30,6 +30,33 @@ INVALID = 4  # every I/O faults
 ERROR = 8  # I/O fails with EIO at once
 STATE_NAMES = {ZERO: "zero", NOWRITE: "nowrite", INVALID: "invalid", ERROR: "error"}
 NO_LUN = -1
+
+
+class Entry(NamedTuple):
+    """One table entry: the controller's extents and the agent's cached rows alike."""
+
+    vstart: int
+    length: int
+    lun: int
+    offset: int
+    flags: int
+
+    @property
+    def vend(self) -> int:
+        return self.vstart + self.length
+
+    def states(self) -> list[str]:
+        return state_names(self.flags)
+
+    def clip(self, lo: int, hi: int) -> Entry:
+        """The part of this entry inside [lo, hi)."""
+        lo, hi = max(lo, self.vstart), min(hi, self.vend)
+        off = self.offset + (lo - self.vstart) if self.lun != NO_LUN else 0
+        return Entry(lo, hi - lo, self.lun, off, self.flags)
+
+
+def state_names(flags: int) -> list[str]:
+    return [name for bit, name in STATE_NAMES.items() if flags & bit]
 
 # Error codes, with the errno an agent maps them to.
 E_NOT_FOUND = "not_found"

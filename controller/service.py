@@ -7,6 +7,7 @@ table; the reply waits for the group commit.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -31,6 +32,7 @@ VERSION = "0.1.0"
 MAX_MAP_ROWS = 65536
 
 
+_NO_LOCK = contextlib.nullcontext()
 FAULT_WAIT = 30.0  # longest a fault waits for a restriction on its range to lift
 
 
@@ -219,7 +221,7 @@ class Service:
             raise P.RemoteError(P.E_NO_SPACE, "no containers (add one with: vdctl container "
                                 "add NAME PATH --size SIZE)")
         home = cands[0].lun
-        async with self._alloc_lock:
+        async with self._alloc_lock if thick and size else _NO_LOCK:
             pieces = (await self._plan_zeroed([(0, size)], pin, home, preallocate=True)
                       if thick and size else [])
             if name in self.state.disks:
@@ -295,11 +297,10 @@ class Service:
                 return self._disk_info(d)
             if size < old:
                 async with self._restrict(d.name, size // P.BLOCK_SIZE * P.BLOCK_SIZE, old,
-                                          exclude=None), self._alloc_lock:
-                    freed = self._physical(d, round_up(size), old)
+                                          exclude=None):
+                    await self._release_space(self._physical(d, round_up(size), old))
                     await self.journal.commit({"op": "disk.resize", "name": d.name,
                                                "size": size, "map": []})
-                    await self._release_space(freed)
             else:
                 async with self._alloc_lock:
                     # the bytes past an unaligned old end (inside its last block) may hold
@@ -341,14 +342,13 @@ class Service:
         d = self._disk(name)
         self._check_removable(name)
         await self.agents.wait_grace()
-        async with self._dlock(d), self._alloc_lock:
+        async with self._dlock(d):
             if self.state.disks.get(name) is not d:
                 raise P.not_found("disk", name)
             self._check_removable(name)
             info = self._disk_info(d)
-            freed = self._physical(d, 0, d.size)
+            await self._release_space(self._physical(d, 0, d.size))
             await self.journal.commit({"op": "disk.rm", "name": name})
-            await self._release_space(freed)
         self._disk_locks.pop(id(d), None)
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info
@@ -364,14 +364,13 @@ class Service:
                 raise P.RemoteError(P.E_EXISTS, f"disk {new!r} already exists")
             self._check_removable(new)
             await self.agents.wait_grace()
-            async with self._dlock(target), self._alloc_lock:
+            async with self._dlock(target):
                 if self.state.disks.get(new) is not target or self._disk(name) is not d:
                     raise P.RemoteError(P.E_BUSY, "the disks changed meanwhile; retry")
                 self._check_removable(new)
-                freed = self._physical(target, 0, target.size)
+                await self._release_space(self._physical(target, 0, target.size))
                 await self.journal.commit({"op": "disk.rename", "name": name, "new": new,
                                            "replace": True})
-                await self._release_space(freed)
             self._disk_locks.pop(id(target), None)
         else:
             await self.journal.commit({"op": "disk.rename", "name": name, "new": new})
@@ -397,12 +396,12 @@ class Service:
             a = min(round_up(offset, seg), end)
             b = end if end == d.size else max(end // seg * seg, a)
             if b > a:
-                async with self._restrict(d.name, a, b, exclude=None), self._alloc_lock:
+                async with self._restrict(d.name, a, b, exclude=None):
                     freed = self._physical(d, a, b)
                     if freed:
+                        await self._release_space(freed)
                         await self.journal.commit({"op": "disk.unmap", "name": d.name,
                                                    "start": a, "end": b})
-                        await self._release_space(freed)
                 await self._push_update(d, a, b)
             zero = [[lo, hi] for lo, hi in ((offset, a), (max(b, a), end)) if hi > lo]
             return {"epoch": d.epoch, "v": self.version, "freed": [a, b] if b > a else None,
@@ -585,10 +584,13 @@ class Service:
         return out
 
     async def _release_space(self, freed: list[tuple[str, int, int]]) -> None:
-        """Give freed space back to the host (punch holes in file containers); best effort.
+        """Give space about to be freed back to the host (punch holes); best effort.
 
-        Call it holding _alloc_lock, right after the commit that freed the space: once
-        the lock is released the space may be allocated (and written) again.
+        Call it *before* recording the free, while no agent may use the range (the disk
+        is closed everywhere, or the range restricted): once the free is recorded the
+        space may be allocated and written again, and a late punch would destroy that.
+        A crash between the punch and the record leaves zeros where data was being
+        discarded anyway.
         """
         by_path: dict[str, list[tuple[int, int]]] = {}
         for path, off, n in freed:

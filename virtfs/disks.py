@@ -294,6 +294,9 @@ class Volumes:
             except (ControllerUnavailable, ConnectionLost) as e:
                 raise DiskError(errno.EIO, f"fault on {od.name} at {offset}: {e}") from None
             except RemoteError as e:
+                if e.code == E_BUSY and trio.current_time() < deadline:
+                    await trio.sleep(0.05)  # a change on the range outlasted the fault: again
+                    return
                 raise _remote(e, f"fault on {od.name} at {offset}") from None
             self.io.set_paths({int(k): v for k, v in r["containers"].items()})
             rows = r["rows"]

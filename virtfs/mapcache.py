@@ -11,28 +11,10 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import trio
 
-from controller.protocol import INVALID, NO_LUN, ZERO
-
-
-class Entry(NamedTuple):
-    vstart: int
-    length: int
-    lun: int
-    offset: int
-    flags: int
-
-    @property
-    def vend(self) -> int:
-        return self.vstart + self.length
-
-    def clip(self, lo: int, hi: int) -> Entry:
-        lo, hi = max(lo, self.vstart), min(hi, self.vend)
-        off = self.offset + (lo - self.vstart) if self.lun != NO_LUN else 0
-        return Entry(lo, hi - lo, self.lun, off, self.flags)
+from controller.protocol import INVALID, NO_LUN, ZERO, Entry
 
 
 class TableError(ValueError):
