@@ -167,11 +167,19 @@ class AgentRegistry:
         try:
             while True:
                 if a.send is not None:
-                    try:
-                        await a.send(msg)
-                    except Exception as e:  # a broken connection
-                        log.info("push to agent %d failed: %s", a.id, e)
-                        self.disconnected(a)
+                    # never leave half a frame on the stream: the send is shielded from
+                    # our callers' timeouts and bounded by the lease on its own
+                    with trio.CancelScope(shield=True), trio.move_on_after(self.lease) as sc:
+                        try:
+                            await a.send(msg)
+                        except Exception as e:  # a broken connection
+                            log.info("push to agent %d failed: %s", a.id, e)
+                            self.disconnected(a)
+                    if sc.cancelled_caught:
+                        log.warning("agent %d (%s) does not read its pushes; dropping it",
+                                    a.id, a.name)
+                        self.drop(a)
+                        return
                 # wait for the ack, or until the lease (which the ack would have renewed)
                 # has certainly run out
                 deadline = a.lease_until + LEASE_MARGIN

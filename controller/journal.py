@@ -190,6 +190,7 @@ class Journal:
         self.journal_bytes = journal_bytes
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._pending = _Batch()
+        self._inflight: _Batch | None = None
         self._wakeup = trio.Event()
         self._closed = False
         self.durable_seq = state.seq
@@ -216,12 +217,16 @@ class Journal:
         return seq
 
     async def wait_durable(self, seq: int) -> None:
-        if seq <= self.durable_seq:
-            return
-        batch = self._pending
-        await batch.done.wait()
-        if batch.error is not None:
-            raise RuntimeError("journal write failed") from batch.error
+        """Wait until record seq (and everything before it) is on disk."""
+        while seq > self.durable_seq:
+            inflight = self._inflight
+            if inflight is not None and seq <= inflight.last_seq:
+                batch = inflight  # being written right now
+            else:
+                batch = self._pending
+            await batch.done.wait()
+            if batch.error is not None:
+                raise RuntimeError("journal write failed") from batch.error
 
     def _write(self, frames: list[bytes]) -> int:
         data = b"".join(frames)
@@ -254,6 +259,7 @@ class Journal:
                 if not batch.frames:
                     batch.done.set()
                     continue
+                self._inflight = batch
                 try:
                     self.journal_bytes += await trio.to_thread.run_sync(self._write, batch.frames)
                 except BaseException as e:
@@ -262,6 +268,7 @@ class Journal:
                     log.critical("journal write failed: %s; the controller must stop", e)
                     raise
                 self.durable_seq = batch.last_seq
+                self._inflight = None
                 self.commits += 1
                 batch.done.set()
                 if self.journal_bytes >= self.checkpoint_bytes:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 FRAME_TIMEOUT = 10.0  # once a frame has begun, all of it must arrive within this
 HELLO_TIMEOUT = 10.0
 MAX_INFLIGHT = 64  # concurrent requests per connection
+UNLIMITED_OPS = frozenset({"agent.ack", "agent.heartbeat"})
 
 Dispatch = Callable[[str, dict[str, Any], "Connection"], Awaitable[Any]]
 
@@ -127,6 +128,11 @@ class Connection:
                     if self.role is None:
                         await self.hello(msg)
                         continue
+                    if msg["op"] in UNLIMITED_OPS:
+                        # acks and heartbeats never block and must never wait behind
+                        # requests that may themselves wait for this very ack
+                        nursery.start_soon(self.handle, msg, None)
+                        continue
                     await limiter.acquire()
                     nursery.start_soon(self.handle, msg, limiter)
             except (FrameError, codec.CodecError) as e:
@@ -159,7 +165,7 @@ class Connection:
         await self.send({"id": rid, "ok": True, "result": {
             "protocol": P.PROTOCOL_VERSION, "server": "virtfs-controller"}})
 
-    async def handle(self, msg: dict[str, Any], limiter: trio.Semaphore) -> None:
+    async def handle(self, msg: dict[str, Any], limiter: trio.Semaphore | None) -> None:
         rid, op = msg["id"], msg["op"]
         try:
             spec = P.OPS.get(op)
@@ -176,7 +182,8 @@ class Connection:
             log.exception("internal error in %s", op)
             await self.reply_error(rid, P.RemoteError(P.E_INTERNAL, f"internal error: {e!r}"))
         finally:
-            limiter.release()
+            if limiter is not None:
+                limiter.release()
 
 
 class Server:

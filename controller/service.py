@@ -47,7 +47,10 @@ class Service:
         # one planner at a time: plan -> zero the space -> record, with awaits between
         self._alloc_lock = trio.Lock()
         # ranges whose entries are being restricted at agents before a change (disk -> ranges)
-        self._restricted: dict[str, list[tuple[int, int]]] = {}
+        # restricted ranges per disk, keyed by id(Disk) so a rename cannot orphan them
+        self._restricted: dict[int, list[tuple[int, int]]] = {}
+        # disks being removed (id): no new opens, tables or faults for them
+        self._removing: set[int] = set()
         self._restriction_lifted = trio.Event()
         # resize, discard, rename-over, rm and fault allocation of one disk, one at a time
         self._disk_locks: dict[int, trio.Lock] = {}
@@ -296,7 +299,7 @@ class Service:
             if size == old:
                 return self._disk_info(d)
             if size < old:
-                async with self._restrict(d.name, size // P.BLOCK_SIZE * P.BLOCK_SIZE, old,
+                async with self._restrict(d, size // P.BLOCK_SIZE * P.BLOCK_SIZE, old,
                                           exclude=None):
                     await self._release_space(self._physical(d, round_up(size), old))
                     await self.journal.commit({"op": "disk.resize", "name": d.name,
@@ -347,11 +350,23 @@ class Service:
                 raise P.not_found("disk", name)
             self._check_removable(name)
             info = self._disk_info(d)
-            await self._release_space(self._physical(d, 0, d.size))
-            await self.journal.commit({"op": "disk.rm", "name": name})
+            self._removing.add(id(d))  # from here on nobody may open it
+            try:
+                await self._release_space(self._physical(d, 0, d.size))
+                await self.journal.commit({"op": "disk.rm", "name": name})
+            finally:
+                self._removing.discard(id(d))
         self._disk_locks.pop(id(d), None)
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info
+
+    @asynccontextmanager
+    async def _dlocks(self, *disks: Disk) -> AsyncIterator[None]:
+        """Several disk locks, always taken in the same order (no AB/BA deadlock)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for d in sorted({id(x): x for x in disks}.values(), key=id):
+                await stack.enter_async_context(self._dlock(d))
+            yield
 
     async def disk_rename(self, name: str, new: str, replace: bool) -> dict[str, Any]:
         d = self._disk(name)
@@ -364,21 +379,24 @@ class Service:
                 raise P.RemoteError(P.E_EXISTS, f"disk {new!r} already exists")
             self._check_removable(new)
             await self.agents.wait_grace()
-            async with self._dlock(target):
-                if self.state.disks.get(new) is not target or self._disk(name) is not d:
-                    raise P.RemoteError(P.E_BUSY, "the disks changed meanwhile; retry")
+        async with self._dlocks(d, *([target] if target is not None else [])):
+            if self.state.disks.get(name) is not d or self.state.disks.get(new) is not target:
+                raise P.RemoteError(P.E_BUSY, "the disks changed meanwhile; retry")
+            if target is not None:
                 self._check_removable(new)
-                await self._release_space(self._physical(target, 0, target.size))
-                await self.journal.commit({"op": "disk.rename", "name": name, "new": new,
-                                           "replace": True})
-            self._disk_locks.pop(id(target), None)
-        else:
-            await self.journal.commit({"op": "disk.rename", "name": name, "new": new})
-        self.agents.rename(name, new)
-        if name in self._restricted:
-            self._restricted[new] = self._restricted.pop(name)
-        await self.agents.push_all(self.agents.caching(new),
-                                   {"push": "rename", "disk": name, "new": new})
+                self._removing.add(id(target))
+                try:
+                    await self._release_space(self._physical(target, 0, target.size))
+                    await self.journal.commit({"op": "disk.rename", "name": name, "new": new,
+                                               "replace": True})
+                finally:
+                    self._removing.discard(id(target))
+                self._disk_locks.pop(id(target), None)
+            else:
+                await self.journal.commit({"op": "disk.rename", "name": name, "new": new})
+            self.agents.rename(name, new)
+            await self.agents.push_all(self.agents.caching(new),
+                                       {"push": "rename", "disk": name, "new": new})
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return self._disk_info(d)
 
@@ -396,7 +414,7 @@ class Service:
             a = min(round_up(offset, seg), end)
             b = end if end == d.size else max(end // seg * seg, a)
             if b > a:
-                async with self._restrict(d.name, a, b, exclude=None):
+                async with self._restrict(d, a, b, exclude=None):
                     freed = self._physical(d, a, b)
                     if freed:
                         await self._release_space(freed)
@@ -456,7 +474,7 @@ class Service:
 
     def _rows(self, d: Disk, start: int, end: int) -> list[list[int]]:
         """Entries for [start, end) as the agent gets them: restricted ranges are invalid."""
-        restricted = self._restricted.get(d.name, [])
+        restricted = self._restricted.get(id(d), [])
         rows = []
         for e in d.extents.entries(start, end):
             flags = e.flags
@@ -480,21 +498,40 @@ class Service:
             "v": self.version,
         }
 
+    def _live_disk(self, name: str) -> Disk:
+        d = self._disk(name)
+        if id(d) in self._removing:
+            raise P.not_found("disk", name)
+        return d
+
+    async def _answer(self, d: Disk, start: int, end: int) -> dict[str, Any]:
+        """Entries for an agent, never more permissive than what is durable."""
+        # a mapping recorded by another request is visible in memory before its group
+        # commit: wait until everything recorded so far is on disk, then answer
+        await self.journal.wait_durable(self.state.seq)
+        out = self._table(d)
+        out["rows"] = self._rows(d, start, min(end, d.size))
+        return out
+
     async def disk_open(self, name: str, conn: Any) -> dict[str, Any]:
         a = self._agent(conn)
-        d = self._disk(name)
-        a.opens[name] = a.opens.get(name, 0) + 1
-        out = self._table(d)
-        out["rows"] = self._rows(d, 0, d.size)
+        d = self._live_disk(name)
+        a.opens[d.name] = a.opens.get(d.name, 0) + 1
+        try:
+            out = await self._answer(d, 0, d.size)
+            self._live_disk(d.name)
+        except BaseException:
+            a.opens[d.name] -= 1
+            if not a.opens[d.name]:
+                del a.opens[d.name]
+            raise
         return out
 
     async def disk_table(self, name: str, conn: Any) -> dict[str, Any]:
         """A fresh copy of a disk's table for an agent that already has it open."""
         self._agent(conn)
-        d = self._disk(name)
-        out = self._table(d)
-        out["rows"] = self._rows(d, 0, d.size)
-        return out
+        d = self._live_disk(name)
+        return await self._answer(d, 0, d.size)
 
     async def disk_close(self, name: str, conn: Any) -> None:
         a = self._agent(conn)
@@ -504,21 +541,21 @@ class Service:
         else:
             a.opens[name] = n - 1
 
-    def _is_restricted(self, name: str, start: int, end: int) -> bool:
-        return any(lo < end and start < hi for lo, hi in self._restricted.get(name, []))
+    def _is_restricted(self, d: Disk, start: int, end: int) -> bool:
+        return any(lo < end and start < hi for lo, hi in self._restricted.get(id(d), []))
 
     async def disk_fault(self, name: str, offset: int, length: int, write: bool,
                          conn: Any) -> dict[str, Any]:
         """An agent lacks a usable entry: allocate (writes to zero ranges) and answer entries."""
         self._agent(conn)
-        d = self._disk(name)
+        d = self._live_disk(name)
         if offset < 0 or length <= 0 or offset >= d.size:
             raise P.invalid(f"fault range {offset}+{length} is outside disk {name!r} "
                             f"(size {d.size})")
         with trio.move_on_after(FAULT_WAIT):
-            while self._is_restricted(d.name, offset, offset + length):
+            while self._is_restricted(d, offset, offset + length):
                 await self._restriction_lifted.wait()
-        if self._is_restricted(d.name, offset, offset + length):
+        if self._is_restricted(d, offset, offset + length):
             raise P.RemoteError(P.E_BUSY, f"{name!r} at {offset} is being changed; retry")
         seg = d.segment_size
         lo = offset // seg * seg
@@ -536,9 +573,7 @@ class Service:
                     await self.journal.wait_durable(seq)
                     await self._push_update(d, lo, hi, exclude=conn.agent)
         hi = min(round_up(offset + length, seg), d.size)
-        out = self._table(d)
-        out["rows"] = self._rows(d, lo, hi)
-        return out
+        return await self._answer(d, lo, hi)
 
     # ------------------------------------------------------------ coherence helpers
     async def _plan_zeroed(self, targets: list[tuple[int, int]], pin: int | None,
@@ -602,28 +637,27 @@ class Service:
                 log.warning("could not punch freed space in %s: %s", path, e)
 
     @asynccontextmanager
-    async def _restrict(self, name: str, start: int, end: int,
+    async def _restrict(self, d: Disk, start: int, end: int,
                         exclude: Agent | None) -> AsyncIterator[None]:
         """Turn off I/O on [start, end) at every caching agent, drained, for the block."""
         await self.agents.wait_grace()
         rng = (start, end)
-        self._restricted.setdefault(name, []).append(rng)
+        self._restricted.setdefault(id(d), []).append(rng)
         self._bump()
         try:
-            d = self._disk(name)
-            agents = self.agents.caching(name, exclude)
+            agents = self.agents.caching(d.name, exclude)
             if agents:
                 await self.agents.push_all(agents, {
-                    "push": "update", "disk": name, "epoch": d.epoch, "size": d.size,
+                    "push": "update", "disk": d.name, "epoch": d.epoch, "size": d.size,
                     "start": start, "end": end, "rows": self._rows(d, start, end),
                     "drain": True, "v": self.version})
             yield
         finally:
-            lst = self._restricted.get(name, [])
+            lst = self._restricted.get(id(d), [])
             if rng in lst:
                 lst.remove(rng)
             if not lst:
-                self._restricted.pop(name, None)
+                self._restricted.pop(id(d), None)
             self._bump()
             self._restriction_lifted.set()
             self._restriction_lifted = trio.Event()

@@ -94,6 +94,8 @@ class Volumes:
         self.open: dict[str, OpenDisk] = {}  # by current name
         self.by_inode: dict[int, OpenDisk] = {}
         self._statfs: tuple[float, dict[str, Any]] | None = None
+        # the newest version stamp pushed per disk name, open or not (see _load)
+        self._pushed_v: dict[str, int] = {}
         # set by the FUSE adapter: drop the kernel's cache of an inode's data/attrs
         self.invalidate: Callable[..., None] = lambda inode, attr_only=False: None
         self.invalidate_entry: Callable[[str], None] = lambda name: None
@@ -166,12 +168,17 @@ class Volumes:
         return self._statfs[1]
 
     # ------------------------------------------------------------ open / close
-    def _load(self, od: OpenDisk | None, name: str, t: dict[str, Any],
-              force: bool = False) -> DiskTable:
+    def _load(self, od: OpenDisk | None, name: str, t: dict[str, Any]) -> DiskTable:
+        """Install a whole table; one older than a push already seen only restricts."""
         self.io.set_paths({int(k): v for k, v in t["containers"].items()})
+        v = t.get("v", 0)
         if od is None:
-            return DiskTable(name, t["size"], t["epoch"], t["rows"], t.get("v", 0))
-        od.table.load(t["size"], t["epoch"], t["rows"], t.get("v"), force=force)
+            table = DiskTable(name, t["size"], t["epoch"], t["rows"], v)
+            if v < self._pushed_v.get(name, 0):
+                # a push for this disk overtook the open's answer: trust nothing yet
+                table.restrict(0, table.size)
+            return table
+        od.table.load(t["size"], t["epoch"], t["rows"], v)
         return od.table
 
     async def open_disk(self, inode: int) -> OpenDisk:
@@ -211,7 +218,7 @@ class Volumes:
         for name, od in list(self.open.items()):
             try:
                 t = await client.call("disk.open", name=name)
-                self._load(od, name, t, force=True)  # a new registration: a fresh start
+                self._load(od, name, t)
             except RemoteError as e:
                 log.error("disk %s cannot be reopened after reconnecting: %s", name, e.message)
                 od.table.restrict(0, od.table.size)
@@ -226,6 +233,10 @@ class Volumes:
     async def handle_push(self, msg: dict[str, Any]) -> None:
         kind = msg.get("push")
         if kind == "update":
+            v = msg.get("v")
+            if isinstance(v, int):
+                name = msg["disk"]
+                self._pushed_v[name] = max(self._pushed_v.get(name, 0), v)
             od = self.open.get(msg["disk"])
             if od is None:
                 return
@@ -266,7 +277,11 @@ class Volumes:
         elif kind == "epochs":
             for name, epoch in msg["epochs"].items():
                 od = self.open.get(name)
-                if od is not None and epoch is not None and epoch != od.table.epoch:
+                if od is not None and epoch is None:
+                    # the controller no longer has it: use none of its entries
+                    od.table.restrict(0, od.table.size)
+                    continue
+                if od is not None and epoch != od.table.epoch:
                     log.info("disk %s: table epoch %d, controller has %d; reloading",
                              name, od.table.epoch, epoch)
                     try:
@@ -399,23 +414,26 @@ class Volumes:
 
     async def write(self, od: OpenDisk, offset: int, data: bytes | memoryview,
                     *, skip_zero: bool = False) -> int:
+        """Write all of data at offset (growing the disk if the write passes its end).
+
+        skip_zero (zeroing a discarded range): leave zero entries alone and never grow.
+        """
         view = memoryview(data)
-        end = offset + len(view)
-        if end > od.table.size and not skip_zero:
-            await self.grow(od, end)
-        end = min(end, od.table.size)
+        target = offset + len(view)
         pos = offset
         deadline = self._deadline()
-        while pos < end:
-            pieces = od.table.pieces(pos, end - pos)
-            if not pieces and not skip_zero:
-                # the disk shrank meanwhile: like a write past the end, grow it
+        while True:
+            if skip_zero:
+                target = min(target, od.table.size)
+            elif od.table.size < target:
+                # past the end, or the disk shrank under us: grow, like a regular file
                 if trio.current_time() >= deadline:
-                    raise DiskError(errno.EIO, f"{od.name}: cannot grow to {end}")
-                await self.grow(od, end)
-                end = min(offset + len(view), od.table.size)
+                    raise DiskError(errno.EIO, f"{od.name}: cannot grow to {target}")
+                await self.grow(od, target)
                 continue
-            for e in pieces:
+            if pos >= target:
+                return len(view)
+            for e in od.table.pieces(pos, target - pos):
                 if e.flags & ERROR:
                     raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
                 if skip_zero and e.flags & ZERO and not e.flags & INVALID:
@@ -432,9 +450,8 @@ class Volumes:
                 od.used_luns.add(e.lun)
                 pos = e.vend
             else:
-                break
-            await self._wait(od, pos, end - pos, True, deadline)
-        return len(view)
+                continue  # all pieces done: re-check the size, then finish
+            await self._wait(od, pos, target - pos, True, deadline)
 
     async def fsync(self, od: OpenDisk) -> None:
         try:

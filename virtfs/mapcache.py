@@ -48,7 +48,10 @@ class DiskTable:
 
     def load(self, size: int, epoch: int, rows: list[list[int]], version: int | None = None,
              force: bool = False) -> bool:
-        """Replace the whole table; an answer older than the table only restricts it."""
+        """Replace the whole table; an answer older than the table only restricts it.
+
+        force: only for the first load (the constructor).
+        """
         if not force and self.stale(version):
             self.restrict(0, self.size)
             return False
