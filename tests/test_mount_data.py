@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import run_vdctl
+from conftest import run_vdctl, wait_for
 from tools import FIO_VERIFY, fio, run
 
 
@@ -160,8 +160,9 @@ def test_files_as_disks(embedded, tmp_path):
         os.unlink(p / "renamed")
         assert "renamed" not in os.listdir(p)
         assert len(f.read()) == 4096
-    r = run_vdctl("--state-dir", str(embedded.state_dir), "disk", "info", "renamed")
-    assert r.rc == 1
+    # the kernel sends RELEASE after close() returns: the removal follows shortly
+    wait_for(lambda: run_vdctl("--state-dir", str(embedded.state_dir), "disk", "info",
+                               "renamed").rc == 1, 10, "removal after the last close")
     # bad names are refused, nothing created
     with pytest.raises(OSError) as ei:
         open(p / "bad name", "wb").close()
