@@ -146,6 +146,8 @@ class Service:
             "seq": s.seq,
             "containers": len(s.containers),
             "disks": len(s.disks),
+            "agents": len(self.agents.to_list()),
+            "lease": self.agents.lease,
             "capacity": sum(c.usable for c in s.containers.values()),
             "used": sum(c.used for c in s.containers.values()),
             "journal_bytes": self.journal.journal_bytes,
