@@ -144,9 +144,10 @@ class AgentRegistry:
             log.info("waiting %.1f s for leases of a previous controller's agents", delay)
             await trio.sleep(delay)
 
-    async def notify(self, msg: dict[str, Any], timeout: float = 2.0) -> None:
+    async def notify(self, msg: dict[str, Any], timeout: float = 2.0,
+                     exclude: Agent | None = None) -> None:
         """A hint for every connected agent (e.g. the disk list changed), acked within timeout."""
-        agents = [a for a in self.agents.values() if a.connected]
+        agents = [a for a in self.agents.values() if a.connected and a is not exclude]
         with trio.move_on_after(timeout):
             await self.push_all(agents, msg)
 

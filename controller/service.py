@@ -319,9 +319,16 @@ class Service:
                     seq = self._record({"op": "disk.resize", "name": d.name, "size": size,
                                         "map": pieces})
                 await self.journal.wait_durable(seq)
-            await self._push_update(d, min(old, size) // P.BLOCK_SIZE * P.BLOCK_SIZE, d.size)
-        await self.agents.notify({"push": "namespace"})
-        return self._disk_info(d)
+            lo = min(old, size) // P.BLOCK_SIZE * P.BLOCK_SIZE
+            caller = getattr(conn, "agent", None)
+            # the calling agent gets the new entries in the reply, not as a push: a file
+            # that grows write by write (cp into the mount) costs one round trip a write
+            await self._push_update(d, lo, d.size, exclude=caller)
+        await self.agents.notify({"push": "namespace"}, exclude=caller)
+        info = self._disk_info(d)
+        if caller is not None:
+            info["update"] = {"start": lo, "end": d.size, **await self._answer(d, lo, d.size)}
+        return info
 
     async def _zero_tail(self, d: Disk) -> None:
         if not d.size % P.BLOCK_SIZE:

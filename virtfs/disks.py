@@ -464,23 +464,26 @@ class Volumes:
             raise DiskError(errno.EFBIG, f"{od.name}: {size} bytes is past the largest disk")
         async with od.grow_lock:
             if size > od.table.size:
-                await self._resize(od.name, size, allow_shrink=False)
-                if od.table.size < size:  # the push normally did this already
-                    await self._reload(od)
+                await self._resize(od.name, size, allow_shrink=False, od=od)
 
-    async def _resize(self, name: str, size: int, allow_shrink: bool) -> None:
-        await self._call("disk.resize", f"resize {name}", name=name, size=size,
-                         allow_shrink=allow_shrink)
+    async def _resize(self, name: str, size: int, allow_shrink: bool,
+                      od: OpenDisk | None = None) -> None:
+        r = await self._call("disk.resize", f"resize {name}", name=name, size=size,
+                             allow_shrink=allow_shrink)
         self._listing_at = -1e9
+        u = r.get("update")
+        if od is not None and u is not None:
+            od.table.replace(u["start"], u["end"], u["rows"], size=u["size"], epoch=u["epoch"],
+                             version=u.get("v"))
+            if od.table.size != size and not od.table.stale(u.get("v")):
+                await self._reload(od)
 
     async def truncate(self, inode: int, size: int) -> None:
         od = self.by_inode.get(inode)
         name = od.name if od is not None else self.inodes.get(inode)
         if name is None:
             raise DiskError(errno.ENOENT)
-        await self._resize(name, size, allow_shrink=True)
-        if od is not None and od.table.size != size:
-            await self._reload(od)
+        await self._resize(name, size, allow_shrink=True, od=od)
 
     async def discard(self, od: OpenDisk, offset: int, length: int) -> None:
         """Punch a hole: whole segments go back to zero at the controller; the ends are zeroed."""
