@@ -107,13 +107,13 @@ def _pieces(rec: dict[str, Any], key: str = "map") -> list[tuple[int, int, int, 
         raise StateError(f"{key} must be a list")
     out = []
     for p in raw:
-        if (
-            not isinstance(p, list)
-            or len(p) != 4
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in p)
-        ):
+        # exact type checks (a bool is not a byte count); this runs once per replayed piece
+        if type(p) is not list or len(p) != 4:
             raise StateError(f"bad map piece {p!r}")
-        out.append((p[0], p[1], p[2], p[3]))
+        a, b, c, d = p
+        if type(a) is not int or type(b) is not int or type(c) is not int or type(d) is not int:
+            raise StateError(f"bad map piece {p!r}")
+        out.append((a, b, c, d))
     return out
 
 
