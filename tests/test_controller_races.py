@@ -117,3 +117,85 @@ async def test_acks_are_not_stuck_behind_a_burst_of_faults(tmp_path):
         assert took < 2.0, f"B's allocating fault waited {took:.1f} s for A's ack"
         assert [a["connected"] for a in ls] == [True, True]
         assert box["errs"] == []
+
+
+class _Conn:
+    """Stands in for an agent's connection in direct Service calls."""
+
+    def __init__(self, agent: Any):
+        self.agent = agent
+
+
+async def test_freed_space_is_punched_before_it_can_be_reused(tmp_path, slow_punch):
+    """A discard's punch must never hit space a concurrent fault was given (and wrote)."""
+    import os
+
+    async with open_controller_service(str(tmp_path / "s")) as svc:
+        img = str(tmp_path / "c.img")
+        await svc.container_add("c", img, 4096)  # one block: any reuse is of x's block
+        await svc.disk_create("x", 1 << 20, False, 4096, None)
+        await svc.disk_create("y", 1 << 20, False, 4096, None)
+
+        async def send(msg: dict[str, Any]) -> None:
+            return None
+
+        conn = _Conn(svc.agents.register("fake", "h", "/m", send))
+        await svc.disk_fault("x", 0, 4096, True, conn)
+        got: dict[str, Any] = {}
+
+        async def write_y() -> None:
+            await trio.sleep(0.1)  # while x's block is being punched
+            try:
+                r = await svc.disk_fault("y", 0, 4096, True, conn)
+            except RemoteError as e:
+                got["err"] = e.code  # no space until the free is recorded: fine
+                return
+            row = r["rows"][0]
+            fd = os.open(img, os.O_RDWR)
+            os.pwrite(fd, b"Y" * 4096, row[3])
+            os.fsync(fd)
+            os.close(fd)
+            got["row"] = row
+
+        async with trio.open_nursery() as n:
+            n.start_soon(svc.disk_discard, "x", 0, 4096, conn)
+            n.start_soon(write_y)
+        if "row" in got:
+            fd = os.open(img, os.O_RDONLY)
+            try:  # the punch did not land after the write
+                assert os.pread(fd, 4096, got["row"][3]) == b"Y" * 4096
+            finally:
+                os.close(fd)
+        assert (await svc.check())["ok"]
+
+
+async def test_concurrent_fsync_waits_for_a_sync_that_covers_it(tmp_path, monkeypatch):
+    import os
+
+    from virtfs import blockio
+
+    p = tmp_path / "f.img"
+    p.write_bytes(bytes(1 << 20))
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        time.sleep(0.4)
+        real(fd)
+
+    monkeypatch.setattr(blockio.os, "fdatasync", slow)
+    io = blockio.ContainerIO()
+    io.set_paths({1: str(p)})
+    io.pwrite(1, 0, b"A" * 4096)
+    done: dict[str, float] = {}
+    t0 = trio.current_time()
+
+    async def fsync(name: str, delay: float) -> None:
+        await trio.sleep(delay)
+        await io.sync({1})
+        done[name] = trio.current_time() - t0
+
+    async with trio.open_nursery() as n:
+        n.start_soon(fsync, "first", 0)
+        n.start_soon(fsync, "second", 0.05)  # its write is covered by the running sync
+    assert done["second"] >= 0.35, done  # it did not return before that sync finished
+    io.close()
