@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from . import protocol as P
 from .client import ConnectionLost, open_controller
 from .daemon import default_socket, default_state_dir
 from .protocol import NO_LUN, state_names
+from .server import parse_addr
 from .units import SizeError, format_size, parse_size
 
 _NEG = "neg:"  # argv rewrite so "disk resize d -1G" is not taken for an option
@@ -50,12 +52,30 @@ def delta_arg(text: str) -> tuple[str, int]:
     return sign, size_arg(text)
 
 
+def addr_arg(text: str) -> str:
+    """A controller address: unix:PATH (tcp:// is refused until TLS exists)."""
+    try:
+        kind, _where = parse_addr(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if kind != "unix":
+        raise argparse.ArgumentTypeError("tcp:// needs TLS and tokens, which this release "
+                                         "does not have yet; use unix:PATH")
+    return text
+
+
+def path_arg(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("PATH must not be empty")
+    return os.path.abspath(text)
+
+
 def _globals(parser: argparse.ArgumentParser, default: Any) -> None:
     g = parser.add_argument_group("global options")
     g.add_argument("--state-dir", default=default,
                    help="the controller's state dir (its socket is STATE_DIR/controller.sock; "
                    "default $VIRTFS_STATE_DIR or ~/.local/state/virtfs)")
-    g.add_argument("--controller", metavar="ADDR", default=default,
+    g.add_argument("--controller", metavar="ADDR", default=default, type=addr_arg,
                    help="the controller's address, unix:PATH")
     g.add_argument("--format", choices=("table", "json"), default=default,
                    help="output format (default table)")
@@ -83,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     cv = c.add_subparsers(dest="verb", metavar="VERB", required=True)
     a = verb(cv, "add", "add a container: an existing file or block device, or a new sparse "
              "file of --size")
-    a.add_argument("name")
-    a.add_argument("path", type=os.path.abspath)
+    a.add_argument("name", help="container name (letters, digits, . _ + -)")
+    a.add_argument("path", type=path_arg,
+                   help="backing file or block device (made absolute); a new sparse file "
+                   "with --size")
     a.add_argument("--size", type=size_arg,
                    help="create a sparse file of this size if PATH does not exist; with an "
                    "existing file, use only its first SIZE bytes")
@@ -96,10 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = nouns.add_parser("disk", help="virtual disks")
     dv = d.add_subparsers(dest="verb", metavar="VERB", required=True)
     cr = verb(dv, "create", "create a disk (thin unless --thick)")
-    cr.add_argument("name")
-    cr.add_argument("--size", type=size_arg, required=True, help="any byte size")
+    cr.add_argument("name", help="disk name (letters, digits, . _ + -; at most 128 bytes)")
+    cr.add_argument("--size", type=size_arg, required=True, metavar="SIZE",
+                    help="any byte size, e.g. 12345, 10G, 1.5T")
     cr.add_argument("--thick", action="store_true", help="allocate all space now")
-    cr.add_argument("--segment-size", type=size_arg,
+    cr.add_argument("--segment-size", type=size_arg, metavar="SIZE",
                     help="allocation unit for thin disks (default 4M, multiple of 4K)")
     cr.add_argument("--container", help="allocate only on this container")
     verb(dv, "ls", "list disks")
@@ -107,10 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     verb(dv, "map", "show a disk's segment map: entries and their states").add_argument("name")
     rs = verb(dv, "resize", "set a disk's size, or grow/shrink it by +SIZE/-SIZE")
     rs.add_argument("name")
-    rs.add_argument("size", type=delta_arg, metavar="SIZE|+SIZE|-SIZE")
+    rs.add_argument("size", type=delta_arg, metavar="SIZE|+SIZE|-SIZE",
+                    help="new size, or a change of it (e.g. 20G, +1G, -512M)")
     rs.add_argument("--allow-shrink", action="store_true", help="permit shrinking (data past "
                     "the new end is discarded)")
-    verb(dv, "rm", "remove a disk and free its space").add_argument("name")
+    verb(dv, "rm", "remove a disk and free its space (refused while an agent has it open)"
+         ).add_argument("name")
 
     ag = nouns.add_parser("agent", help="agents (virtfs-mount processes) the controller knows")
     agv = ag.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -134,6 +159,14 @@ def _kv(d: dict[str, Any], out: Any) -> None:
     for k, v in d.items():
         if isinstance(v, list | dict):
             continue
+        if v is None:
+            v = "-"
+        elif isinstance(v, bool):
+            v = "yes" if v else "no"
+        elif k in ("ctime", "registered") and isinstance(v, int | float):
+            v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
+        elif k == "uptime":
+            v = f"{v} s"
         if isinstance(v, int) and not isinstance(v, bool) and k in (
                 "size", "used", "free", "allocated", "capacity", "segment_size",
                 "journal_bytes"):
@@ -278,7 +311,7 @@ class Cli:
         if sign:
             cur = (await self.c.call("disk.info", name=self.args.name))["size"]
             size = cur + amount if sign == "+" else cur - amount
-            if size <= 0:
+            if size < 0:
                 raise P.invalid(f"cannot shrink {self.args.name!r} ({cur} bytes) by {amount}")
         r = await self.c.call("disk.resize", name=self.args.name, size=size,
                               allow_shrink=self.args.allow_shrink)
@@ -333,6 +366,11 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
 
     try:
         return trio.run(run)
+    except BrokenPipeError:
+        # the reader went away (vdctl ... | head): quietly, like other CLI tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except ConnectionLost as e:
         hint = "" if "connect" not in e.message else " (is virtfs-controller running?)"
         print(f"vdctl: error: {e.message}{hint}", file=sys.stderr)

@@ -18,7 +18,7 @@ import trio
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
 from .journal import Journal, JournalCorrupt, recover
-from .server import Server, serve_listeners
+from .server import Server, parse_addr, serve_listeners
 from .service import Service
 
 log = logging.getLogger("virtfs.controller")
@@ -41,6 +41,8 @@ class StateDirBusy(Exception):
 
 def lock_state_dir(state_dir: str) -> int:
     """An exclusive flock on STATE_DIR/lock, held for the process's life. Absolute path."""
+    if os.path.exists(state_dir) and not os.path.isdir(state_dir):
+        raise StateDirBusy(f"state dir {state_dir} exists and is not a directory")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -104,7 +106,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
 
 
 async def _run(state_dir: str, listen: list[str], lease: float) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with open_controller_service(state_dir, listen, lease=lease):
             print(f"virtfs-controller: serving {', '.join(listen)} (state dir {state_dir})",
                   file=sys.stderr, flush=True)
@@ -140,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     state_dir = os.path.abspath(args.state_dir or default_state_dir())
     listen = args.listen or [default_socket(state_dir)]
+    for addr in listen:  # before the state dir is touched
+        try:
+            kind, _ = parse_addr(addr)
+        except ValueError as e:
+            p.error(str(e))
+        if kind != "unix":
+            p.error("tcp:// listeners need TLS and tokens, which this release does not have "
+                    "yet; use unix:PATH")
     try:
         if not 0.5 <= args.lease <= 3600:
             p.error("--lease must be between 0.5 and 3600 seconds")

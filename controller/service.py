@@ -324,7 +324,7 @@ class Service:
             # the calling agent gets the new entries in the reply, not as a push: a file
             # that grows write by write (cp into the mount) costs one round trip a write
             await self._push_update(d, lo, d.size, exclude=caller)
-        await self.agents.notify({"push": "namespace"}, exclude=caller)
+        await self.agents.notify({"push": "namespace", "changed": [d.name]}, exclude=caller)
         info = self._disk_info(d)
         if caller is not None:
             info["update"] = {"start": lo, "end": d.size, **await self._answer(d, lo, d.size)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -45,6 +45,10 @@ ROOT_INODE = 1
 
 _ERRNO = {E_NOT_FOUND: errno.ENOENT, E_EXISTS: errno.EEXIST, E_INVALID: errno.EINVAL,
           E_NO_SPACE: errno.ENOSPC, E_BUSY: errno.EBUSY}
+
+
+async def _no_wait(inode: int) -> None:
+    return None
 
 
 class DiskError(Exception):
@@ -99,6 +103,7 @@ class Volumes:
         # set by the FUSE adapter: drop the kernel's cache of an inode's data/attrs
         self.invalidate: Callable[..., None] = lambda inode, attr_only=False: None
         self.invalidate_entry: Callable[[str], None] = lambda name: None
+        self.invalidate_wait: Callable[[int], Awaitable[None]] = _no_wait
         session.on_push = self.handle_push
         session.on_reconnect = self.reload_all
 
@@ -267,6 +272,10 @@ class Volumes:
             self._listing_at = -1e9
         elif kind == "namespace":
             self._listing_at = -1e9
+            for name in msg.get("changed", []):
+                ino = self.names.get(name)
+                if ino is not None:  # e.g. a size set with vdctl: seen before we ack
+                    await self.invalidate_wait(ino)
             for name in msg.get("removed", []):
                 if name not in self.open:
                     self.invalidate_entry(name)

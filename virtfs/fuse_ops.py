@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -83,7 +84,9 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
         self.initialized = trio.Event()  # the kernel's INIT has been answered
+        self.started = time.time()
         volumes.invalidate = self._invalidate
+        volumes.invalidate_wait = self._invalidate_wait
         volumes.invalidate_entry = lambda name: pyfuse3.invalidate_entry_async(
             ROOT_INODE, os.fsencode(name), ignore_enoent=True)
 
@@ -102,6 +105,16 @@ class Operations(pyfuse3.Operations):
                     log.debug("invalidate_inode(%d): %s", inode, e)
 
         self.nursery.start_soon(run)
+
+    async def _invalidate_wait(self, inode: int) -> None:
+        """Drop the kernel's cached attributes of inode, and wait (briefly) until it has."""
+        with trio.move_on_after(2):
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True,
+                                              abandon_on_cancel=True)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.debug("invalidate_inode(%d): %s", inode, e)
 
     def _attr(self, inode: int, size: int = 0, allocated: int = 0,
               ctime: float = 0.0) -> pyfuse3.EntryAttributes:
@@ -126,7 +139,7 @@ class Operations(pyfuse3.Operations):
 
     async def _disk_attr(self, inode: int) -> pyfuse3.EntryAttributes:
         if inode == ROOT_INODE:
-            return self._attr(ROOT_INODE)
+            return self._attr(ROOT_INODE, ctime=self.started)
         info = await self.v.info(inode)
         return self._attr(inode, info.size, info.allocated, info.ctime)
 
@@ -201,8 +214,8 @@ class Operations(pyfuse3.Operations):
         s.f_bsize = s.f_frsize = BLOCK
         s.f_blocks = st["capacity"] // BLOCK
         s.f_bfree = s.f_bavail = max(0, st["capacity"] - st["used"]) // BLOCK
-        s.f_files = st["disks"] + 1
         s.f_ffree = s.f_favail = 1 << 20
+        s.f_files = s.f_ffree + st["disks"] + 1
         s.f_namemax = 128
         return s
 
@@ -228,6 +241,16 @@ class Operations(pyfuse3.Operations):
     @handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
+        raise DiskError(errno.EPERM)
+
+    @handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        raise DiskError(errno.EPERM)
+
+    @handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: Any) -> pyfuse3.EntryAttributes:
         raise DiskError(errno.EPERM)
 
     @handler

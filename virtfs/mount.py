@@ -28,6 +28,7 @@ from controller.daemon import (
 )
 from controller.journal import JournalCorrupt
 from controller.protocol import RemoteError
+from controller.server import parse_addr
 from controller.units import SizeError, parse_size
 
 from .agent import Session
@@ -83,8 +84,11 @@ async def _run(args: argparse.Namespace) -> None:
                 open_controller_service(state_dir, lease=args.lease))
             await _prepare_embedded(service, state_dir, args.default_container_size, args.demo)
             log.info("embedded controller serving %s", addr)
-        elif args.demo:
-            log.info("--demo only applies to an embedded controller; ignored")
+        else:
+            if args.demo:
+                log.warning("--demo only applies to an embedded controller; ignored")
+            print(f"virtfs-mount: connecting to the controller at {addr} (up to "
+                  f"{CONNECT_TIMEOUT:.0f} s)", file=sys.stderr, flush=True)
         session = Session(addr, mountpoint, call_timeout=args.fault_timeout)
         async with trio.open_nursery() as nursery:
             try:
@@ -200,7 +204,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.default_container_size = parse_size(args.default_container_size)
     except SizeError as e:
-        p.error(str(e))
+        p.error(f"--default-container-size: {e}")
+    if args.default_container_size < 1 << 20:
+        p.error("--default-container-size must be at least 1M")
+    if not 0.5 <= args.lease <= 3600:
+        p.error("--lease must be between 0.5 and 3600 seconds")
+    if not 0 < args.fault_timeout <= 86400:
+        p.error("--fault-timeout must be more than 0 seconds")
+    if args.read_ahead_kb < 0:
+        p.error("--read-ahead-kb must not be negative")
+    if args.controller is not None:
+        try:
+            kind, _ = parse_addr(args.controller)
+        except ValueError as e:
+            p.error(str(e))
+        if kind != "unix":
+            p.error("tcp:// needs TLS and tokens, which this release does not have yet; "
+                    "use unix:PATH")
     if not os.path.isdir(args.mountpoint):
         print(f"virtfs-mount: {args.mountpoint} is not a directory", file=sys.stderr)
         return 1
@@ -209,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.mountpoint = os.path.abspath(args.mountpoint)
     args.state_dir = os.path.abspath(args.state_dir or default_state_dir())
-    known = (MountError, StateDirBusy, JournalCorrupt, RemoteError, OSError)
+    known = (MountError, StateDirBusy, JournalCorrupt, RemoteError, OSError, ValueError)
     try:
         trio.run(_run, args)
     except known as e:
