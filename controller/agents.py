@@ -18,6 +18,8 @@ from typing import Any
 
 import trio
 
+from .journal import fsync_dir
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE = 10.0
@@ -58,14 +60,13 @@ class AgentRegistry:
         stale = marker is not None and os.path.exists(marker)
         self.grace_until = trio.current_time() + (lease + LEASE_MARGIN if stale else 0.0)
 
-    def _mark(self) -> None:
+    def mark(self) -> None:
+        """Create the marker durably (blocking: run it in a thread, before register)."""
         if self.marker is not None and not os.path.exists(self.marker):
             fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT, 0o600)
             os.fsync(fd)
             os.close(fd)
-            dfd = os.open(os.path.dirname(self.marker), os.O_RDONLY | os.O_DIRECTORY)
-            os.fsync(dfd)
-            os.close(dfd)
+            fsync_dir(os.path.dirname(self.marker))
 
     def shutdown(self) -> None:
         """On a clean stop: if no agent is left, the next start needs no grace period."""
@@ -78,7 +79,6 @@ class AgentRegistry:
 
     def register(self, name: str, host: str, mount: str, send: Sender,
                  kick: Callable[[], None] | None = None) -> Agent:
-        self._mark()
         a = Agent(self._next_id, name, host, mount, send, trio.current_time() + self.lease,
                   kick=kick)
         self._next_id += 1
@@ -122,9 +122,6 @@ class AgentRegistry:
     def caching(self, disk: str, exclude: Agent | None = None) -> list[Agent]:
         self.expire()
         return [a for a in self.agents.values() if a.opens.get(disk) and a is not exclude]
-
-    def open_by(self, disk: str) -> list[Agent]:
-        return self.caching(disk)
 
     def rename(self, old: str, new: str) -> None:
         for a in self.agents.values():

@@ -345,7 +345,7 @@ class Service:
             raise P.RemoteError(P.E_IO, f"cannot zero the tail of {d.name!r}: {err}") from None
 
     def _check_removable(self, name: str) -> None:
-        users = self.agents.open_by(name)
+        users = self.agents.caching(name)
         if users:
             raise P.RemoteError(P.E_BUSY, f"disk {name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there first")
@@ -450,6 +450,7 @@ class Service:
             if conn.closed:
                 raise ConnectionError("connection closed")
 
+        await trio.to_thread.run_sync(self.agents.mark)
         agent = self.agents.register(name, host, mount, send, kick=conn.abort)
         conn.agent = agent
         conn.on_close.append(lambda: self.agents.disconnected(agent))

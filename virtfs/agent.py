@@ -139,6 +139,11 @@ class Session:
             if not self.lease_valid() and trio.current_time() >= deadline:
                 raise ControllerUnavailable("the lease was not renewed in time")
 
+    def start_soon(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run a background task for the session's life (dropped if it is not running)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
+
     async def wait_up(self, deadline: float) -> Client:
         while self.client is None:
             with trio.move_on_at(deadline):

@@ -417,9 +417,7 @@ class Volumes:
                                         lun=e.lun, offset=e.offset, message=message)
             except Exception:
                 pass
-        nursery = self.session._nursery
-        if nursery is not None:
-            nursery.start_soon(send)
+        self.session.start_soon(send)
 
     async def write(self, od: OpenDisk, offset: int, data: bytes | memoryview,
                     *, skip_zero: bool = False) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import trio
 
@@ -183,14 +182,6 @@ class Inflight:
         if self._changed is not None:
             self._changed.set()
             self._changed = None
-
-    @contextmanager
-    def track(self, start: int, end: int) -> Iterator[None]:
-        op = self.begin(start, end)
-        try:
-            yield
-        finally:
-            self.end(op)
 
     def busy(self, start: int, end: int) -> bool:
         return any(lo < end and start < hi for lo, hi in self._ops.values())
