@@ -1,0 +1,104 @@
+"""Shared state of the service and the small helpers every operation uses."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from .. import protocol as P
+from ..agents import DEFAULT_LEASE, Agent, AgentRegistry
+from ..journal import Journal
+from ..state import Container, Disk, State, StateError
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+MAX_MAP_ROWS = 65536
+
+
+_NO_LOCK = contextlib.nullcontext()
+FAULT_WAIT = 30.0  # longest a fault waits for a restriction on its range to lift
+
+
+
+class ServiceBase:
+    def __init__(self, state: State, journal: Journal, state_dir: str, *,
+                 lease: float = DEFAULT_LEASE):
+        self.state = state
+        self.journal = journal
+        self.state_dir = state_dir
+        self.started = time.time()
+        self.agents = AgentRegistry(lease, os.path.join(state_dir, "agents.live"))
+        # one planner at a time: plan -> zero the space -> record, with awaits between
+        self._alloc_lock = trio.Lock()
+        # ranges whose entries are being restricted at agents before a change (disk -> ranges)
+        # restricted ranges per disk, keyed by id(Disk) so a rename cannot orphan them
+        self._restricted: dict[int, list[tuple[int, int]]] = {}
+        # disks being removed (id): no new opens, tables or faults for them
+        self._removing: set[int] = set()
+        self._restriction_lifted = trio.Event()
+        # resize, discard, rename-over, rm and fault allocation of one disk, one at a time
+        self._disk_locks: dict[int, trio.Lock] = {}
+        # stamps every table answer and push ("v"), so an agent can tell an answer that was
+        # overtaken by a later change (it then faults again instead of using it). Starts at
+        # the clock so it keeps growing across controller restarts.
+        self.version = time.time_ns() // 1000
+
+    def _container(self, name: str) -> Container:
+        c = self.state.containers.get(name)
+        if c is None:
+            raise P.not_found("container", name)
+        return c
+
+    def _disk(self, name: str) -> Disk:
+        d = self.state.disks.get(name)
+        if d is None:
+            raise P.not_found("disk", name)
+        return d
+
+    def _disk_info(self, d: Disk) -> dict[str, Any]:
+        return d.to_dict(self.state.luns)
+
+    def _live_disk(self, name: str) -> Disk:
+        d = self._disk(name)
+        if id(d) in self._removing:
+            raise P.not_found("disk", name)
+        return d
+
+    def _dlock(self, d: Disk) -> trio.Lock:
+        lk = self._disk_locks.get(id(d))
+        if lk is None:
+            lk = self._disk_locks[id(d)] = trio.Lock()
+        return lk
+
+    @asynccontextmanager
+    async def _dlocks(self, *disks: Disk) -> AsyncIterator[None]:
+        """Several disk locks, always taken in the same order (no AB/BA deadlock)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for d in sorted({id(x): x for x in disks}.values(), key=id):
+                await stack.enter_async_context(self._dlock(d))
+            yield
+
+    def _bump(self) -> int:
+        self.version += 1
+        return self.version
+
+    def _record(self, rec: dict[str, Any]) -> int:
+        try:
+            return self.journal.record(rec)
+        except StateError as e:  # a planning bug: refuse the request, change nothing
+            log.error("refused %s: %s", rec.get("op"), e)
+            raise P.RemoteError(P.E_INTERNAL, f"internal error: {e}") from None
+
+    def _agent(self, conn: Any) -> Agent:
+        a = getattr(conn, "agent", None)
+        if a is None:
+            raise P.RemoteError(P.E_PROTOCOL, "register first (agent.register)")
+        return a

@@ -1,0 +1,94 @@
+"""What agents are sent: rows, answers never ahead of the journal, restrict -> drain -> ack."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from ..agents import Agent
+from ..extents import INVALID, ZERO, Extent
+from ..state import Disk
+from .base import ServiceBase
+
+
+class Coherence(ServiceBase):
+    def _row(self, e: Extent) -> list[int]:
+        return [e.vstart, e.length, e.lun, e.offset, e.flags]
+
+    def _rows(self, d: Disk, start: int, end: int) -> list[list[int]]:
+        """Entries for [start, end) as the agent gets them: restricted ranges are invalid."""
+        restricted = self._restricted.get(id(d), [])
+        rows = []
+        for e in d.extents.entries(start, end):
+            flags = e.flags
+            if any(lo < e.vend and e.vstart < hi for lo, hi in restricted):
+                # split so only the restricted part turns invalid
+                cuts = sorted({e.vstart, e.vend, *(x for r in restricted for x in r
+                                                   if e.vstart < x < e.vend)})
+                for lo, hi in zip(cuts, cuts[1:], strict=False):
+                    inside = any(rlo <= lo and hi <= rhi for rlo, rhi in restricted)
+                    off = e.offset + (lo - e.vstart) if not flags & ZERO else 0
+                    rows.append([lo, hi - lo, e.lun, off, flags | (INVALID if inside else 0)])
+                continue
+            rows.append([e.vstart, e.length, e.lun, e.offset, flags])
+        return rows
+
+    def _table(self, d: Disk) -> dict[str, Any]:
+        return {
+            "name": d.name, "size": d.size, "epoch": d.epoch, "segment_size": d.segment_size,
+            "containers": {str(c.lun): c.path for c in self.state.containers.values()},
+            "failed": [c.lun for c in self.state.containers.values() if c.failed],
+            "v": self.version,
+        }
+
+    async def _answer(self, d: Disk, start: int, end: int) -> dict[str, Any]:
+        """Entries for an agent, never more permissive than what is durable."""
+        # a mapping recorded by another request is visible in memory before its group
+        # commit: wait until everything recorded so far is on disk, then answer
+        await self.journal.wait_durable(self.state.seq)
+        out = self._table(d)
+        out["rows"] = self._rows(d, start, min(end, d.size))
+        return out
+
+    def _is_restricted(self, d: Disk, start: int, end: int) -> bool:
+        return any(lo < end and start < hi for lo, hi in self._restricted.get(id(d), []))
+
+    @asynccontextmanager
+    async def _restrict(self, d: Disk, start: int, end: int,
+                        exclude: Agent | None) -> AsyncIterator[None]:
+        """Turn off I/O on [start, end) at every caching agent, drained, for the block."""
+        await self.agents.wait_grace()
+        rng = (start, end)
+        self._restricted.setdefault(id(d), []).append(rng)
+        self._bump()
+        try:
+            agents = self.agents.caching(d.name, exclude)
+            if agents:
+                await self.agents.push_all(agents, {
+                    "push": "update", "disk": d.name, "epoch": d.epoch, "size": d.size,
+                    "start": start, "end": end, "rows": self._rows(d, start, end),
+                    "drain": True, "v": self.version})
+            yield
+        finally:
+            lst = self._restricted.get(id(d), [])
+            if rng in lst:
+                lst.remove(rng)
+            if not lst:
+                self._restricted.pop(id(d), None)
+            self._bump()
+            self._restriction_lifted.set()
+            self._restriction_lifted = trio.Event()
+
+    async def _push_update(self, d: Disk, start: int, end: int,
+                           exclude: Agent | None = None) -> None:
+        self._bump()
+        agents = self.agents.caching(d.name, exclude)
+        if agents:
+            end = max(start, min(end, d.size))
+            await self.agents.push_all(agents, {
+                "push": "update", "disk": d.name, "epoch": d.epoch, "size": d.size,
+                "start": start, "end": end, "rows": self._rows(d, start, end), "drain": False,
+                "v": self.version})

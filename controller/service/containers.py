@@ -1,0 +1,65 @@
+"""Container operations: add, ls, info, rm."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import trio
+
+from .. import protocol as P
+from .. import storage
+from .coherence import Coherence
+from .placement import Placement
+
+
+class ContainerOps(Placement, Coherence):
+    async def container_add(self, name: str, path: str, size: int | None) -> dict[str, Any]:
+        P.check_name(name, "container name")
+        if name in self.state.containers:
+            raise P.RemoteError(P.E_EXISTS, f"container {name!r} already exists")
+        storage.check_container_path(path)
+        if size is not None and size < 4096:
+            raise P.invalid("container size must be at least 4096 bytes")
+        taken = {c.path: c.name for c in self.state.containers.values()}
+        csize, created = await trio.to_thread.run_sync(storage.open_container_path, path, size,
+                                                        taken)
+        # re-check after the await: another request may have taken the name or the path
+        clash = name in self.state.containers or any(
+            c.path == path for c in self.state.containers.values())
+        if clash:
+            if created:
+                os.unlink(path)
+            raise P.RemoteError(P.E_EXISTS, f"container {name!r} or path {path!r} was "
+                                "added meanwhile")
+        lun = self.state.next_lun
+        await self.journal.commit({"op": "container.add", "name": name, "lun": lun,
+                                   "path": path, "size": csize, "created": created})
+        return self.state.containers[name].to_dict()
+
+    async def container_ls(self) -> list[dict[str, Any]]:
+        return [c.to_dict() for c in sorted(self.state.containers.values(), key=lambda c: c.lun)]
+
+    async def container_info(self, name: str) -> dict[str, Any]:
+        c = self._container(name)
+        info = c.to_dict()
+        disks: dict[str, int] = {}
+        for d, e in self.state.lun_users(c.lun):
+            disks[d.name] = disks.get(d.name, 0) + e.length
+        info["disks"] = [{"name": k, "bytes": v} for k, v in sorted(disks.items())]
+        info["free_ranges"] = len(c.space)
+        return info
+
+    async def container_rm(self, name: str) -> dict[str, Any]:
+        c = self._container(name)
+        if c.used:
+            users = sorted({d.name for d, _ in self.state.lun_users(c.lun)})
+            raise P.RemoteError(
+                P.E_BUSY, f"container {name!r} holds {c.used} bytes of data (disks: "
+                f"{', '.join(users) or '-'}); remove or move them first")
+        for d in self.state.disks.values():
+            if d.pin == c.lun:
+                raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is pinned to container {name!r}")
+        info = c.to_dict()
+        await self.journal.commit({"op": "container.rm", "name": name})
+        return info

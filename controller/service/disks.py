@@ -1,0 +1,206 @@
+"""Disk operations: create, ls, info, map, resize, rm, rename, discard."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .. import protocol as P
+from ..state import round_up
+from .base import _NO_LOCK, MAX_MAP_ROWS
+from .coherence import Coherence
+from .placement import Placement
+
+
+class DiskOps(Placement, Coherence):
+    async def disk_create(self, name: str, size: int, thick: bool, segment_size: int | None,
+                          container: str | None) -> dict[str, Any]:
+        P.check_name(name, "disk name")
+        if name in self.state.disks:
+            raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
+        if not 0 <= size <= P.MAX_DISK_SIZE:
+            raise P.invalid(f"disk size must be between 0 and {P.MAX_DISK_SIZE} bytes")
+        seg = P.DEFAULT_SEGMENT_SIZE if segment_size is None else segment_size
+        if seg % P.BLOCK_SIZE or not P.MIN_SEGMENT_SIZE <= seg <= P.MAX_SEGMENT_SIZE:
+            raise P.invalid(f"segment size must be a multiple of {P.BLOCK_SIZE} between "
+                            f"{P.MIN_SEGMENT_SIZE} and {P.MAX_SEGMENT_SIZE} bytes")
+        pin = self._container(container).lun if container is not None else None
+        if pin is not None and self.state.luns[pin].failed:
+            raise P.RemoteError(P.E_IO, f"container {container!r} is failed")
+        cands = self._candidates(pin, None)
+        if not cands:
+            raise P.RemoteError(P.E_NO_SPACE, "no containers (add one with: vdctl container "
+                                "add NAME PATH --size SIZE)")
+        home = cands[0].lun
+        async with self._alloc_lock if thick and size else _NO_LOCK:
+            pieces = (await self._plan_zeroed([(0, size)], pin, home, preallocate=True)
+                      if thick and size else [])
+            if name in self.state.disks:
+                raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
+            seq = self._record({
+                "op": "disk.create", "name": name, "size": size, "segment_size": seg,
+                "thick": thick, "pin": pin, "home": home, "ctime": round(time.time(), 3),
+                "map": pieces,
+            })
+        await self.journal.wait_durable(seq)
+        await self.agents.notify({"push": "namespace"})
+        return self._disk_info(self.state.disks[name])
+
+    async def disk_ls(self) -> list[dict[str, Any]]:
+        return [self._disk_info(d) for d in sorted(self.state.disks.values(),
+                                                   key=lambda d: d.name)]
+
+    async def disk_info(self, name: str) -> dict[str, Any]:
+        d = self._disk(name)
+        info = self._disk_info(d)
+        per: dict[str, int] = {}
+        for e in d.extents:
+            cname = self.state.luns[e.lun].name
+            per[cname] = per.get(cname, 0) + e.length
+        info["placement"] = [{"container": k, "bytes": v} for k, v in sorted(per.items())]
+        return info
+
+    async def disk_map(self, name: str, start: int, limit: int | None) -> dict[str, Any]:
+        """Entries (zero gaps included) from start, at most limit rows per call."""
+        d = self._disk(name)
+        if not 0 <= start <= d.size:
+            raise P.invalid(f"start {start} is outside the disk (size {d.size})")
+        lim = MAX_MAP_ROWS if limit is None else limit
+        if not 0 < lim <= MAX_MAP_ROWS:
+            raise P.invalid(f"limit must be between 1 and {MAX_MAP_ROWS}")
+        rows: list[list[int]] = []
+        nxt = None
+        for e in d.extents.entries(start, d.size):
+            if len(rows) == lim:
+                nxt = e.vstart
+                break
+            rows.append(self._row(e))
+        luns = {str(c.lun): c.name for c in self.state.containers.values()}
+        return {"name": d.name, "size": d.size, "epoch": d.epoch, "containers": luns,
+                "rows": rows, "next": nxt}
+
+    async def disk_resize(self, name: str, size: int, allow_shrink: bool,
+                          conn: Any = None) -> dict[str, Any]:
+        d = self._disk(name)
+        if not 0 <= size <= P.MAX_DISK_SIZE:
+            raise P.invalid(f"disk size must be between 0 and {P.MAX_DISK_SIZE} bytes")
+        async with self._dlock(d):
+            if self.state.disks.get(d.name) is not d:
+                raise P.not_found("disk", name)
+            old = d.size
+            if size < old and not allow_shrink:
+                raise P.invalid(f"shrinking {name!r} from {old} to {size} bytes discards data; "
+                                "pass --allow-shrink to do it")
+            if size == old:
+                return self._disk_info(d)
+            if size < old:
+                async with self._restrict(d, size // P.BLOCK_SIZE * P.BLOCK_SIZE, old,
+                                          exclude=None):
+                    await self._release_space(self._physical(d, round_up(size), old))
+                    await self.journal.commit({"op": "disk.resize", "name": d.name,
+                                               "size": size, "map": []})
+            else:
+                async with self._alloc_lock:
+                    # the bytes past an unaligned old end (inside its last block) may hold
+                    # data from before a shrink: zero them before they become visible
+                    await self._zero_tail(d)
+                    pieces: list[list[int]] = []
+                    start = round_up(old)
+                    if d.thick and size > start:
+                        pieces = await self._plan_zeroed([(start, size - start)], d.pin, d.home,
+                                                         preallocate=True)
+                    seq = self._record({"op": "disk.resize", "name": d.name, "size": size,
+                                        "map": pieces})
+                await self.journal.wait_durable(seq)
+            lo = min(old, size) // P.BLOCK_SIZE * P.BLOCK_SIZE
+            caller = getattr(conn, "agent", None)
+            # the calling agent gets the new entries in the reply, not as a push: a file
+            # that grows write by write (cp into the mount) costs one round trip a write
+            await self._push_update(d, lo, d.size, exclude=caller)
+        await self.agents.notify({"push": "namespace", "changed": [d.name]}, exclude=caller)
+        info = self._disk_info(d)
+        if caller is not None:
+            info["update"] = {"start": lo, "end": d.size, **await self._answer(d, lo, d.size)}
+        return info
+
+    def _check_removable(self, name: str) -> None:
+        users = self.agents.caching(name)
+        if users:
+            raise P.RemoteError(P.E_BUSY, f"disk {name!r} is open on agent(s) "
+                                f"{', '.join(a.name for a in users)}; close it there first")
+
+    async def disk_rm(self, name: str, conn: Any = None) -> dict[str, Any]:
+        d = self._disk(name)
+        self._check_removable(name)
+        await self.agents.wait_grace()
+        async with self._dlock(d):
+            if self.state.disks.get(name) is not d:
+                raise P.not_found("disk", name)
+            self._check_removable(name)
+            info = self._disk_info(d)
+            self._removing.add(id(d))  # from here on nobody may open it
+            try:
+                await self._release_space(self._physical(d, 0, d.size))
+                await self.journal.commit({"op": "disk.rm", "name": name})
+            finally:
+                self._removing.discard(id(d))
+        self._disk_locks.pop(id(d), None)
+        await self.agents.notify({"push": "namespace", "removed": [name]})
+        return info
+
+    async def disk_rename(self, name: str, new: str, replace: bool) -> dict[str, Any]:
+        d = self._disk(name)
+        P.check_name(new, "new disk name")
+        if new == name:
+            return self._disk_info(d)
+        target = self.state.disks.get(new)
+        if target is not None:
+            if not replace:
+                raise P.RemoteError(P.E_EXISTS, f"disk {new!r} already exists")
+            self._check_removable(new)
+            await self.agents.wait_grace()
+        async with self._dlocks(d, *([target] if target is not None else [])):
+            if self.state.disks.get(name) is not d or self.state.disks.get(new) is not target:
+                raise P.RemoteError(P.E_BUSY, "the disks changed meanwhile; retry")
+            if target is not None:
+                self._check_removable(new)
+                self._removing.add(id(target))
+                try:
+                    await self._release_space(self._physical(target, 0, target.size))
+                    await self.journal.commit({"op": "disk.rename", "name": name, "new": new,
+                                               "replace": True})
+                finally:
+                    self._removing.discard(id(target))
+                self._disk_locks.pop(id(target), None)
+            else:
+                await self.journal.commit({"op": "disk.rename", "name": name, "new": new})
+            self.agents.rename(name, new)
+            await self.agents.push_all(self.agents.caching(new),
+                                       {"push": "rename", "disk": name, "new": new})
+        await self.agents.notify({"push": "namespace", "removed": [name]})
+        return self._disk_info(d)
+
+    async def disk_discard(self, name: str, offset: int, length: int,
+                           conn: Any = None) -> dict[str, Any]:
+        """Free whole segments in the range; the caller zeroes the partial ends itself."""
+        d = self._disk(name)
+        if offset < 0 or length < 0:
+            raise P.invalid("discard range must not be negative")
+        async with self._dlock(d):
+            if self.state.disks.get(d.name) is not d:
+                raise P.not_found("disk", name)
+            end = min(offset + length, d.size)
+            seg = d.segment_size
+            a = min(round_up(offset, seg), end)
+            b = end if end == d.size else max(end // seg * seg, a)
+            if b > a:
+                async with self._restrict(d, a, b, exclude=None):
+                    freed = self._physical(d, a, b)
+                    if freed:
+                        await self._release_space(freed)
+                        await self.journal.commit({"op": "disk.unmap", "name": d.name,
+                                                   "start": a, "end": b})
+                await self._push_update(d, a, b)
+            zero = [[lo, hi] for lo, hi in ((offset, a), (max(b, a), end)) if hi > lo]
+            return {"epoch": d.epoch, "v": self.version, "freed": [a, b] if b > a else None,
+                    "zero": zero, "rows": self._rows(d, a, b) if b > a else []}

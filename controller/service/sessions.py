@@ -1,0 +1,56 @@
+"""Agent sessions: register, heartbeat, ack, bye, ls, I/O error reports."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from .. import protocol as P
+from .base import ServiceBase
+
+log = logging.getLogger(__name__)
+
+
+class SessionOps(ServiceBase):
+    async def agent_register(self, name: str, host: str, mount: str, conn: Any) -> dict[str, Any]:
+        if conn.agent is not None:
+            raise P.RemoteError(P.E_PROTOCOL, "already registered")
+
+        async def send(msg: dict[str, Any]) -> None:
+            await conn.send(msg)
+            if conn.closed:
+                raise ConnectionError("connection closed")
+
+        await trio.to_thread.run_sync(self.agents.mark)
+        agent = self.agents.register(name, host, mount, send, kick=conn.abort)
+        conn.agent = agent
+        conn.on_close.append(lambda: self.agents.disconnected(agent))
+        return {"agent_id": agent.id, "lease": self.agents.lease}
+
+    async def agent_heartbeat(self, conn: Any) -> dict[str, Any]:
+        a = self._agent(conn)
+        self.agents.renew(a)
+        epochs = {}
+        for name in a.opens:
+            d = self.state.disks.get(name)
+            epochs[name] = d.epoch if d is not None else None
+        return {"lease": self.agents.lease, "epochs": epochs}
+
+    async def agent_bye(self, conn: Any) -> None:
+        """A clean agent exit: it uses no entry any more, so its lease need not be waited out."""
+        a = self._agent(conn)
+        self.agents.remove(a)
+        conn.agent = None
+
+    async def agent_ack(self, pid: int) -> bool:
+        return self.agents.ack(pid)
+
+    async def agent_ls(self) -> list[dict[str, Any]]:
+        return self.agents.to_list()
+
+    async def io_error(self, name: str, lun: int, offset: int, message: str) -> None:
+        c = self.state.luns.get(lun)
+        log.error("agent reports an I/O error on disk %r, container %s at %d: %s",
+                  name, c.name if c else lun, offset, message)
