@@ -1,4 +1,4 @@
-"""pyfuse3 adapter: translate FUSE requests to the model (disks.py), map errors.
+"""pyfuse3 adapter: translate FUSE requests to the model (disks.py and its parts), map errors.
 
 Nothing here knows about tables or containers. Every handler goes through
 ``@handler``: DiskError becomes its errno, FUSEError passes, and anything else
@@ -22,7 +22,10 @@ import trio
 
 from controller.protocol import RemoteError, check_name
 
-from .disks import ROOT_INODE, DiskError, OpenDisk, Volumes
+from .datapath import OpenDisk
+from .disks import Volumes
+from .errors import DiskError
+from .namespace import ROOT_INODE
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +88,9 @@ class Operations(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.initialized = trio.Event()  # the kernel's INIT has been answered
         self.started = time.time()
-        volumes.invalidate = self._invalidate
-        volumes.invalidate_wait = self._invalidate_wait
-        volumes.invalidate_entry = lambda name: pyfuse3.invalidate_entry_async(
+        volumes.kernel.invalidate = self._invalidate
+        volumes.kernel.invalidate_wait = self._invalidate_wait
+        volumes.kernel.invalidate_entry = lambda name: pyfuse3.invalidate_entry_async(
             ROOT_INODE, os.fsencode(name), ignore_enoent=True)
 
     def init(self) -> None:
@@ -140,7 +143,7 @@ class Operations(pyfuse3.Operations):
     async def _disk_attr(self, inode: int) -> pyfuse3.EntryAttributes:
         if inode == ROOT_INODE:
             return self._attr(ROOT_INODE, ctime=self.started)
-        info = await self.v.info(inode)
+        info = await self.v.ns.info(inode)
         return self._attr(inode, info.size, info.allocated, info.ctime)
 
     def _fh(self, od: OpenDisk, writable: bool) -> int:
@@ -170,7 +173,7 @@ class Operations(pyfuse3.Operations):
             disk = os.fsdecode(name)
         except UnicodeError:
             raise DiskError(errno.ENOENT) from None
-        return await self._disk_attr(await self.v.lookup(disk))
+        return await self._disk_attr(await self.v.ns.lookup(disk))
 
     @handler
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -194,7 +197,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        entries = await self.v.listdir()
+        entries = await self.v.ns.listdir()
         for i, (name, inode) in enumerate(entries[start_id:], start_id):
             try:
                 attr = await self._disk_attr(inode)
@@ -209,7 +212,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        st = await self.v.statfs()
+        st = await self.v.ns.statfs()
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = BLOCK
         s.f_blocks = st["capacity"] // BLOCK
@@ -226,7 +229,7 @@ class Operations(pyfuse3.Operations):
             raise DiskError(errno.ENOTDIR)
         if not stat.S_ISREG(mode):
             raise DiskError(errno.EPERM)
-        inode = await self.v.create(_name(name))
+        inode = await self.v.ns.create(_name(name))
         od = await self.v.open_disk(inode)
         fi = pyfuse3.FileInfo(fh=self._fh(od, True), keep_cache=False)
         return fi, await self._disk_attr(inode)
@@ -236,7 +239,7 @@ class Operations(pyfuse3.Operations):
                     ctx: Any) -> pyfuse3.EntryAttributes:
         if not stat.S_ISREG(mode):
             raise DiskError(errno.EPERM)
-        return await self._disk_attr(await self.v.create(_name(name)))
+        return await self._disk_attr(await self.v.ns.create(_name(name)))
 
     @handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -257,14 +260,14 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         if parent_inode != ROOT_INODE:
             raise DiskError(errno.ENOTDIR)
-        await self.v.unlink(os.fsdecode(name))
+        await self.v.ns.unlink(os.fsdecode(name))
 
     @handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise DiskError(errno.EINVAL)
-        await self.v.rename(os.fsdecode(name_old), _name(name_new),
+        await self.v.ns.rename(os.fsdecode(name_old), _name(name_new),
                             replace=not flags & pyfuse3.RENAME_NOREPLACE)
 
     # ------------------------------------------------------------ data
@@ -282,11 +285,11 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.v.read(self._handle(fh), off, size)
+        return await self.v.data.read(self._handle(fh), off, size)
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.v.write(self._handle(fh, write=True), off, buf)
+        return await self.v.data.write(self._handle(fh, write=True), off, buf)
 
     @handler
     async def flush(self, fh: int) -> None:
@@ -294,7 +297,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.v.fsync(self._handle(fh))
+        await self.v.data.fsync(self._handle(fh))
 
     @handler
     async def release(self, fh: int) -> None:
@@ -306,11 +309,11 @@ class Operations(pyfuse3.Operations):
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         od = self._handle(fh, write=True)
         if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
-            await self.v.discard(od, offset, length)
+            await self.v.data.discard(od, offset, length)
         elif mode == 0:
             # preallocate: grow the file if needed (space is allocated on first write)
             if offset + length > od.table.size:
-                await self.v.grow(od, offset + length)
+                await self.v.data.grow(od, offset + length)
         else:
             raise DiskError(errno.EOPNOTSUPP)
 

@@ -160,7 +160,7 @@ async def _goodbye(volumes: Volumes, io: ContainerIO) -> None:
         await io.sync()
     except OSError as e:
         log.error("final sync failed: %s", e)
-    for od in list(volumes.open.values()):
+    for od in list(volumes.ns.open.values()):
         od.handles = 1
         try:
             await volumes.release(od)

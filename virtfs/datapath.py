@@ -1,0 +1,323 @@
+"""The data path: reads, writes, fsync and discards of open disks through their tables.
+
+Every read and write is translated through the open disk's cached table:
+valid entries go straight to the container, zero entries read as zeros,
+entries that forbid the I/O (zero/nowrite for writes, invalid, or any entry
+once the lease has run out) fault to the controller, error entries fail with
+EIO at once. Tables are installed here too (open, reload, update pushes), so
+the version rules live in one place. Errors leave as DiskError(errno).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+
+from controller.client import ConnectionLost
+from controller.protocol import (
+    E_BUSY,
+    ERROR,
+    INVALID,
+    MAX_DISK_SIZE,
+    NOWRITE,
+    ZERO,
+    RemoteError,
+)
+
+from .agent import ControllerUnavailable, Session
+from .blockio import ContainerIO
+from .errors import DiskError, call, remote_error
+from .kernel import KernelCache
+from .mapcache import DiskTable, Entry, Inflight, TableError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class OpenDisk:
+    """A disk this agent has open: its table, its in-flight I/O, its pending faults."""
+
+    name: str
+    inode: int
+    table: DiskTable
+    segment_size: int
+    handles: int = 0
+    unlinked: bool = False
+    inflight: Inflight = field(default_factory=Inflight)
+    faults: dict[tuple[int, bool], trio.Event] = field(default_factory=dict)
+    grow_lock: trio.Lock = field(default_factory=trio.Lock)
+    used_luns: set[int] = field(default_factory=set)
+
+
+class DataPath:
+    """I/O on open disks; faults and table loads go to the controller through session."""
+
+    def __init__(self, session: Session, io: ContainerIO, kernel: KernelCache, *,
+                 fault_timeout: float = 30.0, on_resize: Callable[[], None] = lambda: None):
+        self.session = session
+        self.io = io
+        self.kernel = kernel
+        self.fault_timeout = fault_timeout
+        self.on_resize = on_resize  # a disk's size changed at the controller (listing stale)
+        # the newest version stamp pushed per disk name, open or not (see load)
+        self._pushed_v: dict[str, int] = {}
+
+    # ------------------------------------------------------------ tables
+    def load(self, od: OpenDisk | None, name: str, t: dict[str, Any]) -> DiskTable:
+        """Install a whole table; one older than a push already seen only restricts.
+
+        t: a disk.open / disk.table answer. Raises TableError on rows that do not tile.
+        """
+        self.io.set_paths({int(k): v for k, v in t["containers"].items()})
+        v = t.get("v", 0)
+        if od is None:
+            table = DiskTable(name, t["size"], t["epoch"], t["rows"], v)
+            if v < self._pushed_v.get(name, 0):
+                # a push for this disk overtook the open's answer: trust nothing yet
+                table.restrict(0, table.size)
+            return table
+        od.table.load(t["size"], t["epoch"], t["rows"], v)
+        return od.table
+
+    async def reload(self, od: OpenDisk) -> None:
+        """Fetch and install a fresh copy of od's table. Raises DiskError, TableError."""
+        t = await call(self.session, "disk.table", f"reload {od.name}", name=od.name)
+        self.load(od, od.name, t)
+        self.kernel.invalidate(od.inode)
+
+    def note_push(self, name: str, v: Any) -> None:
+        """Remember the newest version stamp pushed for a disk name."""
+        if isinstance(v, int):
+            self._pushed_v[name] = max(self._pushed_v.get(name, 0), v)
+
+    async def apply_update(self, od: OpenDisk, msg: dict[str, Any]) -> None:
+        """An "update" push: new entries for [start, end), maybe drain in-flight I/O there."""
+        start, end = msg["start"], msg["end"]
+        try:
+            od.table.replace(start, end, msg["rows"], size=msg["size"], epoch=msg["epoch"],
+                             version=msg.get("v"))
+        except TableError as e:
+            log.warning("bad update for %s (%s); reloading the table", od.name, e)
+            od.table.restrict(0, od.table.size)
+            await self.reload(od)
+        if msg.get("drain"):
+            await od.inflight.drain(start, end)
+        self.kernel.invalidate(od.inode)
+
+    # ------------------------------------------------------------ faults
+    async def _fault(self, od: OpenDisk, offset: int, length: int, write: bool,
+                     deadline: float) -> None:
+        """Ask the controller for usable entries at [offset, offset+length); coalesced."""
+        key = (offset // od.segment_size, write)
+        pending = od.faults.get(key)
+        if pending is not None:
+            with trio.move_on_at(deadline):
+                await pending.wait()
+            return
+        ev = trio.Event()
+        od.faults[key] = ev
+        try:
+            timeout = max(0.0, deadline - trio.current_time())
+            try:
+                r = await self.session.call("disk.fault", timeout=timeout, name=od.name,
+                                            offset=offset, length=length, write=write)
+            except (ControllerUnavailable, ConnectionLost) as e:
+                raise DiskError(errno.EIO, f"fault on {od.name} at {offset}: {e}") from None
+            except RemoteError as e:
+                if e.code == E_BUSY and trio.current_time() < deadline:
+                    await trio.sleep(0.05)  # a change on the range outlasted the fault: again
+                    return
+                raise remote_error(e, f"fault on {od.name} at {offset}") from None
+            self.io.set_paths({int(k): v for k, v in r["containers"].items()})
+            rows = r["rows"]
+            if not rows and r["size"] != od.table.size and not od.table.stale(r.get("v")):
+                od.table.resize(r["size"])
+            if rows:
+                start = rows[0][0]
+                end = rows[-1][0] + rows[-1][1]
+                before = od.table.allocated if write else 0
+                od.table.replace(start, end, rows, size=r["size"], epoch=r["epoch"],
+                                 version=r.get("v"))
+                if write and od.table.allocated != before:
+                    self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
+        finally:
+            del od.faults[key]
+            ev.set()
+
+    def _usable(self, e: Entry, write: bool) -> bool:
+        if e.flags & INVALID:
+            return False
+        if write and e.flags & (ZERO | NOWRITE):
+            return False
+        if e.flags & ZERO:
+            return True  # reading a hole needs no lease: nothing to go stale on disk
+        return self.session.lease_valid()
+
+    async def _wait(self, od: OpenDisk, pos: int, length: int, write: bool,
+                    deadline: float) -> None:
+        """The entry at pos cannot be used: renew the lease, or fault to the controller."""
+        if trio.current_time() >= deadline:
+            raise DiskError(errno.EIO, f"{od.name}: no usable entry at {pos} in time")
+        e = od.table.pieces(pos, 1)[0]
+        if not self.session.lease_valid() and self._usable_with_lease(e, write):
+            # only the lease is missing: faulting would not help until it is renewed
+            try:
+                await self.session.wait_lease(deadline)
+            except ControllerUnavailable as err:
+                raise DiskError(errno.EIO, f"{od.name}: {err}") from None
+            return
+        await self._fault(od, pos, length, write, deadline)
+
+    @staticmethod
+    def _usable_with_lease(e: Entry, write: bool) -> bool:
+        return not e.flags & INVALID and not (write and e.flags & (ZERO | NOWRITE))
+
+    def _deadline(self) -> float:
+        return trio.current_time() + self.fault_timeout
+
+    # ------------------------------------------------------------ I/O
+    async def read(self, od: OpenDisk, offset: int, length: int) -> bytes:
+        """Up to length bytes at offset (short only at the end of the disk). DiskError."""
+        end = min(offset + length, od.table.size)
+        if offset >= end:
+            return b""
+        parts: list[bytes] = []
+        pos = offset
+        deadline = self._deadline()
+        while pos < end:
+            pieces = od.table.pieces(pos, end - pos)
+            if not pieces:
+                break  # the disk shrank meanwhile: end of file moved
+            for e in pieces:
+                if e.flags & ERROR:
+                    raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
+                if not self._usable(e, write=False):
+                    break
+                if e.flags & ZERO:
+                    parts.append(bytes(e.length))
+                else:
+                    op = od.inflight.begin(e.vstart, e.vend)
+                    try:
+                        parts.append(self._io(od, "read", e, self.io.pread, e.lun, e.offset,
+                                              e.length))
+                    finally:
+                        od.inflight.end(op)
+                pos = e.vend
+            else:
+                break
+            await self._wait(od, pos, end - pos, False, deadline)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _io(self, od: OpenDisk, what: str, e: Entry, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except OSError as err:
+            log.error("%s on %s (LUN %d offset %d) failed: %s", what, od.name, e.lun, e.offset,
+                      err)
+            self._report(od, e, f"{what}: {err}")
+            code = err.errno if err.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
+            raise DiskError(code, str(err)) from None
+
+    def _report(self, od: OpenDisk, e: Entry, message: str) -> None:
+        async def send() -> None:
+            try:
+                await self.session.call("io.error", timeout=5.0, retry=False, name=od.name,
+                                        lun=e.lun, offset=e.offset, message=message)
+            except Exception:
+                pass
+        self.session.start_soon(send)
+
+    async def write(self, od: OpenDisk, offset: int, data: bytes | memoryview,
+                    *, skip_zero: bool = False) -> int:
+        """Write all of data at offset (growing the disk if the write passes its end).
+
+        skip_zero (zeroing a discarded range): leave zero entries alone and never grow.
+        Returns len(data); raises DiskError (EIO, ENOSPC, EFBIG).
+        """
+        view = memoryview(data)
+        target = offset + len(view)
+        pos = offset
+        deadline = self._deadline()
+        while True:
+            if skip_zero:
+                target = min(target, od.table.size)
+            elif od.table.size < target:
+                # past the end, or the disk shrank under us: grow, like a regular file
+                if trio.current_time() >= deadline:
+                    raise DiskError(errno.EIO, f"{od.name}: cannot grow to {target}")
+                await self.grow(od, target)
+                continue
+            if pos >= target:
+                return len(view)
+            for e in od.table.pieces(pos, target - pos):
+                if e.flags & ERROR:
+                    raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
+                if skip_zero and e.flags & ZERO and not e.flags & INVALID:
+                    pos = e.vend
+                    continue
+                if not self._usable(e, write=True):
+                    break
+                chunk = view[e.vstart - offset : e.vend - offset]
+                op = od.inflight.begin(e.vstart, e.vend)
+                try:
+                    self._io(od, "write", e, self.io.pwrite, e.lun, e.offset, chunk)
+                finally:
+                    od.inflight.end(op)
+                od.used_luns.add(e.lun)
+                pos = e.vend
+            else:
+                continue  # all pieces done: re-check the size, then finish
+            await self._wait(od, pos, target - pos, True, deadline)
+
+    async def fsync(self, od: OpenDisk) -> None:
+        """Make od's writes durable (fdatasync of its containers). DiskError(EIO)."""
+        try:
+            await self.io.sync(od.used_luns)
+        except OSError as e:
+            raise DiskError(errno.EIO, f"fsync of {od.name}: {e}") from None
+
+    async def grow(self, od: OpenDisk, size: int) -> None:
+        """Grow od to at least size bytes (never shrinks). DiskError (EFBIG, ENOSPC...)."""
+        if size > MAX_DISK_SIZE:
+            raise DiskError(errno.EFBIG, f"{od.name}: {size} bytes is past the largest disk")
+        async with od.grow_lock:
+            if size > od.table.size:
+                await self.resize(od.name, size, allow_shrink=False, od=od)
+
+    async def resize(self, name: str, size: int, allow_shrink: bool,
+                     od: OpenDisk | None = None) -> None:
+        """Resize disk name at the controller; apply the answer to od's table if open."""
+        r = await call(self.session, "disk.resize", f"resize {name}", name=name, size=size,
+                       allow_shrink=allow_shrink)
+        self.on_resize()
+        u = r.get("update")
+        if od is not None and u is not None:
+            od.table.replace(u["start"], u["end"], u["rows"], size=u["size"], epoch=u["epoch"],
+                             version=u.get("v"))
+            if od.table.size != size and not od.table.stale(u.get("v")):
+                await self.reload(od)
+
+    async def discard(self, od: OpenDisk, offset: int, length: int) -> None:
+        """Punch a hole: whole segments go back to zero at the controller; the ends are zeroed."""
+        end = min(offset + length, od.table.size)
+        if offset >= end:
+            return
+        r = await call(self.session, "disk.discard", f"discard on {od.name}", name=od.name,
+                       offset=offset, length=end - offset)
+        if r["rows"]:
+            start = r["rows"][0][0]
+            stop = r["rows"][-1][0] + r["rows"][-1][1]
+            od.table.replace(start, stop, r["rows"], epoch=r["epoch"], version=r.get("v"))
+            self.kernel.invalidate(od.inode, attr_only=True)
+        for lo, hi in r["zero"]:
+            pos = lo
+            while pos < hi:
+                n = min(hi - pos, 1 << 20)
+                await self.write(od, pos, bytes(n), skip_zero=True)
+                pos += n

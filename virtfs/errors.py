@@ -1,0 +1,40 @@
+"""Errors of the agent's model and the one way it calls the controller.
+
+Everything below fuse_ops raises ``DiskError(errno)``; fuse_ops maps it to the
+FUSE reply. Controller errors are translated here, once.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from controller.protocol import E_BUSY, E_EXISTS, E_INVALID, E_NO_SPACE, E_NOT_FOUND, RemoteError
+
+from .agent import ControllerUnavailable, Session
+
+_ERRNO = {E_NOT_FOUND: errno.ENOENT, E_EXISTS: errno.EEXIST, E_INVALID: errno.EINVAL,
+          E_NO_SPACE: errno.ENOSPC, E_BUSY: errno.EBUSY}
+
+
+class DiskError(Exception):
+    """A failed operation on a disk; ``errno`` is what the FUSE caller gets."""
+
+    def __init__(self, err: int, message: str = ""):
+        super().__init__(message or errno.errorcode.get(err, str(err)))
+        self.errno = err
+
+
+def remote_error(e: Exception, what: str) -> DiskError:
+    """A controller error (RemoteError: its code mapped; anything else: EIO) as a DiskError."""
+    if isinstance(e, RemoteError):
+        return DiskError(_ERRNO.get(e.code, errno.EIO), f"{what}: {e.message}")
+    return DiskError(errno.EIO, f"{what}: {e}")
+
+
+async def call(session: Session, op: str, what: str, **args: Any) -> Any:
+    """session.call(op, **args) with the default timeout; raises DiskError ("what: reason")."""
+    try:
+        return await session.call(op, **args)
+    except (RemoteError, ControllerUnavailable) as e:
+        raise remote_error(e, what) from None

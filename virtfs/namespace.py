@@ -1,0 +1,188 @@
+"""The mount's directory: disk names, inode numbers, the listing, create/unlink/rename.
+
+Inode numbers are the agent's own (the controller has none): a name gets one
+the first time the kernel looks it up, and keeps it across renames. The
+listing is the controller's ``disk.ls``, cached for LISTING_TTL seconds and
+dropped early by namespace pushes. The open disks live here too (by current
+name and by inode), because lookup, listing and unlink depend on them.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .agent import Session
+from .errors import DiskError, call
+from .kernel import KernelCache
+
+if TYPE_CHECKING:
+    from .datapath import OpenDisk
+
+LISTING_TTL = 1.0  # seconds a disk.ls answer is trusted
+STATFS_TTL = 2.0  # seconds a status answer is trusted
+ROOT_INODE = 1
+
+
+@dataclass
+class DiskInfo:
+    """A disk as listed: sizes in bytes, ctime in seconds since the epoch."""
+
+    name: str
+    size: int
+    allocated: int
+    ctime: float
+
+
+class Namespace:
+    """Names <-> inodes, the cached listing, and the open disks by name and by inode."""
+
+    def __init__(self, session: Session, kernel: KernelCache):
+        self.session = session
+        self.kernel = kernel
+        self.inodes: dict[int, str] = {}
+        self.names: dict[str, int] = {}
+        self._next_inode = ROOT_INODE + 1
+        self.listing: dict[str, DiskInfo] = {}
+        self._listing_at = -1e9
+        self.open: dict[str, OpenDisk] = {}  # by current name
+        self.by_inode: dict[int, OpenDisk] = {}
+        self._statfs: tuple[float, dict[str, Any]] | None = None
+
+    def stale(self) -> None:
+        """The listing may be out of date: the next refresh asks the controller."""
+        self._listing_at = -1e9
+
+    def inode_of(self, name: str) -> int:
+        """The inode of name, allocating one if it has none yet."""
+        ino = self.names.get(name)
+        if ino is None:
+            ino = self._next_inode
+            self._next_inode += 1
+            self.names[name] = ino
+            self.inodes[ino] = name
+        return ino
+
+    async def refresh(self, force: bool = False) -> None:
+        """Reload the listing if older than LISTING_TTL (or force). Raises DiskError."""
+        if not force and trio.current_time() - self._listing_at < LISTING_TTL:
+            return
+        rows = await call(self.session, "disk.ls", "list disks")
+        self.listing = {r["name"]: DiskInfo(r["name"], r["size"], r["allocated"], r["ctime"])
+                        for r in rows}
+        self._listing_at = trio.current_time()
+        for name in list(self.names):
+            if name not in self.listing and name not in self.open:
+                self.inodes.pop(self.names.pop(name), None)
+
+    async def lookup(self, name: str) -> int:
+        """The inode of an existing disk; DiskError(ENOENT) if there is none."""
+        od = self.open.get(name)
+        if od is not None and od.unlinked:
+            raise DiskError(errno.ENOENT)
+        if od is None:
+            await self.refresh(force=name not in self.listing)
+            if name not in self.listing:
+                raise DiskError(errno.ENOENT)
+        return self.inode_of(name)
+
+    async def info(self, inode: int) -> DiskInfo:
+        """Name, sizes and ctime of a disk; an open disk's sizes come from its table."""
+        od = self.by_inode.get(inode)
+        if od is not None:
+            base = self.listing.get(od.name)
+            return DiskInfo(od.name, od.table.size, od.table.allocated,
+                            base.ctime if base else 0.0)
+        name = self.inodes.get(inode)
+        if name is None:
+            raise DiskError(errno.ENOENT)
+        await self.refresh()
+        info = self.listing.get(name)
+        if info is None:
+            raise DiskError(errno.ENOENT)
+        return info
+
+    async def listdir(self) -> list[tuple[str, int]]:
+        """(name, inode) of every disk, sorted by name; unlinked open disks are hidden."""
+        await self.refresh()
+        hidden = {n for n, od in self.open.items() if od.unlinked}
+        names = sorted((set(self.listing) | set(self.open)) - hidden)
+        return [(n, self.inode_of(n)) for n in names]
+
+    async def statfs(self) -> dict[str, Any]:
+        """The controller's status (capacity, used, disks), cached for STATFS_TTL seconds."""
+        now = trio.current_time()
+        if self._statfs is None or now - self._statfs[0] > STATFS_TTL:
+            self._statfs = (now, await call(self.session, "status", "statfs"))
+        return self._statfs[1]
+
+    # ------------------------------------------------------------ changes
+    async def create(self, name: str) -> int:
+        """Create an empty thin disk; its inode. DiskError(EEXIST) if the name is taken."""
+        await call(self.session, "disk.create", f"create {name}", name=name, size=0,
+                   thick=False, segment_size=None, container=None)
+        self.stale()
+        await self.refresh(force=True)
+        return self.inode_of(name)
+
+    async def unlink(self, name: str) -> None:
+        """Remove a disk; an open one only hides its name until its last close."""
+        od = self.open.get(name)
+        if od is not None:
+            # like a regular file: the data stays until the last handle closes
+            if od.unlinked:
+                raise DiskError(errno.ENOENT)
+            od.unlinked = True
+            self.names.pop(name, None)
+            return
+        await call(self.session, "disk.rm", f"remove {name}", name=name)
+        ino = self.names.pop(name, None)
+        if ino is not None:
+            self.inodes.pop(ino, None)
+        self.listing.pop(name, None)
+
+    async def rename(self, old: str, new: str, replace: bool) -> None:
+        """rename(2): replaces an existing target atomically (at the controller)."""
+        await self.refresh(force=True)
+        if old not in self.listing:
+            raise DiskError(errno.ENOENT)
+        if new in self.listing and not replace:
+            raise DiskError(errno.EEXIST)
+        await call(self.session, "disk.rename", f"rename {old}", name=old, new=new,
+                   replace=replace)
+        # the controller pushes "rename" to agents with it open (us included); do the
+        # namespace part here too, for when we do not have it open
+        self.apply_rename(old, new)
+        self.listing.pop(new, None)
+        self.stale()
+
+    # ------------------------------------------------------------ pushes
+    def apply_rename(self, old: str, new: str) -> None:
+        """A "rename" push (or our own rename): move the inode and the open disk."""
+        ino = self.names.pop(old, None)
+        if ino is not None:
+            self.names[new] = ino
+            self.inodes[ino] = new
+        od = self.open.pop(old, None)
+        if od is not None:
+            od.name = new
+            self.open[new] = od
+        self.stale()
+
+    async def apply_namespace(self, msg: dict[str, Any]) -> None:
+        """A "namespace" push: disks were created, changed or removed elsewhere."""
+        self.stale()
+        for name in msg.get("changed", []):
+            ino = self.names.get(name)
+            if ino is not None:  # e.g. a size set with vdctl: seen before we ack
+                await self.kernel.invalidate_wait(ino)
+        for name in msg.get("removed", []):
+            if name not in self.open:
+                self.kernel.invalidate_entry(name)
+                ino = self.names.pop(name, None)
+                if ino is not None:
+                    self.inodes.pop(ino, None)
+                self.listing.pop(name, None)
