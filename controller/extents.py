@@ -6,10 +6,16 @@ fully allocated 1 TiB thin disk at 4 MiB segments (262,144 extents) costs about
 9 MiB and an insert moves at most one chunk. Adjacent extents that are
 contiguous on the same container with the same state merge, up to
 ``MAX_EXTENT`` bytes, so a thick disk is a handful of entries.
+
+``snapshot()`` freezes the map for a checkpoint in O(chunks): the snapshot
+keeps references to the current chunks, and while it is open a mutation
+copies a shared chunk before changing it (copy-on-write), so the snapshot can
+be serialised later, in another thread, while the map keeps changing.
 """
 
 from __future__ import annotations
 
+import operator
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -37,15 +43,24 @@ class ExtentError(ValueError):
     """An operation that would break the map's invariants."""
 
 
-class _Chunk:
-    __slots__ = ("vs", "ln", "lu", "of", "fl")
+_LU_IS_Q = array("l").itemsize == array("q").itemsize  # LUN column stored as "l"
 
-    def __init__(self) -> None:
+
+class _Chunk:
+    __slots__ = ("vs", "ln", "lu", "of", "fl", "gen")
+
+    def __init__(self, gen: int = 0) -> None:
         self.vs = array("q")
         self.ln = array("q")
         self.lu = array("l")
         self.of = array("q")
         self.fl = array("B")
+        self.gen = gen  # the map generation that owns it (copy-on-write)
+
+    def copy(self, gen: int) -> _Chunk:
+        c = _Chunk(gen)
+        c.vs, c.ln, c.lu, c.of, c.fl = self.vs[:], self.ln[:], self.lu[:], self.of[:], self.fl[:]
+        return c
 
     def get(self, i: int) -> Extent:
         return Extent(self.vs[i], self.ln[i], self.lu[i], self.of[i], self.fl[i])
@@ -63,8 +78,8 @@ class _Chunk:
 
     def split(self) -> _Chunk:
         half = len(self.vs) // 2
-        other = _Chunk()
-        for name in self.__slots__:
+        other = _Chunk(self.gen)
+        for name in ("vs", "ln", "lu", "of", "fl"):
             mine = getattr(self, name)
             setattr(other, name, mine[half:])
             del mine[half:]
@@ -94,6 +109,10 @@ class ExtentMap:
         self._firsts: list[int] = []
         self._count = 0
         self._mapped = 0
+        # copy-on-write: while snapshots are open, chunks of an older generation
+        # than _gen may be referenced by one and are copied before a change
+        self._gen = 0
+        self._open_snapshots = 0
 
     # ------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -179,14 +198,22 @@ class ExtentMap:
         return Extent(gap_start, min(gap_end, end) - gap_start, NO_LUN, 0, ZERO)
 
     # ------------------------------------------------------------ mutation
+    def _own(self, ci: int) -> _Chunk:
+        """Chunk ci, copied first if an open snapshot may share it."""
+        c = self._chunks[ci]
+        if self._open_snapshots and c.gen != self._gen:
+            c = c.copy(self._gen)
+            self._chunks[ci] = c
+        return c
+
     def _insert_raw(self, e: Extent) -> None:
         ci, i = self._locate(e.vstart)
         if ci < 0:
             if not self._chunks:
-                self._chunks.append(_Chunk())
+                self._chunks.append(_Chunk(self._gen))
                 self._firsts.append(e.vstart)
             ci, i = 0, -1
-        chunk = self._chunks[ci]
+        chunk = self._own(ci)
         chunk.insert(i + 1, e)
         if i + 1 == 0:
             self._firsts[ci] = e.vstart
@@ -199,10 +226,10 @@ class ExtentMap:
 
     def _delete_raw(self, vstart: int) -> Extent:
         ci, i = self._locate(vstart)
-        chunk = self._chunks[ci]
-        e = chunk.get(i)
+        e = self._chunks[ci].get(i)
         if e.vstart != vstart:
             raise ExtentError(f"no extent starts at {vstart}")
+        chunk = self._own(ci)
         chunk.delete(i)
         if not chunk.vs:
             del self._chunks[ci]
@@ -300,19 +327,38 @@ class ExtentMap:
                 prev = e
 
     # ------------------------------------------------------------ persistence
+    def snapshot(self) -> ExtentSnapshot:
+        """Freeze the current extents in O(chunks); release() it when done.
+
+        Until released, every mutation of the map copies the (at most 2 x 512
+        extent) chunk it changes first, so the snapshot stays as it was.
+        """
+        self._gen += 1
+        self._open_snapshots += 1
+        return ExtentSnapshot(self, list(self._chunks), self._count)
+
     def to_wire(self) -> list[bytes]:
         """Five packed arrays (vstart, length, lun, offset, flags) in vstart order."""
         cols = [array("q"), array("q"), array("q"), array("q"), array("B")]
         for c in self._chunks:
-            cols[0].extend(c.vs)
-            cols[1].extend(c.ln)
-            cols[2].extend(array("q", c.lu))
-            cols[3].extend(c.of)
-            cols[4].extend(c.fl)
+            _extend_cols(cols, c, 0, len(c.vs))
         return [col.tobytes() for col in cols]
 
     @classmethod
     def from_wire(cls, cols: list[bytes]) -> ExtentMap:
+        """A map from to_wire()'s five columns; ExtentError if they are damaged."""
+        m = cls()
+        m.extend_wire(cols)
+        return m
+
+    def extend_wire(self, cols: list[bytes]) -> None:
+        """Append extents given as five packed columns (as to_wire gives, or a slice
+        of them) after the last stored one; for loading a checkpoint part by part.
+
+        Raises ExtentError (and appends nothing) if the columns are malformed or the
+        extents are empty, unordered, overlapping or start before the map's end.
+        Adjacent extents are not merged: the map is restored exactly as written.
+        """
         if not isinstance(cols, list) or len(cols) != 5:
             raise ExtentError("extent map needs five columns")
         arrs = [array("q"), array("q"), array("q"), array("q"), array("B")]
@@ -323,21 +369,85 @@ class ExtentMap:
         n = len(arrs[0])
         if any(len(a) != n for a in arrs):
             raise ExtentError("extent columns differ in length")
-        m = cls()
+        if not n:
+            return
+        vs, ln = arrs[0], arrs[1]
         prev_end = 0
+        if self._chunks:
+            last = self._chunks[-1]
+            prev_end = last.vs[-1] + last.ln[-1]
+        # C-speed checks (a Python loop costs seconds at tens of millions of extents)
+        if min(ln) <= 0 or vs[0] < prev_end or not all(
+                map(operator.le, map(operator.add, vs[:-1], ln[:-1]), vs[1:])):
+            for v, n_ in zip(vs, ln, strict=True):  # find the culprit for the message
+                if v < prev_end or n_ <= 0:
+                    raise ExtentError(f"extent at {v} overlaps or is empty")
+                prev_end = v + n_
+            raise ExtentError("extents are out of order")  # not reached
+        lu = arrs[2] if _LU_IS_Q else None
         for k in range(0, n, _CHUNK):
-            c = _Chunk()
-            c.vs = arrs[0][k : k + _CHUNK]
-            c.ln = arrs[1][k : k + _CHUNK]
-            c.lu = array("l", arrs[2][k : k + _CHUNK])
+            c = _Chunk(self._gen)
+            c.vs = vs[k : k + _CHUNK]
+            c.ln = ln[k : k + _CHUNK]
+            if lu is not None:
+                c.lu = array("l", lu[k : k + _CHUNK].tobytes())
+            else:
+                c.lu = array("l", arrs[2][k : k + _CHUNK])
             c.of = arrs[3][k : k + _CHUNK]
             c.fl = arrs[4][k : k + _CHUNK]
-            for vs, ln in zip(c.vs, c.ln, strict=True):
-                if vs < prev_end or ln <= 0:
-                    raise ExtentError(f"extent at {vs} overlaps or is empty")
-                prev_end = vs + ln
-                m._mapped += ln
-            m._chunks.append(c)
-            m._firsts.append(c.vs[0])
-        m._count = n
-        return m
+            self._chunks.append(c)
+            self._firsts.append(c.vs[0])
+        self._count += n
+        self._mapped += sum(ln)
+
+
+def _extend_cols(cols: list[array[int]], c: _Chunk, a: int, b: int) -> None:
+    """Append extents [a, b) of chunk c to the five wire columns."""
+    cols[0].extend(c.vs[a:b])
+    cols[1].extend(c.ln[a:b])
+    if _LU_IS_Q:
+        cols[2].frombytes(c.lu[a:b].tobytes())
+    else:
+        cols[2].extend(array("q", c.lu[a:b]))
+    cols[3].extend(c.of[a:b])
+    cols[4].extend(c.fl[a:b])
+
+
+class ExtentSnapshot:
+    """The extents of a map as they were at ExtentMap.snapshot().
+
+    Reading it (parts()) touches only chunks the map no longer changes, so it
+    may run in another thread while the map is mutated on the event loop.
+    """
+
+    def __init__(self, owner: ExtentMap, chunks: list[_Chunk], count: int):
+        self._owner: ExtentMap | None = owner
+        self._chunks = chunks
+        self.count = count  # extents in the snapshot
+
+    def parts(self, max_extents: int) -> Iterator[list[bytes]]:
+        """The extents as five packed columns (as to_wire), cut into pieces of at most
+        max_extents extents (>= 1) each; nothing for an empty map."""
+        max_extents = max(1, max_extents)
+        cols: list[array[int]] = [array("q"), array("q"), array("q"), array("q"), array("B")]
+        have = 0
+        for c in self._chunks:
+            a, n = 0, len(c.vs)
+            while a < n:
+                b = min(n, a + max_extents - have)
+                _extend_cols(cols, c, a, b)
+                have += b - a
+                a = b
+                if have >= max_extents:
+                    yield [col.tobytes() for col in cols]
+                    cols = [array("q"), array("q"), array("q"), array("q"), array("B")]
+                    have = 0
+        if have:
+            yield [col.tobytes() for col in cols]
+
+    def release(self) -> None:
+        """Stop sharing the chunks with the map (idempotent)."""
+        if self._owner is not None:
+            self._owner._open_snapshots -= 1
+            self._owner = None
+        self._chunks = []
