@@ -71,9 +71,18 @@ def journal_crc(length: int, payload: bytes | memoryview) -> int:
 
 
 def journal_frame(obj: Any) -> bytes:
-    payload = pack(obj)
+    """obj packed and framed for the journal or a checkpoint: header + msgpack payload.
+
+    Raises CodecError if obj cannot be packed (a type msgpack does not know, an
+    integer out of range) or packs to more than MAX_JOURNAL_RECORD bytes.
+    """
+    try:
+        payload = pack(obj)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise CodecError(f"journal record cannot be packed: {e.__class__.__name__}: {e}") from None
     if len(payload) > MAX_JOURNAL_RECORD:
-        raise CodecError(f"journal record of {len(payload)} bytes is too large")
+        raise CodecError(f"journal record of {len(payload)} bytes is too large "
+                         f"(at most {MAX_JOURNAL_RECORD})")
     return JOURNAL_HEADER.pack(JOURNAL_MAGIC, len(payload), journal_crc(len(payload), payload)) + (
         payload
     )

@@ -2,40 +2,63 @@
 
 Files in the state dir:
 
-- ``checkpoint``: one journal-framed msgpack map, the whole ``State`` as of
-  record ``seq``. Written tmp -> fsync -> rename -> fsync(dir).
-- ``journal``: journal frames (magic, length, CRC32, msgpack record), each a
-  complete transaction with a ``seq`` one above the previous. Records with
-  ``seq`` at or below the checkpoint's are already in it and are skipped.
+- ``journal``: journal frames (magic ``VJ01``, payload length, CRC32 over the
+  length bytes and the payload, msgpack record), each a complete transaction
+  with a ``seq`` one above the previous. Records with ``seq`` at or below the
+  checkpoint's are already in it and are skipped.
+- ``journal.next``: exists only while a checkpoint is being written (or after a
+  crash during one). When a checkpoint starts, new records go to this file;
+  the checkpoint holds everything before them. Once the checkpoint is durable,
+  ``journal.next`` is renamed over ``journal``. Replay reads ``journal`` and
+  then ``journal.next``; recovery folds the second into the first.
+- ``checkpoint``: the whole ``State`` as of record ``seq``, as a sequence of
+  journal frames, each at most a few MiB (format 2): a header (format, seq,
+  next_lun, boot, the containers with their number of free ranges, the number
+  of disks), the containers' free lists in slices, then per disk a frame with
+  its fields and counts, its extents as five packed columns (vstart, length,
+  lun, offset, flags, as ``ExtentMap.to_wire``) in slices, its alternates, and
+  last an end frame with the counts, so a truncated file is detected. Written
+  tmp -> fsync -> rename -> fsync(dir). The older format 1 (one frame holding
+  ``State.to_wire()``, which stops working past the 64 MiB frame cap) is still
+  read. Any damage is refused with ``JournalCorrupt`` naming the file.
 
 On open, a torn tail (an incomplete or damaged last record, with no valid
 record after it) is truncated away; damage followed by valid records means
 the middle of the journal is lost, and the controller refuses to start,
 naming the file and byte offset.
 
-Group commit: records are applied to the in-memory state at once and queued;
-one committer task writes every queued record with a single write + fdatasync
-and then wakes all their waiters. Replies go out only after that.
+Group commit: a record is encoded, then applied to the in-memory state and
+queued; one committer task writes every queued record with a single write +
+fdatasync and then wakes all their waiters. Replies go out only after that.
+
+Checkpoints do not stop the event loop or the commits: the committer switches
+to ``journal.next`` and takes a copy-on-write snapshot of the state between two
+batches (O(disks + extent chunks)); the snapshot is then encoded and written
+by worker threads, a few MiB per step, while records keep being committed.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import trio
 
 from . import codec
-from .state import State, StateError
+from .state import STATE_FORMAT, Snapshot, State, StateError
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal"
+JOURNAL_NEXT = "journal.next"
 CHECKPOINT = "checkpoint"
 CHECKPOINT_BYTES = 64 << 20  # checkpoint once the journal grows past this
+CHECKPOINT_PART_BYTES = 4 << 20  # target size of one checkpoint frame
+CHECKPOINT_STEP_BYTES = 32 << 20  # written per worker-thread call (a cancellation point)
 
 
 class JournalCorrupt(Exception):
@@ -46,9 +69,9 @@ class JournalCorrupt(Exception):
 class Recovery:
     state: State
     records: int = 0  # journal records replayed
-    truncated_at: int | None = None  # torn tail cut here
+    truncated_at: int | None = None  # torn tail cut here (in the last journal file)
     dropped_bytes: int = 0
-    journal_bytes: int = 0
+    journal_bytes: int = 0  # size of the journal the controller appends to
 
 
 def fsync_dir(path: str) -> None:
@@ -59,14 +82,19 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
 def write_atomic(path: str, data: bytes) -> None:
+    """Replace path with data: tmp -> fsync -> rename -> fsync(dir). Blocking."""
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -97,76 +125,245 @@ def find_valid_frame_after(data: bytes, pos: int) -> int | None:
     return None
 
 
+# ---------------------------------------------------------------- checkpoint files
+
+
+def part_bytes() -> int:
+    """Target payload size of one checkpoint frame: CHECKPOINT_PART_BYTES, or less if
+    the frame cap (codec.MAX_JOURNAL_RECORD) is lower, leaving room for overhead."""
+    return max(1, min(CHECKPOINT_PART_BYTES, codec.MAX_JOURNAL_RECORD // 2))
+
+
+def checkpoint_frames(snap: Snapshot) -> Iterator[bytes]:
+    """The frames of a format-2 checkpoint of snap (lazy: encodes as it goes).
+
+    Raises CodecError if a part exceeds the frame cap (a header with a great many
+    containers, say)."""
+    for part in snap.parts(part_bytes()):
+        yield codec.journal_frame(part)
+
+
+class CheckpointFile:
+    """A checkpoint being written to ``checkpoint.tmp``; commit() makes it the checkpoint.
+
+    Every method blocks (file I/O): call them from a worker thread on the loop.
+    """
+
+    def __init__(self, state_dir: str):
+        self.path = os.path.join(state_dir, CHECKPOINT)
+        self.tmp = self.path + ".tmp"
+        self.bytes = 0
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def write_some(self, frames: Iterator[bytes], budget: int) -> bool:
+        """Write frames until about budget bytes are written; True once frames is done."""
+        assert self._fd is not None
+        start = self.bytes
+        for frame in frames:
+            _write_all(self._fd, frame)
+            self.bytes += len(frame)
+            if self.bytes - start >= budget:
+                return False
+        return True
+
+    def commit(self) -> None:
+        """fsync, rename over the checkpoint, fsync the directory."""
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.replace(self.tmp, self.path)
+        fsync_dir(os.path.dirname(self.path) or ".")
+
+    def abort(self) -> None:
+        """Drop the partial file (idempotent; the old checkpoint stays)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+
+
+def write_checkpoint(state_dir: str, state: State) -> int:
+    """Write state as the checkpoint of state_dir, blocking until it is durable.
+
+    Returns the file's size in bytes. For a live controller use the journal's
+    background checkpoint instead: this encodes everything on the calling thread.
+    """
+    snap = state.snapshot()
+    try:
+        f = CheckpointFile(state_dir)
+        try:
+            f.write_some(checkpoint_frames(snap), 1 << 62)
+            f.commit()
+        finally:
+            f.abort()
+    finally:
+        snap.release()
+    return f.bytes
+
+
+def _read_frames(f: IO[bytes], path: str) -> Iterator[Any]:
+    """Decode the journal frames of an open checkpoint file one at a time.
+
+    Raises JournalCorrupt (naming path and the byte offset) at a damaged or
+    truncated frame."""
+    hsize = codec.JOURNAL_HEADER.size
+    pos = 0
+    while True:
+        head = f.read(hsize)
+        if not head:
+            return
+        if len(head) < hsize:
+            raise JournalCorrupt(f"{path}: checkpoint is truncated at byte offset {pos}")
+        magic, length, crc = codec.JOURNAL_HEADER.unpack(head)
+        if magic != codec.JOURNAL_MAGIC or length > codec.MAX_JOURNAL_RECORD:
+            raise JournalCorrupt(f"{path}: checkpoint is damaged at byte offset {pos} "
+                                 "(bad frame header)")
+        payload = f.read(length)
+        if len(payload) < length:
+            raise JournalCorrupt(f"{path}: checkpoint is truncated at byte offset {pos}")
+        if codec.journal_crc(length, payload) != crc:
+            raise JournalCorrupt(f"{path}: checkpoint is damaged at byte offset {pos} "
+                                 "(CRC mismatch)")
+        try:
+            obj = codec.unpack(payload, max_size=codec.MAX_JOURNAL_RECORD)
+        except codec.CodecError as e:
+            raise JournalCorrupt(f"{path}: checkpoint is damaged at byte offset {pos}: "
+                                 f"{e}") from None
+        yield obj
+        pos += hsize + length
+
+
 def load_checkpoint(state_dir: str) -> State:
+    """The state in state_dir's checkpoint (an empty State if there is none).
+
+    Reads format 2 (many frames) frame by frame, so the file is never in memory
+    whole, and format 1 (one frame). Raises JournalCorrupt, naming the file, if it
+    is damaged, truncated or does not describe a consistent state.
+    """
     path = os.path.join(state_dir, CHECKPOINT)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f = open(path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
         return State()
-    r = codec.parse_journal_frame(data, 0)
-    if r is None or r[1] != len(data):
-        raise JournalCorrupt(f"{path}: checkpoint is damaged (bad frame or CRC at offset 0)")
-    try:
-        return State.from_wire(r[0])
-    except StateError as e:
-        raise JournalCorrupt(f"{path}: {e}") from None
+    with f:
+        frames = _read_frames(f, path)
+        try:
+            first = next(frames, None)
+            if first is None:
+                raise JournalCorrupt(f"{path}: checkpoint is empty")
+            if isinstance(first, dict) and first.get("format") == STATE_FORMAT:
+                if next(frames, None) is not None:
+                    raise JournalCorrupt(f"{path}: data after a format-1 checkpoint")
+                return State.from_wire(first)
+            return State.from_parts(itertools.chain([first], frames))
+        except StateError as e:
+            raise JournalCorrupt(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------- recovery
 
 
 def recover(state_dir: str, *, repair: bool = True) -> Recovery:
-    """Load the checkpoint, replay the journal, cut a torn tail (if repair)."""
+    """Load the checkpoint and replay ``journal`` then ``journal.next``.
+
+    With repair, a torn tail is cut and a leftover ``journal.next`` (a crash
+    during a checkpoint) is folded into ``journal``. Raises JournalCorrupt on
+    damage that is not a torn tail, on missing records, on a record that does
+    not apply, and on a damaged checkpoint.
+    """
     state = load_checkpoint(state_dir)
     rec = Recovery(state)
-    path = os.path.join(state_dir, JOURNAL)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return rec
+    names = [n for n in (JOURNAL, JOURNAL_NEXT) if os.path.exists(os.path.join(state_dir, n))]
     # Decode and apply one record at a time: holding a million decoded records
     # at once costs hundreds of MiB and makes the cyclic GC rescan them over and
     # over (a quarter of the replay time at 1M records).
     expect = state.seq + 1
     parse = codec.parse_journal_frame
-    end = 0
-    while end < len(data):
-        frame = parse(data, end)
-        if frame is None:
-            break
-        r, nxt = frame
-        seq = r.get("seq") if isinstance(r, dict) else None
-        if not isinstance(seq, int):
-            raise JournalCorrupt(f"{path}: record #{rec.records + 1} has no sequence number")
-        if seq >= expect:  # lower seqs are already in the checkpoint
-            if seq != expect:
-                raise JournalCorrupt(f"{path}: record #{rec.records + 1}: expected seq "
-                                     f"{expect}, found {seq}: records are missing")
-            try:
-                state.apply(r)
-            except StateError as e:
-                raise JournalCorrupt(f"{path}: record #{rec.records + 1} (seq {seq}) does "
-                                     f"not apply: {e}") from None
-            expect += 1
-            rec.records += 1
-        end = nxt
-    if end < len(data):
-        later = find_valid_frame_after(data, end)
-        if later is not None:
-            raise JournalCorrupt(
-                f"{path}: damaged record at byte offset {end} with valid records after it "
-                f"(next at {later}); refusing to start. Restore the state dir from a backup "
-                f"or, to accept losing everything from offset {end} on, truncate the file there"
-            )
-        rec.truncated_at = end
-        rec.dropped_bytes = len(data) - end
-        log.warning("%s: torn tail at offset %d (%d bytes) dropped", path, end,
-                    len(data) - end)
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
-    rec.journal_bytes = end
+    good: dict[str, int] = {}
+    applied: dict[str, int] = {}
+    next_data = b""
+    for k, name in enumerate(names):
+        path = os.path.join(state_dir, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        end = 0
+        applied[name] = 0
+        while end < len(data):
+            frame = parse(data, end)
+            if frame is None:
+                break
+            r, nxt = frame
+            seq = r.get("seq") if isinstance(r, dict) else None
+            if not isinstance(seq, int):
+                raise JournalCorrupt(f"{path}: record #{rec.records + 1} has no sequence number")
+            if seq >= expect:  # lower seqs are already in the checkpoint
+                if seq != expect:
+                    raise JournalCorrupt(f"{path}: record #{rec.records + 1}: expected seq "
+                                         f"{expect}, found {seq}: records are missing")
+                try:
+                    state.apply(r)
+                except StateError as e:
+                    raise JournalCorrupt(f"{path}: record #{rec.records + 1} (seq {seq}) does "
+                                         f"not apply: {e}") from None
+                expect += 1
+                rec.records += 1
+                applied[name] += 1
+            end = nxt
+        if end < len(data):
+            later = find_valid_frame_after(data, end)
+            if later is not None:
+                raise JournalCorrupt(
+                    f"{path}: damaged record at byte offset {end} with valid records after "
+                    f"it (next at {later}); refusing to start. Restore the state dir from a "
+                    f"backup or, to accept losing everything from offset {end} on, truncate "
+                    "the file there")
+            if k + 1 < len(names):
+                raise JournalCorrupt(
+                    f"{path}: damaged record at byte offset {end}, and {names[k + 1]} "
+                    "follows it; refusing to start")
+            rec.truncated_at = end
+            rec.dropped_bytes = len(data) - end
+            log.warning("%s: torn tail at offset %d (%d bytes) dropped", path, end,
+                        len(data) - end)
+            if repair:
+                with open(path, "r+b") as f:
+                    f.truncate(end)
+                    os.fsync(f.fileno())
+        good[name] = end
+        if name == JOURNAL_NEXT:
+            next_data = data[:end]
+    rec.journal_bytes = sum(good.values())
+    if repair and JOURNAL_NEXT in good:
+        _fold_next(state_dir, next_data, replace=not applied.get(JOURNAL))
+        rec.journal_bytes = os.path.getsize(os.path.join(state_dir, JOURNAL))
     return rec
+
+
+def _fold_next(state_dir: str, next_data: bytes, *, replace: bool) -> None:
+    """Make ``journal`` hold what ``journal`` + ``journal.next`` held; remove the latter.
+
+    replace: nothing in ``journal`` is newer than the checkpoint, so ``journal.next``
+    simply takes its place. Otherwise it is appended (a crash between the append
+    and the unlink leaves its records twice; replay skips the second copies).
+    """
+    jpath = os.path.join(state_dir, JOURNAL)
+    npath = os.path.join(state_dir, JOURNAL_NEXT)
+    if replace:
+        os.replace(npath, jpath)
+    else:
+        with open(jpath, "ab") as f:
+            f.write(next_data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.unlink(npath)
+    fsync_dir(state_dir)
+
+
+# ---------------------------------------------------------------- the live journal
 
 
 @dataclass
@@ -175,6 +372,13 @@ class _Batch:
     last_seq: int = 0
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
+    fd: int = -1  # the journal file it is written to
+
+
+@dataclass
+class _CheckpointJob:
+    snap: Snapshot
+    old_fd: int  # the journal being retired: every record in it is in snap
 
 
 class Journal:
@@ -186,26 +390,44 @@ class Journal:
         self.state_dir = state_dir
         self.state = state
         self.path = os.path.join(state_dir, JOURNAL)
+        self.next_path = os.path.join(state_dir, JOURNAL_NEXT)
+        if os.path.exists(self.next_path):
+            raise JournalCorrupt(f"{self.next_path}: left over from an interrupted checkpoint; "
+                                 "recover() the state dir (with repair) first")
         self.checkpoint_bytes = checkpoint_bytes
         self.journal_bytes = journal_bytes
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._old_fd: int | None = None  # the journal a running checkpoint retires
         self._pending = _Batch()
         self._inflight: _Batch | None = None
         self._wakeup = trio.Event()
         self._closed = False
+        self._checkpointing = False
+        self._checkpoint_done: trio.Event | None = None
         self.durable_seq = state.seq
         self.commits = 0  # fsyncs done, for the benchmark and status
         self.checkpoints = 0
+        self.last_checkpoint_bytes = 0
         self._on_fatal = on_fatal
 
     def record(self, rec: dict[str, Any]) -> int:
-        """Apply rec to the state and queue it; returns its seq. Never blocks."""
+        """Encode rec (with its new seq), apply it to the state and queue it; its seq.
+
+        Never blocks. Raises StateError, with nothing applied or queued, if the
+        state refuses rec or if rec cannot be encoded (CodecError as its cause:
+        an unpackable value or a record past the frame cap); either way the
+        sequence has no gap.
+        """
         if self._closed:
             raise RuntimeError("journal is closed")
         seq = self.state.seq + 1
         rec["seq"] = seq
+        try:
+            frame = codec.journal_frame(rec)
+        except codec.CodecError as e:
+            raise StateError(f"{rec.get('op')} record cannot be journaled: {e}") from e
         self.state.apply(rec)  # raises StateError with nothing changed
-        self._pending.frames.append(codec.journal_frame(rec))
+        self._pending.frames.append(frame)
         self._pending.last_seq = seq
         self._wakeup.set()
         return seq
@@ -228,65 +450,146 @@ class Journal:
             if batch.error is not None:
                 raise RuntimeError("journal write failed") from batch.error
 
-    def _write(self, frames: list[bytes]) -> int:
+    @staticmethod
+    def _write(fd: int, frames: list[bytes]) -> int:
         data = b"".join(frames)
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        os.fdatasync(self._fd)
+        _write_all(fd, data)
+        os.fdatasync(fd)
         return len(data)
 
-    def _checkpoint_sync(self, snapshot: bytes) -> None:
-        write_atomic(os.path.join(self.state_dir, CHECKPOINT), snapshot)
+    def checkpoint_now_sync(self) -> None:
+        """Checkpoint with nothing in flight (used on clean shutdown and by tests).
+
+        Blocks: it encodes and writes the whole state on the calling thread.
+        """
+        n = write_checkpoint(self.state_dir, self.state)
+        if self._old_fd is not None:  # a background checkpoint was interrupted
+            self._retire_old_sync()
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
-
-    def checkpoint_now_sync(self) -> None:
-        """Checkpoint with nothing in flight (used on clean shutdown and by tests)."""
-        self._checkpoint_sync(codec.journal_frame(self.state.to_wire()))
         self.journal_bytes = 0
         self.checkpoints += 1
+        self.last_checkpoint_bytes = n
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """The committer task."""
-        task_status.started()
+        """The committer task (checkpoints run beside it, in its own nursery)."""
         try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                batch, self._pending = self._pending, _Batch()
-                if not batch.frames:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    batch, self._pending = self._pending, _Batch()
+                    if not batch.frames:
+                        batch.done.set()
+                        continue
+                    batch.fd = self._fd
+                    self._inflight = batch
+                    try:
+                        self.journal_bytes += await trio.to_thread.run_sync(
+                            self._write, batch.fd, batch.frames)
+                    except BaseException as e:
+                        batch.error = e
+                        batch.done.set()
+                        log.critical("journal write failed: %s; the controller must stop", e)
+                        raise
+                    self.durable_seq = batch.last_seq
+                    self._inflight = None
+                    self.commits += 1
                     batch.done.set()
-                    continue
-                self._inflight = batch
-                try:
-                    self.journal_bytes += await trio.to_thread.run_sync(self._write, batch.frames)
-                except BaseException as e:
-                    batch.error = e
-                    batch.done.set()
-                    log.critical("journal write failed: %s; the controller must stop", e)
-                    raise
-                self.durable_seq = batch.last_seq
-                self._inflight = None
-                self.commits += 1
-                batch.done.set()
-                if self.journal_bytes >= self.checkpoint_bytes:
-                    await self._checkpoint()
+                    if self.journal_bytes >= self.checkpoint_bytes and not self._checkpointing:
+                        # between two batches: the snapshot and the switch of journal
+                        # files happen with no write in flight
+                        job = await self._start_checkpoint()
+                        nursery.start_soon(self._finish_checkpoint, job)
         finally:
             self._closed = True
 
     async def _checkpoint(self) -> None:
-        # The snapshot is taken between batches, on the event loop, so it is a
-        # consistent state; records applied after it carry higher seqs.
-        snapshot = codec.journal_frame(self.state.to_wire())
-        # Records queued but not yet written are in the snapshot too; they still
-        # reach the journal in the next batch and are skipped on replay.
-        await trio.to_thread.run_sync(self._checkpoint_sync, snapshot)
+        """Write a checkpoint of the state as it is now and retire the journal before it.
+
+        Commits go on meanwhile (into ``journal.next``); the event loop is held only
+        for the snapshot. Waits for a checkpoint already running to finish first.
+        """
+        while self._checkpointing:
+            assert self._checkpoint_done is not None
+            await self._checkpoint_done.wait()
+        job = await self._start_checkpoint()
+        await self._finish_checkpoint(job)
+
+    def _open_next_sync(self) -> int:
+        fd = os.open(self.next_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        try:
+            fsync_dir(self.state_dir)  # records acknowledged from it must survive a crash
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    async def _start_checkpoint(self) -> _CheckpointJob:
+        assert not self._checkpointing
+        self._checkpointing = True
+        self._checkpoint_done = trio.Event()
+        try:
+            new_fd = await trio.to_thread.run_sync(self._open_next_sync)
+        except BaseException:
+            self._end_checkpoint()
+            raise
+        # No checkpoint between these lines: the snapshot holds every record
+        # written to the old journal (and the queued ones, which reach the new one
+        # and are skipped on replay); every later record goes to the new journal.
+        snap = self.state.snapshot()
+        self._old_fd, self._fd = self._fd, new_fd
         self.journal_bytes = 0
-        self.checkpoints += 1
-        log.info("checkpoint at seq %d (%d bytes)", self.state.seq, len(snapshot))
+        return _CheckpointJob(snap, self._old_fd)
+
+    async def _finish_checkpoint(self, job: _CheckpointJob) -> None:
+        try:
+            t0 = trio.current_time()
+            try:
+                f = await trio.to_thread.run_sync(CheckpointFile, self.state_dir)
+                try:
+                    frames = checkpoint_frames(job.snap)
+                    while not await trio.to_thread.run_sync(f.write_some, frames,
+                                                            CHECKPOINT_STEP_BYTES):
+                        pass
+                    await trio.to_thread.run_sync(f.commit)
+                finally:
+                    f.abort()  # no-op after commit; quick otherwise
+            finally:
+                job.snap.release()
+            inflight = self._inflight
+            if inflight is not None and inflight.fd == job.old_fd:
+                await inflight.done.wait()  # (only when _checkpoint() raced a batch)
+            await trio.to_thread.run_sync(self._retire_old_sync)
+            self.checkpoints += 1
+            self.last_checkpoint_bytes = f.bytes
+            log.info("checkpoint at seq %d (%d bytes, %d extents, %.2f s)", job.snap.seq,
+                     f.bytes, job.snap.extents, trio.current_time() - t0)
+        except trio.Cancelled:
+            raise
+        except BaseException as e:
+            log.critical("checkpoint failed: %s; the controller must stop", e)
+            raise
+        finally:
+            self._end_checkpoint()
+
+    def _end_checkpoint(self) -> None:
+        self._checkpointing = False
+        if self._checkpoint_done is not None:
+            self._checkpoint_done.set()
+
+    def _retire_old_sync(self) -> None:
+        """The checkpoint is durable: ``journal.next`` becomes ``journal``."""
+        os.replace(self.next_path, self.path)
+        fsync_dir(self.state_dir)
+        if self._old_fd is not None:
+            os.close(self._old_fd)
+            self._old_fd = None
 
     def close(self) -> None:
         self._closed = True
         os.close(self._fd)
+        if self._old_fd is not None:
+            os.close(self._old_fd)
+            self._old_fd = None

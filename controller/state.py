@@ -9,16 +9,20 @@ module does no I/O and imports no trio.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .allocator import ALIGN, AllocError, FreeSpace
 from .bitmap import Bitmap
-from .extents import MAX_EXTENT, Extent, ExtentError, ExtentMap
+from .extents import MAX_EXTENT, Extent, ExtentError, ExtentMap, ExtentSnapshot
 from .protocol import BLOCK_SIZE
 
-STATE_FORMAT = 1
+STATE_FORMAT = 1  # to_wire(): the whole state as one map (and the old one-frame checkpoint)
+PARTS_FORMAT = 2  # Snapshot.parts(): the checkpoint as a sequence of bounded parts
+
+_DISK_UIDS = itertools.count(1)
 
 
 class StateError(ValueError):
@@ -81,6 +85,10 @@ class Disk:
     extents: ExtentMap = field(default_factory=ExtentMap)
     alts: dict[int, Alt] = field(default_factory=dict)
     epoch: int = 1
+    # this process's identity of the disk (never persisted, never reused): what agents'
+    # opens, locks and restrictions are keyed by, so renames and re-creations of a name
+    # cannot mix two disks up
+    uid: int = field(default_factory=lambda: next(_DISK_UIDS), compare=False, repr=False)
 
     @property
     def allocated(self) -> int:
@@ -124,6 +132,9 @@ class State:
         self.disks: dict[str, Disk] = {}
         self.next_lun = 1
         self.seq = 0  # sequence number of the last applied record
+        # controller starts so far ("controller.boot" records): a persisted counter
+        # that never goes back, unlike the wall clock, for version stamps
+        self.boot = 0
 
     # ------------------------------------------------------------ lookups
     def container(self, name: str) -> Container:
@@ -301,6 +312,12 @@ class State:
         d.epoch += 1
         self.disks[new] = d
 
+    def _controller_boot(self, rec: dict[str, Any]) -> None:
+        boot = rec["boot"]
+        if type(boot) is not int or boot != self.boot + 1:
+            raise StateError(f"boot must be {self.boot + 1}, not {boot!r}")
+        self.boot = boot
+
     def _disk_unmap(self, rec: dict[str, Any]) -> None:
         d = self.disk(rec["name"])
         start, end = rec["start"], rec["end"]
@@ -313,10 +330,14 @@ class State:
 
     # ------------------------------------------------------------ checkpoint form
     def to_wire(self) -> dict[str, Any]:
+        """The whole state as one msgpack-able map (format 1): the equality oracle of
+        the tests. Its size grows with the tables (about 33 bytes per extent), so the
+        checkpoint is written from snapshot().parts() instead."""
         return {
             "format": STATE_FORMAT,
             "seq": self.seq,
             "next_lun": self.next_lun,
+            "boot": self.boot,
             "containers": [
                 {
                     "name": c.name,
@@ -352,12 +373,16 @@ class State:
 
     @classmethod
     def from_wire(cls, w: dict[str, Any]) -> State:
+        """The state from to_wire()'s map (format 1; "boot" defaults to 0).
+
+        Raises StateError if the map is malformed."""
         if not isinstance(w, dict) or w.get("format") != STATE_FORMAT:
             raise StateError("checkpoint has an unknown format")
         s = cls()
         try:
             s.seq = w["seq"]
             s.next_lun = w["next_lun"]
+            s.boot = _int(w.get("boot", 0), "boot")
             for cw in w["containers"]:
                 space = FreeSpace.from_wire(cw["size"], cw["free"], cw.get("cursor", 0))
                 c = Container(cw["name"], cw["lun"], cw["path"], cw["size"], cw["created"],
@@ -375,6 +400,196 @@ class State:
             raise StateError(f"checkpoint is malformed: {e!r}") from None
         return s
 
+    def snapshot(self) -> Snapshot:
+        """A frozen view of the state for a checkpoint; release() it when done.
+
+        Takes O(containers + disks + extent chunks + free ranges + alternates) on
+        the caller's thread (no extent is copied: the extent maps switch to
+        copy-on-write); the snapshot's parts() can then be read in another thread
+        while apply() goes on.
+        """
+        return Snapshot(self)
+
+    @classmethod
+    def from_parts(cls, parts: Iterable[Any]) -> State:
+        """The state from the parts of a format-2 checkpoint (Snapshot.parts()), header
+        first. Consumes the iterable up to the end part; raises StateError if a part is
+        malformed, out of place, or missing (a truncated checkpoint), or if anything
+        follows the end part."""
+        it = iter(parts)
+        s = cls()
+        count = 0
+
+        def nxt(kind: str) -> dict[str, Any]:
+            nonlocal count
+            p = next(it, None)
+            if p is None:
+                raise StateError(f"checkpoint ends early: part {count + 1} ({kind}) is missing")
+            count += 1
+            if not isinstance(p, dict) or p.get("part") != kind:
+                got = p.get("part") if isinstance(p, dict) else type(p).__name__
+                raise StateError(f"checkpoint part {count}: expected {kind}, found {got!r}")
+            return p
+
+        try:
+            h = nxt("header")
+            if h.get("format") != PARTS_FORMAT:
+                raise StateError(f"checkpoint has an unknown format {h.get('format')!r}")
+            s.seq = _int(h["seq"], "seq")
+            s.next_lun = _int(h["next_lun"], "next_lun")
+            s.boot = _int(h["boot"], "boot")
+            ndisks = _int(h["disks"], "disks")
+            for cw in h["containers"]:
+                nfree = _int(cw["free"], "free")
+                starts, lens = bytearray(), bytearray()
+                while len(starts) < 8 * nfree:  # 8 bytes per start
+                    p = nxt("free")
+                    if p["lun"] != cw["lun"]:
+                        raise StateError(f"checkpoint part {count}: free space of LUN "
+                                         f"{p['lun']!r} where LUN {cw['lun']!r} was due")
+                    a, b = p["cols"]
+                    starts += a
+                    lens += b
+                if len(starts) != 8 * nfree or len(lens) != 8 * nfree:
+                    raise StateError(f"checkpoint: container {cw['name']!r} has the wrong "
+                                     "number of free ranges")
+                space = FreeSpace.from_wire(cw["size"], [bytes(starts), bytes(lens)],
+                                            cw["cursor"])
+                c = Container(cw["name"], cw["lun"], cw["path"], cw["size"], cw["created"],
+                              space, cw["failed"])
+                if c.name in s.containers or c.lun in s.luns:
+                    raise StateError(f"checkpoint: container {c.name!r} twice")
+                s.containers[c.name] = c
+                s.luns[c.lun] = c
+            total = 0
+            for _ in range(ndisks):
+                dw = nxt("disk")
+                m = ExtentMap()
+                n = _int(dw["extents"], "extents")
+                while len(m) < n:
+                    m.extend_wire(nxt("extents")["cols"])
+                if len(m) != n:
+                    raise StateError(f"checkpoint: disk {dw['name']!r} has {len(m)} extents, "
+                                     f"its header says {n}")
+                total += n
+                d = Disk(dw["name"], dw["size"], dw["segment_size"], dw["thick"], dw["pin"],
+                         dw["home"], dw["ctime"], m, epoch=dw["epoch"])
+                nalts = _int(dw["alts"], "alts")
+                while len(d.alts) < nalts:
+                    for vs, lun, off, nblocks, bits in nxt("alts")["alts"]:
+                        d.alts[vs] = Alt(lun, off, Bitmap(nblocks, bits))
+                if len(d.alts) != nalts:
+                    raise StateError(f"checkpoint: disk {d.name!r} has the wrong number of "
+                                     "alternates")
+                if d.name in s.disks:
+                    raise StateError(f"checkpoint: disk {d.name!r} twice")
+                s.disks[d.name] = d
+            end = nxt("end")
+            if (end["seq"], end["disks"], end["extents"], end["parts"]) != (
+                    s.seq, ndisks, total, count - 1):
+                raise StateError("checkpoint: the end part's counts do not match its contents")
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, StateError):
+                raise
+            raise StateError(f"checkpoint part {count} is malformed: {e!r}") from None
+        extra = next(it, None)
+        if extra is not None:
+            raise StateError(f"checkpoint: data after the end part (part {count + 1})")
+        return s
+
+
+def _int(v: Any, what: str) -> int:
+    if type(v) is not int:
+        raise StateError(f"checkpoint: {what} is not an integer: {v!r}")
+    return v
+
+
+# bytes per item on the wire, to cut parts to size
+_EXTENT_WIRE = 33
+_FREE_WIRE = 16
+
+
+class Snapshot:
+    """A State frozen for a checkpoint (State.snapshot()).
+
+    Container and disk fields, free lists and alternates are copied when it is
+    taken; extents are shared copy-on-write with the live maps. parts() reads
+    only those copies, so it may run in a worker thread while the live state
+    changes. release() ends the sharing; until then the live maps pay one chunk
+    copy (at most about 34 KiB) on the first change of each shared chunk.
+    """
+
+    def __init__(self, state: State):
+        self.seq = state.seq
+        self._header: dict[str, Any] = {
+            "format": PARTS_FORMAT, "part": "header", "seq": state.seq,
+            "next_lun": state.next_lun, "boot": state.boot, "containers": [],
+            "disks": len(state.disks),
+        }
+        self._free: list[tuple[int, bytes, bytes]] = []
+        for c in state.containers.values():
+            starts, lens = c.space.to_wire()  # copies
+            self._header["containers"].append({
+                "name": c.name, "lun": c.lun, "path": c.path, "size": c.size,
+                "created": c.created, "failed": c.failed, "cursor": c.space.cursor,
+                "free": len(starts) // 8,
+            })
+            self._free.append((c.lun, starts, lens))
+        self._disks: list[tuple[dict[str, Any], ExtentSnapshot, list[list[Any]]]] = []
+        try:
+            for d in state.disks.values():
+                ext = d.extents.snapshot()
+                alts = [[vs, a.lun, a.offset, a.bitmap.nblocks, a.bitmap.to_bytes()]
+                        for vs, a in d.alts.items()]
+                meta = {"part": "disk", "name": d.name, "size": d.size,
+                        "segment_size": d.segment_size, "thick": d.thick, "pin": d.pin,
+                        "home": d.home, "ctime": d.ctime, "epoch": d.epoch,
+                        "extents": ext.count, "alts": len(alts)}
+                self._disks.append((meta, ext, alts))
+        except BaseException:
+            self.release()
+            raise
+        self.extents = sum(ext.count for _m, ext, _a in self._disks)
+
+    def parts(self, max_bytes: int = 4 << 20) -> Iterator[dict[str, Any]]:
+        """The checkpoint as msgpack-able maps, each about max_bytes or less (plus a
+        little per-part overhead; a header grows with the number of containers):
+        header, the free lists, then per disk its fields, extents and alternates,
+        and an end part with the counts (so a truncated file is detected)."""
+        nparts = 1
+        yield self._header
+        per = max(1, max_bytes // _FREE_WIRE)
+        for lun, starts, lens in self._free:
+            for k in range(0, len(starts), 8 * per):
+                nparts += 1
+                yield {"part": "free", "lun": lun,
+                       "cols": [starts[k : k + 8 * per], lens[k : k + 8 * per]]}
+        for meta, ext, alts in self._disks:
+            nparts += 1
+            yield meta
+            for cols in ext.parts(max(1, max_bytes // _EXTENT_WIRE)):
+                nparts += 1
+                yield {"part": "extents", "cols": cols}
+            batch: list[list[Any]] = []
+            size = 0
+            for a in alts:
+                batch.append(a)
+                size += 48 + len(a[4])
+                if size >= max_bytes:
+                    nparts += 1
+                    yield {"part": "alts", "alts": batch}
+                    batch, size = [], 0
+            if batch:
+                nparts += 1
+                yield {"part": "alts", "alts": batch}
+        yield {"part": "end", "seq": self.seq, "disks": len(self._disks),
+               "extents": self.extents, "parts": nparts}
+
+    def release(self) -> None:
+        """End the copy-on-write sharing with the live extent maps (idempotent)."""
+        for _m, ext, _a in self._disks:
+            ext.release()
+
 
 _HANDLERS = {
     "container.add": State._container_add,
@@ -385,6 +600,7 @@ _HANDLERS = {
     "disk.rm": State._disk_rm,
     "disk.rename": State._disk_rename,
     "disk.unmap": State._disk_unmap,
+    "controller.boot": State._controller_boot,
 }
 
 
