@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from .journal import fsync_dir
+from .state import Disk
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,14 @@ DEFAULT_LEASE = 10.0
 LEASE_MARGIN = 0.5  # clocks differ: wait this much past a lease before trusting it gone
 
 Sender = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class OpenRef:
+    """One disk an agent has open, and how many times."""
+
+    disk: Disk
+    count: int = 0
 
 
 @dataclass
@@ -37,7 +46,9 @@ class Agent:
     send: Sender | None  # None while disconnected
     lease_until: float  # trio clock
     registered: float = field(default_factory=time.time)
-    opens: dict[str, int] = field(default_factory=dict)
+    # open disks by the disk's uid (Disk.uid), not by name, so a rename (or a rename
+    # racing an open) can neither lose an open nor merge two disks' opens
+    opens: dict[int, OpenRef] = field(default_factory=dict)
     kick: Callable[[], None] | None = None  # close its connection
 
     @property
@@ -119,14 +130,27 @@ class AgentRegistry:
                 log.info("agent %d (%s) lease expired; forgetting it", a.id, a.name)
                 self.drop(a)
 
-    def caching(self, disk: str, exclude: Agent | None = None) -> list[Agent]:
+    def caching(self, disk: Disk, exclude: Agent | None = None) -> list[Agent]:
+        """Agents (lease not yet run out) that have disk open."""
         self.expire()
-        return [a for a in self.agents.values() if a.opens.get(disk) and a is not exclude]
+        return [a for a in self.agents.values() if disk.uid in a.opens and a is not exclude]
 
-    def rename(self, old: str, new: str) -> None:
-        for a in self.agents.values():
-            if old in a.opens:
-                a.opens[new] = a.opens.pop(old)
+    @staticmethod
+    def open(a: Agent, disk: Disk) -> None:
+        """Count one more open of disk by agent a."""
+        ref = a.opens.setdefault(disk.uid, OpenRef(disk))
+        ref.count += 1
+
+    @staticmethod
+    def close(a: Agent, uid: int) -> bool:
+        """Count one open of the disk with this uid less; False if a had it not open."""
+        ref = a.opens.get(uid)
+        if ref is None:
+            return False
+        ref.count -= 1
+        if ref.count <= 0:
+            del a.opens[uid]
+        return True
 
     def ack(self, pid: int) -> bool:
         ev = self._acks.get(pid)
@@ -207,7 +231,7 @@ class AgentRegistry:
                 "connected": a.connected,
                 "lease_left": round(max(0.0, a.lease_until - now), 3),
                 "registered": a.registered,
-                "disks": sorted(d for d, n in a.opens.items() if n),
+                "disks": sorted(ref.disk.name for ref in a.opens.values()),
             }
             for a in sorted(self.agents.values(), key=lambda a: a.id)
         ]

@@ -131,6 +131,21 @@ class FreeSpace:
                 break
         return sorted(out)
 
+    def without(self, ranges: list[tuple[int, int]]) -> FreeSpace:
+        """A copy with ranges [(offset, length)] (each wholly free here) taken out.
+
+        For planning around space that is reserved but not yet recorded; this object is
+        not changed. Costs a copy of the free list (two arrays).
+        """
+        fs = FreeSpace(self.size, empty=False)
+        fs._starts = array("q", self._starts)
+        fs._lens = array("q", self._lens)
+        fs._free = self._free
+        fs.cursor = self.cursor
+        for offset, length in ranges:
+            fs.take(offset, length)
+        return fs
+
     def to_wire(self) -> list[bytes]:
         return [self._starts.tobytes(), self._lens.tobytes()]
 

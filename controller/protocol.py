@@ -152,7 +152,8 @@ _op("disk.info", NAME)
 _op("disk.map", NAME, _f("start", int, required=False, default=0),
     _f("limit", int, type(None), required=False))
 _op("disk.resize", NAME, _f("size", int),
-    _f("allow_shrink", bool, required=False, default=False))
+    _f("allow_shrink", bool, required=False, default=False),
+    _f("grow_only", bool, required=False, default=False))
 _op("disk.rm", NAME)
 _op("disk.rename", NAME, _f("new", str), _f("replace", bool, required=False, default=False))
 _op("disk.discard", NAME, _f("offset", int), _f("length", int))
@@ -164,7 +165,7 @@ _op("agent.heartbeat", roles=AGENT)
 _op("agent.bye", roles=AGENT)
 _op("agent.ack", _f("pid", int), roles=AGENT)
 _op("disk.open", NAME, roles=AGENT)
-_op("disk.close", NAME, roles=AGENT)
+_op("disk.close", NAME, _f("handle", int, type(None), required=False), roles=AGENT)
 _op("disk.table", NAME, roles=AGENT)
 _op("disk.fault", NAME, _f("offset", int), _f("length", int), _f("write", bool), roles=AGENT)
 _op("io.error", NAME, _f("lun", int), _f("offset", int), _f("message", str), roles=AGENT)

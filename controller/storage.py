@@ -23,6 +23,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 _ZERO_CHUNK = 1 << 20
+ALIGN_BYTES = 4096  # what _settle writes: one block, inside a zeroed range
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -60,8 +61,50 @@ def check_container_path(path: str) -> None:
                         "or trailing '/')")
 
 
+def mount_of(dev: int) -> tuple[str, str, str] | None:
+    """(mount point, fs type, source) of the mount whose device is dev, from mountinfo.
+
+    Reads /proc/self/mountinfo only (proc(5)): it never touches the mount itself.
+    """
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 10 or fields[2] != want:
+                continue
+            sep = fields.index("-", 6)
+            mountpoint = fields[4].replace("\\040", " ")
+            return mountpoint, fields[sep + 1], fields[sep + 2]
+    return None
+
+
+def refuse_virtfs_mount(path: str) -> None:
+    """Raise E_INVALID if path (or, if it does not exist, its directory) is on a virtfs mount.
+
+    A container inside a virtfs mount would have an agent do its container I/O through a
+    FUSE mount that may be its own: the I/O waits for a request that the same, blocked
+    event loop should serve, and the agent, its controller and the writer hang in the
+    kernel. The check is by the file system's device (after symlinks), not by the path's
+    prefix. Stat the path from a worker thread, never from the loop that serves a mount.
+    """
+    where = path if os.path.lexists(path) else os.path.dirname(path)
+    try:
+        dev = os.stat(where).st_dev
+    except OSError:
+        return  # the caller reports a missing path
+    m = mount_of(dev)
+    if m is not None and (m[1] == "fuse.virtfs" or m[2] == "virtfs"):
+        raise P.invalid(f"container path {path!r} is inside the virtfs mount {m[0]!r}; "
+                        "a container must lie outside every virtfs mount")
+
+
 def open_container_path(path: str, size: int | None, taken: dict[str, str]) -> tuple[int, bool]:
-    """Probe (or create, sparse) a container's file; (size to use, created)."""
+    """Probe (or create, sparse) a container's file; (size to use, created).
+
+    Raises RemoteError: E_EXISTS (already a container), E_INVALID (too small, not a file
+    or device, inside a virtfs mount), E_NOT_FOUND, E_IO.
+    """
+    refuse_virtfs_mount(path)
     real = os.path.realpath(path)
     for other, cname in taken.items():
         if os.path.realpath(other) == real:
@@ -96,11 +139,14 @@ def open_container_path(path: str, size: int | None, taken: dict[str, str]) -> t
 
 
 def zero_ranges(path: str, ranges: list[tuple[int, int]], preallocate: bool = False) -> None:
-    """Make [offset, offset+length) read as zeros, durably.
+    """Make [offset, offset+length) (block-aligned bytes) read as zeros, durably.
 
     In a file container the range becomes a hole (thin on the host too), or with
     preallocate (thick disks) zeroed space the host filesystem has reserved, so a thick
-    disk never meets ENOSPC from the host and its first writes allocate nothing.
+    disk never meets ENOSPC from the host and its first writes allocate nothing; a block
+    device gets BLKZEROOUT. Durability costs one 4 KiB O_DSYNC write (see ``_settle``),
+    never an fdatasync of the whole container, which would also write back every agent's
+    dirty data in it. Raises OSError.
     """
     if not ranges:
         return
@@ -125,17 +171,36 @@ def zero_ranges(path: str, ranges: list[tuple[int, int]], preallocate: bool = Fa
                 except OSError as e:
                     if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                         raise
-            _write_zeros(fd, offset, length)
-        os.fdatasync(fd)
+            _write_zeros(fd, offset, length)  # durable by itself (RWF_DSYNC)
+        _settle(fd, ranges[0][0])
     finally:
         os.close(fd)
 
 
+def _settle(fd: int, offset: int) -> None:
+    """Make earlier punches, zero-range and BLKZEROOUT calls on fd durable, cheaply.
+
+    One 4 KiB write of zeros with RWF_DSYNC at offset (inside a range just zeroed) is a
+    range-limited fsync (vfs_fsync_range over those 4 KiB): on ext4 it writes back only
+    that range and commits the fs journal, which holds the earlier extent changes of the
+    file (a punch updates the inode's datasync tid); on XFS it forces the log likewise;
+    on a block device, blkdev_fsync writes back the range and flushes the device's
+    cache, which covers the completed BLKZEROOUT. fdatasync(fd) would do the same and
+    also write back every dirty page of the whole container.
+    """
+    zeros = bytes(ALIGN_BYTES)
+    n = os.pwritev(fd, [zeros], offset, os.RWF_DSYNC)
+    if n != len(zeros):
+        raise OSError(errno.EIO, f"short write while settling zeroed space at {offset}")
+
+
 def _write_zeros(fd: int, offset: int, length: int) -> None:
+    """Write zeros over [offset, offset+length), each write durable (RWF_DSYNC)."""
     zeros = bytes(min(_ZERO_CHUNK, length))
     end = offset + length
     while offset < end:
-        n = os.pwrite(fd, memoryview(zeros)[: min(len(zeros), end - offset)], offset)
+        n = os.pwritev(fd, [memoryview(zeros)[: min(len(zeros), end - offset)]], offset,
+                       os.RWF_DSYNC)
         offset += n
 
 
@@ -152,10 +217,9 @@ def release_ranges(path: str, ranges: list[tuple[int, int]]) -> None:
 
 
 def zero_bytes(path: str, offset: int, length: int) -> None:
-    """Write zeros over a small, possibly unaligned range, durably."""
+    """Write zeros over a small, possibly unaligned range, durably (that range only)."""
     fd = os.open(path, os.O_RDWR)
     try:
         _write_zeros(fd, offset, length)
-        os.fdatasync(fd)
     finally:
         os.close(fd)

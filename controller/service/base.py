@@ -36,12 +36,13 @@ class ServiceBase:
         self.state_dir = state_dir
         self.started = time.time()
         self.agents = AgentRegistry(lease, os.path.join(state_dir, "agents.live"))
-        # one planner at a time: plan -> zero the space -> record, with awaits between
-        self._alloc_lock = trio.Lock()
+        # space planned for requests still zeroing it (LUN -> [(offset, length)]): later
+        # plans go around it (see placement)
+        self._reserved: dict[int, list[tuple[int, int]]] = {}
         # ranges whose entries are being restricted at agents before a change (disk -> ranges)
-        # restricted ranges per disk, keyed by id(Disk) so a rename cannot orphan them
+        # restricted ranges per disk, keyed by Disk.uid so a rename cannot orphan them
         self._restricted: dict[int, list[tuple[int, int]]] = {}
-        # disks being removed (id): no new opens, tables or faults for them
+        # disks being removed (uid): no new opens, tables or faults for them
         self._removing: set[int] = set()
         self._restriction_lifted = trio.Event()
         # resize, discard, rename-over, rm and fault allocation of one disk, one at a time
@@ -68,21 +69,21 @@ class ServiceBase:
 
     def _live_disk(self, name: str) -> Disk:
         d = self._disk(name)
-        if id(d) in self._removing:
+        if d.uid in self._removing:
             raise P.not_found("disk", name)
         return d
 
     def _dlock(self, d: Disk) -> trio.Lock:
-        lk = self._disk_locks.get(id(d))
+        lk = self._disk_locks.get(d.uid)
         if lk is None:
-            lk = self._disk_locks[id(d)] = trio.Lock()
+            lk = self._disk_locks[d.uid] = trio.Lock()
         return lk
 
     @asynccontextmanager
     async def _dlocks(self, *disks: Disk) -> AsyncIterator[None]:
         """Several disk locks, always taken in the same order (no AB/BA deadlock)."""
         async with contextlib.AsyncExitStack() as stack:
-            for d in sorted({id(x): x for x in disks}.values(), key=id):
+            for d in sorted({x.uid: x for x in disks}.values(), key=lambda x: x.uid):
                 await stack.enter_async_context(self._dlock(d))
             yield
 

@@ -20,7 +20,7 @@ class Coherence(ServiceBase):
 
     def _rows(self, d: Disk, start: int, end: int) -> list[list[int]]:
         """Entries for [start, end) as the agent gets them: restricted ranges are invalid."""
-        restricted = self._restricted.get(id(d), [])
+        restricted = self._restricted.get(d.uid, [])
         rows = []
         for e in d.extents.entries(start, end):
             flags = e.flags
@@ -54,7 +54,7 @@ class Coherence(ServiceBase):
         return out
 
     def _is_restricted(self, d: Disk, start: int, end: int) -> bool:
-        return any(lo < end and start < hi for lo, hi in self._restricted.get(id(d), []))
+        return any(lo < end and start < hi for lo, hi in self._restricted.get(d.uid, []))
 
     @asynccontextmanager
     async def _restrict(self, d: Disk, start: int, end: int,
@@ -62,10 +62,10 @@ class Coherence(ServiceBase):
         """Turn off I/O on [start, end) at every caching agent, drained, for the block."""
         await self.agents.wait_grace()
         rng = (start, end)
-        self._restricted.setdefault(id(d), []).append(rng)
+        self._restricted.setdefault(d.uid, []).append(rng)
         self._bump()
         try:
-            agents = self.agents.caching(d.name, exclude)
+            agents = self.agents.caching(d, exclude)
             if agents:
                 await self.agents.push_all(agents, {
                     "push": "update", "disk": d.name, "epoch": d.epoch, "size": d.size,
@@ -73,11 +73,11 @@ class Coherence(ServiceBase):
                     "drain": True, "v": self.version})
             yield
         finally:
-            lst = self._restricted.get(id(d), [])
+            lst = self._restricted.get(d.uid, [])
             if rng in lst:
                 lst.remove(rng)
             if not lst:
-                self._restricted.pop(id(d), None)
+                self._restricted.pop(d.uid, None)
             self._bump()
             self._restriction_lifted.set()
             self._restriction_lifted = trio.Event()
@@ -85,7 +85,7 @@ class Coherence(ServiceBase):
     async def _push_update(self, d: Disk, start: int, end: int,
                            exclude: Agent | None = None) -> None:
         self._bump()
-        agents = self.agents.caching(d.name, exclude)
+        agents = self.agents.caching(d, exclude)
         if agents:
             end = max(start, min(end, d.size))
             await self.agents.push_all(agents, {

@@ -6,8 +6,8 @@ import time
 from typing import Any
 
 from .. import protocol as P
-from ..state import round_up
-from .base import _NO_LOCK, MAX_MAP_ROWS
+from ..state import Disk, round_up
+from .base import MAX_MAP_ROWS
 from .coherence import Coherence
 from .placement import Placement
 
@@ -32,16 +32,17 @@ class DiskOps(Placement, Coherence):
             raise P.RemoteError(P.E_NO_SPACE, "no containers (add one with: vdctl container "
                                 "add NAME PATH --size SIZE)")
         home = cands[0].lun
-        async with self._alloc_lock if thick and size else _NO_LOCK:
-            pieces = (await self._plan_zeroed([(0, size)], pin, home, preallocate=True)
-                      if thick and size else [])
-            if name in self.state.disks:
+        def create(pieces: list[list[int]]) -> dict[str, Any]:
+            if name in self.state.disks:  # created meanwhile (thick zeroing awaits)
                 raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
-            seq = self._record({
-                "op": "disk.create", "name": name, "size": size, "segment_size": seg,
-                "thick": thick, "pin": pin, "home": home, "ctime": round(time.time(), 3),
-                "map": pieces,
-            })
+            return {"op": "disk.create", "name": name, "size": size, "segment_size": seg,
+                    "thick": thick, "pin": pin, "home": home, "ctime": round(time.time(), 3),
+                    "map": pieces}
+
+        if thick and size:
+            seq = await self._allocate([(0, size)], pin, home, create, preallocate=True)
+        else:
+            seq = self._record(create([]))
         await self.journal.wait_durable(seq)
         await self.agents.notify({"push": "namespace"})
         return self._disk_info(self.state.disks[name])
@@ -80,19 +81,34 @@ class DiskOps(Placement, Coherence):
                 "rows": rows, "next": nxt}
 
     async def disk_resize(self, name: str, size: int, allow_shrink: bool,
-                          conn: Any = None) -> dict[str, Any]:
+                          grow_only: bool = False, conn: Any = None) -> dict[str, Any]:
+        """Set the disk's size (bytes); an agent caller gets its new entries in "update".
+
+        grow_only: make it at least size (a write past the end, fallocate): a disk that
+        is already larger stays as it is, so two writers growing it at once (or an
+        append racing an ftruncate) both succeed, as on a regular file. Without it, a
+        smaller size needs allow_shrink (else E_INVALID).
+        """
         d = self._disk(name)
         if not 0 <= size <= P.MAX_DISK_SIZE:
             raise P.invalid(f"disk size must be between 0 and {P.MAX_DISK_SIZE} bytes")
+        caller = getattr(conn, "agent", None)
         async with self._dlock(d):
             if self.state.disks.get(d.name) is not d:
                 raise P.not_found("disk", name)
             old = d.size
+            lo = min(old, size) // P.BLOCK_SIZE * P.BLOCK_SIZE
+            if grow_only:
+                size = max(size, old)
             if size < old and not allow_shrink:
                 raise P.invalid(f"shrinking {name!r} from {old} to {size} bytes discards data; "
                                 "pass --allow-shrink to do it")
             if size == old:
-                return self._disk_info(d)
+                info = self._disk_info(d)
+                if caller is not None:
+                    info["update"] = {"start": lo, "end": d.size,
+                                      **await self._answer(d, lo, d.size)}
+                return info
             if size < old:
                 async with self._restrict(d, size // P.BLOCK_SIZE * P.BLOCK_SIZE, old,
                                           exclude=None):
@@ -100,20 +116,20 @@ class DiskOps(Placement, Coherence):
                     await self.journal.commit({"op": "disk.resize", "name": d.name,
                                                "size": size, "map": []})
             else:
-                async with self._alloc_lock:
-                    # the bytes past an unaligned old end (inside its last block) may hold
-                    # data from before a shrink: zero them before they become visible
-                    await self._zero_tail(d)
-                    pieces: list[list[int]] = []
-                    start = round_up(old)
-                    if d.thick and size > start:
-                        pieces = await self._plan_zeroed([(start, size - start)], d.pin, d.home,
-                                                         preallocate=True)
-                    seq = self._record({"op": "disk.resize", "name": d.name, "size": size,
-                                        "map": pieces})
+                # the bytes past an unaligned old end (inside its last block) may hold
+                # data from before a shrink: zero them before they become visible
+                await self._zero_tail(d)
+                start = round_up(old)
+
+                def grow(pieces: list[list[int]]) -> dict[str, Any]:
+                    return {"op": "disk.resize", "name": d.name, "size": size, "map": pieces}
+
+                if d.thick and size > start:
+                    seq = await self._allocate([(start, size - start)], d.pin, d.home, grow,
+                                               preallocate=True)
+                else:
+                    seq = self._record(grow([]))
                 await self.journal.wait_durable(seq)
-            lo = min(old, size) // P.BLOCK_SIZE * P.BLOCK_SIZE
-            caller = getattr(conn, "agent", None)
             # the calling agent gets the new entries in the reply, not as a push: a file
             # that grows write by write (cp into the mount) costs one round trip a write
             await self._push_update(d, lo, d.size, exclude=caller)
@@ -123,28 +139,28 @@ class DiskOps(Placement, Coherence):
             info["update"] = {"start": lo, "end": d.size, **await self._answer(d, lo, d.size)}
         return info
 
-    def _check_removable(self, name: str) -> None:
-        users = self.agents.caching(name)
+    def _check_removable(self, d: Disk) -> None:
+        users = self.agents.caching(d)
         if users:
-            raise P.RemoteError(P.E_BUSY, f"disk {name!r} is open on agent(s) "
+            raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there first")
 
     async def disk_rm(self, name: str, conn: Any = None) -> dict[str, Any]:
         d = self._disk(name)
-        self._check_removable(name)
+        self._check_removable(d)
         await self.agents.wait_grace()
         async with self._dlock(d):
             if self.state.disks.get(name) is not d:
                 raise P.not_found("disk", name)
-            self._check_removable(name)
+            self._check_removable(d)
             info = self._disk_info(d)
-            self._removing.add(id(d))  # from here on nobody may open it
+            self._removing.add(d.uid)  # from here on nobody may open it
             try:
                 await self._release_space(self._physical(d, 0, d.size))
                 await self.journal.commit({"op": "disk.rm", "name": name})
             finally:
-                self._removing.discard(id(d))
-        self._disk_locks.pop(id(d), None)
+                self._removing.discard(d.uid)
+        self._disk_locks.pop(d.uid, None)
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info
 
@@ -157,26 +173,28 @@ class DiskOps(Placement, Coherence):
         if target is not None:
             if not replace:
                 raise P.RemoteError(P.E_EXISTS, f"disk {new!r} already exists")
-            self._check_removable(new)
+            self._check_removable(target)
             await self.agents.wait_grace()
         async with self._dlocks(d, *([target] if target is not None else [])):
             if self.state.disks.get(name) is not d or self.state.disks.get(new) is not target:
                 raise P.RemoteError(P.E_BUSY, "the disks changed meanwhile; retry")
             if target is not None:
-                self._check_removable(new)
-                self._removing.add(id(target))
+                self._check_removable(target)
+                self._removing.add(target.uid)
                 try:
                     await self._release_space(self._physical(target, 0, target.size))
                     await self.journal.commit({"op": "disk.rename", "name": name, "new": new,
                                                "replace": True})
                 finally:
-                    self._removing.discard(id(target))
-                self._disk_locks.pop(id(target), None)
+                    self._removing.discard(target.uid)
+                self._disk_locks.pop(target.uid, None)
             else:
                 await self.journal.commit({"op": "disk.rename", "name": name, "new": new})
-            self.agents.rename(name, new)
-            await self.agents.push_all(self.agents.caching(new),
-                                       {"push": "rename", "disk": name, "new": new})
+            # "handle": the disk's identity (disk.open's answer), for agents that must
+            # match the push to an open that is still on its way
+            await self.agents.push_all(self.agents.caching(d),
+                                       {"push": "rename", "disk": name, "new": new,
+                                        "handle": d.uid})
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return self._disk_info(d)
 

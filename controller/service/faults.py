@@ -16,17 +16,22 @@ from .placement import Placement
 
 class FaultOps(Placement, Coherence):
     async def disk_open(self, name: str, conn: Any) -> dict[str, Any]:
+        """Count an open by the calling agent and answer the whole table.
+
+        The answer's "name" is the disk's name when the answer was made (a rename may
+        have overtaken the request) and "handle" its identity at this controller, which
+        ``disk.close`` takes; both stay right across renames.
+        """
         a = self._agent(conn)
         d = self._live_disk(name)
-        a.opens[d.name] = a.opens.get(d.name, 0) + 1
+        self.agents.open(a, d)
         try:
             out = await self._answer(d, 0, d.size)
             self._live_disk(d.name)
         except BaseException:
-            a.opens[d.name] -= 1
-            if not a.opens[d.name]:
-                del a.opens[d.name]
+            self.agents.close(a, d.uid)
             raise
+        out["handle"] = d.uid
         return out
 
     async def disk_table(self, name: str, conn: Any) -> dict[str, Any]:
@@ -35,13 +40,13 @@ class FaultOps(Placement, Coherence):
         d = self._live_disk(name)
         return await self._answer(d, 0, d.size)
 
-    async def disk_close(self, name: str, conn: Any) -> None:
+    async def disk_close(self, name: str, handle: int | None, conn: Any) -> None:
+        """Count one open less: by handle (from disk.open), else by the disk's name now."""
         a = self._agent(conn)
-        n = a.opens.get(name, 0)
-        if n <= 1:
-            a.opens.pop(name, None)
-        else:
-            a.opens[name] = n - 1
+        if handle is None:
+            handle = next((uid for uid, ref in a.opens.items() if ref.disk.name == name), None)
+        if handle is not None:
+            self.agents.close(a, handle)
 
     async def disk_fault(self, name: str, offset: int, length: int, write: bool,
                          conn: Any) -> dict[str, Any]:
@@ -66,9 +71,9 @@ class FaultOps(Placement, Coherence):
                 gaps = [(e.vstart, e.length) for e in d.extents.entries(lo, hi)
                         if e.flags & ZERO]
                 if gaps:
-                    async with self._alloc_lock:
-                        pieces = await self._plan_zeroed(gaps, d.pin, d.home)
-                        seq = self._record({"op": "disk.map", "name": d.name, "map": pieces})
+                    seq = await self._allocate(
+                        gaps, d.pin, d.home,
+                        lambda pieces: {"op": "disk.map", "name": d.name, "map": pieces})
                     await self.journal.wait_durable(seq)
                     await self._push_update(d, lo, hi, exclude=conn.agent)
         hi = min(round_up(offset + length, seg), d.size)

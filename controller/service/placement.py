@@ -1,15 +1,25 @@
-"""Where new space goes and how it is prepared: plan under the allocation lock, zero, release."""
+"""Where new space goes and how it is prepared: reserve, zero (outside any lock), record.
+
+Planning and reserving happen in one step of the event loop, so two requests
+never plan the same space; zeroing then runs in a worker thread while other
+requests plan around the reservation; the record takes the space and drops
+the reservation in one step again. Nothing is held pool-wide across an await,
+so a slow zeroing (BLKZEROOUT of a large thick disk on a device) delays only
+its own request.
+"""
 
 from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
 from .. import protocol as P
 from .. import storage
-from ..allocator import NoSpace
+from ..allocator import FreeSpace, NoSpace
 from ..extents import ZERO
 from ..state import Container, Disk, round_up
 from .base import ServiceBase
@@ -38,7 +48,8 @@ class Placement(ServiceBase):
         if not cands:
             raise P.RemoteError(P.E_NO_SPACE, "no containers to allocate from "
                                 "(add one with: vdctl container add NAME PATH --size SIZE)")
-        total_free = sum(c.space.free for c in cands)
+        spaces = {c.lun: self._plannable(c) for c in cands}
+        total_free = sum(sp.free for sp in spaces.values())
         if need > total_free:
             where = f"container {cands[0].name!r}" if pin is not None else "the pool"
             raise P.RemoteError(
@@ -46,11 +57,12 @@ class Placement(ServiceBase):
         phys: list[tuple[int, int, int]] = []  # (lun, offset, length)
         remaining = need
         for c in cands:
-            take = min(remaining, c.space.free)
+            space = spaces[c.lun]
+            take = min(remaining, space.free)
             if not take:
                 continue
             try:
-                phys += [(c.lun, off, n) for off, n in c.space.plan(take)]
+                phys += [(c.lun, off, n) for off, n in space.plan(take)]
             except NoSpace:
                 continue
             remaining -= take
@@ -77,13 +89,36 @@ class Placement(ServiceBase):
                 pieces[-1][1] -= excess
         return pieces
 
-    async def _plan_zeroed(self, targets: list[tuple[int, int]], pin: int | None,
-                           home: int | None, preallocate: bool = False) -> list[list[int]]:
-        """Place and zero storage for targets [(vstart, length)]; hold _alloc_lock."""
+    def _plannable(self, c: Container) -> FreeSpace:
+        """c's free space less what requests in flight have reserved on it."""
+        reserved = self._reserved.get(c.lun)
+        return c.space.without(reserved) if reserved else c.space
+
+    async def _allocate(self, targets: list[tuple[int, int]], pin: int | None,
+                        home: int | None, make_record: Callable[[list[list[int]]], dict[str, Any]],
+                        preallocate: bool = False) -> int:
+        """Place, zero and record new storage for targets [(vstart, length)] (bytes).
+
+        make_record(pieces) builds the journal record that maps the pieces
+        [vstart, length, lun, offset]; it runs after the zeroing, in the same loop step
+        as the record, so it may re-check what the awaits could have changed (and raise
+        RemoteError to refuse). Returns the record's seq (not yet durable: wait for it).
+        Raises RemoteError E_NO_SPACE (pool or container short), E_IO (zeroing failed).
+        """
         pieces = self._plan(targets, pin, home)
-        await self._zero(pieces, preallocate)
-        self._check_still_free(pieces)
-        return pieces
+        held = [(lun, off, round_up(n)) for _v, n, lun, off in pieces]
+        for lun, off, n in held:
+            self._reserved.setdefault(lun, []).append((off, n))
+        try:
+            await self._zero(pieces, preallocate)
+            self._check_still_free(pieces)
+            return self._record(make_record(pieces))
+        finally:
+            for lun, off, n in held:
+                lst = self._reserved[lun]
+                lst.remove((off, n))
+                if not lst:
+                    del self._reserved[lun]
 
     def _check_still_free(self, pieces: list[list[int]]) -> None:
         for _v, n, lun, off in pieces:

@@ -32,10 +32,11 @@ class SessionOps(ServiceBase):
     async def agent_heartbeat(self, conn: Any) -> dict[str, Any]:
         a = self._agent(conn)
         self.agents.renew(a)
-        epochs = {}
-        for name in a.opens:
-            d = self.state.disks.get(name)
-            epochs[name] = d.epoch if d is not None else None
+        epochs: dict[str, int | None] = {}
+        for ref in a.opens.values():
+            d = ref.disk
+            # None: the disk is gone (the agent then uses none of its entries)
+            epochs[d.name] = d.epoch if self.state.disks.get(d.name) is d else None
         return {"lease": self.agents.lease, "epochs": epochs}
 
     async def agent_bye(self, conn: Any) -> None:
