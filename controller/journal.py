@@ -491,7 +491,9 @@ class Journal:
                     except BaseException as e:
                         batch.error = e
                         batch.done.set()
-                        log.critical("journal write failed: %s; the controller must stop", e)
+                        if not isinstance(e, trio.Cancelled):
+                            log.critical("journal write failed: %s; the controller must stop",
+                                         e)
                         raise
                     self.durable_seq = batch.last_seq
                     self._inflight = None

@@ -15,7 +15,7 @@ from controller import codec
 from controller.client import open_controller
 from controller.daemon import open_controller_service
 from controller.journal import CHECKPOINT, JOURNAL, Journal, JournalCorrupt, recover
-from controller.state import State, check, round_up
+from controller.state import State, StateError, check, round_up
 
 B = 4096
 
@@ -271,3 +271,53 @@ async def test_controller_with_small_checkpoint_survives_a_crash(tmp_path):
     async with open_controller_service(str(d), checkpoint_bytes=2000) as svc:
         assert svc.state.to_wire() == live
         assert check(svc.state) == []
+
+
+# ---------------------------------------------------------------- record(): encode, then apply
+
+
+@pytest.mark.parametrize("bad", ["unpackable", "oversized"])
+async def test_record_that_cannot_be_encoded_changes_nothing(tmp_path, monkeypatch, bad):
+    """Issue 6 (B): record() used to apply first, so an encoding error left the state
+    changed and the sequence with a gap (a restart then refused: expected seq N,
+    found N+1). Now nothing is applied or queued, and StateError is raised."""
+    d = tmp_path / "state"
+    d.mkdir()
+    state = State()
+    j = Journal(str(d), state)
+    recs = make_records(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(j.run)
+        for r in recs[:3]:
+            await j.commit({k: v for k, v in r.items() if k != "seq"})
+        before = state.to_wire()
+        rec: dict[str, Any] = {"op": "disk.create", "name": "bad", "size": 4 * B,
+                               "segment_size": 4 << 20, "thick": False, "pin": None,
+                               "home": 1, "ctime": 1.0, "map": []}
+        if bad == "unpackable":
+            rec["note"] = {1, 2}  # msgpack has no sets
+        else:
+            monkeypatch.setattr(codec, "MAX_JOURNAL_RECORD", 4096)
+            rec["note"] = "x" * 5000
+        with pytest.raises(StateError) as ei:
+            j.record(rec)
+        assert isinstance(ei.value.__cause__, codec.CodecError)
+        monkeypatch.undo()
+        assert state.to_wire() == before and "bad" not in state.disks
+        for r in recs[3:]:
+            await j.commit({k: v for k, v in r.items() if k != "seq"})
+        nursery.cancel_scope.cancel()
+    j.close()
+    assert state.to_wire() == replayed(recs)
+    assert recover(str(d)).state.to_wire() == state.to_wire()
+
+
+async def test_record_refused_by_the_state_queues_nothing(tmp_path):
+    d = tmp_path / "state"
+    d.mkdir()
+    state = State()
+    j = Journal(str(d), state)
+    with pytest.raises(StateError):
+        j.record({"op": "disk.rm", "name": "nope"})
+    assert state.seq == 0 and not j._pending.frames
+    j.close()

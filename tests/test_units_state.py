@@ -378,6 +378,10 @@ class StateMachine(RuleBasedStateMachine):
     def replay_matches_live(self) -> None:
         w = self.s.to_wire()
         assert State.from_wire(copy.deepcopy(w)).to_wire() == w
+        snap = self.s.snapshot()  # the checkpoint's parts, cut small
+        parts = list(snap.parts(64))
+        snap.release()
+        assert State.from_parts(parts).to_wire() == w
         again = State()
         for rec in self.records:
             again.apply(copy.deepcopy(rec))
@@ -485,3 +489,40 @@ def test_check_free_list_larger_than_container(healthy):
     c = healthy.containers["c2"]
     c.space = FreeSpace(64 * B)  # claims more free space than the container holds
     assert errors(healthy)
+
+
+# ---------------------------------------------------------------- controller.boot (issue 6 C)
+
+
+def test_boot_counter_apply_and_refusals():
+    s = State()
+    assert s.boot == 0
+    s.apply({"op": "controller.boot", "boot": 1, "seq": 1})
+    s.apply({"op": "controller.boot", "boot": 2, "seq": 2})
+    assert (s.boot, s.seq) == (2, 2)
+    for bad in (2, 4, 0, -1, True, "3", 3.0, None):
+        with pytest.raises(StateError):
+            s.apply({"op": "controller.boot", "boot": bad})
+        assert s.boot == 2 and s.seq == 2
+    with pytest.raises(StateError):
+        s.apply({"op": "controller.boot"})
+
+
+def test_boot_counter_replays_and_round_trips():
+    recs = [{"op": "controller.boot", "boot": 1, "seq": 1}]
+    s = two_containers()
+    s.apply(recs[0])
+    again = State()
+    again.apply(copy.deepcopy(recs[0]))
+    assert again.boot == 1
+    w = s.to_wire()
+    assert w["boot"] == 1 and State.from_wire(copy.deepcopy(w)).boot == 1
+    old = {k: v for k, v in w.items() if k != "boot"}  # a format-1 checkpoint from before
+    assert State.from_wire(old).boot == 0
+    with pytest.raises(StateError):
+        State.from_wire({**w, "boot": "1"})
+    snap = s.snapshot()
+    parts = list(snap.parts())
+    snap.release()
+    assert parts[0]["boot"] == 1
+    assert State.from_parts(parts).to_wire() == w
