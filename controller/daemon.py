@@ -86,6 +86,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(journal.run)
+                await service.start()
                 await nursery.start(serve_listeners, server, addrs)
                 yield service
                 nursery.cancel_scope.cancel()

@@ -207,3 +207,21 @@ def test_container_inside_a_virtfs_mount_is_refused(embedded: Any, tmp_path: Pat
                         "64M"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in mnt.iterdir()) == ["inner"]  # the mount still answers
+
+
+async def test_version_stamps_grow_across_restarts_whatever_the_clock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents drop answers stamped lower than one they hold: a restarted controller must
+    stamp higher than its previous incarnation ever did, even with the clock set back."""
+    state = str(tmp_path / "s")
+    async with open_controller_service(state) as svc:
+        await svc.container_add("c1", str(tmp_path / "c1.img"), 1 << 30)
+        await svc.disk_create("x", SEG, False, None, None)
+        for _ in range(1000):
+            svc._bump()
+        before = svc.version
+    monkeypatch.setattr(time, "time_ns", lambda: 0)  # the clock stepped back to 1970
+    monkeypatch.setattr(time, "time", lambda: 0.0)
+    async with open_controller_service(state) as svc:
+        assert svc.version > before
+        assert svc.state.boot == 2

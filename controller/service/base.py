@@ -24,6 +24,7 @@ MAX_MAP_ROWS = 65536
 
 
 _NO_LOCK = contextlib.nullcontext()
+VERSION_BITS = 44  # version stamps per controller start: 1.7e13 (years at 100k/s)
 FAULT_WAIT = 30.0  # longest a fault waits for a restriction on its range to lift
 
 
@@ -48,9 +49,19 @@ class ServiceBase:
         # resize, discard, rename-over, rm and fault allocation of one disk, one at a time
         self._disk_locks: dict[int, trio.Lock] = {}
         # stamps every table answer and push ("v"), so an agent can tell an answer that was
-        # overtaken by a later change (it then faults again instead of using it). Starts at
-        # the clock so it keeps growing across controller restarts.
-        self.version = time.time_ns() // 1000
+        # overtaken by a later change (it then faults again instead of using it). Never
+        # from a clock (one stepped back would make every answer look stale): each start
+        # journals a new boot number (see start()) and counts up from boot << VERSION_BITS.
+        self.version = state.boot << VERSION_BITS
+
+    async def start(self) -> None:
+        """Journal this start (a "controller.boot" record) before anything is answered.
+
+        Version stamps then begin above every stamp the previous incarnation could have
+        sent: it started from a smaller boot number and made fewer than 2**VERSION_BITS.
+        """
+        await self.journal.commit({"op": "controller.boot", "boot": self.state.boot + 1})
+        self.version = self.state.boot << VERSION_BITS
 
     def _container(self, name: str) -> Container:
         c = self.state.containers.get(name)
