@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = nouns.add_parser("disk", help="virtual disks")
     dv = d.add_subparsers(dest="verb", metavar="VERB", required=True)
     cr = verb(dv, "create", "create a disk (thin unless --thick)")
-    cr.add_argument("name", help="disk name (letters, digits, . _ + -; at most 128 bytes)")
+    cr.add_argument("name", help="disk name: any file name (up to 255 bytes of UTF-8) "
+                    "without '/' or '@'")
     cr.add_argument("--size", type=size_arg, required=True, metavar="SIZE",
                     help="any byte size, e.g. 12345, 10G, 1.5T")
     cr.add_argument("--thick", action="store_true", help="allocate all space now")
@@ -146,6 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- output
 
 
+def shown(name: str) -> str:
+    """A disk name as tables and messages print it: readable, and pasteable into a shell.
+
+    Plain names print as they are; names with spaces or shell characters in single
+    quotes (shlex.quote); names with control or other unprintable characters in bash's
+    $'...' form with escapes. JSON output always gives the exact name.
+    """
+    if name.isprintable():
+        return shlex.quote(name)
+    out = []
+    for c in name:
+        if c == "'" or c == "\\":
+            out.append("\\" + c)
+        elif c.isprintable():
+            out.append(c)
+        else:
+            code = ord(c)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+                       if code < 0x10000 else f"\\U{code:08x}")
+    return "$'" + "".join(out) + "'"
+
+
 def _table(rows: list[list[str]], headers: list[str], out: Any) -> None:
     widths = [len(h) for h in headers]
     for r in rows:
@@ -159,7 +183,9 @@ def _kv(d: dict[str, Any], out: Any) -> None:
     for k, v in d.items():
         if isinstance(v, list | dict):
             continue
-        if v is None:
+        if k == "name" and isinstance(v, str):
+            v = shown(v)
+        elif v is None:
             v = "-"
         elif isinstance(v, bool):
             v = "yes" if v else "no"
@@ -233,7 +259,7 @@ class Cli:
             return 0
         _kv(r, self.out)
         for d in r["disks"]:
-            self.out.write(f"  disk {d['name']}: {d['bytes']} bytes\n")
+            self.out.write(f"  disk {shown(d['name'])}: {d['bytes']} bytes\n")
         return 0
 
     async def container_rm(self) -> int:
@@ -258,7 +284,7 @@ class Cli:
         if self.json:
             self.emit_json(rows)
             return 0
-        _table([[r["name"], str(r["size"]), format_size(r["size"]), r["provisioning"],
+        _table([[shown(r["name"]), str(r["size"]), format_size(r["size"]), r["provisioning"],
                  format_size(r["allocated"]), str(r["extents"]), r["container"] or "-"]
                 for r in rows],
                ["NAME", "BYTES", "SIZE", "TYPE", "ALLOCATED", "EXTENTS", "PINNED"], self.out)
@@ -322,7 +348,8 @@ class Cli:
         r = await self.c.call("disk.rm", name=self.args.name)
         if self.json:
             self.emit_json(r)
-        print(f"disk {r['name']} removed ({r['allocated']} bytes freed)", file=sys.stderr)
+        print(f"disk {shown(r['name'])} removed ({r['allocated']} bytes freed)",
+              file=sys.stderr)
         return 0
 
     async def agent_ls(self) -> int:
@@ -332,7 +359,7 @@ class Cli:
             return 0
         _table([[str(r["id"]), r["host"], r["mount"],
                  "connected" if r["connected"] else "disconnected", f"{r['lease_left']:.1f}s",
-                 ",".join(r["disks"]) or "-"]
+                 ",".join(shown(d) for d in r["disks"]) or "-"]
                 for r in rows], ["ID", "HOST", "MOUNT", "STATE", "LEASE", "DISKS"], self.out)
         return 0
 

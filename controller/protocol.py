@@ -20,7 +20,8 @@ DEFAULT_SEGMENT_SIZE = 4 << 20
 MIN_SEGMENT_SIZE = BLOCK_SIZE
 MAX_SEGMENT_SIZE = 1 << 40
 MAX_DISK_SIZE = 1 << 60
-MAX_NAME_BYTES = 128
+MAX_NAME_BYTES = 255  # disk names (NAME_MAX)
+MAX_CONTAINER_NAME_BYTES = 128
 
 # Entry state bits, as stored in the table and sent to agents. A row on the wire is
 # [vstart, length, lun, offset, flags]; ZERO rows have lun NO_LUN.
@@ -93,18 +94,49 @@ def not_found(what: str, name: str) -> RemoteError:
 
 # ---------------------------------------------------------------- validation
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
+_CONTAINER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
+_RESERVED_IN_NAMES = "/\0@"
 
 
-def check_name(name: object, what: str = "name") -> str:
-    """Names of disks and containers: LVM's character set, 1..128 bytes."""
+def check_name(name: object, what: str = "disk name") -> str:
+    """A disk name: what a Linux file system takes as a file name, less '@'.
+
+    1..255 bytes of UTF-8 (NAME_MAX, path_resolution(7)); anything but '/' and NUL,
+    which no file name may hold, and '@', kept for snapshots (NAME@SNAP, DESIGN.md
+    section 6); not '.' or '..'. Hidden names, spaces and non-ASCII are fine (rsync,
+    editors and downloaders write '.name.XXXXXX' and rename it into place). Bytes that
+    are not UTF-8 (lone surrogates from os.fsdecode) are refused. Raises RemoteError
+    E_INVALID naming `what`.
+    """
     if not isinstance(name, str):
         raise invalid(f"{what} must be a string")
     if not name:
         raise invalid(f"{what} must not be empty")
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        raise invalid(f"{what} is longer than {MAX_NAME_BYTES} bytes")
-    if not _NAME_RE.fullmatch(name):
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise invalid(f"{what} {name!r} is not valid UTF-8") from None
+    if size > MAX_NAME_BYTES:
+        raise invalid(f"{what} is longer than {MAX_NAME_BYTES} bytes of UTF-8")
+    if name in (".", ".."):
+        raise invalid(f"{what} may not be {name!r}")
+    bad = sorted({c for c in name if c in _RESERVED_IN_NAMES})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise invalid(f"{what} {name!r} may not contain {shown} ('/' and NUL are never "
+                      "part of a file name; '@' is kept for snapshots)")
+    return name
+
+
+def check_container_name(name: object, what: str = "container name") -> str:
+    """Container names: LVM's character set (letters, digits, . _ + -), 1..128 bytes."""
+    if not isinstance(name, str):
+        raise invalid(f"{what} must be a string")
+    if not name:
+        raise invalid(f"{what} must not be empty")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_CONTAINER_NAME_BYTES:
+        raise invalid(f"{what} is longer than {MAX_CONTAINER_NAME_BYTES} bytes")
+    if not _CONTAINER_NAME_RE.fullmatch(name):
         raise invalid(
             f"{what} {name!r} may use only letters, digits and . _ + - "
             "(and may not start with . + or -)"

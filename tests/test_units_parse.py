@@ -63,22 +63,47 @@ def test_format_size():
 # ---------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize("name", ["a", "disk0", "vm_1.img", "A-b+c", "_x", "x" * 128,
-                                  "a..b"])
+@pytest.mark.parametrize("name", [
+    "a", "disk0", "vm_1.img", "A-b+c", "_x", "a..b",
+    ".hidden", ".image.raw.Xa81Qz",  # rsync's temporary name
+    "my disk", "-rf", "+x", "a\nb", "tab\there", "ünïcödé", "日本語", "...",
+    "x" * 255, "é" * 127,  # 254 bytes of UTF-8
+])
 def test_check_name_accepts(name):
     assert P.check_name(name) == name
 
 
 @pytest.mark.parametrize("name", [
-    "", "/", "a/b", "/abs", "..", ".", "../x", ".hidden", "a\0b", "\0", "x" * 129,
-    "é" * 65,  # 130 bytes in UTF-8 though only 65 characters
-    "-rf", "+x", "a b", "a\nb", "a@snap", "\udcff",
+    "", "/", "a/b", "/abs", "..", ".", "../x", "a\0b", "\0", "x" * 256,
+    "é" * 128,  # 256 bytes in UTF-8 though only 128 characters
+    "a@snap", "@", "\udcff",  # a byte that was not UTF-8 (os.fsdecode)
 ])
 def test_check_name_rejects(name):
     with pytest.raises(P.RemoteError) as ei:
         P.check_name(name, "disk name")
     assert ei.value.code == P.E_INVALID
     assert "disk name" in ei.value.message
+
+
+@pytest.mark.parametrize("name", ["a", "pool0", "A-b+c", "x" * 128])
+def test_check_container_name_accepts(name):
+    assert P.check_container_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "a b", "-rf", "a@b", "x" * 129, "é"])
+def test_check_container_name_rejects(name):
+    with pytest.raises(P.RemoteError) as ei:
+        P.check_container_name(name)
+    assert ei.value.code == P.E_INVALID and "container name" in ei.value.message
+
+
+@pytest.mark.parametrize("name,want", [
+    ("plain.img", "plain.img"), ("my disk", "'my disk'"), ("it's", "'it'\"'\"'s'"),
+    ("a\nb", "$'a\\x0ab'"), ("q'\x01", "$'q\\'\\x01'"),
+])
+def test_names_are_shown_quoted_in_tables(name, want):
+    from controller.cli import shown
+    assert shown(name) == want
 
 
 @pytest.mark.parametrize("bad", [None, 5, b"abc", ["a"]])

@@ -15,7 +15,7 @@ from .placement import Placement
 
 class ContainerOps(Placement, Coherence):
     async def container_add(self, name: str, path: str, size: int | None) -> dict[str, Any]:
-        P.check_name(name, "container name")
+        P.check_container_name(name)
         if name in self.state.containers:
             raise P.RemoteError(P.E_EXISTS, f"container {name!r} already exists")
         storage.check_container_path(path)
