@@ -16,7 +16,7 @@ from typing import Any
 
 from .allocator import ALIGN, AllocError, FreeSpace
 from .bitmap import Bitmap
-from .extents import MAX_EXTENT, Extent, ExtentError, ExtentMap, ExtentSnapshot
+from .extents import MAX_EXTENT, MOVING, Extent, ExtentError, ExtentMap, ExtentSnapshot
 from .protocol import BLOCK_SIZE
 
 STATE_FORMAT = 1  # to_wire(): the whole state as one map (and the old one-frame checkpoint)
@@ -41,7 +41,8 @@ class Container:
     size: int
     created: bool  # virtfs created the file (and may delete it on rm)
     space: FreeSpace
-    failed: bool = False
+    failed: bool = False  # container fail: every entry on it is `error` at the agents
+    draining: bool = False  # a drain job runs: new space goes elsewhere
 
     @property
     def usable(self) -> int:
@@ -60,17 +61,58 @@ class Container:
             "used": self.used,
             "free": self.space.free,
             "created": self.created,
-            "state": "error" if self.failed else "ok",
+            "state": "error" if self.failed else "draining" if self.draining else "ok",
         }
 
 
 @dataclass
 class Alt:
-    """An alternate location of a segment and the blocks whose data is there."""
+    """A segment being moved (DESIGN.md section 3): its alternate location and bitmap.
+
+    Kept in Disk.alts under the vstart of a stored extent flagged MOVING, which is the
+    segment's primary location (L1) and never merges or splits while the move lasts.
+    A set bit in bitmap (one per 4 KiB block of the extent) means that block's current
+    data is at the alternate location (L2): lun, offset (bytes, block-aligned).
+    """
 
     lun: int
     offset: int
     bitmap: Bitmap
+
+
+JOB_KINDS = ("migrate", "drain")
+JOB_STATES = ("running", "done", "aborted", "failed")
+KEEP_FINISHED_JOBS = 100
+
+
+@dataclass
+class Job:
+    """A background data movement, journaled so it resumes after a restart.
+
+    kind "migrate": every extent of disk `disk` moves to container LUN `dst`.
+    kind "drain": every extent on container LUN `src` moves off it (to `dst`, or
+    wherever placement puts new space when dst is None).
+    """
+
+    id: int
+    kind: str
+    disk: str | None
+    src: int | None
+    dst: int | None
+    started: float
+    state: str = "running"
+    ended: float | None = None
+    message: str = ""
+
+    def to_wire(self) -> list[Any]:
+        return [self.id, self.kind, self.disk, self.src, self.dst, self.started, self.state,
+                self.ended, self.message]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> Job:
+        if not isinstance(w, list) or len(w) != 9:
+            raise StateError(f"bad job {w!r}")
+        return cls(*w)
 
 
 @dataclass
@@ -135,6 +177,8 @@ class State:
         # controller starts so far ("controller.boot" records): a persisted counter
         # that never goes back, unlike the wall clock, for version stamps
         self.boot = 0
+        self.jobs: dict[int, Job] = {}  # running ones, and the last finished ones
+        self.next_job = 1
 
     # ------------------------------------------------------------ lookups
     def container(self, name: str) -> Container:
@@ -219,13 +263,31 @@ class State:
         d.epoch += 1
 
     def _unmap(self, d: Disk, start: int, end: int) -> list[Extent]:
-        """Unmap [start, end) (block-aligned start) of d and free the space."""
+        """Unmap [start, end) (block-aligned start) of d and free the space.
+
+        A segment being moved goes with both its locations. One may be cut only at its
+        tail (a shrink): its bitmap and alternate location shrink with it. Cutting
+        off its head would move the key of its Alt: StateError.
+        """
         if start % ALIGN:
             raise StateError(f"unaligned unmap start {start}")
+        tail = d.extents.find(end - 1) if end > start else None
+        if tail is not None and tail.flags & MOVING and tail.vend > end:
+            raise StateError(f"unmap {start}..{end} would cut the head off the moving "
+                             f"segment at {tail.vstart}")
+        head = d.extents.find(start) if end > start else None
+        if head is not None and head.flags & MOVING and head.vstart < start:
+            a = d.alts[head.vstart]
+            keep = (start - head.vstart) // BLOCK_SIZE
+            self.luns[a.lun].space.release(a.offset + keep * BLOCK_SIZE,
+                                           (a.bitmap.nblocks - keep) * BLOCK_SIZE)
+            a.bitmap = a.bitmap.slice(0, keep)
         removed = d.extents.remove_range(start, end)
         for e in removed:
             self.luns[e.lun].space.release(e.offset, round_up(e.length))
-            d.alts.pop(e.vstart, None)
+            if e.flags & MOVING and e.vstart in d.alts:  # the whole moving segment
+                a = d.alts.pop(e.vstart)
+                self.luns[a.lun].space.release(a.offset, a.bitmap.nblocks * BLOCK_SIZE)
         d.epoch += 1
         return removed
 
@@ -237,6 +299,12 @@ class State:
         self.containers[name] = c
         self.luns[lun] = c
         self.next_lun = max(self.next_lun, lun + 1)
+
+    def _container_fail(self, rec: dict[str, Any]) -> None:
+        self.container(rec["name"]).failed = True
+
+    def _container_restore(self, rec: dict[str, Any]) -> None:
+        self.container(rec["name"]).failed = False
 
     def _container_rm(self, rec: dict[str, Any]) -> None:
         c = self.container(rec["name"])
@@ -308,9 +376,135 @@ class State:
             self._unmap(target, 0, target.size)
             del self.disks[new]
         del self.disks[d.name]
+        for j in self.jobs.values():
+            if j.disk == d.name and j.state == "running":
+                j.disk = new
         d.name = new
         d.epoch += 1
         self.disks[new] = d
+
+    # ------------------------------------------------------------ moves (DESIGN.md 3)
+    def _moving(self, d: Disk, vstart: Any) -> tuple[Extent, Alt]:
+        a = d.alts.get(vstart) if type(vstart) is int else None
+        e = d.extents.find(vstart) if a is not None else None
+        if a is None or e is None or e.vstart != vstart or not e.flags & MOVING:
+            raise StateError(f"disk {d.name!r} has no segment moving at {vstart!r}")
+        return e, a
+
+    def _move_start(self, rec: dict[str, Any]) -> None:
+        """Segment [vstart, vstart+length) of one stored extent gets an alternate location
+        (lun, offset) with an empty bitmap; the extent is cut there and flagged MOVING."""
+        d = self.disk(rec["name"])
+        vstart, length, lun, offset = rec["vstart"], rec["length"], rec["lun"], rec["offset"]
+        for v in (vstart, length, lun, offset):
+            if type(v) is not int:
+                raise StateError(f"bad move.start field {v!r}")
+        e = d.extents.find(vstart)
+        if e is None or vstart + length > e.vend or length <= 0 or vstart % ALIGN:
+            raise StateError(f"move of {vstart}+{length} is not inside one extent of "
+                             f"disk {d.name!r}")
+        if e.flags & MOVING:
+            raise StateError(f"disk {d.name!r} segment at {e.vstart} is already moving")
+        if (vstart + length) % ALIGN and vstart + length != d.size:
+            raise StateError(f"move of {vstart}+{length} ends inside a block")
+        c = self.luns.get(lun)
+        nbytes = round_up(length)
+        if c is None or offset % ALIGN or not c.space.is_free(offset, nbytes):
+            raise StateError(f"alternate {lun}:{offset}+{nbytes} is not free")
+        if lun == e.lun:
+            raise StateError("a segment cannot move within its own container")
+        c.space.take(offset, nbytes)
+        d.extents.split_at(vstart)
+        d.extents.split_at(vstart + length)
+        d.extents.set_flags(vstart, vstart + length, MOVING)
+        d.alts[vstart] = Alt(lun, offset, Bitmap(nbytes // BLOCK_SIZE))
+        d.epoch += 1
+
+    def _move_mark(self, rec: dict[str, Any]) -> None:
+        """Blocks (runs [[first, count], ...]) of a moving segment now have their data at
+        its alternate location."""
+        d = self.disk(rec["name"])
+        _e, a = self._moving(d, rec["vstart"])
+        runs = rec["runs"]
+        if type(runs) is not list:
+            raise StateError("move.mark runs must be a list")
+        for r in runs:
+            if (type(r) is not list or len(r) != 2 or type(r[0]) is not int
+                    or type(r[1]) is not int or r[0] < 0 or r[1] <= 0
+                    or r[0] + r[1] > a.bitmap.nblocks):
+                raise StateError(f"bad move.mark run {r!r}")
+        for first, count in runs:
+            a.bitmap.set_range(first, count)
+        d.epoch += 1
+
+    def _move_commit(self, rec: dict[str, Any]) -> None:
+        """Every block is marked: the alternate location becomes the segment's location
+        and the old one is freed; the extent may merge with its neighbours again."""
+        d = self.disk(rec["name"])
+        e, a = self._moving(d, rec["vstart"])
+        if not a.bitmap.all_set():
+            left = a.bitmap.nblocks - a.bitmap.count()
+            raise StateError(f"disk {d.name!r} segment at {e.vstart}: {left} blocks are not "
+                             "at the new location yet")
+        self._end_move(d, e, a, keep_alt=True)
+
+    def _move_abort(self, rec: dict[str, Any]) -> None:
+        """The move is dropped: the segment stays at its location (the controller has
+        copied any block marked at the alternate location back first) and the alternate
+        location is freed."""
+        d = self.disk(rec["name"])
+        e, a = self._moving(d, rec["vstart"])
+        self._end_move(d, e, a, keep_alt=False)
+
+    def _end_move(self, d: Disk, e: Extent, a: Alt, keep_alt: bool) -> None:
+        nbytes = a.bitmap.nblocks * BLOCK_SIZE
+        del d.alts[e.vstart]
+        d.extents.remove_range(e.vstart, e.vend)
+        if keep_alt:
+            self.luns[e.lun].space.release(e.offset, nbytes)
+            d.extents.insert(e.vstart, e.length, a.lun, a.offset, e.flags & ~MOVING)
+        else:
+            self.luns[a.lun].space.release(a.offset, nbytes)
+            d.extents.insert(e.vstart, e.length, e.lun, e.offset, e.flags & ~MOVING)
+        d.extents.coalesce(e.vstart, e.vend)
+        d.epoch += 1
+
+    def _disk_place(self, rec: dict[str, Any]) -> None:
+        """Where a disk's new space goes: its home container and its pin (or None)."""
+        d = self.disk(rec["name"])
+        home, pin = rec["home"], rec["pin"]
+        if home not in self.luns or (pin is not None and pin not in self.luns):
+            raise StateError(f"disk.place: unknown LUN {home!r} or {pin!r}")
+        d.home, d.pin = home, pin
+
+    # ------------------------------------------------------------ jobs
+    def _job_start(self, rec: dict[str, Any]) -> None:
+        jid, kind = rec["id"], rec["kind"]
+        if type(jid) is not int or jid < self.next_job or kind not in JOB_KINDS:
+            raise StateError(f"bad job.start {jid!r} {kind!r}")
+        disk, src, dst = rec["disk"], rec["src"], rec["dst"]
+        if disk is not None:
+            self.disk(disk)
+        for lun in (src, dst):
+            if lun is not None and lun not in self.luns:
+                raise StateError(f"job.start: unknown LUN {lun!r}")
+        self.jobs[jid] = Job(jid, kind, disk, src, dst, rec["started"])
+        self.next_job = jid + 1
+        if kind == "drain" and src is not None:
+            self.luns[src].draining = True
+
+    def _job_end(self, rec: dict[str, Any]) -> None:
+        j = self.jobs.get(rec["id"])
+        if j is None or j.state != "running" or rec["state"] not in JOB_STATES[1:]:
+            raise StateError(f"bad job.end {rec.get('id')!r} {rec.get('state')!r}")
+        j.state, j.ended, j.message = rec["state"], rec["ended"], rec.get("message", "")
+        if j.kind == "drain" and j.src in self.luns and not any(
+                o.kind == "drain" and o.src == j.src and o.state == "running"
+                for o in self.jobs.values()):
+            self.luns[j.src].draining = False
+        done = sorted(k for k, o in self.jobs.items() if o.state != "running")
+        for k in done[: max(0, len(done) - KEEP_FINISHED_JOBS)]:
+            del self.jobs[k]
 
     def _controller_boot(self, rec: dict[str, Any]) -> None:
         boot = rec["boot"]
@@ -338,6 +532,8 @@ class State:
             "seq": self.seq,
             "next_lun": self.next_lun,
             "boot": self.boot,
+            "next_job": self.next_job,
+            "jobs": [j.to_wire() for j in self.jobs.values()],
             "containers": [
                 {
                     "name": c.name,
@@ -346,6 +542,7 @@ class State:
                     "size": c.size,
                     "created": c.created,
                     "failed": c.failed,
+                    "draining": c.draining,
                     "free": c.space.to_wire(),
                     "cursor": c.space.cursor,
                 }
@@ -383,10 +580,14 @@ class State:
             s.seq = w["seq"]
             s.next_lun = w["next_lun"]
             s.boot = _int(w.get("boot", 0), "boot")
+            s.next_job = _int(w.get("next_job", 1), "next_job")
+            for jw in w.get("jobs", []):
+                j = Job.from_wire(jw)
+                s.jobs[j.id] = j
             for cw in w["containers"]:
                 space = FreeSpace.from_wire(cw["size"], cw["free"], cw.get("cursor", 0))
                 c = Container(cw["name"], cw["lun"], cw["path"], cw["size"], cw["created"],
-                              space, cw.get("failed", False))
+                              space, cw.get("failed", False), cw.get("draining", False))
                 s.containers[c.name] = c
                 s.luns[c.lun] = c
             for dw in w["disks"]:
@@ -438,6 +639,10 @@ class State:
             s.seq = _int(h["seq"], "seq")
             s.next_lun = _int(h["next_lun"], "next_lun")
             s.boot = _int(h["boot"], "boot")
+            s.next_job = _int(h.get("next_job", 1), "next_job")
+            for jw in h.get("jobs", []):
+                j = Job.from_wire(jw)
+                s.jobs[j.id] = j
             ndisks = _int(h["disks"], "disks")
             for cw in h["containers"]:
                 nfree = _int(cw["free"], "free")
@@ -456,7 +661,7 @@ class State:
                 space = FreeSpace.from_wire(cw["size"], [bytes(starts), bytes(lens)],
                                             cw["cursor"])
                 c = Container(cw["name"], cw["lun"], cw["path"], cw["size"], cw["created"],
-                              space, cw["failed"])
+                              space, cw["failed"], cw.get("draining", False))
                 if c.name in s.containers or c.lun in s.luns:
                     raise StateError(f"checkpoint: container {c.name!r} twice")
                 s.containers[c.name] = c
@@ -524,6 +729,7 @@ class Snapshot:
         self._header: dict[str, Any] = {
             "format": PARTS_FORMAT, "part": "header", "seq": state.seq,
             "next_lun": state.next_lun, "boot": state.boot, "containers": [],
+            "next_job": state.next_job, "jobs": [j.to_wire() for j in state.jobs.values()],
             "disks": len(state.disks),
         }
         self._free: list[tuple[int, bytes, bytes]] = []
@@ -531,7 +737,8 @@ class Snapshot:
             starts, lens = c.space.to_wire()  # copies
             self._header["containers"].append({
                 "name": c.name, "lun": c.lun, "path": c.path, "size": c.size,
-                "created": c.created, "failed": c.failed, "cursor": c.space.cursor,
+                "created": c.created, "failed": c.failed, "draining": c.draining,
+                "cursor": c.space.cursor,
                 "free": len(starts) // 8,
             })
             self._free.append((c.lun, starts, lens))
@@ -601,6 +808,15 @@ _HANDLERS = {
     "disk.rename": State._disk_rename,
     "disk.unmap": State._disk_unmap,
     "controller.boot": State._controller_boot,
+    "container.fail": State._container_fail,
+    "container.restore": State._container_restore,
+    "move.start": State._move_start,
+    "move.mark": State._move_mark,
+    "move.commit": State._move_commit,
+    "move.abort": State._move_abort,
+    "disk.place": State._disk_place,
+    "job.start": State._job_start,
+    "job.end": State._job_end,
 }
 
 
@@ -655,18 +871,35 @@ def check(state: State) -> list[Problem]:
             used[e.lun].append((e.offset, round_up(e.length), where))
         if count != len(d.extents) or mapped != d.extents.mapped_bytes:
             err(f"disk {d.name!r} extent counters are wrong")
+        for e in d.extents:
+            if e.flags & MOVING and e.vstart not in d.alts:
+                err(f"disk {d.name!r} segment at {e.vstart} is moving but has no alternate "
+                    "location")
         for vs, a in d.alts.items():
             e2 = d.extents.find(vs)
-            if e2 is None or e2.vstart != vs:
-                err(f"disk {d.name!r} alternate at {vs} has no segment")
+            where = f"disk {d.name!r} alternate location of the segment at {vs}"
+            if e2 is None or e2.vstart != vs or not e2.flags & MOVING:
+                err(f"{where} has no moving segment")
             elif a.bitmap.nblocks != -(-e2.length // BLOCK_SIZE):
                 err(f"disk {d.name!r} bitmap at {vs} has {a.bitmap.nblocks} blocks, "
                     f"segment needs {-(-e2.length // BLOCK_SIZE)}")
-            if a.lun not in state.luns:
-                err(f"disk {d.name!r} alternate at {vs} points at unknown LUN {a.lun}")
-            else:
-                used[a.lun].append((a.offset, round_up(e2.length if e2 else 0),
-                                    f"disk {d.name!r} alternate at {vs}"))
+            c = state.luns.get(a.lun)
+            if c is None:
+                err(f"{where} points at unknown LUN {a.lun}")
+                continue
+            n = a.bitmap.nblocks * BLOCK_SIZE
+            if a.offset % ALIGN or a.offset + n > c.usable:
+                err(f"{where} is misaligned or runs past the end of container {c.name!r}")
+            if e2 is not None and a.lun == e2.lun:
+                err(f"{where} is in the segment's own container")
+            used[a.lun].append((a.offset, n, where))
+    for j in state.jobs.values():
+        if j.state == "running":
+            if j.disk is not None and j.disk not in state.disks:
+                err(f"job {j.id} ({j.kind}) runs on missing disk {j.disk!r}")
+            for lun in (j.src, j.dst):
+                if lun is not None and lun not in state.luns:
+                    err(f"job {j.id} ({j.kind}) names unknown LUN {lun}")
 
     for lun, ranges in used.items():
         c = state.luns[lun]

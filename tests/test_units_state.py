@@ -454,27 +454,36 @@ def test_check_shared_storage(healthy):
     _one(healthy, "error", "share storage")
 
 
+def _moving(s: State) -> None:
+    """Disk t's segment at 12 blocks starts moving to c1 at block 20."""
+    s.apply({"op": "move.start", "name": "t", "vstart": 12 * B, "length": 4 * B, "lun": 1,
+             "offset": 20 * B})
+    assert check(s) == []
+
+
 def test_check_bitmap_size_mismatch(healthy):
-    d = healthy.disks["t"]
-    healthy.containers["c2"].space.take(20 * B, 4 * B)
-    d.alts[12 * B] = Alt(2, 20 * B, Bitmap(4))
-    assert check(healthy) == []  # the right size is fine
-    d.alts[12 * B] = Alt(2, 20 * B, Bitmap(3))
+    _moving(healthy)
+    healthy.disks["t"].alts[12 * B].bitmap = Bitmap(3)
     _one(healthy, "error", "bitmap at 49152 has 3 blocks")
 
 
 def test_check_alternate_without_segment(healthy):
-    healthy.disks["t"].alts[40 * B] = Alt(2, 0, Bitmap(1))
-    _one(healthy, "error", "has no segment")
+    _moving(healthy)
+    d = healthy.disks["t"]
+    d.alts[40 * B] = d.alts.pop(12 * B)
+    _one(healthy, "error", "has no moving segment")
+    _one(healthy, "error", "is moving but has no alternate location")
 
 
 def test_check_alternate_unknown_lun(healthy):
-    healthy.disks["t"].alts[12 * B] = Alt(9, 0, Bitmap(4))
+    _moving(healthy)
+    healthy.disks["t"].alts[12 * B].lun = 9
     _one(healthy, "error", "unknown LUN 9")
 
 
 def test_check_alternate_marked_free(healthy):
-    healthy.disks["t"].alts[12 * B] = Alt(2, 20 * B, Bitmap(4))  # space not taken
+    _moving(healthy)
+    healthy.containers["c1"].space.release(20 * B, 4 * B)
     _one(healthy, "error", "in use but marked free")
 
 

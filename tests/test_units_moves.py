@@ -1,0 +1,308 @@
+"""The durable record of segments being moved (DESIGN.md section 3), in State.apply.
+
+Moves (alternate location + block bitmap) must survive merges, splits, discards,
+shrinks, removals, replay and checkpoints, and never leak or share space: the
+groundwork that online migration, copy-on-write and drain stand on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from controller.bitmap import Bitmap
+from controller.extents import MOVING
+from controller.state import State, StateError, check
+
+B = 4096
+SEG = 4 * B
+
+
+def base() -> State:
+    s = State()
+    for name, lun, size in (("c1", 1, 256 * B), ("c2", 2, 256 * B)):
+        s.apply({"op": "container.add", "name": name, "lun": lun, "path": f"/{name}",
+                 "size": size, "created": True})
+    s.apply({"op": "disk.create", "name": "t", "size": 64 * B, "segment_size": SEG,
+             "thick": False, "pin": None, "home": 1, "ctime": 1.0, "map": []})
+    return s
+
+
+def alloc(s: State, seg: int, lun: int, off: int) -> None:
+    s.apply({"op": "disk.map", "name": "t", "map": [[seg * SEG, SEG, lun, off]]})
+
+
+def start(s: State, seg: int, lun: int, off: int, length: int = SEG) -> None:
+    s.apply({"op": "move.start", "name": "t", "vstart": seg * SEG, "length": length,
+             "lun": lun, "offset": off})
+
+
+def clean(s: State) -> None:
+    assert check(s) == [], check(s)
+
+
+def test_move_commit_frees_the_old_location_and_merges_again():
+    s = base()
+    for k in range(3):  # three contiguous segments: one extent
+        alloc(s, k, 1, k * SEG)
+    assert len(s.disks["t"].extents) == 1
+    start(s, 1, 2, SEG)
+    d = s.disks["t"]
+    assert len(d.extents) == 3 and d.extents.find(SEG).flags == MOVING
+    assert s.luns[2].used == SEG
+    clean(s)
+    s.apply({"op": "move.mark", "name": "t", "vstart": SEG, "runs": [[0, 1], [2, 2]]})
+    with pytest.raises(StateError, match="1 blocks are not"):
+        s.apply({"op": "move.commit", "name": "t", "vstart": SEG})
+    s.apply({"op": "move.mark", "name": "t", "vstart": SEG, "runs": [[1, 1]]})
+    s.apply({"op": "move.commit", "name": "t", "vstart": SEG})
+    e = d.extents.find(SEG)
+    assert (e.lun, e.offset, e.flags) == (2, SEG, 0) and not d.alts
+    assert s.luns[1].used == 2 * SEG and s.luns[2].used == SEG
+    clean(s)
+    # moving the others next to it puts the disk back in one extent
+    for k in (0, 2):
+        start(s, k, 2, k * SEG)
+        s.apply({"op": "move.mark", "name": "t", "vstart": k * SEG, "runs": [[0, 4]]})
+        s.apply({"op": "move.commit", "name": "t", "vstart": k * SEG})
+    assert len(d.extents) == 1 and s.luns[1].used == 0
+    clean(s)
+
+
+def test_moving_segment_never_merges_and_rm_frees_both_locations():
+    """The defect: an alternate location was keyed by a vstart that a merge changed."""
+    s = base()
+    alloc(s, 0, 1, 0)
+    start(s, 0, 2, 0)
+    alloc(s, 1, 1, SEG)  # contiguous on c1 with the moving segment: must not merge
+    d = s.disks["t"]
+    assert len(d.extents) == 2 and 0 in d.alts
+    clean(s)
+    s.apply({"op": "disk.rm", "name": "t"})
+    assert s.luns[1].used == 0 and s.luns[2].used == 0
+    clean(s)
+
+
+def test_abort_keeps_the_old_location():
+    s = base()
+    alloc(s, 0, 1, 0)
+    start(s, 0, 2, 8 * B)
+    s.apply({"op": "move.mark", "name": "t", "vstart": 0, "runs": [[0, 4]]})
+    s.apply({"op": "move.abort", "name": "t", "vstart": 0})
+    e = s.disks["t"].extents.find(0)
+    assert (e.lun, e.offset, e.flags) == (1, 0, 0) and s.luns[2].used == 0
+    clean(s)
+
+
+def test_discard_and_shrink_over_a_moving_segment():
+    s = base()
+    alloc(s, 0, 1, 0)
+    alloc(s, 1, 1, SEG)
+    start(s, 0, 2, 0)
+    start(s, 1, 2, SEG)
+    s.apply({"op": "disk.unmap", "name": "t", "start": SEG, "end": 2 * SEG})
+    assert s.luns[2].used == SEG and 1 * SEG not in s.disks["t"].alts
+    clean(s)
+    # a shrink into the middle of the moving segment: bitmap and alternate shrink
+    s.apply({"op": "disk.resize", "name": "t", "size": B + 100, "map": []})
+    a = s.disks["t"].alts[0]
+    assert a.bitmap.nblocks == 2 and s.luns[2].used == 2 * B
+    clean(s)
+    # cutting a moving segment's head is refused, and changes nothing
+    before = s.to_wire()
+    with pytest.raises(StateError, match="cut the head"):
+        s.apply({"op": "disk.unmap", "name": "t", "start": 0, "end": B})
+    assert s.to_wire() == before
+
+
+@pytest.mark.parametrize("rec,msg", [
+    ({"vstart": 0, "length": SEG, "lun": 1, "offset": 64 * B}, "own container"),
+    ({"vstart": 0, "length": SEG, "lun": 2, "offset": 1}, "not free"),
+    ({"vstart": 0, "length": 2 * SEG, "lun": 2, "offset": 0}, "not inside one extent"),
+    ({"vstart": 8 * SEG, "length": SEG, "lun": 2, "offset": 0}, "not inside one extent"),
+    ({"vstart": 0, "length": SEG, "lun": 7, "offset": 0}, "not free"),
+    ({"vstart": 0, "length": True, "lun": 2, "offset": 0}, "bad move.start field"),
+])
+def test_bad_move_start_changes_nothing(rec, msg):
+    s = base()
+    alloc(s, 0, 1, 0)
+    before = s.to_wire()
+    with pytest.raises(StateError, match=msg):
+        s.apply({"op": "move.start", "name": "t", **rec})
+    assert s.to_wire() == before
+
+
+def test_jobs_and_container_flags_survive_replay_and_checkpoint():
+    s = base()
+    recs: list[dict[str, Any]] = []
+
+    def do(r: dict[str, Any]) -> None:
+        s.apply(r)
+        recs.append(r)
+
+    do({"op": "job.start", "id": 1, "kind": "drain", "disk": None, "src": 1, "dst": None,
+        "started": 5.0})
+    assert s.luns[1].draining
+    do({"op": "container.fail", "name": "c2"})
+    do({"op": "job.start", "id": 2, "kind": "migrate", "disk": "t", "src": None, "dst": 2,
+        "started": 6.0})
+    do({"op": "disk.rename", "name": "t", "new": "u"})
+    assert s.jobs[2].disk == "u"
+    do({"op": "job.end", "id": 1, "state": "done", "ended": 7.0})
+    assert not s.luns[1].draining and s.luns[2].failed
+    with pytest.raises(StateError):
+        s.apply({"op": "job.end", "id": 1, "state": "done", "ended": 8.0})
+    replay = base()
+    for r in recs:
+        replay.apply(r)
+    assert replay.to_wire() == s.to_wire()
+    snap = s.snapshot()
+    try:
+        again = State.from_parts(snap.parts())
+    finally:
+        snap.release()
+    assert again.to_wire() == s.to_wire()
+    assert State.from_wire(s.to_wire()).to_wire() == s.to_wire()
+
+
+class Moves(RuleBasedStateMachine):
+    """Random allocations, moves, marks, commits, aborts, discards, shrinks and grows:
+    check() stays clean, replay gives the same state, and a checkpoint round-trips."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = base()
+        self.recs: list[dict[str, Any]] = []
+
+    def do(self, r: dict[str, Any]) -> bool:
+        try:
+            self.s.apply(r)
+        except StateError:
+            return False
+        self.recs.append(r)
+        return True
+
+    def free_at(self, lun: int, n: int) -> int | None:
+        sp = self.s.luns[lun].space
+        return next((o for o, ln in sp.ranges() if ln >= n), None)
+
+    @rule(seg=st.integers(0, 15), lun=st.sampled_from([1, 2]))
+    def allocate(self, seg: int, lun: int) -> None:
+        d = self.s.disks["t"]
+        if seg * SEG >= d.size:
+            return
+        n = min(SEG, d.size - seg * SEG)
+        off = self.free_at(lun, -(-n // B) * B)
+        if off is not None and d.extents.is_gap(seg * SEG, seg * SEG + n):
+            assert self.do({"op": "disk.map", "name": "t", "map": [[seg * SEG, n, lun, off]]})
+
+    @rule(data=st.data())
+    def move(self, data: st.DataObject) -> None:
+        d = self.s.disks["t"]
+        still = [e for e in d.extents if not e.flags & MOVING]
+        if not still:
+            return
+        e = data.draw(st.sampled_from(still))
+        seg = data.draw(st.integers(e.vstart // SEG, (e.vend - 1) // SEG))
+        lo, hi = max(e.vstart, seg * SEG), min(e.vend, (seg + 1) * SEG)
+        other = 2 if e.lun == 1 else 1
+        off = self.free_at(other, -(-(hi - lo) // B) * B)
+        if off is not None:
+            assert self.do({"op": "move.start", "name": "t", "vstart": lo, "length": hi - lo,
+                            "lun": other, "offset": off})
+
+    @rule(data=st.data())
+    def mark(self, data: st.DataObject) -> None:
+        d = self.s.disks["t"]
+        if not d.alts:
+            return
+        vs = data.draw(st.sampled_from(sorted(d.alts)))
+        n = d.alts[vs].bitmap.nblocks
+        first = data.draw(st.integers(0, n - 1))
+        count = data.draw(st.integers(1, n - first))
+        assert self.do({"op": "move.mark", "name": "t", "vstart": vs,
+                        "runs": [[first, count]]})
+
+    @rule(data=st.data(), commit=st.booleans())
+    def finish(self, data: st.DataObject, commit: bool) -> None:
+        d = self.s.disks["t"]
+        if not d.alts:
+            return
+        vs = data.draw(st.sampled_from(sorted(d.alts)))
+        if commit:
+            n = d.alts[vs].bitmap.nblocks
+            self.do({"op": "move.mark", "name": "t", "vstart": vs, "runs": [[0, n]]})
+        assert self.do({"op": "move.commit" if commit else "move.abort", "name": "t",
+                        "vstart": vs})
+
+    @rule(a=st.integers(0, 16), n=st.integers(1, 2))
+    def discard(self, a: int, n: int) -> None:
+        d = self.s.disks["t"]
+        start, end = min(a * SEG, d.size), min((a + n) * SEG, d.size)
+        self.do({"op": "disk.unmap", "name": "t", "start": start, "end": end})
+
+    @rule(size=st.integers(1, 64 * B) | st.integers(48 * B, 64 * B))
+    def resize(self, size: int) -> None:
+        self.do({"op": "disk.resize", "name": "t", "size": size, "map": []})
+
+    @invariant()
+    def consistent(self) -> None:
+        assert check(self.s) == [], check(self.s)
+        d = self.s.disks["t"]
+        for vs, a in d.alts.items():
+            assert d.extents.find(vs).flags & MOVING and isinstance(a.bitmap, Bitmap)
+
+    def teardown(self) -> None:
+        replay = base()
+        for r in self.recs:
+            replay.apply(r)
+        assert replay.to_wire() == self.s.to_wire()
+        snap = self.s.snapshot()
+        try:
+            assert State.from_parts(snap.parts(max_bytes=64)).to_wire() == self.s.to_wire()
+        finally:
+            snap.release()
+
+
+TestMoves = Moves.TestCase
+TestMoves.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def _bitmap_ops(draw: Any) -> tuple[int, list[tuple[int, int]], int, int]:
+    n = draw(st.integers(0, 300))
+    ops = []
+    for _ in range(draw(st.integers(0, 8))):
+        if n:
+            s = draw(st.integers(0, n - 1))
+            ops.append((s, draw(st.integers(0, n - s))))
+    a = draw(st.integers(0, n))
+    return n, ops, a, draw(st.integers(a, n))
+
+
+@given(_bitmap_ops())
+@settings(max_examples=400, deadline=None)
+def test_bitmap_matches_a_list_model(case: tuple[int, list[tuple[int, int]], int, int]) -> None:
+    n, ops, lo, hi = case
+    bm, model = Bitmap(n), [False] * n
+    for s, c in ops:
+        assert bm.set_range(s, c) == sum(1 for i in range(s, s + c) if not model[i])
+        model[s : s + c] = [True] * c
+    assert bm.count() == sum(model)
+    assert bm.count_range(lo, hi - lo) == sum(model[lo:hi])
+    want, i = [], lo
+    while i < hi:
+        j = i
+        while j < hi and model[j] == model[i]:
+            j += 1
+        want.append((i, j - i, model[i]))
+        i = j
+    assert list(bm.runs(lo, hi)) == want
+    assert bm.first_clear(lo) == next((k for k in range(lo, n) if not model[k]), None)
+    assert [bm.slice(lo, hi - lo).test(k) for k in range(hi - lo)] == model[lo:hi]
+    assert Bitmap(n, bm.to_bytes()) == bm
