@@ -1,4 +1,4 @@
-"""Controller workloads: journal group commit, replay, and table size.
+"""Controller workloads: journal group commit, replay, table size, and scale.
 
 - ``commit``: a real ``virtfs-controller`` process on a temp state dir, N client
   connections (each ``open_controller``) doing small metadata changes; every
@@ -12,6 +12,11 @@
 - ``table``: a 1 TiB thick disk (extent count, ``disk map``), and a 1 TiB thin
   disk fully allocated in random segment order (no merging: the worst case):
   memory, build time, checkpoint size, and a full ``disk map``.
+- ``scale``: a pool of thin 1 TiB disks (100 TiB, 26 million extents; 10 TiB
+  with --quick, or ``VIRTFS_BENCH_SCALE_TIB``), every 4 MiB segment allocated
+  in random order through ``State.apply``: memory, a checkpoint taken under
+  load (the loop's longest stall, faults answered meanwhile), a 64 MiB journal
+  after it, and the restart (``recover()`` and a real ``virtfs-controller``).
 
 Measurements that depend on a process's memory run in a child process
 (``python -m bench.controller child ...``) so earlier workloads do not skew them.
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +46,15 @@ import trio
 
 from controller import codec
 from controller.client import Client, open_controller
-from controller.journal import CHECKPOINT, JOURNAL, load_checkpoint, recover, write_atomic
+from controller.journal import (
+    CHECKPOINT_BYTES,
+    JOURNAL,
+    Journal,
+    checkpoint_frames,
+    load_checkpoint,
+    recover,
+    write_checkpoint,
+)
 from controller.protocol import DEFAULT_SEGMENT_SIZE
 from controller.service import Service
 from controller.state import State
@@ -396,7 +410,25 @@ def build_replay_journal(path: Path, nrecords: int, mix: str, seed: int = 1) -> 
 
 
 def _state_digest(state: State) -> str:
-    return hashlib.sha256(codec.pack(state.to_wire())).hexdigest()
+    """sha256 of the state's checkpoint parts: streamed, so it works at any size, and
+    independent of how the extent maps happen to be chunked in memory."""
+    h = hashlib.sha256()
+    snap = state.snapshot()
+    try:
+        for part in snap.parts():
+            h.update(codec.pack(part))
+    finally:
+        snap.release()
+    return h.hexdigest()
+
+
+def _encode_checkpoint(state: State) -> int:
+    """Encode the checkpoint of state (snapshot, parts, frames) without writing it."""
+    snap = state.snapshot()
+    try:
+        return sum(len(f) for f in checkpoint_frames(snap))
+    finally:
+        snap.release()
 
 
 def _child_replay(state_dir: str) -> dict[str, Any]:
@@ -421,12 +453,12 @@ def _child_replay(state_dir: str) -> dict[str, Any]:
     digest = _state_digest(rec.state)
     # the checkpoint the controller would write for this state, and loading it back
     t0 = time.perf_counter()
-    snap = codec.journal_frame(rec.state.to_wire())
+    ck_bytes = _encode_checkpoint(rec.state)
     t_encode = time.perf_counter() - t0
     ckdir = os.path.join(state_dir, "ck")
     os.mkdir(ckdir)
     t0 = time.perf_counter()
-    write_atomic(os.path.join(ckdir, CHECKPOINT), snap)
+    write_checkpoint(ckdir, rec.state)
     t_write = time.perf_counter() - t0
     t0 = time.perf_counter()
     loaded = load_checkpoint(ckdir)
@@ -436,7 +468,7 @@ def _child_replay(state_dir: str) -> dict[str, Any]:
             "seq": rec.state.seq,
             "journal_bytes": rec.journal_bytes, "rss_before": rss0, "rss_after": rss1,
             "hwm": hwm, "digest": digest, "ck_digest": _state_digest(loaded),
-            "ck_bytes": len(snap), "ck_encode_s": t_encode, "ck_write_s": t_write,
+            "ck_bytes": ck_bytes, "ck_encode_s": t_encode, "ck_write_s": t_write,
             "ck_load_s": t_load}
 
 
@@ -476,11 +508,12 @@ def bench_replay(report: Report, section: Section) -> None:
         w.add("  peak RSS of the replaying process", r["hwm"] / MiB, "MiB")
         w.add("  RSS of the recovered state (after - before)",
               (r["rss_after"] - r["rss_before"]) / MiB, "MiB")
-        w.add("  replayed state == live state (sha256 of to_wire)", True)
+        w.add("  replayed state == live state (sha256 of the checkpoint parts)", True)
         w.add(f"{mix}: final state, disks / extents", f"{ndisks} / {extents:,}")
         w.add("  checkpoint of that state: size", r["ck_bytes"] / MiB, "MiB")
-        w.add("  checkpoint encode (to_wire + frame)", r["ck_encode_s"] * 1e3, "ms")
-        w.add("  checkpoint write (tmp, fsync, rename, fsync dir)", r["ck_write_s"] * 1e3, "ms")
+        w.add("  checkpoint encode (snapshot, parts, frames)", r["ck_encode_s"] * 1e3, "ms")
+        w.add("  checkpoint write (encode, tmp, fsync, rename, fsync dir)",
+              r["ck_write_s"] * 1e3, "ms")
         w.add("  checkpoint load (read, CRC, decode, from_wire)", r["ck_load_s"] * 1e3, "ms")
         w.add("  replay time / checkpoint load time", r["recover_s"] / r["ck_load_s"], "x")
     if report.quick:
@@ -523,14 +556,14 @@ def _child_thin_build(state_dir: str, size: int, seg: int, container: str,
     rss1 = _rss()
     d = state.disks["thin"]
     t0 = time.perf_counter()
-    snap = codec.journal_frame(state.to_wire())
+    _encode_checkpoint(state)
     t_encode = time.perf_counter() - t0
     t0 = time.perf_counter()
-    write_atomic(os.path.join(state_dir, CHECKPOINT), snap)
+    ck_bytes = write_checkpoint(state_dir, state)
     t_write = time.perf_counter() - t0
     return {"build_s": t_build, "records": seq - 2, "extents": len(d.extents),
             "allocated": d.allocated, "rss_delta": rss1 - rss0,
-            "extent_bytes": d.extents.memory_bytes(), "ck_bytes": len(snap),
+            "extent_bytes": d.extents.memory_bytes(), "ck_bytes": ck_bytes,
             "ck_encode_s": t_encode, "ck_write_s": t_write}
 
 
@@ -669,8 +702,8 @@ def bench_table(report: Report, section: Section) -> None:
         w.add("  bytes per extent (RSS growth)", b["rss_delta"] / b["extents"], "B")
         w.add("thin: checkpoint size", b["ck_bytes"] / MiB, "MiB")
         w.add("  checkpoint per TiB", b["ck_bytes"] * per_tib / MiB, "MiB")
-        w.add("thin: checkpoint encode (to_wire + frame)", b["ck_encode_s"] * 1e3, "ms")
-        w.add("thin: checkpoint write (fsync'ed)", b["ck_write_s"] * 1e3, "ms")
+        w.add("thin: checkpoint encode (snapshot, parts, frames)", b["ck_encode_s"] * 1e3, "ms")
+        w.add("thin: checkpoint write (encode + write, fsync'ed)", b["ck_write_s"] * 1e3, "ms")
 
         # loading it back here: time, then traced memory of the loaded state
         gc.collect()
@@ -723,6 +756,271 @@ def bench_table(report: Report, section: Section) -> None:
     report.emit(w)
 
 
+# ---------------------------------------------------------------- 4. scale
+
+
+SCALE_AIM_TIB = 100  # the issue's pool: 100 TiB of thin disks, 26 million extents
+SCALE_MEMORY_AIM = 1.5 * GiB
+SCALE_STALL_AIM = 0.050  # s: the longest a checkpoint may hold up the loop
+SCALE_RESTART_AIM = 30.0  # s: checkpoint load + journal replay
+
+
+def _reset_hwm() -> None:
+    """Reset this process's VmHWM (peak RSS) to its current RSS (Linux clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+async def _scale_checkpoint(state: State, state_dir: str, nseg: int, seg: int,
+                            names: list[str]) -> dict[str, Any]:
+    """Checkpoint the big state through Journal._checkpoint while a heartbeat task
+    measures the loop's scheduling gaps and a fault task commits thin-disk changes."""
+    rnd = random.Random(12)
+    j = Journal(state_dir, state, checkpoint_bytes=1 << 62)
+    gaps: list[float] = []
+    lat: list[float] = []
+    in_ck = False
+    done = trio.Event()
+    stopped = trio.Event()
+    faults = 0
+    space = state.luns[1].space
+
+    async def heartbeat() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await trio.sleep(0.002)
+            now = time.perf_counter()
+            if in_ck:
+                gaps.append(now - last)
+            last = now
+
+    async def fault() -> None:
+        # a discard and a new first write of a random segment: two records, each
+        # acknowledged after its fdatasync, the way a thin fault is answered
+        nonlocal faults
+        while not done.is_set():
+            g = rnd.randrange(len(names) * nseg)
+            name, vstart = names[g // nseg], g % nseg * seg
+            t0 = time.perf_counter()
+            await j.commit({"op": "disk.unmap", "name": name, "start": vstart,
+                            "end": vstart + seg})
+            off = space.find_contiguous(seg)
+            await j.commit({"op": "disk.map", "name": name, "map": [[vstart, seg, 1, off]]})
+            if in_ck:
+                lat.append(time.perf_counter() - t0)
+                faults += 1
+            await trio.sleep(0.001)
+        stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(j.run)
+        nursery.start_soon(heartbeat)
+        nursery.start_soon(fault)
+        await trio.sleep(0.3)
+        gc.collect()
+        rss0 = _rss()
+        _reset_hwm()
+        t0 = time.perf_counter()
+        in_ck = True
+        await j._checkpoint()
+        in_ck = False
+        t_ck = time.perf_counter() - t0
+        hwm = _proc_status()["VmHWM"]
+        done.set()
+        await stopped.wait()
+        await j.wait_durable(state.seq)
+        nursery.cancel_scope.cancel()
+    j.close()
+    gaps.sort()
+    lat.sort()
+    return {"ck_s": t_ck, "ck_bytes": j.last_checkpoint_bytes, "gap_max": gaps[-1],
+            "gap_p99": _pct(gaps, 99), "faults": faults, "fault_max": lat[-1] if lat else 0,
+            "fault_p50": _pct(lat, 50), "fault_p99": _pct(lat, 99),
+            "ck_extra_rss": hwm - rss0}
+
+
+async def _scale_fill_journal(state: State, state_dir: str, nseg: int, seg: int,
+                              names: list[str], nbytes: int) -> dict[str, Any]:
+    """Grow the journal after the checkpoint to nbytes of realistic records (discards
+    and new thin allocations, group-committed): the most a restart replays."""
+    rnd = random.Random(13)
+    j = Journal(state_dir, state, checkpoint_bytes=1 << 62)
+    space = state.luns[1].space
+    records = 0
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(j.run)
+        while j.journal_bytes < nbytes:
+            for _ in range(2000):
+                g = rnd.randrange(len(names) * nseg)
+                name, vstart = names[g // nseg], g % nseg * seg
+                j.record({"op": "disk.unmap", "name": name, "start": vstart,
+                          "end": vstart + seg})
+                off = space.find_contiguous(seg)
+                j.record({"op": "disk.map", "name": name, "map": [[vstart, seg, 1, off]]})
+                records += 2
+            await j.wait_durable(state.seq)
+        nursery.cancel_scope.cancel()
+    j.close()
+    return {"fill_records": records, "fill_s": time.perf_counter() - t0,
+            "journal_bytes": j.journal_bytes}
+
+
+def _child_scale_build(state_dir: str, tib: int, journal_bytes: int) -> dict[str, Any]:
+    """A pool of tib thin 1 TiB disks, every 4 MiB segment allocated by one disk.map
+    record through State.apply, in random order across the pool; then a checkpoint
+    under load, then a journal of journal_bytes. Leaves both in state_dir."""
+    seg = DEFAULT_SEGMENT_SIZE
+    nseg = TiB // seg
+    names = [f"p{i:03}" for i in range(tib)]
+    total = tib * nseg
+    state = State()
+    state.apply({"op": "container.add", "name": "c0", "lun": 1,
+                 # room past the pool for the journal phase's new allocations (the
+                 # container is never opened: only its table is measured)
+                 "path": os.path.join(state_dir, "c0.img"), "size": total * seg + 4 * TiB,
+                 "created": True, "seq": 1})
+    for i, name in enumerate(names):
+        state.apply({"op": "disk.create", "name": name, "size": TiB, "segment_size": seg,
+                     "thick": False, "pin": None, "home": 1, "ctime": 1.7e9, "map": [],
+                     "seq": 2 + i})
+    order = array("q", range(total))
+    random.Random(11).shuffle(order)
+    gc.collect()
+    rss0 = _rss()
+    gc.disable()  # millions of short-lived records: no cyclic garbage to find
+    t0 = time.perf_counter()
+    seq = state.seq
+    apply = state.apply
+    # next fit on an empty container hands out consecutive offsets, as the service would
+    for k, g in enumerate(order):
+        seq += 1
+        apply({"op": "disk.map", "name": names[g // nseg],
+               "map": [[g % nseg * seg, seg, 1, k * seg]], "seq": seq})
+    t_build = time.perf_counter() - t0
+    state.luns[1].space.cursor = total * seg
+    del order
+    gc.enable()
+    gc.collect()
+    rss1 = _rss()
+    extents = sum(len(d.extents) for d in state.disks.values())
+    ext_bytes = sum(d.extents.memory_bytes() for d in state.disks.values())
+    t0 = time.perf_counter()
+    snap = state.snapshot()
+    t_snap = time.perf_counter() - t0
+    snap.release()
+    ck = trio.run(_scale_checkpoint, state, state_dir, nseg, seg, names)
+    fill = trio.run(_scale_fill_journal, state, state_dir, nseg, seg, names, journal_bytes)
+    t0 = time.perf_counter()
+    digest = _state_digest(state)
+    t_digest = time.perf_counter() - t0
+    return {"build_s": t_build, "records": total, "extents": extents,
+            "rss_delta": rss1 - rss0, "extent_bytes": ext_bytes, "snapshot_s": t_snap,
+            "digest": digest, "digest_s": t_digest, "seq": state.seq, **ck, **fill}
+
+
+def _child_scale_restart(state_dir: str, what: str) -> dict[str, Any]:
+    """recover() (what=recover) or load_checkpoint() alone (what=load) in a fresh process."""
+    gc.collect()
+    rss0 = _rss()
+    _reset_hwm()
+    t0 = time.perf_counter()
+    if what == "load":
+        state = load_checkpoint(state_dir)
+        records = 0
+    else:
+        rec = recover(state_dir, repair=False)
+        state, records = rec.state, rec.records
+    t = time.perf_counter() - t0
+    out: dict[str, Any] = {"s": t, "records": records, "rss": _rss(), "rss_delta": _rss() - rss0,
+           "hwm": _proc_status()["VmHWM"], "seq": state.seq}
+    if what == "recover":
+        out["digest"] = _state_digest(state)
+    return out
+
+
+def bench_scale(report: Report, section: Section) -> None:
+    tib = 10 if report.quick else int(os.environ.get("VIRTFS_BENCH_SCALE_TIB", SCALE_AIM_TIB))
+    journal_bytes = CHECKPOINT_BYTES
+    per = SCALE_AIM_TIB / tib  # to extrapolate size-bound figures to the aim's pool
+    w = Workload("scale", f"a {tib} TiB pool of thin disks: memory, checkpoint, restart",
+                 {"pool": f"{tib} thin 1 TiB disks, one container",
+                  "allocation": "every 4 MiB segment, random order across the pool (no merging)",
+                  "journal after the checkpoint": f"{journal_bytes // MiB} MiB"})
+    t_w = time.perf_counter()
+    with _tempdir("scale") as tmp:
+        state_dir = tmp / "state"
+        state_dir.mkdir(mode=0o700)
+        report.progress(f"scale: building {tib} TiB ({tib * (TiB // DEFAULT_SEGMENT_SIZE):,} "
+                        "disk.map records), checkpoint under load, a full journal")
+        b = _run_child("scale-build", str(state_dir), str(tib), str(journal_bytes))
+        report.progress("scale: recover() and load_checkpoint() in fresh processes")
+        r = _run_child("scale-restart", str(state_dir), "recover")
+        ld = _run_child("scale-restart", str(state_dir), "load")
+        if r["digest"] != b["digest"] or r["seq"] != b["seq"]:
+            raise RuntimeError("scale: the restarted state differs from the live one")
+        report.progress("scale: a real controller starting on it (and stopping cleanly)")
+        with ControllerProc(tmp / "empty") as ctl:
+            rss_empty = _rss(ctl.pid)
+        with ControllerProc(state_dir) as ctl:
+            start_s = ctl.ready_seconds
+            rss_ctl = _rss(ctl.pid)
+            t0 = time.perf_counter()
+            ctl.__exit__(None, None, None)
+            stop_s = time.perf_counter() - t0
+    ext = b["extents"]
+    w.add("extents in the pool", ext, "extents")
+    w.add("build: State.apply of one disk.map per segment", b["build_s"], "s")
+    w.add("  per record", b["build_s"] / b["records"] * 1e6, "us")
+    w.add("memory: RSS growth while building", b["rss_delta"] / MiB, "MiB")
+    w.add("  extent arrays alone", b["extent_bytes"] / MiB, "MiB")
+    w.add("  bytes per extent (RSS growth)", b["rss_delta"] / ext, "B")
+    mem_aim = less_than(SCALE_MEMORY_AIM / MiB) if per <= 1 else None
+    w.add("memory: controller RSS after a restart on it (virtfs-controller)",
+          rss_ctl / MiB, "MiB", mem_aim)
+    w.add("  of which an empty controller", rss_empty / MiB, "MiB")
+    w.add("memory: peak RSS of recover() in a fresh process", r["hwm"] / MiB, "MiB", mem_aim)
+    w.add("checkpoint: snapshot on the loop (copy-on-write)", b["snapshot_s"] * 1e3, "ms")
+    w.add("checkpoint: written in the background under load", b["ck_s"], "s")
+    w.add("  size", b["ck_bytes"] / MiB, "MiB")
+    w.add("  bytes per extent", b["ck_bytes"] / ext, "B")
+    w.add("  extra memory while it runs (peak RSS over the RSS before)",
+          b["ck_extra_rss"] / MiB, "MiB")
+    w.add("  longest loop stall (heartbeat every 2 ms)", b["gap_max"] * 1e3, "ms",
+          less_than(SCALE_STALL_AIM * 1e3))
+    w.add("  heartbeat gap p99", b["gap_p99"] * 1e3, "ms")
+    w.add(f"  faults answered meanwhile (unmap + map, 2 fsyncs): {b['faults']}, p50 / p99",
+          f"{b['fault_p50'] * 1e3:.1f} / {b['fault_p99'] * 1e3:.1f}", "ms")
+    w.add("  slowest fault meanwhile", b["fault_max"] * 1e3, "ms")
+    w.add(f"journal after the checkpoint: {b['fill_records']:,} records",
+          b["journal_bytes"] / MiB, "MiB")
+    w.add("restart: recover() = checkpoint load + journal replay", r["s"], "s",
+          less_than(SCALE_RESTART_AIM) if per <= 1 else None)
+    w.add("  of which checkpoint load (measured alone)", ld["s"], "s")
+    w.add(f"  of which replay of {r['records']:,} records (the rest)", r["s"] - ld["s"], "s")
+    w.add("  restarted state == live state (sha256 of the checkpoint parts)", True)
+    w.add("restart: virtfs-controller start to listening", start_s, "s",
+          less_than(SCALE_RESTART_AIM) if per <= 1 else None)
+    w.add("clean stop of that controller (with a full checkpoint)", stop_s, "s")
+    if per > 1:
+        w.add(f"extrapolated to {SCALE_AIM_TIB} TiB: controller RSS (empty + growth x {per:.0f})",
+              (rss_empty + (rss_ctl - rss_empty) * per) / GiB, "GiB",
+              less_than(SCALE_MEMORY_AIM / GiB))
+        w.add(f"extrapolated to {SCALE_AIM_TIB} TiB: restart (load x {per:.0f} + replay)",
+              ld["s"] * per + (r["s"] - ld["s"]), "s", less_than(SCALE_RESTART_AIM))
+        w.note(f"a {tib} TiB pool: the aims apply to the {SCALE_AIM_TIB} TiB rows, which "
+               f"multiply the size-bound parts by {per:.0f}")
+    w.note("the stall aim applies to the loop: the heartbeat task's longest wait while "
+           "the checkpoint ran; faults also wait for their own fsyncs, which compete "
+           "with the checkpoint's writes for the disk")
+    w.seconds = time.perf_counter() - t_w
+    section.workloads.append(w)
+    report.emit(w)
+
+
 # ---------------------------------------------------------------- section entry
 
 
@@ -730,6 +1028,7 @@ WORKLOADS: dict[str, Callable[[Report, Section], None]] = {
     "commit": bench_commit,
     "replay": bench_replay,
     "table": bench_table,
+    "scale": bench_scale,
 }
 
 
@@ -739,15 +1038,22 @@ def run(report: Report, section: Section) -> None:
 
 
 def _child_main(argv: list[str]) -> int:
-    """``child replay DIR`` | ``child thin-build DIR SIZE SEG CONTAINER CSIZE``: JSON out."""
+    """``child replay DIR`` | ``child thin-build DIR SIZE SEG CONTAINER CSIZE`` |
+    ``child scale-build DIR TIB JOURNAL_BYTES`` | ``child scale-restart DIR recover|load``:
+    JSON out."""
     if len(argv) < 2 or argv[0] != "child":
-        print("usage: python -m bench.controller child replay|thin-build ...", file=sys.stderr)
+        print("usage: python -m bench.controller child "
+              "replay|thin-build|scale-build|scale-restart ...", file=sys.stderr)
         return 2
     kind, rest = argv[1], argv[2:]
     if kind == "replay":
         out = _child_replay(rest[0])
     elif kind == "thin-build":
         out = _child_thin_build(rest[0], int(rest[1]), int(rest[2]), rest[3], int(rest[4]))
+    elif kind == "scale-build":
+        out = _child_scale_build(rest[0], int(rest[1]), int(rest[2]))
+    elif kind == "scale-restart":
+        out = _child_scale_restart(rest[0], rest[1])
     else:
         print(f"unknown child {kind!r}", file=sys.stderr)
         return 2
