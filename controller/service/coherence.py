@@ -8,10 +8,18 @@ from typing import Any
 
 import trio
 
+from .. import protocol as P
 from ..agents import Agent
 from ..extents import INVALID, ZERO, Extent
 from ..state import Disk
 from .base import ServiceBase
+
+# A whole-table answer (disk.open, disk.table) of a disk with at least this many
+# extents goes in the compact form (protocol.encode_rows). Smaller answers stay a
+# list per row: the agent reads fault replies row by row (a fault covers its I/O
+# plus at most two segments, far fewer entries than this), and small tables cost
+# little either way.
+COMPACT_MIN_EXTENTS = 4096
 
 
 class Coherence(ServiceBase):
@@ -20,7 +28,10 @@ class Coherence(ServiceBase):
 
     def _rows(self, d: Disk, start: int, end: int) -> list[list[int]]:
         """Entries for [start, end) as the agent gets them: restricted ranges are invalid."""
-        restricted = self._restricted.get(d.uid, [])
+        restricted = [(lo, hi) for lo, hi in self._restricted.get(d.uid, [])
+                      if lo < end and start < hi]
+        if not restricted:
+            return list(map(list, d.extents.entries(start, end)))
         rows = []
         for e in d.extents.entries(start, end):
             flags = e.flags
@@ -50,7 +61,16 @@ class Coherence(ServiceBase):
         # commit: wait until everything recorded so far is on disk, then answer
         await self.journal.wait_durable(self.state.seq)
         out = self._table(d)
-        out["rows"] = self._rows(d, start, min(end, d.size))
+        end = min(end, d.size)
+        if start == 0 and end == d.size and len(d.extents) >= COMPACT_MIN_EXTENTS:
+            # a whole large table: packed columns, copied from the extent map's chunks
+            # (milliseconds of the loop, not a row object per extent); the restricted
+            # ranges go along for the agent to mark invalid
+            invalid = [(max(lo, start), min(hi, end)) for lo, hi in
+                       self._restricted.get(d.uid, []) if lo < end and start < hi]
+            out["rows"] = P.encode_rows(d.extents.columns(start, end), invalid)
+        else:
+            out["rows"] = self._rows(d, start, end)
         return out
 
     def _is_restricted(self, d: Disk, start: int, end: int) -> bool:
