@@ -23,6 +23,7 @@ from .report import Report, Section
 SECTIONS: dict[str, str] = {
     "controller": "bench.controller",
     "datapath": "bench.datapath",
+    "agent_table": "bench.agent_table",
 }
 
 
