@@ -492,7 +492,12 @@ def test_bad_list_rows_and_sizes() -> None:
         t.resize(1 << 63)
     with pytest.raises(TableError):
         t.replace(-5, 5, [[-5, 10, 1, 0, 0]])
+    with pytest.raises(TableError):
+        t.replace(0, cast(Any, "10"), [[0, 10, 1, 0, 0]])
     assert list(t) == [Entry(0, 10, 1, 0, 0)]
+    # a version stamp that is not an int is not trusted: the range is only restricted
+    assert not t.replace(0, 5, [[0, 5, 2, 0, 0]], version=cast(Any, "9"))
+    assert list(t) == [Entry(0, 5, 1, 0, INVALID), Entry(5, 5, 1, 5, 0)]
 
 
 def test_large_table_is_cheap() -> None:

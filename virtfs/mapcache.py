@@ -121,8 +121,11 @@ class DiskTable:
         self.load(size, epoch, rows, version, force=True)
 
     def stale(self, version: int | None) -> bool:
-        """Whether an answer stamped version is older than what the table holds."""
-        return version is not None and version < self.version
+        """Whether an answer stamped version is older than what the table holds (a
+        stamp that is not an int is not trusted either)."""
+        if version is None:
+            return False
+        return type(version) is not int or version < self.version
 
     def load(self, size: int, epoch: int, rows: Rows, version: int | None = None,
              force: bool = False) -> bool:
@@ -236,12 +239,12 @@ class DiskTable:
         Returns whether the rows were applied. Raises TableError (and changes nothing)
         if they are malformed or do not tile [start, min(end, size)).
         """
+        if type(start) is not int or type(end) is not int or start < 0:
+            raise TableError(f"bad range [{start!r}, {end!r})")
         if self.stale(version):
             self.restrict(start, min(end, self.size))
             return False
         new_size = self.size if size is None else _check_size(size)
-        if type(start) is not int or start < 0:
-            raise TableError(f"bad start {start!r}")
         end = min(end, new_size)
         cols = _columns(rows, start, end)
         if version is not None:
