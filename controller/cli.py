@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     verb(cv, "info", "show one container and the disks on it").add_argument("name")
     verb(cv, "rm", "remove an empty container (the file itself is left in place)"
          ).add_argument("name")
+    dr = verb(cv, "drain", "move everything off a container, while disks are in use "
+              "(new space avoids it meanwhile)")
+    dr.add_argument("name")
+    dr.add_argument("--to", metavar="CONTAINER", help="move it all to this container "
+                    "(default: wherever new space would go)")
+    dr.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    verb(cv, "fail", "mark a container failed: I/O on its data fails at once with EIO"
+         ).add_argument("name")
+    verb(cv, "restore", "clear a failed or suspect container: its data is used again"
+         ).add_argument("name")
 
     d = nouns.add_parser("disk", help="virtual disks")
     dv = d.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -138,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "the new end is discarded)")
     verb(dv, "rm", "remove a disk and free its space (refused while an agent has it open)"
          ).add_argument("name")
+    mg = verb(dv, "migrate", "move a disk to another container while it is in use")
+    mg.add_argument("name")
+    mg.add_argument("--to", metavar="CONTAINER", required=True, help="target container")
+    mg.add_argument("--no-wait", action="store_true", help="print the job id and return")
+
+    jb = nouns.add_parser("job", help="background data movement (migrate, drain)")
+    jv = jb.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verb(jv, "ls", "list jobs: running ones with their progress, and recent ended ones")
+    verb(jv, "abort", "stop a job; segments it is moving go back where they were"
+         ).add_argument("id", type=int)
 
     ag = nouns.add_parser("agent", help="agents (virtfs-mount processes) the controller knows")
     agv = ag.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -200,6 +220,9 @@ def _kv(d: dict[str, Any], out: Any) -> None:
         out.write(f"{k + ':':<15} {v}\n")
 
 
+JOB_POLL = 0.5  # seconds between progress polls
+
+
 def _pct(used: int, size: int) -> str:
     return f"{100 * used / size:.1f}%" if size else "-"
 
@@ -247,8 +270,10 @@ class Cli:
             self.emit_json(rows)
             return 0
         _table([[r["name"], str(r["lun"]), format_size(r["size"]), format_size(r["used"]),
-                 format_size(r["free"]), _pct(r["used"], r["size"]), r["state"], r["path"]]
-                for r in rows], ["NAME", "LUN", "SIZE", "USED", "FREE", "USE%", "STATE", "PATH"],
+                 format_size(r["free"]), _pct(r["used"], r["size"]), r["state"],
+                 str(r.get("errors") or "-"), r["path"]]
+                for r in rows],
+               ["NAME", "LUN", "SIZE", "USED", "FREE", "USE%", "STATE", "ERRORS", "PATH"],
                self.out)
         return 0
 
@@ -350,6 +375,89 @@ class Cli:
             self.emit_json(r)
         print(f"disk {shown(r['name'])} removed ({r['allocated']} bytes freed)",
               file=sys.stderr)
+        return 0
+
+    async def _follow(self, job: dict[str, Any]) -> int:
+        """--no-wait: print the job id. Else show its progress on stderr (percent,
+        bytes, rate, ETA) until it ends; exit 0 if it finished, 1 if not."""
+        if self.args.no_wait:
+            self.emit_json(job) if self.json else self.out.write(f"{job['id']}\n")
+            return 0
+        from tqdm import tqdm
+
+        what = f"{job['kind']} {shown(job['disk']) if job['disk'] else job['from']}"
+        bar = tqdm(total=job.get("total") or 0, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=what, file=sys.stderr, disable=None, leave=True)
+        try:
+            while True:
+                rows = {j["id"]: j for j in await self.c.call("job.ls")}
+                cur = rows.get(job["id"])
+                if cur is None or cur["state"] != "running":
+                    break
+                if cur["total"] is not None:
+                    bar.total = cur["total"]
+                    bar.n = cur["done"]
+                    bar.refresh()
+                await trio.sleep(JOB_POLL)
+            if cur is not None and cur["state"] == "done":
+                bar.n = bar.total or 0
+                bar.refresh()
+        finally:
+            bar.close()
+        if cur is None:
+            raise P.RemoteError(P.E_NOT_FOUND, f"job {job['id']} is gone")
+        if self.json:
+            self.emit_json(cur)
+        if cur["state"] != "done":
+            print(f"vdctl: error: job {cur['id']} {cur['state']}: {cur['message']}",
+                  file=sys.stderr)
+            return 1
+        print(f"job {cur['id']}: {what} done", file=sys.stderr)
+        return 0
+
+    async def disk_migrate(self) -> int:
+        return await self._follow(await self.c.call("disk.migrate", name=self.args.name,
+                                                    to=self.args.to))
+
+    async def container_drain(self) -> int:
+        return await self._follow(await self.c.call("container.drain", name=self.args.name,
+                                                    to=self.args.to))
+
+    async def container_fail(self) -> int:
+        r = await self.c.call("container.fail", name=self.args.name)
+        self.emit_json(r) if self.json else _kv(r, self.out)
+        return 0
+
+    async def container_restore(self) -> int:
+        r = await self.c.call("container.restore", name=self.args.name)
+        self.emit_json(r) if self.json else _kv(r, self.out)
+        return 0
+
+    async def job_ls(self) -> int:
+        rows = await self.c.call("job.ls")
+        if self.json:
+            self.emit_json(rows)
+            return 0
+
+        def progress(j: dict[str, Any]) -> str:
+            if j["state"] != "running" or j["total"] is None:
+                return "-"
+            return f"{j['progress']:.1f}% of {format_size(j['total'])}"
+
+        def rate(j: dict[str, Any]) -> str:
+            return f"{format_size(j['rate'])}/s" if j.get("rate") else "-"
+
+        _table([[str(j["id"]), j["kind"], shown(j["disk"]) if j["disk"] else "-",
+                 j["from"] or "-", j["to"] or "-", j["state"], progress(j), rate(j),
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["started"]))]
+                for j in rows],
+               ["ID", "KIND", "DISK", "FROM", "TO", "STATE", "PROGRESS", "RATE", "STARTED"],
+               self.out)
+        return 0
+
+    async def job_abort(self) -> int:
+        r = await self.c.call("job.abort", id=self.args.id)
+        self.emit_json(r) if self.json else _kv(r, self.out)
         return 0
 
     async def agent_ls(self) -> int:

@@ -87,6 +87,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
             async with trio.open_nursery() as nursery:
                 await nursery.start(journal.run)
                 await service.start()
+                await nursery.start(service.run_jobs)
                 await nursery.start(serve_listeners, server, addrs)
                 yield service
                 nursery.cancel_scope.cancel()

@@ -29,6 +29,16 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
+    """sync_file_range(2): write back (and wait for) one range's dirty pages only."""
+    if _libc.sync_file_range(fd, offset, length, flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
@@ -223,3 +233,63 @@ def zero_bytes(path: str, offset: int, length: int) -> None:
         _write_zeros(fd, offset, length)
     finally:
         os.close(fd)
+
+
+_SYNC_RANGE = 0x1 | 0x2 | 0x4  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
+_COPY_CHUNK = 4 << 20
+
+
+def copy_ranges(copies: list[tuple[str, int, str, int, int]]) -> None:
+    """Copy (src path, src offset, dst path, dst offset, length) ranges, durably.
+
+    For moving a segment's blocks between containers (DESIGN.md section 3): the copy
+    must be on stable storage before its blocks are marked as living at the new place.
+    Each destination range is written (copy_file_range between regular files, else
+    pread/pwrite), written back with sync_file_range over that range only, and then
+    settled with one 4 KiB RWF_DSYNC rewrite of its first block (as in zero_ranges),
+    which commits the file system's journal or flushes the device's cache: never an
+    fdatasync of the whole container, which would write back other agents' dirty data.
+    Raises OSError (EIO on a short read: the table says the source holds the bytes).
+    """
+    fds: dict[tuple[str, int], int] = {}
+
+    def fd(path: str, flags: int) -> int:
+        key = (path, flags)
+        if key not in fds:
+            fds[key] = os.open(path, flags | os.O_CLOEXEC)
+        return fds[key]
+
+    try:
+        for src, soff, dst, doff, length in copies:
+            sfd, dfd = fd(src, os.O_RDONLY), fd(dst, os.O_RDWR)
+            done = 0
+            use_cfr = stat.S_ISREG(os.fstat(sfd).st_mode) and stat.S_ISREG(
+                os.fstat(dfd).st_mode)
+            while done < length:
+                n = min(_COPY_CHUNK, length - done)
+                got = 0
+                if use_cfr:
+                    try:
+                        got = os.copy_file_range(sfd, dfd, n, soff + done, doff + done)
+                    except OSError as e:
+                        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+                                           errno.EOPNOTSUPP):
+                            raise
+                        use_cfr = False
+                if not got:
+                    data = os.pread(sfd, n, soff + done)
+                    if not data:
+                        raise OSError(errno.EIO, f"short read of {src} at {soff + done}")
+                    view = memoryview(data)
+                    pos = doff + done
+                    while view:
+                        w = os.pwrite(dfd, view, pos)
+                        view, pos = view[w:], pos + w
+                    got = len(data)
+                done += got
+            sync_file_range(dfd, doff, length, _SYNC_RANGE)
+            first = os.pread(dfd, min(length, ALIGN_BYTES), doff)
+            os.pwritev(dfd, [first], doff, os.RWF_DSYNC)
+    finally:
+        for f in fds.values():
+            os.close(f)

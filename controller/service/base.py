@@ -40,6 +40,14 @@ class ServiceBase:
         # space planned for requests still zeroing it (LUN -> [(offset, length)]): later
         # plans go around it (see placement)
         self._reserved: dict[int, list[tuple[int, int]]] = {}
+        # movement (service/movement.py, service/jobs.py): copier steps in progress by
+        # (disk uid, move vstart); moves with a runner; suspect containers (LUN ->
+        # (errors reported, the last one)); running jobs' progress; the jobs' nursery
+        self._copying: dict[tuple[int, int], Any] = {}
+        self._move_runners: set[tuple[int, int]] = set()
+        self._suspect: dict[int, tuple[int, str | None]] = {}
+        self._progress: dict[int, Any] = {}
+        self._job_nursery: Any = None
         # ranges whose entries are being restricted at agents before a change (disk -> ranges)
         # restricted ranges per disk, keyed by Disk.uid so a rename cannot orphan them
         self._restricted: dict[int, list[tuple[int, int]]] = {}
@@ -68,6 +76,29 @@ class ServiceBase:
         if c is None:
             raise P.not_found("container", name)
         return c
+
+    async def _copying_done(self, d: Disk, start: int = 0, end: int = P.MAX_DISK_SIZE
+                            ) -> None:
+        """Wait until no copier step overlaps [start, end) of d: call it, holding d's lock,
+        before freeing storage there, or a late copy could land in space given to
+        someone else."""
+        for (uid, vs), c in list(self._copying.items()):
+            e = d.extents.find(vs)
+            if uid == d.uid and e is not None:
+                lo = e.vstart + c.first * P.BLOCK_SIZE
+                if lo < end and start < lo + c.count * P.BLOCK_SIZE:
+                    await c.done.wait()
+
+    def _container_dict(self, c: Container) -> dict[str, Any]:
+        """A container as vdctl shows it: state ok, draining, error (failed) or suspect
+        (agents reported I/O errors on it), with the count and the last error."""
+        info = c.to_dict()
+        s = self._suspect.get(c.lun)
+        if s is not None and not c.failed:
+            info["state"] = "suspect"
+        info["errors"] = s[0] if s else 0
+        info["last_error"] = s[1] if s else None
+        return info
 
     def _disk(self, name: str) -> Disk:
         d = self.state.disks.get(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -10,7 +10,8 @@ import trio
 
 from .. import protocol as P
 from ..agents import Agent
-from ..extents import INVALID, ZERO, Extent
+from ..extents import ERROR, INVALID, ZERO, Extent
+from ..moves import expand
 from ..state import Disk
 from .base import ServiceBase
 
@@ -26,14 +27,31 @@ class Coherence(ServiceBase):
     def _row(self, e: Extent) -> list[int]:
         return [e.vstart, e.length, e.lun, e.offset, e.flags]
 
+    def _entries(self, d: Disk, start: int, end: int) -> Iterator[Extent]:
+        """d's entries for [start, end) as agents see them, before restrictions: segments
+        being moved split per block run (marked at L2, the rest nowrite at L1; moves.py),
+        and entries on a failed container in state `error`."""
+        entries: Iterator[Extent] = d.extents.entries(start, end)
+        if d.alts:
+            entries = expand(d, entries)
+        failed = {c.lun for c in self.state.containers.values() if c.failed}
+        if failed:
+            entries = (e._replace(flags=e.flags | ERROR) if e.lun in failed else e
+                       for e in entries)
+        return entries
+
+    def _plain(self, d: Disk) -> bool:
+        """No entry of d needs more than its stored form (no move, no failed container)."""
+        return not d.alts and not any(c.failed for c in self.state.containers.values())
+
     def _rows(self, d: Disk, start: int, end: int) -> list[list[int]]:
         """Entries for [start, end) as the agent gets them: restricted ranges are invalid."""
         restricted = [(lo, hi) for lo, hi in self._restricted.get(d.uid, [])
                       if lo < end and start < hi]
         if not restricted:
-            return list(map(list, d.extents.entries(start, end)))
+            return list(map(list, self._entries(d, start, end)))
         rows = []
-        for e in d.extents.entries(start, end):
+        for e in self._entries(d, start, end):
             flags = e.flags
             if any(lo < e.vend and e.vstart < hi for lo, hi in restricted):
                 # split so only the restricted part turns invalid
@@ -62,7 +80,8 @@ class Coherence(ServiceBase):
         await self.journal.wait_durable(self.state.seq)
         out = self._table(d)
         end = min(end, d.size)
-        if start == 0 and end == d.size and len(d.extents) >= COMPACT_MIN_EXTENTS:
+        if (start == 0 and end == d.size and len(d.extents) >= COMPACT_MIN_EXTENTS
+                and self._plain(d)):
             # a whole large table: packed columns, copied from the extent map's chunks
             # (milliseconds of the loop, not a row object per extent); the restricted
             # ranges go along for the agent to mark invalid
@@ -103,12 +122,15 @@ class Coherence(ServiceBase):
             self._restriction_lifted = trio.Event()
 
     async def _push_update(self, d: Disk, start: int, end: int,
-                           exclude: Agent | None = None) -> None:
+                           exclude: Agent | None = None, drain: bool = False) -> None:
+        """Send d's entries for [start, end) to every agent caching d (but exclude) and
+        wait for each to apply them and acknowledge; with drain, each first waits for
+        its I/O in flight in the range (so none goes on under the entries replaced)."""
         self._bump()
         agents = self.agents.caching(d, exclude)
         if agents:
             end = max(start, min(end, d.size))
             await self.agents.push_all(agents, {
                 "push": "update", "disk": d.name, "epoch": d.epoch, "size": d.size,
-                "start": start, "end": end, "rows": self._rows(d, start, end), "drain": False,
+                "start": start, "end": end, "rows": self._rows(d, start, end), "drain": drain,
                 "v": self.version})

@@ -38,11 +38,12 @@ class ContainerOps(Placement, Coherence):
         return self.state.containers[name].to_dict()
 
     async def container_ls(self) -> list[dict[str, Any]]:
-        return [c.to_dict() for c in sorted(self.state.containers.values(), key=lambda c: c.lun)]
+        return [self._container_dict(c)
+                for c in sorted(self.state.containers.values(), key=lambda c: c.lun)]
 
     async def container_info(self, name: str) -> dict[str, Any]:
         c = self._container(name)
-        info = c.to_dict()
+        info = self._container_dict(c)
         disks: dict[str, int] = {}
         for d, e in self.state.lun_users(c.lun):
             disks[d.name] = disks.get(d.name, 0) + e.length
@@ -60,6 +61,10 @@ class ContainerOps(Placement, Coherence):
         for d in self.state.disks.values():
             if d.pin == c.lun:
                 raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is pinned to container {name!r}")
+        for j in self.state.jobs.values():
+            if j.state == "running" and c.lun in (j.src, j.dst):
+                raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) uses container "
+                                    f"{name!r}; wait for it or abort it")
         info = c.to_dict()
         await self.journal.commit({"op": "container.rm", "name": name})
         return info

@@ -110,6 +110,7 @@ class DiskOps(Placement, Coherence):
                                       **await self._answer(d, lo, d.size)}
                 return info
             if size < old:
+                await self._copying_done(d, round_up(size), old)
                 async with self._restrict(d, size // P.BLOCK_SIZE * P.BLOCK_SIZE, old,
                                           exclude=None):
                     await self._release_space(self._physical(d, round_up(size), old))
@@ -156,6 +157,7 @@ class DiskOps(Placement, Coherence):
             info = self._disk_info(d)
             self._removing.add(d.uid)  # from here on nobody may open it
             try:
+                await self._copying_done(d)
                 await self._release_space(self._physical(d, 0, d.size))
                 await self.journal.commit({"op": "disk.rm", "name": name})
             finally:
@@ -182,6 +184,7 @@ class DiskOps(Placement, Coherence):
                 self._check_removable(target)
                 self._removing.add(target.uid)
                 try:
+                    await self._copying_done(target)
                     await self._release_space(self._physical(target, 0, target.size))
                     await self.journal.commit({"op": "disk.rename", "name": name, "new": new,
                                                "replace": True})
@@ -212,6 +215,7 @@ class DiskOps(Placement, Coherence):
             a = min(round_up(offset, seg), end)
             b = end if end == d.size else max(end // seg * seg, a)
             if b > a:
+                await self._copying_done(d, a, b)
                 async with self._restrict(d, a, b, exclude=None):
                     freed = self._physical(d, a, b)
                     if freed:

@@ -10,11 +10,10 @@ from .. import protocol as P
 from ..extents import ZERO
 from ..state import round_up
 from .base import FAULT_WAIT
-from .coherence import Coherence
-from .placement import Placement
+from .movement import MovementOps
 
 
-class FaultOps(Placement, Coherence):
+class FaultOps(MovementOps):
     async def disk_open(self, name: str, conn: Any) -> dict[str, Any]:
         """Count an open by the calling agent and answer the whole table.
 
@@ -63,7 +62,7 @@ class FaultOps(Placement, Coherence):
             raise P.RemoteError(P.E_BUSY, f"{name!r} at {offset} is being changed; retry")
         seg = d.segment_size
         lo = offset // seg * seg
-        if write:
+        while write:
             async with self._dlock(d):
                 if self.state.disks.get(d.name) is not d:
                     raise P.not_found("disk", name)
@@ -76,5 +75,10 @@ class FaultOps(Placement, Coherence):
                         lambda pieces: {"op": "disk.map", "name": d.name, "map": pieces})
                     await self.journal.wait_durable(seq)
                     await self._push_update(d, lo, hi, exclude=conn.agent)
+                # segments being moved: copy and mark the blocks this write touches
+                if await self._prepare_moving_write(d, offset, min(offset + length, hi),
+                                                    exclude=conn.agent):
+                    break
+            await self._copying_done(d, offset, offset + length)  # the copier is there
         hi = min(round_up(offset + length, seg), d.size)
         return await self._answer(d, lo, hi)

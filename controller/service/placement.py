@@ -20,7 +20,7 @@ import trio
 from .. import protocol as P
 from .. import storage
 from ..allocator import FreeSpace, NoSpace
-from ..extents import ZERO
+from ..extents import MOVING, ZERO
 from ..state import Container, Disk, round_up
 from .base import ServiceBase
 
@@ -32,7 +32,7 @@ class Placement(ServiceBase):
         """Containers to allocate from, in order of preference."""
         if d_pin is not None:
             return [self.state.luns[d_pin]]
-        usable = [c for c in self.state.containers.values() if not c.failed]
+        usable = [c for c in self.state.containers.values() if not c.failed and not c.draining]
         usable.sort(key=lambda c: (c.lun != home, -c.space.free, c.lun))
         return usable
 
@@ -159,6 +159,13 @@ class Placement(ServiceBase):
         for e in d.extents.entries(start, end):
             if not e.flags & ZERO and e.offset % P.BLOCK_SIZE == 0:
                 out.append((self.state.luns[e.lun].path, e.offset, round_up(e.length)))
+            if e.flags & MOVING:  # and its alternate location (service/movement.py)
+                stored = d.extents.find(e.vstart)
+                if stored is not None and stored.vstart in d.alts:
+                    a = d.alts[stored.vstart]
+                    rel = e.vstart - stored.vstart
+                    out.append((self.state.luns[a.lun].path, a.offset + rel,
+                                round_up(e.length)))
         return out
 
     async def _release_space(self, freed: list[tuple[str, int, int]]) -> None:

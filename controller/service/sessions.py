@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import trio
@@ -55,3 +56,8 @@ class SessionOps(ServiceBase):
         c = self.state.luns.get(lun)
         log.error("agent reports an I/O error on disk %r, container %s at %d: %s",
                   name, c.name if c else lun, offset, message)
+        if c is not None:
+            # suspect until someone fails or restores it (vdctl container fail|restore)
+            n, _last = self._suspect.get(lun, (0, None))
+            self._suspect[lun] = (n + 1, f"{time.strftime('%Y-%m-%d %H:%M:%S')} disk "
+                                  f"{name!r} at {offset}: {message}")

@@ -1,0 +1,283 @@
+"""Background jobs that move data: disk migration and container drain.
+
+A job is journaled (``job.start`` / ``job.end``), so a restarted controller
+resumes it; its moves resume from their persisted bitmaps. A job moves a
+bounded number of segments at a time (MOVES_IN_FLIGHT), each with
+service/movement.py's steps. Progress is worked out from the table (bytes
+still to move), so it needs no records of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .. import protocol as P
+from ..extents import MOVING, Extent
+from ..moves import move_units
+from ..state import Disk, Job
+from .movement import MoveGone, MovementOps
+
+log = logging.getLogger(__name__)
+
+MOVES_IN_FLIGHT = 4
+
+
+@dataclass
+class _Progress:
+    """Volatile progress of a running job (trio clock times, bytes)."""
+
+    total: int
+    started: float
+    aborting: bool = False
+    done_event: trio.Event = field(default_factory=trio.Event)
+
+
+class JobOps(MovementOps):
+    # ------------------------------------------------------------ the runner
+    async def run_jobs(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run (and resume) jobs for the service's life; moves without a running job
+        (their job ended in a crash between its last move and its end) finish too."""
+        async with trio.open_nursery() as n:
+            self._job_nursery = n
+            task_status.started()
+            for j in list(self.state.jobs.values()):
+                if j.state == "running":
+                    n.start_soon(self._run_job, j.id)
+            owned = {j.disk for j in self.state.jobs.values() if j.state == "running"}
+            for d in list(self.state.disks.values()):
+                if d.alts and d.name not in owned:
+                    for vs in list(d.alts):
+                        n.start_soon(self._run_move, d, vs)
+            await trio.sleep_forever()
+
+    def _units(self, j: Job) -> list[tuple[Disk, int, int]]:
+        """(disk, vstart, length) of every piece the job still has to move."""
+        out = []
+        disks = ([self.state.disks[j.disk]] if j.disk in self.state.disks else []
+                 ) if j.disk is not None else list(self.state.disks.values())
+        for d in disks:
+            for e in d.extents:
+                if e.flags & MOVING:
+                    a = d.alts[e.vstart]
+                    if (j.kind == "migrate" and a.lun != j.dst) or (
+                            j.kind == "drain" and a.lun == j.src):
+                        out.append((d, e.vstart, e.length))
+                    continue
+                if (j.kind == "migrate" and e.lun != j.dst) or (
+                        j.kind == "drain" and e.lun == j.src):
+                    out.append((d, e.vstart, e.length))
+        return out
+
+    def _remaining(self, j: Job) -> int:
+        return sum(n for _d, _v, n in self._units(j))
+
+    async def _run_job(self, jid: int) -> None:
+        j = self.state.jobs[jid]
+        prog = self._progress.setdefault(jid, _Progress(self._remaining(j),
+                                                         trio.current_time()))
+        state, message = "done", ""
+        try:
+            await self.agents.wait_grace()
+            while not prog.aborting:
+                todo = self._next_units(j)
+                if not todo:
+                    break
+                # start the batch's moves in order (their new space then follows the
+                # disk's order and merges again), then copy them side by side
+                started: list[tuple[Disk, int]] = []
+                for d, unit in todo:
+                    started += await self._start_one(j, d, unit)
+                async with trio.open_nursery() as n:
+                    for d, vs in started:
+                        n.start_soon(self._run_move, d, vs)
+            if prog.aborting:
+                await self._roll_back(j)
+                state, message = "aborted", "aborted by request"
+            elif j.disk is not None and j.disk not in self.state.disks:
+                state, message = "failed", f"disk {j.disk!r} was removed"
+            elif self._remaining(j):
+                state, message = "failed", "data is left to move (see the log)"
+        except P.RemoteError as e:
+            state, message = "failed", e.message
+            log.error("job %d (%s) failed: %s", jid, j.kind, e.message)
+        finally:
+            if self.state.jobs.get(jid) is j and j.state == "running":
+                with trio.CancelScope(shield=True):
+                    await self.journal.commit({"op": "job.end", "id": jid, "state": state,
+                                               "message": message,
+                                               "ended": round(time.time(), 3)})
+            prog.done_event.set()
+            self._progress.pop(jid, None)
+
+    def _next_units(self, j: Job) -> list[tuple[Disk, Extent | int]]:
+        """What to do next, at most MOVES_IN_FLIGHT things: a move to resume (its vstart)
+        or a piece of an extent to start moving."""
+        out: list[tuple[Disk, Extent | int]] = []
+        if j.disk is not None:
+            disks = [self.state.disks[j.disk]] if j.disk in self.state.disks else []
+        else:
+            disks = list(self.state.disks.values())
+        stay = j.dst if j.kind == "migrate" else None
+        for d in disks:
+            for e in d.extents:
+                if j.kind == "drain" and e.lun != j.src:
+                    continue
+                if e.flags & MOVING:
+                    out.append((d, e.vstart))  # finish it (moving off src, or to dst)
+                else:
+                    for u in move_units(d, e.vstart, e.vend, stay):
+                        out.append((d, u))
+                        if len(out) >= MOVES_IN_FLIGHT:
+                            return out
+                if len(out) >= MOVES_IN_FLIGHT:
+                    return out
+        return out
+
+    async def _start_one(self, j: Job, d: Disk, unit: Extent | int) -> list[tuple[Disk, int]]:
+        """Start moving unit (or take up a move already started: its vstart); the moves to
+        run, as (disk, vstart)."""
+        if isinstance(unit, int):
+            return [(d, unit)]
+        async with self._dlock(d):
+            if self.state.disks.get(d.name) is not d:
+                return []
+            cur = d.extents.find(unit.vstart)
+            if (cur is None or cur.flags & MOVING or cur.lun != unit.lun
+                    or cur.vend < unit.vend):
+                return []  # changed meanwhile: the next look at the table decides
+            try:
+                return [(d, vs) for vs in await self._start_move(d, unit, j.dst)]
+            except MoveGone as e:
+                log.info("job %d: %s", j.id, e)
+                return []
+
+    async def _roll_back(self, j: Job) -> None:
+        """After an abort: every move the job left half done goes back home."""
+        for d, vs, _n in self._units(j):
+            e = d.extents.find(vs)
+            if e is not None and e.flags & MOVING:
+                try:
+                    await self._abort_move(d, vs)
+                except MoveGone:
+                    pass
+
+    # ------------------------------------------------------------ operations
+    async def _start_job(self, kind: str, disk: str | None, src: int | None,
+                         dst: int | None) -> dict[str, Any]:
+        jid = self.state.next_job
+        await self.journal.commit({"op": "job.start", "id": jid, "kind": kind, "disk": disk,
+                                   "src": src, "dst": dst, "started": round(time.time(), 3)})
+        j = self.state.jobs[jid]
+        self._progress[jid] = _Progress(self._remaining(j), trio.current_time())
+        self._job_nursery.start_soon(self._run_job, jid)
+        return self._job_dict(j)
+
+    async def disk_migrate(self, name: str, to: str) -> dict[str, Any]:
+        """Start moving every extent of disk name to container `to` while it is in use.
+
+        New space for the disk goes to `to` from now on (its home; its pin too, if it
+        had one). Raises RemoteError: E_NOT_FOUND, E_INVALID (already wholly there),
+        E_BUSY (a job already moves it), E_IO (the target is failed), E_NO_SPACE.
+        """
+        d = self._disk(name)
+        c = self._container(to)
+        if c.failed:
+            raise P.RemoteError(P.E_IO, f"container {to!r} is failed")
+        for j in self.state.jobs.values():
+            if j.state == "running" and (j.disk == d.name or j.kind == "drain"):
+                raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) is moving data "
+                                    "already; wait for it or abort it (vdctl job abort)")
+        todo = sum(e.length for e in d.extents if e.lun != c.lun or e.flags & MOVING)
+        if not todo:
+            raise P.invalid(f"disk {name!r} is wholly on container {to!r} already")
+        free = self._plannable(c).free
+        if round_up_sum(d, c.lun) > free:
+            raise P.RemoteError(P.E_NO_SPACE, f"container {to!r} has {free} bytes free; "
+                                f"disk {name!r} needs {round_up_sum(d, c.lun)}")
+        await self.journal.commit({"op": "disk.place", "name": d.name, "home": c.lun,
+                                   "pin": c.lun if d.pin is not None else None})
+        return await self._start_job("migrate", d.name, None, c.lun)
+
+    async def container_drain(self, name: str, to: str | None) -> dict[str, Any]:
+        """Start moving everything off container name (to container `to`, or wherever
+        placement puts it); new allocations avoid it meanwhile."""
+        c = self._container(name)
+        dst = self._container(to).lun if to is not None else None
+        if dst == c.lun:
+            raise P.invalid(f"cannot drain container {name!r} into itself")
+        if dst is not None and self.state.luns[dst].failed:
+            raise P.RemoteError(P.E_IO, f"container {to!r} is failed")
+        others = [o for o in self.state.containers.values()
+                  if o.lun != c.lun and not o.failed and not o.draining]
+        if not others:
+            raise P.invalid(f"container {name!r} is the only usable container: there is "
+                            "nowhere to drain it to")
+        for j in self.state.jobs.values():
+            if j.state == "running":
+                raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) is moving data "
+                                    "already; wait for it or abort it (vdctl job abort)")
+        room = sum(self._plannable(o).free for o in (
+            [self.state.luns[dst]] if dst is not None else others))
+        if c.used > room:
+            raise P.RemoteError(P.E_NO_SPACE, f"container {name!r} holds {c.used} bytes; "
+                                f"only {room} are free elsewhere")
+        for d in list(self.state.disks.values()):  # pins and homes move off it
+            if d.pin == c.lun or d.home == c.lun:
+                home = dst if dst is not None else others[0].lun
+                await self.journal.commit({"op": "disk.place", "name": d.name, "home": home,
+                                           "pin": home if d.pin is not None else None})
+        return await self._start_job("drain", None, c.lun, dst)
+
+    def _job_dict(self, j: Job) -> dict[str, Any]:
+        prog = self._progress.get(j.id)
+        luns = self.state.luns
+        out: dict[str, Any] = {
+            "id": j.id, "kind": j.kind, "disk": j.disk,
+            "from": luns[j.src].name if j.src in luns else None,
+            "to": luns[j.dst].name if j.dst in luns else None,
+            "state": j.state, "started": j.started, "ended": j.ended, "message": j.message,
+        }
+        if j.state == "running" and prog is not None:
+            left = self._remaining(j)
+            done = max(0, prog.total - left)
+            elapsed = max(1e-6, trio.current_time() - prog.started)
+            rate = done / elapsed
+            out.update(total=prog.total, done=done, rate=round(rate),
+                       progress=round(100 * done / prog.total, 1) if prog.total else 100.0,
+                       eta=round(left / rate, 1) if rate > 0 else None,
+                       aborting=prog.aborting)
+        else:
+            out.update(total=None, done=None, rate=None,
+                       progress=100.0 if j.state == "done" else None, eta=None,
+                       aborting=False)
+        return out
+
+    async def job_ls(self) -> list[dict[str, Any]]:
+        return [self._job_dict(j) for j in sorted(self.state.jobs.values(), key=lambda j: j.id)]
+
+    async def job_abort(self, id: int) -> dict[str, Any]:
+        """Stop a running job: the moves it has in flight go back to where they came from
+        (segments it finished stay moved); returns once the job has ended."""
+        j = self.state.jobs.get(id)
+        if j is None:
+            raise P.RemoteError(P.E_NOT_FOUND, f"no such job: {id}")
+        if j.state != "running":
+            raise P.invalid(f"job {id} has ended already ({j.state})")
+        prog = self._progress.get(id)
+        if prog is not None:
+            prog.aborting = True
+            await prog.done_event.wait()
+        return self._job_dict(j)
+
+
+def round_up_sum(d: Disk, lun: int) -> int:
+    """Bytes of new space a migration of d to LUN lun needs (block-rounded)."""
+    return sum(-(-e.length // P.BLOCK_SIZE) * P.BLOCK_SIZE for e in d.extents if e.lun != lun)
+
+
+__all__ = ["JobOps", "MoveGone"]

@@ -1,0 +1,281 @@
+"""Moving segments between containers while agents use them (DESIGN.md section 3).
+
+One segment's move, step by step (docs/movement.md has the diagram):
+
+1. start: plan and zero the alternate location L2, record ``move.start`` (the
+   segment's entries become: marked blocks at L2, the rest ``nowrite`` at L1),
+   push those entries to every agent that has the disk open and wait for each
+   to drain its I/O there and acknowledge. From then on nobody writes L1.
+2. write fault: an agent's write to unmarked blocks faults. The controller
+   copies those blocks L1 -> L2 (durably), records ``move.mark``, pushes the
+   new entries to the *other* agents (drained, acknowledged: none may read
+   those blocks from L1 any more), then answers the writer, who writes at L2.
+3. copier: copies the next run of unmarked blocks, durably, and marks them.
+   A write fault on blocks being copied waits for that copy, so a copy never
+   overwrites a block a host wrote meanwhile.
+4. commit: every block is marked: push entries that are plainly at L2 to every
+   agent (draining reads in flight on L1), punch L1, record ``move.commit``,
+   which frees L1.
+5. abort: restrict the segment at every agent (drained), copy marked blocks
+   back L2 -> L1, record ``move.abort``, which frees L2.
+
+Every step is a record through the one apply, so a restarted controller
+resumes from the persisted bitmap; it waits out the previous agents' leases
+first (``agents.wait_grace``), since one of them may not have acknowledged
+step 1's push.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .. import moves as M
+from .. import protocol as P
+from .. import storage
+from ..extents import MOVING, Extent
+from ..state import Alt, Container, Disk, round_up
+from .coherence import Coherence
+from .placement import Placement
+
+log = logging.getLogger(__name__)
+
+
+# test hook: while the file this names exists, the copier copies nothing (moves stay half
+# done, so tests can drive writes and reads against a bitmap they control)
+TEST_HOLD_COPIER_ENV = "VIRTFS_TEST_HOLD_COPIER"
+
+
+async def _test_hold() -> None:
+    path = os.environ.get(TEST_HOLD_COPIER_ENV)
+    while path and os.path.exists(path):  # noqa: ASYNC110, ASYNC240 - a test hook
+        await trio.sleep(0.05)
+
+
+class MoveGone(Exception):
+    """The segment is no longer moving (committed, aborted, discarded or removed)."""
+
+
+@dataclass
+class _Copying:
+    """Blocks of one move that the copier is copying right now (write faults wait)."""
+
+    first: int
+    count: int
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class MovementOps(Placement, Coherence):
+    # ------------------------------------------------------------ lookups
+    def _move_of(self, d: Disk, vstart: int) -> tuple[Extent, Alt]:
+        if self.state.disks.get(d.name) is not d:
+            raise MoveGone(f"disk {d.name!r} is gone")
+        a = d.alts.get(vstart)
+        e = d.extents.find(vstart) if a is not None else None
+        if a is None or e is None or e.vstart != vstart or not e.flags & MOVING:
+            raise MoveGone(f"disk {d.name!r}: no move at {vstart}")
+        return e, a
+
+    def _paths(self, cs: list[M.Copy]) -> list[tuple[str, int, str, int, int]]:
+        lu = self.state.luns
+        return [(lu[c.src_lun].path, c.src_offset, lu[c.dst_lun].path, c.dst_offset, c.length)
+                for c in cs]
+
+    async def _copy(self, cs: list[M.Copy]) -> None:
+        if not cs:
+            return
+        try:
+            await trio.to_thread.run_sync(storage.copy_ranges, self._paths(cs))
+        except OSError as e:
+            code = P.E_NO_SPACE if e.errno == errno.ENOSPC else P.E_IO
+            raise P.RemoteError(code, f"copy between containers failed: {e}") from None
+
+    # ------------------------------------------------------------ 1. start
+    async def _start_move(self, d: Disk, unit: Extent, dst: int | None) -> list[int]:
+        """Start moving unit (a piece of one stored extent) to LUN dst (None: wherever
+        placement puts new space, never the unit's own container). Returns the vstarts
+        of the moves started (one per contiguous piece of new space). Hold d's lock.
+
+        Raises RemoteError E_NO_SPACE if the target has no room.
+        """
+        need = round_up(unit.length)
+        if dst is not None:
+            cands = [self.state.luns[dst]]
+        else:
+            cands = [c for c in self._candidates(None, d.home) if c.lun != unit.lun]
+        space = None
+        for c in cands:
+            sp = self._plannable(c)
+            if sp.free >= need:
+                space = (c, sp)
+                break
+        if space is None:
+            raise P.RemoteError(P.E_NO_SPACE, f"no container has {need} bytes free for "
+                                f"disk {d.name!r} at {unit.vstart}")
+        c, sp = space
+        started = []
+        pos = unit.vstart
+        for off, n in sp.plan(need):  # contiguous pieces of the target's free space
+            length = min(n, unit.vend - pos)
+            piece = Extent(pos, length, unit.lun, unit.offset + (pos - unit.vstart),
+                           unit.flags)
+            await self._allocate_alt(d, piece, c, off)
+            started.append(pos)
+            pos += length
+        return started
+
+    async def _allocate_alt(self, d: Disk, piece: Extent, c: Container, off: int) -> None:
+        n = round_up(piece.length)
+        self._reserved.setdefault(c.lun, []).append((off, n))
+        try:
+            await self._zero([[piece.vstart, n, c.lun, off]])
+            self._check_still_free([[piece.vstart, n, c.lun, off]])
+            cur = d.extents.find(piece.vstart)
+            if (self.state.disks.get(d.name) is not d or cur is None or cur.flags & MOVING
+                    or cur.lun != piece.lun or cur.vend < piece.vend
+                    or cur.offset + (piece.vstart - cur.vstart) != piece.offset):
+                raise MoveGone(f"disk {d.name!r} changed at {piece.vstart}")
+            seq = self._record({"op": "move.start", "name": d.name, "vstart": piece.vstart,
+                                "length": piece.length, "lun": c.lun, "offset": off})
+        finally:
+            lst = self._reserved[c.lun]
+            lst.remove((off, n))
+            if not lst:
+                del self._reserved[c.lun]
+        await self.journal.wait_durable(seq)
+        # every agent now stops writing L1 there (drained, acknowledged)
+        await self._push_update(d, piece.vstart, piece.vend, drain=True)
+
+    # ------------------------------------------------------------ 2. write faults
+    async def _prepare_moving_write(self, d: Disk, start: int, end: int,
+                                    exclude: Any) -> bool:
+        """A write to [start, end) meets moving segments: copy and mark the blocks it
+        touches, and remap them at every other agent. Hold d's lock. Returns False if
+        the caller must wait for the copier (see _copying) and call again."""
+        touched = [e for e in d.extents.stored_in(start, end) if e.flags & MOVING]
+        if not touched:
+            return True
+        await self.agents.wait_grace()
+        for e in touched:
+            a = d.alts[e.vstart]
+            first, last = M.blocks_of(e, start, end)
+            busy = self._copying.get((d.uid, e.vstart))
+            if busy is not None and busy.first < last and first < busy.first + busy.count:
+                return False
+            runs = M.unmarked_runs(a, first, last)
+            if not runs:
+                continue
+            await self._copy(M.copies(e, a, runs))
+            seq = self._record({"op": "move.mark", "name": d.name, "vstart": e.vstart,
+                                "runs": [list(r) for r in runs]})
+            await self.journal.wait_durable(seq)
+        lo = min(e.vstart for e in touched)
+        hi = max(e.vend for e in touched)
+        await self._push_update(d, max(lo, start), min(hi, end), exclude=exclude, drain=True)
+        return True
+
+    # ------------------------------------------------------------ 3. copier
+    async def _copy_step(self, d: Disk, vstart: int) -> bool:
+        """Copy and mark the next run of unmarked blocks; False when none is left."""
+        await _test_hold()
+        async with self._dlock(d):
+            e, a = self._move_of(d, vstart)
+            nxt = M.next_copy(a)
+            if nxt is None:
+                return False
+            step = _Copying(*nxt)
+            cs = M.copies(e, a, [nxt])
+            self._copying[(d.uid, vstart)] = step
+        try:
+            await self._copy(cs)  # faults on these blocks wait; others go on
+        finally:
+            # wake waiters before taking the lock again: a discard or rm holding the lock
+            # waits for this copy to end (never to be marked), and a write fault that
+            # gets in first copies and marks the blocks itself
+            del self._copying[(d.uid, vstart)]
+            step.done.set()
+        async with self._dlock(d):
+            e, a = self._move_of(d, vstart)
+            seq = self._record({"op": "move.mark", "name": d.name, "vstart": vstart,
+                                "runs": [[step.first, step.count]]})
+        await self.journal.wait_durable(seq)
+        return True
+
+    # ------------------------------------------------------------ 4. commit / 5. abort
+    async def _commit_move(self, d: Disk, vstart: int) -> None:
+        async with self._dlock(d):
+            e, a = self._move_of(d, vstart)
+            if not a.bitmap.all_set():
+                raise MoveGone(f"disk {d.name!r} at {vstart}: blocks left to copy")
+            # every entry there is at L2 already: make every agent drop reads in flight
+            # on L1 before L1 may be reused
+            await self._push_update(d, e.vstart, e.vend, drain=True)
+            e, a = self._move_of(d, vstart)
+            await self._release_space([(self.state.luns[e.lun].path, e.offset,
+                                        round_up(e.length))])
+            await self.journal.commit({"op": "move.commit", "name": d.name, "vstart": vstart})
+        await self._push_update(d, e.vstart, e.vend)
+
+    async def _abort_move(self, d: Disk, vstart: int) -> None:
+        """Roll a move back: its blocks marked at L2 return to L1; L2 is freed."""
+        async with self._dlock(d):
+            e, a = self._move_of(d, vstart)
+            await self._copying_done(d, e.vstart, e.vend)
+            async with self._restrict(d, e.vstart, e.vend, exclude=None):
+                e, a = self._move_of(d, vstart)
+                back = [(b, n) for b, n, marked in a.bitmap.runs() if marked]
+                await self._copy(M.copies(e, a, back, back=True))
+                await self._release_space([(self.state.luns[a.lun].path, a.offset,
+                                            a.bitmap.nblocks * P.BLOCK_SIZE)])
+                await self.journal.commit({"op": "move.abort", "name": d.name,
+                                           "vstart": vstart})
+            await self._push_update(d, e.vstart, e.vend)
+
+    async def _run_move(self, d: Disk, vstart: int) -> None:
+        """Copy a started move to the end and commit it (one runner per move)."""
+        key = (d.uid, vstart)
+        if key in self._move_runners:
+            return
+        self._move_runners.add(key)
+        try:
+            await self.agents.wait_grace()
+            while await self._copy_step(d, vstart):
+                pass
+            await self._commit_move(d, vstart)
+        except MoveGone as e:
+            log.info("move ended early: %s", e)
+        finally:
+            self._move_runners.discard(key)
+
+    # ------------------------------------------------------------ container fail/restore
+    async def _push_lun(self, lun: int) -> None:
+        """Send fresh entries for everything on LUN lun to the agents that cache it."""
+        for d in list(self.state.disks.values()):
+            ranges = [(e.vstart, e.vend) for e in d.extents
+                      if e.lun == lun or (e.flags & MOVING and d.alts[e.vstart].lun == lun)]
+            if ranges:
+                await self._push_update(d, ranges[0][0], ranges[-1][1])
+
+    async def container_fail(self, name: str) -> dict[str, Any]:
+        """Every entry on the container turns `error` at every agent: I/O there fails
+        with EIO at once; other containers, disks and ranges keep working."""
+        c = self._container(name)
+        if not c.failed:
+            await self.journal.commit({"op": "container.fail", "name": name})
+            await self._push_lun(c.lun)
+        self._suspect.pop(c.lun, None)
+        return self._container_dict(c)
+
+    async def container_restore(self, name: str) -> dict[str, Any]:
+        """Clear a failed (or suspect) container: its entries work again, data intact."""
+        c = self._container(name)
+        if c.failed:
+            await self.journal.commit({"op": "container.restore", "name": name})
+            await self._push_lun(c.lun)
+        self._suspect.pop(c.lun, None)
+        return self._container_dict(c)
