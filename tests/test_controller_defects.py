@@ -38,7 +38,7 @@ def _wait_socket(sock: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.05)
 
 
-async def test_thin_faults_sync_only_the_new_range(tmp_path: Path) -> None:
+def test_thin_faults_sync_only_the_new_range(tmp_path: Path) -> None:
     """strace the controller's syscalls on the container: no fdatasync/fsync, only the
     range-limited RWF_DSYNC writes (which the trace must see, or it proves nothing)."""
     state, img, trace = tmp_path / "s", tmp_path / "c1.img", tmp_path / "trace"
@@ -55,15 +55,19 @@ async def test_thin_faults_sync_only_the_new_range(tmp_path: Path) -> None:
     try:
         _wait_socket(state / "controller.sock", proc, log)
         addr = f"unix:{state}/controller.sock"
-        async with open_controller(addr) as adm, open_controller(addr, role="agent") as ag:
-            await adm.call("container.add", name="c1", path=str(img), size=None)
-            await adm.call("disk.create", name="x", size=64 << 20)
-            await ag.call("agent.register", name="a", host="h", mount="/m")
-            await ag.call("disk.open", name="x")
-            for i in range(4):
-                r = await ag.call("disk.fault", name="x", offset=i * SEG, length=4096,
-                                  write=True)
-                assert r["rows"][0][4] == 0, r  # a plain valid entry
+
+        async def faults() -> None:
+            async with open_controller(addr) as adm, open_controller(addr, role="agent") as ag:
+                await adm.call("container.add", name="c1", path=str(img), size=None)
+                await adm.call("disk.create", name="x", size=64 << 20)
+                await ag.call("agent.register", name="a", host="h", mount="/m")
+                await ag.call("disk.open", name="x")
+                for i in range(4):
+                    r = await ag.call("disk.fault", name="x", offset=i * SEG, length=4096,
+                                      write=True)
+                    assert r["rows"][0][4] == 0, r  # a plain valid entry
+
+        trio.run(faults)
     finally:
         # stop the controller itself (strace exits with it)
         kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)

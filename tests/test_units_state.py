@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from controller.allocator import ALIGN, FreeSpace
 from controller.bitmap import Bitmap
-from controller.state import Alt, Problem, State, StateError, check, round_up
+from controller.state import Problem, State, StateError, check, round_up
 
 B = ALIGN
 
