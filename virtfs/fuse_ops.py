@@ -30,6 +30,7 @@ from .namespace import ROOT_INODE
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = 1.0
+UNOPEN_TIMEOUT = 10.0  # seconds to close a disk at the controller after a failed open
 BLOCK = 4096
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -231,8 +232,12 @@ class Operations(pyfuse3.Operations):
             raise DiskError(errno.EPERM)
         inode = await self.v.ns.create(_name(name))
         od = await self.v.open_disk(inode)
-        fi = pyfuse3.FileInfo(fh=self._fh(od, True), keep_cache=False)
-        return fi, await self._disk_attr(inode)
+        try:
+            attr = await self._disk_attr(inode)
+        except BaseException:
+            await self._unopen(od)
+            raise
+        return pyfuse3.FileInfo(fh=self._fh(od, True), keep_cache=False), attr
 
     @handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
@@ -277,11 +282,28 @@ class Operations(pyfuse3.Operations):
             raise DiskError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         od = await self.v.open_disk(inode)
-        if flags & os.O_TRUNC and writable:
-            await self.v.truncate(inode, 0)
+        try:
+            if flags & os.O_TRUNC and writable:
+                await self.v.truncate(inode, 0)
+        except BaseException:
+            await self._unopen(od)  # the kernel gets an error: it will never release this
+            raise
         # keep_cache=False: the kernel drops this file's page cache at every open, so a
         # reopen sees what other agents wrote
         return pyfuse3.FileInfo(fh=self._fh(od, writable), keep_cache=False)
+
+    async def _unopen(self, od: OpenDisk) -> None:
+        """Undo open_disk for an open that fails: the handle count, and the disk's open
+        at the controller if it was the last. Shielded (the open may be cancelled) and
+        bounded; never raises."""
+        with trio.move_on_after(UNOPEN_TIMEOUT) as scope:
+            scope.shield = True
+            try:
+                await self.v.release(od)
+            except Exception as e:
+                log.warning("closing %s after a failed open: %s", od.name, e)
+        if scope.cancelled_caught:
+            log.warning("closing %s after a failed open took too long", od.name)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
