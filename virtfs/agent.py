@@ -61,6 +61,10 @@ class Session:
                 except (ConnectionLost, OSError, trio.TooSlowError, RemoteError) as e:
                     if self.client is not None or started:
                         log.warning("lost the controller at %s: %s", self.addr, e)
+                except Exception:
+                    # a bug, not an outage: say so loudly, but keep the mount's session
+                    log.exception("session with the controller at %s failed; reconnecting",
+                                  self.addr)
                 finally:
                     # _connected_session only ever ends by raising: a registration counts,
                     # so task_status.started() is never called a second time
@@ -110,8 +114,12 @@ class Session:
                 sent = trio.current_time()
                 hb = await client.call("agent.heartbeat", timeout=self.lease / 2)
                 self._renew(sent)
-                if self.on_push is not None and hb.get("epochs"):
-                    await self.on_push({"push": "epochs", "epochs": hb["epochs"]})
+                if hb.get("epochs"):
+                    # handled like a push, in the background: a slow table reload must
+                    # never hold up the next heartbeat (the lease would run out)
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._handle_push,
+                                             {"push": "epochs", "epochs": hb["epochs"]})
 
     async def _handle_push(self, msg: dict[str, Any]) -> None:
         try:
