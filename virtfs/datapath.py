@@ -30,7 +30,7 @@ from controller.protocol import (
 )
 
 from .agent import ControllerUnavailable, Session
-from .blockio import ContainerIO
+from .blockio import ContainerError, ContainerIO
 from .errors import DiskError, call, remote_error
 from .kernel import KernelCache
 from .mapcache import DiskTable, Entry, Inflight, TableError
@@ -41,7 +41,11 @@ T = TypeVar("T")
 
 @dataclass
 class OpenDisk:
-    """A disk this agent has open: its table, its in-flight I/O, its pending faults."""
+    """A disk this agent has open: its table, its in-flight I/O, its pending faults.
+
+    inode doubles as the disk's key for sync debts (blockio): it stays with the disk
+    across renames and while it is closed, for as long as the name is known here.
+    """
 
     name: str
     inode: int
@@ -52,7 +56,9 @@ class OpenDisk:
     inflight: Inflight = field(default_factory=Inflight)
     faults: dict[tuple[int, bool], trio.Event] = field(default_factory=dict)
     grow_lock: trio.Lock = field(default_factory=trio.Lock)
-    used_luns: set[int] = field(default_factory=set)
+    handle: int | None = None  # the controller's identity of the disk (disk.open's answer)
+    reloading: bool = False  # a background reload is running (Volumes.reload_soon)
+    reload_again: bool = False  # and another one is wanted after it
 
 
 class DataPath:
@@ -85,16 +91,36 @@ class DataPath:
         od.table.load(t["size"], t["epoch"], t["rows"], v)
         return od.table
 
-    async def reload(self, od: OpenDisk) -> None:
-        """Fetch and install a fresh copy of od's table. Raises DiskError, TableError."""
-        t = await call(self.session, "disk.table", f"reload {od.name}", name=od.name)
+    async def reload(self, od: OpenDisk, timeout: float | None = None) -> None:
+        """Fetch and install a fresh copy of od's table (timeout: seconds, default the
+        session's call timeout). Raises DiskError, TableError."""
+        t = await call(self.session, "disk.table", f"reload {od.name}", timeout=timeout,
+                       name=od.name)
         self.load(od, od.name, t)
         self.kernel.invalidate(od.inode)
+
+    async def reload_or_restrict(self, od: OpenDisk, timeout: float | None = None) -> bool:
+        """reload(od); if that fails, restrict the whole table (every I/O then faults
+        and gets its entries from the controller) and log why. Never raises DiskError
+        or TableError; True if the reload succeeded."""
+        try:
+            await self.reload(od, timeout=timeout)
+            return True
+        except (DiskError, TableError) as e:
+            log.warning("reload of %s failed (%s); its I/O goes through the controller "
+                        "until a reload succeeds", od.name, e)
+            od.table.restrict(0, od.table.size)
+            self.kernel.invalidate(od.inode)
+            return False
 
     def note_push(self, name: str, v: Any) -> None:
         """Remember the newest version stamp pushed for a disk name."""
         if isinstance(v, int):
             self._pushed_v[name] = max(self._pushed_v.get(name, 0), v)
+
+    def pushed(self, name: str) -> int:
+        """The newest version stamp pushed for a disk name (0: none)."""
+        return self._pushed_v.get(name, 0)
 
     async def apply_update(self, od: OpenDisk, msg: dict[str, Any]) -> None:
         """An "update" push: new entries for [start, end), maybe drain in-flight I/O there."""
@@ -105,7 +131,7 @@ class DataPath:
         except TableError as e:
             log.warning("bad update for %s (%s); reloading the table", od.name, e)
             od.table.restrict(0, od.table.size)
-            await self.reload(od)
+            await self.reload_or_restrict(od, timeout=self.session.lease)
         if msg.get("drain"):
             await od.inflight.drain(start, end)
         self.kernel.invalidate(od.inode)
@@ -194,10 +220,14 @@ class DataPath:
             pieces = od.table.pieces(pos, end - pos)
             if not pieces:
                 break  # the disk shrank meanwhile: end of file moved
+            opened = False
             for e in pieces:
                 if e.flags & ERROR:
                     raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
                 if not self._usable(e, write=False):
+                    break
+                if not e.flags & ZERO and not self.io.is_open(e.lun):
+                    opened = await self._open(od, e)  # awaited: look at the table again
                     break
                 if e.flags & ZERO:
                     parts.append(bytes(e.length))
@@ -211,7 +241,8 @@ class DataPath:
                 pos = e.vend
             else:
                 break
-            await self._wait(od, pos, end - pos, False, deadline)
+            if not opened:
+                await self._wait(od, pos, end - pos, False, deadline)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _io(self, od: OpenDisk, what: str, e: Entry, fn: Callable[..., T], *args: Any) -> T:
@@ -220,17 +251,31 @@ class DataPath:
         except OSError as err:
             log.error("%s on %s (LUN %d offset %d) failed: %s", what, od.name, e.lun, e.offset,
                       err)
-            self._report(od, e, f"{what}: {err}")
+            self._report(od, e.lun, e.offset, f"{what}: {err}")
             code = err.errno if err.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
             raise DiskError(code, str(err)) from None
 
-    def _report(self, od: OpenDisk, e: Entry, message: str) -> None:
+    async def _open(self, od: OpenDisk, e: Entry) -> bool:
+        """Open e's container (in a worker thread); True, or DiskError(EIO) if it cannot."""
+        try:
+            await self.io.open(e.lun)
+        except OSError as err:
+            log.error("%s: cannot use container LUN %d: %s", od.name, e.lun, err)
+            self._report(od, e.lun, e.offset, f"open: {err}")
+            raise DiskError(errno.EIO, str(err)) from None
+        return True
+
+    def _report(self, od: OpenDisk, lun: int, offset: int, message: str) -> None:
+        """Tell the controller (io.error) about a failing container; in the background."""
+        name = od.name
+
         async def send() -> None:
             try:
-                await self.session.call("io.error", timeout=5.0, retry=False, name=od.name,
-                                        lun=e.lun, offset=e.offset, message=message)
-            except Exception:
-                pass
+                await self.session.call("io.error", timeout=5.0, retry=False, name=name,
+                                        lun=lun, offset=offset, message=message)
+            except Exception as err:
+                log.info("could not report the I/O error on %s to the controller: %s",
+                         name, err)
         self.session.start_soon(send)
 
     async def write(self, od: OpenDisk, offset: int, data: bytes | memoryview,
@@ -255,6 +300,7 @@ class DataPath:
                 continue
             if pos >= target:
                 return len(view)
+            opened = False
             for e in od.table.pieces(pos, target - pos):
                 if e.flags & ERROR:
                     raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
@@ -263,22 +309,34 @@ class DataPath:
                     continue
                 if not self._usable(e, write=True):
                     break
+                if not self.io.is_open(e.lun):
+                    opened = await self._open(od, e)  # awaited: look at the table again
+                    break
                 chunk = view[e.vstart - offset : e.vend - offset]
                 op = od.inflight.begin(e.vstart, e.vend)
                 try:
-                    self._io(od, "write", e, self.io.pwrite, e.lun, e.offset, chunk)
+                    # the debt is the disk's (its inode), not this handle's: an fsync on
+                    # any later handle of the disk pays it
+                    self._io(od, "write", e, self.io.pwrite, e.lun, e.offset, chunk, od.inode)
                 finally:
                     od.inflight.end(op)
-                od.used_luns.add(e.lun)
                 pos = e.vend
             else:
                 continue  # all pieces done: re-check the size, then finish
-            await self._wait(od, pos, target - pos, True, deadline)
+            if not opened:
+                await self._wait(od, pos, target - pos, True, deadline)
 
     async def fsync(self, od: OpenDisk) -> None:
-        """Make od's writes durable (fdatasync of its containers). DiskError(EIO)."""
+        """Make every write to od durable, through whichever handle it came (fdatasync).
+
+        Pays the disk's sync debts (blockio). DiskError(EIO) if a container the disk
+        wrote to failed a sync, now or since the agent started; reported to the controller.
+        """
         try:
-            await self.io.sync(od.used_luns)
+            await self.io.sync(od.inode)
+        except ContainerError as e:
+            self._report(od, e.lun, 0, f"fsync: {e.strerror}")
+            raise DiskError(errno.EIO, f"fsync of {od.name}: {e.strerror}") from None
         except OSError as e:
             raise DiskError(errno.EIO, f"fsync of {od.name}: {e}") from None
 

@@ -20,6 +20,7 @@ from .blockio import ContainerIO
 from .datapath import DataPath, OpenDisk
 from .errors import DiskError, call
 from .kernel import KernelCache
+from .mapcache import TableError
 from .namespace import Namespace
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class Volumes:
         self.session = session
         self.io = io
         self.kernel = KernelCache()
-        self.ns = Namespace(session, self.kernel)
+        self.ns = Namespace(session, self.kernel, on_forget=io.forget_disk)
         self.data = DataPath(session, io, self.kernel, fault_timeout=fault_timeout,
                              on_resize=self.ns.stale)
         session.on_push = self.handle_push
@@ -40,23 +41,56 @@ class Volumes:
 
     # ------------------------------------------------------------ open / close
     async def open_disk(self, inode: int) -> OpenDisk:
-        """Open (or count one more handle on) the disk at inode. DiskError (ENOENT...)."""
+        """Open (or count one more handle on) the disk at inode. DiskError (ENOENT...).
+
+        A rename may overtake the open: the disk is installed under its name *now*,
+        which is the inode's name if a rename push moved it while we waited, else the
+        name the controller's answer carries (the name when the answer was made).
+        """
         ns = self.ns
-        name = ns.inodes.get(inode)
-        if name is None:
+        asked = ns.inodes.get(inode)
+        if asked is None:
             raise DiskError(errno.ENOENT)
-        od = ns.open.get(name)
+        od = self._installed(inode, asked)
         if od is None:
-            t = await call(self.session, "disk.open", f"open {name}", name=name)
-            od = ns.open.get(name)  # another open may have raced us
+            t = await call(self.session, "disk.open", f"open {asked}", name=asked)
+            now = ns.inodes.get(inode, asked)
+            name = now if now != asked else t.get("name", asked)
+            od = self._installed(inode, name)  # another open raced us
             if od is None:
-                od = OpenDisk(name, inode, self.data.load(None, name, t), t["segment_size"])
+                if name != asked:
+                    log.info("disk %s was renamed to %s while it was being opened", asked, name)
+                    ns.move_name(inode, name)
+                    self.data.note_push(name, self.data.pushed(asked))
+                try:
+                    table = self.data.load(None, name, t)
+                except TableError as e:
+                    await self._close_at_controller(name, t.get("handle"))
+                    raise DiskError(errno.EIO, f"open {name}: bad table ({e})") from None
+                od = OpenDisk(name, inode, table, t["segment_size"], handle=t.get("handle"))
                 ns.open[name] = od
                 ns.by_inode[inode] = od
             else:
-                await call(self.session, "disk.close", f"close {name}", name=name)
+                await self._close_at_controller(name, t.get("handle"))
         od.handles += 1
         return od
+
+    def _installed(self, inode: int, name: str) -> OpenDisk | None:
+        """The open disk at inode, or under name unless that one is unlinked (an unlinked
+        open disk is not what a later create of the same name made)."""
+        od = self.ns.by_inode.get(inode)
+        if od is None:
+            od = self.ns.open.get(name)
+            if od is not None and od.unlinked:
+                return None
+        return od
+
+    async def _close_at_controller(self, name: str, handle: int | None) -> None:
+        """disk.close; by handle (the disk's identity at the controller) when we have one."""
+        args: dict[str, Any] = {"name": name}
+        if handle is not None:
+            args["handle"] = handle
+        await call(self.session, "disk.close", f"close {name}", **args)
 
     async def release(self, od: OpenDisk) -> None:
         """Drop one handle; the last one closes the disk (and removes it if unlinked)."""
@@ -65,15 +99,17 @@ class Volumes:
             return
         ns = self.ns
         ns.stale()  # the listing's sizes may be older than our table
-        ns.open.pop(od.name, None)
-        ns.by_inode.pop(od.inode, None)
+        if ns.open.get(od.name) is od:
+            del ns.open[od.name]
+        if ns.by_inode.get(od.inode) is od:
+            del ns.by_inode[od.inode]
         try:
-            await call(self.session, "disk.close", f"close {od.name}", name=od.name)
+            await self._close_at_controller(od.name, od.handle)
             if od.unlinked:
                 await call(self.session, "disk.rm", f"remove {od.name}", name=od.name)
         finally:
             if od.unlinked:
-                ns.inodes.pop(od.inode, None)
+                ns.forget_inode(od.inode)
 
     async def truncate(self, inode: int, size: int) -> None:
         """Resize the disk at inode to size bytes (shrinking allowed). DiskError."""
@@ -88,9 +124,10 @@ class Volumes:
         for name, od in list(self.ns.open.items()):
             try:
                 t = await client.call("disk.open", name=name)
+                od.handle = t.get("handle")
                 self.data.load(od, name, t)
-            except RemoteError as e:
-                log.error("disk %s cannot be reopened after reconnecting: %s", name, e.message)
+            except (RemoteError, TableError) as e:
+                log.error("disk %s cannot be reopened after reconnecting: %s", name, e)
                 od.table.restrict(0, od.table.size)
             self.kernel.invalidate(od.inode)
 
@@ -121,7 +158,28 @@ class Volumes:
                 if od is not None and epoch != od.table.epoch:
                     log.info("disk %s: table epoch %d, controller has %d; reloading",
                              name, od.table.epoch, epoch)
-                    try:
-                        await self.data.reload(od)
-                    except DiskError as e:
-                        log.warning("reload of %s failed: %s", name, e)
+                    self.reload_soon(od)
+
+    def reload_soon(self, od: OpenDisk) -> None:
+        """Reload od's table in the background; coalesced (one at a time per disk).
+
+        Bounded by the lease; a reload that fails leaves the whole table restricted
+        (every I/O faults to the controller) until a later one succeeds. Never raises.
+        """
+        if od.reloading:
+            od.reload_again = True  # the running one may have started before this change
+            return
+        od.reloading = True
+        od.reload_again = False
+
+        async def run() -> None:
+            try:
+                while True:
+                    await self.data.reload_or_restrict(od, timeout=self.session.lease)
+                    if not od.reload_again or od.handles <= 0:
+                        break
+                    od.reload_again = False
+            finally:
+                od.reloading = False
+
+        self.session.start_soon(run)

@@ -32,9 +32,11 @@ def remote_error(e: Exception, what: str) -> DiskError:
     return DiskError(errno.EIO, f"{what}: {e}")
 
 
-async def call(session: Session, op: str, what: str, **args: Any) -> Any:
-    """session.call(op, **args) with the default timeout; raises DiskError ("what: reason")."""
+async def call(session: Session, op: str, what: str, *, timeout: float | None = None,
+               **args: Any) -> Any:
+    """session.call(op, **args) (timeout: seconds, default the session's); raises
+    DiskError ("what: reason")."""
     try:
-        return await session.call(op, **args)
+        return await session.call(op, timeout=timeout, **args)
     except (RemoteError, ControllerUnavailable) as e:
         raise remote_error(e, what) from None

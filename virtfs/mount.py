@@ -97,7 +97,7 @@ async def _run(args: argparse.Namespace) -> None:
             except trio.TooSlowError:
                 raise MountError(f"no controller answered at {addr} within "
                                  f"{CONNECT_TIMEOUT:.0f} s") from None
-            io = ContainerIO()
+            io = ContainerIO(mountpoint)
             volumes = Volumes(session, io, fault_timeout=args.fault_timeout)
             ops = Operations(volumes, nursery)
             options = set(pyfuse3.default_options)

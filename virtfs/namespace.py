@@ -10,6 +10,7 @@ name and by inode), because lookup, listing and unlink depend on them.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,9 +41,11 @@ class DiskInfo:
 class Namespace:
     """Names <-> inodes, the cached listing, and the open disks by name and by inode."""
 
-    def __init__(self, session: Session, kernel: KernelCache):
+    def __init__(self, session: Session, kernel: KernelCache,
+                 on_forget: Callable[[int], None] = lambda inode: None):
         self.session = session
         self.kernel = kernel
+        self.on_forget = on_forget  # an inode (a disk key) no longer names a disk here
         self.inodes: dict[int, str] = {}
         self.names: dict[str, int] = {}
         self._next_inode = ROOT_INODE + 1
@@ -66,6 +69,17 @@ class Namespace:
             self.inodes[ino] = name
         return ino
 
+    def forget(self, name: str) -> None:
+        """name no longer names a disk here: drop its inode (a closed disk's only)."""
+        ino = self.names.pop(name, None)
+        if ino is not None:
+            self.forget_inode(ino)
+
+    def forget_inode(self, ino: int) -> None:
+        """ino names no disk any more (it is never reused)."""
+        self.inodes.pop(ino, None)
+        self.on_forget(ino)
+
     async def refresh(self, force: bool = False) -> None:
         """Reload the listing if older than LISTING_TTL (or force). Raises DiskError."""
         if not force and trio.current_time() - self._listing_at < LISTING_TTL:
@@ -76,7 +90,7 @@ class Namespace:
         self._listing_at = trio.current_time()
         for name in list(self.names):
             if name not in self.listing and name not in self.open:
-                self.inodes.pop(self.names.pop(name), None)
+                self.forget(name)
 
     async def lookup(self, name: str) -> int:
         """The inode of an existing disk; DiskError(ENOENT) if there is none."""
@@ -139,9 +153,7 @@ class Namespace:
             self.names.pop(name, None)
             return
         await call(self.session, "disk.rm", f"remove {name}", name=name)
-        ino = self.names.pop(name, None)
-        if ino is not None:
-            self.inodes.pop(ino, None)
+        self.forget(name)
         self.listing.pop(name, None)
 
     async def rename(self, old: str, new: str, replace: bool) -> None:
@@ -161,16 +173,31 @@ class Namespace:
 
     # ------------------------------------------------------------ pushes
     def apply_rename(self, old: str, new: str) -> None:
-        """A "rename" push (or our own rename): move the inode and the open disk."""
-        ino = self.names.pop(old, None)
+        """A "rename" push (or our own rename): move the inode and the open disk.
+
+        Idempotent, and safe in any order against an open of the disk: an open that
+        was answered under the new name has already moved both (see Volumes.open_disk).
+        """
+        ino = self.names.get(old)
         if ino is not None:
-            self.names[new] = ino
-            self.inodes[ino] = new
-        od = self.open.pop(old, None)
-        if od is not None:
+            self.move_name(ino, new)
+        od = self.open.get(old)
+        if od is not None and self.open.get(new) is None:
+            del self.open[old]
             od.name = new
             self.open[new] = od
         self.stale()
+
+    def move_name(self, ino: int, name: str) -> None:
+        """ino's disk is now called name (a rename): whatever name meant before is gone."""
+        was = self.inodes.get(ino)
+        if was is not None and self.names.get(was) == ino:
+            del self.names[was]
+        tgt = self.names.get(name)
+        if tgt is not None and tgt != ino and tgt not in self.by_inode:
+            self.forget_inode(tgt)  # rename(2) over it replaced that disk
+        self.names[name] = ino
+        self.inodes[ino] = name
 
     async def apply_namespace(self, msg: dict[str, Any]) -> None:
         """A "namespace" push: disks were created, changed or removed elsewhere."""
@@ -182,7 +209,5 @@ class Namespace:
         for name in msg.get("removed", []):
             if name not in self.open:
                 self.kernel.invalidate_entry(name)
-                ino = self.names.pop(name, None)
-                if ino is not None:
-                    self.inodes.pop(ino, None)
+                self.forget(name)
                 self.listing.pop(name, None)
