@@ -71,7 +71,7 @@ class DiskOps(Placement, Coherence):
             raise P.invalid(f"limit must be between 1 and {MAX_MAP_ROWS}")
         rows: list[list[int]] = []
         nxt = None
-        for e in d.extents.entries(start, d.size):
+        for e in self._entries(d, start, d.size):  # as agents see them
             if len(rows) == lim:
                 nxt = e.vstart
                 break

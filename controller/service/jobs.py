@@ -35,6 +35,7 @@ class _Progress:
     started: float
     aborting: bool = False
     done_event: trio.Event = field(default_factory=trio.Event)
+    batch: trio.CancelScope | None = None  # the moves in flight, cancelled by an abort
 
 
 class JobOps(MovementOps):
@@ -62,10 +63,9 @@ class JobOps(MovementOps):
                  ) if j.disk is not None else list(self.state.disks.values())
         for d in disks:
             for e in d.extents:
-                if e.flags & MOVING:
+                if e.flags & MOVING:  # not done until it commits
                     a = d.alts[e.vstart]
-                    if (j.kind == "migrate" and a.lun != j.dst) or (
-                            j.kind == "drain" and a.lun == j.src):
+                    if j.kind == "migrate" or j.src in (e.lun, a.lun):
                         out.append((d, e.vstart, e.length))
                     continue
                 if (j.kind == "migrate" and e.lun != j.dst) or (
@@ -92,9 +92,16 @@ class JobOps(MovementOps):
                 started: list[tuple[Disk, int]] = []
                 for d, unit in todo:
                     started += await self._start_one(j, d, unit)
-                async with trio.open_nursery() as n:
-                    for d, vs in started:
-                        n.start_soon(self._run_move, d, vs)
+                if not started:
+                    await trio.sleep(0.1)  # the table changed under us: look again
+                    continue
+                with trio.CancelScope() as prog.batch:
+                    if prog.aborting:
+                        prog.batch.cancel()
+                    async with trio.open_nursery() as n:
+                        for d, vs in started:
+                            n.start_soon(self._run_move, d, vs)
+                prog.batch = None
             if prog.aborting:
                 await self._roll_back(j)
                 state, message = "aborted", "aborted by request"
@@ -271,6 +278,8 @@ class JobOps(MovementOps):
         prog = self._progress.get(id)
         if prog is not None:
             prog.aborting = True
+            if prog.batch is not None:
+                prog.batch.cancel()  # stop copying; the moves are rolled back
             await prog.done_event.wait()
         return self._job_dict(j)
 
