@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import ControllerProc, wait_for
-from faultkit import SEG, add_container, agent, check_clean, dwrite, open_direct, vd
+from faultkit import SEG, add_container, agent, check_clean, disk_info, dwrite, open_direct, vd
 from faultkit import read_direct as dread_path
 from tools import FIO_VERIFY, fio, run
 
@@ -352,4 +352,19 @@ def test_movement_bad_input(controller, mount_factory, tmp_path):
     r = controller.vdctl("disk", "migrate", "d")
     assert r.rc == 2  # --to is required: a usage error
     assert entries(controller, "d") == before and jobs(controller) == []
+    check_clean(controller)
+
+
+def test_thick_disk_moves_a_segment_at_a_time_and_merges_again(controller, tmp_path):
+    """A thick disk is a few large extents: they move segment by segment (no agent needed)
+    and merge again on the target; a second migration back works too."""
+    two_containers(controller, tmp_path)
+    vd(controller, "disk", "create", "t", "--size", "96M", "--thick", "--container", "c1")
+    assert disk_info(controller, "t")["extents"] == 1
+    vd(controller, "disk", "migrate", "t", "--to", "c2")
+    info = disk_info(controller, "t")
+    assert on(controller, "t") == {"c2"} and info["extents"] == 1
+    assert info["container"] == "c2"  # a pinned disk is pinned to its new home
+    vd(controller, "disk", "migrate", "t", "--to", "c1")
+    assert on(controller, "t") == {"c1"} and containers(controller)["c2"]["used"] == 0
     check_clean(controller)
