@@ -145,7 +145,15 @@ class Volumes:
             if info is not None:
                 info.size = od.table.size
         elif kind == "rename":
-            self.ns.apply_rename(msg["disk"], msg["new"])
+            old, new, handle = msg["disk"], msg["new"], msg.get("handle")
+            if handle is not None and old not in self.ns.open:
+                # the controller's identity of the disk finds it under whatever name we
+                # installed it (an open answered before an earlier rename reached us)
+                for od in self.ns.open.values():
+                    if od.handle == handle and od.name != new:
+                        old = od.name
+                        break
+            self.ns.apply_rename(old, new)
         elif kind == "namespace":
             await self.ns.apply_namespace(msg)
         elif kind == "epochs":

@@ -163,8 +163,13 @@ class Namespace:
             raise DiskError(errno.ENOENT)
         if new in self.listing and not replace:
             raise DiskError(errno.EEXIST)
+        ino = self.names.get(old)
         await call(self.session, "disk.rename", f"rename {old}", name=old, new=new,
                    replace=replace)
+        # the kernel now has ino under the new name, even if the controller's "old is
+        # gone" hint (a namespace push) was handled first and forgot it
+        if ino is not None:
+            self.move_name(ino, new)
         # the controller pushes "rename" to agents with it open (us included); do the
         # namespace part here too, for when we do not have it open
         self.apply_rename(old, new)
