@@ -254,6 +254,9 @@ def test_container_inside_the_agents_own_mount_is_refused(controller, mount_fact
         p.communicate()
         pytest.fail("the agent wedged itself on a container inside its own mount")
     assert p.returncode != 0 and "Input/output error" in err, err
+    with pytest.raises(OSError) as ei:  # again (the refusal is remembered for a while)
+        read_direct(m.path / "d2", 0, BLOCK)
+    assert ei.value.errno == errno.EIO
     assert os.path.ismount(m.path)
     assert read_direct(m.path / "inner", 0, BLOCK) == bytes(BLOCK)  # the mount still serves
     fd = open_direct(m.path / "inner")

@@ -29,6 +29,8 @@ from virtfs.mapcache import TableError
 
 # ---------------------------------------------------------------- heartbeats (item 4)
 
+LEASE = 2.0  # seconds; heartbeats every third of it
+
 
 async def _make_disk(addr: str, tmp_path: Path) -> None:
     async with open_controller(addr, role="admin", name="test") as admin:
@@ -40,12 +42,12 @@ async def _make_disk(addr: str, tmp_path: Path) -> None:
 
 async def _run_session_with(tmp_path: Path, on_push: Callable[[dict[str, Any]], Awaitable[None]],
                             seconds: float) -> tuple[Session, int]:
-    """An in-process controller (lease 1 s) and a session with disk d open and on_push as
+    """An in-process controller (lease LEASE) and a session with disk d open and on_push as
     its push handler, for seconds; returns the session and how many times its lease was
     found expired meanwhile (sampled every 50 ms)."""
     state = tmp_path / "state"
     state.mkdir()
-    async with open_controller_service(str(state), lease=1.0):
+    async with open_controller_service(str(state), lease=LEASE):
         addr = default_socket(str(state))
         await _make_disk(addr, tmp_path)
         session = Session(addr, str(tmp_path / "mnt"), call_timeout=5.0)
@@ -71,7 +73,7 @@ async def test_slow_epoch_handling_does_not_stop_heartbeats(tmp_path):
             seen.append(msg)
             await trio.sleep_forever()
 
-    session, expired = await _run_session_with(tmp_path, on_push, 4.0)
+    session, expired = await _run_session_with(tmp_path, on_push, 2.5 * LEASE)
     assert seen, "no heartbeat carried the open disk's epoch: the test proves nothing"
     assert expired == 0, "the lease ran out while an epoch handler was busy"
     assert session.reconnects == 1, "the controller dropped the agent"
@@ -86,7 +88,7 @@ async def test_table_error_in_epoch_handling_does_not_end_the_session(tmp_path):
             seen.append(msg)
             raise TableError("rows do not tile the disk")
 
-    session, expired = await _run_session_with(tmp_path, on_push, 2.5)
+    session, expired = await _run_session_with(tmp_path, on_push, 1.5 * LEASE)
     assert len(seen) >= 3, "the session stopped heartbeating after the first error"
     assert expired == 0
     assert session.reconnects == 1

@@ -25,6 +25,7 @@ import trio
 
 log = logging.getLogger(__name__)
 
+REFUSED_FOR = 5.0  # seconds a refused container path is not tried again
 ORPHAN = -1  # the disk key of debts whose disk left the namespace: every sync pays them
 
 
@@ -34,6 +35,7 @@ class ContainerError(OSError):
     def __init__(self, lun: int, message: str):
         super().__init__(errno.EIO, message)
         self.lun = lun
+        self.message = message
 
 
 def mount_device(mountpoint: str) -> tuple[int, int] | None:
@@ -71,6 +73,7 @@ class ContainerIO:
         self._fds: dict[int, int] = {}
         self._retired: dict[int, list[int]] = {}  # LUN -> fds of its old paths, not yet synced
         self._opening: dict[int, trio.Event] = {}
+        self._refused: dict[int, tuple[str, str, float]] = {}  # LUN -> (path, why, until)
         self._written: dict[int, int] = {}  # LUN -> writes so far
         self._synced: dict[int, int] = {}  # LUN -> writes covered by a finished sync
         self._sync_locks: dict[int, trio.Lock] = {}
@@ -112,9 +115,15 @@ class ContainerIO:
             path = self.paths.get(lun)
             if path is None:
                 raise OSError(errno.EIO, f"unknown container LUN {lun}")
+            refused = self._refused.get(lun)
+            if refused is not None and refused[0] == path and trio.current_time() < refused[2]:
+                raise ContainerError(lun, refused[1])  # no trip through our mount per I/O
             ev = self._opening[lun] = trio.Event()
             try:
                 fd = await trio.to_thread.run_sync(self._open_checked, lun, path)
+            except ContainerError as e:
+                self._refused[lun] = (path, e.message, trio.current_time() + REFUSED_FOR)
+                raise
             finally:
                 del self._opening[lun]
                 ev.set()
@@ -199,11 +208,6 @@ class ContainerIO:
             offset += n
 
     # ------------------------------------------------------------ sync debts
-    def owes(self, disk: int) -> set[int]:
-        """The LUNs with writes of disk key ``disk`` that no successful sync has covered."""
-        return {lun for lun, n in self._debts.get(disk, {}).items()
-                if self._synced.get(lun, 0) < n}
-
     def forget_disk(self, disk: int) -> None:
         """The disk key leaves the namespace: its debts go to ORPHAN (every sync pays them)."""
         debts = self._debts.pop(disk, None)

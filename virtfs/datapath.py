@@ -335,8 +335,8 @@ class DataPath:
         try:
             await self.io.sync(od.inode)
         except ContainerError as e:
-            self._report(od, e.lun, 0, f"fsync: {e.strerror}")
-            raise DiskError(errno.EIO, f"fsync of {od.name}: {e.strerror}") from None
+            self._report(od, e.lun, 0, f"fsync: {e.message}")
+            raise DiskError(errno.EIO, f"fsync of {od.name}: {e.message}") from None
         except OSError as e:
             raise DiskError(errno.EIO, f"fsync of {od.name}: {e}") from None
 
