@@ -311,3 +311,29 @@ async def test_create_that_fails_after_opening_releases_the_disk():
             await ops.create(1, b"new", 0o100644, os.O_RDWR, None)
         assert (fv.opened, fv.released) == (1, 1)
         assert not ops.handles
+
+
+# ---------------------------------------------------------------- grows
+
+
+async def test_a_write_past_the_end_grows_with_grow_only():
+    """A grow asks for "at least size", so a disk another writer made larger meanwhile is
+    not an error (and needs no reload: the answer's larger size is the truth)."""
+    async def script(op: str, args: dict[str, Any]) -> Any:
+        if op == "disk.open":
+            return table("a")
+        if op == "disk.resize":
+            assert args["grow_only"] is True and args["allow_shrink"] is False
+            big = 65536  # another writer grew it further than we asked
+            return {"update": {"start": 8192, "end": big, "size": big, "epoch": 2, "v": 2,
+                               "containers": {}, "rows": [[8192, big - 8192, NO_LUN, 0, ZERO]]}}
+        raise AssertionError(op)
+
+    async with trio.open_nursery() as nursery:
+        s = FakeSession(nursery, script)
+        v = volumes(s)
+        od = await v.open_disk(v.ns.inode_of("a"))
+        await v.data.grow(od, 16384)
+        assert od.table.size == 65536
+        assert [op for op, _ in s.calls] == ["disk.open", "disk.resize"]
+        nursery.cancel_scope.cancel()

@@ -346,19 +346,23 @@ class DataPath:
             raise DiskError(errno.EFBIG, f"{od.name}: {size} bytes is past the largest disk")
         async with od.grow_lock:
             if size > od.table.size:
-                await self.resize(od.name, size, allow_shrink=False, od=od)
+                # grow_only: a disk another writer made larger meanwhile stays as it is
+                await self.resize(od.name, size, allow_shrink=False, od=od, grow_only=True)
 
     async def resize(self, name: str, size: int, allow_shrink: bool,
-                     od: OpenDisk | None = None) -> None:
-        """Resize disk name at the controller; apply the answer to od's table if open."""
+                     od: OpenDisk | None = None, grow_only: bool = False) -> None:
+        """Resize disk name to size bytes at the controller (grow_only: to at least size);
+        apply the answer to od's table if open. Raises DiskError."""
+        args: dict[str, Any] = {"grow_only": True} if grow_only else {}
         r = await call(self.session, "disk.resize", f"resize {name}", name=name, size=size,
-                       allow_shrink=allow_shrink)
+                       allow_shrink=allow_shrink, **args)
         self.on_resize()
         u = r.get("update")
         if od is not None and u is not None:
             od.table.replace(u["start"], u["end"], u["rows"], size=u["size"], epoch=u["epoch"],
                              version=u.get("v"))
-            if od.table.size != size and not od.table.stale(u.get("v")):
+            short = od.table.size < size if grow_only else od.table.size != size
+            if short and not od.table.stale(u.get("v")):
                 await self.reload(od)
 
     async def discard(self, od: OpenDisk, offset: int, length: int) -> None:
