@@ -185,13 +185,14 @@ async def test_concurrent_fsync_waits_for_a_sync_that_covers_it(tmp_path, monkey
     monkeypatch.setattr(blockio.os, "fdatasync", slow)
     io = blockio.ContainerIO()
     io.set_paths({1: str(p)})
-    io.pwrite(1, 0, b"A" * 4096)
+    await io.open(1)
+    io.pwrite(1, 0, b"A" * 4096, disk=7)
     done: dict[str, float] = {}
     t0 = trio.current_time()
 
     async def fsync(name: str, delay: float) -> None:
         await trio.sleep(delay)
-        await io.sync({1})
+        await io.sync(7)
         done[name] = trio.current_time() - t0
 
     async with trio.open_nursery() as n:
