@@ -24,6 +24,7 @@ SECTIONS: dict[str, str] = {
     "controller": "bench.controller",
     "datapath": "bench.datapath",
     "agent_table": "bench.agent_table",
+    "movement": "bench.movement",
 }
 
 
