@@ -18,12 +18,13 @@ from typing import Any
 
 import trio
 
+from . import __version__
 from . import protocol as P
 from .client import ConnectionLost, open_controller
 from .daemon import default_socket, default_state_dir
 from .protocol import NO_LUN, state_names
 from .server import parse_addr
-from .units import SizeError, format_size, parse_size
+from .units import SIZE_HELP, SizeError, format_size, parse_size
 
 _NEG = "neg:"  # argv rewrite so "disk resize d -1G" is not taken for an option
 
@@ -80,15 +81,18 @@ def _globals(parser: argparse.ArgumentParser, default: Any) -> None:
                    help="the controller's address, unix:PATH")
     g.add_argument("--format", choices=("table", "json"), default=default,
                    help="output format (default table)")
+    g.add_argument("-H", "--no-headings", action="store_true", default=default,
+                   help="print tables without their heading line (for scripts)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vdctl",
         description="Manage virtfs storage containers and virtual disks.",
-        epilog="Sizes take binary suffixes K, M, G, T (powers of 1024) or plain bytes. "
+        epilog=f"Sizes: {SIZE_HELP}. "
         "Global options may also follow the verb, e.g. 'vdctl disk ls --format json'.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _globals(p, None)
     nouns = p.add_subparsers(dest="noun", metavar="NOUN", required=True)
 
@@ -190,11 +194,13 @@ def shown(name: str) -> str:
     return "$'" + "".join(out) + "'"
 
 
-def _table(rows: list[list[str]], headers: list[str], out: Any) -> None:
-    widths = [len(h) for h in headers]
+def _table(rows: list[list[str]], headers: list[str], out: Any, headings: bool = True) -> None:
+    widths = [len(h) for h in headers] if headings else [0] * len(headers)
     for r in rows:
         widths = [max(w, len(x)) for w, x in zip(widths, r, strict=True)]
-    out.write("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip() + "\n")
+    if headings:
+        out.write("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
+                  + "\n")
     for r in rows:
         out.write("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip() + "\n")
 
@@ -234,6 +240,14 @@ class Cli:
         self.out = out
         self.json = getattr(args, "format", None) == "json"
 
+    def _table(self, rows: list[list[str]], headers: list[str], out: Any) -> None:
+        _table(rows, headers, out, headings=not getattr(self.args, "no_headings", False))
+
+    def warn(self, r: Any) -> None:
+        """A reply's warning (e.g. overcommitted thin disks), on stderr."""
+        if isinstance(r, dict) and r.get("warning"):
+            print(f"vdctl: warning: {r['warning']}", file=sys.stderr)
+
     def emit_json(self, obj: Any) -> None:
         json.dump(obj, self.out, indent=2, sort_keys=False)
         self.out.write("\n")
@@ -269,7 +283,7 @@ class Cli:
         if self.json:
             self.emit_json(rows)
             return 0
-        _table([[r["name"], str(r["lun"]), format_size(r["size"]), format_size(r["used"]),
+        self._table([[r["name"], str(r["lun"]), format_size(r["size"]), format_size(r["used"]),
                  format_size(r["free"]), _pct(r["used"], r["size"]), r["state"],
                  str(r.get("errors") or "-"), r["path"]]
                 for r in rows],
@@ -301,6 +315,7 @@ class Cli:
             raise P.invalid("--size must be more than 0 bytes")
         r = await self.c.call("disk.create", name=a.name, size=a.size, thick=a.thick,
                               segment_size=a.segment_size, container=a.container)
+        self.warn(r)
         self.emit_json(r) if self.json else _kv(r, self.out)
         return 0
 
@@ -309,7 +324,7 @@ class Cli:
         if self.json:
             self.emit_json(rows)
             return 0
-        _table([[shown(r["name"]), str(r["size"]), format_size(r["size"]), r["provisioning"],
+        self._table([[shown(r["name"]), str(r["size"]), format_size(r["size"]), r["provisioning"],
                  format_size(r["allocated"]), str(r["extents"]), r["container"] or "-"]
                 for r in rows],
                ["NAME", "BYTES", "SIZE", "TYPE", "ALLOCATED", "EXTENTS", "PINNED"], self.out)
@@ -366,6 +381,7 @@ class Cli:
                 raise P.invalid(f"cannot shrink {self.args.name!r} ({cur} bytes) by {amount}")
         r = await self.c.call("disk.resize", name=self.args.name, size=size,
                               allow_shrink=self.args.allow_shrink)
+        self.warn(r)
         self.emit_json(r) if self.json else _kv(r, self.out)
         return 0
 
@@ -447,7 +463,7 @@ class Cli:
         def rate(j: dict[str, Any]) -> str:
             return f"{format_size(j['rate'])}/s" if j.get("rate") else "-"
 
-        _table([[str(j["id"]), j["kind"], shown(j["disk"]) if j["disk"] else "-",
+        self._table([[str(j["id"]), j["kind"], shown(j["disk"]) if j["disk"] else "-",
                  j["from"] or "-", j["to"] or "-", j["state"], progress(j), rate(j),
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["started"]))]
                 for j in rows],
@@ -465,7 +481,7 @@ class Cli:
         if self.json:
             self.emit_json(rows)
             return 0
-        _table([[str(r["id"]), r["host"], r["mount"],
+        self._table([[str(r["id"]), r["host"], r["mount"],
                  "connected" if r["connected"] else "disconnected", f"{r['lease_left']:.1f}s",
                  ",".join(shown(d) for d in r["disks"]) or "-"]
                 for r in rows], ["ID", "HOST", "MOUNT", "STATE", "LEASE", "DISKS"], self.out)

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from . import __version__
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
 from .journal import Journal, JournalCorrupt, recover
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"agent lease (default {DEFAULT_LEASE:.0f} s): how long an agent that "
                    "lost the controller keeps using its cached entries")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     state_dir = os.path.abspath(args.state_dir or default_state_dir())

@@ -8,6 +8,15 @@ _SUFFIX = {"": 0, "B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 _SIZE_RE = re.compile(r"(\d+)(?:\.(\d+))?\s*([KMGTPE]?)(?:i?B)?", re.IGNORECASE)
 
 
+SIZE_HELP = ("bytes, or a number (decimals allowed) with K, M, G, T, P or E, powers of 1024; "
+             "a trailing B or iB changes nothing: 4096, 10G, 1.5T, 512KiB")
+
+
+def human(n: int) -> str:
+    """Bytes as errors and notices show them: '4.0M (4194304 bytes)', exact below 1 KiB."""
+    return f"{format_size(n)} ({n} bytes)" if n >= 1024 else f"{n} bytes"
+
+
 class SizeError(ValueError):
     pass
 
@@ -22,7 +31,7 @@ def parse_size(text: str) -> int:
     m = _SIZE_RE.fullmatch(text.strip())
     if not m or not text.strip():
         raise SizeError(
-            f"invalid size {text!r}: use bytes or a number with K, M, G, T (powers of 1024)"
+            f"invalid size {text!r}: {SIZE_HELP}"
         )
     whole, frac, suffix = m.group(1), m.group(2) or "", m.group(3).upper()
     shift = _SUFFIX[suffix]

@@ -340,7 +340,7 @@ def test_movement_bad_input(controller, mount_factory, tmp_path):
         (["disk", "migrate", "d", "--to", "only"], "wholly on container"),
         (["disk", "migrate", "d", "--to", "nope"], "no such container"),
         (["disk", "migrate", "d", "--to", "c3"], "is failed"),
-        (["disk", "migrate", "d", "--to", "c2"], "bytes free"),
+        (["disk", "migrate", "d", "--to", "c2"], "free; disk"),
         (["disk", "migrate", "nope", "--to", "c2"], "no such disk"),
         (["job", "abort", "99"], "no such job"),
         (["container", "drain", "only", "--to", "only"], "into itself"),

@@ -18,6 +18,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from controller import __version__
 from controller.client import ConnectionLost, open_controller, single_leaf
 from controller.daemon import (
     StateDirBusy,
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--read-ahead-kb", type=int, default=1024, metavar="KB",
                    help="kernel read-ahead for the mount (default 1024; needs root)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     args = p.parse_args(argv)
     setup_logging(args.verbose)

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from .. import __version__
 from .. import protocol as P
 from ..agents import DEFAULT_LEASE, Agent, AgentRegistry
 from ..journal import Journal
@@ -19,7 +20,7 @@ from ..state import Container, Disk, State, StateError
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+VERSION = __version__
 MAX_MAP_ROWS = 65536
 
 

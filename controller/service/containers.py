@@ -9,6 +9,7 @@ import trio
 
 from .. import protocol as P
 from .. import storage
+from ..units import human
 from .coherence import Coherence
 from .placement import Placement
 
@@ -56,7 +57,7 @@ class ContainerOps(Placement, Coherence):
         if c.used:
             users = sorted({d.name for d, _ in self.state.lun_users(c.lun)})
             raise P.RemoteError(
-                P.E_BUSY, f"container {name!r} holds {c.used} bytes of data (disks: "
+                P.E_BUSY, f"container {name!r} holds {human(c.used)} of data (disks: "
                 f"{', '.join(users) or '-'}); remove or move them first")
         for d in self.state.disks.values():
             if d.pin == c.lun:

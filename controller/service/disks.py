@@ -7,6 +7,7 @@ from typing import Any
 
 from .. import protocol as P
 from ..state import Disk, round_up
+from ..units import human
 from .base import MAX_MAP_ROWS
 from .coherence import Coherence
 from .placement import Placement
@@ -19,11 +20,11 @@ class DiskOps(Placement, Coherence):
         if name in self.state.disks:
             raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
         if not 0 <= size <= P.MAX_DISK_SIZE:
-            raise P.invalid(f"disk size must be between 0 and {P.MAX_DISK_SIZE} bytes")
+            raise P.invalid(f"disk size must be between 0 and {human(P.MAX_DISK_SIZE)}")
         seg = P.DEFAULT_SEGMENT_SIZE if segment_size is None else segment_size
         if seg % P.BLOCK_SIZE or not P.MIN_SEGMENT_SIZE <= seg <= P.MAX_SEGMENT_SIZE:
             raise P.invalid(f"segment size must be a multiple of {P.BLOCK_SIZE} between "
-                            f"{P.MIN_SEGMENT_SIZE} and {P.MAX_SEGMENT_SIZE} bytes")
+                            f"{human(P.MIN_SEGMENT_SIZE)} and {human(P.MAX_SEGMENT_SIZE)}")
         pin = self._container(container).lun if container is not None else None
         if pin is not None and self.state.luns[pin].failed:
             raise P.RemoteError(P.E_IO, f"container {container!r} is failed")
@@ -45,7 +46,18 @@ class DiskOps(Placement, Coherence):
             seq = self._record(create([]))
         await self.journal.wait_durable(seq)
         await self.agents.notify({"push": "namespace"})
-        return self._disk_info(self.state.disks[name])
+        return self._warn_overcommit(self._disk_info(self.state.disks[name]))
+
+    def _warn_overcommit(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Add a "warning" to a reply when thin disks promise more than the pool holds
+        (like LVM thin's overprovisioning warning): a warning, never a refusal."""
+        promised = sum(d.size for d in self.state.disks.values() if not d.thick)
+        promised += sum(d.allocated for d in self.state.disks.values() if d.thick)
+        capacity = sum(c.usable for c in self.state.containers.values() if not c.failed)
+        if promised > capacity:
+            info["warning"] = (f"disks now promise {human(promised)}, more than the pool's "
+                               f"{human(capacity)}: writes will meet ENOSPC if they use it all")
+        return info
 
     async def disk_ls(self) -> list[dict[str, Any]]:
         return [self._disk_info(d) for d in sorted(self.state.disks.values(),
@@ -91,7 +103,7 @@ class DiskOps(Placement, Coherence):
         """
         d = self._disk(name)
         if not 0 <= size <= P.MAX_DISK_SIZE:
-            raise P.invalid(f"disk size must be between 0 and {P.MAX_DISK_SIZE} bytes")
+            raise P.invalid(f"disk size must be between 0 and {human(P.MAX_DISK_SIZE)}")
         caller = getattr(conn, "agent", None)
         async with self._dlock(d):
             if self.state.disks.get(d.name) is not d:
@@ -101,7 +113,8 @@ class DiskOps(Placement, Coherence):
             if grow_only:
                 size = max(size, old)
             if size < old and not allow_shrink:
-                raise P.invalid(f"shrinking {name!r} from {old} to {size} bytes discards data; "
+                raise P.invalid(f"shrinking {name!r} from {human(old)} to {human(size)} "
+                                "discards data; "
                                 "pass --allow-shrink to do it")
             if size == old:
                 info = self._disk_info(d)
@@ -135,7 +148,7 @@ class DiskOps(Placement, Coherence):
             # that grows write by write (cp into the mount) costs one round trip a write
             await self._push_update(d, lo, d.size, exclude=caller)
         await self.agents.notify({"push": "namespace", "changed": [d.name]}, exclude=caller)
-        info = self._disk_info(d)
+        info = self._warn_overcommit(self._disk_info(d)) if size > old else self._disk_info(d)
         if caller is not None:
             info["update"] = {"start": lo, "end": d.size, **await self._answer(d, lo, d.size)}
         return info

@@ -20,6 +20,7 @@ from .. import protocol as P
 from ..extents import MOVING, Extent
 from ..moves import move_units
 from ..state import Disk, Job
+from ..units import human
 from .movement import MoveGone, MovementOps
 
 log = logging.getLogger(__name__)
@@ -204,8 +205,8 @@ class JobOps(MovementOps):
             raise P.invalid(f"disk {name!r} is wholly on container {to!r} already")
         free = self._plannable(c).free
         if round_up_sum(d, c.lun) > free:
-            raise P.RemoteError(P.E_NO_SPACE, f"container {to!r} has {free} bytes free; "
-                                f"disk {name!r} needs {round_up_sum(d, c.lun)}")
+            raise P.RemoteError(P.E_NO_SPACE, f"container {to!r} has {human(free)} free; "
+                                f"disk {name!r} needs {human(round_up_sum(d, c.lun))}")
         await self.journal.commit({"op": "disk.place", "name": d.name, "home": c.lun,
                                    "pin": c.lun if d.pin is not None else None})
         return await self._start_job("migrate", d.name, None, c.lun)
@@ -231,7 +232,7 @@ class JobOps(MovementOps):
         room = sum(self._plannable(o).free for o in (
             [self.state.luns[dst]] if dst is not None else others))
         if c.used > room:
-            raise P.RemoteError(P.E_NO_SPACE, f"container {name!r} holds {c.used} bytes; "
+            raise P.RemoteError(P.E_NO_SPACE, f"container {name!r} holds {human(c.used)}; "
                                 f"only {room} are free elsewhere")
         for d in list(self.state.disks.values()):  # pins and homes move off it
             if d.pin == c.lun or d.home == c.lun:

@@ -40,6 +40,7 @@ from .. import protocol as P
 from .. import storage
 from ..extents import MOVING, Extent
 from ..state import Alt, Container, Disk, round_up
+from ..units import human
 from .coherence import Coherence
 from .placement import Placement
 
@@ -115,7 +116,7 @@ class MovementOps(Placement, Coherence):
                 space = (c, sp)
                 break
         if space is None:
-            raise P.RemoteError(P.E_NO_SPACE, f"no container has {need} bytes free for "
+            raise P.RemoteError(P.E_NO_SPACE, f"no container has {human(need)} free for "
                                 f"disk {d.name!r} at {unit.vstart}")
         c, sp = space
         started = []

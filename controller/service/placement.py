@@ -22,6 +22,7 @@ from .. import storage
 from ..allocator import FreeSpace, NoSpace
 from ..extents import MOVING, ZERO
 from ..state import Container, Disk, round_up
+from ..units import human
 from .base import ServiceBase
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class Placement(ServiceBase):
         if need > total_free:
             where = f"container {cands[0].name!r}" if pin is not None else "the pool"
             raise P.RemoteError(
-                P.E_NO_SPACE, f"need {need} bytes but {where} has only {total_free} free")
+                P.E_NO_SPACE, f"need {human(need)} but {where} has only {human(total_free)} free")
         phys: list[tuple[int, int, int]] = []  # (lun, offset, length)
         remaining = need
         for c in cands:
@@ -69,7 +70,7 @@ class Placement(ServiceBase):
             if not remaining:
                 break
         if remaining:
-            raise P.RemoteError(P.E_NO_SPACE, f"need {need} bytes; the pool is too fragmented")
+            raise P.RemoteError(P.E_NO_SPACE, f"need {human(need)}; the pool is too fragmented")
         pieces: list[list[int]] = []
         k = 0
         for vstart, length in targets:

@@ -1,0 +1,56 @@
+"""vdctl basics users reach for first (issue 9): --version, -H, human sizes in errors
+and tables, a warning (not a refusal) when thin disks overcommit the pool, and a help
+text that lists every size suffix that works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import run_vdctl
+from faultkit import add_container, vd
+
+BIN = Path(sys.executable).parent
+
+
+def test_version_on_every_program():
+    for prog in ("vdctl", "virtfs-controller", "virtfs-mount"):
+        r = subprocess.run([str(BIN / prog), "--version"], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0 and r.stdout.strip().startswith(prog + " 0."), (prog, r)
+
+
+def test_help_lists_every_size_suffix():
+    r = subprocess.run([str(BIN / "vdctl"), "--help"], capture_output=True, text=True,
+                       timeout=30)
+    text = " ".join(r.stdout.split())
+    assert "K, M, G, T, P or E" in text and "iB" in text and "1.5T" in text
+
+
+def test_no_headings_and_human_units(controller, tmp_path):
+    add_container(controller, "c1", tmp_path / "c1.img", "64M")
+    vd(controller, "disk", "create", "d", "--size", "1G")
+    plain = vd(controller, "disk", "ls").out.splitlines()
+    bare = vd(controller, "disk", "ls", "-H").out.splitlines()
+    assert plain[0].startswith("NAME") and [ln.split() for ln in bare] == [
+        ln.split() for ln in plain[1:]] != []
+    assert vd(controller, "container", "ls", "--no-headings").out.split()[0] == "c1"
+    # errors give sizes people read, with the exact bytes
+    r = controller.vdctl("disk", "create", "big", "--size", "100M", "--thick")
+    assert r.rc == 1 and "100M (104857600 bytes)" in r.err and "64M" in r.err, r.err
+    r = controller.vdctl("disk", "resize", "d", "1M")
+    assert r.rc == 1 and "from 1G (1073741824 bytes) to 1M (1048576 bytes)" in r.err, r.err
+
+
+def test_overcommit_is_a_warning(controller, tmp_path):
+    add_container(controller, "c1", tmp_path / "c1.img", "64M")
+    r = vd(controller, "disk", "create", "small", "--size", "32M")
+    assert "warning" not in r.err
+    r = vd(controller, "disk", "create", "huge", "--size", "10G")  # thin: allowed
+    assert "vdctl: warning: disks now promise 10.0G" in r.err and "64M" in r.err, r.err
+    r = vd(controller, "disk", "resize", "small", "+1G")
+    assert "warning" in r.err
+    j = run_vdctl("--state-dir", str(controller.state_dir), "disk", "create", "j", "--size",
+                  "1G", "--format", "json")
+    assert j.rc == 0 and "warning" in j.json()
