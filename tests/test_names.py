@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,19 @@ def test_odd_names_through_the_mount_and_vdctl(embedded: Any) -> None:
                   "--size", "1M")
     assert r.rc == 1 and "kept for snapshots" in r.err and len(r.err.splitlines()) == 1
     assert vd(embedded, "check").rc == 0
+
+
+def test_rsync_into_the_mount(embedded: Any, tmp_path: Path) -> None:
+    """rsync writes .NAME.XXXXXX and renames it over NAME: a new file, then an update
+    (--checksum: mtime is not kept yet, so rsync's quick check cannot be trusted)."""
+    src = tmp_path / "image.raw"
+    src.write_bytes(os.urandom(3 << 20) + bytes(1 << 20) + os.urandom(12345))
+    for flags in (["-a"], ["-a", "--checksum"]):
+        r = subprocess.run(["rsync", *flags, str(src), str(embedded.path) + "/"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert (embedded.path / "image.raw").read_bytes() == src.read_bytes()
+        assert os.listdir(embedded.path) == ["image.raw"]  # no temporary left behind
+        with open(src, "r+b") as f:  # change it for the second round
+            f.seek(1 << 20)
+            f.write(os.urandom(4096))
