@@ -12,7 +12,9 @@ while ``vdctl disk migrate --to OTHER`` moves the disk. fio logs every I/O's com
 latency with a Unix timestamp (``--write_lat_log --log_unix_epoch=1``); only the I/Os
 that completed between the job's start and end (``vdctl job ls``: the controller's own
 clock) count. The disk goes back and forth between the two containers. The migration's
-rate under the random-write load is reported too.
+rate under the random-write load is reported too. For contrast, the same fio runs while
+a plain ``cp`` + ``sync FILE`` of as many bytes runs between two files on the containers'
+file system (no virtfs): what a bulk copy alone does to this host's latencies.
 
 ``throughput``: the same disk, idle: ``vdctl disk migrate`` with the page cache
 dropped first (``sync; echo 3 > /proc/sys/vm/drop_caches``), against ``cp`` of a file
@@ -20,7 +22,9 @@ of the same size (random data) between two files in the same directory as the
 containers, also from a dropped cache and followed by ``sync FILE`` of the target, so
 both are durable when timed (the migration makes each copied range durable before it
 marks it: sync_file_range + a 4 KiB RWF_DSYNC write). Also the idle migration from a
-warm cache (the way back).
+warm cache (the way back), and, as a diagnostic, idle migrations on two controller
+children side by side, interleaved: one unpatched, one whose copier copies and marks
+4 MiB a step instead of 1 MiB (``controller.moves.next_copy`` patched).
 
 ``first_write``: the latency of one 4 KiB ``O_DIRECT`` write to a segment that is being
 moved, the copier held by the test hook (``VIRTFS_TEST_HOLD_COPIER``), one write per
@@ -34,7 +38,10 @@ for (a) and (b) runs in a child Python process started by this module
 Both patch the job's moves-in-flight limit (4 in the product) so that every segment is
 moving at once (with the stock limit only 4 segments are moving at a time, the others
 are plain writes), and poll the hold file every 0.5 s instead of 0.05 s (256 held
-copiers polling 20 times a second would load the controller's event loop).
+copiers polling 20 times a second would load the controller's event loop). The child
+also times the steps of each write fault (``--profile``: the whole ``disk.fault``, the
+durable block copy, the ``move.mark`` commit wait, the pushes) and the workload prints
+their medians.
 """
 
 from __future__ import annotations
@@ -334,6 +341,36 @@ def _fio_during_migration(rig: Rig, work: Path, disk: str, rw: str, size: int, t
     return moved
 
 
+def _fio_during_cp(rig: Rig, work: Path, disk: str, rw: str, size: int, src: Path,
+                   tag: str) -> Lat:
+    """The same fio while a plain `cp` + `sync FILE` of size bytes runs on the containers'
+    file system (no virtfs involved): what any bulk copy on this host does to the I/O."""
+    prefix = work / tag
+    cmd = _fio_cmd(rig.mnt / disk, rw, size, ["--time_based", "--runtime=1800s",
+                                              f"--write_lat_log={prefix}",
+                                              "--log_unix_epoch=1"])
+    dst = src.with_name("cp-dst.img")
+    fio = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        time.sleep(1.5)
+        t0 = time.time()
+        subprocess.run(["cp", str(src), str(dst)], check=True)
+        subprocess.run(["sync", str(dst)], check=True)
+        t1 = time.time()
+        if fio.poll() is not None:
+            raise RuntimeError(f"fio {tag} ended early: {fio.communicate()[1][-2000:]}")
+        time.sleep(0.3)
+    finally:
+        _end(fio, signal.SIGINT, wait=60)
+        fio.communicate()
+        dst.unlink(missing_ok=True)
+    ns = _read_clat_log(Path(f"{prefix}_clat.1.log"), t0 * 1000, t1 * 1000)
+    for p in work.glob(f"{tag}_*.log"):
+        p.unlink()
+    return Lat.of(ns)
+
+
 # ---------------------------------------------------------------- first writes
 
 
@@ -419,24 +456,31 @@ def _first_writes(tmp_root: Path, variant: str, size: int, seed: int) -> FirstWr
 # ---------------------------------------------------------------- copier variants
 
 COPIER_VARIANTS = [
-    ("product: 4 moves in flight, 1 MiB steps (child controller)", []),
-    ("16 moves in flight, 1 MiB steps", ["--moves", "16"]),
-    ("4 moves in flight, 4 MiB steps", ["--chunk-blocks", "1024"]),
-    ("16 moves in flight, 4 MiB steps", ["--moves", "16", "--chunk-blocks", "1024"]),
+    ("product: 1 MiB copier steps (controller child, unpatched)", []),
+    ("4 MiB copier steps (one per segment)", ["--chunk-blocks", "1024"]),
 ]
 
 
-def _copier_variant(tmp_root: Path, args: list[str], size: int, reps: int) -> list[float]:
-    """Idle migrations from a dropped cache with a patched copier: MiB/s of each."""
-    out = []
-    with _rig(tmp_root, "copier", size, child=args) as rig:
-        rig.vdctl("disk", "create", "d", "--size", str(size), "--container", "c1")
-        _prefill(rig, "d", size)
+def _copier_variants(tmp_root: Path, size: int, reps: int) -> list[list[float]]:
+    """Idle migrations from a dropped cache, each variant on its own controller child,
+    all set up at once and interleaved: MiB/s of each migration, per variant."""
+    out: list[list[float]] = [[] for _ in COPIER_VARIANTS]
+    with ExitStack() as stack:
+        rigs = []
+        for k, (_label, args) in enumerate(COPIER_VARIANTS):
+            rig = stack.enter_context(_rig(tmp_root, f"copier{k}", size, child=args))
+            rig.vdctl("disk", "create", "d", "--size", str(size), "--container", "c1")
+            _prefill(rig, "d", size)
+            rigs.append(rig)
         where = "c1"
-        for _ in range(reps):
+        for rep in range(reps):
             other = "c2" if where == "c1" else "c1"
-            _drop_caches()
-            out.append(_migrate(rig, "d", other, size).rate_mib_s)
+            order = list(range(len(rigs)))
+            if rep % 2:
+                order.reverse()
+            for k in order:
+                _drop_caches()
+                out[k].append(_migrate(rigs[k], "d", other, size).rate_mib_s)
             where = other
     return out
 
@@ -473,6 +517,7 @@ def run(report: Report, section: Section) -> None:
     reps = 1 if quick else 3
     runtime = 4.0 if quick else 10.0
     fw_size = 256 * MiB if quick else GiB
+    fw_reps = 1 if quick else 5
     tmp_root = Path(os.environ.get("TMPDIR", "/tmp"))
     print(f"movement: disk {size // MiB} MiB, {reps} repetitions, files under {tmp_root}; "
           f"load average {_loadavg()}", file=report.out, flush=True)
@@ -487,9 +532,9 @@ def run(report: Report, section: Section) -> None:
     fw_w = Workload("first_write", "first 4 KiB O_DIRECT write to a moving segment (copier "
                     "held): virtfs vs copy-whole-segment-first vs at rest",
                     {"disk": f"{fw_size // MiB} MiB, {fw_size // SEG} segments, one write each",
-                     "repetitions": reps})
+                     "repetitions": fw_reps})
 
-    lat: dict[str, dict[str, list[Lat]]] = {k: {"rest": [], "move": []}
+    lat: dict[str, dict[str, list[Lat]]] = {k: {"rest": [], "move": [], "cp": []}
                                             for k in ("randwrite", "randread")}
     load_rate: list[float] = []
     cold: list[Moved] = []
@@ -531,6 +576,10 @@ def run(report: Report, section: Section) -> None:
                 if rw == "randwrite":
                     load_rate.append(m.rate_mib_s)
                 where = other
+                report.progress(f"movement: rep {rep + 1}/{reps}: {rw} while a plain cp + "
+                                "sync of the same size runs")
+                lat[rw]["cp"].append(_fio_during_cp(rig, work, "d", rw, size, cp_src,
+                                                    f"{rw}-cp-{rep}"))
             # ---- throughput: cp cold, migration cold, migration warm
             report.progress(f"movement: rep {rep + 1}/{reps}: cp + sync, page cache dropped")
             cp_dst = rig.tmp / "cp-dst.img"
@@ -555,30 +604,34 @@ def run(report: Report, section: Section) -> None:
 
     # ---- first writes: stock vs whole-segment, each on its own controller child
     fws: dict[str, list[FirstWrites]] = {"stock": [], "whole": []}
-    for rep in range(reps):
-        for variant in ("stock", "whole"):
-            report.progress(f"movement: rep {rep + 1}/{reps}: first writes, {variant}")
+    for rep in range(fw_reps):
+        for variant in (("stock", "whole") if rep % 2 == 0 else ("whole", "stock")):
+            report.progress(f"movement: rep {rep + 1}/{fw_reps}: first writes, {variant}")
             fws[variant].append(_first_writes(tmp_root, variant, fw_size, 1000 * rep + 7))
 
     # ---- what would make the copier faster: the product's knobs, patched in a child
-    copier: list[tuple[str, list[float]]] = []
-    for label, args in COPIER_VARIANTS:
-        report.progress(f"movement: idle migrations, copier variant: {label}")
-        copier.append((label, _copier_variant(tmp_root, args, size, reps)))
+    report.progress("movement: idle migrations with copier variants")
+    copier = list(zip([label for label, _ in COPIER_VARIANTS],
+                      _copier_variants(tmp_root, size, reps), strict=True))
 
     # ---- figures
     rows_t = [["workload", "rep", "p50 rest", "p50 moving", "p99 rest", "p99 moving",
-               "p99 ratio", "p99.9 moving", ">1 ms moving", "I/Os moving"]]
+               "p99 ratio", "p99.9 moving", ">1 ms moving", "I/Os moving", "p50 / p99 cp",
+               "p99 ratio cp"]]
     for rw, aim in (("randwrite", AIM_WRITE_P99), ("randread", AIM_READ_P99)):
         ratios = []
-        for k, (r, ml) in enumerate(zip(lat[rw]["rest"], lat[rw]["move"], strict=True)):
+        cp_ratios = []
+        for k, (r, ml, lc) in enumerate(zip(lat[rw]["rest"], lat[rw]["move"], lat[rw]["cp"],
+                                            strict=True)):
             ratio = ml.p99_us / r.p99_us
             ratios.append(ratio)
+            cp_ratios.append(lc.p99_us / r.p99_us)
             rows_t.append([rw if k == 0 else "", str(k + 1), f"{fmt(r.p50_us)} us",
                            f"{fmt(ml.p50_us)} us", f"{fmt(r.p99_us)} us",
                            f"{fmt(ml.p99_us)} us", f"{ratio:.2f}x", f"{fmt(ml.p999_us)} us",
                            f"{ml.over_1ms} ({100 * ml.over_1ms / max(1, ml.n):.2f}%)",
-                           fmt(ml.n)])
+                           fmt(ml.n), f"{fmt(lc.p50_us)} / {fmt(lc.p99_us)} us",
+                           f"{cp_ratios[-1]:.2f}x"])
             lat_w.add(f"{rw} rep {k + 1}: p50 at rest / moving",
                       f"{fmt(r.p50_us)} / {fmt(ml.p50_us)}", "us")
             lat_w.add(f"{rw} rep {k + 1}: p99 at rest / moving",
@@ -586,10 +639,16 @@ def run(report: Report, section: Section) -> None:
         lat_w.add(f"{rw}: p99 moving / at rest (median of {len(ratios)}; range "
                   f"{min(ratios):.2f}-{max(ratios):.2f})", round(statistics.median(ratios), 3),
                   "x", less_than(aim))
+        lat_w.add(f"{rw}: p99 during a plain cp + sync / at rest (median; range "
+                  f"{min(cp_ratios):.2f}-{max(cp_ratios):.2f})",
+                  round(statistics.median(cp_ratios), 3), "x")
     lat_w.add("migration rate under the randwrite load", _spread(load_rate), "MiB/s")
-    lat_w.table = _table(rows_t, "<>>>>>>>>>")
+    lat_w.table = _table(rows_t, "<>>>>>>>>>>>")
     lat_w.note("percentiles computed exactly from fio's per-I/O completion-latency log "
                "(nearest rank), cut to the job's [started, ended] window from `vdctl job ls`")
+    lat_w.note("cp: the same fio while a plain `cp` + `sync FILE` of the same size runs "
+               "between two files on the containers' file system (no virtfs involved), cut to "
+               "the cp's window: what a bulk copy alone does to this host's I/O latency")
     lat_w.note(f"aims: p99 moving <= {AIM_WRITE_P99:g}x at rest (writes), "
                f"<= {AIM_READ_P99:g}x (reads)")
     lat_w.note(f"migration rate under the randwrite load: {_spread(load_rate)} MiB/s "
@@ -614,9 +673,9 @@ def run(report: Report, section: Section) -> None:
     for label, rates in copier:
         thr_w.add(f"variant: {label}", _spread(rates), "MiB/s")
         thr_w.add("  vs cp (median)", round(statistics.median(rates) / cp_med, 3), "x")
-    thr_w.note("variants: the same idle migration from a dropped cache with a controller "
-               "child whose moves-in-flight limit and copier step are patched (diagnostic, "
-               "not the product)")
+    thr_w.note("variants: the same idle migration from a dropped cache, on controller "
+               "children (one unpatched, one with the copier's step patched to 4 MiB), set up "
+               "side by side and interleaved (diagnostic, not the product)")
     thr_w.note("both durable when timed: cp is followed by `sync FILE` of the target; the "
                "migration makes each copied range durable before it marks it")
     thr_w.note("cp and the containers are in the same directory (same host file system)")
@@ -629,7 +688,7 @@ def run(report: Report, section: Section) -> None:
     rows_f = [["rep", "variant", "p50", "p99", "max", "at rest p50", "at rest p99",
                "bytes copied to target"]]
     summary: dict[str, dict[str, list[float]]] = {}
-    for rep in range(reps):
+    for rep in range(fw_reps):
         for variant in ("stock", "whole"):
             fw = fws[variant][rep]
             mv, rs = sorted(fw.moving), sorted(fw.at_rest)
@@ -666,8 +725,9 @@ def run(report: Report, section: Section) -> None:
                 + " (fault: the whole disk.fault call; prepare: _prepare_moving_write; "
                 "copy: the durable block copy; journal_wait: the move.mark commit)")
     fw_w.table = _table(rows_f, "<<>>>>>>")
-    fw_w.note("median (min-max) over the repetitions; each repetition is a fresh controller "
-              "child, containers and agent; (c) is the same writes before the migration")
+    fw_w.note("median (min-max) over the repetitions (the order of (a) and (b) alternates); "
+              "each repetition is a fresh controller child, containers and agent; (c) is the "
+              "same kind of writes (one per segment, random block) before the migration")
     fw_w.note("bytes copied to target: what the target container holds after the first "
               "writes (the copier held): (a) the written blocks, (b) whole segments")
     fw_w.note(f"load average at the end {_loadavg()}")
