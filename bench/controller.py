@@ -15,8 +15,9 @@
 - ``scale``: a pool of thin 1 TiB disks (100 TiB, 26 million extents; 10 TiB
   with --quick, or ``VIRTFS_BENCH_SCALE_TIB``), every 4 MiB segment allocated
   in random order through ``State.apply``: memory, a checkpoint taken under
-  load (the loop's longest stall, faults answered meanwhile), a 64 MiB journal
-  after it, and the restart (``recover()`` and a real ``virtfs-controller``).
+  load (the loop's longest stall, faults answered meanwhile), a full journal
+  after it (``CHECKPOINT_BYTES``: the most a restart replays), and the restart
+  (``recover()`` and a real ``virtfs-controller``).
 
 Measurements that depend on a process's memory run in a child process
 (``python -m bench.controller child ...``) so earlier workloads do not skew them.

@@ -361,6 +361,21 @@ class ExtentMap:
                 prev = e
 
     # ------------------------------------------------------------ persistence
+    def clone(self) -> ExtentMap:
+        """An independent copy in O(chunks) (a disk snapshot's or clone's table).
+
+        Both maps share the current chunks and copy one before they change it, from
+        now on (the same copy-on-write as snapshot(), kept for the maps' life).
+        """
+        self._gen += 1
+        self._open_snapshots += 1  # never released: the clone may share any older chunk
+        m = ExtentMap()
+        m._chunks = list(self._chunks)
+        m._firsts = list(self._firsts)
+        m._count, m._mapped = self._count, self._mapped
+        m._gen, m._open_snapshots = self._gen, 1
+        return m
+
     def snapshot(self) -> ExtentSnapshot:
         """Freeze the current extents in O(chunks); release() it when done.
 
@@ -463,6 +478,8 @@ class ExtentSnapshot:
         """The extents as five packed columns (as to_wire), cut into pieces of at most
         max_extents extents (>= 1) each; nothing for an empty map."""
         max_extents = max(1, max_extents)
+        if max_extents >= _CHUNK:  # whole chunks when loaded back (extend_wire)
+            max_extents -= max_extents % _CHUNK
         cols: list[array[int]] = [array("q"), array("q"), array("q"), array("q"), array("B")]
         have = 0
         for c in self._chunks:
