@@ -131,10 +131,20 @@ class Disk:
     # opens, locks and restrictions are keyed by, so renames and re-creations of a name
     # cannot mix two disks up
     uid: int = field(default_factory=lambda: next(_DISK_UIDS), compare=False, repr=False)
+    # snapshots and clones (docs/snapshots.md): tables of one family (a disk, its
+    # snapshots, their clones, ...) may share storage, always at the same vstart;
+    # origin: the snapshot a clone was made from; a snapshot's parent: its disk
+    family: int = 0
+    origin: str | None = None
+    parent: str | None = None  # set on snapshots only (read-only tables)
 
     @property
     def allocated(self) -> int:
         return self.extents.mapped_bytes
+
+    @property
+    def is_snapshot(self) -> bool:
+        return self.parent is not None
 
     def to_dict(self, luns: dict[int, Container]) -> dict[str, Any]:
         return {
@@ -148,6 +158,7 @@ class Disk:
             "home": luns[self.home].name if self.home in luns else None,
             "epoch": self.epoch,
             "ctime": self.ctime,
+            "origin": self.origin,
         }
 
 
@@ -179,6 +190,8 @@ class State:
         self.boot = 0
         self.jobs: dict[int, Job] = {}  # running ones, and the last finished ones
         self.next_job = 1
+        self.snaps: dict[str, Disk] = {}  # "DISK@SNAP" -> the snapshot's read-only table
+        self.next_family = 1
 
     # ------------------------------------------------------------ lookups
     def container(self, name: str) -> Container:
@@ -192,6 +205,56 @@ class State:
         if d is None:
             raise StateError(f"no such disk: {name!r}")
         return d
+
+    def table(self, name: str) -> Disk:
+        """A disk or a snapshot ("DISK@SNAP") by name; StateError if neither exists."""
+        t = self.snaps.get(name) if "@" in name else self.disks.get(name)
+        if t is None:
+            raise StateError(f"no such disk or snapshot: {name!r}")
+        return t
+
+    def family(self, fam: int) -> list[Disk]:
+        """Every table (disks, snapshots, clones) of a family: those that may share."""
+        return [t for t in (*self.disks.values(), *self.snaps.values()) if t.family == fam]
+
+    def referenced(self, fam: int, vstart: int, vend: int, lun: int, offset: int,
+                   skip: Disk | None = None) -> list[tuple[int, int]]:
+        """Parts [lo, hi) of [vstart, vend) whose storage (lun, offset + (v - vstart))
+        another table of family fam (not skip) maps, at the same vstart: shared storage.
+        Tables share only by having been copied from one another (snapshot, clone,
+        rollback), so a shared block is always at the same vstart in every table."""
+        out: list[tuple[int, int]] = []
+        delta = offset - vstart
+        for t in self.family(fam):
+            if t is skip:
+                continue
+            for e in t.extents.stored_in(vstart, vend):
+                if e.lun == lun and e.offset - e.vstart == delta:
+                    out.append((max(e.vstart, vstart), min(e.vend, vend)))
+        out.sort()
+        merged: list[tuple[int, int]] = []
+        for lo, hi in out:
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return merged
+
+    def _release_unshared(self, fam: int, pieces: list[Extent]) -> None:
+        """Free the storage of pieces (removed from their table already) that no other
+        table of family fam maps. Storage is freed a block at a time: a block any part
+        of which another table maps stays (a table's short last block is still a whole
+        block of storage)."""
+        for e in pieces:
+            nblk = -(-e.length // BLOCK_SIZE)
+            keep = [((lo - e.vstart) // BLOCK_SIZE, -(-(hi - e.vstart) // BLOCK_SIZE))
+                    for lo, hi in self.referenced(fam, e.vstart, e.vend, e.lun, e.offset)]
+            pos = 0
+            for kb, ke in [*keep, (nblk, nblk)]:
+                if kb > pos:
+                    self.luns[e.lun].space.release(e.offset + pos * BLOCK_SIZE,
+                                                   (kb - pos) * BLOCK_SIZE)
+                pos = max(pos, ke)
 
     def lun_users(self, lun: int) -> Iterator[tuple[Disk, Extent]]:
         for d in self.disks.values():
@@ -283,8 +346,8 @@ class State:
                                            (a.bitmap.nblocks - keep) * BLOCK_SIZE)
             a.bitmap = a.bitmap.slice(0, keep)
         removed = d.extents.remove_range(start, end)
+        self._release_unshared(d.family, removed)
         for e in removed:
-            self.luns[e.lun].space.release(e.offset, round_up(e.length))
             if e.flags & MOVING and e.vstart in d.alts:  # the whole moving segment
                 a = d.alts.pop(e.vstart)
                 self.luns[a.lun].space.release(a.offset, a.bitmap.nblocks * BLOCK_SIZE)
@@ -325,9 +388,11 @@ class State:
             pin=rec["pin"],
             home=rec["home"],
             ctime=rec.get("ctime", 0.0),
+            family=self.next_family,
         )
         self._map(d, _pieces(rec))
         self.disks[name] = d
+        self.next_family += 1
 
     def _disk_map(self, rec: dict[str, Any]) -> None:
         self._map(self.disk(rec["name"]), _pieces(rec))
@@ -361,8 +426,14 @@ class State:
 
     def _disk_rm(self, rec: dict[str, Any]) -> None:
         d = self.disk(rec["name"])
+        self._no_snapshots(d)
         self._unmap(d, 0, d.size)
         del self.disks[d.name]
+
+    def _no_snapshots(self, d: Disk) -> None:
+        snaps = sorted(n for n, t in self.snaps.items() if t.parent == d.name)
+        if snaps:
+            raise StateError(f"disk {d.name!r} has snapshots: {', '.join(snaps)}")
 
     def _disk_rename(self, rec: dict[str, Any]) -> None:
         d = self.disk(rec["name"])
@@ -373,15 +444,24 @@ class State:
             if not rec.get("replace"):
                 raise StateError(f"cannot rename {d.name!r} to {new!r}: it exists")
             target = self.disks[new]  # replaced atomically, as rename(2) does
+            self._no_snapshots(target)
             self._unmap(target, 0, target.size)
             del self.disks[new]
         del self.disks[d.name]
         for j in self.jobs.values():
             if j.disk == d.name and j.state == "running":
                 j.disk = new
+        old = d.name
         d.name = new
         d.epoch += 1
         self.disks[new] = d
+        for full in [n for n, t in self.snaps.items() if t.parent == old]:
+            snap = self.snaps.pop(full)  # NAME@SNAP follows its disk's name
+            snap.parent, snap.name = new, f"{new}@{full.split('@', 1)[1]}"
+            self.snaps[snap.name] = snap
+            for t in (*self.disks.values(), *self.snaps.values()):
+                if t.origin == full:
+                    t.origin = snap.name
 
     # ------------------------------------------------------------ moves (DESIGN.md 3)
     def _moving(self, d: Disk, vstart: Any) -> tuple[Extent, Alt]:
@@ -411,8 +491,6 @@ class State:
         nbytes = round_up(length)
         if c is None or offset % ALIGN or not c.space.is_free(offset, nbytes):
             raise StateError(f"alternate {lun}:{offset}+{nbytes} is not free")
-        if lun == e.lun:
-            raise StateError("a segment cannot move within its own container")
         c.space.take(offset, nbytes)
         d.extents.split_at(vstart)
         d.extents.split_at(vstart + length)
@@ -460,8 +538,8 @@ class State:
         nbytes = a.bitmap.nblocks * BLOCK_SIZE
         del d.alts[e.vstart]
         d.extents.remove_range(e.vstart, e.vend)
-        if keep_alt:
-            self.luns[e.lun].space.release(e.offset, nbytes)
+        if keep_alt:  # L1 is freed unless a snapshot or clone still maps it
+            self._release_unshared(d.family, [e])
             d.extents.insert(e.vstart, e.length, a.lun, a.offset, e.flags & ~MOVING)
         else:
             self.luns[a.lun].space.release(a.offset, nbytes)
@@ -505,6 +583,62 @@ class State:
         done = sorted(k for k, o in self.jobs.items() if o.state != "running")
         for k in done[: max(0, len(done) - KEEP_FINISHED_JOBS)]:
             del self.jobs[k]
+
+    # ------------------------------------------------------------ snapshots, clones
+    def _snap_create(self, rec: dict[str, Any]) -> None:
+        """DISK@SNAP: a read-only copy of the disk's table, sharing all its storage."""
+        d = self.disk(rec["name"])
+        snap = rec["snap"]
+        full = f"{d.name}@{snap}"
+        if type(snap) is not str or not snap or "@" in snap or "/" in snap or "\0" in snap:
+            raise StateError(f"bad snapshot name {snap!r}")
+        if full in self.snaps:
+            raise StateError(f"snapshot {full!r} already exists")
+        if d.alts:
+            raise StateError(f"disk {d.name!r} has segments being moved")
+        self.snaps[full] = Disk(full, d.size, d.segment_size, d.thick, d.pin, d.home,
+                                rec["ctime"], d.extents.clone(), family=d.family,
+                                parent=d.name)
+        d.epoch += 1  # its storage is shared now: writes must copy first
+
+    def _snap_rm(self, rec: dict[str, Any]) -> None:
+        """Drop a snapshot; free what no other table of its family maps."""
+        s = self.snaps.get(rec["name"])
+        if s is None:
+            raise StateError(f"no such snapshot: {rec['name']!r}")
+        users = sorted(t.name for t in (*self.disks.values(), *self.snaps.values())
+                       if t.origin == s.name)
+        if users:
+            raise StateError(f"snapshot {s.name!r} has clones: {', '.join(users)}")
+        del self.snaps[s.name]
+        self._release_unshared(s.family, list(s.extents))
+
+    def _disk_clone(self, rec: dict[str, Any]) -> None:
+        """A writable disk from a snapshot, sharing its storage."""
+        s = self.snaps.get(rec["snap"])
+        new = rec["new"]
+        if s is None:
+            raise StateError(f"no such snapshot: {rec['snap']!r}")
+        if not isinstance(new, str) or new in self.disks or "@" in new:
+            raise StateError(f"cannot clone to {new!r}")
+        self.disks[new] = Disk(new, s.size, s.segment_size, s.thick, s.pin, s.home,
+                               rec["ctime"], s.extents.clone(), family=s.family,
+                               origin=s.name)
+
+    def _snap_rollback(self, rec: dict[str, Any]) -> None:
+        """The disk's content (and size) becomes its snapshot's; what only the disk held
+        is freed."""
+        s = self.snaps.get(rec["snap"])
+        if s is None or s.parent is None:
+            raise StateError(f"no such snapshot: {rec['snap']!r}")
+        d = self.disk(s.parent)
+        if d.alts:
+            raise StateError(f"disk {d.name!r} has segments being moved")
+        old = list(d.extents)
+        d.extents = s.extents.clone()
+        d.size = s.size
+        d.epoch += 1
+        self._release_unshared(d.family, old)
 
     def _controller_boot(self, rec: dict[str, Any]) -> None:
         boot = rec["boot"]
@@ -563,9 +697,11 @@ class State:
                         [vs, a.lun, a.offset, a.bitmap.nblocks, a.bitmap.to_bytes()]
                         for vs, a in d.alts.items()
                     ],
+                    **_lineage(d),
                 }
-                for d in self.disks.values()
+                for d in (*self.disks.values(), *self.snaps.values())
             ],
+            "next_family": self.next_family,
         }
 
     @classmethod
@@ -590,16 +726,28 @@ class State:
                               space, cw.get("failed", False), cw.get("draining", False))
                 s.containers[c.name] = c
                 s.luns[c.lun] = c
+            s.next_family = _int(w.get("next_family", 1), "next_family")
             for dw in w["disks"]:
                 d = Disk(dw["name"], dw["size"], dw["segment_size"], dw["thick"], dw["pin"],
                          dw["home"], dw["ctime"], ExtentMap.from_wire(dw["extents"]),
                          epoch=dw["epoch"])
                 for vs, lun, off, nblocks, bits in dw["alts"]:
                     d.alts[vs] = Alt(lun, off, Bitmap(nblocks, bits))
-                s.disks[d.name] = d
+                s._add_table(d, dw)
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"checkpoint is malformed: {e!r}") from None
         return s
+
+    def _add_table(self, d: Disk, w: dict[str, Any]) -> None:
+        """Load a disk or snapshot table's lineage from its checkpoint form (tables
+        written before snapshots existed get a family of their own)."""
+        fam = w.get("family")
+        if fam is None:
+            fam = self.next_family
+            self.next_family += 1
+        d.family = _int(fam, "family")
+        d.origin, d.parent = w.get("origin"), w.get("parent")
+        (self.snaps if d.parent is not None else self.disks)[d.name] = d
 
     def snapshot(self) -> Snapshot:
         """A frozen view of the state for a checkpoint; release() it when done.
@@ -644,6 +792,7 @@ class State:
                 j = Job.from_wire(jw)
                 s.jobs[j.id] = j
             ndisks = _int(h["disks"], "disks")
+            s.next_family = _int(h.get("next_family", 1), "next_family")
             for cw in h["containers"]:
                 nfree = _int(cw["free"], "free")
                 starts, lens = bytearray(), bytearray()
@@ -686,9 +835,9 @@ class State:
                 if len(d.alts) != nalts:
                     raise StateError(f"checkpoint: disk {d.name!r} has the wrong number of "
                                      "alternates")
-                if d.name in s.disks:
+                if d.name in s.disks or d.name in s.snaps:
                     raise StateError(f"checkpoint: disk {d.name!r} twice")
-                s.disks[d.name] = d
+                s._add_table(d, dw)
             end = nxt("end")
             if (end["seq"], end["disks"], end["extents"], end["parts"]) != (
                     s.seq, ndisks, total, count - 1):
@@ -701,6 +850,10 @@ class State:
         if extra is not None:
             raise StateError(f"checkpoint: data after the end part (part {count + 1})")
         return s
+
+
+def _lineage(d: Disk) -> dict[str, Any]:
+    return {"family": d.family, "origin": d.origin, "parent": d.parent}
 
 
 def _int(v: Any, what: str) -> int:
@@ -730,7 +883,7 @@ class Snapshot:
             "format": PARTS_FORMAT, "part": "header", "seq": state.seq,
             "next_lun": state.next_lun, "boot": state.boot, "containers": [],
             "next_job": state.next_job, "jobs": [j.to_wire() for j in state.jobs.values()],
-            "disks": len(state.disks),
+            "disks": len(state.disks) + len(state.snaps), "next_family": state.next_family,
         }
         self._free: list[tuple[int, bytes, bytes]] = []
         for c in state.containers.values():
@@ -744,14 +897,14 @@ class Snapshot:
             self._free.append((c.lun, starts, lens))
         self._disks: list[tuple[dict[str, Any], ExtentSnapshot, list[list[Any]]]] = []
         try:
-            for d in state.disks.values():
+            for d in (*state.disks.values(), *state.snaps.values()):
                 ext = d.extents.snapshot()
                 alts = [[vs, a.lun, a.offset, a.bitmap.nblocks, a.bitmap.to_bytes()]
                         for vs, a in d.alts.items()]
                 meta = {"part": "disk", "name": d.name, "size": d.size,
                         "segment_size": d.segment_size, "thick": d.thick, "pin": d.pin,
                         "home": d.home, "ctime": d.ctime, "epoch": d.epoch,
-                        "extents": ext.count, "alts": len(alts)}
+                        "extents": ext.count, "alts": len(alts), **_lineage(d)}
                 self._disks.append((meta, ext, alts))
         except BaseException:
             self.release()
@@ -817,6 +970,10 @@ _HANDLERS = {
     "disk.place": State._disk_place,
     "job.start": State._job_start,
     "job.end": State._job_end,
+    "snap.create": State._snap_create,
+    "snap.rm": State._snap_rm,
+    "disk.clone": State._disk_clone,
+    "snap.rollback": State._snap_rollback,
 }
 
 
@@ -846,8 +1003,16 @@ def check(state: State) -> list[Problem]:
                 f"{cont.path}")
         paths[cont.path] = cont.name
 
-    used: dict[int, list[tuple[int, int, str]]] = {lun: [] for lun in state.luns}
-    for d in state.disks.values():
+    # (offset, length, what, sharing key): a disk's, snapshot's or clone's extent may
+    # share storage with another table of its family at the same vstart (the key is
+    # (family, vstart - offset)); an alternate location never shares (key None)
+    used: dict[int, list[tuple[int, int, str, tuple[int, int] | None]]] = {
+        lun: [] for lun in state.luns}
+    for d in (*state.disks.values(), *state.snaps.values()):
+        if d.parent is not None and d.parent not in state.disks:
+            err(f"snapshot {d.name!r} belongs to missing disk {d.parent!r}")
+        if d.origin is not None and d.origin not in state.snaps:
+            err(f"clone {d.name!r} comes from missing snapshot {d.origin!r}")
         prev_end = 0
         count = 0
         mapped = 0
@@ -868,7 +1033,8 @@ def check(state: State) -> list[Problem]:
                 continue
             if e.offset + round_up(e.length) > c.usable:
                 err(f"{where} runs past the end of container {c.name!r}")
-            used[e.lun].append((e.offset, round_up(e.length), where))
+            used[e.lun].append((e.offset, round_up(e.length), where,
+                                (d.family, e.vstart - e.offset)))
         if count != len(d.extents) or mapped != d.extents.mapped_bytes:
             err(f"disk {d.name!r} extent counters are wrong")
         for e in d.extents:
@@ -890,9 +1056,7 @@ def check(state: State) -> list[Problem]:
             n = a.bitmap.nblocks * BLOCK_SIZE
             if a.offset % ALIGN or a.offset + n > c.usable:
                 err(f"{where} is misaligned or runs past the end of container {c.name!r}")
-            if e2 is not None and a.lun == e2.lun:
-                err(f"{where} is in the segment's own container")
-            used[a.lun].append((a.offset, n, where))
+            used[a.lun].append((a.offset, n, where, None))
     for j in state.jobs.values():
         if j.state == "running":
             if j.disk is not None and j.disk not in state.disks:
@@ -903,16 +1067,20 @@ def check(state: State) -> list[Problem]:
 
     for lun, ranges in used.items():
         c = state.luns[lun]
-        ranges.sort()
-        # reference counts: nothing is shared yet, so every block has exactly one owner
-        for (o1, n1, w1), (o2, _n2, w2) in zip(ranges, ranges[1:], strict=False):
-            if o2 < o1 + n1:
-                err(f"container {c.name!r}: {w1} and {w2} share storage at {o2}")
+        ranges.sort(key=lambda r: (r[0], r[1]))
+        # reference counts: a block is used by one table, or shared only within a family
+        # at the same vstart (snapshots, clones); union of the ranges for the usage
+        reach, reach_key, reach_what = -1, None, ""
+        total_used = 0
+        for off, n, where, key in ranges:
+            if off < reach and (key is None or key != reach_key):
+                err(f"container {c.name!r}: {reach_what} and {where} share storage at {off}")
+            total_used += max(0, off + n - max(off, reach))
+            if off + n > reach:
+                reach, reach_key, reach_what = off + n, key, where
         free = list(c.space.ranges())
         fi = 0
-        total_used = 0
-        for off, n, where in ranges:
-            total_used += n
+        for off, n, where, _key in ranges:
             while fi < len(free) and free[fi][0] + free[fi][1] <= off:
                 fi += 1
             if fi < len(free) and free[fi][0] < off + n:

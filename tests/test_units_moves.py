@@ -120,7 +120,6 @@ def test_discard_and_shrink_over_a_moving_segment():
 
 
 @pytest.mark.parametrize("rec,msg", [
-    ({"vstart": 0, "length": SEG, "lun": 1, "offset": 64 * B}, "own container"),
     ({"vstart": 0, "length": SEG, "lun": 2, "offset": 1}, "not free"),
     ({"vstart": 0, "length": 2 * SEG, "lun": 2, "offset": 0}, "not inside one extent"),
     ({"vstart": 8 * SEG, "length": SEG, "lun": 2, "offset": 0}, "not inside one extent"),
@@ -248,6 +247,44 @@ class Moves(RuleBasedStateMachine):
     @rule(size=st.integers(1, 64 * B) | st.integers(48 * B, 64 * B))
     def resize(self, size: int) -> None:
         self.do({"op": "disk.resize", "name": "t", "size": size, "map": []})
+
+    # snapshots and clones share storage with the disk (same family, same vstart)
+    @rule(n=st.integers(0, 3))
+    def snap(self, n: int) -> None:
+        self.do({"op": "snap.create", "name": "t", "snap": f"s{n}", "ctime": 1.0})
+
+    @rule(n=st.integers(0, 3))
+    def snap_rm(self, n: int) -> None:
+        self.do({"op": "snap.rm", "name": f"t@s{n}"})
+
+    @rule(n=st.integers(0, 3), k=st.integers(0, 1))
+    def clone(self, n: int, k: int) -> None:
+        self.do({"op": "disk.clone", "snap": f"t@s{n}", "new": f"c{k}", "ctime": 2.0})
+
+    @rule(k=st.integers(0, 1))
+    def clone_rm(self, k: int) -> None:
+        self.do({"op": "disk.rm", "name": f"c{k}"})
+
+    @rule(n=st.integers(0, 3))
+    def rollback(self, n: int) -> None:
+        self.do({"op": "snap.rollback", "snap": f"t@s{n}"})
+
+    @rule(data=st.data(), k=st.integers(0, 1))
+    def clone_write(self, data: st.DataObject, k: int) -> None:
+        """A clone's own new segment (what a copy-on-write leaves behind)."""
+        c = self.s.disks.get(f"c{k}")
+        if c is None:
+            return
+        seg = data.draw(st.integers(0, 15))
+        if seg * SEG >= c.size:
+            return
+        lo = seg * SEG
+        hi = min(c.size, lo + SEG)
+        if not c.extents.is_gap(lo, hi):
+            return
+        off = self.free_at(1, -(-(hi - lo) // B) * B)
+        if off is not None:
+            assert self.do({"op": "disk.map", "name": f"c{k}", "map": [[lo, hi - lo, 1, off]]})
 
     @invariant()
     def consistent(self) -> None:
