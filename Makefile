@@ -14,7 +14,7 @@ all: test
 sysdeps:
 	@bash scripts/sysdeps.sh
 
-$(BIN)/.installed: pyproject.toml third_party/pyfuse3/fallocate.patch scripts/build-pyfuse3.sh | sysdeps
+$(BIN)/.installed: pyproject.toml $(wildcard third_party/pyfuse3/*.patch) scripts/build-pyfuse3.sh | sysdeps
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -25,6 +25,7 @@ SECTIONS: dict[str, str] = {
     "datapath": "bench.datapath",
     "agent_table": "bench.agent_table",
     "movement": "bench.movement",
+    "imports": "bench.imports",
 }
 
 

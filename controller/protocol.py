@@ -227,6 +227,7 @@ E_UNAUTHORIZED = "unauthorized"
 E_IO = "io_error"
 E_INTERNAL = "internal"
 E_UNSUPPORTED = "unsupported"
+E_READONLY = "read_only"  # a write to a snapshot (the agent answers EROFS)
 
 
 class RemoteError(Exception):
@@ -364,13 +365,17 @@ _op("disk.open", NAME, roles=AGENT)
 _op("disk.close", NAME, _f("handle", int, type(None), required=False), roles=AGENT)
 _op("disk.table", NAME, roles=AGENT)
 _op("disk.fault", NAME, _f("offset", int), _f("length", int), _f("write", bool), roles=AGENT)
+_op("disk.allocate", NAME, _f("offset", int), _f("length", int), _f("reserve", bool),
+    roles=AGENT)
+_op("disk.trim", NAME, _f("size", int), _f("expect", int), roles=AGENT)
 _op("io.error", NAME, _f("lun", int), _f("offset", int), _f("message", str), roles=AGENT)
 
 # ops whose service method also receives the calling connection
 CONN_OPS = frozenset({"agent.register", "agent.heartbeat", "agent.bye", "disk.open",
                       "disk.close",
                       "disk.table",
-                      "disk.fault", "disk.discard", "disk.rm", "disk.resize"})
+                      "disk.fault", "disk.allocate", "disk.trim",
+                      "disk.discard", "disk.rm", "disk.resize"})
 
 
 def validate_args(op: str, args: object) -> dict[str, Any]:

@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# Build pyfuse3 from its PyPI sdist with virtfs's fallocate patch
-# (third_party/pyfuse3/fallocate.patch) and install it into a venv.
+# Build pyfuse3 from its PyPI sdist with virtfs's patches (third_party/pyfuse3/:
+# fallocate.patch, then lseek.patch) and install it into a venv.
 #
 # Usage: scripts/build-pyfuse3.sh [VENV_PYTHON]     (default: .venv/bin/python)
 #
-# Idempotent: does nothing if the installed pyfuse3 already carries the patch.
+# Idempotent: does nothing if the installed pyfuse3 already carries both patches.
 # Needs: network access to PyPI, a C compiler, pkg-config and libfuse3-dev.
 set -euo pipefail
 
 PYFUSE3_VERSION=3.5.0
 # Installed as a PEP 440 local version, so `pip list` shows the patched build.
 # It still satisfies virtfs's `pyfuse3>=3.3` requirement.
-LOCAL_VERSION="${PYFUSE3_VERSION}+virtfs.fallocate"
+LOCAL_VERSION="${PYFUSE3_VERSION}+virtfs.fallocate.lseek"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PATCH="$ROOT/third_party/pyfuse3/fallocate.patch"
+PATCHES=("$ROOT/third_party/pyfuse3/fallocate.patch" "$ROOT/third_party/pyfuse3/lseek.patch")
 PY="${1:-.venv/bin/python}"
 # Keep the venv path as given (no symlink resolution: that would leave the venv).
 [[ "$PY" == /* ]] || PY="$PWD/$PY"
@@ -23,28 +23,28 @@ msg() { echo "build-pyfuse3: $*" >&2; }
 die() { msg "ERROR: $*"; exit 1; }
 
 [[ -x "$PY" ]] || die "venv python '$PY' not found or not executable"
-[[ -f "$PATCH" ]] || die "patch file $PATCH is missing"
+for p in "${PATCHES[@]}"; do [[ -f "$p" ]] || die "patch file $p is missing"; done
 
-# Both halves of the patch must be present: the pure-Python default
-# Operations.fallocate and the compiled C callback (whose async half's name
-# ends up as a string constant in the extension module).
+# Both halves of each patch must be present: the pure-Python defaults
+# Operations.fallocate/lseek and the compiled C callbacks (whose async halves'
+# names end up as string constants in the extension module).
 is_patched() {
     "$PY" - <<'EOF' 2>/dev/null
 import pathlib, sys
 import pyfuse3
-if not hasattr(pyfuse3.Operations, "fallocate"):
-    sys.exit(1)
-if b"fuse_fallocate_async" not in pathlib.Path(pyfuse3.__file__).read_bytes():
-    sys.exit(1)
+ext = pathlib.Path(pyfuse3.__file__).read_bytes()
+for name in ("fallocate", "lseek"):
+    if not hasattr(pyfuse3.Operations, name) or f"fuse_{name}_async".encode() not in ext:
+        sys.exit(1)
 EOF
 }
 
 if is_patched; then
-    msg "pyfuse3 in $PY already has the fallocate patch; nothing to do"
+    msg "pyfuse3 in $PY already has the fallocate and lseek patches; nothing to do"
     exit 0
 fi
 
-msg "pyfuse3 with fallocate support not found in $PY; building $PYFUSE3_VERSION from source"
+msg "pyfuse3 with fallocate and lseek support not found in $PY; building $PYFUSE3_VERSION from source"
 
 # Build prerequisites that pip cannot provide.
 command -v pkg-config >/dev/null || die "pkg-config not found (apt-get install pkg-config)"
@@ -62,8 +62,10 @@ SDIST="$TMP/pyfuse3-$PYFUSE3_VERSION.tar.gz"
 tar -xzf "$SDIST" -C "$TMP"
 SRC="$TMP/pyfuse3-$PYFUSE3_VERSION"
 
-msg "applying $(basename "$PATCH")"
-patch -d "$SRC" -p1 --forward --batch --quiet < "$PATCH" || die "patch did not apply cleanly"
+for p in "${PATCHES[@]}"; do
+    msg "applying $(basename "$p")"
+    patch -d "$SRC" -p1 --forward --batch --quiet < "$p" || die "$(basename "$p") did not apply cleanly"
+done
 
 # The sdist ships a pre-generated src/pyfuse3/__init__.c from the unpatched
 # .pyx. The build backend lists __init__.pyx as the extension source, so
@@ -85,7 +87,7 @@ msg "build took $((SECONDS - start))s"
 
 # Import from a neutral directory so nothing in the cwd shadows the package.
 if (cd "$TMP" && is_patched); then
-    msg "installed pyfuse3 $LOCAL_VERSION with fallocate support into $PY"
+    msg "installed pyfuse3 $LOCAL_VERSION with fallocate and lseek support into $PY"
 else
-    die "pyfuse3 was installed but the fallocate patch is not visible in it"
+    die "pyfuse3 was installed but the patches are not visible in it"
 fi

@@ -38,6 +38,15 @@ from .mapcache import DiskTable, Entry, Inflight, TableError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+GROW_STEP_MIN = 16 << 20  # grow ahead: the smallest step (bytes past the write's end)
+GROW_STEP_MAX = 1 << 30  # and the largest (steps grow with the file: half its size)
+ALLOCATE_AHEAD_MAX = 256 << 20  # the most a sequential writer's fault allocates
+ALLOCATE_CHUNK = 1 << 30  # bytes per disk.allocate call (controller's MAX_ALLOCATE)
+SEQUENTIAL_SLACK = 1 << 20  # a write starting this close to the last one's end is sequential
+
 
 @dataclass
 class OpenDisk:
@@ -59,6 +68,32 @@ class OpenDisk:
     handle: int | None = None  # the controller's identity of the disk (disk.open's answer)
     reloading: bool = False  # a background reload is running (Volumes.reload_soon)
     reload_again: bool = False  # and another one is wanted after it
+    # grow ahead: an appending writer grows the disk at the controller in large steps
+    # (to grown_to) and keeps the file's end here (eof), trimmed back on fsync and close
+    eof: int | None = None
+    grown_to: int = -1
+    next_write: int = -1  # where the last write ended (sequential writers allocate ahead)
+    run: int = 0  # bytes written sequentially up to next_write
+
+    def sequential(self, offset: int) -> bool:
+        """A write at offset continues a sequential run of at least a segment."""
+        return self.run >= self.segment_size and abs(offset - self.next_write) <= \
+            SEQUENTIAL_SLACK
+
+    def wrote(self, offset: int, end: int) -> None:
+        if abs(offset - self.next_write) <= SEQUENTIAL_SLACK:
+            self.run += end - offset
+        else:
+            self.run = end - offset
+        self.next_write = end
+
+    @property
+    def size(self) -> int:
+        """The file's size: the local end of file while grown ahead, else the table's.
+        A size the controller changed since (truncate, vdctl resize) wins."""
+        if self.eof is not None and self.table.size == self.grown_to:
+            return self.eof
+        return self.table.size
 
 
 class DataPath:
@@ -210,7 +245,7 @@ class DataPath:
     # ------------------------------------------------------------ I/O
     async def read(self, od: OpenDisk, offset: int, length: int) -> bytes:
         """Up to length bytes at offset (short only at the end of the disk). DiskError."""
-        end = min(offset + length, od.table.size)
+        end = min(offset + length, od.size)
         if offset >= end:
             return b""
         parts: list[bytes] = []
@@ -291,14 +326,16 @@ class DataPath:
         deadline = self._deadline()
         while True:
             if skip_zero:
-                target = min(target, od.table.size)
-            elif od.table.size < target:
+                target = min(target, od.size)
+            elif od.size < target:
                 # past the end, or the disk shrank under us: grow, like a regular file
                 if trio.current_time() >= deadline:
                     raise DiskError(errno.EIO, f"{od.name}: cannot grow to {target}")
-                await self.grow(od, target)
+                await self.grow(od, target, ahead=True)
                 continue
             if pos >= target:
+                if not skip_zero:
+                    od.wrote(offset, target)
                 return len(view)
             opened = False
             for e in od.table.pieces(pos, target - pos):
@@ -308,6 +345,11 @@ class DataPath:
                     pos = e.vend
                     continue
                 if not self._usable(e, write=True):
+                    if (e.flags & ZERO and not e.flags & INVALID and not skip_zero
+                            and self.session.lease_valid() and od.sequential(offset)):
+                        # a sequential writer meets unallocated space: allocate ahead
+                        await self._allocate_ahead(od, pos, target - pos, deadline)
+                        opened = True  # look at the table again
                     break
                 if not self.io.is_open(e.lun):
                     opened = await self._open(od, e)  # awaited: look at the table again
@@ -340,14 +382,114 @@ class DataPath:
         except OSError as e:
             raise DiskError(errno.EIO, f"fsync of {od.name}: {e}") from None
 
-    async def grow(self, od: OpenDisk, size: int) -> None:
-        """Grow od to at least size bytes (never shrinks). DiskError (EFBIG, ENOSPC...)."""
+    async def grow(self, od: OpenDisk, size: int, ahead: bool = False) -> None:
+        """Grow od to at least size bytes (never shrinks). DiskError (EFBIG, ENOSPC...).
+
+        ahead (a write past the end): grow the disk at the controller by a large step
+        and keep the file's end locally (od.eof), so an appending writer makes one
+        round trip per step, not per write; fsync and the last close trim it back.
+        """
         if size > MAX_DISK_SIZE:
             raise DiskError(errno.EFBIG, f"{od.name}: {size} bytes is past the largest disk")
         async with od.grow_lock:
-            if size > od.table.size:
-                # grow_only: a disk another writer made larger meanwhile stays as it is
-                await self.resize(od.name, size, allow_shrink=False, od=od, grow_only=True)
+            if size <= od.size:
+                return
+            if ahead:
+                if od.eof is not None and od.table.size == od.grown_to \
+                        and size <= od.table.size:
+                    od.eof = size  # inside the step already taken: no round trip
+                    return
+                base = od.size
+                step = min(max(size - base, base // 2, GROW_STEP_MIN), GROW_STEP_MAX)
+                want = min(size + step, MAX_DISK_SIZE)
+                await self.resize(od.name, want, allow_shrink=False, od=od, grow_only=True)
+                if od.table.size == want:  # we set it: the rest is ours to trim
+                    od.grown_to, od.eof = want, size
+                else:  # another writer made it larger meanwhile: its size stands
+                    od.eof = None
+                return
+            # grow_only: a disk another writer made larger meanwhile stays as it is
+            await self.resize(od.name, size, allow_shrink=False, od=od, grow_only=True)
+
+    async def trim(self, od: OpenDisk) -> None:
+        """Give back what grow ahead took past the file's end (fsync, last close): the
+        controller shrinks the disk to od.eof if its size is still the one we set."""
+        async with od.grow_lock:
+            eof, grown = od.eof, od.grown_to
+            od.eof, od.grown_to = None, -1
+            if eof is None or od.table.size != grown or eof >= grown:
+                return
+            r = await call(self.session, "disk.trim", f"trim {od.name}", name=od.name,
+                           size=eof, expect=grown)
+            self.on_resize()
+            u = r.get("update")
+            if u is not None:
+                od.table.replace(u["start"], u["end"], u["rows"], size=u["size"],
+                                 epoch=u["epoch"], version=u.get("v"))
+            elif od.table.size == grown:
+                # another writer changed the size meanwhile: fetch the truth
+                await self.reload_or_restrict(od)
+            self.kernel.invalidate(od.inode, attr_only=True)
+
+    async def _allocate_ahead(self, od: OpenDisk, pos: int, length: int,
+                              deadline: float) -> None:
+        """Map zero space from pos on, several segments in one controller call (one
+        record), growing the window while the writer stays sequential. DiskError."""
+        seg = od.segment_size
+        # as far ahead as the writer has come sequentially (so what a writer that stops
+        # leaves allocated unwritten is less than what it wrote), at most the maximum
+        ahead = max(min(od.run, ALLOCATE_AHEAD_MAX), seg)
+        start = pos // seg * seg
+        end = min(max(pos + length, start + ahead), od.table.size)
+        await self.allocate(od, start, end - start, reserve=False, deadline=deadline)
+
+    async def allocate(self, od: OpenDisk, offset: int, length: int, *, reserve: bool,
+                       deadline: float | None = None) -> None:
+        """Map every zero entry in [offset, offset+length) at the controller (reserve:
+        also reserved in the container's file system, as fallocate promises), in calls
+        of at most ALLOCATE_CHUNK bytes; apply the answers. DiskError (ENOSPC...)."""
+        end = min(offset + length, od.table.size)
+        pos = offset
+        while pos < end:
+            n = min(end - pos, ALLOCATE_CHUNK)
+            timeout = None if deadline is None else max(0.0, deadline - trio.current_time())
+            try:
+                r = await self.session.call("disk.allocate", timeout=timeout, name=od.name,
+                                            offset=pos, length=n, reserve=reserve)
+            except (ControllerUnavailable, ConnectionLost) as e:
+                raise DiskError(errno.EIO, f"allocate on {od.name} at {pos}: {e}") from None
+            except RemoteError as e:
+                raise remote_error(e, f"allocate on {od.name} at {pos}") from None
+            self.io.set_paths({int(k): v for k, v in r["containers"].items()})
+            rows = r["rows"]
+            if rows:
+                od.table.replace(rows[0][0], rows[-1][0] + rows[-1][1], rows, size=r["size"],
+                                 epoch=r["epoch"], version=r.get("v"))
+                self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
+            pos += n
+            end = min(end, od.table.size)
+
+    async def fallocate(self, od: OpenDisk, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) as ext4 takes it; COLLAPSE_RANGE, INSERT_RANGE, UNSHARE_RANGE and
+        PUNCH_HOLE without KEEP_SIZE are EOPNOTSUPP. DiskError."""
+        if offset < 0 or length <= 0:
+            raise DiskError(errno.EINVAL)
+        keep = bool(mode & FALLOC_FL_KEEP_SIZE)
+        kind = mode & ~FALLOC_FL_KEEP_SIZE
+        end = offset + length
+        if kind == 0:  # preallocate: the size grows (without KEEP_SIZE), space is reserved
+            if not keep and end > od.size:
+                await self.trim(od)
+                await self.grow(od, end)
+            await self.allocate(od, offset, min(end, od.size) - offset, reserve=True)
+        elif kind == FALLOC_FL_PUNCH_HOLE and keep:
+            await self.discard(od, offset, length)
+        elif kind == FALLOC_FL_ZERO_RANGE:
+            await self.discard(od, offset, length)
+            if not keep and end > od.size:
+                await self.grow(od, end)
+        else:
+            raise DiskError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
 
     async def resize(self, name: str, size: int, allow_shrink: bool,
                      od: OpenDisk | None = None, grow_only: bool = False) -> None:
@@ -365,9 +507,21 @@ class DataPath:
             if short and not od.table.stale(u.get("v")):
                 await self.reload(od)
 
+    def seek(self, od: OpenDisk, offset: int, data: bool) -> int:
+        """lseek SEEK_DATA/SEEK_HOLE from the table: zero entries are holes, every other
+        entry (allocated, moving, restricted, failed) data. DiskError(ENXIO) at or past
+        the end, or when no data follows (SEEK_DATA)."""
+        size = od.size
+        found = od.table.seek(offset, data) if offset < size else None
+        if found is None or found >= size:
+            if found is not None and not data:
+                return size
+            raise DiskError(errno.ENXIO)
+        return found
+
     async def discard(self, od: OpenDisk, offset: int, length: int) -> None:
         """Punch a hole: whole segments go back to zero at the controller; the ends are zeroed."""
-        end = min(offset + length, od.table.size)
+        end = min(offset + length, od.size)
         if offset >= end:
             return
         r = await call(self.session, "disk.discard", f"discard on {od.name}", name=od.name,

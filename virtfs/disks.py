@@ -98,6 +98,13 @@ class Volumes:
         if od.handles > 0:
             return
         ns = self.ns
+        if not od.unlinked:
+            try:
+                await self.data.trim(od)  # what grow ahead took past the end
+            except DiskError as e:
+                log.warning("%s: could not trim the size grown ahead: %s", od.name, e)
+        if od.handles > 0:
+            return  # opened again while the trim waited
         ns.stale()  # the listing's sizes may be older than our table
         if ns.open.get(od.name) is od:
             del ns.open[od.name]
@@ -117,7 +124,12 @@ class Volumes:
         name = od.name if od is not None else self.ns.inodes.get(inode)
         if name is None:
             raise DiskError(errno.ENOENT)
-        await self.data.resize(name, size, allow_shrink=True, od=od)
+        if od is None:
+            await self.data.resize(name, size, allow_shrink=True, od=od)
+            return
+        async with od.grow_lock:
+            od.eof, od.grown_to = None, -1  # an exact size: nothing grown ahead stays
+            await self.data.resize(name, size, allow_shrink=True, od=od)
 
     async def reload_all(self, client: Client) -> None:
         """After reconnecting: a new registration, so re-open and reload every open disk."""
@@ -143,7 +155,7 @@ class Volumes:
             await self.data.apply_update(od, msg)
             info = self.ns.listing.get(od.name)
             if info is not None:
-                info.size = od.table.size
+                info.size = od.size
         elif kind == "rename":
             old, new, handle = msg["disk"], msg["new"], msg.get("handle")
             if handle is not None and old not in self.ns.open:

@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 ATTR_TIMEOUT = 1.0
 UNOPEN_TIMEOUT = 10.0  # seconds to close a disk at the controller after a failed open
 BLOCK = 4096
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
 TEST_RAISE_ENV = "VIRTFS_TEST_RAISE_IN"  # test hook: handler name that raises RuntimeError
 _RAISE_IN = os.environ.get(TEST_RAISE_ENV)
 
@@ -53,7 +51,7 @@ def handler(fn: Callable[PS, Coroutine[Any, Any, T]]) -> Callable[PS, Coroutine[
         except pyfuse3.FUSEError:
             raise
         except DiskError as e:
-            if e.errno in (errno.ENOENT, errno.EEXIST, errno.EOPNOTSUPP):
+            if e.errno in (errno.ENOENT, errno.EEXIST, errno.EOPNOTSUPP, errno.ENXIO):
                 log.debug("%s: %s", name, e)
             else:
                 log.warning("%s: %s", name, e)
@@ -136,7 +134,7 @@ class Operations(pyfuse3.Operations):
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_size = size
         a.st_blksize = BLOCK
-        a.st_blocks = allocated // 512
+        a.st_blocks = -(-allocated // BLOCK) * (BLOCK // 512)  # the last block is whole
         ns = int(ctime * 1e9)
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
         return a
@@ -315,11 +313,17 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def flush(self, fh: int) -> None:
-        return None
+        # close(2): the size grown ahead is trimmed before close returns, so the
+        # controller (vdctl, other mounts) has the file's size once it is closed
+        od, writable = self.handles.get(fh, (None, False))
+        if od is not None and writable:
+            await self.v.data.trim(od)
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.v.data.fsync(self._handle(fh))
+        od = self._handle(fh)
+        await self.v.data.trim(od)  # the size is part of what fsync makes durable
+        await self.v.data.fsync(od)
 
     @handler
     async def release(self, fh: int) -> None:
@@ -329,15 +333,14 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        od = self._handle(fh, write=True)
-        if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
-            await self.v.data.discard(od, offset, length)
-        elif mode == 0:
-            # preallocate: grow the file if needed (space is allocated on first write)
-            if offset + length > od.table.size:
-                await self.v.data.grow(od, offset + length)
-        else:
-            raise DiskError(errno.EOPNOTSUPP)
+        await self.v.data.fallocate(self._handle(fh, write=True), mode, offset, length)
+
+    @handler
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        # the kernel sends only SEEK_DATA and SEEK_HOLE (our pyfuse3 lseek patch)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise DiskError(errno.EINVAL)
+        return self.v.data.seek(self._handle(fh), offset, whence == os.SEEK_DATA)
 
     @handler
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

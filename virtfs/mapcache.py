@@ -193,6 +193,20 @@ class DiskTable:
             i += 1
         return out
 
+    def seek(self, offset: int, data: bool) -> int | None:
+        """lseek SEEK_DATA (data) / SEEK_HOLE: the first offset >= offset that is data
+        (any entry but a zero one) or a hole (a zero entry; the end of the disk counts
+        as one). None: offset is at or past the end, or no data follows (ENXIO)."""
+        size = self.size
+        if not 0 <= offset < size:
+            return None
+        vs, fl = self._vs, self._fl
+        for i in range(max(bisect_right(vs, offset) - 1, 0), len(vs)):
+            f = fl[i]
+            if (not (f & ZERO and not f & INVALID)) == data:
+                return max(vs[i], offset)
+        return None if data else size
+
     def _split(self, pos: int) -> None:
         """Make pos an entry boundary (inside the disk)."""
         if pos <= 0 or pos >= self.size:

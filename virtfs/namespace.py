@@ -108,7 +108,7 @@ class Namespace:
         od = self.by_inode.get(inode)
         if od is not None:
             base = self.listing.get(od.name)
-            return DiskInfo(od.name, od.table.size, od.table.allocated,
+            return DiskInfo(od.name, od.size, od.table.allocated,
                             base.ctime if base else 0.0)
         name = self.inodes.get(inode)
         if name is None:

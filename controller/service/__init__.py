@@ -11,6 +11,7 @@ table; the reply waits for the group commit.
 - ``containers``, ``disks``: the admin nouns
 - ``sessions``: agent registration, heartbeats, acks
 - ``faults``: an agent's tables and its faults
+- ``files``: allocation ahead of writes (fallocate, sequential writers)
 - ``movement``: one segment's move (start, write faults, copier, commit, abort),
   container fail/restore
 - ``jobs``: migrate and drain jobs that run moves in the background
@@ -28,13 +29,14 @@ from .base import MAX_MAP_ROWS, VERSION
 from .containers import ContainerOps
 from .disks import DiskOps
 from .faults import FaultOps
+from .files import FileOps
 from .jobs import JobOps
 from .sessions import SessionOps
 
 __all__ = ["MAX_MAP_ROWS", "VERSION", "Service"]
 
 
-class Service(ContainerOps, DiskOps, SessionOps, FaultOps, JobOps):
+class Service(ContainerOps, DiskOps, SessionOps, FileOps, FaultOps, JobOps):
     async def status(self) -> dict[str, Any]:
         s = self.state
         return {

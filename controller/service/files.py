@@ -1,0 +1,72 @@
+"""What a file in the mount needs beyond faults: allocation ahead of writes.
+
+``disk.allocate`` maps every zero entry of a range in one record: fallocate's
+preallocation (reserve: the space is reserved in the container's own file
+system too, as a thick disk's) and the agent's allocation ahead of a
+sequential writer on a thin disk (several segments per round trip). Unlike a
+write fault it prepares no segment being moved for a write (the agent does
+not write the range; a later write to a moving segment faults as usual).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .. import protocol as P
+from ..extents import ZERO
+from ..state import round_up
+from .base import FAULT_WAIT
+from .faults import FaultOps
+
+MAX_ALLOCATE = 1 << 30  # bytes one disk.allocate may map (one record, one answer)
+
+
+class FileOps(FaultOps):
+    if TYPE_CHECKING:  # DiskOps' (Service joins both)
+        async def disk_resize(self, name: str, size: int, allow_shrink: bool,
+                              grow_only: bool = False, conn: Any = None) -> dict[str, Any]: ...
+
+    async def disk_allocate(self, name: str, offset: int, length: int, reserve: bool,
+                            conn: Any) -> dict[str, Any]:
+        """Map every zero entry in [offset, offset+length) (segment-rounded, clipped to
+        the disk), in one record; answer the range's entries like a fault."""
+        self._agent(conn)
+        d = self._live_disk(name)
+        if offset < 0 or not 0 < length <= MAX_ALLOCATE or offset >= d.size:
+            raise P.invalid(f"allocate range {offset}+{length} is outside disk {name!r} "
+                            f"(size {d.size}) or longer than {MAX_ALLOCATE}")
+        with trio.move_on_after(FAULT_WAIT):
+            while self._is_restricted(d, offset, offset + length):
+                await self._restriction_lifted.wait()
+        if self._is_restricted(d, offset, offset + length):
+            raise P.RemoteError(P.E_BUSY, f"{name!r} at {offset} is being changed; retry")
+        seg = d.segment_size
+        lo = offset // seg * seg
+        async with self._dlock(d):
+            if self.state.disks.get(d.name) is not d:
+                raise P.not_found("disk", name)
+            hi = min(round_up(offset + length, seg), d.size)
+            gaps = [(e.vstart, e.length) for e in d.extents.entries(lo, hi) if e.flags & ZERO]
+            if gaps:
+                seq = await self._allocate(
+                    gaps, d.pin, d.home,
+                    lambda pieces: {"op": "disk.map", "name": d.name, "map": pieces},
+                    preallocate=reserve)
+                await self.journal.wait_durable(seq)
+                await self._push_update(d, lo, hi, exclude=conn.agent)
+        hi = min(round_up(offset + length, seg), d.size)
+        return await self._answer(d, lo, hi)
+
+    async def disk_trim(self, name: str, size: int, expect: int,
+                        conn: Any) -> dict[str, Any]:
+        """Give back what an agent grew ahead (virtfs/datapath.py grow): shrink the disk
+        to size if its size is still expect (what that agent set); else change nothing
+        (another writer or an admin set the size since) and answer without "update"."""
+        d = self._live_disk(name)
+        if not 0 <= size <= expect:
+            raise P.invalid(f"trim of {name!r} to {size} (expecting {expect}) is not a shrink")
+        if d.size != expect:
+            return self._disk_info(d)
+        return await self.disk_resize(name, size, allow_shrink=True, conn=conn)

@@ -1,0 +1,214 @@
+"""The mount behaves like a regular file on the host's ext4 for everyday tools (issue 9).
+
+Each test runs the same calls (fallocate(1), lseek, cp, qemu-img, stat) on a file
+in the mount and on a file in a host directory (tmp_path, ext4 here): the host
+file system is the reference. Where virtfs differs by design (allocation in
+segments, not blocks), the test says how.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run_vdctl
+
+MiB = 1 << 20
+SEG = 4 * MiB  # the default segment size
+
+
+def vd(m: Any, *args: str) -> Any:
+    r = run_vdctl("--state-dir", str(m.state_dir), "--format", "json", *args)
+    assert r.rc == 0, r.err
+    return r.json()
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def falloc(path: Path, *args: str) -> str:
+    """fallocate(1) on path: '' on success, else its error text."""
+    r = run("fallocate", *args, str(path))
+    return "" if r.returncode == 0 else r.stderr.strip()
+
+
+def seq(m: Any) -> int:
+    return int(vd(m, "status")["seq"])
+
+
+def test_fallocate_modes_like_ext4(embedded: Any, tmp_path: Path) -> None:
+    """Every mode ext4 takes for a regular file, in sequence, on both files: same sizes,
+    same contents; whole segments zeroed or punched go back to the pool; COLLAPSE and
+    INSERT are refused (EOPNOTSUPP) in the mount, where ext4 takes them."""
+    ours, host = embedded.path / "f", tmp_path / "host"
+    data = os.urandom(12 * MiB)
+    for p in (ours, host):
+        p.write_bytes(data)
+    steps = [
+        ["-z", "-o", str(MiB), "-l", str(6 * MiB)],  # zero range inside
+        ["-z", "-o", str(10 * MiB), "-l", str(8 * MiB)],  # zero range past the end: grows
+        ["-z", "-n", "-o", str(16 * MiB), "-l", str(8 * MiB)],  # keep size: no growth
+        ["-p", "-o", str(5 * MiB), "-l", str(MiB)],  # punch hole (keep size implied)
+        ["-o", str(30 * MiB), "-l", str(2 * MiB)],  # preallocate: grows to 32 MiB
+        ["-n", "-o", str(40 * MiB), "-l", str(MiB)],  # preallocate past the end, keep size
+        ["-o", "0", "-l", "4096"],  # preallocate over data: changes nothing
+        ["-z", "-o", "100", "-l", "5000"],  # unaligned zero range
+    ]
+    for args in steps:
+        assert falloc(ours, *args) == "", args
+        assert falloc(host, *args) == "", args
+        assert ours.stat().st_size == host.stat().st_size, args
+        assert ours.read_bytes() == host.read_bytes(), args
+    # a zero range over whole segments frees them (on ext4 the blocks stay allocated)
+    assert falloc(ours, "-z", "-o", str(2 * SEG), "-l", str(2 * SEG)) == ""
+    info = vd(embedded, "disk", "info", "f")
+    assert ours.stat().st_blocks * 512 == info["allocated"]
+    rows = vd(embedded, "disk", "map", "f")["entries"]
+    assert any(r["vstart"] <= 2 * SEG and r["vstart"] + r["length"] >= 4 * SEG
+               and r["state"] == ["zero"] for r in rows), rows
+    for flag in ("-c", "-i"):  # COLLAPSE_RANGE, INSERT_RANGE
+        assert "not supported" in falloc(ours, flag, "-o", "0", "-l", str(SEG))
+        assert falloc(host, flag, "-o", "0", "-l", str(SEG)) == ""
+    assert vd(embedded, "check")["ok"]
+
+
+def test_preallocation_reserves_thin_space(embedded: Any) -> None:
+    """fallocate mode 0 and KEEP_SIZE on a thin disk map the range at the controller:
+    st_blocks, `disk info` and `container ls` show it, and a later write there succeeds
+    when the pool is full."""
+    mnt = embedded.path
+    used0 = sum(c["used"] for c in vd(embedded, "container", "ls"))
+    assert falloc(mnt / "pre", "-l", str(64 * MiB)) == ""
+    st = os.stat(mnt / "pre")
+    assert st.st_size == 64 * MiB and st.st_blocks * 512 == 64 * MiB
+    assert vd(embedded, "disk", "info", "pre")["allocated"] == 64 * MiB
+    assert sum(c["used"] for c in vd(embedded, "container", "ls")) == used0 + 64 * MiB
+    # KEEP_SIZE inside the file (a second file, sized first)
+    subprocess.run(["truncate", "-s", str(32 * MiB), str(mnt / "keep")], check=True)
+    assert falloc(mnt / "keep", "-n", "-o", str(8 * MiB), "-l", str(8 * MiB)) == ""
+    st = os.stat(mnt / "keep")
+    assert st.st_size == 32 * MiB and st.st_blocks * 512 == 8 * MiB
+    # fill the pool, then write the preallocated ranges: no ENOSPC there
+    free = sum(c["free"] for c in vd(embedded, "container", "ls"))
+    vd(embedded, "disk", "create", "fill", "--size", str(free), "--thick")
+    with pytest.raises(OSError) as ei, open(mnt / "other", "wb") as f:
+        f.write(os.urandom(MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    assert ei.value.errno == errno.ENOSPC
+    blob = os.urandom(64 * MiB)
+    with open(mnt / "pre", "r+b") as f:
+        f.write(blob)
+        os.fsync(f.fileno())
+    with open(mnt / "keep", "r+b") as f:
+        f.seek(8 * MiB)
+        f.write(blob[: 8 * MiB])
+        os.fsync(f.fileno())
+    assert (mnt / "pre").read_bytes() == blob
+    assert vd(embedded, "check")["ok"]
+
+
+def test_seek_data_and_hole_from_the_table(embedded: Any, tmp_path: Path) -> None:
+    """SEEK_DATA/SEEK_HOLE answer from the map (at segment granularity, where ext4
+    answers per block); qemu-img map and cp --sparse=always read only the data."""
+    ours, host = embedded.path / "sparse", tmp_path / "sparse"
+    blk = os.urandom(4096)
+    for p in (ours, host):
+        subprocess.run(["truncate", "-s", "1G", str(p)], check=True)
+        with open(p, "r+b") as f:
+            f.seek(512 * MiB)
+            f.write(blk)
+    for p, data_end in ((host, 512 * MiB + 4096), (ours, 512 * MiB + SEG)):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_DATA) == 512 * MiB
+            assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+            assert os.lseek(fd, 512 * MiB, os.SEEK_HOLE) == data_end
+            assert os.lseek(fd, 512 * MiB + 100, os.SEEK_DATA) == 512 * MiB + 100
+            for off in (600 * MiB, 1 << 30):
+                with pytest.raises(OSError) as ei:
+                    os.lseek(fd, off, os.SEEK_DATA)
+                assert ei.value.errno == errno.ENXIO
+        finally:
+            os.close(fd)
+    r = run("qemu-img", "map", "--output=json", "-f", "raw", str(ours))
+    assert r.returncode == 0, r.stderr
+    data = [(e["start"], e["length"]) for e in json.loads(r.stdout) if e["data"]]
+    assert data == [(512 * MiB, SEG)]
+    # cp --sparse=always reads only the data (strace counts the bytes read from the file)
+    out = tmp_path / "copy"
+    trace = tmp_path / "cp.strace"
+    r = run("strace", "-f", "-e", "trace=read", "-o", str(trace), "cp", "--sparse=always",
+            str(ours), str(out))
+    assert r.returncode == 0, r.stderr
+    read = sum(int(m) for m in re.findall(r"^\d+\s+read\(3,.*\)\s+=\s+(\d+)",
+                                          trace.read_text(), re.M))
+    assert read <= 2 * SEG, read
+    assert out.read_bytes() == host.read_bytes()
+    assert out.stat().st_blocks * 512 <= SEG
+
+
+def test_appending_and_sequential_writes_are_few_records(embedded: Any,
+                                                         tmp_path: Path) -> None:
+    """cp into the mount grows the disk ahead in large steps (not a round trip and a
+    journal record per write) and a sequential writer allocates several segments per
+    fault; the size is exact in the mount at once and at the controller after close."""
+    src = tmp_path / "img"
+    src.write_bytes(os.urandom(64 * MiB + 12345))
+    before = seq(embedded)
+    r = run("cp", str(src), str(embedded.path / "img"))
+    assert r.returncode == 0, r.stderr
+    records = seq(embedded) - before
+    assert records <= 30, records  # was one grow per 128 KiB write, plus a map per segment
+    assert (embedded.path / "img").read_bytes() == src.read_bytes()
+    info = vd(embedded, "disk", "info", "img")
+    assert info["size"] == 64 * MiB + 12345 == os.stat(embedded.path / "img").st_size
+    assert -(-info["allocated"] // 4096) * 4096 == os.stat(embedded.path / "img").st_blocks * 512
+    # while open, the mount shows the exact size; fsync settles it at the controller
+    with open(embedded.path / "grow", "wb") as f:
+        f.write(b"x" * 5000)
+        f.flush()
+        assert os.fstat(f.fileno()).st_size == 5000
+        assert os.stat(embedded.path / "grow").st_size == 5000
+        os.fsync(f.fileno())
+        assert vd(embedded, "disk", "info", "grow")["size"] == 5000
+        f.write(b"y" * 5000)
+    assert vd(embedded, "disk", "info", "grow")["size"] == 10000
+    # a first sequential write of a sized thin disk: a record per several segments
+    subprocess.run(["truncate", "-s", str(128 * MiB), str(embedded.path / "thin")],
+                   check=True)
+    before = seq(embedded)
+    r = run("dd", "if=/dev/zero", f"of={embedded.path / 'thin'}", "bs=1M", "count=128",
+            "conv=notrunc,fsync", "status=none")
+    assert r.returncode == 0, r.stderr
+    assert seq(embedded) - before <= 10  # was 32: one per 4 MiB segment
+    assert vd(embedded, "check")["ok"]
+
+
+def test_table_seek_zero_entries_are_holes() -> None:
+    """DiskTable.seek: zero entries are holes; any other entry (invalid zero too) is data;
+    the end of the disk is a hole; None (ENXIO) at or past the end or with no data after."""
+    from controller.protocol import INVALID, ZERO
+    from virtfs.mapcache import DiskTable
+
+    t = DiskTable("d", 100 * SEG, 1, [[0, SEG, -1, 0, ZERO], [SEG, SEG, 1, 0, 0],
+                                      [2 * SEG, 8 * SEG, -1, 0, ZERO],
+                                      [10 * SEG, SEG, -1, 0, ZERO | INVALID],
+                                      [11 * SEG, 89 * SEG, -1, 0, ZERO]])
+    assert t.seek(0, data=True) == SEG
+    assert t.seek(0, data=False) == 0
+    assert t.seek(SEG + 5, data=True) == SEG + 5
+    assert t.seek(SEG + 5, data=False) == 2 * SEG
+    assert t.seek(2 * SEG, data=True) == 10 * SEG  # restricted: may be data
+    assert t.seek(11 * SEG, data=True) is None
+    assert t.seek(11 * SEG, data=False) == 11 * SEG
+    assert t.seek(100 * SEG, data=False) is None
+    full = DiskTable("f", 3 * SEG, 1, [[0, 3 * SEG, 1, 0, 0]])
+    assert full.seek(SEG, data=False) == 3 * SEG  # the end of the file is a hole
