@@ -157,6 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--to", metavar="CONTAINER", required=True, help="target container")
     mg.add_argument("--no-wait", action="store_true", help="print the job id and return")
 
+    verb(dv, "clone", "make a writable thin disk from a snapshot, sharing its storage"
+         ).add_argument("snap", metavar="NAME@SNAP")
+    dv.choices["clone"].add_argument("new", metavar="NEWNAME")
+
+    sn = nouns.add_parser("snap", help="snapshots of disks (NAME@SNAP, read-only)")
+    sv = sn.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verb(sv, "create", "snapshot a disk (in use or not): time independent of its size"
+         ).add_argument("name", metavar="NAME@SNAP")
+    verb(sv, "ls", "list a disk's snapshots (created, size, bytes only the snapshot holds)"
+         ).add_argument("name", metavar="NAME")
+    verb(sv, "rm", "remove a snapshot: frees what nothing else maps"
+         ).add_argument("name", metavar="NAME@SNAP")
+    rb = verb(sv, "rollback", "make a disk's content the snapshot's (refused while the disk "
+              "is open anywhere, unless --force)")
+    rb.add_argument("name", metavar="NAME@SNAP")
+    rb.add_argument("--force", action="store_true", help="roll back under the agents that "
+                    "have the disk open (they see the snapshot's content at once)")
+
     jb = nouns.add_parser("job", help="background data movement (migrate, drain)")
     jv = jb.add_subparsers(dest="verb", metavar="VERB", required=True)
     verb(jv, "ls", "list jobs: running ones with their progress, and recent ended ones")
@@ -215,7 +233,7 @@ def _kv(d: dict[str, Any], out: Any) -> None:
             v = "-"
         elif isinstance(v, bool):
             v = "yes" if v else "no"
-        elif k in ("ctime", "registered") and isinstance(v, int | float):
+        elif k in ("ctime", "registered", "created") and isinstance(v, int | float):
             v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
         elif k == "uptime":
             v = f"{v} s"
@@ -446,6 +464,41 @@ class Cli:
 
     async def container_restore(self) -> int:
         r = await self.c.call("container.restore", name=self.args.name)
+        self.emit_json(r) if self.json else _kv(r, self.out)
+        return 0
+
+    async def disk_clone(self) -> int:
+        r = await self.c.call("disk.clone", name=self.args.snap, new=self.args.new)
+        self.emit_json(r) if self.json else _kv(r, self.out)
+        return 0
+
+    async def snap_create(self) -> int:
+        r = await self.c.call("snap.create", name=self.args.name)
+        self.emit_json(r) if self.json else _kv(r, self.out)
+        return 0
+
+    async def snap_ls(self) -> int:
+        rows = await self.c.call("snap.ls", name=self.args.name)
+        if self.json:
+            self.emit_json(rows)
+            return 0
+        self._table([[shown(r["name"]),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
+                      format_size(r["size"]), format_size(r["held"]),
+                      ",".join(shown(c) for c in r["clones"]) or "-"] for r in rows],
+                    ["NAME", "CREATED", "SIZE", "HELD", "CLONES"], self.out)
+        return 0
+
+    async def snap_rm(self) -> int:
+        r = await self.c.call("snap.rm", name=self.args.name)
+        if self.json:
+            self.emit_json(r)
+        print(f"snapshot {shown(r['name'])} removed ({format_size(r['held'])} freed)",
+              file=sys.stderr)
+        return 0
+
+    async def snap_rollback(self) -> int:
+        r = await self.c.call("snap.rollback", name=self.args.name, force=self.args.force)
         self.emit_json(r) if self.json else _kv(r, self.out)
         return 0
 

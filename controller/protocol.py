@@ -337,7 +337,7 @@ _op("disk.create", NAME, _f("size", int),
     _f("thick", bool, required=False, default=False),
     _f("segment_size", int, type(None), required=False),
     _f("container", str, type(None), required=False))
-_op("disk.ls")
+_op("disk.ls", _f("snapshots", bool, required=False, default=False))
 _op("disk.info", NAME)
 _op("disk.map", NAME, _f("start", int, required=False, default=0),
     _f("limit", int, type(None), required=False))
@@ -355,6 +355,12 @@ _op("container.fail", NAME, roles=ADMIN)
 _op("container.restore", NAME, roles=ADMIN)
 _op("job.ls")
 _op("job.abort", _f("id", int), roles=ADMIN)
+# snapshots and clones (names are DISK@SNAP)
+_op("snap.create", NAME, roles=ADMIN)
+_op("snap.ls", NAME)
+_op("snap.rm", NAME, roles=ADMIN)
+_op("snap.rollback", NAME, _f("force", bool, required=False, default=False), roles=ADMIN)
+_op("disk.clone", NAME, _f("new", str), roles=ADMIN)
 _op("agent.ls")
 # agent-only: the data path's control plane
 _op("agent.register", _f("name", str), _f("host", str), _f("mount", str), roles=AGENT)

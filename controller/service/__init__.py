@@ -15,6 +15,7 @@ table; the reply waits for the group commit.
 - ``movement``: one segment's move (start, write faults, copier, commit, abort),
   container fail/restore
 - ``jobs``: migrate and drain jobs that run moves in the background
+- ``snapshots``: snapshots, clones, rollback; copy-on-write through the moves
 """
 
 from __future__ import annotations

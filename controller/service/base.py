@@ -49,9 +49,14 @@ class ServiceBase:
         self._suspect: dict[int, tuple[int, str | None]] = {}
         self._progress: dict[int, Any] = {}
         self._job_nursery: Any = None
+        # disks (uid) whose segments may not start moving now (a snapshot settles them)
+        self._no_new_moves: set[int] = set()
         # ranges whose entries are being restricted at agents before a change (disk -> ranges)
         # restricted ranges per disk, keyed by Disk.uid so a rename cannot orphan them
         self._restricted: dict[int, list[tuple[int, int]]] = {}
+        # frozen ranges per disk (uid): entries there are nowrite at every agent and
+        # write faults wait (a snapshot being taken); reads go on
+        self._frozen: dict[int, list[tuple[int, int]]] = {}
         # disks being removed (uid): no new opens, tables or faults for them
         self._removing: set[int] = set()
         self._restriction_lifted = trio.Event()
@@ -111,8 +116,9 @@ class ServiceBase:
         return d.to_dict(self.state.luns)
 
     def _live_disk(self, name: str) -> Disk:
-        d = self._disk(name)
-        if d.uid in self._removing:
+        """A disk, or a snapshot ("DISK@SNAP", read-only), for an agent's open or fault."""
+        d = self.state.snaps.get(name) if "@" in name else self.state.disks.get(name)
+        if d is None or d.uid in self._removing:
             raise P.not_found("disk", name)
         return d
 

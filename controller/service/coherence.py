@@ -10,7 +10,7 @@ import trio
 
 from .. import protocol as P
 from ..agents import Agent
-from ..extents import ERROR, INVALID, ZERO, Extent
+from ..extents import ERROR, INVALID, NOWRITE, ZERO, Extent
 from ..moves import expand
 from ..state import Disk
 from .base import ServiceBase
@@ -34,24 +34,55 @@ class Coherence(ServiceBase):
         entries: Iterator[Extent] = d.extents.entries(start, end)
         if d.alts:
             entries = expand(d, entries)
+        if d.is_snapshot:  # read-only: every entry
+            entries = (e._replace(flags=e.flags | NOWRITE) for e in entries)
+        elif len(self.state.family(d.family)) > 1:
+            entries = self._shared_nowrite(d, entries)
         failed = {c.lun for c in self.state.containers.values() if c.failed}
         if failed:
             entries = (e._replace(flags=e.flags | ERROR) if e.lun in failed else e
                        for e in entries)
         return entries
 
+    def _shared_nowrite(self, d: Disk, entries: Iterator[Extent]) -> Iterator[Extent]:
+        """Entries whose storage a snapshot or clone shares turn nowrite (a write there
+        faults and copies first: service/snapshots.py); split where sharing ends."""
+        for e in entries:
+            if e.flags & (ZERO | NOWRITE):
+                yield e
+                continue
+            pos = e.vstart
+            for lo, hi in self.state.referenced(d.family, e.vstart, e.vend, e.lun, e.offset,
+                                                skip=d):
+                if lo > pos:
+                    yield e.clip(pos, lo)
+                yield e.clip(lo, hi)._replace(flags=e.flags | NOWRITE)
+                pos = hi
+            if pos < e.vend:
+                yield e.clip(pos, e.vend) if pos > e.vstart else e
+
     def _plain(self, d: Disk) -> bool:
-        """No entry of d needs more than its stored form (no move, no failed container)."""
-        return not d.alts and not any(c.failed for c in self.state.containers.values())
+        """No entry of d needs more than its stored form: no move, no failed container,
+        nothing shared with a snapshot or clone, not frozen."""
+        return (not d.alts and not any(c.failed for c in self.state.containers.values())
+                and not d.is_snapshot and len(self.state.family(d.family)) == 1
+                and d.uid not in self._frozen)
 
     def _rows(self, d: Disk, start: int, end: int) -> list[list[int]]:
-        """Entries for [start, end) as the agent gets them: restricted ranges are invalid."""
+        """Entries for [start, end) as the agent gets them: restricted ranges are invalid,
+        frozen ones nowrite."""
         restricted = [(lo, hi) for lo, hi in self._restricted.get(d.uid, [])
                       if lo < end and start < hi]
+        entries = self._entries(d, start, end)
+        frozen = [(lo, hi) for lo, hi in self._frozen.get(d.uid, []) if lo < end and start < hi]
+        if frozen:
+            entries = (e._replace(flags=e.flags | NOWRITE)
+                       if any(lo < e.vend and e.vstart < hi for lo, hi in frozen) else e
+                       for e in self._split_at(entries, frozen))
         if not restricted:
-            return list(map(list, self._entries(d, start, end)))
+            return list(map(list, entries))
         rows = []
-        for e in self._entries(d, start, end):
+        for e in entries:
             flags = e.flags
             if any(lo < e.vend and e.vstart < hi for lo, hi in restricted):
                 # split so only the restricted part turns invalid
@@ -92,8 +123,45 @@ class Coherence(ServiceBase):
             out["rows"] = self._rows(d, start, end)
         return out
 
-    def _is_restricted(self, d: Disk, start: int, end: int) -> bool:
-        return any(lo < end and start < hi for lo, hi in self._restricted.get(d.uid, []))
+    @staticmethod
+    def _split_at(entries: Iterator[Extent], ranges: list[tuple[int, int]]
+                  ) -> Iterator[Extent]:
+        """entries, cut at the bounds of ranges (so each piece is inside or outside)."""
+        cuts = sorted({x for r in ranges for x in r})
+        for e in entries:
+            pos = e.vstart
+            for x in cuts:
+                if pos < x < e.vend:
+                    yield e.clip(pos, x)
+                    pos = x
+            yield e.clip(pos, e.vend) if pos > e.vstart else e
+
+    def _is_restricted(self, d: Disk, start: int, end: int, write: bool = True) -> bool:
+        """[start, end) is being changed (invalid), or frozen and this is a write."""
+        def hit(ranges: list[tuple[int, int]]) -> bool:
+            return any(lo < end and start < hi for lo, hi in ranges)
+        return hit(self._restricted.get(d.uid, [])) or (
+            write and hit(self._frozen.get(d.uid, [])))
+
+    @asynccontextmanager
+    async def _freeze(self, d: Disk) -> AsyncIterator[None]:
+        """Make every entry of d nowrite at every agent, drained and acknowledged, and
+        hold write faults, for the block; reads never stop (a snapshot being taken)."""
+        await self.agents.wait_grace()
+        rng = (0, P.MAX_DISK_SIZE)
+        self._frozen.setdefault(d.uid, []).append(rng)
+        try:
+            await self._push_update(d, 0, d.size, drain=True)
+            yield
+        finally:
+            lst = self._frozen.get(d.uid, [])
+            if rng in lst:
+                lst.remove(rng)
+            if not lst:
+                self._frozen.pop(d.uid, None)
+            self._bump()
+            self._restriction_lifted.set()
+            self._restriction_lifted = trio.Event()
 
     @asynccontextmanager
     async def _restrict(self, d: Disk, start: int, end: int,

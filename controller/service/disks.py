@@ -9,11 +9,10 @@ from .. import protocol as P
 from ..state import Disk, round_up
 from ..units import human
 from .base import MAX_MAP_ROWS
-from .coherence import Coherence
-from .placement import Placement
+from .snapshots import SnapshotOps
 
 
-class DiskOps(Placement, Coherence):
+class DiskOps(SnapshotOps):
     async def disk_create(self, name: str, size: int, thick: bool, segment_size: int | None,
                           container: str | None) -> dict[str, Any]:
         P.check_name(name, "disk name")
@@ -59,9 +58,17 @@ class DiskOps(Placement, Coherence):
                                f"{human(capacity)}: writes will meet ENOSPC if they use it all")
         return info
 
-    async def disk_ls(self) -> list[dict[str, Any]]:
-        return [self._disk_info(d) for d in sorted(self.state.disks.values(),
-                                                   key=lambda d: d.name)]
+    async def disk_ls(self, snapshots: bool = False) -> list[dict[str, Any]]:
+        """Disks by name; with snapshots, their snapshots too (marked "snapshot": the
+        mount shows them as read-only files)."""
+        tables = [*self.state.disks.values(),
+                  *(self.state.snaps.values() if snapshots else ())]
+        out = []
+        for d in sorted(tables, key=lambda d: d.name):
+            info = self._disk_info(d)
+            info["snapshot"] = d.is_snapshot
+            out.append(info)
+        return out
 
     async def disk_info(self, name: str) -> dict[str, Any]:
         d = self._disk(name)
@@ -71,6 +78,8 @@ class DiskOps(Placement, Coherence):
             cname = self.state.luns[e.lun].name
             per[cname] = per.get(cname, 0) + e.length
         info["placement"] = [{"container": k, "bytes": v} for k, v in sorted(per.items())]
+        info["snapshots"] = sorted(s.name for s in self.state.snaps.values()
+                                   if s.parent == d.name)
         return info
 
     async def disk_map(self, name: str, start: int, limit: int | None) -> dict[str, Any]:
@@ -131,7 +140,9 @@ class DiskOps(Placement, Coherence):
                                                "size": size, "map": []})
             else:
                 # the bytes past an unaligned old end (inside its last block) may hold
-                # data from before a shrink: zero them before they become visible
+                # data from before a shrink: zero them before they become visible (in a
+                # block of its own, if a snapshot or clone shares that one)
+                await self._unshare_tail(d)
                 await self._zero_tail(d)
                 start = round_up(old)
 
@@ -154,6 +165,10 @@ class DiskOps(Placement, Coherence):
         return info
 
     def _check_removable(self, d: Disk) -> None:
+        snaps = sorted(s.name for s in self.state.snaps.values() if s.parent == d.name)
+        if snaps:
+            raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} has snapshots: "
+                                f"{', '.join(snaps)}; remove them first (vdctl snap rm)")
         users = self.agents.caching(d)
         if users:
             raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is open on agent(s) "

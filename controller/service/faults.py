@@ -10,10 +10,10 @@ from .. import protocol as P
 from ..extents import ZERO
 from ..state import round_up
 from .base import FAULT_WAIT
-from .movement import MovementOps
+from .snapshots import SnapshotOps
 
 
-class FaultOps(MovementOps):
+class FaultOps(SnapshotOps):
     async def disk_open(self, name: str, conn: Any) -> dict[str, Any]:
         """Count an open by the calling agent and answer the whole table.
 
@@ -56,9 +56,9 @@ class FaultOps(MovementOps):
             raise P.invalid(f"fault range {offset}+{length} is outside disk {name!r} "
                             f"(size {d.size})")
         with trio.move_on_after(FAULT_WAIT):
-            while self._is_restricted(d, offset, offset + length):
+            while self._is_restricted(d, offset, offset + length, write):
                 await self._restriction_lifted.wait()
-        if self._is_restricted(d, offset, offset + length):
+        if self._is_restricted(d, offset, offset + length, write):
             raise P.RemoteError(P.E_BUSY, f"{name!r} at {offset} is being changed; retry")
         seg = d.segment_size
         lo = offset // seg * seg
@@ -75,6 +75,8 @@ class FaultOps(MovementOps):
                         lambda pieces: {"op": "disk.map", "name": d.name, "map": pieces})
                     await self.journal.wait_durable(seq)
                     await self._push_update(d, lo, hi, exclude=conn.agent)
+                # storage a snapshot or clone shares: copy on write (a move to new space)
+                await self._copy_on_write(d, offset, min(offset + length, hi))
                 # segments being moved: copy and mark the blocks this write touches
                 if await self._prepare_moving_write(d, offset, min(offset + length, hi),
                                                     exclude=conn.agent):

@@ -151,6 +151,8 @@ class JobOps(MovementOps):
         run, as (disk, vstart)."""
         if isinstance(unit, int):
             return [(d, unit)]
+        if d.uid in self._no_new_moves:
+            return []  # a snapshot of it is being taken: later
         async with self._dlock(d):
             if self.state.disks.get(d.name) is not d:
                 return []

@@ -97,16 +97,21 @@ class MovementOps(Placement, Coherence):
             raise P.RemoteError(code, f"copy between containers failed: {e}") from None
 
     # ------------------------------------------------------------ 1. start
-    async def _start_move(self, d: Disk, unit: Extent, dst: int | None) -> list[int]:
+    async def _start_move(self, d: Disk, unit: Extent, dst: int | None,
+                          cow: bool = False) -> list[int]:
         """Start moving unit (a piece of one stored extent) to LUN dst (None: wherever
-        placement puts new space, never the unit's own container). Returns the vstarts
-        of the moves started (one per contiguous piece of new space). Hold d's lock.
+        placement puts new space; never the unit's own container, unless cow: a
+        copy-on-write gives a shared segment new space wherever the disk allocates).
+        Returns the vstarts of the moves started (one per contiguous piece of new
+        space). Hold d's lock.
 
         Raises RemoteError E_NO_SPACE if the target has no room.
         """
         need = round_up(unit.length)
         if dst is not None:
             cands = [self.state.luns[dst]]
+        elif cow:
+            cands = self._candidates(d.pin, d.home)
         else:
             cands = [c for c in self._candidates(None, d.home) if c.lun != unit.lun]
         space = None
@@ -217,8 +222,8 @@ class MovementOps(Placement, Coherence):
             # on L1 before L1 may be reused
             await self._push_update(d, e.vstart, e.vend, drain=True)
             e, a = self._move_of(d, vstart)
-            await self._release_space([(self.state.luns[e.lun].path, e.offset,
-                                        round_up(e.length))])
+            # L1 goes back to the host, but for what a snapshot or clone still maps
+            await self._release_space(self._unshared(d, e))
             await self.journal.commit({"op": "move.commit", "name": d.name, "vstart": vstart})
         await self._push_update(d, e.vstart, e.vend)
 

@@ -20,7 +20,7 @@ import trio
 from .. import protocol as P
 from .. import storage
 from ..allocator import FreeSpace, NoSpace
-from ..extents import MOVING, ZERO
+from ..extents import MOVING, ZERO, Extent
 from ..state import Container, Disk, round_up
 from ..units import human
 from .base import ServiceBase
@@ -155,11 +155,12 @@ class Placement(ServiceBase):
             raise P.RemoteError(P.E_IO, f"cannot zero the tail of {d.name!r}: {err}") from None
 
     def _physical(self, d: Disk, start: int, end: int) -> list[tuple[str, int, int]]:
-        """(container path, offset, length) of d's storage in [start, end), block-rounded."""
+        """(container path, offset, length) of d's storage in [start, end), block-rounded,
+        that no other table (snapshot, clone) maps: what freeing the range gives back."""
         out = []
         for e in d.extents.entries(start, end):
             if not e.flags & ZERO and e.offset % P.BLOCK_SIZE == 0:
-                out.append((self.state.luns[e.lun].path, e.offset, round_up(e.length)))
+                out += self._unshared(d, e)
             if e.flags & MOVING:  # and its alternate location (service/movement.py)
                 stored = d.extents.find(e.vstart)
                 if stored is not None and stored.vstart in d.alts:
@@ -167,6 +168,21 @@ class Placement(ServiceBase):
                     rel = e.vstart - stored.vstart
                     out.append((self.state.luns[a.lun].path, a.offset + rel,
                                 round_up(e.length)))
+        return out
+
+    def _unshared(self, d: Disk, e: Extent) -> list[tuple[str, int, int]]:
+        """(path, offset, length) of entry e's storage (block-rounded) that no other
+        table of d's family maps at the same vstart."""
+        path = self.state.luns[e.lun].path
+        shared = self.state.referenced(d.family, e.vstart, e.vend, e.lun, e.offset, skip=d)
+        nblk = -(-e.length // P.BLOCK_SIZE)
+        keep = [((lo - e.vstart) // P.BLOCK_SIZE, -(-(hi - e.vstart) // P.BLOCK_SIZE))
+                for lo, hi in shared]
+        out, pos = [], 0
+        for kb, ke in [*keep, (nblk, nblk)]:
+            if kb > pos:
+                out.append((path, e.offset + pos * P.BLOCK_SIZE, (kb - pos) * P.BLOCK_SIZE))
+            pos = max(pos, ke)
         return out
 
     async def _release_space(self, freed: list[tuple[str, int, int]]) -> None:

@@ -1,0 +1,238 @@
+"""Snapshots, clones and rollback, with fine-grained copy-on-write (docs/snapshots.md).
+
+A snapshot ``DISK@SNAP`` is a read-only copy of the disk's table, made in
+O(extent chunks) (``ExtentMap.clone``); it shares every block with the disk.
+Tables of one family (a disk, its snapshots, their clones) share storage only at
+the same vstart, so whether a block is shared is a lookup in the family's
+tables (``State.referenced``), and a block is freed only when no table of the
+family maps it. Shared entries are ``nowrite`` at the agents: the first write
+to a shared segment faults, and the segment is copied on write with the move
+engine (service/movement.py): it gets new space, the blocks the write touches
+are copied there and marked at once, the rest follows in the background, and
+the snapshot keeps the old location.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from .. import moves as M
+from .. import protocol as P
+from ..extents import MOVING, ZERO
+from ..moves import move_units
+from ..state import Disk
+from .movement import MoveGone, MovementOps
+
+log = logging.getLogger(__name__)
+
+SNAP_WAIT = 30.0  # longest a snapshot waits for moves in flight on its disk
+
+
+def split_snap_name(full: str) -> tuple[str, str]:
+    """'DISK@SNAP' -> (disk, snap); RemoteError E_INVALID for anything else."""
+    if not isinstance(full, str) or full.count("@") != 1:
+        raise P.invalid(f"{full!r} is not DISK@SNAP (one '@' between a disk and a snapshot "
+                        "name)")
+    disk, snap = full.split("@")
+    P.check_name(disk, "disk name")
+    P.check_name(snap, "snapshot name")
+    if len(full.encode()) > P.MAX_NAME_BYTES:
+        raise P.invalid(f"{full!r} is longer than {P.MAX_NAME_BYTES} bytes of UTF-8")
+    return disk, snap
+
+
+class SnapshotOps(MovementOps):
+    def _snap(self, full: str) -> Disk:
+        split_snap_name(full)
+        s = self.state.snaps.get(full)
+        if s is None:
+            raise P.not_found("snapshot", full)
+        return s
+
+    def _snap_info(self, s: Disk) -> dict[str, Any]:
+        """A snapshot as vdctl shows it; "held": bytes only it maps (what rm frees)."""
+        held = 0
+        for e in s.extents:
+            shared = self.state.referenced(s.family, e.vstart, e.vend, e.lun, e.offset,
+                                           skip=s)
+            held += e.length - sum(hi - lo for lo, hi in shared)
+        clones = sorted(t.name for t in self.state.disks.values() if t.origin == s.name)
+        return {"name": s.name, "disk": s.parent, "created": s.ctime, "size": s.size,
+                "allocated": s.allocated, "held": held, "clones": clones}
+
+    async def _settle_moves(self, d: Disk) -> None:
+        """Wait (d's writes frozen) until no segment of d is being moved: a snapshot's
+        table must hold each block's current location, and a half-moved segment's
+        current data is split between two. New moves of d wait meanwhile."""
+        self._no_new_moves.add(d.uid)
+        try:
+            with trio.move_on_after(SNAP_WAIT):
+                while d.alts:
+                    for vs in list(d.alts):
+                        self._job_nursery.start_soon(self._run_move, d, vs)
+                    await trio.sleep(0.01)
+            if d.alts:
+                raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} has segments being moved "
+                                    "that did not finish in time; retry")
+        except BaseException:
+            self._no_new_moves.discard(d.uid)
+            raise
+
+    # ------------------------------------------------------------ operations
+    async def snap_create(self, name: str) -> dict[str, Any]:
+        """Snapshot DISK@SNAP: writes are held (entries nowrite at every agent, drained
+        and acknowledged; reads go on), the table is copied in O(chunks), then writes
+        go on with copy-on-write. Raises RemoteError: E_NOT_FOUND, E_EXISTS, E_INVALID,
+        E_BUSY (moves that did not settle)."""
+        disk, snap = split_snap_name(name)
+        d = self._disk(disk)
+        if name in self.state.snaps:
+            raise P.RemoteError(P.E_EXISTS, f"snapshot {name!r} already exists")
+        async with self._freeze(d):
+            await self._settle_moves(d)
+            try:
+                async with self._dlock(d):
+                    if self.state.disks.get(disk) is not d:
+                        raise P.not_found("disk", disk)
+                    if name in self.state.snaps:
+                        raise P.RemoteError(P.E_EXISTS, f"snapshot {name!r} already exists")
+                    await self.journal.commit({"op": "snap.create", "name": disk, "snap": snap,
+                                               "ctime": round(time.time(), 3)})
+            finally:
+                self._no_new_moves.discard(d.uid)
+        await self.agents.notify({"push": "namespace"})
+        return self._snap_info(self.state.snaps[name])
+
+    async def snap_ls(self, name: str) -> list[dict[str, Any]]:
+        d = self._disk(name)
+        return [self._snap_info(s) for s in sorted(self.state.snaps.values(),
+                                                   key=lambda s: (s.ctime, s.name))
+                if s.parent == d.name]
+
+    async def snap_rm(self, name: str) -> dict[str, Any]:
+        """Remove a snapshot; frees exactly what no disk, clone or other snapshot maps."""
+        s = self._snap(name)
+        info = self._snap_info(s)
+        if info["clones"]:
+            raise P.RemoteError(P.E_BUSY, f"snapshot {name!r} has clones: "
+                                f"{', '.join(info['clones'])}; remove them first")
+        users = self.agents.caching(s)
+        if users:
+            raise P.RemoteError(P.E_BUSY, f"snapshot {name!r} is open on agent(s) "
+                                f"{', '.join(a.name for a in users)}; close it there first")
+        await self.agents.wait_grace()
+        async with self._dlock(s):
+            if self.state.snaps.get(name) is not s:
+                raise P.not_found("snapshot", name)
+            self._removing.add(s.uid)
+            try:
+                await self._release_space(self._physical(s, 0, s.size))
+                await self.journal.commit({"op": "snap.rm", "name": name})
+            finally:
+                self._removing.discard(s.uid)
+        await self.agents.notify({"push": "namespace", "removed": [name]})
+        return info
+
+    async def snap_rollback(self, name: str, force: bool) -> dict[str, Any]:
+        """The disk's content and size become the snapshot's. Refused while the disk is
+        open at any agent, unless force (its agents then see the new content at once)."""
+        s = self._snap(name)
+        assert s.parent is not None
+        d = self._disk(s.parent)
+        users = self.agents.caching(d)
+        if users and not force:
+            raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is open on agent(s) "
+                                f"{', '.join(a.name for a in users)}; close it there, or "
+                                "pass --force to roll it back under them")
+        old_size = d.size
+        async with self._restrict(d, 0, P.MAX_DISK_SIZE, exclude=None):
+            await self._settle_moves(d)
+            try:
+                async with self._dlock(d):
+                    await self._copying_done(d)
+                    if self.state.snaps.get(name) is not s or self.state.disks.get(
+                            d.name) is not d:
+                        raise P.RemoteError(P.E_BUSY, "the disk changed meanwhile; retry")
+                    # storage only the disk holds now, and the snapshot does not map
+                    # what only the disk maps goes; what the snapshot (or another
+                    # table) maps at the same vstart stays: the disk's new table
+                    freed = [r for e in d.extents if not e.flags & ZERO
+                             for r in self._unshared(d, e)]
+                    await self._release_space(freed)
+                    await self.journal.commit({"op": "snap.rollback", "snap": name})
+            finally:
+                self._no_new_moves.discard(d.uid)
+        await self._push_update(d, 0, max(old_size, d.size))
+        await self.agents.notify({"push": "namespace", "changed": [d.name]})
+        return self._disk_info(d)
+
+    async def disk_clone(self, name: str, new: str) -> dict[str, Any]:
+        """A writable thin disk NEW from snapshot NAME@SNAP, sharing its storage."""
+        self._snap(name)
+        P.check_name(new, "clone name")
+        if new in self.state.disks:
+            raise P.RemoteError(P.E_EXISTS, f"disk {new!r} already exists")
+        await self.journal.commit({"op": "disk.clone", "snap": name, "new": new,
+                                   "ctime": round(time.time(), 3)})
+        await self.agents.notify({"push": "namespace"})
+        return self._disk_info(self.state.disks[new])
+
+    # ------------------------------------------------------------ copy-on-write
+    async def _unshare_tail(self, d: Disk) -> None:
+        """Give d's last, partial block storage of its own if another table shares it
+        (before the controller zeroes its tail past the end). Hold d's lock."""
+        if not d.size % P.BLOCK_SIZE or len(self.state.family(d.family)) == 1:
+            return
+        e = d.extents.find(d.size - 1)
+        if e is None or e.flags & MOVING or not self.state.referenced(
+                d.family, e.vstart, e.vend, e.lun, e.offset, skip=d):
+            return
+        for unit in list(move_units(d, d.size - 1, d.size, None)):
+            for vs in await self._start_move(d, unit, None, cow=True):
+                mv, a = self._move_of(d, vs)
+                await self._copy(M.copies(mv, a, [(0, a.bitmap.nblocks)]))
+                await self.journal.commit({"op": "move.mark", "name": d.name, "vstart": vs,
+                                           "runs": [[0, a.bitmap.nblocks]]})
+                await self._push_update(d, mv.vstart, mv.vend, drain=True)
+                await self.journal.commit({"op": "move.commit", "name": d.name,
+                                           "vstart": vs})
+
+    async def _copy_on_write(self, d: Disk, start: int, end: int) -> None:
+        """A write to [start, end) of d meets storage a snapshot or clone shares: give
+        each shared segment new space (a move that may stay in its container); the
+        write's blocks are then copied and marked by the write fault, the rest in the
+        background. Hold d's lock."""
+        if d.is_snapshot:
+            raise P.RemoteError(P.E_READONLY, f"{d.name!r} is a read-only snapshot")
+        if len(self.state.family(d.family)) == 1:
+            return
+        for e in list(d.extents.stored_in(start, end)):
+            if e.flags & MOVING:
+                continue
+            shared = self.state.referenced(d.family, max(e.vstart, start), min(e.vend, end),
+                                           e.lun, e.offset + (max(e.vstart, start) - e.vstart),
+                                           skip=d)
+            if not shared:
+                continue
+            # the whole segments the write touches get new space; the write's blocks
+            # are copied at once (the fault), the rest in the background
+            seg = d.segment_size
+            lo, hi = shared[0][0] // seg * seg, -(-shared[-1][1] // seg) * seg
+            for unit in list(move_units(d, lo, hi, None)):
+                cur = d.extents.find(unit.vstart)
+                if cur is None or cur.flags & MOVING or not self.state.referenced(
+                        d.family, unit.vstart, unit.vend, unit.lun, unit.offset, skip=d):
+                    continue
+                try:
+                    started = await self._start_move(d, unit, None, cow=True)
+                except MoveGone:
+                    continue
+                for vs in started:
+                    self._job_nursery.start_soon(self._run_move, d, vs)
+        log.debug("copy-on-write of %s [%d, %d)", d.name, start, end)
+
+__all__ = ["SnapshotOps", "split_snap_name"]
