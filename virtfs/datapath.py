@@ -44,6 +44,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 GROW_STEP_MIN = 16 << 20  # grow ahead: the smallest step (bytes past the write's end)
 GROW_STEP_MAX = 1 << 30  # and the largest (steps grow with the file: half its size)
 ALLOCATE_AHEAD_MAX = 256 << 20  # the most a sequential writer's fault allocates
+PREFETCH_MIN_RUN = 64 << 20  # a run this long also allocates ahead in the background
 ALLOCATE_CHUNK = 1 << 30  # bytes per disk.allocate call (controller's MAX_ALLOCATE)
 SEQUENTIAL_SLACK = 1 << 20  # a write starting this close to the last one's end is sequential
 
@@ -74,6 +75,7 @@ class OpenDisk:
     grown_to: int = -1
     next_write: int = -1  # where the last write ended (sequential writers allocate ahead)
     run: int = 0  # bytes written sequentially up to next_write
+    prefetching: bool = False  # a background allocation ahead is running
 
     def sequential(self, offset: int) -> bool:
         """A write at offset continues a sequential run of at least a segment."""
@@ -336,6 +338,7 @@ class DataPath:
             if pos >= target:
                 if not skip_zero:
                     od.wrote(offset, target)
+                    self._prefetch(od, target)
                 return len(view)
             opened = False
             for e in od.table.pieces(pos, target - pos):
@@ -442,6 +445,43 @@ class DataPath:
         start = pos // seg * seg
         end = min(max(pos + length, start + ahead), od.table.size)
         await self.allocate(od, start, end - start, reserve=False, deadline=deadline)
+
+    def _prefetch(self, od: OpenDisk, pos: int) -> None:
+        """A sequential writer at pos on a thin disk: when the next unallocated space is
+        less than half a window ahead, allocate the window in the background, so the
+        writer need not wait for it (it still faults, and waits, if it gets there first).
+        Never raises; a failure only logs (the writer's own fault reports the error)."""
+        if (od.prefetching or od.run < PREFETCH_MIN_RUN or not od.sequential(pos)
+                or not self.session.lease_valid()):
+            return
+        seg = od.segment_size
+        ahead = min(od.run, ALLOCATE_AHEAD_MAX)
+        hole = od.table.seek(pos, data=False)
+        if hole is None or hole >= od.table.size or hole - pos > ahead // 2:
+            return
+        e = od.table.pieces(hole, 1)[0]
+        if not e.flags & ZERO or e.flags & INVALID:
+            return
+        start = hole // seg * seg
+        # never further than the run's length past the writer (as _allocate_ahead)
+        end = min((pos + ahead) // seg * seg, od.table.size)
+        if end <= start:
+            return
+        length = end - start
+        od.prefetching = True
+
+        async def run() -> None:
+            try:
+                await self.allocate(od, start, length, reserve=False,
+                                    deadline=trio.current_time() + self.fault_timeout)
+            except DiskError as err:
+                log.debug("allocation ahead on %s at %d: %s", od.name, start, err)
+            except TableError as err:
+                log.warning("allocation ahead on %s at %d: %s", od.name, start, err)
+            finally:
+                od.prefetching = False
+
+        self.session.start_soon(run)
 
     async def allocate(self, od: OpenDisk, offset: int, length: int, *, reserve: bool,
                        deadline: float | None = None) -> None:

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 ATTR_TIMEOUT = 1.0
 UNOPEN_TIMEOUT = 10.0  # seconds to close a disk at the controller after a failed open
 BLOCK = 4096
+# st_blksize, the "preferred I/O size": cp, rsync, tar and friends size their buffers
+# by it, and at 128 KiB (their floor) a copy costs a FUSE request per 128 KiB
+IO_SIZE = 1 << 20
 TEST_RAISE_ENV = "VIRTFS_TEST_RAISE_IN"  # test hook: handler name that raises RuntimeError
 _RAISE_IN = os.environ.get(TEST_RAISE_ENV)
 
@@ -133,7 +136,7 @@ class Operations(pyfuse3.Operations):
             a.st_nlink = 1
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_size = size
-        a.st_blksize = BLOCK
+        a.st_blksize = IO_SIZE
         a.st_blocks = -(-allocated // BLOCK) * (BLOCK // 512)  # the last block is whole
         ns = int(ctime * 1e9)
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
