@@ -257,7 +257,8 @@ class State:
                 pos = max(pos, ke)
 
     def lun_users(self, lun: int) -> Iterator[tuple[Disk, Extent]]:
-        for d in self.disks.values():
+        """(table, extent) of every disk and snapshot extent stored on LUN lun."""
+        for d in (*self.disks.values(), *self.snaps.values()):
             for e in d.extents:
                 if e.lun == lun:
                     yield d, e
