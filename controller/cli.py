@@ -233,7 +233,8 @@ def _kv(d: dict[str, Any], out: Any) -> None:
             v = "-"
         elif isinstance(v, bool):
             v = "yes" if v else "no"
-        elif k in ("ctime", "registered", "created") and isinstance(v, int | float):
+        elif k in ("ctime", "mtime", "changed", "registered", "created") and isinstance(
+                v, int | float):
             v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
         elif k == "uptime":
             v = f"{v} s"

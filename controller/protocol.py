@@ -374,13 +374,14 @@ _op("disk.fault", NAME, _f("offset", int), _f("length", int), _f("write", bool),
 _op("disk.allocate", NAME, _f("offset", int), _f("length", int), _f("reserve", bool),
     roles=AGENT)
 _op("disk.trim", NAME, _f("size", int), _f("expect", int), roles=AGENT)
+_op("disk.times", NAME, _f("mtime", float, int), _f("stime", float, int), roles=AGENT)
 _op("io.error", NAME, _f("lun", int), _f("offset", int), _f("message", str), roles=AGENT)
 
 # ops whose service method also receives the calling connection
 CONN_OPS = frozenset({"agent.register", "agent.heartbeat", "agent.bye", "disk.open",
                       "disk.close",
                       "disk.table",
-                      "disk.fault", "disk.allocate", "disk.trim",
+                      "disk.fault", "disk.allocate", "disk.trim", "disk.times",
                       "disk.discard", "disk.rm", "disk.resize"})
 
 

@@ -137,6 +137,10 @@ class Disk:
     family: int = 0
     origin: str | None = None
     parent: str | None = None  # set on snapshots only (read-only tables)
+    # times kept by the agents (disk.times records; 0.0: not set, the creation time
+    # stands): the last change of the content or size, and of the content or metadata
+    mtime: float = 0.0
+    stime: float = 0.0
 
     @property
     def allocated(self) -> int:
@@ -158,6 +162,8 @@ class Disk:
             "home": luns[self.home].name if self.home in luns else None,
             "epoch": self.epoch,
             "ctime": self.ctime,
+            "mtime": self.mtime or self.ctime,
+            "changed": self.stime or self.ctime,
             "origin": self.origin,
         }
 
@@ -394,6 +400,14 @@ class State:
         self._map(d, _pieces(rec))
         self.disks[name] = d
         self.next_family += 1
+
+    def _disk_times(self, rec: dict[str, Any]) -> None:
+        """An agent's times of a disk (its last write, size change or utimensat)."""
+        d = self.disk(rec["name"])
+        mtime, stime = rec["mtime"], rec["stime"]
+        if not all(type(t) in (int, float) and 0 <= t < 1e11 for t in (mtime, stime)):
+            raise StateError(f"bad times {mtime!r}, {stime!r}")
+        d.mtime, d.stime = float(mtime), float(stime)
 
     def _disk_map(self, rec: dict[str, Any]) -> None:
         self._map(self.disk(rec["name"]), _pieces(rec))
@@ -698,7 +712,7 @@ class State:
                         [vs, a.lun, a.offset, a.bitmap.nblocks, a.bitmap.to_bytes()]
                         for vs, a in d.alts.items()
                     ],
-                    **_lineage(d),
+                    **_lineage(d), **_times(d),
                 }
                 for d in (*self.disks.values(), *self.snaps.values())
             ],
@@ -732,6 +746,7 @@ class State:
                 d = Disk(dw["name"], dw["size"], dw["segment_size"], dw["thick"], dw["pin"],
                          dw["home"], dw["ctime"], ExtentMap.from_wire(dw["extents"]),
                          epoch=dw["epoch"])
+                _load_times(d, dw)
                 for vs, lun, off, nblocks, bits in dw["alts"]:
                     d.alts[vs] = Alt(lun, off, Bitmap(nblocks, bits))
                 s._add_table(d, dw)
@@ -829,6 +844,7 @@ class State:
                 total += n
                 d = Disk(dw["name"], dw["size"], dw["segment_size"], dw["thick"], dw["pin"],
                          dw["home"], dw["ctime"], m, epoch=dw["epoch"])
+                _load_times(d, dw)
                 nalts = _int(dw["alts"], "alts")
                 while len(d.alts) < nalts:
                     for vs, lun, off, nblocks, bits in nxt("alts")["alts"]:
@@ -851,6 +867,19 @@ class State:
         if extra is not None:
             raise StateError(f"checkpoint: data after the end part (part {count + 1})")
         return s
+
+
+def _times(d: Disk) -> dict[str, Any]:
+    """A disk's times in its checkpoint form (only when set: older checkpoints lack them)."""
+    return {"mtime": d.mtime, "stime": d.stime} if d.mtime or d.stime else {}
+
+
+def _load_times(d: Disk, dw: dict[str, Any]) -> None:
+    for key in ("mtime", "stime"):
+        t = dw.get(key, 0.0)
+        if type(t) not in (int, float):
+            raise StateError(f"checkpoint: disk {d.name!r} has a bad {key} {t!r}")
+        setattr(d, key, float(t))
 
 
 def _lineage(d: Disk) -> dict[str, Any]:
@@ -905,7 +934,7 @@ class Snapshot:
                 meta = {"part": "disk", "name": d.name, "size": d.size,
                         "segment_size": d.segment_size, "thick": d.thick, "pin": d.pin,
                         "home": d.home, "ctime": d.ctime, "epoch": d.epoch,
-                        "extents": ext.count, "alts": len(alts), **_lineage(d)}
+                        "extents": ext.count, "alts": len(alts), **_lineage(d), **_times(d)}
                 self._disks.append((meta, ext, alts))
         except BaseException:
             self.release()
@@ -957,6 +986,7 @@ _HANDLERS = {
     "container.rm": State._container_rm,
     "disk.create": State._disk_create,
     "disk.map": State._disk_map,
+    "disk.times": State._disk_times,
     "disk.resize": State._disk_resize,
     "disk.rm": State._disk_rm,
     "disk.rename": State._disk_rename,

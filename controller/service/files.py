@@ -1,4 +1,5 @@
-"""What a file in the mount needs beyond faults: allocation ahead of writes.
+"""What a file in the mount needs beyond faults: allocation ahead of writes, the size an
+appending writer grew ahead given back (disk.trim), and times (disk.times).
 
 ``disk.allocate`` maps every zero entry of a range in one record: fallocate's
 preallocation (reserve: the space is reserved in the container's own file
@@ -34,6 +35,8 @@ class FileOps(FaultOps):
         the disk), in one record; answer the range's entries like a fault."""
         self._agent(conn)
         d = self._live_disk(name)
+        if d.is_snapshot:
+            raise P.invalid(f"{name!r} is a snapshot: read-only")
         if offset < 0 or not 0 < length <= MAX_ALLOCATE or offset >= d.size:
             raise P.invalid(f"allocate range {offset}+{length} is outside disk {name!r} "
                             f"(size {d.size}) or longer than {MAX_ALLOCATE}")
@@ -65,8 +68,28 @@ class FileOps(FaultOps):
         to size if its size is still expect (what that agent set); else change nothing
         (another writer or an admin set the size since) and answer without "update"."""
         d = self._live_disk(name)
+        if d.is_snapshot:
+            raise P.invalid(f"{name!r} is a snapshot: read-only")
         if not 0 <= size <= expect:
             raise P.invalid(f"trim of {name!r} to {size} (expecting {expect}) is not a shrink")
         if d.size != expect:
             return self._disk_info(d)
         return await self.disk_resize(name, size, allow_shrink=True, conn=conn)
+
+    async def disk_times(self, name: str, mtime: float, stime: float,
+                         conn: Any) -> dict[str, Any]:
+        """An agent's times of a disk (kept by it while the disk is written, sent on
+        close, fsync and utimensat): one disk.times record; other agents are told the
+        disk changed so they drop cached attributes."""
+        d = self._live_disk(name)
+        if d.is_snapshot:
+            raise P.invalid(f"{name!r} is a snapshot: read-only")
+        for t in (mtime, stime):
+            if not 0 <= t < 1e11:
+                raise P.invalid(f"time {t!r} is out of range")
+        seq = self._record({"op": "disk.times", "name": d.name, "mtime": float(mtime),
+                            "stime": float(stime)})
+        await self.journal.wait_durable(seq)
+        await self.agents.notify({"push": "namespace", "changed": [d.name]},
+                                 exclude=getattr(conn, "agent", None))
+        return self._disk_info(d)
