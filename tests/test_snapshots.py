@@ -5,6 +5,7 @@ are the oracles."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import subprocess
@@ -67,6 +68,24 @@ def test_snapshot_is_isolated_from_later_writes(controller, mount_factory, tmp_p
         os.fsync(f.fileno())
     model[2 * SEG - 100 : 2 * SEG + 200] = b"\xee" * 300
     assert (m.path / "d").read_bytes() == bytes(model)
+    # the snapshot is a read-only file in every mount
+    m2 = agent(mount_factory, controller, "m2")
+    for mm in (m, m2):
+        snap = mm.path / "d@s1"
+        wait_for(snap.exists, 10, "the snapshot in the mount")
+        st = snap.stat()
+        assert st.st_mode & 0o777 == 0o444 and st.st_size == 32 << 20
+        compare(snap, copy)
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDWR | os.O_TRUNC):
+        with pytest.raises(OSError) as ei:
+            os.open(m.path / "d@s1", flags)
+        assert ei.value.errno == errno.EROFS
+    for op in (lambda: os.unlink(m.path / "d@s1"),
+               lambda: os.rename(m.path / "d@s1", m.path / "x"),
+               lambda: os.truncate(m.path / "d@s1", 0)):
+        with pytest.raises(OSError) as ei:
+            op()
+        assert ei.value.errno in (errno.EPERM, errno.EROFS, errno.EACCES)
     vd(controller, "disk", "clone", "d@s1", "c")
     assert vd(controller, "disk", "info", "c", "--format", "json").json()["origin"] == "d@s1"
     wait_for(lambda: (m.path / "c").exists(), 10, "the clone in the mount")

@@ -9,12 +9,20 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from controller.protocol import E_BUSY, E_EXISTS, E_INVALID, E_NO_SPACE, E_NOT_FOUND, RemoteError
+from controller.protocol import (
+    E_BUSY,
+    E_EXISTS,
+    E_INVALID,
+    E_NO_SPACE,
+    E_NOT_FOUND,
+    E_READONLY,
+    RemoteError,
+)
 
 from .agent import ControllerUnavailable, Session
 
 _ERRNO = {E_NOT_FOUND: errno.ENOENT, E_EXISTS: errno.EEXIST, E_INVALID: errno.EINVAL,
-          E_NO_SPACE: errno.ENOSPC, E_BUSY: errno.EBUSY}
+          E_NO_SPACE: errno.ENOSPC, E_BUSY: errno.EBUSY, E_READONLY: errno.EROFS}
 
 
 class DiskError(Exception):

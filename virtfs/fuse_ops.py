@@ -54,7 +54,7 @@ def handler(fn: Callable[PS, Coroutine[Any, Any, T]]) -> Callable[PS, Coroutine[
         except pyfuse3.FUSEError:
             raise
         except DiskError as e:
-            if e.errno in (errno.ENOENT, errno.EEXIST, errno.EOPNOTSUPP, errno.ENXIO):
+            if e.errno in (errno.ENOENT, errno.EEXIST, errno.EOPNOTSUPP, errno.ENXIO, errno.EROFS):
                 log.debug("%s: %s", name, e)
             else:
                 log.warning("%s: %s", name, e)
@@ -132,7 +132,8 @@ class Operations(pyfuse3.Operations):
             a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 2
         else:
-            a.st_mode = stat.S_IFREG | 0o644
+            # a snapshot (NAME@SNAP; '@' is in no disk name) is a read-only file
+            a.st_mode = stat.S_IFREG | (0o444 if self._is_snapshot(inode) else 0o644)
             a.st_nlink = 1
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_size = size
@@ -141,6 +142,9 @@ class Operations(pyfuse3.Operations):
         ns = int(ctime * 1e9)
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
         return a
+
+    def _is_snapshot(self, inode: int) -> bool:
+        return "@" in self.v.ns.inodes.get(inode, "")
 
     async def _disk_attr(self, inode: int) -> pyfuse3.EntryAttributes:
         if inode == ROOT_INODE:
@@ -186,6 +190,8 @@ class Operations(pyfuse3.Operations):
                       fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         if inode == ROOT_INODE:
             raise DiskError(errno.EPERM)
+        if fields.update_size and self._is_snapshot(inode):
+            raise DiskError(errno.EROFS, "snapshots are read-only")
         if fields.update_size:
             await self.v.truncate(inode, attr.st_size)
         # mode, owner and times are fixed properties of a disk: accepted, not stored
@@ -266,6 +272,8 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         if parent_inode != ROOT_INODE:
             raise DiskError(errno.ENOTDIR)
+        if b"@" in name:
+            raise DiskError(errno.EPERM, "remove snapshots with: vdctl snap rm NAME@SNAP")
         await self.v.ns.unlink(os.fsdecode(name))
 
     @handler
@@ -273,6 +281,8 @@ class Operations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: Any) -> None:
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise DiskError(errno.EINVAL)
+        if b"@" in name_old:
+            raise DiskError(errno.EPERM, "a snapshot keeps its name (NAME@SNAP)")
         await self.v.ns.rename(os.fsdecode(name_old), _name(name_new),
                             replace=not flags & pyfuse3.RENAME_NOREPLACE)
 
@@ -282,6 +292,8 @@ class Operations(pyfuse3.Operations):
         if inode == ROOT_INODE:
             raise DiskError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable and self._is_snapshot(inode):
+            raise DiskError(errno.EROFS, "snapshots are read-only")
         od = await self.v.open_disk(inode)
         try:
             if flags & os.O_TRUNC and writable:

@@ -84,7 +84,8 @@ class Namespace:
         """Reload the listing if older than LISTING_TTL (or force). Raises DiskError."""
         if not force and trio.current_time() - self._listing_at < LISTING_TTL:
             return
-        rows = await call(self.session, "disk.ls", "list disks")
+        # snapshots (NAME@SNAP) too: they show as read-only files
+        rows = await call(self.session, "disk.ls", "list disks", snapshots=True)
         self.listing = {r["name"]: DiskInfo(r["name"], r["size"], r["allocated"], r["ctime"])
                         for r in rows}
         self._listing_at = trio.current_time()
