@@ -21,6 +21,8 @@ from .base import ServiceBase
 # plus at most two segments, far fewer entries than this), and small tables cost
 # little either way.
 COMPACT_MIN_EXTENTS = 4096
+COMPACT_MIN_BYTES = 1 << 30  # pushes over this much of a disk go compact when they can
+_WITH_NOWRITE = bytes(f | NOWRITE for f in range(256))  # a flags column, made nowrite
 
 
 class Coherence(ServiceBase):
@@ -200,5 +202,21 @@ class Coherence(ServiceBase):
             end = max(start, min(end, d.size))
             await self.agents.push_all(agents, {
                 "push": "update", "disk": d.name, "epoch": d.epoch, "size": d.size,
-                "start": start, "end": end, "rows": self._rows(d, start, end), "drain": drain,
-                "v": self.version})
+                "start": start, "end": end, "rows": self._push_rows(d, start, end),
+                "drain": drain, "v": self.version})
+
+    def _push_rows(self, d: Disk, start: int, end: int) -> Any:
+        """_rows for a push; a large range of a disk whose entries are its stored extents
+        (frozen or not: a freeze only adds nowrite) goes in the compact form, copied from
+        the extent map at C speed, so a whole-disk push stalls the loop for milliseconds."""
+        if (end - start < COMPACT_MIN_BYTES or d.alts or d.is_snapshot
+                or any(c.failed for c in self.state.containers.values())
+                or self._restricted.get(d.uid)):
+            return self._rows(d, start, end)
+        frozen = any(lo <= start and end <= hi for lo, hi in self._frozen.get(d.uid, []))
+        if not frozen and (len(self.state.family(d.family)) > 1 or self._frozen.get(d.uid)):
+            return self._rows(d, start, end)
+        cols = d.extents.columns(start, end)
+        if frozen:
+            cols[4] = cols[4].translate(_WITH_NOWRITE)
+        return P.encode_rows(cols, [])

@@ -105,7 +105,9 @@ class SnapshotOps(MovementOps):
             finally:
                 self._no_new_moves.discard(d.uid)
         await self.agents.notify({"push": "namespace"})
-        return self._snap_info(self.state.snaps[name])
+        s = self.state.snaps[name]  # shares everything: nothing is its own yet
+        return {"name": s.name, "disk": s.parent, "created": s.ctime, "size": s.size,
+                "allocated": s.allocated, "held": 0, "clones": []}
 
     async def snap_ls(self, name: str) -> list[dict[str, Any]]:
         d = self._disk(name)
