@@ -13,11 +13,12 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_vdctl
+from conftest import run_vdctl, wait_for
 
 MiB = 1 << 20
 SEG = 4 * MiB  # the default segment size
@@ -212,3 +213,56 @@ def test_table_seek_zero_entries_are_holes() -> None:
     assert t.seek(100 * SEG, data=False) is None
     full = DiskTable("f", 3 * SEG, 1, [[0, 3 * SEG, 1, 0, 0]])
     assert full.seek(SEG, data=False) == 3 * SEG  # the end of the file is a hole
+
+
+def test_times_move_like_ext4_and_agree_everywhere(controller: Any, mount_factory: Any,
+                                                   tmp_path: Path) -> None:
+    """mtime and ctime move on every write and size change (as on ext4), touch sets
+    mtime, and once the file is closed a second mount and `vdctl disk info` agree;
+    `rsync -a` from the mount then sees an in-place change (same size) and copies it."""
+    r = controller.vdctl("container", "add", "c1", str(tmp_path / "c1.img"), "--size", "1G")
+    assert r.rc == 0, r.err
+    a, b = (mount_factory(n, state_dir=controller.state_dir,
+                          controller=f"unix:{controller.sock}") for n in ("a", "b"))
+    ours, host = a.path / "t", tmp_path / "host-t"
+    for p in (ours, host):
+        p.write_bytes(os.urandom(MiB))
+    old = {p: os.stat(p) for p in (ours, host)}
+    time.sleep(0.05)
+    for p in (ours, host):
+        with open(p, "r+b") as f:  # in place, same size
+            f.seek(4096)
+            f.write(b"changed")
+    for p in (ours, host):
+        st = os.stat(p)
+        assert st.st_mtime_ns > old[p].st_mtime_ns and st.st_ctime_ns > old[p].st_ctime_ns
+    def agree() -> bool:
+        st = os.stat(b.path / "t")
+        info = vd(controller, "disk", "info", "t")
+        return (st.st_mtime_ns == os.stat(ours).st_mtime_ns
+                and abs(info["mtime"] - os.stat(ours).st_mtime) < 1e-3)
+    wait_for(agree, 5, "mtime the same in both mounts and vdctl")
+    # a size change moves them too
+    before = os.stat(ours).st_mtime_ns
+    time.sleep(0.05)
+    os.truncate(ours, 2 * MiB)
+    assert os.stat(ours).st_mtime_ns > before
+    # touch -d sets mtime exactly, here, there and at the controller
+    for p in (ours, host):
+        run("touch", "-d", "2020-02-02 02:02:02", str(p))
+    want = os.stat(host).st_mtime_ns
+    assert os.stat(ours).st_mtime_ns == want
+    assert vd(controller, "disk", "info", "t")["mtime"] * 1e9 == pytest.approx(want, abs=1e3)
+    wait_for(lambda: os.stat(b.path / "t").st_mtime_ns == want, 5, "touch seen by mount b")
+    # rsync -a backup, an in-place change of the same size, rsync -a again: copied
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    assert run("rsync", "-a", str(ours), str(backup) + "/").returncode == 0
+    time.sleep(1.1)  # rsync compares whole seconds
+    with open(ours, "r+b") as f:
+        f.write(b"again")
+    assert run("rsync", "-a", str(ours), str(backup) + "/").returncode == 0
+    assert (backup / "t").read_bytes() == ours.read_bytes()
+    # rsync -a into the mount keeps the source's mtime: the next quick check skips it
+    assert run("rsync", "-a", str(host), str(a.path) + "/").returncode == 0
+    assert os.stat(a.path / "host-t").st_mtime_ns // 10**9 == want // 10**9

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -76,6 +77,20 @@ class OpenDisk:
     next_write: int = -1  # where the last write ended (sequential writers allocate ahead)
     run: int = 0  # bytes written sequentially up to next_write
     prefetching: bool = False  # a background allocation ahead is running
+    # times (time.time()) of the last write or size change (mtime) and of any change
+    # (stime) made here; times_set: they are ours to show; times_dirty: not yet sent
+    # to the controller (disk.times on close, fsync or utimensat)
+    mtime: float = 0.0
+    stime: float = 0.0
+    times_set: bool = False
+    times_dirty: bool = False
+
+    def touch(self, mtime: float | None = None) -> None:
+        """The content or size changed now (or utimensat set mtime)."""
+        now = time.time()
+        self.mtime = now if mtime is None else mtime
+        self.stime = now
+        self.times_set = self.times_dirty = True
 
     def sequential(self, offset: int) -> bool:
         """A write at offset continues a sequential run of at least a segment."""
@@ -336,6 +351,7 @@ class DataPath:
                 await self.grow(od, target, ahead=True)
                 continue
             if pos >= target:
+                od.touch()
                 if not skip_zero:
                     od.wrote(offset, target)
                     self._prefetch(od, target)
@@ -413,6 +429,20 @@ class DataPath:
                 return
             # grow_only: a disk another writer made larger meanwhile stays as it is
             await self.resize(od.name, size, allow_shrink=False, od=od, grow_only=True)
+
+    async def save_times(self, od: OpenDisk) -> None:
+        """Send od's times to the controller if they changed since (close, fsync,
+        utimensat): one disk.times record, never one per write. DiskError."""
+        if not od.times_dirty:
+            return
+        od.times_dirty = False
+        try:
+            await call(self.session, "disk.times", f"times of {od.name}", name=od.name,
+                       mtime=od.mtime, stime=od.stime)
+        except BaseException:
+            od.times_dirty = True
+            raise
+        self.on_resize()  # the listing's times are older
 
     async def trim(self, od: OpenDisk) -> None:
         """Give back what grow ahead took past the file's end (fsync, last close): the
@@ -517,6 +547,8 @@ class DataPath:
         keep = bool(mode & FALLOC_FL_KEEP_SIZE)
         kind = mode & ~FALLOC_FL_KEEP_SIZE
         end = offset + length
+        if kind or (not keep and end > od.size):
+            od.touch()  # content or size changes (a preallocation inside does not)
         if kind == 0:  # preallocate: the size grows (without KEEP_SIZE), space is reserved
             if not keep and end > od.size:
                 await self.trim(od)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from typing import Any
 
 from controller.client import Client
@@ -101,8 +102,9 @@ class Volumes:
         if not od.unlinked:
             try:
                 await self.data.trim(od)  # what grow ahead took past the end
+                await self.data.save_times(od)
             except DiskError as e:
-                log.warning("%s: could not trim the size grown ahead: %s", od.name, e)
+                log.warning("%s: could not save its size or times: %s", od.name, e)
         if od.handles > 0:
             return  # opened again while the trim waited
         ns.stale()  # the listing's sizes may be older than our table
@@ -126,10 +128,33 @@ class Volumes:
             raise DiskError(errno.ENOENT)
         if od is None:
             await self.data.resize(name, size, allow_shrink=True, od=od)
+            await self._times_at_controller(inode, time.time())
             return
         async with od.grow_lock:
             od.eof, od.grown_to = None, -1  # an exact size: nothing grown ahead stays
             await self.data.resize(name, size, allow_shrink=True, od=od)
+        od.touch()
+
+    async def set_times(self, inode: int, mtime: float | None) -> None:
+        """utimensat (touch): mtime (None: keep it; only atime was asked, which is not
+        kept) and the change time now, at the controller at once. DiskError."""
+        if mtime is None:
+            mtime = (await self.ns.info(inode)).mtime
+        od = self.ns.by_inode.get(inode)
+        if od is not None:
+            od.touch(mtime)
+            await self.data.save_times(od)
+            return
+        await self._times_at_controller(inode, mtime)
+
+    async def _times_at_controller(self, inode: int, mtime: float) -> None:
+        """disk.times for a disk not open here: mtime, and the change time now."""
+        name = self.ns.inodes.get(inode)
+        if name is None:
+            raise DiskError(errno.ENOENT)
+        await call(self.session, "disk.times", f"times of {name}", name=name, mtime=mtime,
+                   stime=time.time())
+        self.ns.stale()
 
     async def reload_all(self, client: Client) -> None:
         """After reconnecting: a new registration, so re-open and reload every open disk."""

@@ -150,7 +150,10 @@ class Operations(pyfuse3.Operations):
         if inode == ROOT_INODE:
             return self._attr(ROOT_INODE, ctime=self.started)
         info = await self.v.ns.info(inode)
-        return self._attr(inode, info.size, info.allocated, info.ctime)
+        a = self._attr(inode, info.size, info.allocated, info.ctime)
+        a.st_mtime_ns = a.st_atime_ns = int((info.mtime or info.ctime) * 1e9)
+        a.st_ctime_ns = int((info.stime or info.ctime) * 1e9)
+        return a
 
     def _fh(self, od: OpenDisk, writable: bool) -> int:
         fh = self._next_fh
@@ -194,7 +197,11 @@ class Operations(pyfuse3.Operations):
             raise DiskError(errno.EROFS, "snapshots are read-only")
         if fields.update_size:
             await self.v.truncate(inode, attr.st_size)
-        # mode, owner and times are fixed properties of a disk: accepted, not stored
+        if fields.update_mtime or fields.update_atime:
+            # utimensat (touch, rsync -a): mtime is kept (atime is not: it shows mtime)
+            await self.v.set_times(inode, attr.st_mtime_ns / 1e9 if fields.update_mtime
+                                   else None)
+        # mode and owner are fixed properties of a disk: accepted, not stored
         return await self._disk_attr(inode)
 
     @handler
@@ -333,11 +340,13 @@ class Operations(pyfuse3.Operations):
         od, writable = self.handles.get(fh, (None, False))
         if od is not None and writable:
             await self.v.data.trim(od)
+            await self.v.data.save_times(od)  # vdctl and other mounts agree once closed
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         od = self._handle(fh)
         await self.v.data.trim(od)  # the size is part of what fsync makes durable
+        await self.v.data.save_times(od)
         await self.v.data.fsync(od)
 
     @handler

@@ -30,12 +30,15 @@ ROOT_INODE = 1
 
 @dataclass
 class DiskInfo:
-    """A disk as listed: sizes in bytes, ctime in seconds since the epoch."""
+    """A disk as listed: sizes in bytes, times in seconds since the epoch (ctime: its
+    creation; mtime: its last write or size change; stime: its last change of any kind)."""
 
     name: str
     size: int
     allocated: int
     ctime: float
+    mtime: float = 0.0
+    stime: float = 0.0
 
 
 class Namespace:
@@ -86,7 +89,9 @@ class Namespace:
             return
         # snapshots (NAME@SNAP) too: they show as read-only files
         rows = await call(self.session, "disk.ls", "list disks", snapshots=True)
-        self.listing = {r["name"]: DiskInfo(r["name"], r["size"], r["allocated"], r["ctime"])
+        self.listing = {r["name"]: DiskInfo(r["name"], r["size"], r["allocated"], r["ctime"],
+                                            r.get("mtime", r["ctime"]),
+                                            r.get("changed", r["ctime"]))
                         for r in rows}
         self._listing_at = trio.current_time()
         for name in list(self.names):
@@ -109,8 +114,13 @@ class Namespace:
         od = self.by_inode.get(inode)
         if od is not None:
             base = self.listing.get(od.name)
-            return DiskInfo(od.name, od.size, od.table.allocated,
-                            base.ctime if base else 0.0)
+            ctime = base.ctime if base else 0.0
+            if od.times_set or base is None:
+                # written (or touched) here since it was opened: our times are newest
+                return DiskInfo(od.name, od.size, od.table.allocated, ctime,
+                                od.mtime or ctime, od.stime or ctime)
+            return DiskInfo(od.name, od.size, od.table.allocated, ctime, base.mtime,
+                            base.stime)
         name = self.inodes.get(inode)
         if name is None:
             raise DiskError(errno.ENOENT)
