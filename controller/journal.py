@@ -12,7 +12,7 @@ Files in the state dir:
   ``journal.next`` is renamed over ``journal``. Replay reads ``journal`` and
   then ``journal.next``; recovery folds the second into the first.
 - ``checkpoint``: the whole ``State`` as of record ``seq``, as a sequence of
-  journal frames, each at most a few MiB (format 2): a header (format, seq,
+  journal frames of about 512 KiB each (format 2): a header (format, seq,
   next_lun, boot, the containers with their number of free ranges, the number
   of disks), the containers' free lists in slices, then per disk a frame with
   its fields and counts, its extents as five packed columns (vstart, length,
@@ -60,7 +60,7 @@ JOURNAL = "journal"
 JOURNAL_NEXT = "journal.next"
 CHECKPOINT = "checkpoint"
 # Checkpoint once the journal grows past this. It bounds a restart's replay: about
-# 450,000 records, 12-16 s at 100 TiB on a busy 2-core machine (64 MiB took 25-32 s;
+# 450,000 records, 11-15 s at 100 TiB on a busy 2-core machine (64 MiB took 25-32 s;
 # the aim for load + replay is 30 s); a background checkpoint at 100 TiB writes 825 MB.
 CHECKPOINT_BYTES = 32 << 20
 # Target size of one checkpoint frame. The worker thread holds the GIL while it
