@@ -13,8 +13,8 @@ Files in the state dir:
   then ``journal.next``; recovery folds the second into the first.
 - ``checkpoint``: the whole ``State`` as of record ``seq``, as a sequence of
   journal frames of about 512 KiB each (format 2): a header (format, seq,
-  next_lun, boot, the containers with their number of free ranges, the number
-  of disks), the containers' free lists in slices, then per disk a frame with
+  next_lun, boot, the jobs, the containers with their number of free ranges,
+  the number of disks), the containers' free lists in slices, then per disk a frame with
   its fields and counts, its extents as five packed columns (vstart, length,
   lun, offset, flags, as ``ExtentMap.to_wire``) in slices, its alternates, and
   last an end frame with the counts, so a truncated file is detected. Written
