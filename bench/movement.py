@@ -201,7 +201,10 @@ def _rig(tmp_root: Path, tag: str, size: int, *, child: list[str] | None = None,
         def stop_agent() -> None:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True,
                            check=False)
-            _end(agent, wait=10)
+            try:
+                agent.wait(10)  # it ends by itself once unmounted
+            except subprocess.TimeoutExpired:
+                _end(agent, wait=10)
 
         stack.callback(stop_agent)  # runs before the controller's _end
         _wait_mounted(mnt, agent, alog, "virtfs-mount")
@@ -444,12 +447,19 @@ def _first_writes(tmp_root: Path, variant: str, size: int, seed: int) -> FirstWr
                      if e["container"] == "c2" and "nowrite" not in e["state"])
         if rig.job(jid)["state"] != "running":
             raise RuntimeError(f"job {jid} ended while the copier was held")
-        hold.unlink()  # let the controller go
+        hold.unlink()  # let the copier go, and the job end (a controller stopped while a
+        # job runs does not exit on SIGTERM: its job.end commit waits on a journal that
+        # has stopped, controller/service/jobs.py _run_job)
+        _wait(lambda: rig.job(jid)["state"] != "running", 300, f"job {jid} to end")
+        if rig.job(jid)["state"] != "done":
+            raise RuntimeError(f"job {jid} did not finish: {rig.job(jid)}")
         stack.close()  # agent and controller stopped: the profile is written
-        profile = json.loads(prof.read_text()) if prof.exists() else {}
+        profile: dict[str, list[float]] = (json.loads(prof.read_text()) if prof.exists()
+                                           else {})
         # the prefill's allocating faults come first: keep the first writes' own
         for k in ("fault", "prepare"):
-            profile[k] = profile.get(k, [])[-len(moving):]
+            if k in profile:
+                profile[k] = profile[k][-len(moving):]
     return FirstWrites(at_rest, moving, copied, profile)
 
 
