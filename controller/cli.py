@@ -223,6 +223,14 @@ def _table(rows: list[list[str]], headers: list[str], out: Any, headings: bool =
         out.write("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip() + "\n")
 
 
+def _disk_shown(r: dict[str, Any]) -> str:
+    """A disk's name for a table; one unlinked while open is marked (removed when the
+    last agent closes it)."""
+    if r.get("deleted") is not None:
+        return f"{shown(r['deleted'])} (deleted, still open)"
+    return shown(r["name"])
+
+
 def _kv(d: dict[str, Any], out: Any) -> None:
     for k, v in d.items():
         if isinstance(v, list | dict):
@@ -343,7 +351,7 @@ class Cli:
         if self.json:
             self.emit_json(rows)
             return 0
-        self._table([[shown(r["name"]), str(r["size"]), format_size(r["size"]), r["provisioning"],
+        self._table([[_disk_shown(r), str(r["size"]), format_size(r["size"]), r["provisioning"],
                  format_size(r["allocated"]), str(r["extents"]), r["container"] or "-"]
                 for r in rows],
                ["NAME", "BYTES", "SIZE", "TYPE", "ALLOCATED", "EXTENTS", "PINNED"], self.out)

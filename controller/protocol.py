@@ -256,6 +256,24 @@ _CONTAINER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
 _RESERVED_IN_NAMES = "/\0@"
 
 
+# A disk unlinked while open (rm of an open file in a mount) is renamed at once to
+# DELETED_PREFIX + "<n>/<its name>": a name no file name can be ('/'), so its own name
+# is free for a new file at once (as on ext4); mounts hide it, `vdctl disk ls` marks it,
+# and the controller removes it when the last agent closes it.
+DELETED_PREFIX = "/deleted/"
+
+
+def deleted_name(n: int, name: str) -> str:
+    return f"{DELETED_PREFIX}{n}/{name}"
+
+
+def former_name(name: str) -> str | None:
+    """The name an unlinked-but-open disk had (None: name is not such a disk's)."""
+    if not name.startswith(DELETED_PREFIX):
+        return None
+    return name[len(DELETED_PREFIX):].partition("/")[2]
+
+
 def check_name(name: object, what: str = "disk name") -> str:
     """A disk name: what a Linux file system takes as a file name, less '@'.
 
@@ -375,6 +393,7 @@ _op("disk.allocate", NAME, _f("offset", int), _f("length", int), _f("reserve", b
     roles=AGENT)
 _op("disk.trim", NAME, _f("size", int), _f("expect", int), roles=AGENT)
 _op("disk.times", NAME, _f("mtime", float, int), _f("stime", float, int), roles=AGENT)
+_op("disk.unlink", NAME, roles=AGENT)
 _op("io.error", NAME, _f("lun", int), _f("offset", int), _f("message", str), roles=AGENT)
 
 # ops whose service method also receives the calling connection
@@ -382,6 +401,7 @@ CONN_OPS = frozenset({"agent.register", "agent.heartbeat", "agent.bye", "disk.op
                       "disk.close",
                       "disk.table",
                       "disk.fault", "disk.allocate", "disk.trim", "disk.times",
+                      "disk.unlink",
                       "disk.discard", "disk.rm", "disk.resize"})
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from .allocator import ALIGN, AllocError, FreeSpace
 from .bitmap import Bitmap
 from .extents import MAX_EXTENT, MOVING, Extent, ExtentError, ExtentMap, ExtentSnapshot
-from .protocol import BLOCK_SIZE
+from .protocol import BLOCK_SIZE, former_name
 
 STATE_FORMAT = 1  # to_wire(): the whole state as one map (and the old one-frame checkpoint)
 PARTS_FORMAT = 2  # Snapshot.parts(): the checkpoint as a sequence of bounded parts
@@ -164,6 +164,8 @@ class Disk:
             "ctime": self.ctime,
             "mtime": self.mtime or self.ctime,
             "changed": self.stime or self.ctime,
+            # unlinked while open (protocol.DELETED_PREFIX): the name it had
+            "deleted": former_name(self.name),
             "origin": self.origin,
         }
 

@@ -44,6 +44,27 @@ def seq(m: Any) -> int:
     return int(vd(m, "status")["seq"])
 
 
+def figures_agree(ctl: Any, mnt: Path) -> None:
+    """stat, du and df in the mount agree with vdctl (every file closed): size, st_blocks
+    (allocated bytes rounded up to 4 KiB) and du per disk; df's size and use = the pool's
+    capacity and use."""
+    rows = [r for r in vd(ctl, "disk", "ls") if not r.get("deleted")]
+    assert sorted(os.listdir(mnt)) == sorted(r["name"] for r in rows)
+    for r in rows:
+        st = os.stat(mnt / r["name"])
+        assert st.st_size == r["size"], r
+        assert st.st_blocks * 512 == -(-r["allocated"] // 4096) * 4096, r
+        du = run("du", "-B1", str(mnt / r["name"]))
+        assert int(du.stdout.split()[0]) == st.st_blocks * 512
+    status = vd(ctl, "status")
+    fs = os.statvfs(mnt)
+    assert fs.f_blocks * fs.f_frsize == status["capacity"] // 4096 * 4096
+    assert (fs.f_blocks - fs.f_bfree) * fs.f_frsize == -(-status["used"] // 4096) * 4096
+    df = run("df", "-B1", "--output=size,used", str(mnt)).stdout.split()
+    assert [int(df[-2]), int(df[-1])] == [fs.f_blocks * fs.f_frsize,
+                                          (fs.f_blocks - fs.f_bfree) * fs.f_frsize]
+
+
 def test_fallocate_modes_like_ext4(embedded: Any, tmp_path: Path) -> None:
     """Every mode ext4 takes for a regular file, in sequence, on both files: same sizes,
     same contents; whole segments zeroed or punched go back to the pool; COLLAPSE and
@@ -77,6 +98,7 @@ def test_fallocate_modes_like_ext4(embedded: Any, tmp_path: Path) -> None:
     for flag in ("-c", "-i"):  # COLLAPSE_RANGE, INSERT_RANGE
         assert "not supported" in falloc(ours, flag, "-o", "0", "-l", str(SEG))
         assert falloc(host, flag, "-o", "0", "-l", str(SEG)) == ""
+    figures_agree(embedded, embedded.path)
     assert vd(embedded, "check")["ok"]
 
 
@@ -113,6 +135,7 @@ def test_preallocation_reserves_thin_space(embedded: Any) -> None:
         f.write(blob[: 8 * MiB])
         os.fsync(f.fileno())
     assert (mnt / "pre").read_bytes() == blob
+    figures_agree(embedded, mnt)
     assert vd(embedded, "check")["ok"]
 
 
@@ -154,6 +177,7 @@ def test_seek_data_and_hole_from_the_table(embedded: Any, tmp_path: Path) -> Non
     assert read <= 2 * SEG, read
     assert out.read_bytes() == host.read_bytes()
     assert out.stat().st_blocks * 512 <= SEG
+    figures_agree(embedded, embedded.path)
 
 
 def test_appending_and_sequential_writes_are_few_records(embedded: Any,
@@ -190,6 +214,7 @@ def test_appending_and_sequential_writes_are_few_records(embedded: Any,
             "conv=notrunc,fsync", "status=none")
     assert r.returncode == 0, r.stderr
     assert seq(embedded) - before <= 10  # was 32: one per 4 MiB segment
+    figures_agree(embedded, embedded.path)
     assert vd(embedded, "check")["ok"]
 
 
@@ -266,3 +291,89 @@ def test_times_move_like_ext4_and_agree_everywhere(controller: Any, mount_factor
     # rsync -a into the mount keeps the source's mtime: the next quick check skips it
     assert run("rsync", "-a", str(host), str(a.path) + "/").returncode == 0
     assert os.stat(a.path / "host-t").st_mtime_ns // 10**9 == want // 10**9
+    for m in (a, b):
+        figures_agree(controller, m.path)
+
+
+def _two_mounts(controller: Any, mount_factory: Any, tmp_path: Path) -> tuple[Any, Any]:
+    r = controller.vdctl("container", "add", "c1", str(tmp_path / "c1.img"), "--size", "1G")
+    assert r.rc == 0, r.err
+    a, b = (mount_factory(n, state_dir=controller.state_dir,
+                          controller=f"unix:{controller.sock}") for n in ("a", "b"))
+    return a, b
+
+
+HEARTBEAT = 5.0  # seconds: a heartbeat is a third of the 10 s lease, plus slack
+
+
+def test_namespace_changes_reach_every_mount(controller: Any, mount_factory: Any,
+                                            tmp_path: Path) -> None:
+    """create, rename and unlink through one mount: visible there at once, and through
+    the other within a heartbeat; a refused rename changes nothing anywhere."""
+    a, b = _two_mounts(controller, mount_factory, tmp_path)
+    (a.path / "one").write_bytes(b"1" * 5000)
+    wait_for(lambda: "one" in os.listdir(b.path), HEARTBEAT, "create seen by b")
+    assert (b.path / "one").read_bytes() == b"1" * 5000
+    os.rename(a.path / "one", a.path / "two")
+    assert (a.path / "two").read_bytes() == b"1" * 5000  # at once, here
+    assert not (a.path / "one").exists()
+    wait_for(lambda: os.listdir(b.path) == ["two"], HEARTBEAT, "rename seen by b")
+    assert (b.path / "two").read_bytes() == b"1" * 5000
+    assert not (b.path / "one").exists()
+    # a rename over a disk open in the other mount is refused and changes nothing
+    (a.path / "three").write_bytes(b"3" * 4096)
+    wait_for(lambda: (b.path / "three").exists(), HEARTBEAT, "create seen by b")
+    with open(b.path / "three", "rb"):
+        with pytest.raises(OSError) as ei:
+            os.rename(a.path / "two", a.path / "three")
+        assert ei.value.errno == errno.EBUSY
+        for m in (a, b):
+            assert sorted(os.listdir(m.path)) == ["three", "two"]
+            assert (m.path / "two").read_bytes() == b"1" * 5000
+            assert (m.path / "three").read_bytes() == b"3" * 4096
+        assert sorted(r["name"] for r in vd(controller, "disk", "ls")) == ["three", "two"]
+    os.unlink(a.path / "two")
+    assert os.listdir(a.path) == ["three"]
+    wait_for(lambda: os.listdir(b.path) == ["three"], HEARTBEAT, "unlink seen by b")
+    for m in (a, b):
+        figures_agree(controller, m.path)
+    assert vd(controller, "check")["ok"]
+
+
+def test_unlinked_open_disk_frees_its_name_at_once(controller: Any, mount_factory: Any,
+                                                   tmp_path: Path) -> None:
+    """rm of a file open in two mounts: its name is free at once (a new file may take
+    it, as on ext4), both handles keep the old data, `vdctl disk ls` marks it, and it
+    is removed (its space freed) when the last handle anywhere closes."""
+    a, b = _two_mounts(controller, mount_factory, tmp_path)
+    old = os.urandom(3 * MiB)
+    (a.path / "x").write_bytes(old)
+    wait_for(lambda: (b.path / "x").exists(), HEARTBEAT, "create seen by b")
+    used = sum(c["used"] for c in vd(controller, "container", "ls"))
+    fa = open(a.path / "x", "rb")  # noqa: SIM115
+    fb = open(b.path / "x", "rb")  # noqa: SIM115
+    try:
+        os.unlink(a.path / "x")
+        assert os.listdir(a.path) == []
+        (a.path / "x").write_bytes(b"new")  # the name is free at once
+        assert (a.path / "x").read_bytes() == b"new"
+        wait_for(lambda: (b.path / "x").exists() and (b.path / "x").read_bytes() == b"new",
+                 HEARTBEAT, "the new x seen by b")
+        assert fa.read() == old and fb.read() == old
+        rows = vd(controller, "disk", "ls")
+        assert sorted((r["deleted"] or "", r["name"] == "x") for r in rows) == [
+            ("", True), ("x", False)]
+        table = run_vdctl("--state-dir", str(controller.state_dir), "disk", "ls").out
+        assert "x (deleted, still open)" in table
+        for m in (a, b):
+            assert os.listdir(m.path) == ["x"]
+    finally:
+        fa.close()
+    time.sleep(0.5)
+    assert len(vd(controller, "disk", "ls")) == 2  # b still has it open
+    fb.close()
+    wait_for(lambda: len(vd(controller, "disk", "ls")) == 1, 10, "removal after the last close")
+    assert sum(c["used"] for c in vd(controller, "container", "ls")) == used - 3 * MiB + 4096
+    for m in (a, b):
+        figures_agree(controller, m.path)
+    assert vd(controller, "check")["ok"]

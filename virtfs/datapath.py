@@ -46,6 +46,9 @@ GROW_STEP_MIN = 16 << 20  # grow ahead: the smallest step (bytes past the write'
 GROW_STEP_MAX = 1 << 30  # and the largest (steps grow with the file: half its size)
 ALLOCATE_AHEAD_MAX = 256 << 20  # the most a sequential writer's fault allocates
 PREFETCH_MIN_RUN = 64 << 20  # a run this long also allocates ahead in the background
+SETTLE_TIMEOUT = 5.0  # seconds close/fsync wait for the controller to take size and times
+SETTLE_RETRIES = 600  # then once a second in the background, this many times
+TIMES_INTERVAL = 5.0  # seconds between disk.times of a disk written without a close
 ALLOCATE_CHUNK = 1 << 30  # bytes per disk.allocate call (controller's MAX_ALLOCATE)
 SEQUENTIAL_SLACK = 1 << 20  # a write starting this close to the last one's end is sequential
 
@@ -77,6 +80,8 @@ class OpenDisk:
     next_write: int = -1  # where the last write ended (sequential writers allocate ahead)
     run: int = 0  # bytes written sequentially up to next_write
     prefetching: bool = False  # a background allocation ahead is running
+    settling: bool = False  # size and times are being saved in the background (settle)
+    times_timer: bool = False  # a times_later is pending
     # times (time.time()) of the last write or size change (mtime) and of any change
     # (stime) made here; times_set: they are ours to show; times_dirty: not yet sent
     # to the controller (disk.times on close, fsync or utimensat)
@@ -224,6 +229,7 @@ class DataPath:
                                  version=r.get("v"))
                 if write and od.table.allocated != before:
                     self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
+                    self.on_resize()  # and the pool's figures (df)
         finally:
             del od.faults[key]
             ev.set()
@@ -352,6 +358,8 @@ class DataPath:
                 continue
             if pos >= target:
                 od.touch()
+                if not od.times_timer:
+                    self.times_later(od)
                 if not skip_zero:
                     od.wrote(offset, target)
                     self._prefetch(od, target)
@@ -430,30 +438,90 @@ class DataPath:
             # grow_only: a disk another writer made larger meanwhile stays as it is
             await self.resize(od.name, size, allow_shrink=False, od=od, grow_only=True)
 
-    async def save_times(self, od: OpenDisk) -> None:
+    async def settle(self, od: OpenDisk, times: bool = True) -> None:
+        """trim and (times) save_times, for close and the last release (fsync: trim only;
+        its times follow by the timer), which never fail or hold up their caller for
+        long: without the controller (or if it does not answer within SETTLE_TIMEOUT)
+        they are retried in the background until it is back."""
+        if od.eof is None and not (times and od.times_dirty):
+            return
+        if self.session.client is not None:
+            try:
+                await self.trim(od, timeout=SETTLE_TIMEOUT)
+                if times:
+                    await self.save_times(od, timeout=SETTLE_TIMEOUT)
+                return
+            except DiskError as e:
+                log.info("%s: size and times not saved yet (%s); retrying in the background",
+                         od.name, e)
+        if od.settling:
+            return
+        od.settling = True
+
+        async def run() -> None:
+            try:
+                for _ in range(SETTLE_RETRIES):
+                    await trio.sleep(1.0)
+                    try:
+                        await self.trim(od)
+                        await self.save_times(od)
+                        return
+                    except DiskError as e:
+                        log.debug("%s: saving size and times: %s", od.name, e)
+                log.warning("%s: gave up saving its size and times at the controller", od.name)
+            finally:
+                od.settling = False
+
+        self.session.start_soon(run)
+
+    def times_later(self, od: OpenDisk) -> None:
+        """Send od's times TIMES_INTERVAL from now (armed by the first write after a
+        send), so a disk written for long without a close has them at the controller
+        too: at most one disk.times record per interval, never one per write."""
+        if od.times_timer:
+            return
+        od.times_timer = True
+
+        async def run() -> None:
+            try:
+                await trio.sleep(TIMES_INTERVAL)
+                try:
+                    await self.save_times(od, timeout=SETTLE_TIMEOUT)
+                except DiskError as e:
+                    log.debug("%s: saving times: %s", od.name, e)
+            finally:
+                od.times_timer = False
+            if od.times_dirty and od.handles > 0:
+                self.times_later(od)
+
+        self.session.start_soon(run)
+
+    async def save_times(self, od: OpenDisk, timeout: float | None = None) -> None:
         """Send od's times to the controller if they changed since (close, fsync,
         utimensat): one disk.times record, never one per write. DiskError."""
         if not od.times_dirty:
             return
         od.times_dirty = False
         try:
-            await call(self.session, "disk.times", f"times of {od.name}", name=od.name,
-                       mtime=od.mtime, stime=od.stime)
+            await call(self.session, "disk.times", f"times of {od.name}", timeout=timeout,
+                       name=od.name, mtime=od.mtime, stime=od.stime)
         except BaseException:
             od.times_dirty = True
             raise
         self.on_resize()  # the listing's times are older
 
-    async def trim(self, od: OpenDisk) -> None:
+    async def trim(self, od: OpenDisk, timeout: float | None = None) -> None:
         """Give back what grow ahead took past the file's end (fsync, last close): the
-        controller shrinks the disk to od.eof if its size is still the one we set."""
+        controller shrinks the disk to od.eof if its size is still the one we set.
+        DiskError (and od keeps its local end of file) if the controller cannot."""
         async with od.grow_lock:
             eof, grown = od.eof, od.grown_to
-            od.eof, od.grown_to = None, -1
             if eof is None or od.table.size != grown or eof >= grown:
+                od.eof, od.grown_to = None, -1
                 return
-            r = await call(self.session, "disk.trim", f"trim {od.name}", name=od.name,
-                           size=eof, expect=grown)
+            r = await call(self.session, "disk.trim", f"trim {od.name}", timeout=timeout,
+                           name=od.name, size=eof, expect=grown)
+            od.eof, od.grown_to = None, -1
             self.on_resize()
             u = r.get("update")
             if u is not None:
@@ -536,6 +604,7 @@ class DataPath:
                 od.table.replace(rows[0][0], rows[-1][0] + rows[-1][1], rows, size=r["size"],
                                  epoch=r["epoch"], version=r.get("v"))
                 self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
+                self.on_resize()
             pos += n
             end = min(end, od.table.size)
 
@@ -603,6 +672,7 @@ class DataPath:
             stop = r["rows"][-1][0] + r["rows"][-1][1]
             od.table.replace(start, stop, r["rows"], epoch=r["epoch"], version=r.get("v"))
             self.kernel.invalidate(od.inode, attr_only=True)
+            self.on_resize()  # the pool's figures (df)
         for lo, hi in r["zero"]:
             pos = lo
             while pos < hi:

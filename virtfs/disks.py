@@ -100,11 +100,7 @@ class Volumes:
             return
         ns = self.ns
         if not od.unlinked:
-            try:
-                await self.data.trim(od)  # what grow ahead took past the end
-                await self.data.save_times(od)
-            except DiskError as e:
-                log.warning("%s: could not save its size or times: %s", od.name, e)
+            await self.data.settle(od)  # what grow ahead took past the end, and times
         if od.handles > 0:
             return  # opened again while the trim waited
         ns.stale()  # the listing's sizes may be older than our table
@@ -113,9 +109,8 @@ class Volumes:
         if ns.by_inode.get(od.inode) is od:
             del ns.by_inode[od.inode]
         try:
+            # an unlinked disk is removed by the controller when its last agent closes it
             await self._close_at_controller(od.name, od.handle)
-            if od.unlinked:
-                await call(self.session, "disk.rm", f"remove {od.name}", name=od.name)
         finally:
             if od.unlinked:
                 ns.forget_inode(od.inode)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from controller.protocol import former_name
+
 from .agent import Session
 from .errors import DiskError, call
 from .kernel import KernelCache
@@ -59,8 +61,10 @@ class Namespace:
         self._statfs: tuple[float, dict[str, Any]] | None = None
 
     def stale(self) -> None:
-        """The listing may be out of date: the next refresh asks the controller."""
+        """The listing (and the pool's figures, statfs) may be out of date: the next
+        refresh asks the controller, so df agrees with vdctl after a change made here."""
         self._listing_at = -1e9
+        self._statfs = None
 
     def inode_of(self, name: str) -> int:
         """The inode of name, allocating one if it has none yet."""
@@ -92,7 +96,7 @@ class Namespace:
         self.listing = {r["name"]: DiskInfo(r["name"], r["size"], r["allocated"], r["ctime"],
                                             r.get("mtime", r["ctime"]),
                                             r.get("changed", r["ctime"]))
-                        for r in rows}
+                        for r in rows if former_name(r["name"]) is None}
         self._listing_at = trio.current_time()
         for name in list(self.names):
             if name not in self.listing and name not in self.open:
@@ -133,7 +137,7 @@ class Namespace:
     async def listdir(self) -> list[tuple[str, int]]:
         """(name, inode) of every disk, sorted by name; unlinked open disks are hidden."""
         await self.refresh()
-        hidden = {n for n, od in self.open.items() if od.unlinked}
+        hidden = {n for n, od in self.open.items() if od.unlinked or former_name(n) is not None}
         names = sorted((set(self.listing) | set(self.open)) - hidden)
         return [(n, self.inode_of(n)) for n in names]
 
@@ -157,11 +161,17 @@ class Namespace:
         """Remove a disk; an open one only hides its name until its last close."""
         od = self.open.get(name)
         if od is not None:
-            # like a regular file: the data stays until the last handle closes
+            # like a regular file: the data stays until the last handle closes, and the
+            # name is free at once: the controller renames the disk to a name no file
+            # can have (protocol.deleted_name) and removes it when the last agent closes
             if od.unlinked:
                 raise DiskError(errno.ENOENT)
+            r = await call(self.session, "disk.unlink", f"remove {name}", name=name)
             od.unlinked = True
+            if r["name"] != name:
+                self.apply_rename(name, r["name"])  # its rename push did it already
             self.names.pop(name, None)
+            self.listing.pop(name, None)
             return
         await call(self.session, "disk.rm", f"remove {name}", name=name)
         self.forget(name)
@@ -223,7 +233,7 @@ class Namespace:
             if ino is not None:  # e.g. a size set with vdctl: seen before we ack
                 await self.kernel.invalidate_wait(ino)
         for name in msg.get("removed", []):
-            if name not in self.open:
+            if name not in self.open and former_name(name) is None:
                 self.kernel.invalidate_entry(name)
                 self.forget(name)
                 self.listing.pop(name, None)

@@ -93,3 +93,49 @@ class FileOps(FaultOps):
         await self.agents.notify({"push": "namespace", "changed": [d.name]},
                                  exclude=getattr(conn, "agent", None))
         return self._disk_info(d)
+
+    async def disk_unlink(self, name: str, conn: Any) -> dict[str, Any]:
+        """rm of a file an agent has open: the disk leaves its name at once (renamed to
+        protocol.deleted_name, which no file name can be), so the name is free for a
+        new file, as on ext4; it is removed when the last agent closes it (disk_close).
+        A disk nobody has open is simply removed."""
+        d = self._disk(name)
+        if d.is_snapshot or P.former_name(name) is not None:
+            raise P.invalid(f"{name!r} cannot be unlinked")
+        if not self.agents.caching(d):
+            return await self.disk_rm(name, conn=conn)
+        async with self._dlock(d):
+            if self.state.disks.get(name) is not d:
+                raise P.not_found("disk", name)
+            n = 1
+            while P.deleted_name(n, name) in self.state.disks:
+                n += 1
+            new = P.deleted_name(n, name)
+            await self.journal.commit({"op": "disk.rename", "name": name, "new": new})
+            await self.agents.push_all(self.agents.caching(d),
+                                       {"push": "rename", "disk": name, "new": new,
+                                        "handle": d.uid})
+        await self.agents.notify({"push": "namespace", "removed": [name]})
+        if not self.agents.caching(d):  # the last one closed meanwhile
+            await self._remove_deleted(d)
+        return self._disk_info(d)
+
+    async def disk_close(self, name: str, handle: int | None, conn: Any) -> None:
+        """FaultOps.disk_close, then: an unlinked disk nobody has open any more goes."""
+        d = self.state.disks.get(name)
+        if handle is not None:
+            d = next((t for t in self.state.disks.values() if t.uid == handle), d)
+        await super().disk_close(name, handle, conn)
+        if (d is not None and P.former_name(d.name) is not None
+                and self.state.disks.get(d.name) is d and not self.agents.caching(d)):
+            await self._remove_deleted(d)
+
+    async def _remove_deleted(self, d: Any) -> None:
+        try:
+            await self.disk_rm(d.name)
+        except P.RemoteError as e:  # opened again, or gone meanwhile: not ours to do
+            if e.code not in (P.E_BUSY, P.E_NOT_FOUND):
+                raise
+
+    if TYPE_CHECKING:  # DiskOps'
+        async def disk_rm(self, name: str, conn: Any = None) -> dict[str, Any]: ...
