@@ -6,7 +6,11 @@ an ``Alt`` (state.py): the alternate location L2 and a bitmap, one bit per
 4 KiB block, set when that block's current data is at L2. The bitmap never
 reaches an agent: agents get entries, split as finely as the bitmap requires:
 
-- marked blocks: plain entries at L2 (read and write there, no fault);
+- marked blocks: entries at L2, ``nowrite`` (reads go to L2, where the data is;
+  a write faults), except in the answer to a write fault for the blocks it
+  writes: those come plainly writable, after every other agent that has the
+  disk open got them at L2 (drained, acknowledged). So a block is only ever
+  written at L2 while no agent can still read it at L1;
 - unmarked blocks: ``nowrite`` entries at L1, so reads go straight to L1 and
   never wait, and a write faults, so the controller copies those blocks to L2
   and marks them before the write lands at L2.
@@ -27,11 +31,14 @@ from .state import Alt, Disk
 COPY_CHUNK_BLOCKS = 256  # what the copier copies and marks in one step: 1 MiB
 
 
-def agent_entries(e: Extent, a: Alt, start: int, end: int) -> Iterator[Extent]:
+def agent_entries(e: Extent, a: Alt, start: int, end: int,
+                  writable: tuple[int, int] | None = None) -> Iterator[Extent]:
     """The entries an agent gets for moving extent e (alternate a) within [start, end).
 
-    Marked runs map to the alternate location as plain entries; unmarked runs stay at
-    e's location as nowrite entries. Other state bits of e (never MOVING) are kept.
+    Marked runs map to the alternate location, nowrite but inside writable (vstart
+    bytes: published to every other agent, see the module's docstring); unmarked runs
+    stay at e's location as nowrite entries. Other state bits of e (never MOVING) are
+    kept.
     """
     lo, hi = max(start, e.vstart), min(end, e.vend)
     flags = e.flags & ~MOVING
@@ -41,20 +48,28 @@ def agent_entries(e: Extent, a: Alt, start: int, end: int) -> Iterator[Extent]:
         vs = max(lo, e.vstart + b * BLOCK_SIZE)
         ve = min(hi, e.vstart + (b + n) * BLOCK_SIZE)
         rel = vs - e.vstart
-        if marked:
-            yield Extent(vs, ve - vs, a.lun, a.offset + rel, flags)
-        else:
+        if not marked:
             yield Extent(vs, ve - vs, e.lun, e.offset + rel, flags | NOWRITE)
+            continue
+        wlo, whi = writable if writable is not None else (ve, ve)
+        for plo, phi, w in ((vs, max(vs, min(ve, wlo)), False),
+                            (max(vs, wlo), min(ve, whi), True),
+                            (max(vs, min(ve, whi)), ve, False)):
+            if phi > plo:
+                yield Extent(plo, phi - plo, a.lun, a.offset + (plo - e.vstart),
+                             flags if w else flags | NOWRITE)
 
 
-def expand(d: Disk, entries: Iterator[Extent]) -> Iterator[Extent]:
-    """Entries of d (from ExtentMap.entries) with moving extents split per block run."""
+def expand(d: Disk, entries: Iterator[Extent],
+           writable: tuple[int, int] | None = None) -> Iterator[Extent]:
+    """Entries of d (from ExtentMap.entries) with moving extents split per block run;
+    marked blocks inside writable come writable (agent_entries)."""
     for e in entries:
         if e.flags & MOVING:
             stored = d.extents.find(e.vstart)
             assert stored is not None and stored.flags & MOVING
             a = d.alts[stored.vstart]
-            yield from agent_entries(stored, a, e.vstart, e.vend)
+            yield from agent_entries(stored, a, e.vstart, e.vend, writable)
         else:
             yield e
 

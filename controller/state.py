@@ -530,7 +530,9 @@ class State:
                 raise StateError(f"bad move.mark run {r!r}")
         for first, count in runs:
             a.bitmap.set_range(first, count)
-        d.epoch += 1
+        # no epoch bump: a mark changes no entry an agent may hold (its nowrite L1
+        # entries still read right; a write there faults) - else every agent would
+        # reload its whole table once a heartbeat while a disk moves
 
     def _move_commit(self, rec: dict[str, Any]) -> None:
         """Every block is marked: the alternate location becomes the segment's location

@@ -45,7 +45,7 @@ class ServiceBase:
         # (disk uid, move vstart); moves with a runner; suspect containers (LUN ->
         # (errors reported, the last one)); running jobs' progress; the jobs' nursery
         self._copying: dict[tuple[int, int], Any] = {}
-        self._move_runners: set[tuple[int, int]] = set()
+        self._move_runners: dict[tuple[int, int], trio.Event] = {}
         self._suspect: dict[int, tuple[int, str | None]] = {}
         self._progress: dict[int, Any] = {}
         self._job_nursery: Any = None

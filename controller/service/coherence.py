@@ -29,13 +29,14 @@ class Coherence(ServiceBase):
     def _row(self, e: Extent) -> list[int]:
         return [e.vstart, e.length, e.lun, e.offset, e.flags]
 
-    def _entries(self, d: Disk, start: int, end: int) -> Iterator[Extent]:
+    def _entries(self, d: Disk, start: int, end: int,
+                 writable: tuple[int, int] | None = None) -> Iterator[Extent]:
         """d's entries for [start, end) as agents see them, before restrictions: segments
         being moved split per block run (marked at L2, the rest nowrite at L1; moves.py),
         and entries on a failed container in state `error`."""
         entries: Iterator[Extent] = d.extents.entries(start, end)
         if d.alts:
-            entries = expand(d, entries)
+            entries = expand(d, entries, writable)
         if d.is_snapshot:  # read-only: every entry
             entries = (e._replace(flags=e.flags | NOWRITE) for e in entries)
         elif len(self.state.family(d.family)) > 1:
@@ -70,12 +71,13 @@ class Coherence(ServiceBase):
                 and not d.is_snapshot and len(self.state.family(d.family)) == 1
                 and d.uid not in self._frozen)
 
-    def _rows(self, d: Disk, start: int, end: int) -> list[list[int]]:
+    def _rows(self, d: Disk, start: int, end: int,
+              writable: tuple[int, int] | None = None) -> list[list[int]]:
         """Entries for [start, end) as the agent gets them: restricted ranges are invalid,
         frozen ones nowrite."""
         restricted = [(lo, hi) for lo, hi in self._restricted.get(d.uid, [])
                       if lo < end and start < hi]
-        entries = self._entries(d, start, end)
+        entries = self._entries(d, start, end, writable)
         frozen = [(lo, hi) for lo, hi in self._frozen.get(d.uid, []) if lo < end and start < hi]
         if frozen:
             entries = (e._replace(flags=e.flags | NOWRITE)
@@ -106,7 +108,8 @@ class Coherence(ServiceBase):
             "v": self.version,
         }
 
-    async def _answer(self, d: Disk, start: int, end: int) -> dict[str, Any]:
+    async def _answer(self, d: Disk, start: int, end: int,
+                      writable: tuple[int, int] | None = None) -> dict[str, Any]:
         """Entries for an agent, never more permissive than what is durable."""
         # a mapping recorded by another request is visible in memory before its group
         # commit: wait until everything recorded so far is on disk, then answer
@@ -122,7 +125,7 @@ class Coherence(ServiceBase):
                        self._restricted.get(d.uid, []) if lo < end and start < hi]
             out["rows"] = P.encode_rows(d.extents.columns(start, end), invalid)
         else:
-            out["rows"] = self._rows(d, start, end)
+            out["rows"] = self._rows(d, start, end, writable)
         return out
 
     @staticmethod

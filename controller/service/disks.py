@@ -204,6 +204,10 @@ class DiskOps(SnapshotOps):
             if not replace:
                 raise P.RemoteError(P.E_EXISTS, f"disk {new!r} already exists")
             self._check_removable(target)
+            for j in self.state.jobs.values():
+                if j.state == "running" and j.disk == new:
+                    raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) is moving disk "
+                                        f"{new!r}; wait for it or abort it")
             await self.agents.wait_grace()
         async with self._dlocks(d, *([target] if target is not None else [])):
             if self.state.disks.get(name) is not d or self.state.disks.get(new) is not target:

@@ -62,6 +62,8 @@ class FaultOps(SnapshotOps):
             raise P.RemoteError(P.E_BUSY, f"{name!r} at {offset} is being changed; retry")
         seg = d.segment_size
         lo = offset // seg * seg
+        if write and d.is_snapshot:
+            raise P.RemoteError(P.E_READONLY, f"{name!r} is a read-only snapshot")
         while write:
             async with self._dlock(d):
                 if self.state.disks.get(d.name) is not d:
@@ -83,4 +85,8 @@ class FaultOps(SnapshotOps):
                     break
             await self._copying_done(d, offset, offset + length)  # the copier is there
         hi = min(round_up(offset + length, seg), d.size)
-        return await self._answer(d, lo, hi)
+        # the written blocks of moving segments come writable: every other agent has
+        # them at their new place now (pushed above); everything else as usual
+        writable = (offset // P.BLOCK_SIZE * P.BLOCK_SIZE,
+                    min(round_up(offset + length, P.BLOCK_SIZE), hi)) if write else None
+        return await self._answer(d, lo, hi, writable)

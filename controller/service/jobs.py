@@ -50,11 +50,16 @@ class JobOps(MovementOps):
             for j in list(self.state.jobs.values()):
                 if j.state == "running":
                     n.start_soon(self._run_job, j.id)
-            owned = {j.disk for j in self.state.jobs.values() if j.state == "running"}
+            # moves whose job ended (or was lost) between its last move and its end;
+            # the running jobs' own moves are resumed by those jobs
+            running = [j for j in self.state.jobs.values() if j.state == "running"]
             for d in list(self.state.disks.values()):
-                if d.alts and d.name not in owned:
-                    for vs in list(d.alts):
-                        n.start_soon(self._run_move, d, vs)
+                for vs in list(d.alts):
+                    e = d.extents.find(vs)
+                    if e is not None and not any(
+                            j.disk == d.name or (j.kind == "drain" and j.src == e.lun)
+                            for j in running):
+                        self._spawn_move(d, vs)
             await trio.sleep_forever()
 
     def _units(self, j: Job) -> list[tuple[Disk, int, int]]:
@@ -81,7 +86,8 @@ class JobOps(MovementOps):
         j = self.state.jobs[jid]
         prog = self._progress.setdefault(jid, _Progress(self._remaining(j),
                                                          trio.current_time()))
-        state, message = "done", ""
+        state: str | None = None  # None: journal no end (cancelled: it resumes later)
+        message = ""
         try:
             await self.agents.wait_grace()
             while not prog.aborting:
@@ -110,15 +116,21 @@ class JobOps(MovementOps):
                 state, message = "failed", f"disk {j.disk!r} was removed"
             elif self._remaining(j):
                 state, message = "failed", "data is left to move (see the log)"
-        except P.RemoteError as e:
-            state, message = "failed", e.message
-            log.error("job %d (%s) failed: %s", jid, j.kind, e.message)
+            else:
+                state = "done"
+        except* (P.RemoteError, OSError) as group:
+            # errors from the moves come wrapped by their nursery: the job fails, the
+            # service goes on; moves it leaves half done resume at the next start
+            first = group.exceptions[0]
+            state, message = "failed", getattr(first, "message", None) or str(first)
+            log.error("job %d (%s) failed: %s", jid, j.kind, message)
         finally:
-            if self.state.jobs.get(jid) is j and j.state == "running":
-                with trio.CancelScope(shield=True):
-                    await self.journal.commit({"op": "job.end", "id": jid, "state": state,
-                                               "message": message,
-                                               "ended": round(time.time(), 3)})
+            if state is not None and self.state.jobs.get(jid) is j and j.state == "running":
+                try:
+                    self.journal.record({"op": "job.end", "id": jid, "state": state,
+                                         "message": message, "ended": round(time.time(), 3)})
+                except RuntimeError as e:  # the journal closed: a stop; resumes later
+                    log.info("job %d: end not recorded: %s", jid, e)
             prog.done_event.set()
             self._progress.pop(jid, None)
 

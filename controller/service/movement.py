@@ -39,7 +39,7 @@ from .. import moves as M
 from .. import protocol as P
 from .. import storage
 from ..extents import MOVING, Extent
-from ..state import Alt, Container, Disk, round_up
+from ..state import Alt, Disk, round_up
 from ..units import human
 from .coherence import Coherence
 from .placement import Placement
@@ -124,38 +124,37 @@ class MovementOps(Placement, Coherence):
             raise P.RemoteError(P.E_NO_SPACE, f"no container has {human(need)} free for "
                                 f"disk {d.name!r} at {unit.vstart}")
         c, sp = space
-        started = []
-        pos = unit.vstart
-        for off, n in sp.plan(need):  # contiguous pieces of the target's free space
-            length = min(n, unit.vend - pos)
-            piece = Extent(pos, length, unit.lun, unit.offset + (pos - unit.vstart),
-                           unit.flags)
-            await self._allocate_alt(d, piece, c, off)
-            started.append(pos)
-            pos += length
-        return started
-
-    async def _allocate_alt(self, d: Disk, piece: Extent, c: Container, off: int) -> None:
-        n = round_up(piece.length)
-        self._reserved.setdefault(c.lun, []).append((off, n))
+        if c.failed:
+            raise P.RemoteError(P.E_IO, f"container {c.name!r} is failed")
+        # every piece of new space is reserved now, in the step that planned it: later
+        # plans (a thin fault elsewhere) go around all of it while it is zeroed
+        plan = sp.plan(need)  # contiguous pieces of the target's free space
+        for off, n in plan:
+            self._reserved.setdefault(c.lun, []).append((off, n))
+        started: list[int] = []
+        seq = 0
         try:
-            await self._zero([[piece.vstart, n, c.lun, off]])
-            self._check_still_free([[piece.vstart, n, c.lun, off]])
-            cur = d.extents.find(piece.vstart)
+            await self._zero([[0, n, c.lun, off] for off, n in plan])
+            self._check_still_free([[0, n, c.lun, off] for off, n in plan])
+            cur = d.extents.find(unit.vstart)
             if (self.state.disks.get(d.name) is not d or cur is None or cur.flags & MOVING
-                    or cur.lun != piece.lun or cur.vend < piece.vend
-                    or cur.offset + (piece.vstart - cur.vstart) != piece.offset):
-                raise MoveGone(f"disk {d.name!r} changed at {piece.vstart}")
-            seq = self._record({"op": "move.start", "name": d.name, "vstart": piece.vstart,
-                                "length": piece.length, "lun": c.lun, "offset": off})
+                    or cur.lun != unit.lun or cur.vend < unit.vend
+                    or cur.offset + (unit.vstart - cur.vstart) != unit.offset):
+                raise MoveGone(f"disk {d.name!r} changed at {unit.vstart}")
+            pos = unit.vstart
+            for off, n in plan:  # all records in one step: no await in between
+                length = min(n, unit.vend - pos)
+                seq = self._record({"op": "move.start", "name": d.name, "vstart": pos,
+                                    "length": length, "lun": c.lun, "offset": off})
+                started.append(pos)
+                pos += length
         finally:
-            lst = self._reserved[c.lun]
-            lst.remove((off, n))
-            if not lst:
-                del self._reserved[c.lun]
+            for off, n in plan:
+                self._unreserve(c.lun, (off, n))
         await self.journal.wait_durable(seq)
         # every agent now stops writing L1 there (drained, acknowledged)
-        await self._push_update(d, piece.vstart, piece.vend, drain=True)
+        await self._push_update(d, unit.vstart, unit.vend, drain=True)
+        return started
 
     # ------------------------------------------------------------ 2. write faults
     async def _prepare_moving_write(self, d: Disk, start: int, end: int,
@@ -168,11 +167,13 @@ class MovementOps(Placement, Coherence):
             return True
         await self.agents.wait_grace()
         for e in touched:
-            a = d.alts[e.vstart]
             first, last = M.blocks_of(e, start, end)
             busy = self._copying.get((d.uid, e.vstart))
             if busy is not None and busy.first < last and first < busy.first + busy.count:
                 return False
+        for e in touched:
+            a = d.alts[e.vstart]
+            first, last = M.blocks_of(e, start, end)
             runs = M.unmarked_runs(a, first, last)
             if not runs:
                 continue
@@ -180,9 +181,11 @@ class MovementOps(Placement, Coherence):
             seq = self._record({"op": "move.mark", "name": d.name, "vstart": e.vstart,
                                 "runs": [list(r) for r in runs]})
             await self.journal.wait_durable(seq)
-        lo = min(e.vstart for e in touched)
-        hi = max(e.vend for e in touched)
-        await self._push_update(d, max(lo, start), min(hi, end), exclude=exclude, drain=True)
+        # the written blocks, whole: every other agent reads them at L2 from now on
+        # (drained, acknowledged) before the writer is answered with them writable
+        lo = max(min(e.vstart for e in touched), start // P.BLOCK_SIZE * P.BLOCK_SIZE)
+        hi = min(max(e.vend for e in touched), round_up(end, P.BLOCK_SIZE))
+        await self._push_update(d, lo, hi, exclude=exclude, drain=True)
         return True
 
     # ------------------------------------------------------------ 3. copier
@@ -191,6 +194,9 @@ class MovementOps(Placement, Coherence):
         await _test_hold()
         async with self._dlock(d):
             e, a = self._move_of(d, vstart)
+            if self.state.luns[a.lun].failed or self.state.luns[e.lun].failed:
+                raise P.RemoteError(P.E_IO, f"disk {d.name!r} at {vstart}: a container of "
+                                    "its move is failed")
             nxt = M.next_copy(a)
             if nxt is None:
                 return False
@@ -207,8 +213,11 @@ class MovementOps(Placement, Coherence):
             step.done.set()
         async with self._dlock(d):
             e, a = self._move_of(d, vstart)
+            count = min(step.count, a.bitmap.nblocks - step.first)  # a shrink may cut it
+            if count <= 0:
+                return True
             seq = self._record({"op": "move.mark", "name": d.name, "vstart": vstart,
-                                "runs": [[step.first, step.count]]})
+                                "runs": [[step.first, count]]})
         await self.journal.wait_durable(seq)
         return True
 
@@ -235,19 +244,27 @@ class MovementOps(Placement, Coherence):
             async with self._restrict(d, e.vstart, e.vend, exclude=None):
                 e, a = self._move_of(d, vstart)
                 back = [(b, n) for b, n, marked in a.bitmap.runs() if marked]
-                await self._copy(M.copies(e, a, back, back=True))
-                await self._release_space([(self.state.luns[a.lun].path, a.offset,
-                                            a.bitmap.nblocks * P.BLOCK_SIZE)])
-                await self.journal.commit({"op": "move.abort", "name": d.name,
-                                           "vstart": vstart})
+                await self._copy(M.copies(e, a, back, back=True))  # durable first
+                lun, rng = a.lun, (a.offset, a.bitmap.nblocks * P.BLOCK_SIZE)
+                # the record frees L2 (so a crash never finds marked blocks pointing at
+                # a punched L2); it stays reserved, in the same step, until punched
+                seq = self._record({"op": "move.abort", "name": d.name, "vstart": vstart})
+                self._reserved.setdefault(lun, []).append(rng)
+                try:
+                    await self.journal.wait_durable(seq)
+                    await self._release_space([(self.state.luns[lun].path, *rng)])
+                finally:
+                    self._unreserve(lun, rng)
             await self._push_update(d, e.vstart, e.vend)
 
     async def _run_move(self, d: Disk, vstart: int) -> None:
         """Copy a started move to the end and commit it (one runner per move)."""
         key = (d.uid, vstart)
-        if key in self._move_runners:
+        running = self._move_runners.get(key)
+        if running is not None:
+            await running.wait()  # someone runs it already: wait for the end
             return
-        self._move_runners.add(key)
+        done = self._move_runners[key] = trio.Event()
         try:
             await self.agents.wait_grace()
             while await self._copy_step(d, vstart):
@@ -256,7 +273,19 @@ class MovementOps(Placement, Coherence):
         except MoveGone as e:
             log.info("move ended early: %s", e)
         finally:
-            self._move_runners.discard(key)
+            del self._move_runners[key]
+            done.set()
+
+    def _spawn_move(self, d: Disk, vstart: int) -> None:
+        """Run a move in the background; a failure is logged (the move stays, and
+        resumes at the next start), never raised into the service's nursery."""
+        async def run() -> None:
+            try:
+                await self._run_move(d, vstart)
+            except (P.RemoteError, OSError) as e:
+                log.error("move of %s at %d stopped: %s", d.name, vstart,
+                          getattr(e, "message", e))
+        self._job_nursery.start_soon(run)
 
     # ------------------------------------------------------------ container fail/restore
     async def _push_lun(self, lun: int) -> None:

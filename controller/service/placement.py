@@ -90,6 +90,12 @@ class Placement(ServiceBase):
                 pieces[-1][1] -= excess
         return pieces
 
+    def _unreserve(self, lun: int, rng: tuple[int, int]) -> None:
+        lst = self._reserved[lun]
+        lst.remove(rng)
+        if not lst:
+            del self._reserved[lun]
+
     def _plannable(self, c: Container) -> FreeSpace:
         """c's free space less what requests in flight have reserved on it."""
         reserved = self._reserved.get(c.lun)
@@ -146,11 +152,15 @@ class Placement(ServiceBase):
         e = d.extents.find(d.size - 1)
         if e is None:
             return
-        off = e.offset + (d.size - e.vstart)
-        n = round_up(d.size - e.vstart) - (d.size - e.vstart)
-        path = self.state.luns[e.lun].path
+        rel = d.size - e.vstart
+        n = round_up(rel) - rel
+        where = [(self.state.luns[e.lun].path, e.offset + rel)]
+        if e.flags & MOVING:  # the block's data may be at the alternate location: both
+            a = d.alts[e.vstart]
+            where.append((self.state.luns[a.lun].path, a.offset + rel))
         try:
-            await trio.to_thread.run_sync(storage.zero_bytes, path, off, n)
+            for path, off in where:
+                await trio.to_thread.run_sync(storage.zero_bytes, path, off, n)
         except OSError as err:
             raise P.RemoteError(P.E_IO, f"cannot zero the tail of {d.name!r}: {err}") from None
 

@@ -73,7 +73,7 @@ class SnapshotOps(MovementOps):
             with trio.move_on_after(SNAP_WAIT):
                 while d.alts:
                     for vs in list(d.alts):
-                        self._job_nursery.start_soon(self._run_move, d, vs)
+                        self._spawn_move(d, vs)
                     await trio.sleep(0.01)
             if d.alts:
                 raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} has segments being moved "
@@ -234,7 +234,7 @@ class SnapshotOps(MovementOps):
                 except MoveGone:
                     continue
                 for vs in started:
-                    self._job_nursery.start_soon(self._run_move, d, vs)
+                    self._spawn_move(d, vs)
         log.debug("copy-on-write of %s [%d, %d)", d.name, start, end)
 
 __all__ = ["SnapshotOps", "split_snap_name"]
