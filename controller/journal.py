@@ -51,7 +51,7 @@ from typing import IO, Any
 
 import trio
 
-from . import codec
+from . import codec, faultpoints
 from .state import STATE_FORMAT, Snapshot, State, StateError
 
 log = logging.getLogger(__name__)
@@ -473,7 +473,9 @@ class Journal:
     def _write(fd: int, frames: list[bytes]) -> int:
         data = b"".join(frames)
         _write_all(fd, data)
+        faultpoints.hit("journal.before_fsync")
         os.fdatasync(fd)
+        faultpoints.hit("journal.after_fsync")
         return len(data)
 
     def checkpoint_now_sync(self) -> None:

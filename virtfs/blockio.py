@@ -23,6 +23,8 @@ import stat
 
 import trio
 
+from controller import faultpoints
+
 log = logging.getLogger(__name__)
 
 REFUSED_FOR = 5.0  # seconds a refused container path is not tried again
@@ -202,6 +204,7 @@ class ContainerIO:
         # owed from the first byte: a write that fails half-way may have landed in part
         n_written = self._written[lun] = self._written.get(lun, 0) + 1
         self._debts.setdefault(disk, {})[lun] = n_written
+        faultpoints.hit("blockio.write")
         while view:
             n = os.pwrite(fd, view, offset)
             view = view[n:]
@@ -270,6 +273,7 @@ class ContainerIO:
             fds = [*self._retired.get(lun, []), *([self._fds[lun]] if lun in self._fds else [])]
             try:
                 for fd in fds:
+                    faultpoints.hit("blockio.sync")
                     await trio.to_thread.run_sync(os.fdatasync, fd)
             except OSError as e:
                 message = f"fdatasync failed: {e.strerror or e}"

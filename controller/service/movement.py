@@ -35,9 +35,9 @@ from typing import Any
 
 import trio
 
+from .. import faultpoints, storage
 from .. import moves as M
 from .. import protocol as P
-from .. import storage
 from ..extents import MOVING, Extent
 from ..state import Alt, Disk, round_up
 from ..units import human
@@ -91,6 +91,7 @@ class MovementOps(Placement, Coherence):
         if not cs:
             return
         try:
+            faultpoints.hit("movement.copy")
             await trio.to_thread.run_sync(storage.copy_ranges, self._paths(cs))
         except OSError as e:
             code = P.E_NO_SPACE if e.errno == errno.ENOSPC else P.E_IO
@@ -141,6 +142,7 @@ class MovementOps(Placement, Coherence):
                     or cur.lun != unit.lun or cur.vend < unit.vend
                     or cur.offset + (unit.vstart - cur.vstart) != unit.offset):
                 raise MoveGone(f"disk {d.name!r} changed at {unit.vstart}")
+            faultpoints.hit("movement.start")
             pos = unit.vstart
             for off, n in plan:  # all records in one step: no await in between
                 length = min(n, unit.vend - pos)
@@ -216,6 +218,7 @@ class MovementOps(Placement, Coherence):
             count = min(step.count, a.bitmap.nblocks - step.first)  # a shrink may cut it
             if count <= 0:
                 return True
+            faultpoints.hit("movement.mark")
             seq = self._record({"op": "move.mark", "name": d.name, "vstart": vstart,
                                 "runs": [[step.first, count]]})
         await self.journal.wait_durable(seq)
@@ -233,6 +236,7 @@ class MovementOps(Placement, Coherence):
             e, a = self._move_of(d, vstart)
             # L1 goes back to the host, but for what a snapshot or clone still maps
             await self._release_space(self._unshared(d, e))
+            faultpoints.hit("movement.commit")
             await self.journal.commit({"op": "move.commit", "name": d.name, "vstart": vstart})
         await self._push_update(d, e.vstart, e.vend)
 
@@ -246,6 +250,7 @@ class MovementOps(Placement, Coherence):
                 back = [(b, n) for b, n, marked in a.bitmap.runs() if marked]
                 await self._copy(M.copies(e, a, back, back=True))  # durable first
                 lun, rng = a.lun, (a.offset, a.bitmap.nblocks * P.BLOCK_SIZE)
+                faultpoints.hit("movement.abort")
                 # the record frees L2 (so a crash never finds marked blocks pointing at
                 # a punched L2); it stays reserved, in the same step, until punched
                 seq = self._record({"op": "move.abort", "name": d.name, "vstart": vstart})

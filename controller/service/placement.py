@@ -17,8 +17,8 @@ from typing import Any
 
 import trio
 
+from .. import faultpoints, storage
 from .. import protocol as P
-from .. import storage
 from ..allocator import FreeSpace, NoSpace
 from ..extents import MOVING, ZERO, Extent
 from ..state import Container, Disk, round_up
@@ -113,12 +113,14 @@ class Placement(ServiceBase):
         Raises RemoteError E_NO_SPACE (pool or container short), E_IO (zeroing failed).
         """
         pieces = self._plan(targets, pin, home)
+        faultpoints.hit("placement.plan")
         held = [(lun, off, round_up(n)) for _v, n, lun, off in pieces]
         for lun, off, n in held:
             self._reserved.setdefault(lun, []).append((off, n))
         try:
             await self._zero(pieces, preallocate)
             self._check_still_free(pieces)
+            faultpoints.hit("placement.record")
             return self._record(make_record(pieces))
         finally:
             for lun, off, n in held:
@@ -141,6 +143,7 @@ class Placement(ServiceBase):
         for lun, ranges in by_lun.items():
             path = self.state.luns[lun].path
             try:
+                faultpoints.hit("placement.zero")
                 await trio.to_thread.run_sync(storage.zero_ranges, path, ranges, preallocate)
             except OSError as e:
                 code = P.E_NO_SPACE if e.errno == errno.ENOSPC else P.E_IO

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from .. import faultpoints
 from .. import moves as M
 from .. import protocol as P
 from ..extents import MOVING, ZERO
@@ -100,6 +101,7 @@ class SnapshotOps(MovementOps):
                         raise P.not_found("disk", disk)
                     if name in self.state.snaps:
                         raise P.RemoteError(P.E_EXISTS, f"snapshot {name!r} already exists")
+                    faultpoints.hit("snapshot.create")
                     await self.journal.commit({"op": "snap.create", "name": disk, "snap": snap,
                                                "ctime": round(time.time(), 3)})
             finally:
