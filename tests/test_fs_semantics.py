@@ -377,3 +377,25 @@ def test_unlinked_open_disk_frees_its_name_at_once(controller: Any, mount_factor
     for m in (a, b):
         figures_agree(controller, m.path)
     assert vd(controller, "check")["ok"]
+
+
+def test_fallocate_while_grown_ahead(embedded: Any, tmp_path: Path) -> None:
+    """fallocate on a file being appended (its size grown ahead at the controller): the
+    size and content are still exactly the host file's."""
+    ours, host = embedded.path / "g", tmp_path / "g"
+    data = os.urandom(3 * MiB + 5)
+    fds = [os.open(p, os.O_WRONLY | os.O_CREAT, 0o644) for p in (ours, host)]
+    try:
+        for fd, p in zip(fds, (ours, host), strict=True):
+            os.write(fd, data)
+            assert falloc(p, "-z", "-o", str(3 * MiB), "-l", str(2 * MiB)) == ""
+            assert falloc(p, "-o", str(6 * MiB), "-l", "100") == ""
+            assert falloc(p, "-n", "-o", str(7 * MiB), "-l", str(MiB)) == ""
+            os.write(fd, b"tail")
+            assert os.fstat(fd).st_size == 6 * MiB + 100
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert ours.read_bytes() == host.read_bytes()
+    assert vd(embedded, "disk", "info", "g")["size"] == 6 * MiB + 100
+    figures_agree(embedded, embedded.path)

@@ -421,11 +421,10 @@ class DataPath:
         async with od.grow_lock:
             if size <= od.size:
                 return
+            if od.eof is not None and od.table.size == od.grown_to and size <= od.table.size:
+                od.eof = size  # inside the step already taken: no round trip
+                return
             if ahead:
-                if od.eof is not None and od.table.size == od.grown_to \
-                        and size <= od.table.size:
-                    od.eof = size  # inside the step already taken: no round trip
-                    return
                 base = od.size
                 step = min(max(size - base, base // 2, GROW_STEP_MIN), GROW_STEP_MAX)
                 want = min(size + step, MAX_DISK_SIZE)
