@@ -446,9 +446,9 @@ def _first_writes(tmp_root: Path, variant: str, size: int, seed: int) -> FirstWr
         copied = sum(e["length"] for e in rig.entries("d") if e["container"] == "c2")
         if rig.job(jid)["state"] != "running":
             raise RuntimeError(f"job {jid} ended while the copier was held")
-        hold.unlink()  # let the copier go, and the job end (a controller stopped while a
-        # job runs does not exit on SIGTERM: its job.end commit waits on a journal that
-        # has stopped, controller/service/jobs.py _run_job)
+        hold.unlink()  # let the copier go and the job end: the variant must still finish
+        # the move, and a controller stopped mid-job could be slow to stop (before 216f13e
+        # it waited for ever on its job.end commit) and not write the profile
         _wait(lambda: rig.job(jid)["state"] != "running", 300, f"job {jid} to end")
         if rig.job(jid)["state"] != "done":
             raise RuntimeError(f"job {jid} did not finish: {rig.job(jid)}")
