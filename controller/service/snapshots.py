@@ -195,7 +195,8 @@ class SnapshotOps(MovementOps):
         if e is None or e.flags & MOVING or not self.state.referenced(
                 d.family, e.vstart, e.vend, e.lun, e.offset, skip=d):
             return
-        for unit in list(move_units(d, d.size - 1, d.size, None)):
+        tail = d.size // P.BLOCK_SIZE * P.BLOCK_SIZE  # a move starts on a block boundary
+        for unit in list(move_units(d, tail, d.size, None)):
             for vs in await self._start_move(d, unit, None, cow=True):
                 mv, a = self._move_of(d, vs)
                 await self._copy(M.copies(mv, a, [(0, a.bitmap.nblocks)]))
