@@ -7,7 +7,7 @@ STATE   ?= $(CURDIR)/state
 MNT     ?= $(CURDIR)/mnt
 PYTEST_ARGS ?=
 
-.PHONY: all setup sysdeps run controller test test-fast lint typecheck bench clean
+.PHONY: all setup sysdeps run controller test test-fast lint typecheck bench torture clean
 
 all: test
 
@@ -44,6 +44,14 @@ typecheck: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# a long model-based torture run (tests/torture.py); a failure prints the seed and the
+# last operations. SEED defaults to a random one (printed); DIR keeps the work dir there.
+SEED ?=
+OPS  ?= 20000
+torture: setup
+	$(BIN)/python tests/torture.py --ops $(OPS) $(if $(SEED),--seed $(SEED)) \
+	    $(if $(DIR),--dir $(DIR) --keep)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
