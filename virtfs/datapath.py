@@ -50,7 +50,10 @@ SETTLE_TIMEOUT = 5.0  # seconds close/fsync wait for the controller to take size
 SETTLE_RETRIES = 600  # then once a second in the background, this many times
 TIMES_INTERVAL = 5.0  # seconds between disk.times of a disk written without a close
 ALLOCATE_CHUNK = 1 << 30  # bytes per disk.allocate call (controller's MAX_ALLOCATE)
-SEQUENTIAL_SLACK = 1 << 20  # a write starting this close to the last one's end is sequential
+# a write starting this close to the furthest end of the run so far continues it (a
+# window, not an exact match: qemu-img convert and VMs keep several sequential writes in
+# flight, which arrive in any order)
+SEQUENTIAL_SLACK = 16 << 20
 
 
 @dataclass
@@ -105,9 +108,10 @@ class OpenDisk:
     def wrote(self, offset: int, end: int) -> None:
         if abs(offset - self.next_write) <= SEQUENTIAL_SLACK:
             self.run += end - offset
+            self.next_write = max(self.next_write, end)
         else:
             self.run = end - offset
-        self.next_write = end
+            self.next_write = end
 
     @property
     def size(self) -> int:
