@@ -274,6 +274,7 @@ class FakeVolumes:
         self.opened = 0
         self.released = 0
         self.ns = self
+        self.inodes: dict[int, str] = {}  # inode -> name (a snapshot's has an '@')
 
     async def open_disk(self, inode: int) -> Any:
         self.opened += 1
