@@ -10,7 +10,13 @@ import os
 
 import pytest
 from faultkit import add_container, agent, check_clean, vd
-from torture import Torture, TortureFailure
+from torture import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    Torture,
+    TortureFailure,
+    fallocate,
+)
 
 SEED = int(os.environ.get("VIRTFS_TORTURE_SEED", "20261129"))
 OPS = int(os.environ.get("VIRTFS_TORTURE_OPS", "1500"))
@@ -47,4 +53,32 @@ def test_grow_a_disk_whose_partial_last_block_a_snapshot_shares(controller, moun
         f.write(b"x" * 100)
     assert (m.path / "t").read_bytes() == data + bytes(7000) + b"x" * 100
     assert (m.path / "t@s").read_bytes() == data
+    check_clean(controller)
+
+
+def test_punch_of_a_segment_a_snapshot_shares_reads_zeros(controller, mount_factory,
+                                                          tmp_path):
+    """Found by the torture run (seed 4, op #171: a read of d1 after "snap create d1@s5"
+    and a punch over whole segments the snapshot shared returned the old data): the
+    discard recorded disk.unmap only when it had storage to punch, and a segment shared
+    with a snapshot has none (the snapshot keeps it), so the disk kept mapping it
+    (controller/service/disks.py, disk_discard)."""
+    add_container(controller, "c1", tmp_path / "c1.img", "64M")
+    vd(controller, "disk", "create", "d", "--size", "8M", "--segment-size", "1M")
+    m = agent(mount_factory, controller)
+    data = os.urandom(4 << 20)
+    with open(m.path / "d", "r+b") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    vd(controller, "snap", "create", "d@s")
+    fd = os.open(m.path / "d", os.O_RDWR)
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 512 << 10, 3 << 20)
+    finally:
+        os.close(fd)
+    want = data[: 512 << 10] + bytes(3 << 20) + data[(7 << 19):] + bytes(4 << 20)
+    assert (m.path / "d").read_bytes() == want
+    assert (m.path / "d@s").read_bytes() == data + bytes(4 << 20)
+    assert vd(controller, "disk", "info", "d", "--format", "json").json()["allocated"] \
+        == 2 << 20  # the partial first and last segments; the two whole ones unmapped
     check_clean(controller)

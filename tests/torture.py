@@ -147,10 +147,13 @@ class Torture:
         self.counts: collections.Counter[str] = collections.Counter()
         self.step = 0
         self._names = 0
+        work.mkdir(parents=True, exist_ok=True)
+        self.oplog = open(work / "ops.log", "a", buffering=1)  # noqa: SIM115 - closed in close()
 
     # ------------------------------------------------------------ plumbing
     def note(self, what: str) -> None:
         self.history.append(f"#{self.step} {what}")
+        self.oplog.write(self.history[-1] + "\n")
         if self.verbose:
             print(self.history[-1], flush=True)
 
@@ -159,7 +162,7 @@ class Torture:
             f"torture seed {self.seed} failed at op #{self.step}: {why}\n"
             f"rerun: make torture SEED={self.seed} OPS={self.ops}\n"
             f"last operations:\n  " + "\n  ".join(self.history)
-            + f"\nlogs: {self.work}")
+            + f"\nlogs (every operation in ops.log): {self.work}")
 
     def mount(self, k: int) -> MountProc:
         m = self.mounts[k]
@@ -198,6 +201,7 @@ class Torture:
             if m is not None:
                 m.close()
         self.ctl.stop()
+        self.oplog.close()
 
     # ------------------------------------------------------------ data operations
     def _open(self, name: str, k: int | None = None) -> tuple[int, int]:

@@ -250,7 +250,9 @@ class DiskOps(SnapshotOps):
                 await self._copying_done(d, a, b)
                 async with self._restrict(d, a, b, exclude=None):
                     freed = self._physical(d, a, b)
-                    if freed:
+                    # unmap whatever is stored there, even when a snapshot or clone
+                    # shares all of it (nothing to punch, but the disk must read zeros)
+                    if freed or next(iter(d.extents.stored_in(a, b)), None) is not None:
                         await self._release_space(freed)
                         await self.journal.commit({"op": "disk.unmap", "name": d.name,
                                                    "start": a, "end": b})
