@@ -126,6 +126,8 @@ def test_preallocation_reserves_thin_space(embedded: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     assert ei.value.errno == errno.ENOSPC
+    assert os.stat(mnt / "other").st_size == 0  # a failed append grows nothing
+    assert vd(embedded, "disk", "info", "other")["size"] == 0
     blob = os.urandom(64 * MiB)
     with open(mnt / "pre", "r+b") as f:
         f.write(blob)

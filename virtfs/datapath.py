@@ -345,8 +345,21 @@ class DataPath:
         """Write all of data at offset (growing the disk if the write passes its end).
 
         skip_zero (zeroing a discarded range): leave zero entries alone and never grow.
-        Returns len(data); raises DiskError (EIO, ENOSPC, EFBIG).
+        Returns len(data); raises DiskError (EIO, ENOSPC, EFBIG). A write past the end
+        that fails leaves the file's size as it was (when the end it set is still the
+        file's: the step grown ahead at the controller is trimmed later as always).
         """
+        size_before = od.size
+        try:
+            return await self._write(od, offset, data, skip_zero)
+        except DiskError:
+            end = offset + len(data)
+            if od.eof is not None and od.eof == end and end > size_before:
+                od.eof = size_before
+            raise
+
+    async def _write(self, od: OpenDisk, offset: int, data: bytes | memoryview,
+                     skip_zero: bool) -> int:
         view = memoryview(data)
         target = offset + len(view)
         pos = offset
