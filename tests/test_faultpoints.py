@@ -19,14 +19,24 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import threading
 import time
 from typing import Any
 
 import pytest
-from conftest import ControllerProc, wait_for
-from faultkit import add_container, agent, dwrite, open_direct, read_direct, vd
+from conftest import BIN, ControllerProc, wait_for
+from faultkit import (
+    add_container,
+    agent,
+    check_clean,
+    dread,
+    dwrite,
+    open_direct,
+    read_direct,
+    vd,
+)
 
 from controller.faultpoints import ENV, POINTS
 from controller.service.movement import TEST_HOLD_COPIER_ENV
@@ -267,6 +277,8 @@ def test_fault_point(controller, mount_factory, tmp_path, monkeypatch, point, ac
         assert dog.exits and dog.exits[0] != 0, dog.exits  # fail-stop, then restarted
     if sees != "agent":
         assert agent_deaths == 0
+    if sees is None or sees in ("controller", "vdctl", "job"):
+        assert not errnos, f"a writer saw {errnos} from a fault it should ride out"
 
     # nothing is corrupt; everything acknowledged is there after a restart and a remount
     controller.restart()
@@ -277,3 +289,103 @@ def test_fault_point(controller, mount_factory, tmp_path, monkeypatch, point, ac
     model.check(read_direct(m2.path / "d", 0, SIZE), "d after the restarts")
     chk = vd(controller, "check", "--format", "json").json()
     assert chk["errors"] == 0, chk
+
+
+# ---------------------------------------------------------------- real system calls fail
+
+
+@pytest.mark.parametrize("syscall", ["pread64", "pwrite64"])
+def test_one_transient_container_eio_in_the_agent(controller, mount_factory, tmp_path,
+                                                  syscall):
+    """One container read or write fails once (strace injects EIO on the 4th call): that
+    one request gets EIO, the same request again succeeds, and everything else is as
+    the model says, through a fresh agent too. (test_mount_faults has the permanent
+    failures, test_agent_durability the failed fdatasync that must keep failing.)"""
+    img = (tmp_path / "c1.img").resolve()
+    add_container(controller, "c1", img, "64M")
+    vd(controller, "disk", "create", "d", "--size", str(SIZE), "--segment-size", str(SEG))
+    strace = ["strace", "-f", "-o", "/dev/null", "-P", str(img), "-e",
+              "trace=pread64,pwrite64", "-e", f"inject={syscall}:error=EIO:when=4"]
+    m = agent(mount_factory, controller, prefix=strace)
+    model = BlockModel(SIZE)
+    failed = []
+    fd = open_direct(m.path / "d")
+    try:
+        for i in range(8):
+            off, data = i * SEG + i * B, os.urandom(4 * B)
+            for attempt in range(2):
+                try:
+                    dwrite(fd, off, data)
+                    os.fsync(fd)
+                    model.write(off, data, ok=True)
+                    break
+                except OSError as e:
+                    assert e.errno == errno.EIO and attempt == 0, e
+                    failed.append(("write", i))
+                    model.write(off, data, ok=False)
+        for i in range(8):
+            for attempt in range(2):
+                try:
+                    got = dread(fd, i * SEG, SEG)
+                    break
+                except OSError as e:
+                    assert e.errno == errno.EIO and attempt == 0, e
+                    failed.append(("read", i))
+            assert all(got[k * B : (k + 1) * B] in model.opts[i * SEG // B + k]
+                       for k in range(SEG // B)), f"segment {i} reads back wrong"
+    finally:
+        os.close(fd)
+    assert failed == [("write" if syscall == "pwrite64" else "read", 3)], failed
+    assert "Input/output error" in m.log()
+    m.close()
+    model.check(read_direct(agent(mount_factory, controller, "fresh").path / "d", 0, SIZE),
+                "d through a fresh agent")
+    check_clean(controller)
+
+
+def test_controller_copy_eio_fails_the_job_and_a_retry_finishes(controller, mount_factory,
+                                                                tmp_path):
+    """Every copy_file_range from container c1 fails in the controller (strace): the
+    migration job fails with the error, the disk reads back intact meanwhile, and after
+    a restart without the fault the moves finish and the disk is wholly on c2."""
+    c1 = (tmp_path / "c1.img").resolve()
+    add_container(controller, "c1", c1, "64M")
+    add_container(controller, "c2", tmp_path / "c2.img", "64M")
+    vd(controller, "disk", "create", "d", "--size", str(SIZE), "--segment-size", str(SEG),
+       "--container", "c1")
+    m = agent(mount_factory, controller)
+    data = os.urandom(SIZE // 2)
+    fd = open_direct(m.path / "d")
+    try:
+        dwrite(fd, 0, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    controller.stop()
+    controller.log = open(controller.log_path, "ab")  # noqa: SIM115 - closed by stop()
+    controller.proc = subprocess.Popen(
+        ["strace", "-f", "-o", "/dev/null", "-P", str(c1), "-e", "trace=copy_file_range",
+         "-e", "inject=copy_file_range:error=EIO:when=1+",
+         str(BIN / "virtfs-controller"), "--state-dir", str(controller.state_dir),
+         "--lease", LEASE], stdout=controller.log, stderr=subprocess.STDOUT)
+    controller.wait_ready()
+    traced = vd(controller, "status", "--format", "json").json()["pid"]
+    r = controller.vdctl("disk", "migrate", "d", "--to", "c2")
+    assert r.rc == 1, r.out + r.err
+    jobs = wait_jobs(controller)
+    assert jobs[-1]["state"] == "failed" and "Input/output error" in jobs[-1]["message"], jobs
+    assert read_direct(m.path / "d", 0, SIZE) == data + bytes(SIZE // 2)
+    chk = vd(controller, "check", "--format", "json").json()
+    assert chk["errors"] == 0, chk
+    os.kill(traced, signal.SIGTERM)  # the controller itself (strace would only detach)
+    controller.proc.wait(20)
+    controller.proc = None
+    controller.log.close()
+    controller.start(["--lease", LEASE])
+    r = controller.vdctl("disk", "migrate", "d", "--to", "c2")
+    assert r.rc == 0 or "already" in r.err, r.err
+    wait_for(lambda: {e["container"] for e in vd(controller, "disk", "map", "d", "--format",
+                                                   "json").json()["entries"]} == {"c2", None},
+             30, "the moves to finish")
+    assert read_direct(m.path / "d", 0, SIZE) == data + bytes(SIZE // 2)
+    check_clean(controller)
