@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,10 @@ import pytest
 from controller import cli
 
 BIN = Path(sys.executable).parent
+
+# Log files of the controllers and agents a test started (ControllerProc, MountProc):
+# check_logs fails the test if one shows a traceback it did not declare.
+PROC_LOGS: list[Path] = []
 
 
 @dataclass
@@ -45,6 +50,7 @@ class ControllerProc:
     def __init__(self, state_dir: Path, log_path: Path):
         self.state_dir = state_dir
         self.log_path = log_path
+        PROC_LOGS.append(log_path)  # checked for tracebacks after the test (check_logs)
         self.sock = state_dir / "controller.sock"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -142,3 +148,162 @@ def mount_factory(tmp_path: Path):
 def embedded(mount_factory):
     """A mount with an embedded controller, a 4 GiB default container and no disks."""
     return mount_factory("mnt", args=["--default-container-size", "4G"])
+
+
+# ---------------------------------------------------------------- log hygiene
+
+import re  # noqa: E402
+
+import mounts  # noqa: E402
+
+_mount_init = mounts.MountProc.__init__
+
+
+def _registering_init(self: MountProc, *args: Any, **kw: Any) -> None:
+    _mount_init(self, *args, **kw)
+    PROC_LOGS.append(self.log_path)
+
+
+mounts.MountProc.__init__ = _registering_init  # type: ignore[method-assign]
+
+# What an unexpected failure looks like in a log: a traceback (log.exception, an
+# uncaught exception), or an exception group (trio's nurseries), nested or not.
+_BAD_LOG = re.compile(r"Traceback \(most recent call last\)|Exception Group Traceback|"
+                      r"\b(?:Base)?ExceptionGroup\b")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "expect_log_errors(reason, match=None): this test makes a controller or agent log "
+        "a traceback on purpose; match (a regex) limits which ones: each traceback block "
+        "must contain a match",
+    )
+
+
+def log_problems(path: Path, allow: re.Pattern[str] | None = None) -> list[str]:
+    """The unexpected tracebacks in a log file, each as its first ~30 lines.
+
+    A block starts at a line matching _BAD_LOG and runs until the next line that
+    looks like a new log record (starts with a 4-digit year) or 60 lines. With
+    allow, a block that contains a match of it is expected and skipped.
+    """
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        if not _BAD_LOG.search(lines[i]):
+            i += 1
+            continue
+        j = i + 1
+        while j < len(lines) and j - i < 60 and not re.match(r"\d{4}-\d\d-\d\d ", lines[j]):
+            j += 1
+        start = i - 1 if i and re.match(r"\d{4}-\d\d-\d\d ", lines[i - 1]) else i
+        block = "\n".join(lines[start:j])
+        if allow is None or not allow.search(block):
+            out.append(f"{path}:{start + 1}:\n" + "\n".join(lines[start:start + 30]))
+        i = j
+    return out
+
+
+@pytest.fixture(autouse=True)
+def check_logs(request: pytest.FixtureRequest):
+    """Fail a test whose controller or agent logs show an unexpected traceback.
+
+    Runs after every other fixture's teardown (it is set up first), so it also sees
+    what the processes logged while stopping. Opt out with
+    @pytest.mark.expect_log_errors("why", match=REGEX).
+    """
+    first = len(PROC_LOGS)
+    yield
+    logs = list(dict.fromkeys(PROC_LOGS[first:]))
+    del PROC_LOGS[first:]
+    marker = request.node.get_closest_marker("expect_log_errors")
+    if marker is not None and marker.kwargs.get("match") is None:
+        return
+    allow = re.compile(marker.kwargs["match"]) if marker is not None else None
+    problems = [p for path in logs for p in log_problems(path, allow)]
+    if problems:
+        pytest.fail("unexpected traceback in a controller or agent log (mark the test "
+                    "@pytest.mark.expect_log_errors(reason) if it is expected):\n"
+                    + "\n\n".join(problems[:5]), pytrace=False)
+
+
+# ---------------------------------------------------------------- TLS test PKI
+
+
+@dataclass
+class Pki:
+    """A test CA with certificates made by openssl (docs/security.md's recipe).
+
+    server: CN and SANs 127.0.0.1, ::1 and the multi-host test's 10.77.0.1;
+    client: signed by ca; rogue_*: a client certificate from another CA;
+    token: a 0600 file with a 64-hex-digit token.
+    """
+
+    dir: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+    token: Path
+
+    def server_args(self, client_certs: bool = True) -> list[str]:
+        return ["--tls-cert", str(self.server_cert), "--tls-key", str(self.server_key),
+                "--token-file", str(self.token),
+                *(["--tls-ca", str(self.ca)] if client_certs else [])]
+
+    def client_args(self, cert: bool = True) -> list[str]:
+        return ["--tls-ca", str(self.ca), "--token-file", str(self.token),
+                *(["--tls-cert", str(self.client_cert), "--tls-key", str(self.client_key)]
+                  if cert else [])]
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(d: Path) -> Pki:
+    d.mkdir(parents=True, exist_ok=True)
+    for ca in ("ca", "rogue-ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                 f"/CN={ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.crt", cwd=d)
+    for name, ca, san in (("srv", "ca", "IP:127.0.0.1,IP:::1,IP:10.77.0.1"),
+                          ("client", "ca", "DNS:agent"), ("rogue", "rogue-ca", "DNS:agent")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj",
+                 f"/CN={'127.0.0.1' if name == 'srv' else name}", "-addext",
+                 f"subjectAltName={san}", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey",
+                 f"{ca}.key", "-CAcreateserial", "-days", "2", "-copy_extensions", "copyall",
+                 "-out", f"{name}.crt", cwd=d)
+    token = d / "token"
+    token.write_text(os.urandom(32).hex() + "\n")
+    token.chmod(0o600)
+    return Pki(d, d / "ca.crt", d / "srv.crt", d / "srv.key", d / "client.crt",
+               d / "client.key", d / "rogue.crt", d / "rogue.key", token)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tcp_port(log_path: Path, timeout: float = 15.0) -> int:
+    """The port a controller logged as "listening on tcp://HOST:PORT" (port 0 resolved)."""
+    found: list[int] = []
+
+    def seen() -> bool:
+        m = re.search(r"listening on tcp://\S+:(\d+) ", log_path.read_text(errors="replace"))
+        if m:
+            found.append(int(m.group(1)))
+        return bool(m)
+
+    wait_for(seen, timeout, "the controller's TCP listener")
+    return found[0]

@@ -172,6 +172,8 @@ def test_files_as_disks(embedded, tmp_path):
     assert vd(embedded, "check").rc == 0
 
 
+@pytest.mark.expect_log_errors("a test hook raises in statfs: the handler logs it",
+                                match="test hook: statfs raises")
 def test_unexpected_exception_is_eio_and_mount_stays(mount_factory):
     m = mount_factory("m", args=["--default-container-size", "1G", "--demo"],
                       env={"VIRTFS_TEST_RAISE_IN": "statfs"})
