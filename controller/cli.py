@@ -20,7 +20,13 @@ import trio
 
 from . import __version__
 from . import protocol as P
-from .client import ConnectionLost, open_controller
+from .client import (
+    ConnectionLost,
+    SecurityConfigError,
+    add_security_options,
+    open_controller,
+    security_from_args,
+)
 from .daemon import default_socket, default_state_dir
 from .protocol import NO_LUN, state_names
 from .server import parse_addr
@@ -55,14 +61,12 @@ def delta_arg(text: str) -> tuple[str, int]:
 
 
 def addr_arg(text: str) -> str:
-    """A controller address: unix:PATH (tcp:// is refused until TLS exists)."""
+    """A controller address: unix:PATH or tcp://HOST:PORT (TLS and a token, see
+    --token-file)."""
     try:
-        kind, _where = parse_addr(text)
+        parse_addr(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if kind != "unix":
-        raise argparse.ArgumentTypeError("tcp:// needs TLS and tokens, which this release "
-                                         "does not have yet; use unix:PATH")
     return text
 
 
@@ -78,7 +82,9 @@ def _globals(parser: argparse.ArgumentParser, default: Any) -> None:
                    help="the controller's state dir (its socket is STATE_DIR/controller.sock; "
                    "default $VIRTFS_STATE_DIR or ~/.local/state/virtfs)")
     g.add_argument("--controller", metavar="ADDR", default=default, type=addr_arg,
-                   help="the controller's address, unix:PATH")
+                   help="the controller's address, unix:PATH or tcp://HOST:PORT "
+                   "(default $VIRTFS_CONTROLLER, else the state dir's socket)")
+    add_security_options(g, default)
     g.add_argument("--format", choices=("table", "json"), default=default,
                    help="output format (default table)")
     g.add_argument("-H", "--no-headings", action="store_true", default=default,
@@ -555,8 +561,19 @@ def _rewrite_negative(argv: list[str]) -> list[str]:
 
 
 def controller_addr(args: argparse.Namespace) -> str:
+    """--controller, else $VIRTFS_CONTROLLER (unless --state-dir), else the state
+    dir's socket.
+
+    Raises SecurityConfigError for a malformed $VIRTFS_CONTROLLER."""
     if getattr(args, "controller", None):
         return str(args.controller)
+    env = os.environ.get("VIRTFS_CONTROLLER")
+    if env and not getattr(args, "state_dir", None):
+        try:
+            parse_addr(env)
+        except ValueError as e:
+            raise SecurityConfigError(f"$VIRTFS_CONTROLLER: {e}") from None
+        return env
     state_dir = getattr(args, "state_dir", None) or default_state_dir()
     return default_socket(os.path.abspath(state_dir))
 
@@ -569,11 +586,17 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else 2
     out = out or sys.stdout
-    addr = controller_addr(args)
+    try:
+        addr = controller_addr(args)
+        security = security_from_args(args, addr)
+    except SecurityConfigError as e:
+        print(f"vdctl: error: {e}", file=sys.stderr)
+        return 2
     method_name = args.noun if args.noun in ("status", "check") else f"{args.noun}_{args.verb}"
 
     async def run() -> int:
-        async with open_controller(addr, role="admin", name="vdctl") as client:
+        async with open_controller(addr, role="admin", name="vdctl",
+                                   security=security) as client:
             method: Callable[[], Any] = getattr(Cli(args, client, out), method_name)
             return int(await method())
 

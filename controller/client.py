@@ -1,20 +1,119 @@
-"""open_controller(addr): a multiplexed client used by the agent and vdctl."""
+"""open_controller(addr): a multiplexed client used by the agent and vdctl.
+
+``unix:PATH`` needs nothing more (the controller checks the peer's uid).
+``tcp://HOST:PORT`` needs a ClientSecurity: TLS 1.3 verified against a CA (the
+system's when none is given), HOST checked against the certificate, a client
+certificate when the controller asks for one, and the token, sent in ``hello``
+inside the TLS channel (never over a Unix socket).
+"""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
-from collections.abc import AsyncIterator, Callable
+import ssl
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from . import codec
 from . import protocol as P
-from .server import FrameError, FrameReader, parse_addr
+from .server import (
+    FrameError,
+    FrameReader,
+    SecurityConfigError,
+    load_token,
+    parse_addr,
+    split_host_port,
+)
 
 DEFAULT_TIMEOUT = 30.0
+
+# options of virtfs-mount and vdctl, and the environment variables they fall back to
+SECURITY_ENV = {"tls_ca": "VIRTFS_TLS_CA", "tls_cert": "VIRTFS_TLS_CERT",
+                "tls_key": "VIRTFS_TLS_KEY", "token_file": "VIRTFS_TOKEN_FILE"}
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """What a client presents on tcp://: a TLS 1.3 context and the token (str)."""
+
+    context: ssl.SSLContext
+    token: str
+
+
+def client_security(*, tls_ca: str | None = None, tls_cert: str | None = None,
+                    tls_key: str | None = None, token_file: str | None = None,
+                    env: Mapping[str, str] | None = None) -> ClientSecurity | None:
+    """A ClientSecurity from options, each falling back to its VIRTFS_* variable.
+
+    None if neither a token file nor any TLS file is given (fine for unix:
+    addresses). tls_ca: the CA that signed the controller's certificate (default:
+    the system's trusted CAs); tls_cert/tls_key: this client's certificate and key,
+    for a controller that requires one. Raises SecurityConfigError (one line, no
+    secrets) if a file cannot be loaded or TLS files are given without a token.
+    """
+    env = os.environ if env is None else env
+    opts = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key,
+            "token_file": token_file}
+    for k, var in SECURITY_ENV.items():
+        if not opts[k]:
+            opts[k] = env.get(var) or None
+    if not any(opts.values()):
+        return None
+    if not opts["token_file"]:
+        raise SecurityConfigError("TLS options need a token too: --token-file or "
+                                  "$VIRTFS_TOKEN_FILE")
+    if opts["tls_key"] and not opts["tls_cert"]:
+        raise SecurityConfigError("--tls-key needs --tls-cert")
+    token = load_token(opts["token_file"]).decode("ascii")
+    try:
+        ctx = ssl.create_default_context(cafile=opts["tls_ca"])
+    except (OSError, ssl.SSLError) as e:
+        raise SecurityConfigError(f"cannot load the CA {opts['tls_ca']}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if opts["tls_cert"]:
+        try:
+            ctx.load_cert_chain(opts["tls_cert"], opts["tls_key"])
+        except (OSError, ssl.SSLError) as e:
+            raise SecurityConfigError(
+                f"cannot load the TLS certificate {opts['tls_cert']}"
+                f"{' and key ' + opts['tls_key'] if opts['tls_key'] else ''}: "
+                f"{getattr(e, 'strerror', None) or e}") from None
+    return ClientSecurity(ctx, token)
+
+
+def add_security_options(parser: argparse._ActionsContainer, default: Any = None) -> None:
+    """--tls-ca/--tls-cert/--tls-key/--token-file, for clients (vdctl, virtfs-mount)."""
+    parser.add_argument("--tls-ca", metavar="FILE", default=default,
+                        help="tcp://: the CA that signed the controller's certificate "
+                        "(default $VIRTFS_TLS_CA, else the system's CAs)")
+    parser.add_argument("--tls-cert", metavar="FILE", default=default,
+                        help="tcp://: this client's certificate, if the controller requires "
+                        "one (default $VIRTFS_TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="FILE", default=default,
+                        help="tcp://: the key of --tls-cert (default $VIRTFS_TLS_KEY)")
+    parser.add_argument("--token-file", metavar="FILE", default=default,
+                        help="tcp://: a file (mode 0600) holding the controller's shared token "
+                        "(default $VIRTFS_TOKEN_FILE)")
+
+
+def security_from_args(args: argparse.Namespace, addr: str) -> ClientSecurity | None:
+    """client_security from parsed add_security_options for a tcp:// addr (where one
+    is required); None for unix: (nothing is loaded). Raises SecurityConfigError."""
+    if not addr.startswith("tcp://"):
+        return None
+    sec = client_security(**{k: getattr(args, k, None) for k in SECURITY_ENV})
+    if sec is None:
+        raise SecurityConfigError(f"{addr} needs a token: --token-file or $VIRTFS_TOKEN_FILE "
+                                  "(and --tls-ca unless the system trusts the controller's "
+                                  "certificate)")
+    return sec
 
 
 class ConnectionLost(P.RemoteError):
@@ -57,7 +156,17 @@ class Client:
                     self.close_reason = str(err.get("message", "protocol error"))
         except (FrameError, codec.CodecError, trio.BrokenResourceError,
                 trio.ClosedResourceError) as e:
-            self.close_reason = str(e) or e.__class__.__name__
+            # a TLS alert (certificate required, unknown CA) is the cause of a broken stream
+            cause = e.__cause__ if isinstance(e.__cause__, ssl.SSLError) else None
+            if cause is not None and cause.reason == "UNEXPECTED_EOF_WHILE_READING":
+                # TLS 1.3 checks a client certificate after the client's handshake is done
+                self.close_reason = ("the controller ended the TLS session (does it need a "
+                                     "client certificate, --tls-cert and --tls-key, from "
+                                     "another CA?)")
+            elif cause is not None:
+                self.close_reason = f"TLS: {cause.reason or cause}"
+            else:
+                self.close_reason = str(e) or e.__class__.__name__
         finally:
             self.closed = True
             self.closed_event.set()
@@ -97,11 +206,32 @@ class Client:
                             str(err.get("message", "unknown error")))
 
 
-async def connect_stream(addr: str) -> trio.abc.Stream:
+async def connect_stream(addr: str, security: ClientSecurity | None = None) -> trio.abc.Stream:
+    """A connected stream to addr: a Unix socket, or TCP with a completed TLS handshake.
+
+    Raises OSError if the connection fails, ConnectionLost if the TLS handshake
+    fails (certificate not trusted, wrong host name) or tcp:// comes without security.
+    """
     kind, where = parse_addr(addr)
     if kind == "unix":
         return await trio.open_unix_socket(where)
-    raise ValueError("tcp:// needs TLS and tokens, which this release does not have yet")
+    if security is None:
+        raise ConnectionLost(f"{addr} needs TLS and a token (--token-file, --tls-ca)")
+    host, port = split_host_port(where)
+    tcp = await trio.open_tcp_stream(host, port)
+    tls = trio.SSLStream(tcp, security.context, server_hostname=host)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as e:
+        await trio.aclose_forcefully(tls)
+        cause = e.__cause__
+        why = (getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+               or cause or e)
+        raise ConnectionLost(f"TLS handshake with {addr} failed: {why}") from None
+    except BaseException:
+        await trio.aclose_forcefully(tls)
+        raise
+    return tls
 
 
 def single_leaf(eg: BaseExceptionGroup) -> BaseException | None:
@@ -122,10 +252,18 @@ def single_leaf(eg: BaseExceptionGroup) -> BaseException | None:
 @asynccontextmanager
 async def open_controller(addr: str, *, role: str = "admin", name: str = "",
                           on_push: Callable[[dict[str, Any]], Any] | None = None,
-                          timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Client]:
+                          timeout: float = DEFAULT_TIMEOUT,
+                          security: ClientSecurity | None = None) -> AsyncIterator[Client]:
+    """A Client connected to addr and past hello (as role), for the block's duration.
+
+    security: required for tcp:// (its token goes in hello); ignored for unix:.
+    Raises ConnectionLost if the controller cannot be reached (a slow connect or TLS
+    handshake too) or cuts us off, RemoteError (code unauthorized) on a wrong token,
+    trio.TooSlowError if hello gets no answer within timeout.
+    """
     try:
         with trio.fail_after(timeout):
-            stream = await connect_stream(addr)
+            stream = await connect_stream(addr, security)
     except (OSError, trio.TooSlowError) as e:
         raise ConnectionLost(f"cannot connect to the controller at {addr}: "
                              f"{getattr(e, 'strerror', None) or e}") from None
@@ -133,8 +271,10 @@ async def open_controller(addr: str, *, role: str = "admin", name: str = "",
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._reader)
+            extra = {"token": security.token} if security is not None and (
+                addr.startswith("tcp://")) else {}
             await client.call("hello", timeout=timeout, version=P.PROTOCOL_VERSION, role=role,
-                              name=name or f"pid-{os.getpid()}")
+                              name=name or f"pid-{os.getpid()}", **extra)
             try:
                 yield client
             finally:

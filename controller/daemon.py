@@ -19,7 +19,16 @@ from . import __version__
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
 from .journal import Journal, JournalCorrupt, recover
-from .server import Server, parse_addr, serve_listeners
+from .server import (
+    MAX_CONNECTIONS,
+    TCP_NEEDS,
+    SecurityConfigError,
+    Server,
+    ServerSecurity,
+    parse_addr,
+    serve_listeners,
+    server_security,
+)
 from .service import Service
 
 log = logging.getLogger("virtfs.controller")
@@ -63,10 +72,14 @@ def lock_state_dir(state_dir: str) -> int:
 @asynccontextmanager
 async def open_controller_service(state_dir: str, listen: list[str] | None = None, *,
                                   checkpoint_bytes: int | None = None,
-                                  lease: float = DEFAULT_LEASE) -> AsyncIterator[Service]:
+                                  lease: float = DEFAULT_LEASE,
+                                  security: ServerSecurity | None = None,
+                                  max_connections: int = MAX_CONNECTIONS,
+                                  ) -> AsyncIterator[Service]:
     """Run a controller (journal committer + listeners) for the block's duration.
 
-    Used by the daemon and by the agent's embedded mode.
+    Used by the daemon and by the agent's embedded mode. security: TLS context and
+    token for tcp:// listeners (required if there are any: ValueError otherwise).
     """
     lock_fd = lock_state_dir(state_dir)
     try:
@@ -82,7 +95,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
             kw["checkpoint_bytes"] = checkpoint_bytes
         journal = Journal(state_dir, rec.state, **kw)
         service = Service(rec.state, journal, state_dir, lease=lease)
-        server = Server(service.dispatch)
+        server = Server(service.dispatch, security=security, max_connections=max_connections)
         addrs = listen or [default_socket(state_dir)]
         try:
             async with trio.open_nursery() as nursery:
@@ -108,9 +121,12 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
         os.close(lock_fd)
 
 
-async def _run(state_dir: str, listen: list[str], lease: float) -> None:
+async def _run(state_dir: str, listen: list[str], lease: float,
+               security: ServerSecurity | None = None,
+               max_connections: int = MAX_CONNECTIONS) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        async with open_controller_service(state_dir, listen, lease=lease):
+        async with open_controller_service(state_dir, listen, lease=lease, security=security,
+                                           max_connections=max_connections):
             print(f"virtfs-controller: serving {', '.join(listen)} (state dir {state_dir})",
                   file=sys.stderr, flush=True)
             async for sig in signals:
@@ -136,7 +152,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the journal, checkpoint, lock and socket live "
                    "(default: $VIRTFS_STATE_DIR or ~/.local/state/virtfs)")
     p.add_argument("--listen", action="append", metavar="ADDR",
-                   help="unix:PATH (default unix:STATE_DIR/controller.sock); may repeat")
+                   help="unix:PATH (default unix:STATE_DIR/controller.sock) or "
+                   "tcp://HOST:PORT (needs --tls-cert, --tls-key and --token-file); may repeat")
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="tcp://: the controller's certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="tcp://: the key of --tls-cert (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="tcp://: require client certificates signed by this CA")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="tcp://: a file (mode 0600) with the shared token clients must send "
+                   "(make one: openssl rand -hex 32 > FILE)")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                   help=f"connections open at once, all listeners (default {MAX_CONNECTIONS})")
     p.add_argument("--lease", type=float, default=DEFAULT_LEASE, metavar="SECONDS",
                    help=f"agent lease (default {DEFAULT_LEASE:.0f} s): how long an agent that "
                    "lost the controller keeps using its cached entries")
@@ -146,18 +173,32 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     state_dir = os.path.abspath(args.state_dir or default_state_dir())
     listen = args.listen or [default_socket(state_dir)]
+    kinds = set()
     for addr in listen:  # before the state dir is touched
         try:
-            kind, _ = parse_addr(addr)
+            kinds.add(parse_addr(addr)[0])
         except ValueError as e:
             p.error(str(e))
-        if kind != "unix":
-            p.error("tcp:// listeners need TLS and tokens, which this release does not have "
-                    "yet; use unix:PATH")
+    if not 1 <= args.max_connections <= 1 << 20:
+        p.error("--max-connections must be between 1 and 1048576")
+    security = None
+    tls_opts = (args.tls_cert, args.tls_key, args.tls_ca, args.token_file)
+    if "tcp" in kinds or any(tls_opts):
+        # TCP always needs TLS and a token, loopback too: another local user could
+        # connect to a loopback port, and SO_PEERCRED says nothing about TCP peers
+        if not (args.tls_cert and args.token_file):
+            print(f"virtfs-controller: error: {TCP_NEEDS}", file=sys.stderr)
+            return 2
+        try:
+            security = server_security(args.tls_cert, args.tls_key, args.token_file,
+                                       args.tls_ca)
+        except SecurityConfigError as e:
+            print(f"virtfs-controller: error: {e}", file=sys.stderr)
+            return 2
     try:
         if not 0.5 <= args.lease <= 3600:
             p.error("--lease must be between 0.5 and 3600 seconds")
-        trio.run(_run, state_dir, listen, args.lease)
+        trio.run(_run, state_dir, listen, args.lease, security, args.max_connections)
     except (StateDirBusy, JournalCorrupt, OSError, ValueError) as e:
         print(f"virtfs-controller: {e}", file=sys.stderr)
         return 1

@@ -1,17 +1,34 @@
 """Listeners and the per-connection loop: framing, hello, allow-list, errors.
 
+Two kinds of listener (docs/security.md):
+
+- ``unix:PATH``: the peer must be the controller's own user or root
+  (``SO_PEERCRED``); no token.
+- ``tcp://HOST:PORT``: TLS 1.3 only (client certificates verified against a CA
+  when one is configured), and the shared token in ``hello``, compared in
+  constant time. A TCP listener without TLS and a token is never started.
+
 A connection is closed (and only that connection) on a malformed or oversized
 frame, a frame that does not arrive within ``FRAME_TIMEOUT``, a missing or
-wrong hello, or a peer that is not the controller's own user (or root).
+wrong hello or token, a TLS handshake that fails or takes longer than
+``HANDSHAKE_TIMEOUT``, a peer that does not read its replies for
+``SEND_TIMEOUT``, or a peer that is not the controller's own user (or root).
+At most ``max_connections`` connections are open at once (more are closed at
+accept), each with at most ``MAX_INFLIGHT`` requests in flight.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import socket
+import ssl
+import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -24,6 +41,15 @@ log = logging.getLogger(__name__)
 FRAME_TIMEOUT = 10.0  # once a frame has begun, all of it must arrive within this
 HELLO_TIMEOUT = 10.0
 MAX_INFLIGHT = 64  # concurrent requests per connection
+# acks and heartbeats bypass MAX_INFLIGHT; a peer with more than this many of them
+# unanswered (it does not read its replies) is cut off rather than queued without end
+MAX_UNLIMITED_INFLIGHT = 1024
+MAX_CONNECTIONS = 512  # open connections per controller (Server.max_connections)
+HELLO_MAX_FRAME = 16 << 10  # frames before a valid hello: an unauthenticated peer's cap
+HANDSHAKE_TIMEOUT = 10.0  # a TLS handshake must complete within this
+SEND_TIMEOUT = 60.0  # a reply or push not taken by the peer within this closes it
+CLOSE_TIMEOUT = 2.0  # TLS close_notify: then the socket is closed regardless
+MIN_TOKEN_BYTES = 16
 UNLIMITED_OPS = frozenset({"agent.ack", "agent.heartbeat"})
 
 Dispatch = Callable[[str, dict[str, Any], "Connection"], Awaitable[Any]]
@@ -66,6 +92,84 @@ class FrameReader:
         return codec.unpack(payload, max_size=self.max_size)
 
 
+class SecurityConfigError(ValueError):
+    """TLS or token settings that cannot be used (a one-line message, no secrets in it)."""
+
+
+def load_token(path: str) -> bytes:
+    """The shared token in the file at path: its content, surrounding whitespace removed.
+
+    The token must be at least MIN_TOKEN_BYTES bytes of printable ASCII (make one
+    with ``openssl rand -hex 32``), and the file readable by its owner only (mode
+    0600 or 0400), as ssh insists for keys. Raises SecurityConfigError naming the
+    file, never quoting its content.
+    """
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(4097)
+    except OSError as e:
+        raise SecurityConfigError(f"cannot read the token file {path}: "
+                                  f"{e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SecurityConfigError(f"token file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise SecurityConfigError(f"token file {path} may be read by others (mode "
+                                  f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 {path}")
+    token = data.strip()
+    if len(data) > 4096 or not token.isascii() or not all(33 <= b < 127 for b in token):
+        raise SecurityConfigError(f"token file {path} must hold one line of printable ASCII "
+                                  "(at most 4096 bytes), e.g. from 'openssl rand -hex 32'")
+    if len(token) < MIN_TOKEN_BYTES:
+        raise SecurityConfigError(f"the token in {path} is shorter than {MIN_TOKEN_BYTES} "
+                                  "bytes; make one with 'openssl rand -hex 32'")
+    return token
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """What a TCP listener demands: TLS 1.3 through context, and token in hello."""
+
+    context: ssl.SSLContext
+    token: bytes = b""
+    client_certs: bool = False  # context requires a certificate from the client CA
+
+
+def server_security(cert: str, key: str | None, token_file: str,
+                    client_ca: str | None = None) -> ServerSecurity:
+    """The TLS 1.3 server context and token for TCP listeners.
+
+    cert/key: the controller's certificate chain and private key (PEM; key None if
+    it is in cert). client_ca: a CA file; when given, clients must present a
+    certificate it signed. Raises SecurityConfigError (one line) if a file cannot be
+    read or does not hold what it should.
+    """
+    token = load_token(token_file)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise SecurityConfigError(f"cannot load the TLS certificate {cert}"
+                                  f"{' and key ' + key if key else ''}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+    if client_ca:
+        try:
+            ctx.load_verify_locations(client_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise SecurityConfigError(f"cannot load the client CA {client_ca}: "
+                                      f"{getattr(e, 'strerror', None) or e}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ServerSecurity(ctx, token, bool(client_ca))
+
+
+def token_matches(supplied: object, expected: bytes) -> bool:
+    """supplied (from a hello) equals the token: compared in constant time."""
+    if not isinstance(supplied, str):
+        supplied = ""
+    return hmac.compare_digest(supplied.encode("utf-8", "surrogatepass"), expected)
+
+
 def peer_uid(stream: trio.SocketStream) -> int | None:
     sock = stream.socket
     if sock.family != socket.AF_UNIX:
@@ -76,8 +180,11 @@ def peer_uid(stream: trio.SocketStream) -> int | None:
 
 
 class Connection:
-    def __init__(self, stream: trio.SocketStream, dispatch: Dispatch, server: Server):
+    def __init__(self, stream: trio.abc.Stream, dispatch: Dispatch, server: Server, *,
+                 token: bytes | None = None, peer: str = ""):
         self.stream = stream
+        self.token = token  # None: no token needed (a Unix socket)
+        self.peer = peer  # for log lines: "uid 0" or "tcp 10.0.0.2:41234"
         self.dispatch = dispatch
         self.server = server
         self.role: str | None = None
@@ -100,16 +207,24 @@ class Connection:
             if self.closed:
                 return
             try:
-                await self.stream.send_all(data)
+                with trio.move_on_after(SEND_TIMEOUT) as scope:
+                    await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.closed = True
+                return
+            if scope.cancelled_caught:
+                # half a frame may have gone out: the stream is unusable now
+                log.info("closing the connection of %s: it took no data for %.0f s",
+                         self.peer or "a peer", SEND_TIMEOUT)
+                self.abort()
 
     async def reply_error(self, rid: Any, err: P.RemoteError) -> None:
         await self.send({"id": rid, "ok": False, "error": err.to_wire()})
 
     async def serve(self) -> None:
-        reader = FrameReader(self.stream, codec.MAX_REQUEST_FRAME)
+        reader = FrameReader(self.stream, HELLO_MAX_FRAME)  # raised after the hello
         limiter = trio.Semaphore(MAX_INFLIGHT)
+        unlimited = trio.Semaphore(MAX_UNLIMITED_INFLIGHT)
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             try:
@@ -127,11 +242,17 @@ class Connection:
                         raise FrameError("a request must be a map with an int id and a str op")
                     if self.role is None:
                         await self.hello(msg)
+                        reader.max_size = codec.MAX_REQUEST_FRAME
                         continue
                     if msg["op"] in UNLIMITED_OPS:
                         # acks and heartbeats never block and must never wait behind
                         # requests that may themselves wait for this very ack
-                        nursery.start_soon(self.handle, msg, None)
+                        try:
+                            unlimited.acquire_nowait()
+                        except trio.WouldBlock:
+                            raise FrameError(f"more than {MAX_UNLIMITED_INFLIGHT} acks and "
+                                             "heartbeats unanswered") from None
+                        nursery.start_soon(self.handle, msg, unlimited)
                         continue
                     await limiter.acquire()
                     nursery.start_soon(self.handle, msg, limiter)
@@ -144,7 +265,7 @@ class Connection:
         self.closed = True
         for cb in self.on_close:
             cb()
-        await self.stream.aclose()
+        await close_stream(self.stream)
 
     async def hello(self, msg: dict[str, Any]) -> None:
         rid = msg["id"]
@@ -159,6 +280,12 @@ class Connection:
             raise FrameError("protocol version mismatch")
         if role not in ("admin", "agent"):
             raise FrameError(f"unknown role {role!r}")
+        if self.token is not None and not token_matches(args.get("token"), self.token):
+            # never say which: a wrong token and a missing one get the same answer
+            log.warning("refused %s: wrong or missing token", self.peer or "a peer")
+            await self.reply_error(rid, P.RemoteError(
+                P.E_UNAUTHORIZED, "authentication failed: wrong or missing token"))
+            raise FrameError("authentication failed")
         self.role = role
         name = args.get("name")
         self.name = name if isinstance(name, str) else ""
@@ -186,13 +313,63 @@ class Connection:
                 limiter.release()
 
 
+async def close_stream(stream: trio.abc.Stream) -> None:
+    """Close stream (a TLS one with a close_notify) without waiting on the peer long."""
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        try:
+            await stream.aclose()
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)
+
+
+def _tcp_peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "tcp ?"
+    return f"tcp {host}:{port}"
+
+
 class Server:
-    def __init__(self, dispatch: Dispatch):
+    """Accepts connections on every listener and serves each with a Connection.
+
+    security: what TCP connections must present (None: TCP connections are
+    refused; serve_listeners never opens a TCP listener without it).
+    max_connections: connections open at once; more are closed at accept.
+    """
+
+    def __init__(self, dispatch: Dispatch, *, security: ServerSecurity | None = None,
+                 max_connections: int = MAX_CONNECTIONS):
         self.dispatch = dispatch
+        self.security = security
+        self.max_connections = max_connections
         self.uid = os.getuid()
         self.connections = 0
+        self.refused = 0  # connections closed at accept because of the cap
+        self._refusal_logged = -1e9
 
     async def handle_stream(self, stream: trio.SocketStream) -> None:
+        if self.connections >= self.max_connections:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._refusal_logged > 10:  # a flood must not flood the log
+                self._refusal_logged = now
+                log.warning("refusing connections: %d open, the cap (%d refused so far)",
+                            self.connections, self.refused)
+            await trio.aclose_forcefully(stream)
+            return
+        self.connections += 1
+        try:
+            if stream.socket.family == socket.AF_UNIX:
+                await self._serve_unix(stream)
+            else:
+                await self._serve_tcp(stream)
+        finally:
+            self.connections -= 1
+
+    async def _serve_unix(self, stream: trio.SocketStream) -> None:
         uid = peer_uid(stream)
         if uid is not None and uid not in (0, self.uid):
             log.warning("refused a connection from uid %d", uid)
@@ -201,22 +378,59 @@ class Server:
                 P.E_UNAUTHORIZED, f"uid {uid} may not use this controller"))
             await stream.aclose()
             return
-        self.connections += 1
+        await Connection(stream, self.dispatch, self, peer=f"uid {uid}").serve()
+
+    async def _serve_tcp(self, stream: trio.SocketStream) -> None:
+        peer = _tcp_peer(stream)
+        if self.security is None:  # serve_listeners never lets this happen
+            await trio.aclose_forcefully(stream)
+            return
+        tls = trio.SSLStream(stream, self.security.context, server_side=True)
         try:
-            await Connection(stream, self.dispatch, self).serve()
-        finally:
-            self.connections -= 1
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as e:
+            why: object = e.__cause__ or e
+            if isinstance(e, trio.TooSlowError):
+                why = f"not complete within {HANDSHAKE_TIMEOUT:.0f} s"
+            log.info("TLS handshake with %s failed: %s", peer, why)
+            await trio.aclose_forcefully(tls)
+            return
+        await Connection(tls, self.dispatch, self, token=self.security.token,
+                         peer=peer).serve()
 
 
 def parse_addr(addr: str) -> tuple[str, str]:
+    """("unix", PATH) or ("tcp", "HOST:PORT"); ValueError (one line) for anything else."""
     if addr.startswith("unix:"):
         path = addr[5:]
         if not path:
             raise ValueError(f"bad address {addr!r}: empty path")
         return "unix", path
     if addr.startswith("tcp://"):
+        split_host_port(addr[6:])
         return "tcp", addr[6:]
     raise ValueError(f"bad address {addr!r}: use unix:PATH or tcp://HOST:PORT")
+
+
+def split_host_port(where: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 HOST in brackets: [::1]:7000) -> (host, port), port 0..65535.
+
+    Raises ValueError naming the address.
+    """
+    host, sep, port = where.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535 or (
+            ":" in host and not where.startswith("[")):
+        raise ValueError(f"bad address 'tcp://{where}': use tcp://HOST:PORT "
+                         "(an IPv6 address in brackets, tcp://[::1]:7000)")
+    return host, int(port)
+
+
+def format_tcp(sockname: Any) -> str:
+    host, port = sockname[:2]
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
 def bind_unix(path: str) -> trio.socket.SocketType:
@@ -244,14 +458,34 @@ def bind_unix(path: str) -> trio.socket.SocketType:
     return trio.socket.from_stdlib_socket(sock)
 
 
+TCP_NEEDS = ("tcp:// listeners need TLS and a token: give --tls-cert, --tls-key and "
+             "--token-file (docs/security.md)")
+
+
 async def serve_listeners(server: Server, addrs: list[str], *,
                           task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    listeners = []
+    """Listen on every address and serve connections until cancelled.
+
+    A tcp:// address needs server.security (ValueError otherwise, before anything
+    listens). Each address actually bound is logged (a port 0 becomes the real one).
+    """
+    if server.security is None and any(parse_addr(a)[0] == "tcp" for a in addrs):
+        raise ValueError(TCP_NEEDS)
+    listeners: list[trio.SocketListener] = []
     for addr in addrs:
         kind, where = parse_addr(addr)
         if kind == "tcp":
-            raise ValueError("tcp:// listeners need TLS and tokens, which this release does "
-                             "not have yet; use unix:PATH")
-        listeners.append(trio.SocketListener(bind_unix(where)))
+            host, port = split_host_port(where)
+            tcp = await trio.open_tcp_listeners(port, host=host)
+            assert server.security is not None
+            for lst in tcp:
+                log.info("listening on %s (TLS 1.3, %s, token)",
+                         format_tcp(lst.socket.getsockname()),
+                         "client certificates required" if server.security.client_certs
+                         else "no client certificates")
+            listeners += tcp
+        else:
+            listeners.append(trio.SocketListener(bind_unix(where)))
+            log.info("listening on unix:%s", where)
     await trio.serve_listeners(server.handle_stream, listeners,  # type: ignore[arg-type]
                                task_status=task_status)

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from controller.client import Client, ConnectionLost, open_controller
+from controller.client import Client, ClientSecurity, ConnectionLost, open_controller
 from controller.protocol import RemoteError
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,10 @@ class ControllerUnavailable(Exception):
 
 
 class Session:
-    def __init__(self, addr: str, mount: str, *, call_timeout: float = 30.0):
+    def __init__(self, addr: str, mount: str, *, call_timeout: float = 30.0,
+                 security: ClientSecurity | None = None):
         self.addr = addr
+        self.security = security  # TLS context and token, for a tcp:// controller
         self.mount = mount
         self.call_timeout = call_timeout
         self.client: Client | None = None
@@ -84,7 +86,8 @@ class Session:
             self._nursery.start_soon(self._handle_push, msg)
 
         async with open_controller(self.addr, role="agent", name=f"agent@{socket.gethostname()}",
-                                   on_push=push, timeout=5.0) as client:
+                                   on_push=push, timeout=5.0,
+                                   security=self.security) as client:
             self._ack_client = client  # pushes may arrive (and need acks) during a reload
             sent = trio.current_time()
             reg = await client.call("agent.register", name=f"{socket.gethostname()}:{self.mount}",

@@ -19,7 +19,15 @@ import pyfuse3
 import trio
 
 from controller import __version__
-from controller.client import ConnectionLost, open_controller, single_leaf
+from controller.client import (
+    ClientSecurity,
+    ConnectionLost,
+    SecurityConfigError,
+    add_security_options,
+    open_controller,
+    security_from_args,
+    single_leaf,
+)
 from controller.daemon import (
     StateDirBusy,
     default_socket,
@@ -50,9 +58,10 @@ class MountError(Exception):
     pass
 
 
-async def controller_answers(addr: str) -> bool:
+async def controller_answers(addr: str, security: ClientSecurity | None = None) -> bool:
     try:
-        async with open_controller(addr, role="admin", name="virtfs-mount-probe", timeout=3.0):
+        async with open_controller(addr, role="admin", name="virtfs-mount-probe", timeout=3.0,
+                                   security=security):
             return True
     except (ConnectionLost, RemoteError, OSError, trio.TooSlowError):
         return False
@@ -90,7 +99,8 @@ async def _run(args: argparse.Namespace) -> None:
                 log.warning("--demo only applies to an embedded controller; ignored")
             print(f"virtfs-mount: connecting to the controller at {addr} (up to "
                   f"{CONNECT_TIMEOUT:.0f} s)", file=sys.stderr, flush=True)
-        session = Session(addr, mountpoint, call_timeout=args.fault_timeout)
+        session = Session(addr, mountpoint, call_timeout=args.fault_timeout,
+                          security=args.security)
         async with trio.open_nursery() as nursery:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
@@ -181,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("mountpoint")
     p.add_argument("--controller", metavar="ADDR",
-                   help="controller address (unix:PATH). Default: the state dir's socket; if "
-                   "no controller answers there, an embedded one is started")
+                   help="controller address (unix:PATH or tcp://HOST:PORT). Default: the state "
+                   "dir's socket; if no controller answers there, an embedded one is started")
+    add_security_options(p)
     p.add_argument("--state-dir", help="state dir for the embedded controller and the default "
                    "socket (default $VIRTFS_STATE_DIR or ~/.local/state/virtfs)")
     p.add_argument("--default-container-size", default=DEFAULT_CONTAINER_SIZE, metavar="SIZE",
@@ -215,14 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--fault-timeout must be more than 0 seconds")
     if args.read_ahead_kb < 0:
         p.error("--read-ahead-kb must not be negative")
+    args.security = None
     if args.controller is not None:
         try:
-            kind, _ = parse_addr(args.controller)
-        except ValueError as e:
-            p.error(str(e))
-        if kind != "unix":
-            p.error("tcp:// needs TLS and tokens, which this release does not have yet; "
-                    "use unix:PATH")
+            parse_addr(args.controller)
+            args.security = security_from_args(args, args.controller)
+        except (ValueError, SecurityConfigError) as e:
+            print(f"virtfs-mount: error: {e}", file=sys.stderr)
+            return 2
     if not os.path.isdir(args.mountpoint):
         print(f"virtfs-mount: {args.mountpoint} is not a directory", file=sys.stderr)
         return 1
