@@ -82,6 +82,7 @@ class OpenDisk:
     grown_to: int = -1
     next_write: int = -1  # where the last write ended (sequential writers allocate ahead)
     run: int = 0  # bytes written sequentially up to next_write
+    run_start: int = 0  # where the run began
     prefetching: bool = False  # a background allocation ahead is running
     settling: bool = False  # size and times are being saved in the background (settle)
     times_timer: bool = False  # a times_later is pending
@@ -100,18 +101,26 @@ class OpenDisk:
         self.stime = now
         self.times_set = self.times_dirty = True
 
-    def sequential(self, offset: int) -> bool:
-        """A write at offset continues a sequential run of at least a segment."""
-        return self.run >= self.segment_size and abs(offset - self.next_write) <= \
-            SEQUENTIAL_SLACK
+    def _continues(self, offset: int, end: int) -> bool:
+        """A write of [offset, end) continues the run: it starts near the run's furthest
+        end, and the run stays dense (at least 3/4 of the span it covers written), so
+        writes in flight out of order count and jumps over unwritten space do not."""
+        if abs(offset - self.next_write) > SEQUENTIAL_SLACK:
+            return False
+        span = max(self.next_write, end) - min(self.run_start, offset)
+        return (self.run + end - offset) * 4 >= span * 3
+
+    def sequential(self, offset: int, end: int) -> bool:
+        """A write of [offset, end) continues a sequential run of at least a segment."""
+        return self.run >= self.segment_size and self._continues(offset, end)
 
     def wrote(self, offset: int, end: int) -> None:
-        if abs(offset - self.next_write) <= SEQUENTIAL_SLACK:
+        if self._continues(offset, end):
             self.run += end - offset
             self.next_write = max(self.next_write, end)
+            self.run_start = min(self.run_start, offset)
         else:
-            self.run = end - offset
-            self.next_write = end
+            self.run, self.run_start, self.next_write = end - offset, offset, end
 
     @property
     def size(self) -> int:
@@ -390,7 +399,7 @@ class DataPath:
                     continue
                 if not self._usable(e, write=True):
                     if (e.flags & ZERO and not e.flags & INVALID and not skip_zero
-                            and self.session.lease_valid() and od.sequential(offset)):
+                            and self.session.lease_valid() and od.sequential(offset, target)):
                         # a sequential writer meets unallocated space: allocate ahead
                         await self._allocate_ahead(od, pos, target - pos, deadline)
                         opened = True  # look at the table again
@@ -565,7 +574,7 @@ class DataPath:
         less than half a window ahead, allocate the window in the background, so the
         writer need not wait for it (it still faults, and waits, if it gets there first).
         Never raises; a failure only logs (the writer's own fault reports the error)."""
-        if (od.prefetching or od.run < PREFETCH_MIN_RUN or not od.sequential(pos)
+        if (od.prefetching or od.run < PREFETCH_MIN_RUN or not od.sequential(pos, pos)
                 or not self.session.lease_valid()):
             return
         seg = od.segment_size
