@@ -116,6 +116,10 @@ def security_from_args(args: argparse.Namespace, addr: str) -> ClientSecurity | 
     return sec
 
 
+TLS_REFUSED = ("the controller ended the TLS session before hello (does it need a client "
+               "certificate, --tls-cert and --tls-key, signed by its CA?)")
+
+
 class ConnectionLost(P.RemoteError):
     def __init__(self, message: str):
         super().__init__("connection_lost", message)
@@ -131,6 +135,11 @@ class Client:
         self.closed = False
         self.close_reason = ""
         self.closed_event = trio.Event()  # set with closed: lets a holder notice at once
+
+    def _before_hello(self) -> bool:
+        """A TLS stream cut while hello is the only request: the TLS 1.3 client
+        certificate check (done after the client's handshake) failed, most likely."""
+        return isinstance(self.stream, trio.SSLStream) and self._next_id <= 2
 
     async def _reader(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         reader = FrameReader(self.stream, codec.MAX_RESPONSE_FRAME)
@@ -158,11 +167,8 @@ class Client:
                 trio.ClosedResourceError) as e:
             # a TLS alert (certificate required, unknown CA) is the cause of a broken stream
             cause = e.__cause__ if isinstance(e.__cause__, ssl.SSLError) else None
-            if cause is not None and cause.reason == "UNEXPECTED_EOF_WHILE_READING":
-                # TLS 1.3 checks a client certificate after the client's handshake is done
-                self.close_reason = ("the controller ended the TLS session (does it need a "
-                                     "client certificate, --tls-cert and --tls-key, from "
-                                     "another CA?)")
+            if self._before_hello() and not isinstance(e, FrameError | codec.CodecError):
+                self.close_reason = TLS_REFUSED
             elif cause is not None:
                 self.close_reason = f"TLS: {cause.reason or cause}"
             else:
@@ -192,6 +198,8 @@ class Client:
                     await self.stream.send_all(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 self._waiting.pop(rid, None)
+                if self._before_hello():
+                    raise ConnectionLost(TLS_REFUSED) from None
                 raise ConnectionLost(f"cannot send to the controller: {e}") from None
             try:
                 msg = await recv.receive()

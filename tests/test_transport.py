@@ -1,0 +1,259 @@
+"""tcp:// with TLS 1.3 and a token: vdctl and virtfs-mount over TCP, and every refusal.
+
+The PKI comes from conftest.make_pki (openssl, as docs/security.md shows).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, ControllerProc, Pki, run_vdctl, tcp_port, wait_for
+
+from controller import codec
+
+
+def start_tcp(tmp_path: Path, pki: Pki, *, client_certs: bool = True,
+              extra: list[str] | None = None, name: str = "ctl") -> tuple[ControllerProc, str]:
+    """A controller on its state dir's socket and on tcp://127.0.0.1:<free port>."""
+    c = ControllerProc(tmp_path / f"{name}-state", tmp_path / f"{name}.log")
+    c.start(["--listen", f"unix:{c.sock}", "--listen", "tcp://127.0.0.1:0",
+             *pki.server_args(client_certs), *(extra or [])])
+    return c, f"tcp://127.0.0.1:{tcp_port(c.log_path)}"
+
+
+@pytest.fixture
+def tcp_controller(tmp_path, pki):
+    c, addr = start_tcp(tmp_path, pki)
+    try:
+        yield c, addr
+    finally:
+        c.stop()
+
+
+def assert_secret_kept(pki: Pki, *texts: str) -> None:
+    token = pki.token.read_text().strip()
+    for t in texts:
+        assert token not in t
+
+
+def test_vdctl_over_tcp(tcp_controller, pki, tmp_path):
+    c, addr = tcp_controller
+    v = lambda *a: run_vdctl("--controller", addr, *pki.client_args(), *a)  # noqa: E731
+    assert v("container", "add", "c1", str(tmp_path / "c1.img"), "--size", "64M").rc == 0
+    assert v("disk", "create", "d", "--size", "8M").rc == 0
+    r = v("disk", "ls", "--format", "json")
+    assert r.rc == 0 and [d["name"] for d in r.json()] == ["d"]
+    # the options may follow the verb too, as the other global options do
+    r = run_vdctl("--controller", addr, "disk", "info", "d", *pki.client_args())
+    assert r.rc == 0, r.err
+    assert c.vdctl("disk", "info", "d").rc == 0  # the Unix socket serves as before
+    assert_secret_kept(pki, c.log_path.read_text())
+
+
+def test_vdctl_takes_the_environment(tcp_controller, pki, monkeypatch):
+    _c, addr = tcp_controller
+    monkeypatch.setenv("VIRTFS_TLS_CA", str(pki.ca))
+    monkeypatch.setenv("VIRTFS_TLS_CERT", str(pki.client_cert))
+    monkeypatch.setenv("VIRTFS_TLS_KEY", str(pki.client_key))
+    monkeypatch.setenv("VIRTFS_TOKEN_FILE", str(pki.token))
+    monkeypatch.setenv("VIRTFS_CONTROLLER", addr)
+    r = run_vdctl("status")
+    assert r.rc == 0, r.err
+
+
+def refusal(pki: Pki, addr: str, *args: str) -> str:
+    r = run_vdctl("--controller", addr, *args, "status")
+    assert r.rc == 1, (r.rc, r.out, r.err)
+    lines = r.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vdctl: error: "), r.err
+    assert "Traceback" not in r.err and r.out == ""
+    assert_secret_kept(pki, r.err)
+    return lines[0]
+
+
+def test_refusals(tcp_controller, pki, tmp_path):
+    c, addr = tcp_controller
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("0123456789abcdef0123456789abcdef\n")
+    wrong.chmod(0o600)
+    ca, tok = ["--tls-ca", str(pki.ca)], ["--token-file", str(pki.token)]
+    cert = ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    rogue = ["--tls-cert", str(pki.rogue_cert), "--tls-key", str(pki.rogue_key)]
+    assert "client certificate" in refusal(pki, addr, *ca, *tok)  # none given
+    assert "client certificate" in refusal(pki, addr, *ca, *tok, *rogue)  # another CA's
+    assert "wrong or missing token" in refusal(pki, addr, *ca, "--token-file", str(wrong),
+                                               *cert)
+    # the controller's certificate from a CA we do not trust, or for another name
+    assert "TLS handshake" in refusal(pki, addr, "--tls-ca", str(pki.dir / "rogue-ca.crt"),
+                                      *tok, *cert)
+    assert "Hostname mismatch" in refusal(pki, addr.replace("127.0.0.1", "localhost"), *ca,
+                                          *tok, *cert)
+    # usage: tcp:// without a token, a token readable by others
+    r = run_vdctl("--controller", addr, *ca, "status")
+    assert r.rc == 2 and "token" in r.err and len(r.err.splitlines()) == 1, r.err
+    wrong.chmod(0o644)
+    r = run_vdctl("--controller", addr, *ca, "--token-file", str(wrong), *cert, "status")
+    assert r.rc == 2 and "chmod 600" in r.err, r.err
+    r = run_vdctl("--controller", addr, "--tls-ca", str(tmp_path / "no-ca"), *tok, "status")
+    assert r.rc == 2 and "cannot load the CA" in r.err, r.err
+    r = run_vdctl("--controller", "tcp://127.0.0.1", "status")
+    assert r.rc == 2 and "tcp://HOST:PORT" in r.err
+    assert c.vdctl("status").rc == 0
+    log = c.log_path.read_text()
+    assert "wrong or missing token" in log and "PEER_DID_NOT_RETURN_A_CERTIFICATE" in log
+    assert_secret_kept(pki, log)
+
+
+def test_tls12_is_refused(tcp_controller, pki):
+    _c, addr = tcp_controller
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    host, port = addr[6:].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError):
+            with ctx.wrap_socket(raw, server_hostname=host) as s:
+                s.recv(1)
+
+
+def test_server_certificate_only(tmp_path, pki):
+    """Without --tls-ca the controller asks for no client certificate; the token is
+    then the only credential."""
+    c, addr = start_tcp(tmp_path, pki, client_certs=False)
+    try:
+        assert run_vdctl("--controller", addr, *pki.client_args(cert=False), "status").rc == 0
+        assert run_vdctl("--controller", addr, *pki.client_args(), "status").rc == 0
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("case", ["no-tls", "no-token", "token-mode", "short-token",
+                                  "missing-cert", "bad-addr"])
+def test_controller_refuses_to_start(tmp_path, pki, case):
+    tok = tmp_path / "tok"
+    tok.write_text("x" * 8 if case == "short-token" else "y" * 40)
+    tok.chmod(0o644 if case == "token-mode" else 0o600)
+    args = {
+        "no-tls": ["--listen", "tcp://0.0.0.0:0"],
+        "no-token": ["--listen", "tcp://127.0.0.1:0", "--tls-cert", str(pki.server_cert),
+                     "--tls-key", str(pki.server_key)],
+        "token-mode": ["--listen", "tcp://0.0.0.0:0", *pki.server_args()[:4],
+                       "--token-file", str(tok)],
+        "short-token": ["--listen", "tcp://0.0.0.0:0", *pki.server_args()[:4],
+                        "--token-file", str(tok)],
+        "missing-cert": ["--listen", "tcp://0.0.0.0:0", "--tls-cert", str(tmp_path / "no"),
+                         "--token-file", str(pki.token)],
+        "bad-addr": ["--listen", "tcp://0.0.0.0"],
+    }[case]
+    p = subprocess.run([str(BIN / "virtfs-controller"), "--state-dir", str(tmp_path / "s"),
+                        *args], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("virtfs-controller: error: ")
+    if case != "bad-addr":
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "s").exists(), "the state dir was touched before the refusal"
+
+
+def _hello_unix(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(path))
+    s.sendall(codec.wire_frame({"id": 1, "op": "hello",
+                                "args": {"version": 1, "role": "admin"}}))
+    return s
+
+
+def test_connection_cap(tmp_path, pki):
+    """With --max-connections 4, a fifth connection is closed at once; once one of the
+    four goes, new clients are served again."""
+    c, addr = start_tcp(tmp_path, pki, extra=["--max-connections", "4"])
+    held = []
+    try:
+        for _ in range(4):
+            s = _hello_unix(c.sock)
+            assert s.recv(4096)  # the hello reply: the connection counts now
+            held.append(s)
+        extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        extra.settimeout(10)
+        extra.connect(str(c.sock))
+        assert extra.recv(4096) == b""  # closed without a word
+        extra.close()
+        r = run_vdctl("--controller", addr, *pki.client_args(), "status")
+        assert r.rc == 1
+        held.pop().close()
+        wait_for(lambda: c.vdctl("status").rc == 0, 10, "a free connection slot")
+        assert "refusing connections" in c.log_path.read_text()
+    finally:
+        for s in held:
+            s.close()
+        c.stop()
+
+
+def test_mount_over_tcp(tmp_path, pki, mount_factory):
+    c, addr = start_tcp(tmp_path, pki)
+    try:
+        v = lambda *a: run_vdctl("--controller", addr, *pki.client_args(), *a)  # noqa: E731
+        assert v("container", "add", "c1", str(tmp_path / "c1.img"), "--size", "64M").rc == 0
+        assert v("disk", "create", "d", "--size", "8M").rc == 0
+        m = mount_factory("m", controller=addr, args=pki.client_args(),
+                          state_dir=tmp_path / "agent-state")
+        data = os.urandom(1 << 20)
+        with open(m.path / "d", "r+b") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(m.path / "d", "rb") as f:
+            assert f.read(len(data)) == data
+        agents = v("agent", "ls", "--format", "json").json()
+        assert len(agents) == 1 and agents[0]["connected"]
+        assert m.unmount() == 0
+        assert_secret_kept(pki, m.log(), c.log_path.read_text())
+    finally:
+        c.stop()
+
+
+def test_mount_refuses_tcp_without_token(tmp_path, pki):
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFS_")}
+    p = subprocess.run([str(BIN / "virtfs-mount"), str(mnt), "--controller",
+                        "tcp://127.0.0.1:9", "--tls-ca", str(pki.ca)],
+                       capture_output=True, text=True, timeout=30, env=env)
+    assert p.returncode == 2 and "token" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not os.path.ismount(mnt)
+
+
+def test_mount_with_wrong_token_retries_and_logs_no_secret(tmp_path, pki):
+    """An agent with a wrong token is refused at every attempt and gives up after its
+    connect timeout; the token it holds never reaches a log."""
+    c, addr = start_tcp(tmp_path, pki)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("fedcba9876543210fedcba9876543210\n")
+    wrong.chmod(0o600)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    try:
+        t0 = time.monotonic()
+        p = subprocess.Popen([str(BIN / "virtfs-mount"), str(mnt), "--controller", addr,
+                              "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
+                              "--tls-key", str(pki.client_key), "--token-file", str(wrong)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: c.log_path.read_text().count("wrong or missing token") >= 2, 20,
+                 "refused attempts")
+        p.terminate()
+        out, _ = p.communicate(timeout=30)
+        assert time.monotonic() - t0 < 40
+        assert not os.path.ismount(mnt)
+        assert "fedcba9876543210" not in out + c.log_path.read_text()
+        assert c.vdctl("status").rc == 0
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        c.stop()
