@@ -9,7 +9,8 @@ model (a bytearray per disk; a snapshot gets its own copy):
   and closes it after, so the other mount sees the change (its page cache is
   dropped at open) and no handle is open during the image operations;
 - image: vdctl disk resize, a clean agent restart, kill -9 of an agent and of the
-  controller (each then restarted), disk migrate to the other container, snap
+  controller (each then restarted), disk migrate to the other container (half the
+  time with --no-wait, so the data operations run while segments move), snap
   create, reads of NAME@SNAP (checked against the snapshot's model), disk clone,
   snap rollback, snap rm.
 
@@ -367,9 +368,12 @@ class Torture:
         on = {e["container"] for e in self.ctl.json("disk", "map", name)["entries"]
               if e["container"] is not None}
         to = "c2" if on == {"c1"} else "c1" if on == {"c2"} else self.rng.choice(["c1", "c2"])
-        self.note(f"vdctl disk migrate {name} --to {to}")
-        rc, _out, err = self.ctl.vdctl("disk", "migrate", name, "--to", to, check=False)
-        if rc != 0 and "already" not in err:
+        # half the time in the background: the data operations then run against moves
+        wait = self.rng.random() < 0.5
+        self.note(f"vdctl disk migrate {name} --to {to}" + ("" if wait else " --no-wait"))
+        rc, _out, err = self.ctl.vdctl("disk", "migrate", name, "--to", to,
+                                       *([] if wait else ["--no-wait"]), check=False)
+        if rc != 0 and "already" not in err:  # wholly there, or a job moves it already
             raise self.fail(f"migrate {name} --to {to}: {err}")
 
     def op_snap(self, name: str) -> None:
