@@ -38,6 +38,7 @@ from faultkit import (
     vd,
 )
 
+from controller import faultpoints
 from controller.faultpoints import ENV, POINTS
 from controller.service.movement import TEST_HOLD_COPIER_ENV
 
@@ -85,6 +86,36 @@ def _param(point: str, action: str, when: int, phases: list[str], sees: str | No
 
 def test_every_point_has_a_case():
     assert {c[0] for c in CASES} == POINTS
+
+
+def test_spec_syntax_and_hit_windows():
+    assert faultpoints.parse(" journal.after_fsync=crash@3, movement.copy=eio@2+,"
+                             "blockio.write=enospc@2-3,") == {
+        "journal.after_fsync": ("crash", 3, 3), "movement.copy": ("eio", 2, float("inf")),
+        "blockio.write": ("enospc", 2, 3)}
+    assert faultpoints.parse("blockio.sync=eio") == {"blockio.sync": ("eio", 1, 1)}
+    for bad in ("nope=eio", "blockio.sync", "blockio.sync=boom", "blockio.sync=eio@0",
+                "blockio.sync=eio@x", "blockio.sync=eio@3-2"):
+        with pytest.raises(ValueError, match=ENV):
+            faultpoints.parse(bad)
+    assert faultpoints.hit is faultpoints._off  # unarmed: nothing to do
+    try:
+        faultpoints.arm("movement.copy=eio@2-3,blockio.write=enospc@2+")
+        fired = []
+        for _ in range(5):
+            for name in ("movement.copy", "blockio.write", "blockio.sync"):
+                try:
+                    faultpoints.hit(name)
+                except OSError as e:
+                    fired.append((name, e.errno))
+        copy, write = ("movement.copy", errno.EIO), ("blockio.write", errno.ENOSPC)
+        assert fired == [copy, write, copy, write, write, write]  # rounds 2, 2, 3, 3, 4, 5
+        assert faultpoints.hits("blockio.write") == 5 and faultpoints.hits("blockio.sync") == 0
+        with pytest.raises(ValueError):
+            faultpoints.hit("no.such.point")
+    finally:
+        faultpoints.arm("")
+    assert faultpoints.hit is faultpoints._off
 
 
 class BlockModel:
