@@ -641,19 +641,20 @@ class DataPath:
         keep = bool(mode & FALLOC_FL_KEEP_SIZE)
         kind = mode & ~FALLOC_FL_KEEP_SIZE
         end = offset + length
-        if kind or (not keep and end > od.size):
-            od.touch()  # content or size changes (a preallocation inside does not)
         if kind == 0:  # preallocate: the size grows (without KEEP_SIZE), space is reserved
             if not keep and end > od.size:
                 await self.trim(od)
                 await self.grow(od, end)
+                od.touch()  # the size changed (a preallocation inside changes nothing)
             await self.allocate(od, offset, min(end, od.size) - offset, reserve=True)
         elif kind == FALLOC_FL_PUNCH_HOLE and keep:
             await self.discard(od, offset, length)
+            od.touch()
         elif kind == FALLOC_FL_ZERO_RANGE:
             await self.discard(od, offset, length)
             if not keep and end > od.size:
                 await self.grow(od, end)
+            od.touch()
         else:
             raise DiskError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
 
