@@ -401,3 +401,43 @@ def test_fallocate_while_grown_ahead(embedded: Any, tmp_path: Path) -> None:
     assert ours.read_bytes() == host.read_bytes()
     assert vd(embedded, "disk", "info", "g")["size"] == 6 * MiB + 100
     figures_agree(embedded, embedded.path)
+
+
+def test_times_and_deleted_names_replay_and_checkpoint() -> None:
+    """disk.times and an unlink's rename to a deleted name: replay equals live, and both
+    checkpoint forms (to_wire, parts) keep them; a checkpoint without times loads."""
+    from controller.protocol import deleted_name, former_name
+    from controller.state import State
+
+    recs = [{"op": "container.add", "name": "c", "lun": 1, "path": "/dev/null/c",
+             "size": 64 * MiB, "created": True},
+            {"op": "disk.create", "name": "x", "size": MiB, "segment_size": SEG,
+             "thick": False, "pin": None, "home": 1, "ctime": 1.0, "map": []},
+            {"op": "disk.times", "name": "x", "mtime": 1234.5, "stime": 2345.25},
+            {"op": "disk.rename", "name": "x", "new": deleted_name(1, "x")},
+            {"op": "disk.create", "name": "x", "size": 0, "segment_size": SEG,
+             "thick": False, "pin": None, "home": 1, "ctime": 2.0, "map": []}]
+    live, replay = State(), State()
+    for r in recs:
+        live.apply(r)
+        replay.apply(dict(r))
+    gone = live.disks[deleted_name(1, "x")]
+    assert (gone.mtime, gone.stime) == (1234.5, 2345.25)
+    info = gone.to_dict(live.luns)
+    assert info["deleted"] == "x" and info["mtime"] == 1234.5 and info["changed"] == 2345.25
+    assert live.disks["x"].to_dict(live.luns)["deleted"] is None
+    assert live.disks["x"].to_dict(live.luns)["mtime"] == 2.0  # never set: creation time
+    assert former_name("x") is None and former_name(deleted_name(3, "a/b")) == "a/b"
+    for s in (replay, State.from_wire(live.to_wire())):
+        assert s.to_wire() == live.to_wire()
+    snap = live.snapshot()
+    try:
+        assert State.from_parts(list(snap.parts())).to_wire() == live.to_wire()
+    finally:
+        snap.release()
+    w = live.to_wire()
+    for dw in w["disks"]:
+        dw.pop("mtime", None)
+        dw.pop("stime", None)
+    old = State.from_wire(w)
+    assert old.disks[deleted_name(1, "x")].mtime == 0.0
