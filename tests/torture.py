@@ -441,7 +441,7 @@ class Torture:
     DATA_OPS = {"write": 30, "read": 30, "truncate": 4, "fsync": 8, "punch": 6, "zero": 6,
                 "snap_read": 3}
     IMAGE_OPS = {"resize": 4, "agent_restart": 2, "agent_kill": 2, "controller_kill": 2,
-                 "migrate": 2, "snap": 4, "clone": 2, "rollback": 2, "snap_rm": 2}
+                 "migrate": 4, "snap": 4, "clone": 2, "rollback": 2, "snap_rm": 2}
     IMAGE_RATE = 0.012  # share of operations that are image operations
 
     def pick(self) -> str:
