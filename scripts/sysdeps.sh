@@ -2,7 +2,7 @@
 # Install the Debian packages virtfs needs to build, run and test, if any are missing.
 set -euo pipefail
 PKGS=(fuse3 libfuse3-dev pkg-config gcc patch python3-venv fio qemu-utils e2fsprogs strace util-linux
-      iproute2 procps rsync)
+      iproute2 procps rsync openssl)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

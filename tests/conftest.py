@@ -239,7 +239,7 @@ def check_logs(request: pytest.FixtureRequest):
 class Pki:
     """A test CA with certificates made by openssl (docs/security.md's recipe).
 
-    server: CN and SANs 127.0.0.1, ::1 and the multi-host test's 10.77.0.1;
+    server: CN and SANs 127.0.0.1, ::1 and the multi-host test's 10.77.1.1, 10.77.2.1;
     client: signed by ca; rogue_*: a client certificate from another CA;
     token: a 0600 file with a 64-hex-digit token.
     """
@@ -274,7 +274,7 @@ def make_pki(d: Path) -> Pki:
     for ca in ("ca", "rogue-ca"):
         _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
                  f"/CN={ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.crt", cwd=d)
-    for name, ca, san in (("srv", "ca", "IP:127.0.0.1,IP:::1,IP:10.77.0.1"),
+    for name, ca, san in (("srv", "ca", "IP:127.0.0.1,IP:::1,IP:10.77.1.1,IP:10.77.2.1"),
                           ("client", "ca", "DNS:agent"), ("rogue", "rogue-ca", "DNS:agent")):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj",
                  f"/CN={'127.0.0.1' if name == 'srv' else name}", "-addext",
