@@ -452,3 +452,26 @@ def test_memory_does_not_grow_under_hostile_clients(ctl):
     print(f"controller RSS: {before} KiB before, {after} KiB after {rounds} rounds of "
           f"{2 * len(FRAMES) + 6} hostile connections")
     assert after - before < 8 * 1024, (before, after)
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_ack_flood_from_a_peer_that_reads_nothing(ctl, kind):
+    """Acks and heartbeats bypass the per-connection request limit; a peer that sends
+    thousands and reads no reply is cut off (MAX_UNLIMITED_INFLIGHT), not queued
+    without end, and the others are served meanwhile."""
+    p = Peer(ctl, kind, timeout=30)
+    p.send({"id": 1, "op": "hello", "args": {"version": 1, "role": "agent",
+                                             **({"token": ctl.token} if kind == "tcp"
+                                                else {})}})
+    frame = b"".join(codec.wire_frame({"id": 2 + i, "op": "agent.ack", "args": {"pid": i}})
+                     for i in range(20000))
+    p.s.settimeout(60)
+    try:
+        p.s.sendall(frame)  # the server stops reading once it has cut us off
+    except (BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError):
+        pass
+    ctl.serving("unix")
+    ctl.serving("tcp")
+    p.until_closed()
+    p.close()
+    assert "acks and heartbeats unanswered" in ctl.proc.log_path.read_text()
