@@ -15,7 +15,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -43,7 +43,7 @@ class ClientSecurity:
     """What a client presents on tcp://: a TLS 1.3 context and the token (str)."""
 
     context: ssl.SSLContext
-    token: str
+    token: str = field(repr=False)  # never in a log line or a traceback's locals
 
 
 def client_security(*, tls_ca: str | None = None, tls_cert: str | None = None,

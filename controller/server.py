@@ -28,7 +28,7 @@ import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -131,7 +131,7 @@ class ServerSecurity:
     """What a TCP listener demands: TLS 1.3 through context, and token in hello."""
 
     context: ssl.SSLContext
-    token: bytes = b""
+    token: bytes = field(default=b"", repr=False)  # never in a log line
     client_certs: bool = False  # context requires a certificate from the client CA
 
 
