@@ -152,44 +152,34 @@ class Coherence(ServiceBase):
     async def _freeze(self, d: Disk) -> AsyncIterator[None]:
         """Make every entry of d nowrite at every agent, drained and acknowledged, and
         hold write faults, for the block; reads never stop (a snapshot being taken)."""
-        await self.agents.wait_grace()
-        rng = (0, P.MAX_DISK_SIZE)
-        self._frozen.setdefault(d.uid, []).append(rng)
-        try:
-            await self._push_update(d, 0, d.size, drain=True)
+        async with self._held(self._frozen, d, (0, P.MAX_DISK_SIZE), 0, d.size, None):
             yield
-        finally:
-            lst = self._frozen.get(d.uid, [])
-            if rng in lst:
-                lst.remove(rng)
-            if not lst:
-                self._frozen.pop(d.uid, None)
-            self._bump()
-            self._restriction_lifted.set()
-            self._restriction_lifted = trio.Event()
 
     @asynccontextmanager
     async def _restrict(self, d: Disk, start: int, end: int,
                         exclude: Agent | None) -> AsyncIterator[None]:
         """Turn off I/O on [start, end) at every caching agent, drained, for the block."""
+        async with self._held(self._restricted, d, (start, end), start, end, exclude):
+            yield
+
+    @asynccontextmanager
+    async def _held(self, ranges: dict[int, list[tuple[int, int]]], d: Disk,
+                    rng: tuple[int, int], start: int, end: int,
+                    exclude: Agent | None) -> AsyncIterator[None]:
+        """Hold rng in ranges (_restricted: entries invalid; _frozen: nowrite, writes
+        wait) for the block, with [start, end)'s entries pushed to every caching agent
+        (drained, acknowledged) first; faults waiting on it are woken at the end."""
         await self.agents.wait_grace()
-        rng = (start, end)
-        self._restricted.setdefault(d.uid, []).append(rng)
-        self._bump()
+        ranges.setdefault(d.uid, []).append(rng)
         try:
-            agents = self.agents.caching(d, exclude)
-            if agents:
-                await self.agents.push_all(agents, {
-                    "push": "update", "disk": d.name, "epoch": d.epoch, "size": d.size,
-                    "start": start, "end": end, "rows": self._rows(d, start, end),
-                    "drain": True, "v": self.version})
+            await self._push_update(d, start, end, exclude=exclude, drain=True)
             yield
         finally:
-            lst = self._restricted.get(d.uid, [])
+            lst = ranges.get(d.uid, [])
             if rng in lst:
                 lst.remove(rng)
             if not lst:
-                self._restricted.pop(d.uid, None)
+                ranges.pop(d.uid, None)
             self._bump()
             self._restriction_lifted.set()
             self._restriction_lifted = trio.Event()
