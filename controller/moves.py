@@ -28,7 +28,10 @@ from .extents import MOVING, NOWRITE, Extent
 from .protocol import BLOCK_SIZE
 from .state import Alt, Disk
 
-COPY_CHUNK_BLOCKS = 256  # what the copier copies and marks in one step: 1 MiB
+# what the copier copies and marks in one step: 4 MiB (a default segment). Each step ends
+# in two flushes (the copy settled, the mark committed): 4 MiB steps moved an idle disk
+# at 413 MiB/s against 293 with 1 MiB steps (bench movement, 5 of 6 runs faster)
+COPY_CHUNK_BLOCKS = 1024
 
 
 def agent_entries(e: Extent, a: Alt, start: int, end: int,
