@@ -79,6 +79,8 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class TortureFailure(AssertionError):
     """The system disagreed with the model (or an operation failed)."""
 
+    reported = False  # True once it carries the seed and the last operations
+
 
 class Controller:
     """A virtfs-controller subprocess (kill -9 and restart at will)."""
@@ -159,11 +161,13 @@ class Torture:
             print(self.history[-1], flush=True)
 
     def fail(self, why: str) -> TortureFailure:
-        return TortureFailure(
+        e = TortureFailure(
             f"torture seed {self.seed} failed at op #{self.step}: {why}\n"
             f"rerun: make torture SEED={self.seed} OPS={self.ops}\n"
             f"last operations:\n  " + "\n  ".join(self.history)
             + f"\nlogs (every operation in ops.log): {self.work}")
+        e.reported = True
+        return e
 
     def mount(self, k: int) -> MountProc:
         m = self.mounts[k]
@@ -450,6 +454,7 @@ class Torture:
 
     def run(self) -> None:
         """set up, run the ops, verify at the end; always tears down."""
+        what = "set-up"
         try:
             self.setup()
             for step in range(1, self.ops + 1):
@@ -457,12 +462,18 @@ class Torture:
                 op = self.pick()
                 name = self.rng.choice(sorted(self.models))
                 self.counts[op] += 1
-                try:
-                    getattr(self, "op_" + op)(name)
-                except OSError as e:
-                    raise self.fail(f"{op} on {name}: {e}") from e
+                what = f"{op} on {name}"
+                getattr(self, "op_" + op)(name)
             self.step += 1
+            what = "the final check"
             self.finish()
+        except TortureFailure as e:
+            if e.reported:
+                raise
+            raise self.fail(f"{what}: {e}") from e
+        except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as e:
+            # a failed system call, a mount that did not come up, vdctl that hung...
+            raise self.fail(f"{what}: {type(e).__name__}: {e}") from e
         finally:
             self.close()
 
