@@ -1,0 +1,87 @@
+"""Fencing edges (issue 10 item 2; docs/fencing.md has the timing argument).
+
+- An agent whose lease has run out stops container I/O on every entry that could
+  change (reads and writes of mapped blocks, not only new faults) until it has
+  renewed: with the controller frozen (SIGSTOP), its I/O waits, then goes on.
+- The controller waits out an unreachable agent's lease (plus the margin) before it
+  frees storage that agent may write: a shrink under a frozen agent takes at least
+  that long, never less.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from faultkit import BLOCK, add_container, agent, dread, dwrite, open_direct, vd
+
+LEASE = 2.0
+MARGIN = 0.5  # controller/agents.py LEASE_MARGIN
+
+
+def test_agent_past_its_lease_does_no_container_io(controller, mount_factory, tmp_path):
+    controller.stop()
+    controller.start(["--lease", str(LEASE)])
+    add_container(controller, "c1", tmp_path / "c1.img", "64M")
+    vd(controller, "disk", "create", "d", "--size", "8M")
+    m = agent(mount_factory, controller, args=["--fault-timeout", "30"])
+    fd = open_direct(m.path / "d")
+    try:
+        dwrite(fd, 0, b"A" * BLOCK)  # allocated and mapped: a plain valid entry
+        assert dread(fd, 0, BLOCK) == b"A" * BLOCK
+        assert controller.proc is not None
+        os.kill(controller.proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            time.sleep(LEASE + 0.5)  # the agent's lease has run out by now
+            done: dict[str, float] = {}
+
+            def io(kind: str) -> None:
+                if kind == "write":
+                    dwrite(fd, 0, b"B" * BLOCK)
+                else:
+                    dread(fd, 0, BLOCK)
+                done[kind] = time.monotonic()
+
+            threads = [threading.Thread(target=io, args=(k,)) for k in ("write", "read")]
+            for t in threads:
+                t.start()
+            time.sleep(1.5)
+            assert done == {}, f"I/O went on without a lease: {done}"
+            # the container still holds the old block: nothing landed
+            with open(tmp_path / "c1.img", "rb") as f:
+                assert b"B" * BLOCK not in f.read(8 << 20)
+        finally:
+            os.kill(controller.proc.pid, signal.SIGCONT)
+        for t in threads:
+            t.join(30)
+        assert set(done) == {"write", "read"}, "I/O did not resume after the lease renewed"
+        assert min(done.values()) > stopped + LEASE
+        assert dread(fd, 0, BLOCK) == b"B" * BLOCK
+    finally:
+        os.close(fd)
+
+
+def test_controller_waits_out_a_silent_agents_lease(controller, mount_factory, tmp_path):
+    controller.stop()
+    controller.start(["--lease", str(LEASE)])
+    add_container(controller, "c1", tmp_path / "c1.img", "64M")
+    vd(controller, "disk", "create", "d", "--size", "8M")
+    m = agent(mount_factory, controller, args=["--fault-timeout", "30"])
+    fd = open_direct(m.path / "d")
+    try:
+        dwrite(fd, 4 << 20, b"C" * BLOCK)
+        os.kill(m.pid, signal.SIGSTOP)  # holds d open, will never ack
+        try:
+            t0 = time.monotonic()
+            vd(controller, "disk", "resize", "d", "4M", "--allow-shrink")
+            took = time.monotonic() - t0
+        finally:
+            os.kill(m.pid, signal.SIGCONT)
+    finally:
+        os.close(fd)
+    # it may not free the agent's storage before the agent's lease has surely run out
+    assert took >= LEASE - 0.5, f"the shrink went through after {took:.2f} s"
+    assert controller.vdctl("check").rc == 0
