@@ -26,6 +26,7 @@ SECTIONS: dict[str, str] = {
     "agent_table": "bench.agent_table",
     "movement": "bench.movement",
     "imports": "bench.imports",
+    "snapshots": "bench.snapshots",
 }
 
 
