@@ -248,15 +248,56 @@ class State:
                 merged.append((lo, hi))
         return merged
 
+    def referenced_all(self, fam: int, pieces: list[Extent],
+                       skip: Disk | None = None) -> list[list[tuple[int, int]]]:
+        """referenced() for each of pieces (in vstart order, not overlapping), at once.
+
+        A whole table's worth (a snapshot removed, a rollback) is one ordered walk of
+        each other table of the family, not a lookup per piece: a 1 TiB table of
+        262,144 extents takes a fraction of a second instead of seconds.
+        """
+        tables = [t for t in self.family(fam) if t is not skip]
+        if not tables or not pieces:
+            return [[] for _ in pieces]
+        if len(pieces) * 16 < sum(len(t.extents) for t in tables):
+            return [self.referenced(fam, e.vstart, e.vend, e.lun, e.offset, skip)
+                    for e in pieces]
+        out: list[list[tuple[int, int]]] = [[] for _ in pieces]
+        for t in tables:
+            ts = list(t.extents)
+            j = 0
+            for i, p in enumerate(pieces):
+                while j < len(ts) and ts[j].vend <= p.vstart:
+                    j += 1
+                k = j
+                delta = p.offset - p.vstart
+                while k < len(ts) and ts[k].vstart < p.vend:
+                    e = ts[k]
+                    if e.lun == p.lun and e.offset - e.vstart == delta:
+                        out[i].append((max(e.vstart, p.vstart), min(e.vend, p.vend)))
+                    k += 1
+        for i, rs in enumerate(out):
+            if len(rs) > 1:
+                rs.sort()
+                merged = [rs[0]]
+                for lo, hi in rs[1:]:
+                    if lo <= merged[-1][1]:
+                        merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+                    else:
+                        merged.append((lo, hi))
+                out[i] = merged
+        return out
+
     def _release_unshared(self, fam: int, pieces: list[Extent]) -> None:
         """Free the storage of pieces (removed from their table already) that no other
         table of family fam maps. Storage is freed a block at a time: a block any part
         of which another table maps stays (a table's short last block is still a whole
         block of storage)."""
-        for e in pieces:
+        refs = self.referenced_all(fam, pieces)
+        for e, shared in zip(pieces, refs, strict=True):
             nblk = -(-e.length // BLOCK_SIZE)
             keep = [((lo - e.vstart) // BLOCK_SIZE, -(-(hi - e.vstart) // BLOCK_SIZE))
-                    for lo, hi in self.referenced(fam, e.vstart, e.vend, e.lun, e.offset)]
+                    for lo, hi in shared]
             pos = 0
             for kb, ke in [*keep, (nblk, nblk)]:
                 if kb > pos:

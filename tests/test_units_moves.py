@@ -343,3 +343,27 @@ def test_bitmap_matches_a_list_model(case: tuple[int, list[tuple[int, int]], int
     assert bm.first_clear(lo) == next((k for k in range(lo, n) if not model[k]), None)
     assert [bm.slice(lo, hi - lo).test(k) for k in range(hi - lo)] == model[lo:hi]
     assert Bitmap(n, bm.to_bytes()) == bm
+
+
+def test_referenced_all_matches_referenced_piece_by_piece():
+    """The ordered walk (a whole table at once) gives what a lookup per piece gives."""
+    import random
+
+    rnd = random.Random(7)
+    for _ in range(100):
+        s = base()
+        offs = rnd.sample(range(0, 256), 200)
+        for v in rnd.sample(range(64), 40):
+            s.apply({"op": "disk.map", "name": "t", "map": [[v * B, B, 1, offs.pop() * B]]})
+        for k in range(rnd.randint(1, 3)):
+            s.apply({"op": "snap.create", "name": "t", "snap": f"s{k}", "ctime": 0.0})
+            for v in rnd.sample(range(64), 8):
+                if s.disks["t"].extents.find(v * B):
+                    s.apply({"op": "disk.unmap", "name": "t", "start": v * B, "end": (v + 1) * B})
+                s.apply({"op": "disk.map", "name": "t", "map": [[v * B, B, 1, offs.pop() * B]]})
+        for t in (s.disks["t"], *s.snaps.values()):
+            pieces = list(t.extents)
+            assert s.referenced_all(t.family, pieces, skip=t) == [
+                s.referenced(t.family, e.vstart, e.vend, e.lun, e.offset, skip=t)
+                for e in pieces]
+        clean(s)

@@ -171,9 +171,12 @@ class Placement(ServiceBase):
         """(container path, offset, length) of d's storage in [start, end), block-rounded,
         that no other table (snapshot, clone) maps: what freeing the range gives back."""
         out = []
-        for e in d.extents.entries(start, end):
-            if not e.flags & ZERO and e.offset % P.BLOCK_SIZE == 0:
-                out += self._unshared(d, e)
+        entries = list(d.extents.entries(start, end))
+        mapped = [e for e in entries if not e.flags & ZERO and e.offset % P.BLOCK_SIZE == 0]
+        for e, shared in zip(mapped, self.state.referenced_all(d.family, mapped, skip=d),
+                             strict=True):
+            out += self._unshared(d, e, shared)
+        for e in entries:
             if e.flags & MOVING:  # and its alternate location (service/movement.py)
                 stored = d.extents.find(e.vstart)
                 if stored is not None and stored.vstart in d.alts:
@@ -183,11 +186,14 @@ class Placement(ServiceBase):
                                 round_up(e.length)))
         return out
 
-    def _unshared(self, d: Disk, e: Extent) -> list[tuple[str, int, int]]:
+    def _unshared(self, d: Disk, e: Extent,
+                  shared: list[tuple[int, int]] | None = None) -> list[tuple[str, int, int]]:
         """(path, offset, length) of entry e's storage (block-rounded) that no other
-        table of d's family maps at the same vstart."""
+        table of d's family maps at the same vstart (shared: what does, if known)."""
         path = self.state.luns[e.lun].path
-        shared = self.state.referenced(d.family, e.vstart, e.vend, e.lun, e.offset, skip=d)
+        if shared is None:
+            shared = self.state.referenced(d.family, e.vstart, e.vend, e.lun, e.offset,
+                                           skip=d)
         nblk = -(-e.length // P.BLOCK_SIZE)
         keep = [((lo - e.vstart) // P.BLOCK_SIZE, -(-(hi - e.vstart) // P.BLOCK_SIZE))
                 for lo, hi in shared]

@@ -56,11 +56,10 @@ class SnapshotOps(MovementOps):
 
     def _snap_info(self, s: Disk) -> dict[str, Any]:
         """A snapshot as vdctl shows it; "held": bytes only it maps (what rm frees)."""
-        held = 0
-        for e in s.extents:
-            shared = self.state.referenced(s.family, e.vstart, e.vend, e.lun, e.offset,
-                                           skip=s)
-            held += e.length - sum(hi - lo for lo, hi in shared)
+        pieces = list(s.extents)
+        held = sum(e.length for e in pieces) - sum(
+            hi - lo for shared in self.state.referenced_all(s.family, pieces, skip=s)
+            for lo, hi in shared)
         clones = sorted(t.name for t in self.state.disks.values() if t.origin == s.name)
         return {"name": s.name, "disk": s.parent, "created": s.ctime, "size": s.size,
                 "allocated": s.allocated, "held": held, "clones": clones}
