@@ -119,10 +119,12 @@ class SnapshotOps(MovementOps):
     async def snap_rm(self, name: str) -> dict[str, Any]:
         """Remove a snapshot; frees exactly what no disk, clone or other snapshot maps."""
         s = self._snap(name)
-        info = self._snap_info(s)
-        if info["clones"]:
+        clones = sorted(t.name for t in self.state.disks.values() if t.origin == s.name)
+        if clones:
             raise P.RemoteError(P.E_BUSY, f"snapshot {name!r} has clones: "
-                                f"{', '.join(info['clones'])}; remove them first")
+                                f"{', '.join(clones)}; remove them first")
+        info: dict[str, Any] = {"name": s.name, "disk": s.parent, "created": s.ctime,
+                                "size": s.size, "allocated": s.allocated, "clones": []}
         users = self.agents.caching(s)
         if users:
             raise P.RemoteError(P.E_BUSY, f"snapshot {name!r} is open on agent(s) "
@@ -133,7 +135,9 @@ class SnapshotOps(MovementOps):
                 raise P.not_found("snapshot", name)
             self._removing.add(s.uid)
             try:
-                await self._release_space(self._physical(s, 0, s.size))
+                freed = self._physical(s, 0, s.size)  # exactly what only s maps
+                info["held"] = sum(n for _path, _off, n in freed)
+                await self._release_space(freed)
                 await self.journal.commit({"op": "snap.rm", "name": name})
             finally:
                 self._removing.discard(s.uid)
