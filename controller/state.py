@@ -103,14 +103,16 @@ class Job:
     state: str = "running"
     ended: float | None = None
     message: str = ""
+    aborting: bool = False  # an abort was asked for: a restart rolls back, not on
 
     def to_wire(self) -> list[Any]:
         return [self.id, self.kind, self.disk, self.src, self.dst, self.started, self.state,
-                self.ended, self.message]
+                self.ended, self.message, self.aborting]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> Job:
-        if not isinstance(w, list) or len(w) != 9:
+        """A job from to_wire()'s list (9 items before aborts were journaled)."""
+        if not isinstance(w, list) or len(w) not in (9, 10):
             raise StateError(f"bad job {w!r}")
         return cls(*w)
 
@@ -631,6 +633,13 @@ class State:
         if kind == "drain" and src is not None:
             self.luns[src].draining = True
 
+    def _job_abort(self, rec: dict[str, Any]) -> None:
+        """An abort was asked for: it survives a restart (the job then rolls back)."""
+        j = self.jobs.get(rec["id"])
+        if j is None or j.state != "running":
+            raise StateError(f"job.abort: no running job {rec.get('id')!r}")
+        j.aborting = True
+
     def _job_end(self, rec: dict[str, Any]) -> None:
         j = self.jobs.get(rec["id"])
         if j is None or j.state != "running" or rec["state"] not in JOB_STATES[1:]:
@@ -1046,6 +1055,7 @@ _HANDLERS = {
     "disk.place": State._disk_place,
     "job.start": State._job_start,
     "job.end": State._job_end,
+    "job.abort": State._job_abort,
     "snap.create": State._snap_create,
     "snap.rm": State._snap_rm,
     "disk.clone": State._disk_clone,

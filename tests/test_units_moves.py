@@ -151,7 +151,11 @@ def test_jobs_and_container_flags_survive_replay_and_checkpoint():
         "started": 6.0})
     do({"op": "disk.rename", "name": "t", "new": "u"})
     assert s.jobs[2].disk == "u"
+    do({"op": "job.abort", "id": 2})  # journaled: a restart rolls the job back
+    assert s.jobs[2].aborting
     do({"op": "job.end", "id": 1, "state": "done", "ended": 7.0})
+    with pytest.raises(StateError):
+        s.apply({"op": "job.abort", "id": 1})
     assert not s.luns[1].draining and s.luns[2].failed
     with pytest.raises(StateError):
         s.apply({"op": "job.end", "id": 1, "state": "done", "ended": 8.0})

@@ -88,6 +88,7 @@ class JobOps(MovementOps):
                                                          trio.current_time()))
         state: str | None = None  # None: journal no end (cancelled: it resumes later)
         message = ""
+        prog.aborting = prog.aborting or j.aborting  # asked before a restart
         try:
             await self.agents.wait_grace()
             while not prog.aborting:
@@ -290,6 +291,7 @@ class JobOps(MovementOps):
             raise P.RemoteError(P.E_NOT_FOUND, f"no such job: {id}")
         if j.state != "running":
             raise P.invalid(f"job {id} has ended already ({j.state})")
+        await self.journal.commit({"op": "job.abort", "id": id})  # a restart rolls back too
         prog = self._progress.get(id)
         if prog is not None:
             prog.aborting = True
