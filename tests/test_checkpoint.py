@@ -16,6 +16,7 @@ import trio
 
 from controller import codec
 from controller import journal as journal_mod
+from controller.consistency import check
 from controller.daemon import open_controller_service
 from controller.extents import NOWRITE, ExtentMap
 from controller.journal import (
@@ -28,7 +29,7 @@ from controller.journal import (
     recover,
     write_checkpoint,
 )
-from controller.state import State, check
+from controller.state import State
 
 B = 4096
 TiB = 1 << 40

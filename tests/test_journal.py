@@ -13,6 +13,7 @@ from conftest import ControllerProc
 
 from controller import codec
 from controller.client import open_controller
+from controller.consistency import check
 from controller.daemon import open_controller_service
 from controller.journal import (
     CHECKPOINT,
@@ -22,7 +23,7 @@ from controller.journal import (
     JournalCorrupt,
     recover,
 )
-from controller.state import State, StateError, check, round_up
+from controller.state import State, StateError, round_up
 
 B = 4096
 

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from controller.bitmap import Bitmap
+from controller.consistency import check
 from controller.extents import MOVING
-from controller.state import State, StateError, check
+from controller.state import State, StateError
 
 B = 4096
 SEG = 4 * B

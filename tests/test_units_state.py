@@ -12,7 +12,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from controller.allocator import ALIGN, FreeSpace
 from controller.bitmap import Bitmap
-from controller.state import Problem, State, StateError, check, round_up
+from controller.consistency import Problem, check
+from controller.state import State, StateError, round_up
 
 B = ALIGN
 

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from .. import protocol as P
-from ..state import check
+from ..consistency import check
 from .base import MAX_MAP_ROWS, VERSION
 from .containers import ContainerOps
 from .disks import DiskOps
