@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from .report import Report, Section, Workload, fmt, more_than
+from .report import loadavg as _loadavg
+from .report import text_table as _table
 
 TITLE = "data path: fio on a raw file vs a virtfs disk vs a qemu-storage-daemon FUSE export"
 
@@ -140,8 +142,6 @@ def _mem_total() -> int:
     return 0
 
 
-def _loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _wait_mounted(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str,
@@ -261,15 +261,6 @@ def _ratio(a: Result | None, b: Result | None) -> float | None:
     return a.mib_s / b.mib_s
 
 
-def _table(rows: list[list[str]], align: str) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, r in enumerate(rows):
-        lines.append("  " + "  ".join(f"{c:{a}{w}}" for c, a, w in
-                                      zip(r, align, widths, strict=True)).rstrip())
-        if k == 0:
-            lines.append("  " + "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- section

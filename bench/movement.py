@@ -63,7 +63,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .datapath import _wait_mounted
 from .report import Report, Section, Workload, fmt, less_than, more_than
+from .report import loadavg as _loadavg
+from .report import percentile as _pct
+from .report import spread as _spread
+from .report import text_table as _table
 
 TITLE = ("online migration: fio latency at rest vs during `disk migrate`, migration vs cp "
          "throughput, first writes to moving segments (virtfs vs whole-segment copy)")
@@ -83,17 +88,6 @@ AIM_VS_CP = 0.7  # idle migration rate / cp rate (both from a dropped cache, dur
 # ---------------------------------------------------------------- processes
 
 
-def _wait_mounted(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str,
-                  timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.ismount(path):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n"
-                               + log.read_text(errors="replace")[-3000:])
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: {path} not mounted after {timeout:.0f} s:\n"
-                               + log.read_text(errors="replace")[-3000:])
-        time.sleep(0.02)
 
 
 def _end(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, wait: float = 15) -> None:
@@ -255,11 +249,6 @@ def _read_clat_log(path: Path, lo_ms: float | None = None,
     return out
 
 
-def _pct(sorted_vals: Sequence[float], p: float) -> float:
-    if not sorted_vals:
-        return float("nan")
-    k = min(len(sorted_vals) - 1, max(0, int(round(p / 100 * len(sorted_vals) + 0.5)) - 1))
-    return float(sorted_vals[k])
 
 
 @dataclass
@@ -497,27 +486,10 @@ def _copier_variants(tmp_root: Path, size: int, reps: int) -> list[list[float]]:
 # ---------------------------------------------------------------- the section
 
 
-def _spread(vals: Sequence[float]) -> str:
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return fmt(vals[0])
-    return f"{fmt(statistics.median(vals))} ({fmt(min(vals))}-{fmt(max(vals))})"
 
 
-def _table(rows: list[list[str]], align: str) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, r in enumerate(rows):
-        lines.append("  " + "  ".join(f"{c:{a}{w}}" for c, a, w in
-                                      zip(r, align, widths, strict=True)).rstrip())
-        if k == 0:
-            lines.append("  " + "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
-def _loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run(report: Report, section: Section) -> None:

@@ -9,7 +9,10 @@ than the aim and below it is short of it, by that factor.
 from __future__ import annotations
 
 import math
+import os
+import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TextIO
 
@@ -164,3 +167,39 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {"meta": self.meta, "quick": self.quick,
                 "sections": {s.name: s.to_json() for s in self.sections}}
+
+
+# ---------------------------------------------------------------- helpers for sections
+
+
+def percentile(sorted_vals: Sequence[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of ascending values; nan if there are none."""
+    if not sorted_vals:
+        return float("nan")
+    k = min(len(sorted_vals) - 1, max(0, int(round(p / 100 * len(sorted_vals) + 0.5)) - 1))
+    return float(sorted_vals[k])
+
+
+def spread(vals: Sequence[float]) -> str:
+    """'median (min-max)' of repeated measurements, for a person."""
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return fmt(vals[0])
+    return f"{fmt(statistics.median(vals))} ({fmt(min(vals))}-{fmt(max(vals))})"
+
+
+def text_table(rows: list[list[str]], align: str) -> str:
+    """rows (the first is the heading) as aligned text; align: one of '<>' per column."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        lines.append("  " + "  ".join(f"{c:{a}{w}}" for c, a, w in
+                                      zip(r, align, widths, strict=True)).rstrip())
+        if k == 0:
+            lines.append("  " + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -61,6 +61,10 @@ from typing import Any
 
 from .movement import BIN, BLOCK, HOLD_ENV, MiB, Rig
 from .report import Report, Section, Workload, fmt, less_than
+from .report import loadavg as _loadavg
+from .report import percentile as _pct
+from .report import spread as _spread
+from .report import text_table as _table
 
 TITLE = ("snapshots: `snap create` at 1 TiB vs 1 GiB (with and without an agent), first "
          "write to a shared segment vs a plain write vs whole-segment copy, snapshot reads")
@@ -177,34 +181,12 @@ def _drop_caches() -> str | None:
     return None
 
 
-def _pct(sorted_vals: Sequence[float], p: float) -> float:
-    if not sorted_vals:
-        return float("nan")
-    k = min(len(sorted_vals) - 1, max(0, int(round(p / 100 * len(sorted_vals) + 0.5)) - 1))
-    return float(sorted_vals[k])
 
 
-def _spread(vals: Sequence[float]) -> str:
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return fmt(vals[0])
-    return f"{fmt(statistics.median(vals))} ({fmt(min(vals))}-{fmt(max(vals))})"
 
 
-def _table(rows: list[list[str]], align: str) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, r in enumerate(rows):
-        lines.append("  " + "  ".join(f"{c:{a}{w}}" for c, a, w in
-                                      zip(r, align, widths, strict=True)).rstrip())
-        if k == 0:
-            lines.append("  " + "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
-def _loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # ---------------------------------------------------------------- 1. snap create
