@@ -172,6 +172,21 @@ class Disk:
         }
 
 
+def unshared_blocks(e: Extent, shared: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) of e's storage, in whole blocks, outside shared (vstart ranges
+    another table maps, from State.referenced): what freeing e gives back. A block any
+    part of which is shared stays; e's short last block counts whole."""
+    nblk = -(-e.length // BLOCK_SIZE)
+    keep = [((lo - e.vstart) // BLOCK_SIZE, -(-(hi - e.vstart) // BLOCK_SIZE))
+            for lo, hi in shared]
+    out, pos = [], 0
+    for kb, ke in [*keep, (nblk, nblk)]:
+        if kb > pos:
+            out.append((e.offset + pos * BLOCK_SIZE, (kb - pos) * BLOCK_SIZE))
+        pos = max(pos, ke)
+    return out
+
+
 def _pieces(rec: dict[str, Any], key: str = "map") -> list[tuple[int, int, int, int]]:
     raw = rec.get(key, [])
     if not isinstance(raw, list):
@@ -297,15 +312,8 @@ class State:
         block of storage)."""
         refs = self.referenced_all(fam, pieces)
         for e, shared in zip(pieces, refs, strict=True):
-            nblk = -(-e.length // BLOCK_SIZE)
-            keep = [((lo - e.vstart) // BLOCK_SIZE, -(-(hi - e.vstart) // BLOCK_SIZE))
-                    for lo, hi in shared]
-            pos = 0
-            for kb, ke in [*keep, (nblk, nblk)]:
-                if kb > pos:
-                    self.luns[e.lun].space.release(e.offset + pos * BLOCK_SIZE,
-                                                   (kb - pos) * BLOCK_SIZE)
-                pos = max(pos, ke)
+            for off, n in unshared_blocks(e, shared):
+                self.luns[e.lun].space.release(off, n)
 
     def lun_users(self, lun: int) -> Iterator[tuple[Disk, Extent]]:
         """(table, extent) of every disk and snapshot extent stored on LUN lun."""

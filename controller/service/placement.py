@@ -21,7 +21,7 @@ from .. import faultpoints, storage
 from .. import protocol as P
 from ..allocator import FreeSpace, NoSpace
 from ..extents import MOVING, ZERO, Extent
-from ..state import Container, Disk, round_up
+from ..state import Container, Disk, round_up, unshared_blocks
 from ..units import human
 from .base import ServiceBase
 
@@ -194,15 +194,7 @@ class Placement(ServiceBase):
         if shared is None:
             shared = self.state.referenced(d.family, e.vstart, e.vend, e.lun, e.offset,
                                            skip=d)
-        nblk = -(-e.length // P.BLOCK_SIZE)
-        keep = [((lo - e.vstart) // P.BLOCK_SIZE, -(-(hi - e.vstart) // P.BLOCK_SIZE))
-                for lo, hi in shared]
-        out, pos = [], 0
-        for kb, ke in [*keep, (nblk, nblk)]:
-            if kb > pos:
-                out.append((path, e.offset + pos * P.BLOCK_SIZE, (kb - pos) * P.BLOCK_SIZE))
-            pos = max(pos, ke)
-        return out
+        return [(path, off, n) for off, n in unshared_blocks(e, shared)]
 
     async def _release_space(self, freed: list[tuple[str, int, int]]) -> None:
         """Give space about to be freed back to the host (punch holes); best effort.
