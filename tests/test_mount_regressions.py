@@ -105,6 +105,8 @@ async def test_concurrent_container_add_on_one_path(controller, tmp_path):
     async with open_controller(addr) as c:
         assert len(await c.call("container.ls")) == 1
         assert (await c.call("check"))["ok"]
+    # the losers never unlink the file the winner registered
+    assert os.path.exists(path)
 
 
 def test_paused_agent_is_dropped_and_reloads(controller, mount_factory, tmp_path):

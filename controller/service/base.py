@@ -51,6 +51,7 @@ class ServiceBase:
         self._job_nursery: Any = None
         # disks (uid) whose segments may not start moving now (a snapshot settles them)
         self._no_new_moves: set[int] = set()
+        self._adding_paths: set[str] = set()  # container paths a container.add is probing
         # ranges whose entries are being restricted at agents before a change (disk -> ranges)
         # restricted ranges per disk, keyed by Disk.uid so a rename cannot orphan them
         self._restricted: dict[int, list[tuple[int, int]]] = {}

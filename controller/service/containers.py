@@ -22,20 +22,28 @@ class ContainerOps(Placement, Coherence):
         storage.check_container_path(path)
         if size is not None and size < 4096:
             raise P.invalid("container size must be at least 4096 bytes")
-        taken = {c.path: c.name for c in self.state.containers.values()}
-        csize, created = await trio.to_thread.run_sync(storage.open_container_path, path, size,
-                                                        taken)
-        # re-check after the await: another request may have taken the name or the path
-        clash = name in self.state.containers or any(
-            c.path == path for c in self.state.containers.values())
-        if clash:
-            if created:
-                os.unlink(path)
-            raise P.RemoteError(P.E_EXISTS, f"container {name!r} or path {path!r} was "
-                                "added meanwhile")
-        lun = self.state.next_lun
-        await self.journal.commit({"op": "container.add", "name": name, "lun": lun,
-                                   "path": path, "size": csize, "created": created})
+        # one add per path at a time: a concurrent add could probe the file while this one
+        # creates it, register it first, and then see this one unlink it on its clash
+        if path in self._adding_paths:
+            raise P.RemoteError(P.E_EXISTS, f"container path {path!r} is being added")
+        self._adding_paths.add(path)
+        try:
+            taken = {c.path: c.name for c in self.state.containers.values()}
+            csize, created = await trio.to_thread.run_sync(storage.open_container_path, path,
+                                                            size, taken)
+            # re-check after the await: another request may have taken the name
+            clash = name in self.state.containers or any(
+                c.path == path for c in self.state.containers.values())
+            if clash:
+                if created:
+                    os.unlink(path)
+                raise P.RemoteError(P.E_EXISTS, f"container {name!r} or path {path!r} was "
+                                    "added meanwhile")
+            lun = self.state.next_lun
+            await self.journal.commit({"op": "container.add", "name": name, "lun": lun,
+                                       "path": path, "size": csize, "created": created})
+        finally:
+            self._adding_paths.discard(path)
         return self.state.containers[name].to_dict()
 
     async def container_ls(self) -> list[dict[str, Any]]:
