@@ -45,12 +45,12 @@ typecheck: setup
 bench: setup
 	$(BIN)/python -m bench.run
 
-# a long model-based torture run (tests/torture.py); a failure prints the seed and the
+# a long model-based torture run (tests/multihost/torture.py); a failure prints the seed and the
 # last operations. SEED defaults to a random one (printed); DIR keeps the work dir there.
 SEED ?=
 OPS  ?= 20000
 torture: setup
-	$(BIN)/python tests/torture.py --ops $(OPS) $(if $(SEED),--seed $(SEED)) \
+	$(BIN)/python tests/multihost/torture.py --ops $(OPS) $(if $(SEED),--seed $(SEED)) \
 	    $(if $(DIR),--dir $(DIR) --keep)
 
 clean:

@@ -1,4 +1,4 @@
-"""The torture run (tests/torture.py) in CI, and the bugs it found, each as a reproducer.
+"""The torture run (tests/multihost/torture.py) in CI, and the bugs it found, each as a reproducer.
 
 The CI run is short (VIRTFS_TORTURE_OPS operations, default 1500, a fixed seed unless
 VIRTFS_TORTURE_SEED is set); ``make torture SEED=... OPS=...`` runs long ones.

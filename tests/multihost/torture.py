@@ -24,9 +24,9 @@ mounts, and every disk and snapshot is compared byte for byte; ``vdctl check``
 must find no corruption. On a failure, TortureFailure says the seed and the last
 operations.
 
-Run from pytest (tests/test_torture.py) or by hand:
+Run from pytest (tests/multihost/test_torture.py) or by hand:
 
-    .venv/bin/python tests/torture.py --seed 7 --ops 20000 [--dir DIR] [--keep]
+    .venv/bin/python tests/multihost/torture.py --seed 7 --ops 20000 [--dir DIR] [--keep]
 
 (``make torture SEED=7 OPS=20000``). Needs root and FUSE, as the test suite does.
 """
@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared rig
 from mounts import MountProc  # noqa: E402
 
 BIN = Path(sys.executable).parent

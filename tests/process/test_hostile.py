@@ -1,6 +1,6 @@
 """Hostile input over the Unix socket and over tcp:// with TLS: fuzzed frames and
 arguments, and clients that misbehave on purpose. The controller stays up, serves
-the others, and does not grow. (tests/test_badinput.py has the Unix-only cases
+the others, and does not grow. (tests/process/test_badinput.py has the Unix-only cases
 that need no TLS: malformed frames, stalls, other users.)
 """
 
