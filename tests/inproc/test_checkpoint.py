@@ -32,6 +32,7 @@ from controller.journal import (
 from controller.state import State
 
 B = 4096
+SEG = 4 << 20
 TiB = 1 << 40
 
 
@@ -475,3 +476,21 @@ async def test_boot_counter_is_journaled_replayed_and_checkpointed(tmp_path):
     r = recover(str(d))
     assert r.state.boot == 3 and r.records == 1
     assert (d / JOURNAL).stat().st_size == r.journal_bytes
+
+
+async def test_version_stamps_grow_across_restarts_whatever_the_clock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents drop answers stamped lower than one they hold: a restarted controller must
+    stamp higher than its previous incarnation ever did, even with the clock set back."""
+    state = str(tmp_path / "s")
+    async with open_controller_service(state) as svc:
+        await svc.container_add("c1", str(tmp_path / "c1.img"), 1 << 30)
+        await svc.disk_create("x", SEG, False, None, None)
+        for _ in range(1000):
+            svc._bump()
+        before = svc.version
+    monkeypatch.setattr(time, "time_ns", lambda: 0)  # the clock stepped back to 1970
+    monkeypatch.setattr(time, "time", lambda: 0.0)
+    async with open_controller_service(state) as svc:
+        assert svc.version > before
+        assert svc.state.boot == 2

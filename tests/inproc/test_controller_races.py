@@ -6,7 +6,10 @@ outcome the coherence rules promise. All of them failed before their fix.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +18,7 @@ import trio
 from controller import storage
 from controller.client import open_controller
 from controller.daemon import open_controller_service
-from controller.protocol import RemoteError
+from controller.protocol import E_BUSY, E_INVALID, RemoteError
 
 SEG = 4 << 20
 
@@ -128,7 +131,6 @@ class _Conn:
 
 async def test_freed_space_is_punched_before_it_can_be_reused(tmp_path, slow_punch):
     """A discard's punch must never hit space a concurrent fault was given (and wrote)."""
-    import os
 
     async with open_controller_service(str(tmp_path / "s")) as svc:
         img = str(tmp_path / "c.img")
@@ -170,7 +172,6 @@ async def test_freed_space_is_punched_before_it_can_be_reused(tmp_path, slow_pun
 
 
 async def test_concurrent_fsync_waits_for_a_sync_that_covers_it(tmp_path, monkeypatch):
-    import os
 
     from virtfs import blockio
 
@@ -200,3 +201,107 @@ async def test_concurrent_fsync_waits_for_a_sync_that_covers_it(tmp_path, monkey
         n.start_soon(fsync, "second", 0.05)  # its write is covered by the running sync
     assert done["second"] >= 0.35, done  # it did not return before that sync finished
     io.close()
+
+
+@pytest.fixture
+def slow_thick_zeroing(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Zeroing for a thick disk (preallocate) blocks until the returned event is set."""
+    release = threading.Event()
+    orig = storage.zero_ranges
+
+    def zero(path: str, ranges: list[tuple[int, int]], preallocate: bool = False) -> None:
+        if preallocate:
+            release.wait(30)
+        orig(path, ranges, preallocate)
+
+    monkeypatch.setattr(storage, "zero_ranges", zero)
+    return release
+
+
+async def test_slow_zeroing_holds_no_other_fault(tmp_path: Path,
+                                                 slow_thick_zeroing: threading.Event) -> None:
+    state = str(tmp_path / "s")
+    addr = f"unix:{state}/controller.sock"
+    async with open_controller_service(state) as svc:
+        await svc.container_add("c1", str(tmp_path / "c1.img"), 1 << 30)
+        await svc.disk_create("thin", 64 << 20, False, None, None)
+        done: dict[str, Any] = {}
+
+        async def thick() -> None:
+            done["thick"] = await svc.disk_create("big", 256 << 20, True, None, None)
+
+        async with trio.open_nursery() as n, open_controller(addr, role="agent") as ag:
+            n.start_soon(thick)
+            await trio.sleep(0.2)  # the thick create is zeroing now
+            await ag.call("agent.register", name="a", host="h", mount="/m")
+            await ag.call("disk.open", name="thin")
+            with trio.move_on_after(10) as scope:
+                r = await ag.call("disk.fault", name="thin", offset=0, length=4096,
+                                  write=True)
+            assert not scope.cancelled_caught, "a thin fault waited for a thick disk's zeroing"
+            assert "thick" not in done
+            slow_thick_zeroing.set()
+        # both allocations are in the table, on separate space
+        assert r["rows"][0][4] == 0
+        assert svc.state.disks["big"].allocated == 256 << 20
+        assert (await svc.check())["ok"]
+
+
+async def test_concurrent_grows_both_succeed(tmp_path: Path) -> None:
+    """Two writers growing one disk (or an append racing an ftruncate): the smaller grow
+    arrives second and must succeed, leaving the larger size, as on a regular file."""
+    state = str(tmp_path / "s")
+    addr = f"unix:{state}/controller.sock"
+    async with open_controller_service(state) as svc:
+        await svc.container_add("c1", str(tmp_path / "c1.img"), 1 << 30)
+        await svc.disk_create("x", 0, False, None, None)
+        async with open_controller(addr, role="agent") as ag:
+            await ag.call("agent.register", name="a", host="h", mount="/m")
+            await ag.call("disk.open", name="x")
+            big = await ag.call("disk.resize", name="x", size=3 * SEG, grow_only=True)
+            small = await ag.call("disk.resize", name="x", size=8192, grow_only=True)
+            assert big["size"] == small["size"] == 3 * SEG
+            # the caller learns the real size, so it does not grow again and again
+            assert small["update"]["size"] == 3 * SEG
+            # an explicit resize (vdctl) still refuses to shrink without --allow-shrink
+            with pytest.raises(RemoteError) as ei:
+                await ag.call("disk.resize", name="x", size=8192)
+            assert ei.value.code == E_INVALID
+
+
+async def test_close_after_a_rename_is_counted_against_the_disk(tmp_path: Path) -> None:
+    """An agent that closes a disk under the name it opened it by (the rename push not yet
+    seen) must close that disk: opens are keyed by identity, not name."""
+    state = str(tmp_path / "s")
+    addr = f"unix:{state}/controller.sock"
+    async with open_controller_service(state) as svc:
+        await svc.container_add("c1", str(tmp_path / "c1.img"), 1 << 30)
+        await svc.disk_create("x", SEG, False, None, None)
+        await svc.disk_create("z", SEG, False, None, None)
+
+        box: dict[str, Any] = {}
+
+        async def ack(msg: dict[str, Any]) -> None:
+            # acks the push but applies nothing: the agent's own idea of the name is stale
+            box["nursery"].start_soon(lambda: box["ag"].call("agent.ack", pid=msg["pid"]))
+
+        async with trio.open_nursery() as n, \
+                open_controller(addr, role="agent", on_push=ack) as ag, \
+                open_controller(addr) as adm:
+            box["nursery"], box["ag"] = n, ag
+            await ag.call("agent.register", name="a", host="h", mount="/m")
+            t = await ag.call("disk.open", name="x")
+            assert t["name"] == "x" and isinstance(t["handle"], int)
+            await ag.call("disk.open", name="z")
+            await adm.call("disk.rename", name="x", new="y")
+            assert "y" in svc.state.disks
+            hb = await ag.call("agent.heartbeat")
+            assert set(hb["epochs"]) == {"y", "z"}
+            with pytest.raises(RemoteError) as ei:
+                await adm.call("disk.rm", name="y")
+            assert ei.value.code == E_BUSY
+            await ag.call("disk.close", name="x", handle=t["handle"])
+            await adm.call("disk.rm", name="y")
+            # z is still open: closing "x" did not touch it
+            with pytest.raises(RemoteError):
+                await adm.call("disk.rm", name="z")

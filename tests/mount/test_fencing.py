@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
+import pytest
 from faultkit import BLOCK, add_container, agent, dread, dwrite, open_direct, vd
 
 LEASE = 2.0
@@ -84,4 +86,37 @@ def test_controller_waits_out_a_silent_agents_lease(controller, mount_factory, t
         os.close(fd)
     # it may not free the agent's storage before the agent's lease has surely run out
     assert took >= LEASE - 0.5, f"the shrink went through after {took:.2f} s"
+    assert controller.vdctl("check").rc == 0
+
+
+def test_paused_agent_is_dropped_and_reloads(controller, mount_factory, tmp_path):
+    """An agent that sleeps through its lease must not come back with a stale table."""
+    controller.stop()
+    controller.start(["--lease", "2"])
+    add_container(controller, "c1", tmp_path / "c1.img", "64K")
+    vd(controller, "disk", "create", "d", "--size", "32K")
+    m = agent(mount_factory, controller, args=["--fault-timeout", "20"])
+    fd = open_direct(m.path / "d")
+    try:
+        dwrite(fd, 0, b"D" * (8 * BLOCK))
+        os.kill(m.pid, signal.SIGSTOP)
+        try:
+            vd(controller, "disk", "resize", "d", "4K", "--allow-shrink")  # waits the lease
+        finally:
+            os.kill(m.pid, signal.SIGCONT)
+        # the controller dropped the sleeper; its table is reloaded before any new write
+        vd(controller, "disk", "create", "e", "--size", "28K", "--thick")
+        with pytest.raises(OSError):
+            dwrite(fd, 4 * BLOCK, b"X" * BLOCK)  # past the new end: refused, lands nowhere
+        dwrite(fd, 0, b"Y" * BLOCK)
+        assert dread(fd, 0, BLOCK) == b"Y" * BLOCK
+        # the agent registered again and re-opened d with a fresh table
+        ls = vd(controller, "agent", "ls", "--format", "json").json()
+        assert [a["disks"] for a in ls] == [["d"]], ls
+        assert os.fstat(fd).st_size == 4096
+    finally:
+        os.close(fd)
+    e_data = subprocess.run(["dd", f"if={m.path / 'e'}", "bs=28K", "count=1", "iflag=direct",
+                             "status=none"], capture_output=True, check=True).stdout
+    assert e_data == bytes(28 << 10)  # nothing of d's ever landed in e
     assert controller.vdctl("check").rc == 0

@@ -86,3 +86,22 @@ def test_two_agents_share_a_disk_with_o_direct(controller, mount_factory, tmp_pa
         os.close(fd1)
         os.close(fd2)
     check_clean(controller)
+
+
+def test_reopen_sees_another_agents_overwrite(controller, mount_factory, tmp_path):
+    add_container(controller, "c1", tmp_path / "c1.img", "64M")
+    vd(controller, "disk", "create", "d", "--size", "8M")
+    a = agent(mount_factory, controller, "a")
+    b = agent(mount_factory, controller, "b")
+    fd = open_direct(a.path / "d")
+    try:
+        dwrite(fd, 0, b"A" * BLOCK)
+        os.fsync(fd)
+        with open(b.path / "d", "rb") as f:  # buffered: fills b's page cache
+            assert f.read(BLOCK) == b"A" * BLOCK
+        dwrite(fd, 0, b"B" * BLOCK)  # an overwrite: no controller involved
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with open(b.path / "d", "rb") as f:  # a reopen drops b's cached pages
+        assert f.read(BLOCK) == b"B" * BLOCK

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 
 import pytest
 from conftest import run_vdctl, wait_for
+from faultkit import BLOCK, add_container, agent, dread, dwrite, open_direct, read_direct
 from tools import FIO_VERIFY, fio, run
 
 
@@ -199,7 +201,6 @@ def test_statfs_and_st_blocks(embedded):
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "fusermount"])
 def test_clean_shutdown(mount_factory, how):
-    import signal
 
     m = mount_factory("m", args=["--default-container-size", "1G", "--demo"])
     with open(m.path / "demo", "r+b") as f:
@@ -219,3 +220,29 @@ def test_clean_shutdown(mount_factory, how):
     m2 = mount_factory("m2", state_dir=m.state_dir, args=["--default-container-size", "1G"])
     with open(m2.path / "demo", "rb") as f:
         assert f.read(7) == b"durable"
+
+
+def test_shrink_then_grow_reads_zeros_past_the_old_end(embedded):
+    p = embedded.path / "d"
+    with open(p, "wb") as f:
+        f.write(b"\xab" * 8192)
+    os.truncate(p, 5000)
+    os.truncate(p, 8192)
+    data = read_direct(p, 0, 8192)
+    assert data[:5000] == b"\xab" * 5000
+    assert data[5000:] == bytes(8192 - 5000)
+
+
+def test_one_write_spanning_several_gaps_allocates_them_all(controller, mount_factory,
+                                                            tmp_path):
+    add_container(controller, "c1", tmp_path / "c1.img", "64M")
+    vd(controller, "disk", "create", "d", "--size", "1M", "--segment-size", "4K")
+    m = agent(mount_factory, controller)
+    fd = open_direct(m.path / "d")
+    try:
+        dwrite(fd, BLOCK, b"1" * BLOCK)  # allocate block 1 only
+        dwrite(fd, 0, b"x" * (3 * BLOCK))  # blocks 0 and 2 are two gaps of one fault
+        assert dread(fd, 0, 3 * BLOCK) == b"x" * (3 * BLOCK)
+    finally:
+        os.close(fd)
+    assert controller.vdctl("check").rc == 0

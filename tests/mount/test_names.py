@@ -7,12 +7,14 @@ quote them readably and JSON gives them exactly.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import run_vdctl
 
 ODD = [".hidden", "my disk", "ünïcödé 日本", "x" * 255, "-rf", "new\nline"]
@@ -62,3 +64,29 @@ def test_rsync_into_the_mount(embedded: Any, tmp_path: Path) -> None:
             f.write(os.urandom(4096))
         st = src.stat()  # a later mtime, whole seconds apart (rsync's quick check)
         os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10 * 10**9))
+
+
+def test_rename_over_an_open_target_fails_and_keeps_both(embedded):
+    a, b = embedded.path / "a", embedded.path / "b"
+    a.write_bytes(b"A" * 4096)
+    b.write_bytes(b"B" * 4096)
+    with open(b, "rb"):
+        with pytest.raises(OSError) as ei:
+            os.rename(a, b)
+        assert ei.value.errno == errno.EBUSY
+        assert sorted(os.listdir(embedded.path)) == ["a", "b"]
+    assert b.read_bytes() == b"B" * 4096
+    # closed: rename(2) replaces the target atomically
+    os.rename(a, b)
+    assert os.listdir(embedded.path) == ["b"]
+    assert b.read_bytes() == b"A" * 4096
+    r = vd_json(embedded, "container", "ls")
+    assert r[0]["used"] == 4096  # the replaced disk's block was freed
+
+
+def vd_json(m, *args):
+    from conftest import run_vdctl
+
+    r = run_vdctl("--state-dir", str(m.state_dir), *args, "--format", "json")
+    assert r.rc == 0, r.err
+    return r.json()

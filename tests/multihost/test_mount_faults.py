@@ -10,7 +10,10 @@ import errno
 import os
 import re
 import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import wait_for
@@ -388,3 +391,29 @@ def test_pool_exhaustion_gives_enospc(controller, mount_factory, tmp_path):
     assert c8["used"] == 8 << 20 and c8["free"] == 0
     check_clean(controller)
     assert "Traceback" not in m.log()
+
+
+BIN = Path(sys.executable).parent
+
+
+def test_container_inside_a_virtfs_mount_is_refused(embedded: Any, tmp_path: Path) -> None:
+    """By the path's file system, not its prefix: a symlink into the mount is refused too,
+    and nothing hangs (before the fix: agent, controller and writer hung in the kernel)."""
+    mnt = embedded.path
+    state = embedded.state_dir
+    vd = [str(BIN / "vdctl"), "--state-dir", str(state)]
+    subprocess.run([*vd, "disk", "create", "inner", "--size", "64M"], check=True,
+                   capture_output=True, timeout=30)
+    link = tmp_path / "elsewhere"
+    link.symlink_to(mnt / "inner")
+    for path, size in ((mnt / "inner", []), (link, []), (mnt / "newfile", ["--size", "64M"])):
+        r = subprocess.run([*vd, "container", "add", "rec", str(path), *size],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1, (path, r.stdout, r.stderr)
+        assert "inside the virtfs mount" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # the oracle can pass: a container outside the mount is accepted
+    r = subprocess.run([*vd, "container", "add", "ok", str(tmp_path / "ok.img"), "--size",
+                        "64M"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in mnt.iterdir()) == ["inner"]  # the mount still answers

@@ -1,4 +1,6 @@
-"""Space handling around moves."""
+"""Space around moves, against an in-process controller: the new space of a move is
+reserved when planned, a shrink racing the copier."""
+
 from __future__ import annotations
 
 import time
@@ -22,7 +24,7 @@ def _leaves(e):
         yield e
 
 
-async def test_second_alt_piece_is_not_reserved_and_zeroes_another_disks_data(
+async def test_every_piece_of_a_moves_new_space_is_reserved(
         tmp_path, monkeypatch):
     state = str(tmp_path / "s")
     addr = f"unix:{state}/controller.sock"
@@ -68,7 +70,7 @@ async def test_second_alt_piece_is_not_reserved_and_zeroes_another_disks_data(
     assert chk["ok"], chk
 
 
-async def test_shrink_while_copier_step_in_flight(tmp_path, monkeypatch):
+async def test_shrink_while_a_copier_step_is_in_flight(tmp_path, monkeypatch):
     state = str(tmp_path / "s")
     orig = storage.copy_ranges
 
