@@ -1,112 +1,17 @@
-"""Shared fixtures: a real controller process on a real socket in tmp_path."""
+"""Shared fixtures over the rig (rig.py): a real controller process on a real socket in
+tmp_path, agents on real mounts, a test PKI; and the check that fails a test whose
+controller or agent logged a traceback it did not declare."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
-import signal
+import re
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-
-from controller import cli
-
-BIN = Path(sys.executable).parent
-
-# Log files of the controllers and agents a test started (ControllerProc, MountProc):
-# check_logs fails the test if one shows a traceback it did not declare.
-PROC_LOGS: list[Path] = []
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-def wait_for(pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
-class ControllerProc:
-    """A virtfs-controller subprocess for one state dir."""
-
-    def __init__(self, state_dir: Path, log_path: Path):
-        self.state_dir = state_dir
-        self.log_path = log_path
-        PROC_LOGS.append(log_path)  # checked for tracebacks after the test (check_logs)
-        self.sock = state_dir / "controller.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, extra: list[str] | None = None, wait: bool = True) -> None:
-        self.log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [str(BIN / "virtfs-controller"), "--state-dir", str(self.state_dir), *(extra or [])],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"controller exited {self.proc.returncode}: "
-                                   f"{self.log_path.read_text()[-2000:]}")
-            return self.vdctl("status").rc == 0 if self.sock.exists() else False
-        wait_for(ready, 15, "controller socket")
-
-    def stop(self) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        rc = self.proc.returncode
-        self.proc = None
-        self.log.close()
-        return rc
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-        self.log.close()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def vdctl(self, *args: str) -> Result:
-        return run_vdctl("--state-dir", str(self.state_dir), *args)
-
-
-def run_vdctl(*args: str) -> Result:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        rc = cli.main(list(args), out=out)
-    return Result(rc, out.getvalue(), err.getvalue())
+from rig import PROC_LOGS, ControllerProc, MountProc, wait_for
 
 
 @pytest.fixture
@@ -120,8 +25,6 @@ def controller(tmp_path: Path):
 
 
 # ---------------------------------------------------------------- real mounts
-
-from mounts import MountProc  # noqa: E402
 
 
 @pytest.fixture
@@ -151,20 +54,6 @@ def embedded(mount_factory):
 
 
 # ---------------------------------------------------------------- log hygiene
-
-import re  # noqa: E402
-
-import mounts  # noqa: E402
-
-_mount_init = mounts.MountProc.__init__
-
-
-def _registering_init(self: MountProc, *args: Any, **kw: Any) -> None:
-    _mount_init(self, *args, **kw)
-    PROC_LOGS.append(self.log_path)
-
-
-mounts.MountProc.__init__ = _registering_init  # type: ignore[method-assign]
 
 # What an unexpected failure looks like in a log: a traceback (log.exception, an
 # uncaught exception), or an exception group (trio's nurseries), nested or not.

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import ControllerProc
+from rig import ControllerProc
 
 from controller import codec
 from controller.client import open_controller

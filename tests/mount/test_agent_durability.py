@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import wait_for
-from faultkit import BLOCK, add_container, agent, dread, dwrite, open_direct, read_direct, vd
+from rig import BLOCK, add_container, agent, dread, dwrite, open_direct, read_direct, vd, wait_for
 
 from controller.client import open_controller
 

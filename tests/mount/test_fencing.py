@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from faultkit import BLOCK, add_container, agent, dread, dwrite, open_direct, vd
+from rig import BLOCK, add_container, agent, dread, dwrite, open_direct, vd
 
 LEASE = 2.0
 MARGIN = 0.5  # controller/agents.py LEASE_MARGIN

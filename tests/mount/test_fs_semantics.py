@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_vdctl, wait_for
+from rig import run_vdctl, wait_for
 
 MiB = 1 << 20
 SEG = 4 * MiB  # the default segment size

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from faultkit import (
+from rig import (
     BLOCK,
     SEG,
     add_container,
@@ -14,9 +14,9 @@ from faultkit import (
     dread,
     dwrite,
     open_direct,
+    run,
     vd,
 )
-from tools import run
 
 
 def test_two_agents_share_a_disk_with_o_direct(controller, mount_factory, tmp_path):

@@ -8,9 +8,21 @@ import signal
 import subprocess
 
 import pytest
-from conftest import run_vdctl, wait_for
-from faultkit import BLOCK, add_container, agent, dread, dwrite, open_direct, read_direct
-from tools import FIO_VERIFY, fio, run
+from rig import (
+    BLOCK,
+    FIO_VERIFY,
+    add_container,
+    agent,
+    dread,
+    dwrite,
+    fio,
+    loop_device,
+    open_direct,
+    read_direct,
+    run,
+    run_vdctl,
+    wait_for,
+)
 
 
 def vd(m, *args):
@@ -52,10 +64,9 @@ def test_ext4_on_loop(embedded, tmp_path):
     run(["truncate", "-s", "512M", str(img)])
     run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(img)])
     run(["e2fsck", "-fn", str(img)])
-    loop = run(["losetup", "-f", "--show", str(img)]).stdout.strip()
     mnt = tmp_path / "ext4"
     mnt.mkdir()
-    try:
+    with loop_device(img) as loop:
         run(["mount", loop, str(mnt)])
         try:
             for i in range(8):
@@ -64,8 +75,6 @@ def test_ext4_on_loop(embedded, tmp_path):
             run(["sync"])
         finally:
             run(["umount", str(mnt)])
-    finally:
-        run(["losetup", "-d", loop])
     run(["e2fsck", "-fn", str(img)])
     assert disk_info(embedded, "fs")["allocated"] >= 64 << 20
 

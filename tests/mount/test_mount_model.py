@@ -12,10 +12,10 @@ import os
 import subprocess
 
 import pytest
-from conftest import run_vdctl
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from rig import run_vdctl
 
 SEG = 16 << 10  # 16 KiB segments: many segments in a small disk
 MAX = 256 << 10

@@ -16,10 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ControllerProc, wait_for
-from faultkit import SEG, add_container, agent, check_clean, disk_info, dwrite, open_direct, vd
-from faultkit import read_direct as dread_path
-from tools import FIO_VERIFY, fio, run
+from rig import (
+    FIO_VERIFY,
+    SEG,
+    ControllerProc,
+    add_container,
+    agent,
+    check_clean,
+    disk_info,
+    dwrite,
+    fio,
+    open_direct,
+    run,
+    vd,
+    wait_for,
+)
+from rig import read_direct as dread_path
 
 HOLD_ENV = "VIRTFS_TEST_HOLD_COPIER"
 B = 4096

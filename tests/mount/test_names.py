@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_vdctl
+from rig import run_vdctl
 
 ODD = [".hidden", "my disk", "ünïcödé 日本", "x" * 255, "-rf", "new\nline"]
 
@@ -85,7 +85,7 @@ def test_rename_over_an_open_target_fails_and_keeps_both(embedded):
 
 
 def vd_json(m, *args):
-    from conftest import run_vdctl
+    from rig import run_vdctl
 
     r = run_vdctl("--state-dir", str(m.state_dir), *args, "--format", "json")
     assert r.rc == 0, r.err

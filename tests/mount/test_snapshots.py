@@ -15,9 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ControllerProc, wait_for
-from faultkit import SEG, add_container, agent, check_clean, dwrite, open_direct, vd
-from tools import FIO_VERIFY, run
+from rig import (
+    FIO_VERIFY,
+    SEG,
+    ControllerProc,
+    add_container,
+    agent,
+    check_clean,
+    dwrite,
+    loop_device,
+    open_direct,
+    run,
+    vd,
+    wait_for,
+)
 
 B = 4096
 HOLD_ENV = "VIRTFS_TEST_HOLD_COPIER"
@@ -238,10 +249,9 @@ def test_ext4_frozen_snapshot_is_clean(controller, mount_factory, tmp_path):
     vd(controller, "disk", "create", "fs", "--size", "256M")
     m = agent(mount_factory, controller)
     run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(m.path / "fs")])
-    loop = run(["losetup", "-f", "--show", str(m.path / "fs")]).stdout.strip()
     mnt = tmp_path / "ext4"
     mnt.mkdir()
-    try:
+    with loop_device(m.path / "fs") as loop:
         run(["mount", loop, str(mnt)])
         try:
             for i in range(40):
@@ -257,8 +267,6 @@ def test_ext4_frozen_snapshot_is_clean(controller, mount_factory, tmp_path):
             writer.wait(120)
         finally:
             run(["umount", str(mnt)])
-    finally:
-        run(["losetup", "-d", loop])
     vd(controller, "disk", "clone", "fs@frozen", "fsc")
     wait_for(lambda: (m.path / "fsc").exists(), 10, "the clone")
     run(["e2fsck", "-fn", str(m.path / "fsc")])

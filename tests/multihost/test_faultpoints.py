@@ -26,8 +26,9 @@ import time
 from typing import Any
 
 import pytest
-from conftest import BIN, ControllerProc, wait_for
-from faultkit import (
+from rig import (
+    BIN,
+    ControllerProc,
     add_container,
     agent,
     check_clean,
@@ -36,6 +37,7 @@ from faultkit import (
     open_direct,
     read_direct,
     vd,
+    wait_for,
 )
 
 from controller import faultpoints

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
-from faultkit import (
+from rig import (
     SEG,
     add_container,
     agent,
@@ -27,9 +26,10 @@ from faultkit import (
     dwrite,
     open_direct,
     read_direct,
+    run,
     vd,
+    wait_for,
 )
-from tools import run
 
 # ---------------------------------------------------------------- 1. agent kill -9
 

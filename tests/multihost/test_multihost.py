@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ControllerProc, Pki, wait_for
+from conftest import Pki
+from rig import BIN, ControllerProc, wait_for
 
 LEASE = 3.0
 FAULT_TIMEOUT = 4.0

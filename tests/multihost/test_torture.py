@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from faultkit import add_container, agent, check_clean, vd
+from rig import add_container, agent, check_clean, vd
 from torture import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared rig
-from mounts import MountProc  # noqa: E402
+from rig import MountProc  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SEG = 64 << 10  # small segments: ops cross segment boundaries, holes and partial blocks

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ControllerProc
+from rig import ControllerProc
 
 from controller import codec
 

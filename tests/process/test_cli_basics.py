@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import run_vdctl
-from faultkit import add_container, vd
+from rig import add_container, run_vdctl, vd
 
 BIN = Path(sys.executable).parent
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_vdctl
+from rig import run_vdctl
 
 BIN = Path(sys.executable).parent
 

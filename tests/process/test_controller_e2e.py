@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import trio
-from conftest import ControllerProc
+from rig import ControllerProc
 
 from controller.client import open_controller
 
@@ -199,7 +199,7 @@ def test_second_controller_on_same_state_dir_refused(controller, tmp_path):
 
 
 def test_vdctl_without_controller_fails_cleanly(tmp_path):
-    from conftest import run_vdctl
+    from rig import run_vdctl
     t = time.monotonic()
     r = run_vdctl("--state-dir", str(tmp_path / "nothing"), "disk", "ls")
     assert r.rc == 1 and r.err.startswith("vdctl: error:") and len(r.err.splitlines()) == 1

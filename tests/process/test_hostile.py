@@ -18,9 +18,10 @@ import msgpack
 import pytest
 import trio
 import trio.testing
-from conftest import ControllerProc, Pki, log_problems, run_vdctl, tcp_port
+from conftest import Pki, log_problems, tcp_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rig import ControllerProc, run_vdctl
 
 from controller import codec
 from controller import protocol as P

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ControllerProc, Pki, run_vdctl, tcp_port, wait_for
+from conftest import Pki, tcp_port
+from rig import BIN, ControllerProc, run_vdctl, wait_for
 
 from controller import codec
 
