@@ -39,7 +39,7 @@ from controller.protocol import DEFAULT_SEGMENT_SIZE
 from controller.service import Service
 from controller.state import State
 
-from .controller import ControllerProc, _plan, _tempdir, _thin_records
+from .controller import _plan, _tempdir, _thin_records, controller_proc
 from .report import Report, Section, Workload, less_than
 
 TITLE = "agent table: opening a fragmented 1 TiB thin disk (controller stall, wire, agent)"
@@ -226,7 +226,7 @@ def bench_open(report: Report, section: Section) -> None:
         write_atomic(os.path.join(state_dir, CHECKPOINT), codec.journal_frame(state.to_wire()))
         del state, d
         gc.collect()
-        with ControllerProc(state_dir) as ctl:
+        with controller_proc(state_dir) as ctl:
             r = trio.run(_open_over_rpc, ctl.addr)
         w.add("rpc: disk.open round trip (controller + wire + client unpack)",
               r["open_s"], "s")

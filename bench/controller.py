@@ -30,8 +30,6 @@ import hashlib
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +57,7 @@ from controller.journal import (
 from controller.protocol import DEFAULT_SEGMENT_SIZE
 from controller.service import Service
 from controller.state import State
+from tests.rig import ControllerProc, cpu_seconds
 
 from .report import Report, Section, Workload, less_than, more_than
 
@@ -88,13 +87,6 @@ def _rss(pid: int | str = "self") -> int:
     return _proc_status(pid)["VmRSS"]
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -107,61 +99,11 @@ def _tempdir(tag: str) -> Iterator[Path]:
         yield Path(d)
 
 
-class ControllerProc:
-    """A virtfs-controller subprocess on a state dir, stopped (cleanly) on exit."""
-
-    def __init__(self, state_dir: Path):
-        self.state_dir = state_dir
-        self.sock = state_dir / "controller.sock"
-        self.addr = f"unix:{self.sock}"
-        self.log = state_dir.parent / f"{state_dir.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ready_seconds = 0.0
-
-    def __enter__(self) -> ControllerProc:
-        t0 = time.perf_counter()
-        with open(self.log, "wb") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "controller.daemon", "--state-dir", str(self.state_dir)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=REPO, env=_env())
-        try:
-            self._wait_ready(t0 + 120)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        self.ready_seconds = time.perf_counter() - t0
-        return self
-
-    def _wait_ready(self, deadline: float) -> None:
-        assert self.proc is not None
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"virtfs-controller exited with {self.proc.returncode}:\n"
-                                   + self.log.read_text(errors="replace")[-2000:])
-            if self.sock.exists():
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    try:
-                        s.connect(str(self.sock))
-                        return
-                    except OSError:
-                        pass
-            time.sleep(0.01)
-        raise TimeoutError("virtfs-controller did not start listening in time")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def controller_proc(state_dir: Path) -> ControllerProc:
+    """A virtfs-controller on state_dir (the rig's), its log next to it, as a context
+    manager: started and listening on entry (``ready_seconds``), stopped cleanly on exit."""
+    return ControllerProc(state_dir, state_dir.parent / f"{state_dir.name}.log", env=_env(),
+                          cwd=REPO)
 
 
 def _run_child(*args: str) -> dict[str, Any]:
@@ -279,7 +221,7 @@ def bench_commit(report: Report, section: Section) -> None:
     with _tempdir("commit") as tmp:
         floor = _fdatasync_latency(tmp)
         state_dir = tmp / "state"
-        with ControllerProc(state_dir) as ctl:
+        with controller_proc(state_dir) as ctl:
 
             async def setup() -> None:
                 async with open_controller(ctl.addr) as c:
@@ -292,9 +234,9 @@ def bench_commit(report: Report, section: Section) -> None:
             single = 0.0
             for n, mix in levels:
                 report.progress(f"commit: {n} clients, {mix}, {seconds:.0f} s")
-                cpu0 = _cpu_seconds(ctl.pid)
+                cpu0 = cpu_seconds(ctl.pid)
                 r = trio.run(_commit_level, ctl.addr, n, seconds, mix, f"b{n}{mix[0]}")
-                cpu_ctl = _cpu_seconds(ctl.pid) - cpu0
+                cpu_ctl = cpu_seconds(ctl.pid) - cpu0
                 ops, el = r["ops"], r["elapsed"]
                 rate = ops / el
                 if n == 1:
@@ -656,7 +598,7 @@ def bench_table(report: Report, section: Section) -> None:
         # cannot hold for 1 TiB; the table is what this measures, so the placement is
         # planned by the real Service code and applied, without touching storage.
         report.progress(f"table: {tsz} thick disk, planned and applied in-process")
-        with ControllerProc(tmp / "empty") as ctl:
+        with controller_proc(tmp / "empty") as ctl:
             rss_empty = _rss(ctl.pid)  # the baseline for the thin disk's memory below
         thick_dir = tmp / "thick"
         thick_dir.mkdir(mode=0o700)
@@ -730,7 +672,7 @@ def bench_table(report: Report, section: Section) -> None:
 
         # -- thin, served by a real controller that starts from that checkpoint
         report.progress("table: real controller on the thin disk's checkpoint")
-        with ControllerProc(thin_dir) as ctl:
+        with controller_proc(thin_dir) as ctl:
             rss_thin = _rss(ctl.pid)
             rows, pages, t_map = trio.run(_map_all, ctl.addr, "thin")
             t_open, t_table, agent_bytes, nrows = trio.run(_agent_open, ctl.addr, "thin")
@@ -964,9 +906,9 @@ def bench_scale(report: Report, section: Section) -> None:
         if r["digest"] != b["digest"] or r["seq"] != b["seq"]:
             raise RuntimeError("scale: the restarted state differs from the live one")
         report.progress("scale: a real controller starting on it (and stopping cleanly)")
-        with ControllerProc(tmp / "empty") as ctl:
+        with controller_proc(tmp / "empty") as ctl:
             rss_empty = _rss(ctl.pid)
-        with ControllerProc(state_dir) as ctl:
+        with controller_proc(state_dir) as ctl:
             start_s = ctl.ready_seconds
             rss_ctl = _rss(ctl.pid)
             t0 = time.perf_counter()

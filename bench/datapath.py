@@ -34,7 +34,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -43,13 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.rig import BIN, MountProc, cpu_seconds, stop_mount_daemon, wait_mounted
+
 from .report import Report, Section, Workload, fmt, more_than
 from .report import loadavg as _loadavg
 from .report import text_table as _table
 
 TITLE = "data path: fio on a raw file vs a virtfs disk vs a qemu-storage-daemon FUSE export"
 
-BIN = Path(sys.executable).parent
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -114,12 +114,6 @@ class Result:
 # ---------------------------------------------------------------- helpers
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _first_line(cmd: list[str]) -> str:
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
@@ -144,52 +138,19 @@ def _mem_total() -> int:
 
 
 
-def _wait_mounted(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str,
-                  timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.ismount(path):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n"
-                               + log.read_text(errors="replace")[-3000:])
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: {path} not mounted after {timeout:.0f} s:\n"
-                               + log.read_text(errors="replace")[-3000:])
-        time.sleep(0.02)
-
-
-def _stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
-    """Lazy-unmount, then terminate (kill if need be) the daemon; never raises."""
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True,
-                   check=False)
-    if proc.poll() is None:
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @contextmanager
 def _virtfs_mount(tmp: Path, container_size: int) -> Iterator[tuple[Path, Path, Target]]:
     """A virtfs-mount subprocess with an embedded controller: (mnt, state_dir, target)."""
     mnt, state = tmp / "virtfs-mnt", tmp / "virtfs-state"
     mnt.mkdir()
     state.mkdir(mode=0o700)
-    log = tmp / "virtfs-mount.log"
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(
-            [str(BIN / "virtfs-mount"), str(mnt), "--state-dir", str(state),
-             "--default-container-size", str(container_size)],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, cwd=tmp)
+    m = MountProc(mnt, state, tmp / "virtfs-mount.log",
+                  args=["--default-container-size", str(container_size)])
     try:
-        _wait_mounted(mnt, proc, log, "virtfs-mount")
-        yield mnt, state, Target("virtfs", mnt / "bench", proc.pid, log)
+        m.start()
+        yield mnt, state, Target("virtfs", mnt / "bench", m.pid, m.log_path)
     finally:
-        _stop(proc, mnt)
+        m.close()
 
 
 @contextmanager
@@ -208,10 +169,10 @@ def _qemu_export(tmp: Path, size: int) -> Iterator[Target]:
              "--export", f"type=fuse,id=exp0,node-name=raw0,mountpoint={exp},writable=on"],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, cwd=tmp)
     try:
-        _wait_mounted(exp, proc, log, "qemu-storage-daemon")
+        wait_mounted(exp, proc, log, "qemu-storage-daemon")
         yield Target("qemu", exp, proc.pid, log)
     finally:
-        _stop(proc, exp)
+        stop_mount_daemon(proc, exp)
 
 
 def _vdctl(state: Path, *args: str) -> float:
@@ -236,12 +197,12 @@ def _fio(cwd: Path, target: Target, name: str, rw: str, bs: str, *, size: int,
     if runtime is not None:
         cmd += ["--time_based", f"--runtime={runtime:g}s"]
     target.drop_fuse_cache()
-    cpu0 = _cpu_seconds(target.pid) if target.pid else 0.0
+    cpu0 = cpu_seconds(target.pid) if target.pid else 0.0
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False,
                        timeout=(runtime or 0) + 600)
     seconds = time.perf_counter() - t0
-    cpu = (_cpu_seconds(target.pid) - cpu0) / seconds if target.pid else None
+    cpu = (cpu_seconds(target.pid) - cpu0) / seconds if target.pid else None
     if r.returncode != 0:
         tail = target.log.read_text(errors="replace")[-2000:] if target.log else ""
         raise RuntimeError(f"fio {name} on {target.name} failed ({r.returncode}):\n"

@@ -1,9 +1,10 @@
-"""Online migration (issue 7): I/O latency while a disk moves, migration throughput, and
-the first write to a moving segment against copying the whole segment first.
+"""Online migration (issue 7): I/O latency while a disk moves, and migration throughput
+against a plain ``cp``.
 
-Everything is real: a controller process, ``virtfs-mount`` agents on FUSE mounts, two
+Everything is real: a controller process, a ``virtfs-mount`` agent on a FUSE mount, two
 file containers on the same host file system (one temp dir under ``$TMPDIR``), ``vdctl
-disk migrate`` and fio. Three workloads, each repeated (the spread is reported):
+disk migrate`` and fio (the rig: tests/rig.py). Two workloads, each repeated (the spread
+is reported):
 
 ``latency``: a disk (1 GiB; 256 MiB with --quick), prefilled with random data so that
 every segment is allocated on the source container. fio 4 KiB random writes, then
@@ -21,49 +22,28 @@ dropped first (``sync; echo 3 > /proc/sys/vm/drop_caches``), against ``cp`` of a
 of the same size (random data) between two files in the same directory as the
 containers, also from a dropped cache and followed by ``sync FILE`` of the target, so
 both are durable when timed (the migration makes each copied range durable before it
-marks it: sync_file_range + a 4 KiB RWF_DSYNC write). Also the idle migration from a
-warm cache (the way back), and, as a diagnostic, idle migrations on two controller
-children side by side, interleaved: one unpatched, one whose copier copies and marks
-4 MiB a step instead of 1 MiB (``controller.moves.next_copy`` patched).
+marks it). Also the idle migration from a warm cache (the way back).
 
-``first_write``: the latency of one 4 KiB ``O_DIRECT`` write to a segment that is being
-moved, the copier held by the test hook (``VIRTFS_TEST_HOLD_COPIER``), one write per
-segment at a random block: (a) virtfs as it is (the write fault copies only the blocks
-the write touches), (b) a variant that copies the whole segment (4 MiB) before letting
-the first write through, as LVM thin, qcow2 or RBD do with a chunk, cluster or object,
-and (c) the same writes at rest (allocated segments, nothing moving). The controller
-for (a) and (b) runs in a child Python process started by this module
-(``python -m bench.movement --serve-controller``) with, for (b),
-``_prepare_moving_write`` patched to widen the write to the whole touched segments.
-Both patch the job's moves-in-flight limit (4 in the product) so that every segment is
-moving at once (with the stock limit only 4 segments are moving at a time, the others
-are plain writes), and poll the hold file every 0.5 s instead of 0.05 s (256 held
-copiers polling 20 times a second would load the controller's event loop). The child
-also times the steps of each write fault (``--profile``: the whole ``disk.fault``, the
-durable block copy, the ``move.mark`` commit wait, the pushes) and the workload prints
-their medians.
+Earlier versions also ran design variants on a patched controller child (copier steps
+of 4 MiB; a first write that copies the whole segment); their figures are in the
+README's history paragraph.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import mmap
 import os
-import random
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .datapath import _wait_mounted
+from tests.rig import Rig, drop_caches, end_process, open_rig, prefill
+
 from .report import Report, Section, Workload, fmt, less_than, more_than
 from .report import loadavg as _loadavg
 from .report import percentile as _pct
@@ -71,149 +51,14 @@ from .report import spread as _spread
 from .report import text_table as _table
 
 TITLE = ("online migration: fio latency at rest vs during `disk migrate`, migration vs cp "
-         "throughput, first writes to moving segments (virtfs vs whole-segment copy)")
+         "throughput")
 
-BIN = Path(sys.executable).parent
 MiB = 1 << 20
 GiB = 1 << 30
-BLOCK = 4096
-SEG = 4 * MiB
-HOLD_ENV = "VIRTFS_TEST_HOLD_COPIER"
 
 AIM_WRITE_P99 = 3.0  # p99 during migration / p99 at rest, 4 KiB random writes
 AIM_READ_P99 = 1.2  # the same, random reads
 AIM_VS_CP = 0.7  # idle migration rate / cp rate (both from a dropped cache, durable)
-
-
-# ---------------------------------------------------------------- processes
-
-
-
-
-def _end(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, wait: float = 15) -> None:
-    """End one process we started (signal, wait, kill); never raises."""
-    if proc.poll() is None:
-        try:
-            proc.send_signal(sig)
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        except OSError:
-            pass
-
-
-@dataclass
-class Rig:
-    """One controller, its two containers and one agent, in tmp."""
-
-    tmp: Path
-    state: Path
-    mnt: Path
-    logs: list[Path] = field(default_factory=list)
-
-    def vdctl(self, *args: str, timeout: float = 900) -> str:
-        r = subprocess.run([str(BIN / "vdctl"), "--state-dir", str(self.state), *args],
-                           capture_output=True, text=True, timeout=timeout, check=False)
-        if r.returncode != 0:
-            tail = "".join(p.read_text(errors="replace")[-1500:] for p in self.logs)
-            raise RuntimeError(f"vdctl {' '.join(args)} failed ({r.returncode}): "
-                               f"{r.stderr.strip()}\n{tail}")
-        return r.stdout
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.vdctl(*args, "--format", "json"))
-
-    def entries(self, disk: str) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self.json("disk", "map", disk)["entries"]
-        return rows
-
-    def job(self, jid: int) -> dict[str, Any]:
-        for j in self.json("job", "ls"):
-            if j["id"] == jid:
-                return dict(j)
-        raise RuntimeError(f"job {jid} is not listed")
-
-    def last_job(self) -> dict[str, Any]:
-        rows = self.json("job", "ls")
-        return dict(max(rows, key=lambda j: j["id"]))
-
-
-@contextmanager
-def _rig(tmp_root: Path, tag: str, size: int, *, child: list[str] | None = None,
-         hold: Path | None = None) -> Iterator[Rig]:
-    """Controller (virtfs-controller, or this module's patched child with the options
-    in child), containers c1 and c2 (sparse files of 2x size), one agent on a mount."""
-    with ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
-            prefix=f"virtfs-bench-movement-{tag}-", dir=tmp_root)))
-        state, mnt = tmp / "state", tmp / "mnt"
-        state.mkdir(mode=0o700)
-        mnt.mkdir()
-        rig = Rig(tmp, state, mnt)
-        env = dict(os.environ)
-        env.pop(HOLD_ENV, None)
-        if hold is not None:
-            env[HOLD_ENV] = str(hold)
-        if child is None:
-            cmd = [str(BIN / "virtfs-controller"), "--state-dir", str(state)]
-        else:
-            cmd = [sys.executable, "-m", "bench.movement", "--serve-controller", str(state),
-                   *child]
-        clog = tmp / "controller.log"
-        rig.logs.append(clog)
-        with open(clog, "wb") as f:
-            ctl = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f,
-                                   stderr=subprocess.STDOUT, env=env,
-                                   cwd=Path(__file__).resolve().parent.parent)
-        stack.callback(_end, ctl)
-        sock = state / "controller.sock"
-        deadline = time.monotonic() + 30
-        while True:
-            if ctl.poll() is not None:
-                raise RuntimeError(f"controller exited {ctl.returncode}:\n"
-                                   + clog.read_text(errors="replace")[-3000:])
-            if sock.exists():
-                try:
-                    rig.vdctl("status")
-                    break
-                except RuntimeError:
-                    pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("controller did not answer:\n" + clog.read_text()[-3000:])
-            time.sleep(0.1)
-        for c in ("c1", "c2"):
-            rig.vdctl("container", "add", c, str(tmp / f"{c}.img"), "--size", str(2 * size))
-        alog = tmp / "agent.log"
-        rig.logs.append(alog)
-        with open(alog, "wb") as f:
-            agent = subprocess.Popen(
-                [str(BIN / "virtfs-mount"), str(mnt), "--state-dir", str(state),
-                 "--controller", f"unix:{sock}"],
-                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp)
-
-        def stop_agent() -> None:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True,
-                           check=False)
-            try:
-                agent.wait(10)  # it ends by itself once unmounted
-            except subprocess.TimeoutExpired:
-                _end(agent, wait=10)
-
-        stack.callback(stop_agent)  # runs before the controller's _end
-        _wait_mounted(mnt, agent, alog, "virtfs-mount")
-        yield rig
-
-
-def _drop_caches() -> str | None:
-    """sync, then drop the page cache; a reason it could not, or None."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as e:
-        return f"could not drop the page cache ({e.strerror}); figures are from a warm cache"
-    return None
 
 
 # ---------------------------------------------------------------- fio
@@ -224,16 +69,6 @@ def _fio_cmd(path: Path, rw: str, size: int, extra: Sequence[str] = ()) -> list[
             "--ioengine=psync", "--iodepth=1", "--numjobs=1", f"--size={size}",
             "--invalidate=0", "--fallocate=none", "--randrepeat=0", "--norandommap",
             "--output-format=json", *extra]
-
-
-def _prefill(rig: Rig, disk: str, size: int) -> None:
-    """Every byte written with random data (every segment allocated), then fsynced."""
-    r = subprocess.run(["fio", "--name=fill", f"--filename={rig.mnt / disk}", "--rw=write",
-                        "--bs=1M", f"--size={size}", "--ioengine=psync", "--refill_buffers",
-                        "--end_fsync=1", "--fallocate=none", "--output-format=json"],
-                       cwd=rig.tmp, capture_output=True, text=True, check=False, timeout=900)
-    if r.returncode != 0:
-        raise RuntimeError(f"prefill failed: {r.stderr[-2000:]}")
 
 
 def _read_clat_log(path: Path, lo_ms: float | None = None,
@@ -247,8 +82,6 @@ def _read_clat_log(path: Path, lo_ms: float | None = None,
             if (lo_ms is None or ts >= lo_ms) and (hi_ms is None or ts <= hi_ms):
                 out.append(int(v))
     return out
-
-
 
 
 @dataclass
@@ -323,7 +156,7 @@ def _fio_during_migration(rig: Rig, work: Path, disk: str, rw: str, size: int, t
         j = rig.last_job()
         time.sleep(0.3)
     finally:
-        _end(fio, signal.SIGINT, wait=60)
+        end_process(fio, signal.SIGINT, wait=60)
         fio.communicate()
     ns = _read_clat_log(Path(f"{prefix}_clat.1.log"), float(j["started"]) * 1000,
                         float(j["ended"]) * 1000)
@@ -354,7 +187,7 @@ def _fio_during_cp(rig: Rig, work: Path, disk: str, rw: str, size: int, src: Pat
             raise RuntimeError(f"fio {tag} ended early: {fio.communicate()[1][-2000:]}")
         time.sleep(0.3)
     finally:
-        _end(fio, signal.SIGINT, wait=60)
+        end_process(fio, signal.SIGINT, wait=60)
         fio.communicate()
         dst.unlink(missing_ok=True)
     ns = _read_clat_log(Path(f"{prefix}_clat.1.log"), t0 * 1000, t1 * 1000)
@@ -363,133 +196,7 @@ def _fio_during_cp(rig: Rig, work: Path, disk: str, rw: str, size: int, src: Pat
     return Lat.of(ns)
 
 
-# ---------------------------------------------------------------- first writes
-
-
-def _timed_writes(path: Path, offsets: list[int]) -> list[float]:
-    """One 4 KiB O_DIRECT write at each offset; each write's latency in µs."""
-    buf = mmap.mmap(-1, BLOCK)
-    buf.write(os.urandom(BLOCK))
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    out = []
-    try:
-        for off in offsets:
-            t0 = time.perf_counter_ns()
-            n = os.pwrite(fd, buf, off)
-            out.append((time.perf_counter_ns() - t0) / 1e3)
-            if n != BLOCK:
-                raise RuntimeError(f"short write at {off}: {n}")
-    finally:
-        os.close(fd)
-        buf.close()
-    return out
-
-
-def _wait(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
-@dataclass
-class FirstWrites:
-    at_rest: list[float]
-    moving: list[float]
-    copied_to_target: int  # bytes on the target container after the first writes
-    profile: dict[str, list[float]]  # controller-side step times of the faults (µs)
-
-
-def _first_writes(tmp_root: Path, variant: str, size: int, seed: int) -> FirstWrites:
-    nseg = size // SEG
-    rnd = random.Random(seed)
-    with tempfile.TemporaryDirectory(prefix="virtfs-bench-movement-hold-",
-                                     dir=tmp_root) as htmp_s, ExitStack() as stack:
-        htmp = Path(htmp_s)
-        hold = htmp / "hold-copier"
-        prof = htmp / "profile.json"
-        rig = stack.enter_context(_rig(
-            tmp_root, f"fw-{variant}", size, hold=hold,
-            child=["--variant", variant, "--moves", str(nseg), "--hold-poll", "0.5",
-                   "--profile", str(prof)]))
-        rig.vdctl("disk", "create", "d", "--size", str(size), "--container", "c1")
-        _prefill(rig, "d", size)
-        path = rig.mnt / "d"
-        segs = list(range(nseg))
-
-        def offsets() -> list[int]:
-            rnd.shuffle(segs)
-            return [s * SEG + rnd.randrange(SEG // BLOCK) * BLOCK for s in segs]
-
-        at_rest = _timed_writes(path, offsets())
-        hold.touch()
-        jid = int(rig.vdctl("disk", "migrate", "d", "--to", "c2", "--no-wait").strip())
-
-        def all_moving() -> bool:
-            rows = rig.entries("d")
-            return sum(1 for e in rows if e["container"] == "c1"
-                       and "nowrite" in e["state"]) >= nseg
-        _wait(all_moving, 120, "every segment to be moving")
-        moving = _timed_writes(path, offsets())
-        copied = sum(e["length"] for e in rig.entries("d") if e["container"] == "c2")
-        if rig.job(jid)["state"] != "running":
-            raise RuntimeError(f"job {jid} ended while the copier was held")
-        hold.unlink()  # let the copier go and the job end: the variant must still finish
-        # the move, and a controller stopped mid-job could be slow to stop (before 216f13e
-        # it waited for ever on its job.end commit) and not write the profile
-        _wait(lambda: rig.job(jid)["state"] != "running", 300, f"job {jid} to end")
-        if rig.job(jid)["state"] != "done":
-            raise RuntimeError(f"job {jid} did not finish: {rig.job(jid)}")
-        stack.close()  # agent and controller stopped: the profile is written
-        profile: dict[str, list[float]] = (json.loads(prof.read_text()) if prof.exists()
-                                           else {})
-        # the prefill's allocating faults come first: keep the first writes' own
-        for k in ("fault", "prepare"):
-            if k in profile:
-                profile[k] = profile[k][-len(moving):]
-    return FirstWrites(at_rest, moving, copied, profile)
-
-
-# ---------------------------------------------------------------- copier variants
-
-COPIER_VARIANTS = [
-    ("product: 1 MiB copier steps (controller child, unpatched)", []),
-    ("4 MiB copier steps (one per segment)", ["--chunk-blocks", "1024"]),
-]
-
-
-def _copier_variants(tmp_root: Path, size: int, reps: int) -> list[list[float]]:
-    """Idle migrations from a dropped cache, each variant on its own controller child,
-    all set up at once and interleaved: MiB/s of each migration, per variant."""
-    out: list[list[float]] = [[] for _ in COPIER_VARIANTS]
-    with ExitStack() as stack:
-        rigs = []
-        for k, (_label, args) in enumerate(COPIER_VARIANTS):
-            rig = stack.enter_context(_rig(tmp_root, f"copier{k}", size, child=args))
-            rig.vdctl("disk", "create", "d", "--size", str(size), "--container", "c1")
-            _prefill(rig, "d", size)
-            rigs.append(rig)
-        where = "c1"
-        for rep in range(reps):
-            other = "c2" if where == "c1" else "c1"
-            order = list(range(len(rigs)))
-            if rep % 2:
-                order.reverse()
-            for k in order:
-                _drop_caches()
-                out[k].append(_migrate(rigs[k], "d", other, size).rate_mib_s)
-            where = other
-    return out
-
-
 # ---------------------------------------------------------------- the section
-
-
-
-
-
-
 
 
 def run(report: Report, section: Section) -> None:
@@ -497,8 +204,6 @@ def run(report: Report, section: Section) -> None:
     size = 256 * MiB if quick else GiB
     reps = 1 if quick else 3
     runtime = 4.0 if quick else 10.0
-    fw_size = 256 * MiB if quick else GiB
-    fw_reps = 1 if quick else 5
     tmp_root = Path(os.environ.get("TMPDIR", "/tmp"))
     print(f"movement: disk {size // MiB} MiB, {reps} repetitions, files under {tmp_root}; "
           f"load average {_loadavg()}", file=report.out, flush=True)
@@ -510,10 +215,6 @@ def run(report: Report, section: Section) -> None:
     thr_w = Workload("throughput", "migration of an idle disk vs cp + sync of the same "
                      "bytes (page cache dropped before each)",
                      {"bytes": f"{size // MiB} MiB", "repetitions": reps})
-    fw_w = Workload("first_write", "first 4 KiB O_DIRECT write to a moving segment (copier "
-                    "held): virtfs vs copy-whole-segment-first vs at rest",
-                    {"disk": f"{fw_size // MiB} MiB, {fw_size // SEG} segments, one write each",
-                     "repetitions": fw_reps})
 
     lat: dict[str, dict[str, list[Lat]]] = {k: {"rest": [], "move": [], "cp": []}
                                             for k in ("randwrite", "randread")}
@@ -525,12 +226,14 @@ def run(report: Report, section: Section) -> None:
 
     t0 = time.perf_counter()
     with ExitStack() as stack:
-        rig = stack.enter_context(_rig(tmp_root, "main", size))
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
+            prefix="virtfs-bench-movement-main-", dir=tmp_root)))
+        rig = stack.enter_context(open_rig(tmp, [("c1", 2 * size), ("c2", 2 * size)]))
         work = rig.tmp / "fio-cwd"
         work.mkdir()
         report.progress(f"movement: prefilling a {size // MiB} MiB disk on c1")
         rig.vdctl("disk", "create", "d", "--size", str(size), "--container", "c1")
-        _prefill(rig, "d", size)
+        prefill(rig.mnt / "d", size, rig.tmp)
         where = "c1"
         rows = rig.entries("d")
         on_src = sum(e["length"] for e in rows if e["container"] == "c1")
@@ -564,7 +267,7 @@ def run(report: Report, section: Section) -> None:
             # ---- throughput: cp cold, migration cold, migration warm
             report.progress(f"movement: rep {rep + 1}/{reps}: cp + sync, page cache dropped")
             cp_dst = rig.tmp / "cp-dst.img"
-            cache_note = _drop_caches() or cache_note
+            cache_note = drop_caches() or cache_note
             t = time.perf_counter()
             subprocess.run(["cp", str(cp_src), str(cp_dst)], check=True)
             subprocess.run(["sync", str(cp_dst)], check=True)
@@ -573,7 +276,7 @@ def run(report: Report, section: Section) -> None:
             other = "c2" if where == "c1" else "c1"
             report.progress(f"movement: rep {rep + 1}/{reps}: idle migration {where} -> "
                             f"{other}, page cache dropped")
-            cache_note = _drop_caches() or cache_note
+            cache_note = drop_caches() or cache_note
             cold.append(_migrate(rig, "d", other, size))
             where = other
             other = "c2" if where == "c1" else "c1"
@@ -582,18 +285,6 @@ def run(report: Report, section: Section) -> None:
             warm.append(_migrate(rig, "d", other, size))
             where = other
         rig.vdctl("check")
-
-    # ---- first writes: stock vs whole-segment, each on its own controller child
-    fws: dict[str, list[FirstWrites]] = {"stock": [], "whole": []}
-    for rep in range(fw_reps):
-        for variant in (("stock", "whole") if rep % 2 == 0 else ("whole", "stock")):
-            report.progress(f"movement: rep {rep + 1}/{fw_reps}: first writes, {variant}")
-            fws[variant].append(_first_writes(tmp_root, variant, fw_size, 1000 * rep + 7))
-
-    # ---- what would make the copier faster: the product's knobs, patched in a child
-    report.progress("movement: idle migrations with copier variants")
-    copier = list(zip([label for label, _ in COPIER_VARIANTS],
-                      _copier_variants(tmp_root, size, reps), strict=True))
 
     # ---- figures
     rows_t = [["workload", "rep", "p50 rest", "p50 moving", "p99 rest", "p99 moving",
@@ -650,13 +341,6 @@ def run(report: Report, section: Section) -> None:
     thr_w.add(f"migration / cp, cold (median of {len(ratios_cp)}; range "
               f"{min(ratios_cp):.2f}-{max(ratios_cp):.2f})",
               round(statistics.median(ratios_cp), 3), "x", more_than(AIM_VS_CP))
-    cp_med = statistics.median(cp_rate)
-    for label, rates in copier:
-        thr_w.add(f"variant: {label}", _spread(rates), "MiB/s")
-        thr_w.add("  vs cp (median)", round(statistics.median(rates) / cp_med, 3), "x")
-    thr_w.note("variants: the same idle migration from a dropped cache, on controller "
-               "children (one unpatched, one with the copier's step patched to 4 MiB), set up "
-               "side by side and interleaved (diagnostic, not the product)")
     thr_w.note("both durable when timed: cp is followed by `sync FILE` of the target; the "
                "migration makes each copied range durable before it marks it")
     thr_w.note("cp and the containers are in the same directory (same host file system)")
@@ -665,171 +349,3 @@ def run(report: Report, section: Section) -> None:
     thr_w.seconds = 0.0
     section.workloads.append(thr_w)
     report.emit(thr_w)
-
-    rows_f = [["rep", "variant", "p50", "p99", "max", "at rest p50", "at rest p99",
-               "bytes copied to target"]]
-    summary: dict[str, dict[str, list[float]]] = {}
-    for rep in range(fw_reps):
-        for variant in ("stock", "whole"):
-            fw = fws[variant][rep]
-            mv, rs = sorted(fw.moving), sorted(fw.at_rest)
-            s = summary.setdefault(variant, {"p50": [], "p99": [], "rp50": [], "rp99": []})
-            s["p50"].append(_pct(mv, 50))
-            s["p99"].append(_pct(mv, 99))
-            s["rp50"].append(_pct(rs, 50))
-            s["rp99"].append(_pct(rs, 99))
-            rows_f.append([str(rep + 1), variant, f"{fmt(_pct(mv, 50))} us",
-                           f"{fmt(_pct(mv, 99))} us", f"{fmt(mv[-1])} us",
-                           f"{fmt(_pct(rs, 50))} us", f"{fmt(_pct(rs, 99))} us",
-                           f"{fw.copied_to_target // MiB} MiB ({fw.copied_to_target:,})"])
-    rest = summary["stock"]["rp50"] + summary["whole"]["rp50"]
-    rest99 = summary["stock"]["rp99"] + summary["whole"]["rp99"]
-    fw_w.add("(a) virtfs, first write to a moving segment: p50", _spread(summary["stock"]["p50"]),
-             "us")
-    fw_w.add("(a) virtfs: p99", _spread(summary["stock"]["p99"]), "us")
-    fw_w.add("(b) whole segment copied first: p50", _spread(summary["whole"]["p50"]), "us")
-    fw_w.add("(b) whole segment copied first: p99", _spread(summary["whole"]["p99"]), "us")
-    fw_w.add("(c) plain write at rest: p50", _spread(rest), "us")
-    fw_w.add("(c) plain write at rest: p99", _spread(rest99), "us")
-    fw_w.add("(b)/(a) p50", round(statistics.median(summary["whole"]["p50"])
-                                  / statistics.median(summary["stock"]["p50"]), 2), "x")
-    fw_w.add("(a)/(c) p50", round(statistics.median(summary["stock"]["p50"])
-                                  / statistics.median(rest), 2), "x")
-    for variant in ("stock", "whole"):
-        steps: dict[str, list[float]] = {}
-        for fw in fws[variant]:
-            for step, v in fw.profile.items():
-                steps.setdefault(step, []).extend(v)
-        if steps.get("fault"):
-            fw_w.note(f"{variant}, controller side (median us per fault): " + ", ".join(
-                f"{k} {fmt(statistics.median(v))}" for k, v in steps.items() if v)
-                + " (fault: the whole disk.fault call; prepare: _prepare_moving_write; "
-                "copy: the durable block copy; journal_wait: the move.mark commit)")
-    fw_w.table = _table(rows_f, "<<>>>>>>")
-    fw_w.note("median (min-max) over the repetitions (the order of (a) and (b) alternates); "
-              "each repetition is a fresh controller child, containers and agent; (c) is the "
-              "same kind of writes (one per segment, random block) before the migration")
-    fw_w.note("bytes copied to target: what the target container holds after the first "
-              "writes (the copier held): (a) the written blocks, (b) whole segments")
-    fw_w.note(f"load average at the end {_loadavg()}")
-    fw_w.seconds = 0.0
-    section.workloads.append(fw_w)
-    report.emit(fw_w)
-
-
-# ---------------------------------------------------------------- the controller child
-
-
-def _serve_controller(state_dir: str, variant: str, moves: int | None,
-                      chunk_blocks: int | None, hold_poll: float | None,
-                      profile: str | None = None) -> int:
-    """The product's controller daemon with, optionally: the job's moves-in-flight limit
-    set (moves), the copier's step set (chunk_blocks, 4 KiB blocks), the hold file polled
-    every hold_poll s, and for variant 'whole' the write fault widened to whole segments.
-    With profile (a path), the time of each write fault's steps (the block copy, the
-    journal commit wait, the pushes, the whole fault) is written there as JSON at exit."""
-    import trio
-
-    import controller.moves as moves_mod
-    import controller.service.jobs as jobs
-    import controller.service.movement as movement
-    from controller import daemon
-    from controller.extents import MOVING
-    from controller.service import Service
-
-    if moves is not None:
-        jobs.MOVES_IN_FLIGHT = moves  # type: ignore[misc]
-    if chunk_blocks is not None:
-        next_copy = moves_mod.next_copy
-        moves_mod.next_copy = lambda a, limit=chunk_blocks: next_copy(a, limit)  # type: ignore
-    if hold_poll is not None:
-        async def slow_hold() -> None:
-            path = os.environ.get(HOLD_ENV)
-            while path and os.path.exists(path):  # noqa: ASYNC110, ASYNC240 - a test hook
-                await trio.sleep(hold_poll)
-
-        movement._test_hold = slow_hold  # type: ignore[assignment]
-    if variant == "whole":
-        orig = Service._prepare_moving_write
-
-        async def whole(self: Any, d: Any, start: int, end: int, exclude: Any) -> bool:
-            touched = [e for e in d.extents.stored_in(start, end) if e.flags & MOVING]
-            if touched:  # copy and mark every unmarked block of the touched segments
-                start = min(e.vstart for e in touched)
-                end = max(e.vend for e in touched)
-            return bool(await orig(self, d, start, end, exclude))
-
-        Service._prepare_moving_write = whole  # type: ignore[method-assign]
-    if profile is None:
-        return daemon.main(["--state-dir", state_dir])
-
-    import contextvars
-
-    from controller.journal import Journal
-
-    in_fault: contextvars.ContextVar[bool] = contextvars.ContextVar("in_fault", default=False)
-    times: dict[str, list[float]] = {"fault": [], "prepare": [], "copy": [],
-                                     "journal_wait": [], "push": []}
-
-    def timed(cls: Any, name: str, key: str, only_in_fault: bool) -> None:
-        orig_m = getattr(cls, name)
-
-        async def wrapper(*a: Any, **kw: Any) -> Any:
-            if only_in_fault and not in_fault.get():
-                return await orig_m(*a, **kw)
-            t = time.perf_counter()
-            try:
-                return await orig_m(*a, **kw)
-            finally:
-                times[key].append((time.perf_counter() - t) * 1e6)
-        setattr(cls, name, wrapper)
-
-    timed(Service, "_copy", "copy", True)
-    timed(Journal, "wait_durable", "journal_wait", True)
-    timed(Service, "_push_update", "push", True)
-    orig_prep = Service._prepare_moving_write
-
-    async def prep(self: Any, *a: Any, **kw: Any) -> bool:
-        token = in_fault.set(True)
-        t = time.perf_counter()
-        try:
-            return bool(await orig_prep(self, *a, **kw))
-        finally:
-            times["prepare"].append((time.perf_counter() - t) * 1e6)
-            in_fault.reset(token)
-
-    Service._prepare_moving_write = prep  # type: ignore[method-assign]
-    orig_fault = Service.disk_fault
-
-    async def fault(self: Any, name: str, offset: int, length: int, write: bool,
-                    conn: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return await orig_fault(self, name, offset, length, write, conn)
-        finally:
-            if write:
-                times["fault"].append((time.perf_counter() - t) * 1e6)
-
-    Service.disk_fault = fault  # type: ignore[method-assign]
-    try:
-        return daemon.main(["--state-dir", state_dir])
-    finally:
-        with open(profile, "w") as f:
-            json.dump(times, f)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.movement")
-    p.add_argument("--serve-controller", metavar="STATE_DIR", required=True)
-    p.add_argument("--variant", choices=["stock", "whole"], default="stock")
-    p.add_argument("--moves", type=int, help="moves in flight per job (product: 4)")
-    p.add_argument("--chunk-blocks", type=int, help="copier step in 4 KiB blocks (product: 256)")
-    p.add_argument("--hold-poll", type=float, help="hold-file poll interval (product: 0.05 s)")
-    p.add_argument("--profile", metavar="FILE", help="write fault step times here at exit")
-    args = p.parse_args(argv)
-    return _serve_controller(args.serve_controller, args.variant, args.moves,
-                             args.chunk_blocks, args.hold_poll, args.profile)
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

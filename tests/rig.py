@@ -461,13 +461,13 @@ FIO_VERIFY = ["--bs=4k", "--rw=randwrite", "--ioengine=psync", "--verify=crc32c"
               "--verify_fatal=1", "--fallocate=none", "--randrepeat=1"]
 
 
-def prefill(path: Path, size: int, cwd: Path) -> None:
+def prefill(path: Path, size: int, cwd: Path, timeout: float = 900) -> None:
     """Write size bytes of random data to path in 1 MiB writes, then fsync (on a thin
-    disk: every segment allocated)."""
+    disk: every segment allocated); fio runs in cwd."""
     r = subprocess.run(["fio", "--name=fill", f"--filename={path}", "--rw=write",
                         "--bs=1M", f"--size={size}", "--ioengine=psync", "--refill_buffers",
                         "--end_fsync=1", "--fallocate=none", "--output-format=json"],
-                       cwd=cwd, capture_output=True, text=True, check=False, timeout=900)
+                       cwd=cwd, capture_output=True, text=True, check=False, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"prefill failed: {r.stderr[-2000:]}")
 
