@@ -34,7 +34,8 @@ import trio
 
 from controller import codec
 from controller.client import open_controller
-from controller.journal import CHECKPOINT, write_atomic
+from controller.fsutil import write_atomic
+from controller.journal import CHECKPOINT
 from controller.protocol import DEFAULT_SEGMENT_SIZE
 from controller.service import Service
 from controller.state import State

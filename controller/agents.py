@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from .journal import fsync_dir
+from .fsutil import fsync_dir
 from .state import Disk
 
 log = logging.getLogger(__name__)

@@ -52,6 +52,7 @@ from typing import IO, Any
 import trio
 
 from . import codec, faultpoints
+from .fsutil import fsync_dir, write_all, write_atomic
 from .state import STATE_FORMAT, Snapshot, State, StateError
 
 log = logging.getLogger(__name__)
@@ -83,34 +84,6 @@ class Recovery:
     truncated_at: int | None = None  # torn tail cut here (in the last journal file)
     dropped_bytes: int = 0
     journal_bytes: int = 0  # size of the journal the controller appends to
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace path with data: tmp -> fsync -> rename -> fsync(dir). Blocking."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
 
 
 def scan(data: bytes) -> tuple[list[Any], int]:
@@ -176,7 +149,7 @@ class CheckpointFile:
         start = self.bytes
         more = False
         for frame in frames:
-            _write_all(self._fd, frame)
+            write_all(self._fd, frame)
             self.bytes += len(frame)
             if self.bytes - start >= budget:
                 more = True
@@ -472,7 +445,7 @@ class Journal:
     @staticmethod
     def _write(fd: int, frames: list[bytes]) -> int:
         data = b"".join(frames)
-        _write_all(fd, data)
+        write_all(fd, data)
         faultpoints.hit("journal.before_fsync")
         os.fdatasync(fd)
         faultpoints.hit("journal.after_fsync")

@@ -16,6 +16,7 @@ import os
 import stat
 import struct
 
+from . import fsutil
 from . import protocol as P
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -76,15 +77,9 @@ def mount_of(dev: int) -> tuple[str, str, str] | None:
 
     Reads /proc/self/mountinfo only (proc(5)): it never touches the mount itself.
     """
-    want = f"{os.major(dev)}:{os.minor(dev)}"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) < 10 or fields[2] != want:
-                continue
-            sep = fields.index("-", 6)
-            mountpoint = fields[4].replace("\\040", " ")
-            return mountpoint, fields[sep + 1], fields[sep + 2]
+    for m in fsutil.mounts():
+        if (m.major, m.minor) == (os.major(dev), os.minor(dev)):
+            return m.mountpoint, m.fstype, m.source
     return None
 
 

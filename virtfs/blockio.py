@@ -23,7 +23,7 @@ import stat
 
 import trio
 
-from controller import faultpoints
+from controller import faultpoints, fsutil
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +47,11 @@ def mount_device(mountpoint: str) -> tuple[int, int] | None:
     itself). None if nothing is mounted there. The last matching line wins (the
     topmost mount). Blocking: call it from a worker thread or before the FUSE loop.
     """
-    dev = None
-    # mountinfo escapes space, tab, newline and backslash as octal
-    want = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in mountpoint)
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[4] == want:
-                    major, minor = fields[2].split(":")
-                    dev = (int(major), int(minor))
-    except (OSError, ValueError):
+        m = fsutil.mount_at(mountpoint)
+    except OSError:
         return None
-    return dev
+    return None if m is None else (m.major, m.minor)
 
 
 class ContainerIO:

@@ -18,7 +18,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from controller import __version__
+from controller import __version__, fsutil
 from controller.client import (
     ClientSecurity,
     ConnectionLost,
@@ -154,14 +154,12 @@ def set_read_ahead(mountpoint: str, kb: int) -> None:
     loop runs would wait for ourselves. Best effort: it needs root.
     """
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[4] == mountpoint:
-                    dev = fields[2]
-            with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as ra:
-                ra.write(str(kb))
-    except (OSError, UnboundLocalError) as e:
+        m = fsutil.mount_at(mountpoint)
+        if m is None:
+            raise OSError(f"nothing mounted at {mountpoint}")
+        with open(f"/sys/class/bdi/{m.major}:{m.minor}/read_ahead_kb", "w") as ra:
+            ra.write(str(kb))
+    except OSError as e:
         log.debug("cannot set read-ahead of %s: %s", mountpoint, e)
 
 
