@@ -56,7 +56,9 @@ TMP="$(mktemp -d "${TMPDIR:-/tmp}/build-pyfuse3.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 
 msg "downloading pyfuse3==$PYFUSE3_VERSION sdist"
-"$PY" -m pip download -q --no-binary :all: --no-deps -d "$TMP" "pyfuse3==$PYFUSE3_VERSION"
+# --no-binary pyfuse3 (not :all:): the sdist is what we patch, while its build requirements
+# (Cython, setuptools) come as wheels; with :all: pip compiles Cython from source (minutes).
+"$PY" -m pip download -q --no-binary pyfuse3 --no-deps -d "$TMP" "pyfuse3==$PYFUSE3_VERSION"
 SDIST="$TMP/pyfuse3-$PYFUSE3_VERSION.tar.gz"
 [[ -f "$SDIST" ]] || die "expected $SDIST after pip download"
 tar -xzf "$SDIST" -C "$TMP"
