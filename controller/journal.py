@@ -52,7 +52,7 @@ from typing import IO, Any
 import trio
 
 from . import codec, faultpoints
-from .fsutil import fsync_dir, write_all, write_atomic
+from .fsutil import fsync_dir, write_all
 from .state import STATE_FORMAT, Snapshot, State, StateError
 
 log = logging.getLogger(__name__)
