@@ -32,10 +32,10 @@ from typing import Any, cast
 
 import trio
 
-from controller import codec
+from controller import codec, frames
+from controller.checkpoint import CHECKPOINT
 from controller.client import open_controller
 from controller.fsutil import write_atomic
-from controller.journal import CHECKPOINT
 from controller.protocol import DEFAULT_SEGMENT_SIZE
 from controller.service import Service
 from controller.state import State
@@ -224,7 +224,7 @@ def bench_open(report: Report, section: Section) -> None:
         report.progress("agent table: a real controller on that state's checkpoint")
         state_dir = tmp / "state"
         state_dir.mkdir(mode=0o700)
-        write_atomic(os.path.join(state_dir, CHECKPOINT), codec.journal_frame(state.to_wire()))
+        write_atomic(os.path.join(state_dir, CHECKPOINT), frames.encode(state.to_wire()))
         del state, d
         gc.collect()
         with controller_proc(state_dir) as ctl:

@@ -43,18 +43,12 @@ from typing import Any, cast
 
 import trio
 
-from controller import codec
+from controller import codec, frames
+from controller.checkpoint import checkpoint_frames, load_checkpoint, write_checkpoint
 from controller.client import Client, open_controller
-from controller.journal import (
-    CHECKPOINT_BYTES,
-    JOURNAL,
-    Journal,
-    checkpoint_frames,
-    load_checkpoint,
-    recover,
-    write_checkpoint,
-)
+from controller.journal import CHECKPOINT_BYTES, Journal
 from controller.protocol import DEFAULT_SEGMENT_SIZE
+from controller.recovery import JOURNAL, recover
 from controller.service import Service
 from controller.state import State
 from tests.rig import ControllerProc, cpu_seconds
@@ -277,7 +271,7 @@ class _JournalWriter:
     def emit(self, rec: dict[str, Any]) -> None:
         rec["seq"] = self.state.seq + 1
         self.state.apply(rec)
-        self.buf.append(codec.journal_frame(rec))
+        self.buf.append(frames.encode(rec))
         self.records += 1
         if len(self.buf) >= 8192:
             self.flush()
@@ -386,7 +380,7 @@ def _child_replay(state_dir: str) -> dict[str, Any]:
     # the share of frame decoding (CRC + msgpack), measured alone; the rest is State.apply
     with open(os.path.join(state_dir, JOURNAL), "rb") as f:
         data = f.read()
-    parse = codec.parse_journal_frame
+    parse = frames.parse
     t0 = time.perf_counter()
     pos = 0
     while (fr := parse(data, pos)) is not None:

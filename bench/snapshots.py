@@ -91,7 +91,7 @@ def _build_state(state_dir: Path, img: Path, csize: int, disks: Sequence[tuple[s
     one disk.map record through State.apply, segments in random order (so that
     neighbouring vstarts are not neighbours on the container and nothing merges);
     written as the state dir's checkpoint. Returns each disk's extent count."""
-    from controller.journal import write_checkpoint
+    from controller.checkpoint import write_checkpoint
     from controller.state import State
 
     with open(img, "wb") as f:

@@ -18,7 +18,9 @@ import trio
 from . import __version__
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
-from .journal import Journal, JournalCorrupt, recover
+from .frames import JournalCorrupt
+from .journal import Journal
+from .recovery import recover
 from .server import (
     MAX_CONNECTIONS,
     TCP_NEEDS,

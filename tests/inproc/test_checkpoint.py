@@ -4,6 +4,7 @@ commits during a checkpoint, crash windows, damage, and the boot counter."""
 from __future__ import annotations
 
 import copy
+import io
 import random
 import shutil
 import time
@@ -14,21 +15,15 @@ from typing import Any
 import pytest
 import trio
 
-from controller import codec
-from controller import journal as journal_mod
+from controller import checkpoint as checkpoint_mod
+from controller import frames
+from controller.checkpoint import CHECKPOINT, load_checkpoint, write_checkpoint
 from controller.consistency import check
 from controller.daemon import open_controller_service
 from controller.extents import NOWRITE, ExtentMap
-from controller.journal import (
-    CHECKPOINT,
-    JOURNAL,
-    JOURNAL_NEXT,
-    Journal,
-    JournalCorrupt,
-    load_checkpoint,
-    recover,
-    write_checkpoint,
-)
+from controller.frames import JournalCorrupt
+from controller.journal import Journal
+from controller.recovery import JOURNAL, JOURNAL_NEXT, recover
 from controller.state import State
 
 B = 4096
@@ -170,7 +165,7 @@ def test_state_parts_roundtrip_with_free_lists_alts_and_boot():
 async def test_checkpoint_past_the_frame_cap_through_the_committer(tmp_path, monkeypatch):
     """Issue 6 (A), small: with the frame cap at 64 KiB, a state of ~200 KiB used to
     kill the committer (CodecError in _checkpoint); now it is checkpointed in parts."""
-    monkeypatch.setattr(codec, "MAX_JOURNAL_RECORD", 64 << 10)
+    monkeypatch.setattr(frames, "MAX_JOURNAL_RECORD", 64 << 10)
     d = tmp_path / "state"
     d.mkdir()
     state = State()
@@ -191,7 +186,7 @@ async def test_checkpoint_past_the_frame_cap_through_the_committer(tmp_path, mon
     assert j.checkpoints >= 1
     size = (d / CHECKPOINT).stat().st_size
     assert size > 64 << 10, "the checkpoint should be bigger than one frame may be"
-    assert len(journal_mod.scan((d / CHECKPOINT).read_bytes())[0]) > 3
+    assert len(list(frames.FrameReader(io.BytesIO((d / CHECKPOINT).read_bytes())))) > 3
     live = state.to_wire()
     assert live == applied(recs).to_wire()
     r = recover(str(d))
@@ -393,7 +388,7 @@ def test_journal_refuses_a_leftover_next_file(tmp_path):
 
 @pytest.fixture
 def multi_frame_checkpoint(tmp_path, monkeypatch) -> tuple[Path, State, list[int]]:
-    monkeypatch.setattr(journal_mod, "CHECKPOINT_PART_BYTES", 2000)
+    monkeypatch.setattr(checkpoint_mod, "CHECKPOINT_PART_BYTES", 2000)
     s = applied(thin_records(3, 100, 4 * B))
     s.apply({"op": "disk.unmap", "name": "t2", "start": 0, "end": 50 * 4 * B})
     write_checkpoint(str(tmp_path), s)
@@ -401,7 +396,7 @@ def multi_frame_checkpoint(tmp_path, monkeypatch) -> tuple[Path, State, list[int
     ends = []
     pos = 0
     while pos < len(data):
-        pos = codec.parse_journal_frame(data, pos)[1]
+        pos = frames.parse(data, pos)[1]
         ends.append(pos)
     assert len(ends) > 10
     return tmp_path, s, ends
@@ -433,7 +428,7 @@ def test_damaged_or_extended_checkpoint_is_refused(multi_frame_checkpoint):
         path.write_bytes(bytes(bad))
         with pytest.raises(JournalCorrupt, match=str(path)):
             load_checkpoint(str(d))
-    extra = codec.journal_frame({"part": "extents", "cols": [b""] * 5})
+    extra = frames.encode({"part": "extents", "cols": [b""] * 5})
     path.write_bytes(data + extra)
     with pytest.raises(JournalCorrupt, match="after the end"):
         load_checkpoint(str(d))
@@ -447,10 +442,10 @@ def test_format_1_checkpoint_still_loads(tmp_path):
     s = applied(thin_records(2, 20, 4 * B))
     w = s.to_wire()
     del w["boot"]  # written before the boot counter existed
-    (tmp_path / CHECKPOINT).write_bytes(codec.journal_frame(w))
+    (tmp_path / CHECKPOINT).write_bytes(frames.encode(w))
     t = load_checkpoint(str(tmp_path))
     assert t.boot == 0 and t.to_wire() == s.to_wire()
-    (tmp_path / CHECKPOINT).write_bytes(codec.journal_frame(w) * 2)
+    (tmp_path / CHECKPOINT).write_bytes(frames.encode(w) * 2)
     with pytest.raises(JournalCorrupt, match="after a format-1"):
         load_checkpoint(str(tmp_path))
 

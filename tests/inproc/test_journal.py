@@ -12,17 +12,13 @@ import trio
 from rig import ControllerProc
 
 from controller import codec
+from controller.checkpoint import CHECKPOINT
 from controller.client import open_controller
 from controller.consistency import check
 from controller.daemon import open_controller_service
-from controller.journal import (
-    CHECKPOINT,
-    JOURNAL,
-    JOURNAL_NEXT,
-    Journal,
-    JournalCorrupt,
-    recover,
-)
+from controller.frames import JournalCorrupt, encode
+from controller.journal import Journal
+from controller.recovery import JOURNAL, JOURNAL_NEXT, recover
 from controller.state import State, StateError, round_up
 
 B = 4096
@@ -66,7 +62,7 @@ def make_records(tmp_path: Path, n_disks: int = 6) -> list[dict[str, Any]]:
 
 
 def frames(recs: list[dict[str, Any]]) -> list[bytes]:
-    return [codec.journal_frame(r) for r in recs]
+    return [encode(r) for r in recs]
 
 
 def replayed(recs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -192,7 +188,7 @@ def test_missing_records_are_refused(journal_dir):
 def test_record_that_does_not_apply_is_refused(journal_dir):
     d, recs, fr = journal_dir
     bogus = {"op": "disk.rm", "name": "never-existed", "seq": len(recs) + 1}
-    (d / JOURNAL).write_bytes(b"".join(fr) + codec.journal_frame(bogus))
+    (d / JOURNAL).write_bytes(b"".join(fr) + encode(bogus))
     with pytest.raises(JournalCorrupt, match="does not apply"):
         recover(str(d))
 
@@ -202,7 +198,7 @@ def test_damaged_checkpoint_is_refused(journal_dir):
     s = State()
     for r in recs[:3]:
         s.apply(copy.deepcopy(r))
-    cp = codec.journal_frame(s.to_wire())
+    cp = encode(s.to_wire())
     (d / CHECKPOINT).write_bytes(cp[:-1])
     with pytest.raises(JournalCorrupt, match="checkpoint"):
         recover(str(d))
@@ -216,7 +212,7 @@ def test_checkpoint_newer_than_journal_records(journal_dir, at):
     s = State()
     for r in recs[:k]:
         s.apply(copy.deepcopy(r))
-    (d / CHECKPOINT).write_bytes(codec.journal_frame(s.to_wire()))
+    (d / CHECKPOINT).write_bytes(encode(s.to_wire()))
     r = recover(str(d))
     assert r.state.seq == len(recs)
     assert r.records == len(recs) - k
@@ -317,7 +313,7 @@ async def test_record_that_cannot_be_encoded_changes_nothing(tmp_path, monkeypat
         if bad == "unpackable":
             rec["note"] = {1, 2}  # msgpack has no sets
         else:
-            monkeypatch.setattr(codec, "MAX_JOURNAL_RECORD", 4096)
+            monkeypatch.setattr("controller.frames.MAX_JOURNAL_RECORD", 4096)
             rec["note"] = "x" * 5000
         with pytest.raises(StateError) as ei:
             j.record(rec)

@@ -1,5 +1,5 @@
 """controller/units.py (sizes), controller/protocol.py (names, argument schemas),
-controller/codec.py (frames)."""
+controller/codec.py (wire frames), controller/frames.py (journal frames)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controller import codec
+from controller import codec, frames
 from controller import protocol as P
 from controller.units import SizeError, format_size, parse_size
 
@@ -186,13 +186,82 @@ def test_codec_unpack_limits():
 
 def test_journal_frame_roundtrip_and_damage():
     rec = {"op": "x", "seq": 1, "data": b"\x00" * 10}
-    f = codec.journal_frame(rec)
-    assert codec.parse_journal_frame(f, 0) == (rec, len(f))
-    assert codec.parse_journal_frame(b"junk" + f, 4) == (rec, len(f) + 4)
+    f = frames.encode(rec)
+    assert frames.parse(f, 0) == (rec, len(f))
+    assert frames.parse(b"junk" + f, 4) == (rec, len(f) + 4)
     for i in range(len(f)):
         for bit in range(8):
             g = bytearray(f)
             g[i] ^= 1 << bit
-            assert codec.parse_journal_frame(bytes(g), 0) is None, (i, bit)
+            assert frames.parse(bytes(g), 0) is None, (i, bit)
     for n in range(len(f)):
-        assert codec.parse_journal_frame(f[:n], 0) is None
+        assert frames.parse(f[:n], 0) is None
+
+
+# ---------------------------------------------------------------- streaming frames
+
+
+def _frames_and_ends(n: int = 12) -> tuple[bytes, list[int]]:
+    """n frames of varied sizes (one holding the magic inside its payload)."""
+    data, ends = b"", []
+    for k in range(n):
+        data += frames.encode({"seq": k, "pad": b"VJ01" * (k * 7 % 5) + b"x" * (k * 131 % 300)})
+        ends.append(len(data))
+    return data, ends
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 12, 13, 100, 1 << 20])
+def test_frame_reader_streams_every_frame_whatever_the_chunk(chunk):
+    import io
+
+    data, ends = _frames_and_ends()
+    reader = frames.FrameReader(io.BytesIO(data), chunk=chunk)
+    got = []
+    for obj in reader:
+        got.append((obj["seq"], reader.end))
+    assert got == list(enumerate(ends)) and reader.fault is None
+    empty = frames.FrameReader(io.BytesIO(b""), chunk=chunk)
+    assert list(empty) == [] and empty.end == 0 and empty.fault is None
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_frame_reader_stops_at_the_first_bad_frame_and_says_why(chunk):
+    import io
+
+    data, ends = _frames_and_ends()
+    at = ends[4]  # the sixth frame starts here
+
+    def read(buf: bytes) -> tuple[int, int, frames.Fault | None]:
+        r = frames.FrameReader(io.BytesIO(buf), chunk=chunk)
+        return len(list(r)), r.end, r.fault
+
+    for cut in (at + 1, at + 11, at + 12, ends[5] - 1):
+        assert read(data[:cut]) == (5, at, frames.Fault(at, frames.TRUNCATED)), cut
+    bad = bytearray(data)
+    bad[at] ^= 1  # the magic
+    assert read(bytes(bad)) == (5, at, frames.Fault(at, frames.BAD_HEADER))
+    bad = bytearray(data)
+    bad[at + 4:at + 8] = (frames.MAX_JOURNAL_RECORD + 1).to_bytes(4, "big")
+    assert read(bytes(bad)) == (5, at, frames.Fault(at, frames.BAD_HEADER))
+    bad = bytearray(data)
+    bad[ends[5] - 1] ^= 0x40  # the payload
+    assert read(bytes(bad)) == (5, at, frames.Fault(at, frames.BAD_CRC))
+    payload = b"\xc1"  # never valid msgpack
+    frame = frames.HEADER.pack(frames.MAGIC, 1, frames.crc(1, payload)) + payload
+    n, end, fault = read(data[:at] + frame + data[at:])
+    assert (n, end) == (5, at) and fault is not None
+    assert (fault.offset, fault.kind) == (at, frames.BAD_PAYLOAD) and "msgpack" in fault.detail
+
+
+@pytest.mark.parametrize("chunk", [4, 5, 9, 64, 1 << 20])
+def test_find_frame_after_damage_streams(chunk):
+    import io
+
+    data, ends = _frames_and_ends()
+    f = io.BytesIO(data)
+    for k in range(len(ends) - 2):
+        # the next frame's start, whatever the magic inside payloads in between
+        assert frames.find_frame_after(f, ends[k] - 1, chunk=chunk) == ends[k], (k, chunk)
+        assert frames.find_frame_after(f, ends[k], chunk=chunk) == ends[k + 1], (k, chunk)
+    assert frames.find_frame_after(f, ends[-2], chunk=chunk) is None
+    assert frames.find_frame_after(io.BytesIO(data[:-1]), ends[-3], chunk=chunk) is None
