@@ -23,7 +23,6 @@ workload (``bench.controller._agent_open``).
 from __future__ import annotations
 
 import gc
-import os
 import random
 import time
 import tracemalloc
@@ -32,10 +31,9 @@ from typing import Any, cast
 
 import trio
 
-from controller import codec, frames
-from controller.checkpoint import CHECKPOINT
+from controller import codec
+from controller.checkpoint import write_checkpoint
 from controller.client import open_controller
-from controller.fsutil import write_atomic
 from controller.protocol import DEFAULT_SEGMENT_SIZE
 from controller.service import Service
 from controller.state import State
@@ -224,7 +222,7 @@ def bench_open(report: Report, section: Section) -> None:
         report.progress("agent table: a real controller on that state's checkpoint")
         state_dir = tmp / "state"
         state_dir.mkdir(mode=0o700)
-        write_atomic(os.path.join(state_dir, CHECKPOINT), frames.encode(state.to_wire()))
+        write_checkpoint(str(state_dir), state)
         del state, d
         gc.collect()
         with controller_proc(state_dir) as ctl:

@@ -28,11 +28,11 @@ from typing import Any
 import trio
 
 from . import codec, faultpoints, frames
-from .checkpoint import CheckpointFile, checkpoint_frames, write_checkpoint
+from .checkpoint import CheckpointFile, Snapshot, checkpoint_frames, write_checkpoint
 from .frames import JournalCorrupt
 from .fsutil import fsync_dir, write_all
 from .recovery import JOURNAL, JOURNAL_NEXT
-from .state import Snapshot, State, StateError
+from .state import State, StateError
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class Journal:
         # No checkpoint between these lines: the snapshot holds every record
         # written to the old journal (and the queued ones, which reach the new one
         # and are skipped on replay); every later record goes to the new journal.
-        snap = self.state.snapshot()
+        snap = Snapshot(self.state)
         self._old_fd, self._fd = self._fd, new_fd
         self.journal_bytes = 0
         return _CheckpointJob(snap, self._old_fd)

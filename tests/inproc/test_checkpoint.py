@@ -14,10 +14,18 @@ from typing import Any
 
 import pytest
 import trio
+from stateimage import format1, image
 
 from controller import checkpoint as checkpoint_mod
 from controller import frames
-from controller.checkpoint import CHECKPOINT, load_checkpoint, write_checkpoint
+from controller.checkpoint import (
+    CHECKPOINT,
+    Snapshot,
+    from_format1,
+    from_parts,
+    load_checkpoint,
+    write_checkpoint,
+)
 from controller.consistency import check
 from controller.daemon import open_controller_service
 from controller.extents import NOWRITE, ExtentMap
@@ -81,7 +89,7 @@ def synthetic_state(n: int, seg: int = 64 * B) -> State:
              {"name": "small", "size": 64 << 20, "segment_size": seg, "thick": False,
               "pin": None, "home": 1, "ctime": 1.0, "epoch": 1,
               "extents": [b""] * 5, "alts": []}]}
-    return State.from_wire(w)
+    return from_format1(w)
 
 
 # ---------------------------------------------------------------- copy-on-write extent maps
@@ -150,13 +158,13 @@ def test_state_parts_roundtrip_with_free_lists_alts_and_boot():
     bm.set_range(1, 2)
     s.disks["t0"].alts[e.vstart] = Alt(1, 0, bm)  # (check() would object; parts do not)
     assert len(s.luns[1].space) > 10
-    want = s.to_wire()
+    want = image(s)
     for size in (1, 100, 4 << 20):
-        snap = s.snapshot()
+        snap = Snapshot(s)
         parts = list(snap.parts(size))
         snap.release()
-        assert State.from_parts(copy.deepcopy(parts)).to_wire() == want, size
-    assert State.from_parts(parts).boot == 1
+        assert image(from_parts(copy.deepcopy(parts))) == want, size
+    assert from_parts(parts).boot == 1
 
 
 # ---------------------------------------------------------------- (A) past the frame cap
@@ -187,10 +195,10 @@ async def test_checkpoint_past_the_frame_cap_through_the_committer(tmp_path, mon
     size = (d / CHECKPOINT).stat().st_size
     assert size > 64 << 10, "the checkpoint should be bigger than one frame may be"
     assert len(list(frames.FrameReader(io.BytesIO((d / CHECKPOINT).read_bytes())))) > 3
-    live = state.to_wire()
-    assert live == applied(recs).to_wire()
+    live = image(state)
+    assert live == image(applied(recs))
     r = recover(str(d))
-    assert r.state.to_wire() == live
+    assert image(r.state) == live
     assert r.records < len(recs)
     assert check(r.state) == []
 
@@ -211,7 +219,7 @@ async def test_nine_thin_tib_disks_checkpoint_and_reload(tmp_path):
         nursery.cancel_scope.cancel()
     j.close()
     assert (d / CHECKPOINT).stat().st_size > 64 << 20
-    assert load_checkpoint(str(d)).to_wire() == state.to_wire()
+    assert image(load_checkpoint(str(d))) == image(state)
 
 
 async def test_loop_keeps_serving_and_commits_go_on_during_a_big_checkpoint(tmp_path):
@@ -280,10 +288,10 @@ async def test_loop_keeps_serving_and_commits_go_on_during_a_big_checkpoint(tmp_
     assert j.checkpoints == 1 and not (d / JOURNAL_NEXT).exists()
     assert during >= 10, f"only {during} rounds of commits during a {took:.2f} s checkpoint"
     assert max(gaps) < 0.100, f"the loop stalled for {max(gaps) * 1e3:.0f} ms"
-    live = state.to_wire()
+    live = image(state)
     r = recover(str(d))
     assert r.records > 0, "the records committed during the checkpoint are in the journal"
-    assert r.state.to_wire() == live
+    assert image(r.state) == live
 
 
 # ---------------------------------------------------------------- crash windows
@@ -321,9 +329,9 @@ async def test_crash_images_during_a_checkpoint_recover_the_live_state(tmp_path)
         for r in recs[300:400]:
             await j.commit(copy.deepcopy(r))
         _image(d, tmp_path / "before-rename")  # old checkpoint, journal, journal.next
-        images.append((tmp_path / "before-rename", state.to_wire()))
+        images.append((tmp_path / "before-rename", image(state)))
         await j._finish_checkpoint(job)
-        images.append((tmp_path / "after-rename", state.to_wire()))
+        images.append((tmp_path / "after-rename", image(state)))
         for r in recs[400:]:
             await j.commit(copy.deepcopy(r))
         nursery.cancel_scope.cancel()
@@ -332,22 +340,22 @@ async def test_crash_images_during_a_checkpoint_recover_the_live_state(tmp_path)
     assert (tmp_path / "after-rename" / JOURNAL_NEXT).exists()
     ctl = tmp_path / "ctl"
     shutil.copytree(tmp_path / "before-rename", ctl)
-    assert recover(str(d)).state.to_wire() == state.to_wire()
+    assert image(recover(str(d)).state) == image(state)
     for img, want in images:
-        assert recover(str(img), repair=False).state.to_wire() == want, img
+        assert image(recover(str(img), repair=False).state) == want, img
         assert (img / JOURNAL_NEXT).exists()
         r = recover(str(img))
-        assert r.state.to_wire() == want, img
+        assert image(r.state) == want, img
         assert not (img / JOURNAL_NEXT).exists(), "journal.next was not folded"
         assert r.journal_bytes == (img / JOURNAL).stat().st_size
-        assert recover(str(img)).state.to_wire() == want
+        assert image(recover(str(img)).state) == want
     # a real controller starts on such an image and goes on
     def but_boot(w: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in w.items() if k not in ("boot", "seq")}
 
     async with open_controller_service(str(ctl), listen=[f"unix:{tmp_path}/c.sock"]) as svc:
         # (a controller may journal its start: a "controller.boot" record)
-        assert but_boot(svc.state.to_wire()) == but_boot(images[0][1])
+        assert but_boot(image(svc.state)) == but_boot(images[0][1])
         boot = svc.state.boot + 1
         await svc.journal.commit({"op": "controller.boot", "boot": boot})
     assert not (ctl / JOURNAL_NEXT).exists()
@@ -374,7 +382,7 @@ async def test_shutdown_during_a_checkpoint(tmp_path):
     j.checkpoint_now_sync()
     j.close()
     assert not (d / JOURNAL_NEXT).exists() and (d / JOURNAL).stat().st_size == 0
-    assert load_checkpoint(str(d)).to_wire() == state.to_wire()
+    assert image(load_checkpoint(str(d))) == image(state)
 
 
 def test_journal_refuses_a_leftover_next_file(tmp_path):
@@ -404,7 +412,7 @@ def multi_frame_checkpoint(tmp_path, monkeypatch) -> tuple[Path, State, list[int
 
 def test_multi_frame_checkpoint_loads(multi_frame_checkpoint):
     d, s, _ = multi_frame_checkpoint
-    assert load_checkpoint(str(d)).to_wire() == s.to_wire()
+    assert image(load_checkpoint(str(d))) == image(s)
 
 
 def test_truncated_checkpoint_is_refused_at_every_frame_end(multi_frame_checkpoint):
@@ -440,14 +448,48 @@ def test_damaged_or_extended_checkpoint_is_refused(multi_frame_checkpoint):
 
 def test_format_1_checkpoint_still_loads(tmp_path):
     s = applied(thin_records(2, 20, 4 * B))
-    w = s.to_wire()
+    w = format1(s)
     del w["boot"]  # written before the boot counter existed
     (tmp_path / CHECKPOINT).write_bytes(frames.encode(w))
     t = load_checkpoint(str(tmp_path))
-    assert t.boot == 0 and t.to_wire() == s.to_wire()
+    assert t.boot == 0 and image(t) == image(s)
     (tmp_path / CHECKPOINT).write_bytes(frames.encode(w) * 2)
     with pytest.raises(JournalCorrupt, match="after a format-1"):
         load_checkpoint(str(tmp_path))
+
+
+# ---------------------------------------------------------------- older checkpoints
+
+DATA = Path(__file__).parent / "data"
+OLD = ["checkpoint-format1", "checkpoint-format2", "checkpoint-format2-small-parts"]
+
+
+@pytest.mark.parametrize("name", OLD)
+def test_checkpoints_of_an_older_virtfs_load_and_are_rewritten_byte_for_byte(
+        tmp_path, monkeypatch, name):
+    """Checkpoints written before checkpoint.py existed (data/README.md) load, hold the
+    same state in every format, and today's writer writes that state's format-2
+    checkpoint exactly as the older code did, in default and in small parts."""
+    (tmp_path / "old").mkdir()
+    shutil.copyfile(DATA / name, tmp_path / "old" / CHECKPOINT)
+    s = load_checkpoint(str(tmp_path / "old"))
+    assert (s.seq, s.boot, s.next_lun, s.next_job) == (27, 2, 6, 3)
+    assert list(s.disks) == ["thick", "thin", "clone", "empty"]
+    assert list(s.snaps) == ["thin@s1", "thin@s2"] and s.disks["clone"].origin == "thin@s1"
+    assert s.containers["c2"].failed and s.containers["c3"].draining
+    assert s.jobs[1].state == "done" and s.jobs[2].aborting
+    assert (s.disks["thin"].mtime, s.disks["thin"].stime) == (1700000100.125, 1700000200.0)
+    assert len(s.disks["clone"].alts) == 1 and len(s.disks["thin"].extents) > 5
+    for other in OLD:
+        (tmp_path / other).mkdir()
+        shutil.copyfile(DATA / other, tmp_path / other / CHECKPOINT)
+        assert image(load_checkpoint(str(tmp_path / other))) == image(s), other
+    for ref, part in (("checkpoint-format2", 512 << 10), ("checkpoint-format2-small-parts", 100)):
+        monkeypatch.setattr(checkpoint_mod, "CHECKPOINT_PART_BYTES", part)
+        out = tmp_path / f"new-{part}"
+        out.mkdir()
+        write_checkpoint(str(out), s)
+        assert (out / CHECKPOINT).read_bytes() == (DATA / ref).read_bytes(), ref
 
 
 # ---------------------------------------------------------------- (C) boot counter

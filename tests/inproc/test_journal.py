@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trio
 from rig import ControllerProc
+from stateimage import format1, image
 
 from controller import codec
 from controller.checkpoint import CHECKPOINT
@@ -69,7 +70,7 @@ def replayed(recs: list[dict[str, Any]]) -> dict[str, Any]:
     s = State()
     for r in recs:
         s.apply(copy.deepcopy(r))
-    return s.to_wire()
+    return image(s)
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_clean_journal_replays_everything(journal_dir):
     r = recover(str(d))
     assert r.records == len(recs) and r.truncated_at is None
     assert r.journal_bytes == sum(map(len, fr))
-    assert r.state.to_wire() == replayed(recs)
+    assert image(r.state) == replayed(recs)
     assert check(r.state) == []
 
 
@@ -101,10 +102,10 @@ def test_torn_tail_at_every_offset_of_the_last_record(journal_dir):
         path.write_bytes(data[:cut])
         r = recover(str(d))
         if cut == len(data):
-            assert r.records == len(recs) and r.state.to_wire() == want_full
+            assert r.records == len(recs) and image(r.state) == want_full
             continue
         assert r.records == len(recs) - 1, cut
-        assert r.state.to_wire() == want_short, cut
+        assert image(r.state) == want_short, cut
         assert r.truncated_at == (start if cut > start else None), cut
         assert path.stat().st_size == start, f"torn tail not cut at {cut}"
         # repair=False reports the same but leaves the file alone
@@ -127,7 +128,7 @@ def test_every_bit_flip_in_the_last_record_drops_only_it(journal_dir):
             r = recover(str(d))
             assert r.records == len(recs) - 1, (i, bit)
             assert r.truncated_at == start, (i, bit)
-            assert r.state.to_wire() == want, (i, bit)
+            assert image(r.state) == want, (i, bit)
             assert path.stat().st_size == start
 
 
@@ -198,7 +199,7 @@ def test_damaged_checkpoint_is_refused(journal_dir):
     s = State()
     for r in recs[:3]:
         s.apply(copy.deepcopy(r))
-    cp = encode(s.to_wire())
+    cp = encode(format1(s))
     (d / CHECKPOINT).write_bytes(cp[:-1])
     with pytest.raises(JournalCorrupt, match="checkpoint"):
         recover(str(d))
@@ -212,11 +213,11 @@ def test_checkpoint_newer_than_journal_records(journal_dir, at):
     s = State()
     for r in recs[:k]:
         s.apply(copy.deepcopy(r))
-    (d / CHECKPOINT).write_bytes(encode(s.to_wire()))
+    (d / CHECKPOINT).write_bytes(encode(format1(s)))
     r = recover(str(d))
     assert r.state.seq == len(recs)
     assert r.records == len(recs) - k
-    assert r.state.to_wire() == replayed(recs)
+    assert image(r.state) == replayed(recs)
 
 
 async def test_journal_checkpoints_and_truncates(tmp_path):
@@ -241,9 +242,9 @@ async def test_journal_checkpoints_and_truncates(tmp_path):
     assert (d / CHECKPOINT).exists()
     assert max(sizes) < 1500 + 2000, "journal grew past the checkpoint threshold"
     assert any(b < a for a, b in zip(sizes, sizes[1:], strict=False)), "never truncated"
-    assert state.to_wire() == replayed(recs)
+    assert image(state) == replayed(recs)
     r = recover(str(d))
-    assert r.state.to_wire() == state.to_wire()
+    assert image(r.state) == image(state)
     assert r.records < len(recs)  # most come from the checkpoint
 
 
@@ -266,7 +267,7 @@ async def test_controller_with_small_checkpoint_survives_a_crash(tmp_path):
         st = await c.call("status")
         assert st["checkpoints"] >= 1
         assert (d / JOURNAL).stat().st_size < 2000 + 1000
-        live = svc.state.to_wire()
+        live = image(svc.state)
         crash = tmp_path / "crash"
         # a crash image: journal.next (if a checkpoint is running), the journal,
         # then the checkpoint, so a checkpoint finishing meanwhile still yields a
@@ -276,15 +277,15 @@ async def test_controller_with_small_checkpoint_survives_a_crash(tmp_path):
             (crash / JOURNAL_NEXT).write_bytes((d / JOURNAL_NEXT).read_bytes())
         (crash / JOURNAL).write_bytes((d / JOURNAL).read_bytes())
         (crash / CHECKPOINT).write_bytes((d / CHECKPOINT).read_bytes())
-    assert recover(str(crash)).state.to_wire() == live
-    assert recover(str(d)).state.to_wire() == live
+    assert image(recover(str(crash)).state) == live
+    assert image(recover(str(d)).state) == live
 
     def but_boot(w: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in w.items() if k not in ("boot", "seq")}
 
     async with open_controller_service(str(d), checkpoint_bytes=2000) as svc:
         # the same, except that a controller may journal its start ("controller.boot")
-        assert but_boot(svc.state.to_wire()) == but_boot(live)
+        assert but_boot(image(svc.state)) == but_boot(live)
         assert svc.state.boot - live["boot"] in (0, 1)
         assert check(svc.state) == []
 
@@ -306,7 +307,7 @@ async def test_record_that_cannot_be_encoded_changes_nothing(tmp_path, monkeypat
         await nursery.start(j.run)
         for r in recs[:3]:
             await j.commit({k: v for k, v in r.items() if k != "seq"})
-        before = state.to_wire()
+        before = image(state)
         rec: dict[str, Any] = {"op": "disk.create", "name": "bad", "size": 4 * B,
                                "segment_size": 4 << 20, "thick": False, "pin": None,
                                "home": 1, "ctime": 1.0, "map": []}
@@ -319,13 +320,13 @@ async def test_record_that_cannot_be_encoded_changes_nothing(tmp_path, monkeypat
             j.record(rec)
         assert isinstance(ei.value.__cause__, codec.CodecError)
         monkeypatch.undo()
-        assert state.to_wire() == before and "bad" not in state.disks
+        assert image(state) == before and "bad" not in state.disks
         for r in recs[3:]:
             await j.commit({k: v for k, v in r.items() if k != "seq"})
         nursery.cancel_scope.cancel()
     j.close()
-    assert state.to_wire() == replayed(recs)
-    assert recover(str(d)).state.to_wire() == state.to_wire()
+    assert image(state) == replayed(recs)
+    assert image(recover(str(d)).state) == image(state)
 
 
 async def test_record_refused_by_the_state_queues_nothing(tmp_path):

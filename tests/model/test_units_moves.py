@@ -13,8 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from stateimage import format1, image
 
 from controller.bitmap import Bitmap
+from controller.checkpoint import Snapshot, from_format1, from_parts
 from controller.consistency import check
 from controller.extents import MOVING
 from controller.state import State, StateError
@@ -114,10 +116,10 @@ def test_discard_and_shrink_over_a_moving_segment():
     assert a.bitmap.nblocks == 2 and s.luns[2].used == 2 * B
     clean(s)
     # cutting a moving segment's head is refused, and changes nothing
-    before = s.to_wire()
+    before = image(s)
     with pytest.raises(StateError, match="cut the head"):
         s.apply({"op": "disk.unmap", "name": "t", "start": 0, "end": B})
-    assert s.to_wire() == before
+    assert image(s) == before
 
 
 @pytest.mark.parametrize("rec,msg", [
@@ -130,10 +132,10 @@ def test_discard_and_shrink_over_a_moving_segment():
 def test_bad_move_start_changes_nothing(rec, msg):
     s = base()
     alloc(s, 0, 1, 0)
-    before = s.to_wire()
+    before = image(s)
     with pytest.raises(StateError, match=msg):
         s.apply({"op": "move.start", "name": "t", **rec})
-    assert s.to_wire() == before
+    assert image(s) == before
 
 
 def test_jobs_and_container_flags_survive_replay_and_checkpoint():
@@ -163,14 +165,14 @@ def test_jobs_and_container_flags_survive_replay_and_checkpoint():
     replay = base()
     for r in recs:
         replay.apply(r)
-    assert replay.to_wire() == s.to_wire()
-    snap = s.snapshot()
+    assert image(replay) == image(s)
+    snap = Snapshot(s)
     try:
-        again = State.from_parts(snap.parts())
+        again = from_parts(snap.parts())
     finally:
         snap.release()
-    assert again.to_wire() == s.to_wire()
-    assert State.from_wire(s.to_wire()).to_wire() == s.to_wire()
+    assert image(again) == image(s)
+    assert image(from_format1(format1(s))) == image(s)
 
 
 class Moves(RuleBasedStateMachine):
@@ -302,10 +304,10 @@ class Moves(RuleBasedStateMachine):
         replay = base()
         for r in self.recs:
             replay.apply(r)
-        assert replay.to_wire() == self.s.to_wire()
-        snap = self.s.snapshot()
+        assert image(replay) == image(self.s)
+        snap = Snapshot(self.s)
         try:
-            assert State.from_parts(snap.parts(max_bytes=64)).to_wire() == self.s.to_wire()
+            assert image(from_parts(snap.parts(max_bytes=64))) == image(self.s)
         finally:
             snap.release()
 

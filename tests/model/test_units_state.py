@@ -9,9 +9,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from stateimage import format1, image
 
 from controller.allocator import ALIGN, FreeSpace
 from controller.bitmap import Bitmap
+from controller.checkpoint import Snapshot, from_format1, from_parts
 from controller.consistency import Problem, check
 from controller.state import State, StateError, round_up
 
@@ -116,10 +118,10 @@ def test_disk_create_rejects_bad_pieces(pieces, why):
     if why == "fit" and len(pieces) == 2:
         size = 2 * B
     s.apply(disk_rec("other", 4 * B, [[0, 4 * B, 1, 8 * B]], thick=True))
-    before = copy.deepcopy(s.to_wire())
+    before = copy.deepcopy(image(s))
     with pytest.raises(StateError, match=why):
         s.apply(disk_rec("d", size, pieces))
-    assert s.to_wire() == before, "a refused record changed the table"
+    assert image(s) == before, "a refused record changed the table"
     assert check(s) == []
 
 
@@ -138,10 +140,10 @@ def test_refused_records_change_nothing(rec):
     """A record refused live is not journaled, so it must leave no trace in the table."""
     s = two_containers()
     s.apply(disk_rec("d", 8 * B, [[0, 3 * B, 1, 0]]))
-    before = copy.deepcopy(s.to_wire())
+    before = copy.deepcopy(image(s))
     with pytest.raises(StateError):
         s.apply(rec)
-    assert s.to_wire() == before
+    assert image(s) == before
     assert check(s) == []
 
 
@@ -174,10 +176,10 @@ def test_disk_unmap_refuses_unaligned_end_inside_the_disk():
     """Freeing a partial block would hand out storage the rest of the block still uses."""
     s = two_containers()
     s.apply(disk_rec("d", 8 * B, plan(s, 8 * B, 0, 1), thick=True))
-    before = copy.deepcopy(s.to_wire())
+    before = copy.deepcopy(image(s))
     with pytest.raises(StateError):
         s.apply({"op": "disk.unmap", "name": "d", "start": 0, "end": B + 100})
-    assert s.to_wire() == before
+    assert image(s) == before
     assert check(s) == []
 
 
@@ -235,13 +237,13 @@ def test_apply_tracks_seq_and_wire_roundtrip():
     s = two_containers()
     s.apply({**disk_rec("d", 9 * B + 3, plan(s, 9 * B + 3, 0, 2), thick=True), "seq": 7})
     assert s.seq == 7
-    w = s.to_wire()
-    t = State.from_wire(copy.deepcopy(w))
-    assert t.to_wire() == w and check(t) == []
+    w = format1(s)
+    t = from_format1(copy.deepcopy(w))
+    assert format1(t) == w and image(t) == image(s) and check(t) == []
     with pytest.raises(StateError):
-        State.from_wire({**w, "format": 99})
+        from_format1({**w, "format": 99})
     with pytest.raises(StateError):
-        State.from_wire({k: v for k, v in w.items() if k != "disks"})
+        from_format1({k: v for k, v in w.items() if k != "disks"})
 
 
 # ---------------------------------------------------------------- random sequences
@@ -377,16 +379,16 @@ class StateMachine(RuleBasedStateMachine):
 
     @invariant()
     def replay_matches_live(self) -> None:
-        w = self.s.to_wire()
-        assert State.from_wire(copy.deepcopy(w)).to_wire() == w
-        snap = self.s.snapshot()  # the checkpoint's parts, cut small
+        w = image(self.s)
+        assert image(from_format1(copy.deepcopy(format1(self.s)))) == w
+        snap = Snapshot(self.s)  # the checkpoint's parts, cut small
         parts = list(snap.parts(64))
         snap.release()
-        assert State.from_parts(parts).to_wire() == w
+        assert image(from_parts(parts)) == w
         again = State()
         for rec in self.records:
             again.apply(copy.deepcopy(rec))
-        assert again.to_wire() == w
+        assert image(again) == w
 
 
 StateMachine.TestCase.settings = settings(
@@ -525,14 +527,14 @@ def test_boot_counter_replays_and_round_trips():
     again = State()
     again.apply(copy.deepcopy(recs[0]))
     assert again.boot == 1
-    w = s.to_wire()
-    assert w["boot"] == 1 and State.from_wire(copy.deepcopy(w)).boot == 1
+    w = format1(s)
+    assert w["boot"] == 1 and from_format1(copy.deepcopy(w)).boot == 1
     old = {k: v for k, v in w.items() if k != "boot"}  # a format-1 checkpoint from before
-    assert State.from_wire(old).boot == 0
+    assert from_format1(old).boot == 0
     with pytest.raises(StateError):
-        State.from_wire({**w, "boot": "1"})
-    snap = s.snapshot()
+        from_format1({**w, "boot": "1"})
+    snap = Snapshot(s)
     parts = list(snap.parts())
     snap.release()
     assert parts[0]["boot"] == 1
-    assert State.from_parts(parts).to_wire() == w
+    assert image(from_parts(parts)) == image(s)

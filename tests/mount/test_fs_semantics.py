@@ -405,7 +405,10 @@ def test_fallocate_while_grown_ahead(embedded: Any, tmp_path: Path) -> None:
 
 def test_times_and_deleted_names_replay_and_checkpoint() -> None:
     """disk.times and an unlink's rename to a deleted name: replay equals live, and both
-    checkpoint forms (to_wire, parts) keep them; a checkpoint without times loads."""
+    checkpoint forms (format 1, format 2) keep them; a checkpoint without times loads."""
+    from stateimage import format1, image
+
+    from controller.checkpoint import Snapshot, from_format1, from_parts
     from controller.protocol import deleted_name, former_name
     from controller.state import State
 
@@ -428,16 +431,16 @@ def test_times_and_deleted_names_replay_and_checkpoint() -> None:
     assert live.disks["x"].to_dict(live.luns)["deleted"] is None
     assert live.disks["x"].to_dict(live.luns)["mtime"] == 2.0  # never set: creation time
     assert former_name("x") is None and former_name(deleted_name(3, "a/b")) == "a/b"
-    for s in (replay, State.from_wire(live.to_wire())):
-        assert s.to_wire() == live.to_wire()
-    snap = live.snapshot()
+    for s in (replay, from_format1(format1(live))):
+        assert image(s) == image(live)
+    snap = Snapshot(live)
     try:
-        assert State.from_parts(list(snap.parts())).to_wire() == live.to_wire()
+        assert image(from_parts(list(snap.parts()))) == image(live)
     finally:
         snap.release()
-    w = live.to_wire()
+    w = format1(live)
     for dw in w["disks"]:
         dw.pop("mtime", None)
         dw.pop("stime", None)
-    old = State.from_wire(w)
+    old = from_format1(w)
     assert old.disks[deleted_name(1, "x")].mtime == 0.0
