@@ -50,6 +50,9 @@ TIME_FIELDS = ("mtime", "stime")
 _CONTAINER_DEFAULTS = {FORMAT_1: {"failed": False, "draining": False},
                        FORMAT_2: {"draining": False}}
 
+# an alternate location on the wire: vstart, lun, offset, bitmap blocks, bitmap bytes
+AltRow = tuple[int, int, int, int, bytes]
+
 # bytes per item on the wire, to cut parts to size
 _EXTENT_WIRE = 33
 _FREE_WIRE = 16
@@ -58,18 +61,18 @@ _FREE_WIRE = 16
 # ---------------------------------------------------------------- fields
 
 
-def _fields(obj: Container | Disk, names: tuple[str, ...]) -> dict[str, Any]:
+def _fields(obj: Container | Disk, names: tuple[str, ...]) -> dict[str, object]:
     return {k: getattr(obj, k) for k in names}
 
 
-def _disk_tail(d: Disk) -> dict[str, Any]:
+def _disk_tail(d: Disk) -> dict[str, object]:
     """A table's lineage, and its times only when set (older checkpoints lack them)."""
     times = _fields(d, TIME_FIELDS) if d.mtime or d.stime else {}
     return {**_fields(d, LINEAGE_FIELDS), **times}
 
 
-def _alt_wire(vstart: int, a: Alt) -> list[Any]:
-    return [vstart, a.lun, a.offset, a.bitmap.nblocks, a.bitmap.to_bytes()]
+def _alt_wire(vstart: int, a: Alt) -> AltRow:
+    return (vstart, a.lun, a.offset, a.bitmap.nblocks, a.bitmap.to_bytes())
 
 
 def _container(cw: dict[str, Any], space: FreeSpace, fmt: int) -> Container:
@@ -106,7 +109,7 @@ def _add_table(s: State, d: Disk, w: dict[str, Any]) -> None:
     (s.snaps if d.parent is not None else s.disks)[d.name] = d
 
 
-def _int(v: Any, what: str) -> int:
+def _int(v: object, what: str) -> int:
     if type(v) is not int:
         raise StateError(f"checkpoint: {what} is not an integer: {v!r}")
     return v
@@ -135,21 +138,22 @@ class Snapshot:
 
     def __init__(self, state: State):
         self.seq = state.seq
-        self._header: dict[str, Any] = {
+        containers: list[dict[str, object]] = []
+        self._header: dict[str, object] = {
             "format": FORMAT_2, "part": "header", "seq": state.seq,
-            "next_lun": state.next_lun, "boot": state.boot, "containers": [],
+            "next_lun": state.next_lun, "boot": state.boot, "containers": containers,
             "next_job": state.next_job, "jobs": [j.to_wire() for j in state.jobs.values()],
             "disks": len(state.disks) + len(state.snaps), "next_family": state.next_family,
         }
         self._free: list[tuple[int, bytes, bytes]] = []
         for c in state.containers.values():
             starts, lens = c.space.to_wire()  # copies
-            self._header["containers"].append({
+            containers.append({
                 **_fields(c, CONTAINER_FIELDS), "cursor": c.space.cursor,
                 "free": len(starts) // 8,
             })
             self._free.append((c.lun, starts, lens))
-        self._disks: list[tuple[dict[str, Any], ExtentSnapshot, list[list[Any]]]] = []
+        self._disks: list[tuple[dict[str, object], ExtentSnapshot, list[AltRow]]] = []
         try:
             for d in (*state.disks.values(), *state.snaps.values()):
                 ext = d.extents.snapshot()
@@ -162,7 +166,7 @@ class Snapshot:
             raise
         self.extents = sum(ext.count for _m, ext, _a in self._disks)
 
-    def parts(self, max_bytes: int = 4 << 20) -> Iterator[dict[str, Any]]:
+    def parts(self, max_bytes: int = 4 << 20) -> Iterator[dict[str, object]]:
         """The checkpoint as msgpack-able maps, each about max_bytes or less (plus a
         little per-part overhead; a header grows with the number of containers):
         header, the free lists, then per disk its fields, extents and alternates,
@@ -181,7 +185,7 @@ class Snapshot:
             for cols in ext.parts(max(1, max_bytes // _EXTENT_WIRE)):
                 nparts += 1
                 yield {"part": "extents", "cols": cols}
-            batch: list[list[Any]] = []
+            batch: list[AltRow] = []
             size = 0
             for a in alts:
                 batch.append(a)
@@ -202,7 +206,7 @@ class Snapshot:
             ext.release()
 
 
-def from_parts(parts: Iterable[Any]) -> State:
+def from_parts(parts: Iterable[object]) -> State:
     """The state from the parts of a format-2 checkpoint (Snapshot.parts()), header
     first. Consumes the iterable up to the end part; raises StateError if a part is
     malformed, out of place, or missing (a truncated checkpoint), or if anything
@@ -407,7 +411,7 @@ def write_checkpoint(state_dir: str, state: State) -> int:
     return f.bytes
 
 
-def _read_frames(f: IO[bytes], path: str) -> Iterator[Any]:
+def _read_frames(f: IO[bytes], path: str) -> Iterator[object]:
     """Decode the frames of an open checkpoint file one at a time (streaming).
 
     Raises JournalCorrupt (naming path and the byte offset) at a damaged or

@@ -19,7 +19,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
 from . import codec
 
@@ -60,7 +60,7 @@ def crc(length: int, payload: bytes | memoryview) -> int:
     return zlib.crc32(payload, zlib.crc32(struct.pack(">I", length)))
 
 
-def encode(obj: Any) -> bytes:
+def encode(obj: object) -> bytes:
     """obj packed and framed for the journal or a checkpoint: header + msgpack payload.
 
     Raises CodecError if obj cannot be packed (a type msgpack does not know, an
@@ -78,7 +78,7 @@ def encode(obj: Any) -> bytes:
 
 
 def _payload(buf: bytes | memoryview, start: int, end: int, length: int,
-             want_crc: int) -> Any:
+             want_crc: int) -> object:
     """The decoded payload buf[start:end], or a Fault (offset 0: the caller's to set)."""
     payload = memoryview(buf)[start:end]  # no copy
     if crc(length, payload) != want_crc:
@@ -89,7 +89,7 @@ def _payload(buf: bytes | memoryview, start: int, end: int, length: int,
         return Fault(0, BAD_PAYLOAD, str(e))
 
 
-def parse(buf: bytes | memoryview, pos: int) -> tuple[Any, int] | None:
+def parse(buf: bytes | memoryview, pos: int) -> tuple[object, int] | None:
     """Decode the frame at buf[pos:]; (object, end offset) or None if there is no
     complete valid frame there."""
     hsize = HEADER.size
@@ -135,7 +135,7 @@ class FrameReader:
             have += len(more)
         return b"".join(parts)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[object]:
         hsize = HEADER.size
         unpack_header = HEADER.unpack_from
         buf = b""

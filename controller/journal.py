@@ -162,7 +162,8 @@ class Journal:
         self.checkpoints += 1
         self.last_checkpoint_bytes = n
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The committer task (checkpoints run beside it, in its own nursery)."""
         try:
             async with trio.open_nursery() as nursery:

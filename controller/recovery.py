@@ -76,10 +76,10 @@ def recover(state_dir: str, *, repair: bool = True) -> Recovery:
         with open(path, "rb") as f:
             reader = frames.FrameReader(f)
             for r in reader:
-                seq = r.get("seq") if isinstance(r, dict) else None
-                if not isinstance(seq, int):
+                if not isinstance(r, dict) or not isinstance(r.get("seq"), int):
                     raise JournalCorrupt(f"{path}: record #{rec.records + 1} has no sequence "
                                          "number")
+                seq: int = r["seq"]
                 if seq >= expect:  # lower seqs are already in the checkpoint
                     if seq != expect:
                         raise JournalCorrupt(f"{path}: record #{rec.records + 1}: expected seq "
