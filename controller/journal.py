@@ -281,6 +281,7 @@ class Journal:
             self._old_fd = None
 
     def close(self) -> None:
+        """Close the journal files; record() refuses from now on. Blocks (close(2))."""
         self._closed = True
         os.close(self._fd)
         if self._old_fd is not None:
