@@ -20,16 +20,10 @@ import trio
 
 from . import __version__
 from . import protocol as P
-from .client import (
-    ConnectionLost,
-    SecurityConfigError,
-    add_security_options,
-    open_controller,
-    security_from_args,
-)
+from .client import ConnectionLost, add_security_options, open_controller, security_from_args
 from .daemon import default_socket, default_state_dir
 from .protocol import NO_LUN, state_names
-from .server import parse_addr
+from .transport import SecurityConfigError, parse_addr
 from .units import SIZE_HELP, SizeError, format_size, parse_size
 
 _NEG = "neg:"  # argv rewrite so "disk resize d -1G" is not taken for an option

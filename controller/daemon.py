@@ -19,17 +19,9 @@ from . import __version__
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
 from .journal import Journal, JournalCorrupt, recover
-from .server import (
-    MAX_CONNECTIONS,
-    TCP_NEEDS,
-    SecurityConfigError,
-    Server,
-    ServerSecurity,
-    parse_addr,
-    serve_listeners,
-    server_security,
-)
+from .server import MAX_CONNECTIONS, TCP_NEEDS, Server, serve_listeners
 from .service import Service
+from .transport import SecurityConfigError, ServerSecurity, parse_addr, server_security
 
 log = logging.getLogger("virtfs.controller")
 

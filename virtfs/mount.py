@@ -20,9 +20,7 @@ import trio
 
 from controller import __version__, fsutil
 from controller.client import (
-    ClientSecurity,
     ConnectionLost,
-    SecurityConfigError,
     add_security_options,
     open_controller,
     security_from_args,
@@ -37,7 +35,7 @@ from controller.daemon import (
 )
 from controller.journal import JournalCorrupt
 from controller.protocol import RemoteError
-from controller.server import parse_addr
+from controller.transport import ClientSecurity, SecurityConfigError, parse_addr
 from controller.units import SizeError, parse_size
 
 from .agent import Session
