@@ -21,8 +21,8 @@ import trio
 from . import __version__
 from . import protocol as P
 from .client import ConnectionLost, add_security_options, open_controller, security_from_args
-from .daemon import default_socket, default_state_dir
 from .protocol import NO_LUN, state_names
+from .statedir import default_socket, default_state_dir
 from .transport import SecurityConfigError, parse_addr
 from .units import SIZE_HELP, SizeError, format_size, parse_size
 

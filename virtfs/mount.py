@@ -27,14 +27,13 @@ from controller.client import (
     single_leaf,
 )
 from controller.daemon import (
+    JournalCorrupt,
     StateDirBusy,
-    default_socket,
-    default_state_dir,
     open_controller_service,
     setup_logging,
 )
-from controller.journal import JournalCorrupt
 from controller.protocol import RemoteError
+from controller.statedir import default_socket, default_state_dir
 from controller.transport import ClientSecurity, SecurityConfigError, parse_addr
 from controller.units import SizeError, parse_size
 
