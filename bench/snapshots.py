@@ -19,7 +19,7 @@ snapshot then freezes them there: entries pushed ``nowrite``, drained, acknowled
 ``first_write``: a 1 GiB disk (256 MiB with --quick) prefilled with random data
 (every segment allocated), one 4 KiB ``O_DIRECT`` write per segment at a random block,
 segments in random order: (c) at rest, before the snapshot, on the same disk, then
-``snap create d@s`` with the copier held (``VIRTFS_TEST_HOLD_COPIER``: every segment
+``snap create d@s`` with the copier held (fault point ``movement.copier=hold:FILE``: every segment
 the writes touch stays shared-but-moving, so each write is a first write to a shared
 segment), then (a) the same kind of writes, one per segment. The controller is the
 product's ``virtfs-controller``. The bench checks what it measured: the snapshot
@@ -53,7 +53,15 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tests.rig import BLOCK, drop_caches, open_rig, prefill, timed_writes
+from tests.rig import (
+    BLOCK,
+    FAULTS_ENV,
+    drop_caches,
+    hold_copier,
+    open_rig,
+    prefill,
+    timed_writes,
+)
 
 from .report import Report, Section, Workload, fmt, less_than
 from .report import loadavg as _loadavg
@@ -68,17 +76,17 @@ GiB = 1 << 30
 TiB = 1 << 40
 MiB = 1 << 20
 SEG = 4 * MiB
-HOLD_ENV = "VIRTFS_TEST_HOLD_COPIER"
 AIM_CREATE_MS = 100.0
 AIM_FIRST_WRITE_P99 = 3.0  # p99 of the first write after a snapshot / p99 of a plain write
 
 
 def _env(hold: Path | None = None) -> dict[str, str]:
-    """This environment, with the copier's hold file set to hold (or unset)."""
+    """This environment, with the copier held while the file hold exists (or no fault
+    point armed)."""
     env = dict(os.environ)
-    env.pop(HOLD_ENV, None)
+    env.pop(FAULTS_ENV, None)
     if hold is not None:
-        env[HOLD_ENV] = str(hold)
+        env[FAULTS_ENV] = hold_copier(hold)
     return env
 
 

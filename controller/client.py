@@ -4,7 +4,8 @@
 ``tcp://HOST:PORT`` needs a ClientSecurity: TLS 1.3 verified against a CA (the
 system's when none is given), HOST checked against the certificate, a client
 certificate when the controller asks for one, and the token, sent in ``hello``
-inside the TLS channel (never over a Unix socket).
+inside the TLS channel (never over a Unix socket). Framing, addresses and the
+TLS contexts are in ``transport`` (shared with the server).
 """
 
 from __future__ import annotations
@@ -13,79 +14,26 @@ import argparse
 import math
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from . import codec
 from . import protocol as P
-from .server import (
+from .transport import (
+    SECURITY_ENV,
+    ClientSecurity,
     FrameError,
     FrameReader,
     SecurityConfigError,
-    load_token,
+    client_security,
     parse_addr,
     split_host_port,
 )
 
 DEFAULT_TIMEOUT = 30.0
-
-# options of virtfs-mount and vdctl, and the environment variables they fall back to
-SECURITY_ENV = {"tls_ca": "VIRTFS_TLS_CA", "tls_cert": "VIRTFS_TLS_CERT",
-                "tls_key": "VIRTFS_TLS_KEY", "token_file": "VIRTFS_TOKEN_FILE"}
-
-
-@dataclass(frozen=True)
-class ClientSecurity:
-    """What a client presents on tcp://: a TLS 1.3 context and the token (str)."""
-
-    context: ssl.SSLContext
-    token: str = field(repr=False)  # never in a log line or a traceback's locals
-
-
-def client_security(*, tls_ca: str | None = None, tls_cert: str | None = None,
-                    tls_key: str | None = None, token_file: str | None = None,
-                    env: Mapping[str, str] | None = None) -> ClientSecurity | None:
-    """A ClientSecurity from options, each falling back to its VIRTFS_* variable.
-
-    None if neither a token file nor any TLS file is given (fine for unix:
-    addresses). tls_ca: the CA that signed the controller's certificate (default:
-    the system's trusted CAs); tls_cert/tls_key: this client's certificate and key,
-    for a controller that requires one. Raises SecurityConfigError (one line, no
-    secrets) if a file cannot be loaded or TLS files are given without a token.
-    """
-    env = os.environ if env is None else env
-    opts = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key,
-            "token_file": token_file}
-    for k, var in SECURITY_ENV.items():
-        if not opts[k]:
-            opts[k] = env.get(var) or None
-    if not any(opts.values()):
-        return None
-    if not opts["token_file"]:
-        raise SecurityConfigError("TLS options need a token too: --token-file or "
-                                  "$VIRTFS_TOKEN_FILE")
-    if opts["tls_key"] and not opts["tls_cert"]:
-        raise SecurityConfigError("--tls-key needs --tls-cert")
-    token = load_token(opts["token_file"]).decode("ascii")
-    try:
-        ctx = ssl.create_default_context(cafile=opts["tls_ca"])
-    except (OSError, ssl.SSLError) as e:
-        raise SecurityConfigError(f"cannot load the CA {opts['tls_ca']}: "
-                                  f"{getattr(e, 'strerror', None) or e}") from None
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    if opts["tls_cert"]:
-        try:
-            ctx.load_cert_chain(opts["tls_cert"], opts["tls_key"])
-        except (OSError, ssl.SSLError) as e:
-            raise SecurityConfigError(
-                f"cannot load the TLS certificate {opts['tls_cert']}"
-                f"{' and key ' + opts['tls_key'] if opts['tls_key'] else ''}: "
-                f"{getattr(e, 'strerror', None) or e}") from None
-    return ClientSecurity(ctx, token)
 
 
 def add_security_options(parser: argparse._ActionsContainer, default: Any = None) -> None:

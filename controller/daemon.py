@@ -18,33 +18,15 @@ import trio
 from . import __version__
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
-from .frames import JournalCorrupt
+from .frames import JournalCorrupt  # virtfs.mount's too
 from .journal import Journal
 from .recovery import recover
-from .server import (
-    MAX_CONNECTIONS,
-    TCP_NEEDS,
-    SecurityConfigError,
-    Server,
-    ServerSecurity,
-    parse_addr,
-    serve_listeners,
-    server_security,
-)
+from .server import MAX_CONNECTIONS, TCP_NEEDS, Server, serve_listeners
 from .service import Service
+from .statedir import LOCK, default_socket, default_state_dir
+from .transport import SecurityConfigError, ServerSecurity, parse_addr, server_security
 
 log = logging.getLogger("virtfs.controller")
-
-
-def default_state_dir() -> str:
-    env = os.environ.get("VIRTFS_STATE_DIR")
-    if env:
-        return os.path.abspath(env)
-    return os.path.join(os.path.expanduser("~"), ".local", "state", "virtfs")
-
-
-def default_socket(state_dir: str) -> str:
-    return "unix:" + os.path.join(state_dir, "controller.sock")
 
 
 class StateDirBusy(Exception):
@@ -56,7 +38,7 @@ def lock_state_dir(state_dir: str) -> int:
     if os.path.exists(state_dir) and not os.path.isdir(state_dir):
         raise StateDirBusy(f"state dir {state_dir} exists and is not a directory")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(os.path.join(state_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

@@ -9,7 +9,7 @@ Two kinds of listener (docs/security.md):
   constant time. A TCP listener without TLS and a token is never started.
 
 A connection is closed (and only that connection) on a malformed or oversized
-frame, a frame that does not arrive within ``FRAME_TIMEOUT``, a missing or
+frame, a frame that does not arrive within ``transport.FRAME_TIMEOUT``, a missing or
 wrong hello or token, a TLS handshake that fails or takes longer than
 ``HANDSHAKE_TIMEOUT``, a peer that does not read its replies for
 ``SEND_TIMEOUT``, or a peer that is not the controller's own user (or root).
@@ -19,26 +19,30 @@ accept), each with at most ``MAX_INFLIGHT`` requests in flight.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import socket
-import ssl
-import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from . import codec
 from . import protocol as P
+from .transport import (
+    FrameError,
+    FrameReader,
+    ServerSecurity,
+    format_tcp,
+    parse_addr,
+    split_host_port,
+    token_matches,
+)
 
 log = logging.getLogger(__name__)
 
-FRAME_TIMEOUT = 10.0  # once a frame has begun, all of it must arrive within this
 HELLO_TIMEOUT = 10.0
 MAX_INFLIGHT = 64  # concurrent requests per connection
 # acks and heartbeats bypass MAX_INFLIGHT; a peer with more than this many of them
@@ -49,125 +53,9 @@ HELLO_MAX_FRAME = 16 << 10  # frames before a valid hello: an unauthenticated pe
 HANDSHAKE_TIMEOUT = 10.0  # a TLS handshake must complete within this
 SEND_TIMEOUT = 60.0  # a reply or push not taken by the peer within this closes it
 CLOSE_TIMEOUT = 2.0  # TLS close_notify: then the socket is closed regardless
-MIN_TOKEN_BYTES = 16
 UNLIMITED_OPS = frozenset({"agent.ack", "agent.heartbeat"})
 
 Dispatch = Callable[[str, dict[str, Any], "Connection"], Awaitable[Any]]
-
-
-class FrameError(Exception):
-    pass
-
-
-class FrameReader:
-    """Reads length-prefixed frames from a trio stream with caps and deadlines."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream, max_size: int):
-        self.stream = stream
-        self.max_size = max_size
-        self.buf = bytearray()
-
-    async def _fill(self, n: int) -> bool:
-        while len(self.buf) < n:
-            chunk = await self.stream.receive_some(1 << 16)
-            if not chunk:
-                if self.buf:
-                    raise FrameError("connection closed in the middle of a frame")
-                return False
-            self.buf += chunk
-        return True
-
-    async def read(self) -> Any | None:
-        """The next decoded frame, or None at a clean end of stream."""
-        if not await self._fill(1):
-            return None
-        with trio.move_on_after(FRAME_TIMEOUT) as scope:
-            await self._fill(4)
-            length = codec.wire_length(bytes(self.buf[:4]), max_size=self.max_size)
-            await self._fill(4 + length)
-        if scope.cancelled_caught:
-            raise FrameError(f"frame not complete within {FRAME_TIMEOUT:.0f} s")
-        payload = bytes(self.buf[4 : 4 + length])
-        del self.buf[: 4 + length]
-        return codec.unpack(payload, max_size=self.max_size)
-
-
-class SecurityConfigError(ValueError):
-    """TLS or token settings that cannot be used (a one-line message, no secrets in it)."""
-
-
-def load_token(path: str) -> bytes:
-    """The shared token in the file at path: its content, surrounding whitespace removed.
-
-    The token must be at least MIN_TOKEN_BYTES bytes of printable ASCII (make one
-    with ``openssl rand -hex 32``), and the file readable by its owner only (mode
-    0600 or 0400), as ssh insists for keys. Raises SecurityConfigError naming the
-    file, never quoting its content.
-    """
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            data = f.read(4097)
-    except OSError as e:
-        raise SecurityConfigError(f"cannot read the token file {path}: "
-                                  f"{e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SecurityConfigError(f"token file {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise SecurityConfigError(f"token file {path} may be read by others (mode "
-                                  f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 {path}")
-    token = data.strip()
-    if len(data) > 4096 or not token.isascii() or not all(33 <= b < 127 for b in token):
-        raise SecurityConfigError(f"token file {path} must hold one line of printable ASCII "
-                                  "(at most 4096 bytes), e.g. from 'openssl rand -hex 32'")
-    if len(token) < MIN_TOKEN_BYTES:
-        raise SecurityConfigError(f"the token in {path} is shorter than {MIN_TOKEN_BYTES} "
-                                  "bytes; make one with 'openssl rand -hex 32'")
-    return token
-
-
-@dataclass(frozen=True)
-class ServerSecurity:
-    """What a TCP listener demands: TLS 1.3 through context, and token in hello."""
-
-    context: ssl.SSLContext
-    token: bytes = field(default=b"", repr=False)  # never in a log line
-    client_certs: bool = False  # context requires a certificate from the client CA
-
-
-def server_security(cert: str, key: str | None, token_file: str,
-                    client_ca: str | None = None) -> ServerSecurity:
-    """The TLS 1.3 server context and token for TCP listeners.
-
-    cert/key: the controller's certificate chain and private key (PEM; key None if
-    it is in cert). client_ca: a CA file; when given, clients must present a
-    certificate it signed. Raises SecurityConfigError (one line) if a file cannot be
-    read or does not hold what it should.
-    """
-    token = load_token(token_file)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as e:
-        raise SecurityConfigError(f"cannot load the TLS certificate {cert}"
-                                  f"{' and key ' + key if key else ''}: "
-                                  f"{getattr(e, 'strerror', None) or e}") from None
-    if client_ca:
-        try:
-            ctx.load_verify_locations(client_ca)
-        except (OSError, ssl.SSLError) as e:
-            raise SecurityConfigError(f"cannot load the client CA {client_ca}: "
-                                      f"{getattr(e, 'strerror', None) or e}") from None
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ServerSecurity(ctx, token, bool(client_ca))
-
-
-def token_matches(supplied: object, expected: bytes) -> bool:
-    """supplied (from a hello) equals the token: compared in constant time."""
-    if not isinstance(supplied, str):
-        supplied = ""
-    return hmac.compare_digest(supplied.encode("utf-8", "surrogatepass"), expected)
 
 
 def peer_uid(stream: trio.SocketStream) -> int | None:
@@ -398,39 +286,6 @@ class Server:
             return
         await Connection(tls, self.dispatch, self, token=self.security.token,
                          peer=peer).serve()
-
-
-def parse_addr(addr: str) -> tuple[str, str]:
-    """("unix", PATH) or ("tcp", "HOST:PORT"); ValueError (one line) for anything else."""
-    if addr.startswith("unix:"):
-        path = addr[5:]
-        if not path:
-            raise ValueError(f"bad address {addr!r}: empty path")
-        return "unix", path
-    if addr.startswith("tcp://"):
-        split_host_port(addr[6:])
-        return "tcp", addr[6:]
-    raise ValueError(f"bad address {addr!r}: use unix:PATH or tcp://HOST:PORT")
-
-
-def split_host_port(where: str) -> tuple[str, int]:
-    """HOST:PORT (an IPv6 HOST in brackets: [::1]:7000) -> (host, port), port 0..65535.
-
-    Raises ValueError naming the address.
-    """
-    host, sep, port = where.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or int(port) > 65535 or (
-            ":" in host and not where.startswith("[")):
-        raise ValueError(f"bad address 'tcp://{where}': use tcp://HOST:PORT "
-                         "(an IPv6 address in brackets, tcp://[::1]:7000)")
-    return host, int(port)
-
-
-def format_tcp(sockname: Any) -> str:
-    host, port = sockname[:2]
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
 def bind_unix(path: str) -> trio.socket.SocketType:

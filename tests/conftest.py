@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from rig import PROC_LOGS, ControllerProc, MountProc, wait_for
 
+from controller import faultpoints
+
 
 @pytest.fixture
 def controller(tmp_path: Path):
@@ -22,6 +24,15 @@ def controller(tmp_path: Path):
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def arm_faults():
+    """arm_faults(spec): arm fault points in this process (VIRTFS_FAULTS syntax,
+    controller/faultpoints.py), for an in-process controller; all are disarmed when the
+    test ends. Processes are armed through their environment instead (rig.FAULTS_ENV)."""
+    yield faultpoints.arm
+    faultpoints.arm("")
 
 
 # ---------------------------------------------------------------- real mounts

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller import cli
+from controller import cli, faultpoints
 
 BIN = Path(sys.executable).parent
 SEG = 4 << 20  # the default segment size of a thin disk
@@ -121,6 +121,19 @@ def drop_caches() -> str | None:
     except OSError as e:
         return f"could not drop the page cache ({e.strerror}); figures are from a warm cache"
     return None
+
+
+# ---------------------------------------------------------------- fault points
+
+FAULTS_ENV = faultpoints.ENV  # VIRTFS_FAULTS: what a controller or agent arms at start
+
+
+def hold_copier(hold: Path) -> str:
+    """The fault-point spec that holds the controller's copier while the file hold
+    exists (``movement.copier=hold:FILE``, every hit): moves stay half done, so writes
+    and reads meet a bitmap the test controls. Arm it through FAULTS_ENV, or with
+    faultpoints.arm for an in-process controller."""
+    return f"movement.copier=hold:{hold}@1+"
 
 
 # ---------------------------------------------------------------- vdctl

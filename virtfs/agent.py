@@ -15,8 +15,9 @@ from typing import Any
 
 import trio
 
-from controller.client import Client, ClientSecurity, ConnectionLost, open_controller
+from controller.client import Client, ConnectionLost, open_controller
 from controller.protocol import RemoteError
+from controller.transport import ClientSecurity
 
 log = logging.getLogger(__name__)
 

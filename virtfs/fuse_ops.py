@@ -20,6 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from controller import faultpoints
 from controller.protocol import RemoteError, check_name
 
 from .datapath import OpenDisk
@@ -35,8 +36,6 @@ BLOCK = 4096
 # st_blksize, the "preferred I/O size": cp, rsync, tar and friends size their buffers
 # by it, and at 128 KiB (their floor) a copy costs a FUSE request per 128 KiB
 IO_SIZE = 1 << 20
-TEST_RAISE_ENV = "VIRTFS_TEST_RAISE_IN"  # test hook: handler name that raises RuntimeError
-_RAISE_IN = os.environ.get(TEST_RAISE_ENV)
 
 T = TypeVar("T")
 PS = ParamSpec("PS")
@@ -48,8 +47,7 @@ def handler(fn: Callable[PS, Coroutine[Any, Any, T]]) -> Callable[PS, Coroutine[
     @functools.wraps(fn)
     async def wrapper(*args: PS.args, **kwargs: PS.kwargs) -> T:
         try:
-            if name == _RAISE_IN:
-                raise RuntimeError(f"test hook: {name} raises")
+            faultpoints.hit("fuse.handler", name)  # tests: fuse.handler=raise:NAME
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise

@@ -20,24 +20,21 @@ import trio
 
 from controller import __version__, fsutil
 from controller.client import (
-    ClientSecurity,
     ConnectionLost,
-    SecurityConfigError,
     add_security_options,
     open_controller,
     security_from_args,
     single_leaf,
 )
 from controller.daemon import (
+    JournalCorrupt,
     StateDirBusy,
-    default_socket,
-    default_state_dir,
     open_controller_service,
     setup_logging,
 )
-from controller.journal import JournalCorrupt
 from controller.protocol import RemoteError
-from controller.server import parse_addr
+from controller.statedir import default_socket, default_state_dir
+from controller.transport import ClientSecurity, SecurityConfigError, parse_addr
 from controller.units import SizeError, parse_size
 
 from .agent import Session

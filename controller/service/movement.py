@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,17 +44,6 @@ from .coherence import Coherence
 from .placement import Placement
 
 log = logging.getLogger(__name__)
-
-
-# test hook: while the file this names exists, the copier copies nothing (moves stay half
-# done, so tests can drive writes and reads against a bitmap they control)
-TEST_HOLD_COPIER_ENV = "VIRTFS_TEST_HOLD_COPIER"
-
-
-async def _test_hold() -> None:
-    path = os.environ.get(TEST_HOLD_COPIER_ENV)
-    while path and os.path.exists(path):  # noqa: ASYNC110, ASYNC240 - a test hook
-        await trio.sleep(0.05)
 
 
 class MoveGone(Exception):
@@ -193,7 +181,7 @@ class MovementOps(Placement, Coherence):
     # ------------------------------------------------------------ 3. copier
     async def _copy_step(self, d: Disk, vstart: int) -> bool:
         """Copy and mark the next run of unmarked blocks; False when none is left."""
-        await _test_hold()
+        await faultpoints.hit_async("movement.copier")  # tests hold moves half done here
         async with self._dlock(d):
             e, a = self._move_of(d, vstart)
             if self.state.luns[a.lun].failed or self.state.luns[e.lun].failed:

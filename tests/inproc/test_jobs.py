@@ -8,13 +8,13 @@ import os
 
 import pytest
 import trio
+from rig import hold_copier
 from simagent import SEG
 
 from controller import storage
 from controller.daemon import open_controller_service
 from controller.protocol import E_BUSY, RemoteError
 from controller.service import jobs as J
-from controller.service import movement
 
 MB = 1 << 20
 
@@ -55,11 +55,11 @@ async def test_failed_copy_fails_the_job_not_the_controller(tmp_path, monkeypatc
     assert jobs[0]["state"] == "failed", jobs
 
 
-async def test_clean_stop_mid_job_leaves_it_to_resume(tmp_path, monkeypatch):
+async def test_clean_stop_mid_job_leaves_it_to_resume(tmp_path, monkeypatch, arm_faults):
     state = str(tmp_path / "s")
     hold = tmp_path / "hold"
     hold.write_text("")
-    monkeypatch.setenv(movement.TEST_HOLD_COPIER_ENV, str(hold))
+    arm_faults(hold_copier(hold))
     outcome = "stopped cleanly"
     try:
         with trio.fail_after(15):
@@ -88,10 +88,10 @@ class Crash(Exception):
     pass
 
 
-async def test_drain_resumed_after_a_crash_does_not_busy_loop(tmp_path, monkeypatch):
+async def test_drain_resumed_after_a_crash_does_not_busy_loop(tmp_path, monkeypatch, arm_faults):
     hold = tmp_path / "hold"
     hold.write_text("")
-    monkeypatch.setenv(movement.TEST_HOLD_COPIER_ENV, str(hold))
+    arm_faults(hold_copier(hold))
     state = str(tmp_path / "s")
     try:
         async with open_controller_service(state, lease=1.0) as svc:
@@ -128,10 +128,10 @@ async def test_drain_resumed_after_a_crash_does_not_busy_loop(tmp_path, monkeypa
     assert n < 100, f"the drain job looked at the table {n} times in 2 s (busy loop)"
 
 
-async def test_failing_the_target_stops_moving_data_onto_it(tmp_path, monkeypatch):
+async def test_failing_the_target_stops_moving_data_onto_it(tmp_path, monkeypatch, arm_faults):
     hold = tmp_path / "hold"
     hold.write_text("")
-    monkeypatch.setenv(movement.TEST_HOLD_COPIER_ENV, str(hold))
+    arm_faults(hold_copier(hold))
     async with open_controller_service(str(tmp_path / "s"), lease=1.0) as svc:
         await svc.container_add("c1", str(tmp_path / "c1.img"), 256 << 20)
         await svc.container_add("c2", str(tmp_path / "c2.img"), 256 << 20)
@@ -151,12 +151,12 @@ async def test_failing_the_target_stops_moving_data_onto_it(tmp_path, monkeypatc
                           f"was moved onto the failed container c2")
 
 
-async def test_rename_over_a_disk_a_job_moves_is_refused(tmp_path, monkeypatch):
+async def test_rename_over_a_disk_a_job_moves_is_refused(tmp_path, monkeypatch, arm_faults):
     """Review finding 9: a rename over a disk being migrated handed its job to the disk
     renamed over it. Now refused, clearly, and nothing changes."""
     hold = tmp_path / "hold"
     hold.write_text("")
-    monkeypatch.setenv(movement.TEST_HOLD_COPIER_ENV, str(hold))
+    arm_faults(hold_copier(hold))
     async with open_controller_service(str(tmp_path / "s"), lease=1.0) as svc:
         for c in ("c1", "c2", "c3"):
             await svc.container_add(c, str(tmp_path / f"{c}.img"), 64 * MB)

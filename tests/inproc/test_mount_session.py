@@ -18,8 +18,9 @@ import trio
 import trio.testing
 
 from controller.client import open_controller
-from controller.daemon import default_socket, open_controller_service
+from controller.daemon import open_controller_service
 from controller.protocol import INVALID, NO_LUN, ZERO
+from controller.statedir import default_socket
 from virtfs.agent import Session
 from virtfs.blockio import ContainerIO
 from virtfs.disks import Volumes

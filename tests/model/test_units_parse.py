@@ -102,7 +102,7 @@ def test_check_container_name_rejects(name):
     ("a\nb", "$'a\\x0ab'"), ("q'\x01", "$'q\\'\\x01'"),
 ])
 def test_names_are_shown_quoted_in_tables(name, want):
-    from controller.cli import shown
+    from controller.cli_format import shown
     assert shown(name) == want
 
 

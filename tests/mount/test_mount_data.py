@@ -10,6 +10,7 @@ import subprocess
 import pytest
 from rig import (
     BLOCK,
+    FAULTS_ENV,
     FIO_VERIFY,
     add_container,
     agent,
@@ -183,11 +184,11 @@ def test_files_as_disks(embedded, tmp_path):
     assert vd(embedded, "check").rc == 0
 
 
-@pytest.mark.expect_log_errors("a test hook raises in statfs: the handler logs it",
-                                match="test hook: statfs raises")
+@pytest.mark.expect_log_errors("a fault point raises in statfs: the handler logs it",
+                                match="fault point fuse.handler: statfs raises")
 def test_unexpected_exception_is_eio_and_mount_stays(mount_factory):
     m = mount_factory("m", args=["--default-container-size", "1G", "--demo"],
-                      env={"VIRTFS_TEST_RAISE_IN": "statfs"})
+                      env={FAULTS_ENV: "fuse.handler=raise:statfs@1+"})
     with pytest.raises(OSError) as ei:
         os.statvfs(m.path)
     assert ei.value.errno == errno.EIO

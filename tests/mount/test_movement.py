@@ -1,9 +1,9 @@
 """Online migration, drain, job abort and container fail/restore (issue 7), on real mounts.
 
 A standalone controller and agents as subprocesses; fio --verify, cmp and a model
-of the written bytes are the oracles. VIRTFS_TEST_HOLD_COPIER (a file that, while it
-exists, keeps the controller's copier from copying) holds moves half done, so writes
-and reads meet a bitmap with both marked and unmarked blocks.
+of the written bytes are the oracles. The fault point movement.copier=hold:FILE (while
+FILE exists, the controller's copier copies nothing; rig.hold_copier) holds moves half
+done, so writes and reads meet a bitmap with both marked and unmarked blocks.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from rig import (
+    FAULTS_ENV,
     FIO_VERIFY,
     SEG,
     ControllerProc,
@@ -26,6 +27,7 @@ from rig import (
     disk_info,
     dwrite,
     fio,
+    hold_copier,
     open_direct,
     run,
     vd,
@@ -33,7 +35,6 @@ from rig import (
 )
 from rig import read_direct as dread_path
 
-HOLD_ENV = "VIRTFS_TEST_HOLD_COPIER"
 B = 4096
 
 
@@ -59,7 +60,7 @@ def held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     test's arguments, so the controller starts with it in its environment."""
     hold = tmp_path / "hold-copier"
     hold.touch()
-    monkeypatch.setenv(HOLD_ENV, str(hold))
+    monkeypatch.setenv(FAULTS_ENV, hold_copier(hold))
     return hold
 
 
@@ -184,7 +185,7 @@ def test_controller_kill9_mid_move_resumes(held, controller, mount_factory, tmp_
         time.sleep(1.5)
         controller.kill()
         held.unlink()
-        monkeypatch.delenv(HOLD_ENV)
+        monkeypatch.delenv(FAULTS_ENV)
         time.sleep(0.5)
         controller.start(["--lease", "3"])
         out = p.communicate(timeout=600)[0]

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from rig import (
+    FAULTS_ENV,
     FIO_VERIFY,
     SEG,
     ControllerProc,
@@ -23,6 +24,7 @@ from rig import (
     agent,
     check_clean,
     dwrite,
+    hold_copier,
     loop_device,
     open_direct,
     run,
@@ -31,7 +33,6 @@ from rig import (
 )
 
 B = 4096
-HOLD_ENV = "VIRTFS_TEST_HOLD_COPIER"
 
 
 def used(c: ControllerProc) -> dict[str, int]:
@@ -278,7 +279,7 @@ def test_controller_kill9_mid_copy_on_write(tmp_path, monkeypatch, mount_factory
     a restart they finish; the snapshot and the disk both read back right."""
     hold = tmp_path / "hold"
     hold.touch()
-    monkeypatch.setenv(HOLD_ENV, str(hold))
+    monkeypatch.setenv(FAULTS_ENV, hold_copier(hold))
     c = ControllerProc(tmp_path / "state", tmp_path / "controller.log")
     c.start(["--lease", "3"])
     try:
@@ -301,7 +302,7 @@ def test_controller_kill9_mid_copy_on_write(tmp_path, monkeypatch, mount_factory
         assert sum(1 for e in rows if e["state"] == ["nowrite"]) >= 8  # half done
         c.kill()
         hold.unlink()
-        monkeypatch.delenv(HOLD_ENV)
+        monkeypatch.delenv(FAULTS_ENV)
         c.start(["--lease", "3"])
         wait_for(lambda: all(e["state"] == ["valid"] for e in vd(
             c, "disk", "map", "d", "--format", "json").json()["entries"]

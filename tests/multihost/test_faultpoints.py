@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import pytest
+import trio
 from rig import (
     BIN,
     ControllerProc,
@@ -34,6 +35,7 @@ from rig import (
     check_clean,
     dread,
     dwrite,
+    hold_copier,
     open_direct,
     read_direct,
     vd,
@@ -42,7 +44,6 @@ from rig import (
 
 from controller import faultpoints
 from controller.faultpoints import ENV, POINTS
-from controller.service.movement import TEST_HOLD_COPIER_ENV
 
 B = 4096
 SEG = 1 << 20
@@ -66,17 +67,20 @@ CASES = [
     ("movement.mark", "crash", 2, ["write", "migrate"], None),
     ("movement.commit", "crash", 1, ["write", "migrate"], None),
     ("movement.abort", "crash", 1, ["write", "abort"], None),
+    ("movement.copier", "eio", 1, ["write", "migrate"], "job"),
     ("blockio.write", "eio", 3, ["write"], "writer"),
     ("blockio.write", "enospc", 3, ["write"], "writer"),
     ("blockio.write", "crash", 3, ["write"], "agent"),
     ("blockio.sync", "eio", 2, ["write"], "writer"),
     ("blockio.sync", "crash", 2, ["write"], "agent"),
+    ("fuse.handler", "raise:write", 3, ["write"], "writer"),  # a bug in a FUSE handler
 ]
 
 
 # where an injected error is not one the code expects there, the controller logs it with
 # its traceback (an internal error answered to the caller; the journal's fail-stop)
-TRACEBACK_EXPECTED = {"journal.after_fsync=eio", "placement.plan=eio", "snapshot.create=eio"}
+TRACEBACK_EXPECTED = {"journal.after_fsync=eio", "placement.plan=eio", "snapshot.create=eio",
+                      "fuse.handler=raise:write"}
 
 
 def _param(point: str, action: str, when: int, phases: list[str], sees: str | None) -> Any:
@@ -118,6 +122,50 @@ def test_spec_syntax_and_hit_windows():
     finally:
         faultpoints.arm("")
     assert faultpoints.hit is faultpoints._off
+
+
+async def test_raise_and_hold_actions(tmp_path):
+    hold = tmp_path / "h@ld"
+    assert faultpoints.parse(f"fuse.handler=raise:statfs@2+,movement.copier=hold:{hold}@1+,"
+                             "blockio.write=raise") == {
+        "fuse.handler": ("raise:statfs", 2, float("inf")),
+        "movement.copier": (f"hold:{hold}", 1, float("inf")),
+        "blockio.write": ("raise", 1, 1)}
+    for bad in ("blockio.sync=hold:/x",  # hold only where a trio task awaits the hit
+                "movement.copier=hold", "movement.copier=hold:",  # hold needs a file
+                "blockio.sync=raise:x",  # blockio.sync's hits carry no key
+                "fuse.handler=raise:", "blockio.sync=eio:x", "blockio.sync=crash:x"):
+        with pytest.raises(ValueError, match=ENV):
+            faultpoints.parse(bad)
+    try:
+        faultpoints.arm("fuse.handler=raise:statfs@2+")
+        faultpoints.hit("fuse.handler", "statfs")  # hit 1: not in the window
+        faultpoints.hit("fuse.handler", "read")  # another handler: not counted
+        with pytest.raises(RuntimeError, match="fault point fuse.handler: statfs raises"):
+            faultpoints.hit("fuse.handler", "statfs")
+        assert faultpoints.hits("fuse.handler") == 2
+        await faultpoints.hit_async("movement.copier")  # not armed: returns at once
+
+        faultpoints.arm(f"movement.copier=hold:{hold}@1+")
+        hold.touch()
+        released = trio.Event()
+
+        async def copier_step() -> None:
+            await faultpoints.hit_async("movement.copier")
+            released.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(copier_step)
+            await trio.sleep(0.3)
+            assert not released.is_set()  # held while the file exists
+            hold.unlink()
+            with trio.fail_after(5):
+                await released.wait()
+        with trio.fail_after(1):
+            await faultpoints.hit_async("movement.copier")  # no file: no wait
+        assert faultpoints.hits("movement.copier") == 2
+    finally:
+        faultpoints.arm("")
 
 
 class BlockModel:
@@ -186,16 +234,17 @@ def wait_jobs(c: ControllerProc, timeout: float = 40) -> list[dict[str, Any]]:
 def test_fault_point(controller, mount_factory, tmp_path, monkeypatch, point, action, when,
                      phases, sees):
     hold = tmp_path / "hold-copier"
-    monkeypatch.setenv(TEST_HOLD_COPIER_ENV, str(hold))
     add_container(controller, "c1", tmp_path / "c1.img", "256M")
     add_container(controller, "c2", tmp_path / "c2.img", "256M")
     vd(controller, "disk", "create", "d", "--size", str(SIZE), "--segment-size", str(SEG),
        "--container", "c1")
     spec = f"{point}={action}@{when}"
-    in_agent = point.startswith("blockio.")
+    in_agent = point.startswith(("blockio.", "fuse."))
     controller.stop()
-    if not in_agent:
-        os.environ[ENV] = spec
+    # the controller's point, and for the abort phase its copier held while hold exists
+    armed = ([] if in_agent else [spec]) + ([hold_copier(hold)] if "abort" in phases else [])
+    if armed:
+        os.environ[ENV] = ",".join(armed)
     try:
         controller.start(["--lease", LEASE], wait=False)
     finally:

@@ -25,7 +25,8 @@ from rig import ControllerProc, run_vdctl
 
 from controller import codec
 from controller import protocol as P
-from controller.server import HELLO_MAX_FRAME, FrameError, FrameReader
+from controller.server import HELLO_MAX_FRAME
+from controller.transport import FrameError, FrameReader
 
 # ---------------------------------------------------------------- in-process fuzz
 

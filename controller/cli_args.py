@@ -1,0 +1,182 @@
+"""vdctl's command line: the parser (nouns, verbs, options) and its argument types."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Any
+
+from . import __version__
+from .client import add_security_options
+from .transport import parse_addr
+from .units import SIZE_HELP, SizeError, parse_size
+
+_NEG = "neg:"  # argv rewrite so "disk resize d -1G" is not taken for an option
+
+
+MAX_SIZE_ARG = (1 << 63) - 1  # what msgpack carries as a signed int
+
+
+def size_arg(text: str) -> int:
+    """A size argument in bytes (units.parse_size); ArgumentTypeError if it is not one."""
+    if text.startswith(_NEG):  # undo the argv rewrite so the message shows what was typed
+        text = "-" + text[len(_NEG):]
+    try:
+        n = parse_size(text)
+    except SizeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n > MAX_SIZE_ARG:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: too large")
+    return n
+
+
+def delta_arg(text: str) -> tuple[str, int]:
+    """SIZE, +SIZE or -SIZE for resize."""
+    sign = ""
+    if text.startswith(_NEG):
+        sign, text = "-", text[len(_NEG):]
+    elif text[:1] in "+-":
+        sign, text = text[0], text[1:]
+    return sign, size_arg(text)
+
+
+def addr_arg(text: str) -> str:
+    """A controller address: unix:PATH or tcp://HOST:PORT (TLS and a token, see
+    --token-file)."""
+    try:
+        parse_addr(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def path_arg(text: str) -> str:
+    """A non-empty path, made absolute (the controller resolves none itself)."""
+    if not text:
+        raise argparse.ArgumentTypeError("PATH must not be empty")
+    return os.path.abspath(text)
+
+
+def _globals(parser: argparse.ArgumentParser, default: Any) -> None:
+    g = parser.add_argument_group("global options")
+    g.add_argument("--state-dir", default=default,
+                   help="the controller's state dir (its socket is STATE_DIR/controller.sock; "
+                   "default $VIRTFS_STATE_DIR or ~/.local/state/virtfs)")
+    g.add_argument("--controller", metavar="ADDR", default=default, type=addr_arg,
+                   help="the controller's address, unix:PATH or tcp://HOST:PORT "
+                   "(default $VIRTFS_CONTROLLER, else the state dir's socket)")
+    add_security_options(g, default)
+    g.add_argument("--format", choices=("table", "json"), default=default,
+                   help="output format (default table)")
+    g.add_argument("-H", "--no-headings", action="store_true", default=default,
+                   help="print tables without their heading line (for scripts)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """vdctl's parser: NOUN VERB [args], global options before or after the verb."""
+    p = argparse.ArgumentParser(
+        prog="vdctl",
+        description="Manage virtfs storage containers and virtual disks.",
+        epilog=f"Sizes: {SIZE_HELP}. "
+        "Global options may also follow the verb, e.g. 'vdctl disk ls --format json'.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _globals(p, None)
+    nouns = p.add_subparsers(dest="noun", metavar="NOUN", required=True)
+
+    def verb(sub: Any, name: str, help_: str) -> argparse.ArgumentParser:
+        vp = sub.add_parser(name, help=help_, description=help_)
+        _globals(vp, argparse.SUPPRESS)
+        return vp
+
+    verb(nouns, "status", "show the controller's status")
+    verb(nouns, "check", "verify the persistent table (exit 1 on corruption)")
+
+    c = nouns.add_parser("container", help="storage containers (backing files or devices)")
+    cv = c.add_subparsers(dest="verb", metavar="VERB", required=True)
+    a = verb(cv, "add", "add a container: an existing file or block device, or a new sparse "
+             "file of --size")
+    a.add_argument("name", help="container name (letters, digits, . _ + -)")
+    a.add_argument("path", type=path_arg,
+                   help="backing file or block device (made absolute); a new sparse file "
+                   "with --size")
+    a.add_argument("--size", type=size_arg,
+                   help="create a sparse file of this size if PATH does not exist; with an "
+                   "existing file, use only its first SIZE bytes")
+    verb(cv, "ls", "list containers with usage")
+    verb(cv, "info", "show one container and the disks on it").add_argument("name")
+    verb(cv, "rm", "remove an empty container (the file itself is left in place)"
+         ).add_argument("name")
+    dr = verb(cv, "drain", "move everything off a container, while disks are in use "
+              "(new space avoids it meanwhile)")
+    dr.add_argument("name")
+    dr.add_argument("--to", metavar="CONTAINER", help="move it all to this container "
+                    "(default: wherever new space would go)")
+    dr.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    verb(cv, "fail", "mark a container failed: I/O on its data fails at once with EIO"
+         ).add_argument("name")
+    verb(cv, "restore", "clear a failed or suspect container: its data is used again"
+         ).add_argument("name")
+
+    d = nouns.add_parser("disk", help="virtual disks")
+    dv = d.add_subparsers(dest="verb", metavar="VERB", required=True)
+    cr = verb(dv, "create", "create a disk (thin unless --thick)")
+    cr.add_argument("name", help="disk name: any file name (up to 255 bytes of UTF-8) "
+                    "without '/' or '@'")
+    cr.add_argument("--size", type=size_arg, required=True, metavar="SIZE",
+                    help="any byte size, e.g. 12345, 10G, 1.5T")
+    cr.add_argument("--thick", action="store_true", help="allocate all space now")
+    cr.add_argument("--segment-size", type=size_arg, metavar="SIZE",
+                    help="allocation unit for thin disks (default 4M, multiple of 4K)")
+    cr.add_argument("--container", help="allocate only on this container")
+    verb(dv, "ls", "list disks")
+    verb(dv, "info", "show one disk").add_argument("name")
+    verb(dv, "map", "show a disk's segment map: entries and their states").add_argument("name")
+    rs = verb(dv, "resize", "set a disk's size, or grow/shrink it by +SIZE/-SIZE")
+    rs.add_argument("name")
+    rs.add_argument("size", type=delta_arg, metavar="SIZE|+SIZE|-SIZE",
+                    help="new size, or a change of it (e.g. 20G, +1G, -512M)")
+    rs.add_argument("--allow-shrink", action="store_true", help="permit shrinking (data past "
+                    "the new end is discarded)")
+    verb(dv, "rm", "remove a disk and free its space (refused while an agent has it open)"
+         ).add_argument("name")
+    mg = verb(dv, "migrate", "move a disk to another container while it is in use")
+    mg.add_argument("name")
+    mg.add_argument("--to", metavar="CONTAINER", required=True, help="target container")
+    mg.add_argument("--no-wait", action="store_true", help="print the job id and return")
+
+    verb(dv, "clone", "make a writable thin disk from a snapshot, sharing its storage"
+         ).add_argument("snap", metavar="NAME@SNAP")
+    dv.choices["clone"].add_argument("new", metavar="NEWNAME")
+
+    sn = nouns.add_parser("snap", help="snapshots of disks (NAME@SNAP, read-only)")
+    sv = sn.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verb(sv, "create", "snapshot a disk (in use or not): time independent of its size"
+         ).add_argument("name", metavar="NAME@SNAP")
+    verb(sv, "ls", "list a disk's snapshots (created, size, bytes only the snapshot holds)"
+         ).add_argument("name", metavar="NAME")
+    verb(sv, "rm", "remove a snapshot: frees what nothing else maps"
+         ).add_argument("name", metavar="NAME@SNAP")
+    rb = verb(sv, "rollback", "make a disk's content the snapshot's (refused while the disk "
+              "is open anywhere, unless --force)")
+    rb.add_argument("name", metavar="NAME@SNAP")
+    rb.add_argument("--force", action="store_true", help="roll back under the agents that "
+                    "have the disk open (they see the snapshot's content at once)")
+
+    jb = nouns.add_parser("job", help="background data movement (migrate, drain)")
+    jv = jb.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verb(jv, "ls", "list jobs: running ones with their progress, and recent ended ones")
+    verb(jv, "abort", "stop a job; segments it is moving go back where they were"
+         ).add_argument("id", type=int)
+
+    ag = nouns.add_parser("agent", help="agents (virtfs-mount processes) the controller knows")
+    agv = ag.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verb(agv, "ls", "list agents with their leases and open disks")
+    return p
+
+
+def rewrite_negative(argv: list[str]) -> list[str]:
+    """argv with negative sizes ("-1G") hidden from argparse, which would take them for
+    options; size_arg and delta_arg undo it."""
+    return [_NEG + a[1:] if re.fullmatch(r"-\d[\d.]*[A-Za-z]*", a) else a for a in argv]
