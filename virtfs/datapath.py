@@ -31,6 +31,7 @@ from controller.protocol import (
 )
 
 from .agent import ControllerUnavailable, Session
+from .background import Background
 from .blockio import ContainerError, ContainerIO
 from .errors import DiskError, call, remote_error
 from .kernel import KernelCache
@@ -74,8 +75,7 @@ class OpenDisk:
     faults: dict[tuple[int, bool], trio.Event] = field(default_factory=dict)
     grow_lock: trio.Lock = field(default_factory=trio.Lock)
     handle: int | None = None  # the controller's identity of the disk (disk.open's answer)
-    reloading: bool = False  # a background reload is running (Volumes.reload_soon)
-    reload_again: bool = False  # and another one is wanted after it
+    reloading: Background = field(default_factory=lambda: Background(rerun=True))
     # grow ahead: an appending writer grows the disk at the controller in large steps
     # (to grown_to) and keeps the file's end here (eof), trimmed back on fsync and close
     eof: int | None = None
@@ -83,9 +83,9 @@ class OpenDisk:
     next_write: int = -1  # where the last write ended (sequential writers allocate ahead)
     run: int = 0  # bytes written sequentially up to next_write
     run_start: int = 0  # where the run began
-    prefetching: bool = False  # a background allocation ahead is running
-    settling: bool = False  # size and times are being saved in the background (settle)
-    times_timer: bool = False  # a times_later is pending
+    prefetching: Background = field(default_factory=Background)  # allocation ahead
+    settling: Background = field(default_factory=Background)  # size and times (settle)
+    times_timer: Background = field(default_factory=Background)  # times_later
     # times (time.time()) of the last write or size change (mtime) and of any change
     # (stime) made here; times_set: they are ours to show; times_dirty: not yet sent
     # to the controller (disk.times on close, fsync or utimensat)
@@ -384,8 +384,7 @@ class DataPath:
                 continue
             if pos >= target:
                 od.touch()
-                if not od.times_timer:
-                    self.times_later(od)
+                self.times_later(od)
                 if not skip_zero:
                     od.wrote(offset, target)
                     self._prefetch(od, target)
@@ -479,47 +478,36 @@ class DataPath:
             except DiskError as e:
                 log.info("%s: size and times not saved yet (%s); retrying in the background",
                          od.name, e)
-        if od.settling:
-            return
-        od.settling = True
 
         async def run() -> None:
-            try:
-                for _ in range(SETTLE_RETRIES):
-                    await trio.sleep(1.0)
-                    try:
-                        await self.trim(od)
-                        await self.save_times(od)
-                        return
-                    except DiskError as e:
-                        log.debug("%s: saving size and times: %s", od.name, e)
-                log.warning("%s: gave up saving its size and times at the controller", od.name)
-            finally:
-                od.settling = False
+            for _ in range(SETTLE_RETRIES):
+                await trio.sleep(1.0)
+                try:
+                    await self.trim(od)
+                    await self.save_times(od)
+                    return
+                except DiskError as e:
+                    log.debug("%s: saving size and times: %s", od.name, e)
+            log.warning("%s: gave up saving its size and times at the controller", od.name)
 
-        self.session.start_soon(run)
+        od.settling.start(self.session.start_soon, run)
 
     def times_later(self, od: OpenDisk) -> None:
         """Send od's times TIMES_INTERVAL from now (armed by the first write after a
         send), so a disk written for long without a close has them at the controller
         too: at most one disk.times record per interval, never one per write."""
-        if od.times_timer:
-            return
-        od.times_timer = True
 
         async def run() -> None:
-            try:
+            while True:
                 await trio.sleep(TIMES_INTERVAL)
                 try:
                     await self.save_times(od, timeout=SETTLE_TIMEOUT)
                 except DiskError as e:
                     log.debug("%s: saving times: %s", od.name, e)
-            finally:
-                od.times_timer = False
-            if od.times_dirty and od.handles > 0:
-                self.times_later(od)
+                if not (od.times_dirty and od.handles > 0):
+                    return  # else written meanwhile and still open: arm it again
 
-        self.session.start_soon(run)
+        od.times_timer.start(self.session.start_soon, run)
 
     async def save_times(self, od: OpenDisk, timeout: float | None = None) -> None:
         """Send od's times to the controller if they changed since (close, fsync,
@@ -574,7 +562,7 @@ class DataPath:
         less than half a window ahead, allocate the window in the background, so the
         writer need not wait for it (it still faults, and waits, if it gets there first).
         Never raises; a failure only logs (the writer's own fault reports the error)."""
-        if (od.prefetching or od.run < PREFETCH_MIN_RUN or not od.sequential(pos, pos)
+        if (od.prefetching.running or od.run < PREFETCH_MIN_RUN or not od.sequential(pos, pos)
                 or not self.session.lease_valid()):
             return
         seg = od.segment_size
@@ -591,7 +579,6 @@ class DataPath:
         if end <= start:
             return
         length = end - start
-        od.prefetching = True
 
         async def run() -> None:
             try:
@@ -601,10 +588,8 @@ class DataPath:
                 log.debug("allocation ahead on %s at %d: %s", od.name, start, err)
             except TableError as err:
                 log.warning("allocation ahead on %s at %d: %s", od.name, start, err)
-            finally:
-                od.prefetching = False
 
-        self.session.start_soon(run)
+        od.prefetching.start(self.session.start_soon, run)
 
     async def allocate(self, od: OpenDisk, offset: int, length: int, *, reserve: bool,
                        deadline: float | None = None) -> None:

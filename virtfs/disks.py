@@ -206,20 +206,9 @@ class Volumes:
         Bounded by the lease; a reload that fails leaves the whole table restricted
         (every I/O faults to the controller) until a later one succeeds. Never raises.
         """
-        if od.reloading:
-            od.reload_again = True  # the running one may have started before this change
-            return
-        od.reloading = True
-        od.reload_again = False
-
         async def run() -> None:
-            try:
-                while True:
-                    await self.data.reload_or_restrict(od, timeout=self.session.lease)
-                    if not od.reload_again or od.handles <= 0:
-                        break
-                    od.reload_again = False
-            finally:
-                od.reloading = False
+            await self.data.reload_or_restrict(od, timeout=self.session.lease)
 
-        self.session.start_soon(run)
+        # a request while one runs makes one more (it may have started before this
+        # change), for as long as the disk is open
+        od.reloading.start(self.session.start_soon, run, more=lambda: od.handles > 0)
