@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
@@ -31,11 +29,11 @@ from controller.protocol import (
 )
 
 from .agent import ControllerUnavailable, Session
-from .background import Background
 from .blockio import ContainerError, ContainerIO
 from .errors import DiskError, call, remote_error
 from .kernel import KernelCache
-from .mapcache import DiskTable, Entry, Inflight, TableError
+from .mapcache import DiskTable, Entry, TableError
+from .opendisk import OpenDisk
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,84 +49,6 @@ SETTLE_TIMEOUT = 5.0  # seconds close/fsync wait for the controller to take size
 SETTLE_RETRIES = 600  # then once a second in the background, this many times
 TIMES_INTERVAL = 5.0  # seconds between disk.times of a disk written without a close
 ALLOCATE_CHUNK = 1 << 30  # bytes per disk.allocate call (controller's MAX_ALLOCATE)
-# a write starting this close to the furthest end of the run so far continues it (a
-# window, not an exact match: qemu-img convert and VMs keep several sequential writes in
-# flight, which arrive in any order)
-SEQUENTIAL_SLACK = 16 << 20
-
-
-@dataclass
-class OpenDisk:
-    """A disk this agent has open: its table, its in-flight I/O, its pending faults.
-
-    inode doubles as the disk's key for sync debts (blockio): it stays with the disk
-    across renames and while it is closed, for as long as the name is known here.
-    """
-
-    name: str
-    inode: int
-    table: DiskTable
-    segment_size: int
-    handles: int = 0
-    unlinked: bool = False
-    inflight: Inflight = field(default_factory=Inflight)
-    faults: dict[tuple[int, bool], trio.Event] = field(default_factory=dict)
-    grow_lock: trio.Lock = field(default_factory=trio.Lock)
-    handle: int | None = None  # the controller's identity of the disk (disk.open's answer)
-    reloading: Background = field(default_factory=lambda: Background(rerun=True))
-    # grow ahead: an appending writer grows the disk at the controller in large steps
-    # (to grown_to) and keeps the file's end here (eof), trimmed back on fsync and close
-    eof: int | None = None
-    grown_to: int = -1
-    next_write: int = -1  # where the last write ended (sequential writers allocate ahead)
-    run: int = 0  # bytes written sequentially up to next_write
-    run_start: int = 0  # where the run began
-    prefetching: Background = field(default_factory=Background)  # allocation ahead
-    settling: Background = field(default_factory=Background)  # size and times (settle)
-    times_timer: Background = field(default_factory=Background)  # times_later
-    # times (time.time()) of the last write or size change (mtime) and of any change
-    # (stime) made here; times_set: they are ours to show; times_dirty: not yet sent
-    # to the controller (disk.times on close, fsync or utimensat)
-    mtime: float = 0.0
-    stime: float = 0.0
-    times_set: bool = False
-    times_dirty: bool = False
-
-    def touch(self, mtime: float | None = None) -> None:
-        """The content or size changed now (or utimensat set mtime)."""
-        now = time.time()
-        self.mtime = now if mtime is None else mtime
-        self.stime = now
-        self.times_set = self.times_dirty = True
-
-    def _continues(self, offset: int, end: int) -> bool:
-        """A write of [offset, end) continues the run: it starts near the run's furthest
-        end, and the run stays dense (at least 3/4 of the span it covers written), so
-        writes in flight out of order count and jumps over unwritten space do not."""
-        if abs(offset - self.next_write) > SEQUENTIAL_SLACK:
-            return False
-        span = max(self.next_write, end) - min(self.run_start, offset)
-        return (self.run + end - offset) * 4 >= span * 3
-
-    def sequential(self, offset: int, end: int) -> bool:
-        """A write of [offset, end) continues a sequential run of at least a segment."""
-        return self.run >= self.segment_size and self._continues(offset, end)
-
-    def wrote(self, offset: int, end: int) -> None:
-        if self._continues(offset, end):
-            self.run += end - offset
-            self.next_write = max(self.next_write, end)
-            self.run_start = min(self.run_start, offset)
-        else:
-            self.run, self.run_start, self.next_write = end - offset, offset, end
-
-    @property
-    def size(self) -> int:
-        """The file's size: the local end of file while grown ahead, else the table's.
-        A size the controller changed since (truncate, vdctl resize) wins."""
-        if self.eof is not None and self.table.size == self.grown_to:
-            return self.eof
-        return self.table.size
 
 
 class DataPath:
@@ -363,8 +283,8 @@ class DataPath:
             return await self._write(od, offset, data, skip_zero)
         except DiskError:
             end = offset + len(data)
-            if od.eof is not None and od.eof == end and end > size_before:
-                od.eof = size_before
+            if od.grow.eof is not None and od.grow.eof == end and end > size_before:
+                od.grow.eof = size_before
             raise
 
     async def _write(self, od: OpenDisk, offset: int, data: bytes | memoryview,
@@ -386,7 +306,7 @@ class DataPath:
                 od.touch()
                 self.times_later(od)
                 if not skip_zero:
-                    od.wrote(offset, target)
+                    od.run.wrote(offset, target)
                     self._prefetch(od, target)
                 return len(view)
             opened = False
@@ -398,7 +318,8 @@ class DataPath:
                     continue
                 if not self._usable(e, write=True):
                     if (e.flags & ZERO and not e.flags & INVALID and not skip_zero
-                            and self.session.lease_valid() and od.sequential(offset, target)):
+                            and self.session.lease_valid()
+                            and od.run.sequential(offset, target, od.segment_size)):
                         # a sequential writer meets unallocated space: allocate ahead
                         await self._allocate_ahead(od, pos, target - pos, deadline)
                         opened = True  # look at the table again
@@ -438,16 +359,16 @@ class DataPath:
         """Grow od to at least size bytes (never shrinks). DiskError (EFBIG, ENOSPC...).
 
         ahead (a write past the end): grow the disk at the controller by a large step
-        and keep the file's end locally (od.eof), so an appending writer makes one
+        and keep the file's end locally (od.grow.eof), so an appending writer makes one
         round trip per step, not per write; fsync and the last close trim it back.
         """
         if size > MAX_DISK_SIZE:
             raise DiskError(errno.EFBIG, f"{od.name}: {size} bytes is past the largest disk")
-        async with od.grow_lock:
+        async with od.grow.lock:
             if size <= od.size:
                 return
-            if od.eof is not None and od.table.size == od.grown_to and size <= od.table.size:
-                od.eof = size  # inside the step already taken: no round trip
+            if od.grow.eof is not None and od.table.size == od.grow.to and size <= od.table.size:
+                od.grow.eof = size  # inside the step already taken: no round trip
                 return
             if ahead:
                 base = od.size
@@ -455,9 +376,9 @@ class DataPath:
                 want = min(size + step, MAX_DISK_SIZE)
                 await self.resize(od.name, want, allow_shrink=False, od=od, grow_only=True)
                 if od.table.size == want:  # we set it: the rest is ours to trim
-                    od.grown_to, od.eof = want, size
+                    od.grow.to, od.grow.eof = want, size
                 else:  # another writer made it larger meanwhile: its size stands
-                    od.eof = None
+                    od.grow.eof = None
                 return
             # grow_only: a disk another writer made larger meanwhile stays as it is
             await self.resize(od.name, size, allow_shrink=False, od=od, grow_only=True)
@@ -467,7 +388,7 @@ class DataPath:
         its times follow by the timer), which never fail or hold up their caller for
         long: without the controller (or if it does not answer within SETTLE_TIMEOUT)
         they are retried in the background until it is back."""
-        if od.eof is None and not (times and od.times_dirty):
+        if od.grow.eof is None and not (times and od.times.dirty):
             return
         if self.session.client is not None:
             try:
@@ -504,37 +425,37 @@ class DataPath:
                     await self.save_times(od, timeout=SETTLE_TIMEOUT)
                 except DiskError as e:
                     log.debug("%s: saving times: %s", od.name, e)
-                if not (od.times_dirty and od.handles > 0):
+                if not (od.times.dirty and od.handles > 0):
                     return  # else written meanwhile and still open: arm it again
 
-        od.times_timer.start(self.session.start_soon, run)
+        od.times.timer.start(self.session.start_soon, run)
 
     async def save_times(self, od: OpenDisk, timeout: float | None = None) -> None:
         """Send od's times to the controller if they changed since (close, fsync,
         utimensat): one disk.times record, never one per write. DiskError."""
-        if not od.times_dirty:
+        if not od.times.dirty:
             return
-        od.times_dirty = False
+        od.times.dirty = False
         try:
             await call(self.session, "disk.times", f"times of {od.name}", timeout=timeout,
-                       name=od.name, mtime=od.mtime, stime=od.stime)
+                       name=od.name, mtime=od.times.mtime, stime=od.times.stime)
         except BaseException:
-            od.times_dirty = True
+            od.times.dirty = True
             raise
         self.on_resize()  # the listing's times are older
 
     async def trim(self, od: OpenDisk, timeout: float | None = None) -> None:
         """Give back what grow ahead took past the file's end (fsync, last close): the
-        controller shrinks the disk to od.eof if its size is still the one we set.
+        controller shrinks the disk to od.grow.eof if its size is still the one we set.
         DiskError (and od keeps its local end of file) if the controller cannot."""
-        async with od.grow_lock:
-            eof, grown = od.eof, od.grown_to
+        async with od.grow.lock:
+            eof, grown = od.grow.eof, od.grow.to
             if eof is None or od.table.size != grown or eof >= grown:
-                od.eof, od.grown_to = None, -1
+                od.grow.eof, od.grow.to = None, -1
                 return
             r = await call(self.session, "disk.trim", f"trim {od.name}", timeout=timeout,
                            name=od.name, size=eof, expect=grown)
-            od.eof, od.grown_to = None, -1
+            od.grow.eof, od.grow.to = None, -1
             self.on_resize()
             u = r.get("update")
             if u is not None:
@@ -552,7 +473,7 @@ class DataPath:
         seg = od.segment_size
         # as far ahead as the writer has come sequentially (so what a writer that stops
         # leaves allocated unwritten is less than what it wrote), at most the maximum
-        ahead = max(min(od.run, ALLOCATE_AHEAD_MAX), seg)
+        ahead = max(min(od.run.length, ALLOCATE_AHEAD_MAX), seg)
         start = pos // seg * seg
         end = min(max(pos + length, start + ahead), od.table.size)
         await self.allocate(od, start, end - start, reserve=False, deadline=deadline)
@@ -562,11 +483,12 @@ class DataPath:
         less than half a window ahead, allocate the window in the background, so the
         writer need not wait for it (it still faults, and waits, if it gets there first).
         Never raises; a failure only logs (the writer's own fault reports the error)."""
-        if (od.prefetching.running or od.run < PREFETCH_MIN_RUN or not od.sequential(pos, pos)
+        if (od.run.prefetching.running or od.run.length < PREFETCH_MIN_RUN
+                or not od.run.sequential(pos, pos, od.segment_size)
                 or not self.session.lease_valid()):
             return
         seg = od.segment_size
-        ahead = min(od.run, ALLOCATE_AHEAD_MAX)
+        ahead = min(od.run.length, ALLOCATE_AHEAD_MAX)
         hole = od.table.seek(pos, data=False)
         if hole is None or hole >= od.table.size or hole - pos > ahead // 2:
             return
@@ -589,7 +511,7 @@ class DataPath:
             except TableError as err:
                 log.warning("allocation ahead on %s at %d: %s", od.name, start, err)
 
-        od.prefetching.start(self.session.start_soon, run)
+        od.run.prefetching.start(self.session.start_soon, run)
 
     async def allocate(self, od: OpenDisk, offset: int, length: int, *, reserve: bool,
                        deadline: float | None = None) -> None:

@@ -18,11 +18,12 @@ from controller.protocol import RemoteError
 
 from .agent import Session
 from .blockio import ContainerIO
-from .datapath import DataPath, OpenDisk
+from .datapath import DataPath
 from .errors import DiskError, call
 from .kernel import KernelCache
 from .mapcache import TableError
 from .namespace import Namespace
+from .opendisk import OpenDisk
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,8 @@ class Volumes:
             await self.data.resize(name, size, allow_shrink=True, od=od)
             await self._times_at_controller(inode, time.time())
             return
-        async with od.grow_lock:
-            od.eof, od.grown_to = None, -1  # an exact size: nothing grown ahead stays
+        async with od.grow.lock:
+            od.grow.eof, od.grow.to = None, -1  # an exact size: nothing grown ahead stays
             await self.data.resize(name, size, allow_shrink=True, od=od)
         od.touch()
 

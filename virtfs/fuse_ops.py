@@ -22,10 +22,10 @@ import trio
 
 from controller.protocol import RemoteError, check_name
 
-from .datapath import OpenDisk
 from .disks import Volumes
 from .errors import DiskError
 from .namespace import ROOT_INODE
+from .opendisk import OpenDisk
 
 log = logging.getLogger(__name__)
 
