@@ -32,8 +32,9 @@ from .agent import ControllerUnavailable, Session
 from .blockio import ContainerError, ContainerIO
 from .errors import DiskError, call, remote_error
 from .kernel import KernelCache
-from .mapcache import DiskTable, Entry, TableError
+from .mapcache import Entry, TableError
 from .opendisk import OpenDisk
+from .tables import Tables, TableUpdate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,70 +62,7 @@ class DataPath:
         self.kernel = kernel
         self.fault_timeout = fault_timeout
         self.on_resize = on_resize  # a disk's size changed at the controller (listing stale)
-        # the newest version stamp pushed per disk name, open or not (see load)
-        self._pushed_v: dict[str, int] = {}
-
-    # ------------------------------------------------------------ tables
-    def load(self, od: OpenDisk | None, name: str, t: dict[str, Any]) -> DiskTable:
-        """Install a whole table; one older than a push already seen only restricts.
-
-        t: a disk.open / disk.table answer. Raises TableError on rows that do not tile.
-        """
-        self.io.set_paths({int(k): v for k, v in t["containers"].items()})
-        v = t.get("v", 0)
-        if od is None:
-            table = DiskTable(name, t["size"], t["epoch"], t["rows"], v)
-            if v < self._pushed_v.get(name, 0):
-                # a push for this disk overtook the open's answer: trust nothing yet
-                table.restrict(0, table.size)
-            return table
-        od.table.load(t["size"], t["epoch"], t["rows"], v)
-        return od.table
-
-    async def reload(self, od: OpenDisk, timeout: float | None = None) -> None:
-        """Fetch and install a fresh copy of od's table (timeout: seconds, default the
-        session's call timeout). Raises DiskError, TableError."""
-        t = await call(self.session, "disk.table", f"reload {od.name}", timeout=timeout,
-                       name=od.name)
-        self.load(od, od.name, t)
-        self.kernel.invalidate(od.inode)
-
-    async def reload_or_restrict(self, od: OpenDisk, timeout: float | None = None) -> bool:
-        """reload(od); if that fails, restrict the whole table (every I/O then faults
-        and gets its entries from the controller) and log why. Never raises DiskError
-        or TableError; True if the reload succeeded."""
-        try:
-            await self.reload(od, timeout=timeout)
-            return True
-        except (DiskError, TableError) as e:
-            log.warning("reload of %s failed (%s); its I/O goes through the controller "
-                        "until a reload succeeds", od.name, e)
-            od.table.restrict(0, od.table.size)
-            self.kernel.invalidate(od.inode)
-            return False
-
-    def note_push(self, name: str, v: Any) -> None:
-        """Remember the newest version stamp pushed for a disk name."""
-        if isinstance(v, int):
-            self._pushed_v[name] = max(self._pushed_v.get(name, 0), v)
-
-    def pushed(self, name: str) -> int:
-        """The newest version stamp pushed for a disk name (0: none)."""
-        return self._pushed_v.get(name, 0)
-
-    async def apply_update(self, od: OpenDisk, msg: dict[str, Any]) -> None:
-        """An "update" push: new entries for [start, end), maybe drain in-flight I/O there."""
-        start, end = msg["start"], msg["end"]
-        try:
-            od.table.replace(start, end, msg["rows"], size=msg["size"], epoch=msg["epoch"],
-                             version=msg.get("v"))
-        except TableError as e:
-            log.warning("bad update for %s (%s); reloading the table", od.name, e)
-            od.table.restrict(0, od.table.size)
-            await self.reload_or_restrict(od, timeout=self.session.lease)
-        if msg.get("drain"):
-            await od.inflight.drain(start, end)
-        self.kernel.invalidate(od.inode)
+        self.tables = Tables(session, io, kernel)
 
     # ------------------------------------------------------------ faults
     async def _fault(self, od: OpenDisk, offset: int, length: int, write: bool,
@@ -150,19 +88,13 @@ class DataPath:
                     await trio.sleep(0.05)  # a change on the range outlasted the fault: again
                     return
                 raise remote_error(e, f"fault on {od.name} at {offset}") from None
-            self.io.set_paths({int(k): v for k, v in r["containers"].items()})
-            rows = r["rows"]
-            if not rows and r["size"] != od.table.size and not od.table.stale(r.get("v")):
-                od.table.resize(r["size"])
-            if rows:
-                start = rows[0][0]
-                end = rows[-1][0] + rows[-1][1]
-                before = od.table.allocated if write else 0
-                od.table.replace(start, end, rows, size=r["size"], epoch=r["epoch"],
-                                 version=r.get("v"))
-                if write and od.table.allocated != before:
-                    self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
-                    self.on_resize()  # and the pool's figures (df)
+            u = TableUpdate.answer(r)
+            before = od.table.allocated
+            self.tables.apply_update(od.table, u)
+            # entries newly allocated (not a size taken from an answer without rows)
+            if write and u.start is not None and od.table.allocated != before:
+                self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
+                self.on_resize()  # and the pool's figures (df)
         finally:
             del od.faults[key]
             ev.set()
@@ -459,11 +391,10 @@ class DataPath:
             self.on_resize()
             u = r.get("update")
             if u is not None:
-                od.table.replace(u["start"], u["end"], u["rows"], size=u["size"],
-                                 epoch=u["epoch"], version=u.get("v"))
+                self.tables.apply_update(od.table, TableUpdate.ranged(u))
             elif od.table.size == grown:
                 # another writer changed the size meanwhile: fetch the truth
-                await self.reload_or_restrict(od)
+                await self.tables.reload_or_restrict(od)
             self.kernel.invalidate(od.inode, attr_only=True)
 
     async def _allocate_ahead(self, od: OpenDisk, pos: int, length: int,
@@ -530,11 +461,9 @@ class DataPath:
                 raise DiskError(errno.EIO, f"allocate on {od.name} at {pos}: {e}") from None
             except RemoteError as e:
                 raise remote_error(e, f"allocate on {od.name} at {pos}") from None
-            self.io.set_paths({int(k): v for k, v in r["containers"].items()})
-            rows = r["rows"]
-            if rows:
-                od.table.replace(rows[0][0], rows[-1][0] + rows[-1][1], rows, size=r["size"],
-                                 epoch=r["epoch"], version=r.get("v"))
+            u = TableUpdate.answer(r)
+            self.tables.apply_update(od.table, u)
+            if u.start is not None:
                 self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
                 self.on_resize()
             pos += n
@@ -573,13 +502,12 @@ class DataPath:
         r = await call(self.session, "disk.resize", f"resize {name}", name=name, size=size,
                        allow_shrink=allow_shrink, **args)
         self.on_resize()
-        u = r.get("update")
-        if od is not None and u is not None:
-            od.table.replace(u["start"], u["end"], u["rows"], size=u["size"], epoch=u["epoch"],
-                             version=u.get("v"))
+        if od is not None and r.get("update") is not None:
+            u = TableUpdate.ranged(r["update"])
+            self.tables.apply_update(od.table, u)
             short = od.table.size < size if grow_only else od.table.size != size
-            if short and not od.table.stale(u.get("v")):
-                await self.reload(od)
+            if short and not od.table.stale(u.version):
+                await self.tables.reload(od)
 
     def seek(self, od: OpenDisk, offset: int, data: bool) -> int:
         """lseek SEEK_DATA/SEEK_HOLE from the table: zero entries are holes, every other
@@ -600,10 +528,9 @@ class DataPath:
             return
         r = await call(self.session, "disk.discard", f"discard on {od.name}", name=od.name,
                        offset=offset, length=end - offset)
-        if r["rows"]:
-            start = r["rows"][0][0]
-            stop = r["rows"][-1][0] + r["rows"][-1][1]
-            od.table.replace(start, stop, r["rows"], epoch=r["epoch"], version=r.get("v"))
+        u = TableUpdate.answer(r)
+        self.tables.apply_update(od.table, u)
+        if u.start is not None:
             self.kernel.invalidate(od.inode, attr_only=True)
             self.on_resize()  # the pool's figures (df)
         for lo, hi in r["zero"]:

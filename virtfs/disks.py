@@ -24,6 +24,7 @@ from .kernel import KernelCache
 from .mapcache import TableError
 from .namespace import Namespace
 from .opendisk import OpenDisk
+from .tables import TableUpdate
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,9 @@ class Volumes:
                 if name != asked:
                     log.info("disk %s was renamed to %s while it was being opened", asked, name)
                     ns.move_name(inode, name)
-                    self.data.note_push(name, self.data.pushed(asked))
+                    self.data.tables.note_push(name, self.data.tables.pushed(asked))
                 try:
-                    table = self.data.load(None, name, t)
+                    table = self.data.tables.new_table(name, TableUpdate.table(t))
                 except TableError as e:
                     await self._close_at_controller(name, t.get("handle"))
                     raise DiskError(errno.EIO, f"open {name}: bad table ({e})") from None
@@ -158,7 +159,7 @@ class Volumes:
             try:
                 t = await client.call("disk.open", name=name)
                 od.handle = t.get("handle")
-                self.data.load(od, name, t)
+                self.data.tables.apply_update(od.table, TableUpdate.table(t))
             except (RemoteError, TableError) as e:
                 log.error("disk %s cannot be reopened after reconnecting: %s", name, e)
                 od.table.restrict(0, od.table.size)
@@ -169,11 +170,11 @@ class Volumes:
         """Apply one controller push (update, rename, namespace, epochs)."""
         kind = msg.get("push")
         if kind == "update":
-            self.data.note_push(msg["disk"], msg.get("v"))
+            self.data.tables.note_push(msg["disk"], msg.get("v"))
             od = self.ns.open.get(msg["disk"])
             if od is None:
                 return
-            await self.data.apply_update(od, msg)
+            await self.data.tables.apply_push(od, TableUpdate.ranged(msg))
             info = self.ns.listing.get(od.name)
             if info is not None:
                 info.size = od.size
@@ -199,17 +200,4 @@ class Volumes:
                 if od is not None and epoch != od.table.epoch:
                     log.info("disk %s: table epoch %d, controller has %d; reloading",
                              name, od.table.epoch, epoch)
-                    self.reload_soon(od)
-
-    def reload_soon(self, od: OpenDisk) -> None:
-        """Reload od's table in the background; coalesced (one at a time per disk).
-
-        Bounded by the lease; a reload that fails leaves the whole table restricted
-        (every I/O faults to the controller) until a later one succeeds. Never raises.
-        """
-        async def run() -> None:
-            await self.data.reload_or_restrict(od, timeout=self.session.lease)
-
-        # a request while one runs makes one more (it may have started before this
-        # change), for as long as the disk is open
-        od.reloading.start(self.session.start_soon, run, more=lambda: od.handles > 0)
+                    self.data.tables.reload_soon(od)
