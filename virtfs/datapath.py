@@ -19,11 +19,9 @@ import trio
 
 from controller.client import ConnectionLost
 from controller.protocol import (
-    E_BUSY,
     ERROR,
     INVALID,
     MAX_DISK_SIZE,
-    NOWRITE,
     ZERO,
     RemoteError,
 )
@@ -31,6 +29,7 @@ from controller.protocol import (
 from .agent import ControllerUnavailable, Session
 from .blockio import ContainerError, ContainerIO
 from .errors import DiskError, call, remote_error
+from .faults import Faults
 from .kernel import KernelCache
 from .mapcache import Entry, TableError
 from .opendisk import OpenDisk
@@ -63,72 +62,8 @@ class DataPath:
         self.fault_timeout = fault_timeout
         self.on_resize = on_resize  # a disk's size changed at the controller (listing stale)
         self.tables = Tables(session, io, kernel)
-
-    # ------------------------------------------------------------ faults
-    async def _fault(self, od: OpenDisk, offset: int, length: int, write: bool,
-                     deadline: float) -> None:
-        """Ask the controller for usable entries at [offset, offset+length); coalesced."""
-        key = (offset // od.segment_size, write)
-        pending = od.faults.get(key)
-        if pending is not None:
-            with trio.move_on_at(deadline):
-                await pending.wait()
-            return
-        ev = trio.Event()
-        od.faults[key] = ev
-        try:
-            timeout = max(0.0, deadline - trio.current_time())
-            try:
-                r = await self.session.call("disk.fault", timeout=timeout, name=od.name,
-                                            offset=offset, length=length, write=write)
-            except (ControllerUnavailable, ConnectionLost) as e:
-                raise DiskError(errno.EIO, f"fault on {od.name} at {offset}: {e}") from None
-            except RemoteError as e:
-                if e.code == E_BUSY and trio.current_time() < deadline:
-                    await trio.sleep(0.05)  # a change on the range outlasted the fault: again
-                    return
-                raise remote_error(e, f"fault on {od.name} at {offset}") from None
-            u = TableUpdate.answer(r)
-            before = od.table.allocated
-            self.tables.apply_update(od.table, u)
-            # entries newly allocated (not a size taken from an answer without rows)
-            if write and u.start is not None and od.table.allocated != before:
-                self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
-                self.on_resize()  # and the pool's figures (df)
-        finally:
-            del od.faults[key]
-            ev.set()
-
-    def _usable(self, e: Entry, write: bool) -> bool:
-        if e.flags & INVALID:
-            return False
-        if write and e.flags & (ZERO | NOWRITE):
-            return False
-        if e.flags & ZERO:
-            return True  # reading a hole needs no lease: nothing to go stale on disk
-        return self.session.lease_valid()
-
-    async def _wait(self, od: OpenDisk, pos: int, length: int, write: bool,
-                    deadline: float) -> None:
-        """The entry at pos cannot be used: renew the lease, or fault to the controller."""
-        if trio.current_time() >= deadline:
-            raise DiskError(errno.EIO, f"{od.name}: no usable entry at {pos} in time")
-        e = od.table.pieces(pos, 1)[0]
-        if not self.session.lease_valid() and self._usable_with_lease(e, write):
-            # only the lease is missing: faulting would not help until it is renewed
-            try:
-                await self.session.wait_lease(deadline)
-            except ControllerUnavailable as err:
-                raise DiskError(errno.EIO, f"{od.name}: {err}") from None
-            return
-        await self._fault(od, pos, length, write, deadline)
-
-    @staticmethod
-    def _usable_with_lease(e: Entry, write: bool) -> bool:
-        return not e.flags & INVALID and not (write and e.flags & (ZERO | NOWRITE))
-
-    def _deadline(self) -> float:
-        return trio.current_time() + self.fault_timeout
+        self.faults = Faults(session, self.tables, kernel, fault_timeout=fault_timeout,
+                             on_resize=on_resize)
 
     # ------------------------------------------------------------ I/O
     async def read(self, od: OpenDisk, offset: int, length: int) -> bytes:
@@ -138,7 +73,7 @@ class DataPath:
             return b""
         parts: list[bytes] = []
         pos = offset
-        deadline = self._deadline()
+        deadline = self.faults.deadline()
         while pos < end:
             pieces = od.table.pieces(pos, end - pos)
             if not pieces:
@@ -147,7 +82,7 @@ class DataPath:
             for e in pieces:
                 if e.flags & ERROR:
                     raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
-                if not self._usable(e, write=False):
+                if not self.faults.usable(e, write=False):
                     break
                 if not e.flags & ZERO and not self.io.is_open(e.lun):
                     opened = await self._open(od, e)  # awaited: look at the table again
@@ -165,7 +100,7 @@ class DataPath:
             else:
                 break
             if not opened:
-                await self._wait(od, pos, end - pos, False, deadline)
+                await self.faults.wait(od, pos, end - pos, False, deadline)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _io(self, od: OpenDisk, what: str, e: Entry, fn: Callable[..., T], *args: Any) -> T:
@@ -224,7 +159,7 @@ class DataPath:
         view = memoryview(data)
         target = offset + len(view)
         pos = offset
-        deadline = self._deadline()
+        deadline = self.faults.deadline()
         while True:
             if skip_zero:
                 target = min(target, od.size)
@@ -248,7 +183,7 @@ class DataPath:
                 if skip_zero and e.flags & ZERO and not e.flags & INVALID:
                     pos = e.vend
                     continue
-                if not self._usable(e, write=True):
+                if not self.faults.usable(e, write=True):
                     if (e.flags & ZERO and not e.flags & INVALID and not skip_zero
                             and self.session.lease_valid()
                             and od.run.sequential(offset, target, od.segment_size)):
@@ -271,7 +206,7 @@ class DataPath:
             else:
                 continue  # all pieces done: re-check the size, then finish
             if not opened:
-                await self._wait(od, pos, target - pos, True, deadline)
+                await self.faults.wait(od, pos, target - pos, True, deadline)
 
     async def fsync(self, od: OpenDisk) -> None:
         """Make every write to od durable, through whichever handle it came (fdatasync).
