@@ -102,7 +102,7 @@ class Volumes:
             return
         ns = self.ns
         if not od.unlinked:
-            await self.data.settle(od)  # what grow ahead took past the end, and times
+            await self.data.sizes.settle(od)  # what grow ahead took past the end, and times
         if od.handles > 0:
             return  # opened again while the trim waited
         ns.stale()  # the listing's sizes may be older than our table
@@ -124,12 +124,12 @@ class Volumes:
         if name is None:
             raise DiskError(errno.ENOENT)
         if od is None:
-            await self.data.resize(name, size, allow_shrink=True, od=od)
+            await self.data.sizes.resize(name, size, allow_shrink=True, od=od)
             await self._times_at_controller(inode, time.time())
             return
         async with od.grow.lock:
             od.grow.eof, od.grow.to = None, -1  # an exact size: nothing grown ahead stays
-            await self.data.resize(name, size, allow_shrink=True, od=od)
+            await self.data.sizes.resize(name, size, allow_shrink=True, od=od)
         od.touch()
 
     async def set_times(self, inode: int, mtime: float | None) -> None:
@@ -140,7 +140,7 @@ class Volumes:
         od = self.ns.by_inode.get(inode)
         if od is not None:
             od.touch(mtime)
-            await self.data.save_times(od)
+            await self.data.sizes.save_times(od)
             return
         await self._times_at_controller(inode, mtime)
 

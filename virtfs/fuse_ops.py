@@ -339,14 +339,14 @@ class Operations(pyfuse3.Operations):
         # controller (vdctl, other mounts) has the file's size once it is closed
         od, writable = self.handles.get(fh, (None, False))
         if od is not None and writable:
-            await self.v.data.settle(od)  # vdctl and other mounts agree once closed
+            await self.v.data.sizes.settle(od)  # vdctl and other mounts agree once closed
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         od = self._handle(fh)
         # the size is part of what fsync makes durable (its times follow by a timer:
         # a journal record per fsync would be one per write for fio --fsync=1 and VMs)
-        await self.v.data.settle(od, times=False)
+        await self.v.data.sizes.settle(od, times=False)
         await self.v.data.fsync(od)
 
     @handler
