@@ -357,7 +357,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        await self.v.data.fallocate(self._handle(fh, write=True), mode, offset, length)
+        await self.v.data.ahead.fallocate(self._handle(fh, write=True), mode, offset, length)
 
     @handler
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
