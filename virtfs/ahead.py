@@ -21,7 +21,7 @@ from controller.protocol import INVALID, ZERO, RemoteError
 from .agent import ControllerUnavailable, Session
 from .errors import DiskError, call, remote_error
 from .kernel import KernelCache
-from .mapcache import TableError
+from .mapcache import Entry, TableError
 from .opendisk import OpenDisk
 from .sizes import Sizes
 from .tables import Tables, TableUpdate
@@ -53,17 +53,24 @@ class Ahead:
         self.fault_timeout = fault_timeout  # seconds a background allocation may take
         self.on_resize = on_resize  # the pool's figures changed (listing stale)
 
-    async def allocate_ahead(self, od: OpenDisk, pos: int, length: int,
-                             deadline: float) -> None:
-        """Map zero space from pos on, several segments in one controller call (one
-        record), growing the window while the writer stays sequential. DiskError."""
+    async def allocate_ahead(self, od: OpenDisk, e: Entry, pos: int, offset: int, end: int,
+                             deadline: float) -> bool:
+        """A write of [offset, end) cannot use entry e at pos: if e is unallocated space
+        and the writer is sequential, map zero space from pos on, several segments in
+        one controller call (one record), as far ahead as the writer has come
+        sequentially. Returns whether it did (the writer looks at the table again).
+        DiskError, TableError."""
+        if not (e.flags & ZERO and not e.flags & INVALID and self.session.lease_valid()
+                and od.run.sequential(offset, end, od.segment_size)):
+            return False
         seg = od.segment_size
         # as far ahead as the writer has come sequentially (so what a writer that stops
         # leaves allocated unwritten is less than what it wrote), at most the maximum
         ahead = max(min(od.run.length, ALLOCATE_AHEAD_MAX), seg)
         start = pos // seg * seg
-        end = min(max(pos + length, start + ahead), od.table.size)
-        await self.allocate(od, start, end - start, reserve=False, deadline=deadline)
+        stop = min(max(end, start + ahead), od.table.size)
+        await self.allocate(od, start, stop - start, reserve=False, deadline=deadline)
+        return True
 
     def prefetch(self, od: OpenDisk, pos: int) -> None:
         """A sequential writer at pos on a thin disk: when the next unallocated space is

@@ -1,11 +1,13 @@
-"""The data path: reads, writes, fsync and discards of open disks through their tables.
+"""The data path: reads, writes and fsync of open disks through their tables.
 
-Every read and write is translated through the open disk's cached table:
-valid entries go straight to the container, zero entries read as zeros,
-entries that forbid the I/O (zero/nowrite for writes, invalid, or any entry
-once the lease has run out) fault to the controller, error entries fail with
-EIO at once. Tables are installed here too (open, reload, update pushes), so
-the version rules live in one place. Errors leave as DiskError(errno).
+Every read and write is translated through the open disk's cached table, in one
+walk over its pieces (``DataPath._walk``): valid entries go straight to the
+container, zero entries read as zeros, entries that forbid the I/O (zero/nowrite
+for writes, invalid, or any entry once the lease has run out) wait for the lease
+or fault to the controller (faults.py), error entries fail with EIO at once.
+DataPath builds and holds the other parts of the data path: the tables
+(tables.py), faults (faults.py), sizes and times (sizes.py), allocation ahead,
+fallocate and discard (ahead.py). Errors leave as DiskError(errno).
 """
 
 from __future__ import annotations
@@ -17,11 +19,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from controller.protocol import (
-    ERROR,
-    INVALID,
-    ZERO,
-)
+from controller.protocol import ERROR, INVALID, ZERO
 
 from .agent import Session
 from .ahead import Ahead
@@ -38,17 +36,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-
 class DataPath:
-    """I/O on open disks; faults and table loads go to the controller through session."""
+    """I/O on open disks, and the parts it uses (tables, faults, sizes, ahead).
+
+    fault_timeout: seconds an I/O waits for usable entries; on_resize: called when a
+    disk's size, allocation or times changed at the controller (the listing is stale).
+    """
 
     def __init__(self, session: Session, io: ContainerIO, kernel: KernelCache, *,
                  fault_timeout: float = 30.0, on_resize: Callable[[], None] = lambda: None):
         self.session = session
         self.io = io
-        self.kernel = kernel
-        self.fault_timeout = fault_timeout
-        self.on_resize = on_resize  # a disk's size changed at the controller (listing stale)
         self.tables = Tables(session, io, kernel)
         self.faults = Faults(session, self.tables, kernel, fault_timeout=fault_timeout,
                              on_resize=on_resize)
@@ -57,76 +55,55 @@ class DataPath:
                            lambda od, offset, data: self.write(od, offset, data, skip_zero=True),
                            fault_timeout=fault_timeout, on_resize=on_resize)
 
-    # ------------------------------------------------------------ I/O
+    async def _walk(self, od: OpenDisk, pos: int, end: int, write: bool, deadline: float,
+                    visit: Callable[[Entry], None], *, skip_zero: bool = False,
+                    writer: tuple[int, int] | None = None) -> tuple[int, bool]:
+        """One pass over the entries of [pos, end) (clipped to the table), in order.
+
+        visit(e) is called for each usable entry (a zero entry, read, needs no
+        container; skip_zero passes over zero entries). At the first entry that
+        cannot be used now the pass makes it usable and stops: it opens the entry's
+        container, or allocates ahead (writer: the whole write's [offset, end), a
+        sequential writer on unallocated space), or waits for the lease or faults
+        (deadline: trio clock). Returns (the position reached, whether the pass saw
+        every piece: the table ends there, maybe before end). DiskError, TableError.
+        """
+        for e in od.table.pieces(pos, end - pos):
+            if e.flags & ERROR:
+                raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
+            if skip_zero and e.flags & ZERO and not e.flags & INVALID:
+                pos = e.vend
+                continue
+            if not self.faults.usable(e, write):
+                if writer is None or not await self.ahead.allocate_ahead(
+                        od, e, pos, *writer, deadline):
+                    await self.faults.wait(od, pos, end - pos, write, deadline)
+                return pos, False
+            if not e.flags & ZERO and not self.io.is_open(e.lun):
+                await self._open(od, e)  # awaited: look at the table again
+                return pos, False
+            visit(e)
+            pos = e.vend
+        return pos, True
+
     async def read(self, od: OpenDisk, offset: int, length: int) -> bytes:
         """Up to length bytes at offset (short only at the end of the disk). DiskError."""
         end = min(offset + length, od.size)
         if offset >= end:
             return b""
         parts: list[bytes] = []
+
+        def visit(e: Entry) -> None:
+            parts.append(bytes(e.length) if e.flags & ZERO else
+                         self._io(od, "read", e, self.io.pread, e.lun, e.offset, e.length))
+
         pos = offset
         deadline = self.faults.deadline()
         while pos < end:
-            pieces = od.table.pieces(pos, end - pos)
-            if not pieces:
-                break  # the disk shrank meanwhile: end of file moved
-            opened = False
-            for e in pieces:
-                if e.flags & ERROR:
-                    raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
-                if not self.faults.usable(e, write=False):
-                    break
-                if not e.flags & ZERO and not self.io.is_open(e.lun):
-                    opened = await self._open(od, e)  # awaited: look at the table again
-                    break
-                if e.flags & ZERO:
-                    parts.append(bytes(e.length))
-                else:
-                    op = od.inflight.begin(e.vstart, e.vend)
-                    try:
-                        parts.append(self._io(od, "read", e, self.io.pread, e.lun, e.offset,
-                                              e.length))
-                    finally:
-                        od.inflight.end(op)
-                pos = e.vend
-            else:
-                break
-            if not opened:
-                await self.faults.wait(od, pos, end - pos, False, deadline)
+            pos, done = await self._walk(od, pos, end, False, deadline, visit)
+            if done:
+                break  # (short if the disk shrank meanwhile: the end of file moved)
         return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _io(self, od: OpenDisk, what: str, e: Entry, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(*args)
-        except OSError as err:
-            log.error("%s on %s (LUN %d offset %d) failed: %s", what, od.name, e.lun, e.offset,
-                      err)
-            self._report(od, e.lun, e.offset, f"{what}: {err}")
-            code = err.errno if err.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
-            raise DiskError(code, str(err)) from None
-
-    async def _open(self, od: OpenDisk, e: Entry) -> bool:
-        """Open e's container (in a worker thread); True, or DiskError(EIO) if it cannot."""
-        try:
-            await self.io.open(e.lun)
-        except OSError as err:
-            log.error("%s: cannot use container LUN %d: %s", od.name, e.lun, err)
-            self._report(od, e.lun, e.offset, f"open: {err}")
-            raise DiskError(errno.EIO, str(err)) from None
-        return True
-
-    def _report(self, od: OpenDisk, lun: int, offset: int, message: str) -> None:
-        """Tell the controller (io.error) about a failing container; in the background."""
-        name = od.name
-
-        async def send() -> None:
-            try:
-                await self.session.call("io.error", timeout=5.0, retry=False, name=name,
-                                        lun=lun, offset=offset, message=message)
-            except Exception as err:
-                log.info("could not report the I/O error on %s to the controller: %s",
-                         name, err)
-        self.session.start_soon(send)
 
     async def write(self, od: OpenDisk, offset: int, data: bytes | memoryview,
                     *, skip_zero: bool = False) -> int:
@@ -150,9 +127,16 @@ class DataPath:
                      skip_zero: bool) -> int:
         view = memoryview(data)
         target = offset + len(view)
+
+        def visit(e: Entry) -> None:
+            # the debt is the disk's (its inode), not this handle's: an fsync on any
+            # later handle of the disk pays it
+            self._io(od, "write", e, self.io.pwrite, e.lun, e.offset,
+                     view[e.vstart - offset : e.vend - offset], od.inode)
+
         pos = offset
         deadline = self.faults.deadline()
-        while True:
+        while True:  # each pass, and each fault or open, re-checks the size first
             if skip_zero:
                 target = min(target, od.size)
             elif od.size < target:
@@ -168,37 +152,47 @@ class DataPath:
                     od.run.wrote(offset, target)
                     self.ahead.prefetch(od, target)
                 return len(view)
-            opened = False
-            for e in od.table.pieces(pos, target - pos):
-                if e.flags & ERROR:
-                    raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
-                if skip_zero and e.flags & ZERO and not e.flags & INVALID:
-                    pos = e.vend
-                    continue
-                if not self.faults.usable(e, write=True):
-                    if (e.flags & ZERO and not e.flags & INVALID and not skip_zero
-                            and self.session.lease_valid()
-                            and od.run.sequential(offset, target, od.segment_size)):
-                        # a sequential writer meets unallocated space: allocate ahead
-                        await self.ahead.allocate_ahead(od, pos, target - pos, deadline)
-                        opened = True  # look at the table again
-                    break
-                if not self.io.is_open(e.lun):
-                    opened = await self._open(od, e)  # awaited: look at the table again
-                    break
-                chunk = view[e.vstart - offset : e.vend - offset]
-                op = od.inflight.begin(e.vstart, e.vend)
-                try:
-                    # the debt is the disk's (its inode), not this handle's: an fsync on
-                    # any later handle of the disk pays it
-                    self._io(od, "write", e, self.io.pwrite, e.lun, e.offset, chunk, od.inode)
-                finally:
-                    od.inflight.end(op)
-                pos = e.vend
-            else:
-                continue  # all pieces done: re-check the size, then finish
-            if not opened:
-                await self.faults.wait(od, pos, target - pos, True, deadline)
+            pos, _ = await self._walk(od, pos, target, True, deadline, visit,
+                                      skip_zero=skip_zero,
+                                      writer=None if skip_zero else (offset, target))
+
+    def _io(self, od: OpenDisk, what: str, e: Entry, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on e's container, in flight over e's range (a drain waits for it).
+        An OSError is logged, reported to the controller and raised as DiskError
+        (ENOSPC, EDQUOT as they are, else EIO)."""
+        op = od.inflight.begin(e.vstart, e.vend)
+        try:
+            return fn(*args)
+        except OSError as err:
+            log.error("%s on %s (LUN %d offset %d) failed: %s", what, od.name, e.lun, e.offset,
+                      err)
+            self._report(od, e.lun, e.offset, f"{what}: {err}")
+            code = err.errno if err.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
+            raise DiskError(code, str(err)) from None
+        finally:
+            od.inflight.end(op)
+
+    async def _open(self, od: OpenDisk, e: Entry) -> None:
+        """Open e's container (in a worker thread); DiskError(EIO) if it cannot."""
+        try:
+            await self.io.open(e.lun)
+        except OSError as err:
+            log.error("%s: cannot use container LUN %d: %s", od.name, e.lun, err)
+            self._report(od, e.lun, e.offset, f"open: {err}")
+            raise DiskError(errno.EIO, str(err)) from None
+
+    def _report(self, od: OpenDisk, lun: int, offset: int, message: str) -> None:
+        """Tell the controller (io.error) about a failing container; in the background."""
+        name = od.name
+
+        async def send() -> None:
+            try:
+                await self.session.call("io.error", timeout=5.0, retry=False, name=name,
+                                        lun=lun, offset=offset, message=message)
+            except Exception as err:
+                log.info("could not report the I/O error on %s to the controller: %s",
+                         name, err)
+        self.session.start_soon(send)
 
     async def fsync(self, od: OpenDisk) -> None:
         """Make every write to od durable, through whichever handle it came (fdatasync).
