@@ -1,8 +1,8 @@
 """The agent's model of its disks: open/close, pushes from the controller, reconnects.
 
 Volumes ties the parts together: the namespace (namespace.py: names, inodes,
-the listing), the data path (datapath.py: I/O through each open disk's table)
-and the session (agent.py). fuse_ops talks to ``volumes.ns``, ``volumes.data``
+the listing), the data path (datapath.py: I/O through each open disk's table,
+with its tables, faults, sizes and allocation ahead) and the session (agent.py). fuse_ops talks to ``volumes.ns``, ``volumes.data``
 and the open/close/truncate calls here. Errors leave as DiskError(errno).
 """
 
