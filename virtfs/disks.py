@@ -2,8 +2,9 @@
 
 Volumes ties the parts together: the namespace (namespace.py: names, inodes,
 the listing), the data path (datapath.py: I/O through each open disk's table,
-with its tables, faults, sizes and allocation ahead) and the session (agent.py). fuse_ops talks to ``volumes.ns``, ``volumes.data``
-and the open/close/truncate calls here. Errors leave as DiskError(errno).
+with its tables, faults, sizes and allocation ahead) and the session
+(agent.py). fuse_ops talks to ``volumes.ns``, ``volumes.data`` and the
+open/close/truncate calls here. Errors leave as DiskError(errno).
 """
 
 from __future__ import annotations
@@ -127,9 +128,7 @@ class Volumes:
             await self.data.sizes.resize(name, size, allow_shrink=True, od=od)
             await self._times_at_controller(inode, time.time())
             return
-        async with od.grow.lock:
-            od.grow.eof, od.grow.to = None, -1  # an exact size: nothing grown ahead stays
-            await self.data.sizes.resize(name, size, allow_shrink=True, od=od)
+        await self.data.sizes.truncate(od, size)
         od.touch()
 
     async def set_times(self, inode: int, mtime: float | None) -> None:

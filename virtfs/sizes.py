@@ -154,6 +154,14 @@ class Sizes:
                 await self.tables.reload_or_restrict(od)
             self.kernel.invalidate(od.inode, attr_only=True)
 
+    async def truncate(self, od: OpenDisk, size: int) -> None:
+        """Set open disk od's size to exactly size bytes (truncate; shrinking allowed):
+        nothing grown ahead stays. DiskError."""
+        name = od.name  # as asked (a rename while the lock is taken does not change it)
+        async with od.grow.lock:
+            od.grow.eof, od.grow.to = None, -1
+            await self.resize(name, size, allow_shrink=True, od=od)
+
     async def resize(self, name: str, size: int, allow_shrink: bool,
                      od: OpenDisk | None = None, grow_only: bool = False) -> None:
         """Resize disk name to size bytes at the controller (grow_only: to at least size);
