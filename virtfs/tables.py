@@ -3,10 +3,11 @@
 The controller sends entries in several forms: a whole table (disk.open,
 disk.table), an "update" push, the "update" of a disk.resize or disk.trim
 answer, and the answers of disk.fault and disk.allocate (with containers and a
-size) and disk.discard (without either), whose range is that of their rows. Each is read into a ``TableUpdate`` and installed
-by ``Tables.apply_update``, so the version rules (an answer older than what the
-table holds only restricts it) live in one place. Reloads (at once, or in the
-background one at a time per disk) are here too.
+size) and disk.discard (without either), whose range is that of their rows.
+Each is read into a ``TableUpdate`` and installed by ``Tables.apply_update``, so
+the version rules (an answer older than what the table holds only restricts it)
+live in one place. Reloads (at once, or in the background one at a time per
+disk) are here too.
 """
 
 from __future__ import annotations
