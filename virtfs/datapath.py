@@ -147,7 +147,8 @@ class DataPath:
                 continue
             if pos >= target:
                 od.touch()
-                self.sizes.times_later(od)
+                if not od.times.timer.running:
+                    self.sizes.times_later(od)
                 if not skip_zero:
                     od.run.wrote(offset, target)
                     self.ahead.prefetch(od, target)
