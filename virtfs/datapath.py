@@ -1,353 +1,109 @@
-"""The data path: reads, writes, fsync and discards of open disks through their tables.
+"""The data path: reads, writes and fsync of open disks through their tables.
 
-Every read and write is translated through the open disk's cached table:
-valid entries go straight to the container, zero entries read as zeros,
-entries that forbid the I/O (zero/nowrite for writes, invalid, or any entry
-once the lease has run out) fault to the controller, error entries fail with
-EIO at once. Tables are installed here too (open, reload, update pushes), so
-the version rules live in one place. Errors leave as DiskError(errno).
+Every read and write is translated through the open disk's cached table, in one
+walk over its pieces (``DataPath._walk``): valid entries go straight to the
+container, zero entries read as zeros, entries that forbid the I/O (zero/nowrite
+for writes, invalid, or any entry once the lease has run out) wait for the lease
+or fault to the controller (faults.py), error entries fail with EIO at once.
+DataPath builds and holds the other parts of the data path: the tables
+(tables.py), faults (faults.py), sizes and times (sizes.py), allocation ahead,
+fallocate and discard (ahead.py). Errors leave as DiskError(errno).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
 
-from controller.client import ConnectionLost
-from controller.protocol import (
-    E_BUSY,
-    ERROR,
-    INVALID,
-    MAX_DISK_SIZE,
-    NOWRITE,
-    ZERO,
-    RemoteError,
-)
+from controller.protocol import ERROR, INVALID, ZERO
 
-from .agent import ControllerUnavailable, Session
+from .agent import Session
+from .ahead import Ahead
 from .blockio import ContainerError, ContainerIO
-from .errors import DiskError, call, remote_error
+from .errors import DiskError
+from .faults import Faults
 from .kernel import KernelCache
-from .mapcache import DiskTable, Entry, Inflight, TableError
+from .mapcache import Entry
+from .opendisk import OpenDisk
+from .sizes import Sizes
+from .tables import Tables
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-GROW_STEP_MIN = 16 << 20  # grow ahead: the smallest step (bytes past the write's end)
-GROW_STEP_MAX = 1 << 30  # and the largest (steps grow with the file: half its size)
-ALLOCATE_AHEAD_MAX = 256 << 20  # the most a sequential writer's fault allocates
-PREFETCH_MIN_RUN = 64 << 20  # a run this long also allocates ahead in the background
-SETTLE_TIMEOUT = 5.0  # seconds close/fsync wait for the controller to take size and times
-SETTLE_RETRIES = 600  # then once a second in the background, this many times
-TIMES_INTERVAL = 5.0  # seconds between disk.times of a disk written without a close
-ALLOCATE_CHUNK = 1 << 30  # bytes per disk.allocate call (controller's MAX_ALLOCATE)
-# a write starting this close to the furthest end of the run so far continues it (a
-# window, not an exact match: qemu-img convert and VMs keep several sequential writes in
-# flight, which arrive in any order)
-SEQUENTIAL_SLACK = 16 << 20
-
-
-@dataclass
-class OpenDisk:
-    """A disk this agent has open: its table, its in-flight I/O, its pending faults.
-
-    inode doubles as the disk's key for sync debts (blockio): it stays with the disk
-    across renames and while it is closed, for as long as the name is known here.
-    """
-
-    name: str
-    inode: int
-    table: DiskTable
-    segment_size: int
-    handles: int = 0
-    unlinked: bool = False
-    inflight: Inflight = field(default_factory=Inflight)
-    faults: dict[tuple[int, bool], trio.Event] = field(default_factory=dict)
-    grow_lock: trio.Lock = field(default_factory=trio.Lock)
-    handle: int | None = None  # the controller's identity of the disk (disk.open's answer)
-    reloading: bool = False  # a background reload is running (Volumes.reload_soon)
-    reload_again: bool = False  # and another one is wanted after it
-    # grow ahead: an appending writer grows the disk at the controller in large steps
-    # (to grown_to) and keeps the file's end here (eof), trimmed back on fsync and close
-    eof: int | None = None
-    grown_to: int = -1
-    next_write: int = -1  # where the last write ended (sequential writers allocate ahead)
-    run: int = 0  # bytes written sequentially up to next_write
-    run_start: int = 0  # where the run began
-    prefetching: bool = False  # a background allocation ahead is running
-    settling: bool = False  # size and times are being saved in the background (settle)
-    times_timer: bool = False  # a times_later is pending
-    # times (time.time()) of the last write or size change (mtime) and of any change
-    # (stime) made here; times_set: they are ours to show; times_dirty: not yet sent
-    # to the controller (disk.times on close, fsync or utimensat)
-    mtime: float = 0.0
-    stime: float = 0.0
-    times_set: bool = False
-    times_dirty: bool = False
-
-    def touch(self, mtime: float | None = None) -> None:
-        """The content or size changed now (or utimensat set mtime)."""
-        now = time.time()
-        self.mtime = now if mtime is None else mtime
-        self.stime = now
-        self.times_set = self.times_dirty = True
-
-    def _continues(self, offset: int, end: int) -> bool:
-        """A write of [offset, end) continues the run: it starts near the run's furthest
-        end, and the run stays dense (at least 3/4 of the span it covers written), so
-        writes in flight out of order count and jumps over unwritten space do not."""
-        if abs(offset - self.next_write) > SEQUENTIAL_SLACK:
-            return False
-        span = max(self.next_write, end) - min(self.run_start, offset)
-        return (self.run + end - offset) * 4 >= span * 3
-
-    def sequential(self, offset: int, end: int) -> bool:
-        """A write of [offset, end) continues a sequential run of at least a segment."""
-        return self.run >= self.segment_size and self._continues(offset, end)
-
-    def wrote(self, offset: int, end: int) -> None:
-        if self._continues(offset, end):
-            self.run += end - offset
-            self.next_write = max(self.next_write, end)
-            self.run_start = min(self.run_start, offset)
-        else:
-            self.run, self.run_start, self.next_write = end - offset, offset, end
-
-    @property
-    def size(self) -> int:
-        """The file's size: the local end of file while grown ahead, else the table's.
-        A size the controller changed since (truncate, vdctl resize) wins."""
-        if self.eof is not None and self.table.size == self.grown_to:
-            return self.eof
-        return self.table.size
-
 
 class DataPath:
-    """I/O on open disks; faults and table loads go to the controller through session."""
+    """I/O on open disks, and the parts it uses (tables, faults, sizes, ahead).
+
+    fault_timeout: seconds an I/O waits for usable entries; on_resize: called when a
+    disk's size, allocation or times changed at the controller (the listing is stale).
+    """
 
     def __init__(self, session: Session, io: ContainerIO, kernel: KernelCache, *,
                  fault_timeout: float = 30.0, on_resize: Callable[[], None] = lambda: None):
         self.session = session
         self.io = io
-        self.kernel = kernel
-        self.fault_timeout = fault_timeout
-        self.on_resize = on_resize  # a disk's size changed at the controller (listing stale)
-        # the newest version stamp pushed per disk name, open or not (see load)
-        self._pushed_v: dict[str, int] = {}
+        self.tables = Tables(session, io, kernel)
+        self.faults = Faults(session, self.tables, kernel, fault_timeout=fault_timeout,
+                             on_resize=on_resize)
+        self.sizes = Sizes(session, self.tables, kernel, on_resize=on_resize)
+        self.ahead = Ahead(session, self.tables, self.sizes, kernel,
+                           lambda od, offset, data: self.write(od, offset, data, skip_zero=True),
+                           fault_timeout=fault_timeout, on_resize=on_resize)
 
-    # ------------------------------------------------------------ tables
-    def load(self, od: OpenDisk | None, name: str, t: dict[str, Any]) -> DiskTable:
-        """Install a whole table; one older than a push already seen only restricts.
+    async def _walk(self, od: OpenDisk, pos: int, end: int, write: bool, deadline: float,
+                    visit: Callable[[Entry], None], *, skip_zero: bool = False,
+                    writer: tuple[int, int] | None = None) -> tuple[int, bool]:
+        """One pass over the entries of [pos, end) (clipped to the table), in order.
 
-        t: a disk.open / disk.table answer. Raises TableError on rows that do not tile.
+        visit(e) is called for each usable entry (a zero entry, read, needs no
+        container; skip_zero passes over zero entries). At the first entry that
+        cannot be used now the pass makes it usable and stops: it opens the entry's
+        container, or allocates ahead (writer: the whole write's [offset, end), a
+        sequential writer on unallocated space), or waits for the lease or faults
+        (deadline: trio clock). Returns (the position reached, whether the pass saw
+        every piece: the table ends there, maybe before end). DiskError, TableError.
         """
-        self.io.set_paths({int(k): v for k, v in t["containers"].items()})
-        v = t.get("v", 0)
-        if od is None:
-            table = DiskTable(name, t["size"], t["epoch"], t["rows"], v)
-            if v < self._pushed_v.get(name, 0):
-                # a push for this disk overtook the open's answer: trust nothing yet
-                table.restrict(0, table.size)
-            return table
-        od.table.load(t["size"], t["epoch"], t["rows"], v)
-        return od.table
+        for e in od.table.pieces(pos, end - pos):
+            if e.flags & ERROR:
+                raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
+            if skip_zero and e.flags & ZERO and not e.flags & INVALID:
+                pos = e.vend
+                continue
+            if not self.faults.usable(e, write):
+                if writer is None or not await self.ahead.allocate_ahead(
+                        od, e, pos, *writer, deadline):
+                    await self.faults.wait(od, pos, end - pos, write, deadline)
+                return pos, False
+            if not e.flags & ZERO and not self.io.is_open(e.lun):
+                await self._open(od, e)  # awaited: look at the table again
+                return pos, False
+            visit(e)
+            pos = e.vend
+        return pos, True
 
-    async def reload(self, od: OpenDisk, timeout: float | None = None) -> None:
-        """Fetch and install a fresh copy of od's table (timeout: seconds, default the
-        session's call timeout). Raises DiskError, TableError."""
-        t = await call(self.session, "disk.table", f"reload {od.name}", timeout=timeout,
-                       name=od.name)
-        self.load(od, od.name, t)
-        self.kernel.invalidate(od.inode)
-
-    async def reload_or_restrict(self, od: OpenDisk, timeout: float | None = None) -> bool:
-        """reload(od); if that fails, restrict the whole table (every I/O then faults
-        and gets its entries from the controller) and log why. Never raises DiskError
-        or TableError; True if the reload succeeded."""
-        try:
-            await self.reload(od, timeout=timeout)
-            return True
-        except (DiskError, TableError) as e:
-            log.warning("reload of %s failed (%s); its I/O goes through the controller "
-                        "until a reload succeeds", od.name, e)
-            od.table.restrict(0, od.table.size)
-            self.kernel.invalidate(od.inode)
-            return False
-
-    def note_push(self, name: str, v: Any) -> None:
-        """Remember the newest version stamp pushed for a disk name."""
-        if isinstance(v, int):
-            self._pushed_v[name] = max(self._pushed_v.get(name, 0), v)
-
-    def pushed(self, name: str) -> int:
-        """The newest version stamp pushed for a disk name (0: none)."""
-        return self._pushed_v.get(name, 0)
-
-    async def apply_update(self, od: OpenDisk, msg: dict[str, Any]) -> None:
-        """An "update" push: new entries for [start, end), maybe drain in-flight I/O there."""
-        start, end = msg["start"], msg["end"]
-        try:
-            od.table.replace(start, end, msg["rows"], size=msg["size"], epoch=msg["epoch"],
-                             version=msg.get("v"))
-        except TableError as e:
-            log.warning("bad update for %s (%s); reloading the table", od.name, e)
-            od.table.restrict(0, od.table.size)
-            await self.reload_or_restrict(od, timeout=self.session.lease)
-        if msg.get("drain"):
-            await od.inflight.drain(start, end)
-        self.kernel.invalidate(od.inode)
-
-    # ------------------------------------------------------------ faults
-    async def _fault(self, od: OpenDisk, offset: int, length: int, write: bool,
-                     deadline: float) -> None:
-        """Ask the controller for usable entries at [offset, offset+length); coalesced."""
-        key = (offset // od.segment_size, write)
-        pending = od.faults.get(key)
-        if pending is not None:
-            with trio.move_on_at(deadline):
-                await pending.wait()
-            return
-        ev = trio.Event()
-        od.faults[key] = ev
-        try:
-            timeout = max(0.0, deadline - trio.current_time())
-            try:
-                r = await self.session.call("disk.fault", timeout=timeout, name=od.name,
-                                            offset=offset, length=length, write=write)
-            except (ControllerUnavailable, ConnectionLost) as e:
-                raise DiskError(errno.EIO, f"fault on {od.name} at {offset}: {e}") from None
-            except RemoteError as e:
-                if e.code == E_BUSY and trio.current_time() < deadline:
-                    await trio.sleep(0.05)  # a change on the range outlasted the fault: again
-                    return
-                raise remote_error(e, f"fault on {od.name} at {offset}") from None
-            self.io.set_paths({int(k): v for k, v in r["containers"].items()})
-            rows = r["rows"]
-            if not rows and r["size"] != od.table.size and not od.table.stale(r.get("v")):
-                od.table.resize(r["size"])
-            if rows:
-                start = rows[0][0]
-                end = rows[-1][0] + rows[-1][1]
-                before = od.table.allocated if write else 0
-                od.table.replace(start, end, rows, size=r["size"], epoch=r["epoch"],
-                                 version=r.get("v"))
-                if write and od.table.allocated != before:
-                    self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
-                    self.on_resize()  # and the pool's figures (df)
-        finally:
-            del od.faults[key]
-            ev.set()
-
-    def _usable(self, e: Entry, write: bool) -> bool:
-        if e.flags & INVALID:
-            return False
-        if write and e.flags & (ZERO | NOWRITE):
-            return False
-        if e.flags & ZERO:
-            return True  # reading a hole needs no lease: nothing to go stale on disk
-        return self.session.lease_valid()
-
-    async def _wait(self, od: OpenDisk, pos: int, length: int, write: bool,
-                    deadline: float) -> None:
-        """The entry at pos cannot be used: renew the lease, or fault to the controller."""
-        if trio.current_time() >= deadline:
-            raise DiskError(errno.EIO, f"{od.name}: no usable entry at {pos} in time")
-        e = od.table.pieces(pos, 1)[0]
-        if not self.session.lease_valid() and self._usable_with_lease(e, write):
-            # only the lease is missing: faulting would not help until it is renewed
-            try:
-                await self.session.wait_lease(deadline)
-            except ControllerUnavailable as err:
-                raise DiskError(errno.EIO, f"{od.name}: {err}") from None
-            return
-        await self._fault(od, pos, length, write, deadline)
-
-    @staticmethod
-    def _usable_with_lease(e: Entry, write: bool) -> bool:
-        return not e.flags & INVALID and not (write and e.flags & (ZERO | NOWRITE))
-
-    def _deadline(self) -> float:
-        return trio.current_time() + self.fault_timeout
-
-    # ------------------------------------------------------------ I/O
     async def read(self, od: OpenDisk, offset: int, length: int) -> bytes:
         """Up to length bytes at offset (short only at the end of the disk). DiskError."""
         end = min(offset + length, od.size)
         if offset >= end:
             return b""
         parts: list[bytes] = []
+
+        def visit(e: Entry) -> None:
+            parts.append(bytes(e.length) if e.flags & ZERO else
+                         self._io(od, "read", e, self.io.pread, e.lun, e.offset, e.length))
+
         pos = offset
-        deadline = self._deadline()
+        deadline = self.faults.deadline()
         while pos < end:
-            pieces = od.table.pieces(pos, end - pos)
-            if not pieces:
-                break  # the disk shrank meanwhile: end of file moved
-            opened = False
-            for e in pieces:
-                if e.flags & ERROR:
-                    raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
-                if not self._usable(e, write=False):
-                    break
-                if not e.flags & ZERO and not self.io.is_open(e.lun):
-                    opened = await self._open(od, e)  # awaited: look at the table again
-                    break
-                if e.flags & ZERO:
-                    parts.append(bytes(e.length))
-                else:
-                    op = od.inflight.begin(e.vstart, e.vend)
-                    try:
-                        parts.append(self._io(od, "read", e, self.io.pread, e.lun, e.offset,
-                                              e.length))
-                    finally:
-                        od.inflight.end(op)
-                pos = e.vend
-            else:
-                break
-            if not opened:
-                await self._wait(od, pos, end - pos, False, deadline)
+            pos, done = await self._walk(od, pos, end, False, deadline, visit)
+            if done:
+                break  # (short if the disk shrank meanwhile: the end of file moved)
         return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _io(self, od: OpenDisk, what: str, e: Entry, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(*args)
-        except OSError as err:
-            log.error("%s on %s (LUN %d offset %d) failed: %s", what, od.name, e.lun, e.offset,
-                      err)
-            self._report(od, e.lun, e.offset, f"{what}: {err}")
-            code = err.errno if err.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
-            raise DiskError(code, str(err)) from None
-
-    async def _open(self, od: OpenDisk, e: Entry) -> bool:
-        """Open e's container (in a worker thread); True, or DiskError(EIO) if it cannot."""
-        try:
-            await self.io.open(e.lun)
-        except OSError as err:
-            log.error("%s: cannot use container LUN %d: %s", od.name, e.lun, err)
-            self._report(od, e.lun, e.offset, f"open: {err}")
-            raise DiskError(errno.EIO, str(err)) from None
-        return True
-
-    def _report(self, od: OpenDisk, lun: int, offset: int, message: str) -> None:
-        """Tell the controller (io.error) about a failing container; in the background."""
-        name = od.name
-
-        async def send() -> None:
-            try:
-                await self.session.call("io.error", timeout=5.0, retry=False, name=name,
-                                        lun=lun, offset=offset, message=message)
-            except Exception as err:
-                log.info("could not report the I/O error on %s to the controller: %s",
-                         name, err)
-        self.session.start_soon(send)
 
     async def write(self, od: OpenDisk, offset: int, data: bytes | memoryview,
                     *, skip_zero: bool = False) -> int:
@@ -363,63 +119,81 @@ class DataPath:
             return await self._write(od, offset, data, skip_zero)
         except DiskError:
             end = offset + len(data)
-            if od.eof is not None and od.eof == end and end > size_before:
-                od.eof = size_before
+            if od.grow.eof is not None and od.grow.eof == end and end > size_before:
+                od.grow.eof = size_before
             raise
 
     async def _write(self, od: OpenDisk, offset: int, data: bytes | memoryview,
                      skip_zero: bool) -> int:
         view = memoryview(data)
         target = offset + len(view)
+
+        def visit(e: Entry) -> None:
+            # the debt is the disk's (its inode), not this handle's: an fsync on any
+            # later handle of the disk pays it
+            self._io(od, "write", e, self.io.pwrite, e.lun, e.offset,
+                     view[e.vstart - offset : e.vend - offset], od.inode)
+
         pos = offset
-        deadline = self._deadline()
-        while True:
+        deadline = self.faults.deadline()
+        while True:  # each pass, and each fault or open, re-checks the size first
             if skip_zero:
                 target = min(target, od.size)
             elif od.size < target:
                 # past the end, or the disk shrank under us: grow, like a regular file
                 if trio.current_time() >= deadline:
                     raise DiskError(errno.EIO, f"{od.name}: cannot grow to {target}")
-                await self.grow(od, target, ahead=True)
+                await self.sizes.grow(od, target, ahead=True)
                 continue
             if pos >= target:
                 od.touch()
-                if not od.times_timer:
-                    self.times_later(od)
+                if not od.times.timer.running:
+                    self.sizes.times_later(od)
                 if not skip_zero:
-                    od.wrote(offset, target)
-                    self._prefetch(od, target)
+                    od.run.wrote(offset, target)
+                    self.ahead.prefetch(od, target)
                 return len(view)
-            opened = False
-            for e in od.table.pieces(pos, target - pos):
-                if e.flags & ERROR:
-                    raise DiskError(errno.EIO, f"{od.name}: container failed at {e.vstart}")
-                if skip_zero and e.flags & ZERO and not e.flags & INVALID:
-                    pos = e.vend
-                    continue
-                if not self._usable(e, write=True):
-                    if (e.flags & ZERO and not e.flags & INVALID and not skip_zero
-                            and self.session.lease_valid() and od.sequential(offset, target)):
-                        # a sequential writer meets unallocated space: allocate ahead
-                        await self._allocate_ahead(od, pos, target - pos, deadline)
-                        opened = True  # look at the table again
-                    break
-                if not self.io.is_open(e.lun):
-                    opened = await self._open(od, e)  # awaited: look at the table again
-                    break
-                chunk = view[e.vstart - offset : e.vend - offset]
-                op = od.inflight.begin(e.vstart, e.vend)
-                try:
-                    # the debt is the disk's (its inode), not this handle's: an fsync on
-                    # any later handle of the disk pays it
-                    self._io(od, "write", e, self.io.pwrite, e.lun, e.offset, chunk, od.inode)
-                finally:
-                    od.inflight.end(op)
-                pos = e.vend
-            else:
-                continue  # all pieces done: re-check the size, then finish
-            if not opened:
-                await self._wait(od, pos, target - pos, True, deadline)
+            pos, _ = await self._walk(od, pos, target, True, deadline, visit,
+                                      skip_zero=skip_zero,
+                                      writer=None if skip_zero else (offset, target))
+
+    def _io(self, od: OpenDisk, what: str, e: Entry, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on e's container, in flight over e's range (a drain waits for it).
+        An OSError is logged, reported to the controller and raised as DiskError
+        (ENOSPC, EDQUOT as they are, else EIO)."""
+        op = od.inflight.begin(e.vstart, e.vend)
+        try:
+            return fn(*args)
+        except OSError as err:
+            log.error("%s on %s (LUN %d offset %d) failed: %s", what, od.name, e.lun, e.offset,
+                      err)
+            self._report(od, e.lun, e.offset, f"{what}: {err}")
+            code = err.errno if err.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
+            raise DiskError(code, str(err)) from None
+        finally:
+            od.inflight.end(op)
+
+    async def _open(self, od: OpenDisk, e: Entry) -> None:
+        """Open e's container (in a worker thread); DiskError(EIO) if it cannot."""
+        try:
+            await self.io.open(e.lun)
+        except OSError as err:
+            log.error("%s: cannot use container LUN %d: %s", od.name, e.lun, err)
+            self._report(od, e.lun, e.offset, f"open: {err}")
+            raise DiskError(errno.EIO, str(err)) from None
+
+    def _report(self, od: OpenDisk, lun: int, offset: int, message: str) -> None:
+        """Tell the controller (io.error) about a failing container; in the background."""
+        name = od.name
+
+        async def send() -> None:
+            try:
+                await self.session.call("io.error", timeout=5.0, retry=False, name=name,
+                                        lun=lun, offset=offset, message=message)
+            except Exception as err:
+                log.info("could not report the I/O error on %s to the controller: %s",
+                         name, err)
+        self.session.start_soon(send)
 
     async def fsync(self, od: OpenDisk) -> None:
         """Make every write to od durable, through whichever handle it came (fdatasync).
@@ -435,245 +209,6 @@ class DataPath:
         except OSError as e:
             raise DiskError(errno.EIO, f"fsync of {od.name}: {e}") from None
 
-    async def grow(self, od: OpenDisk, size: int, ahead: bool = False) -> None:
-        """Grow od to at least size bytes (never shrinks). DiskError (EFBIG, ENOSPC...).
-
-        ahead (a write past the end): grow the disk at the controller by a large step
-        and keep the file's end locally (od.eof), so an appending writer makes one
-        round trip per step, not per write; fsync and the last close trim it back.
-        """
-        if size > MAX_DISK_SIZE:
-            raise DiskError(errno.EFBIG, f"{od.name}: {size} bytes is past the largest disk")
-        async with od.grow_lock:
-            if size <= od.size:
-                return
-            if od.eof is not None and od.table.size == od.grown_to and size <= od.table.size:
-                od.eof = size  # inside the step already taken: no round trip
-                return
-            if ahead:
-                base = od.size
-                step = min(max(size - base, base // 2, GROW_STEP_MIN), GROW_STEP_MAX)
-                want = min(size + step, MAX_DISK_SIZE)
-                await self.resize(od.name, want, allow_shrink=False, od=od, grow_only=True)
-                if od.table.size == want:  # we set it: the rest is ours to trim
-                    od.grown_to, od.eof = want, size
-                else:  # another writer made it larger meanwhile: its size stands
-                    od.eof = None
-                return
-            # grow_only: a disk another writer made larger meanwhile stays as it is
-            await self.resize(od.name, size, allow_shrink=False, od=od, grow_only=True)
-
-    async def settle(self, od: OpenDisk, times: bool = True) -> None:
-        """trim and (times) save_times, for close and the last release (fsync: trim only;
-        its times follow by the timer), which never fail or hold up their caller for
-        long: without the controller (or if it does not answer within SETTLE_TIMEOUT)
-        they are retried in the background until it is back."""
-        if od.eof is None and not (times and od.times_dirty):
-            return
-        if self.session.client is not None:
-            try:
-                await self.trim(od, timeout=SETTLE_TIMEOUT)
-                if times:
-                    await self.save_times(od, timeout=SETTLE_TIMEOUT)
-                return
-            except DiskError as e:
-                log.info("%s: size and times not saved yet (%s); retrying in the background",
-                         od.name, e)
-        if od.settling:
-            return
-        od.settling = True
-
-        async def run() -> None:
-            try:
-                for _ in range(SETTLE_RETRIES):
-                    await trio.sleep(1.0)
-                    try:
-                        await self.trim(od)
-                        await self.save_times(od)
-                        return
-                    except DiskError as e:
-                        log.debug("%s: saving size and times: %s", od.name, e)
-                log.warning("%s: gave up saving its size and times at the controller", od.name)
-            finally:
-                od.settling = False
-
-        self.session.start_soon(run)
-
-    def times_later(self, od: OpenDisk) -> None:
-        """Send od's times TIMES_INTERVAL from now (armed by the first write after a
-        send), so a disk written for long without a close has them at the controller
-        too: at most one disk.times record per interval, never one per write."""
-        if od.times_timer:
-            return
-        od.times_timer = True
-
-        async def run() -> None:
-            try:
-                await trio.sleep(TIMES_INTERVAL)
-                try:
-                    await self.save_times(od, timeout=SETTLE_TIMEOUT)
-                except DiskError as e:
-                    log.debug("%s: saving times: %s", od.name, e)
-            finally:
-                od.times_timer = False
-            if od.times_dirty and od.handles > 0:
-                self.times_later(od)
-
-        self.session.start_soon(run)
-
-    async def save_times(self, od: OpenDisk, timeout: float | None = None) -> None:
-        """Send od's times to the controller if they changed since (close, fsync,
-        utimensat): one disk.times record, never one per write. DiskError."""
-        if not od.times_dirty:
-            return
-        od.times_dirty = False
-        try:
-            await call(self.session, "disk.times", f"times of {od.name}", timeout=timeout,
-                       name=od.name, mtime=od.mtime, stime=od.stime)
-        except BaseException:
-            od.times_dirty = True
-            raise
-        self.on_resize()  # the listing's times are older
-
-    async def trim(self, od: OpenDisk, timeout: float | None = None) -> None:
-        """Give back what grow ahead took past the file's end (fsync, last close): the
-        controller shrinks the disk to od.eof if its size is still the one we set.
-        DiskError (and od keeps its local end of file) if the controller cannot."""
-        async with od.grow_lock:
-            eof, grown = od.eof, od.grown_to
-            if eof is None or od.table.size != grown or eof >= grown:
-                od.eof, od.grown_to = None, -1
-                return
-            r = await call(self.session, "disk.trim", f"trim {od.name}", timeout=timeout,
-                           name=od.name, size=eof, expect=grown)
-            od.eof, od.grown_to = None, -1
-            self.on_resize()
-            u = r.get("update")
-            if u is not None:
-                od.table.replace(u["start"], u["end"], u["rows"], size=u["size"],
-                                 epoch=u["epoch"], version=u.get("v"))
-            elif od.table.size == grown:
-                # another writer changed the size meanwhile: fetch the truth
-                await self.reload_or_restrict(od)
-            self.kernel.invalidate(od.inode, attr_only=True)
-
-    async def _allocate_ahead(self, od: OpenDisk, pos: int, length: int,
-                              deadline: float) -> None:
-        """Map zero space from pos on, several segments in one controller call (one
-        record), growing the window while the writer stays sequential. DiskError."""
-        seg = od.segment_size
-        # as far ahead as the writer has come sequentially (so what a writer that stops
-        # leaves allocated unwritten is less than what it wrote), at most the maximum
-        ahead = max(min(od.run, ALLOCATE_AHEAD_MAX), seg)
-        start = pos // seg * seg
-        end = min(max(pos + length, start + ahead), od.table.size)
-        await self.allocate(od, start, end - start, reserve=False, deadline=deadline)
-
-    def _prefetch(self, od: OpenDisk, pos: int) -> None:
-        """A sequential writer at pos on a thin disk: when the next unallocated space is
-        less than half a window ahead, allocate the window in the background, so the
-        writer need not wait for it (it still faults, and waits, if it gets there first).
-        Never raises; a failure only logs (the writer's own fault reports the error)."""
-        if (od.prefetching or od.run < PREFETCH_MIN_RUN or not od.sequential(pos, pos)
-                or not self.session.lease_valid()):
-            return
-        seg = od.segment_size
-        ahead = min(od.run, ALLOCATE_AHEAD_MAX)
-        hole = od.table.seek(pos, data=False)
-        if hole is None or hole >= od.table.size or hole - pos > ahead // 2:
-            return
-        e = od.table.pieces(hole, 1)[0]
-        if not e.flags & ZERO or e.flags & INVALID:
-            return
-        start = hole // seg * seg
-        # never further than the run's length past the writer (as _allocate_ahead)
-        end = min((pos + ahead) // seg * seg, od.table.size)
-        if end <= start:
-            return
-        length = end - start
-        od.prefetching = True
-
-        async def run() -> None:
-            try:
-                await self.allocate(od, start, length, reserve=False,
-                                    deadline=trio.current_time() + self.fault_timeout)
-            except DiskError as err:
-                log.debug("allocation ahead on %s at %d: %s", od.name, start, err)
-            except TableError as err:
-                log.warning("allocation ahead on %s at %d: %s", od.name, start, err)
-            finally:
-                od.prefetching = False
-
-        self.session.start_soon(run)
-
-    async def allocate(self, od: OpenDisk, offset: int, length: int, *, reserve: bool,
-                       deadline: float | None = None) -> None:
-        """Map every zero entry in [offset, offset+length) at the controller (reserve:
-        also reserved in the container's file system, as fallocate promises), in calls
-        of at most ALLOCATE_CHUNK bytes; apply the answers. DiskError (ENOSPC...)."""
-        end = min(offset + length, od.table.size)
-        pos = offset
-        while pos < end:
-            n = min(end - pos, ALLOCATE_CHUNK)
-            timeout = None if deadline is None else max(0.0, deadline - trio.current_time())
-            try:
-                r = await self.session.call("disk.allocate", timeout=timeout, name=od.name,
-                                            offset=pos, length=n, reserve=reserve)
-            except (ControllerUnavailable, ConnectionLost) as e:
-                raise DiskError(errno.EIO, f"allocate on {od.name} at {pos}: {e}") from None
-            except RemoteError as e:
-                raise remote_error(e, f"allocate on {od.name} at {pos}") from None
-            self.io.set_paths({int(k): v for k, v in r["containers"].items()})
-            rows = r["rows"]
-            if rows:
-                od.table.replace(rows[0][0], rows[-1][0] + rows[-1][1], rows, size=r["size"],
-                                 epoch=r["epoch"], version=r.get("v"))
-                self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
-                self.on_resize()
-            pos += n
-            end = min(end, od.table.size)
-
-    async def fallocate(self, od: OpenDisk, mode: int, offset: int, length: int) -> None:
-        """fallocate(2) as ext4 takes it; COLLAPSE_RANGE, INSERT_RANGE, UNSHARE_RANGE and
-        PUNCH_HOLE without KEEP_SIZE are EOPNOTSUPP. DiskError."""
-        if offset < 0 or length <= 0:
-            raise DiskError(errno.EINVAL)
-        keep = bool(mode & FALLOC_FL_KEEP_SIZE)
-        kind = mode & ~FALLOC_FL_KEEP_SIZE
-        end = offset + length
-        if kind == 0:  # preallocate: the size grows (without KEEP_SIZE), space is reserved
-            if not keep and end > od.size:
-                await self.trim(od)
-                await self.grow(od, end)
-                od.touch()  # the size changed (a preallocation inside changes nothing)
-            await self.allocate(od, offset, min(end, od.size) - offset, reserve=True)
-        elif kind == FALLOC_FL_PUNCH_HOLE and keep:
-            await self.discard(od, offset, length)
-            od.touch()
-        elif kind == FALLOC_FL_ZERO_RANGE:
-            await self.discard(od, offset, length)
-            if not keep and end > od.size:
-                await self.grow(od, end)
-            od.touch()
-        else:
-            raise DiskError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
-
-    async def resize(self, name: str, size: int, allow_shrink: bool,
-                     od: OpenDisk | None = None, grow_only: bool = False) -> None:
-        """Resize disk name to size bytes at the controller (grow_only: to at least size);
-        apply the answer to od's table if open. Raises DiskError."""
-        args: dict[str, Any] = {"grow_only": True} if grow_only else {}
-        r = await call(self.session, "disk.resize", f"resize {name}", name=name, size=size,
-                       allow_shrink=allow_shrink, **args)
-        self.on_resize()
-        u = r.get("update")
-        if od is not None and u is not None:
-            od.table.replace(u["start"], u["end"], u["rows"], size=u["size"], epoch=u["epoch"],
-                             version=u.get("v"))
-            short = od.table.size < size if grow_only else od.table.size != size
-            if short and not od.table.stale(u.get("v")):
-                await self.reload(od)
-
     def seek(self, od: OpenDisk, offset: int, data: bool) -> int:
         """lseek SEEK_DATA/SEEK_HOLE from the table: zero entries are holes, every other
         entry (allocated, moving, restricted, failed) data. DiskError(ENXIO) at or past
@@ -686,22 +221,3 @@ class DataPath:
             raise DiskError(errno.ENXIO)
         return found
 
-    async def discard(self, od: OpenDisk, offset: int, length: int) -> None:
-        """Punch a hole: whole segments go back to zero at the controller; the ends are zeroed."""
-        end = min(offset + length, od.size)
-        if offset >= end:
-            return
-        r = await call(self.session, "disk.discard", f"discard on {od.name}", name=od.name,
-                       offset=offset, length=end - offset)
-        if r["rows"]:
-            start = r["rows"][0][0]
-            stop = r["rows"][-1][0] + r["rows"][-1][1]
-            od.table.replace(start, stop, r["rows"], epoch=r["epoch"], version=r.get("v"))
-            self.kernel.invalidate(od.inode, attr_only=True)
-            self.on_resize()  # the pool's figures (df)
-        for lo, hi in r["zero"]:
-            pos = lo
-            while pos < hi:
-                n = min(hi - pos, 1 << 20)
-                await self.write(od, pos, bytes(n), skip_zero=True)
-                pos += n

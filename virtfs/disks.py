@@ -1,9 +1,10 @@
 """The agent's model of its disks: open/close, pushes from the controller, reconnects.
 
 Volumes ties the parts together: the namespace (namespace.py: names, inodes,
-the listing), the data path (datapath.py: I/O through each open disk's table)
-and the session (agent.py). fuse_ops talks to ``volumes.ns``, ``volumes.data``
-and the open/close/truncate calls here. Errors leave as DiskError(errno).
+the listing), the data path (datapath.py: I/O through each open disk's table,
+with its tables, faults, sizes and allocation ahead) and the session
+(agent.py). fuse_ops talks to ``volumes.ns``, ``volumes.data`` and the
+open/close/truncate calls here. Errors leave as DiskError(errno).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from controller.protocol import RemoteError
 
 from .agent import Session
 from .blockio import ContainerIO
-from .datapath import DataPath, OpenDisk
+from .datapath import DataPath
 from .errors import DiskError, call
 from .kernel import KernelCache
 from .mapcache import TableError
 from .namespace import Namespace
+from .opendisk import OpenDisk
+from .tables import TableUpdate
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +65,9 @@ class Volumes:
                 if name != asked:
                     log.info("disk %s was renamed to %s while it was being opened", asked, name)
                     ns.move_name(inode, name)
-                    self.data.note_push(name, self.data.pushed(asked))
+                    self.data.tables.note_push(name, self.data.tables.pushed(asked))
                 try:
-                    table = self.data.load(None, name, t)
+                    table = self.data.tables.new_table(name, TableUpdate.table(t))
                 except TableError as e:
                     await self._close_at_controller(name, t.get("handle"))
                     raise DiskError(errno.EIO, f"open {name}: bad table ({e})") from None
@@ -100,7 +103,7 @@ class Volumes:
             return
         ns = self.ns
         if not od.unlinked:
-            await self.data.settle(od)  # what grow ahead took past the end, and times
+            await self.data.sizes.settle(od)  # what grow ahead took past the end, and times
         if od.handles > 0:
             return  # opened again while the trim waited
         ns.stale()  # the listing's sizes may be older than our table
@@ -122,12 +125,10 @@ class Volumes:
         if name is None:
             raise DiskError(errno.ENOENT)
         if od is None:
-            await self.data.resize(name, size, allow_shrink=True, od=od)
+            await self.data.sizes.resize(name, size, allow_shrink=True, od=od)
             await self._times_at_controller(inode, time.time())
             return
-        async with od.grow_lock:
-            od.eof, od.grown_to = None, -1  # an exact size: nothing grown ahead stays
-            await self.data.resize(name, size, allow_shrink=True, od=od)
+        await self.data.sizes.truncate(od, size)
         od.touch()
 
     async def set_times(self, inode: int, mtime: float | None) -> None:
@@ -138,7 +139,7 @@ class Volumes:
         od = self.ns.by_inode.get(inode)
         if od is not None:
             od.touch(mtime)
-            await self.data.save_times(od)
+            await self.data.sizes.save_times(od)
             return
         await self._times_at_controller(inode, mtime)
 
@@ -157,7 +158,7 @@ class Volumes:
             try:
                 t = await client.call("disk.open", name=name)
                 od.handle = t.get("handle")
-                self.data.load(od, name, t)
+                self.data.tables.apply_update(od.table, TableUpdate.table(t))
             except (RemoteError, TableError) as e:
                 log.error("disk %s cannot be reopened after reconnecting: %s", name, e)
                 od.table.restrict(0, od.table.size)
@@ -168,11 +169,11 @@ class Volumes:
         """Apply one controller push (update, rename, namespace, epochs)."""
         kind = msg.get("push")
         if kind == "update":
-            self.data.note_push(msg["disk"], msg.get("v"))
+            self.data.tables.note_push(msg["disk"], msg.get("v"))
             od = self.ns.open.get(msg["disk"])
             if od is None:
                 return
-            await self.data.apply_update(od, msg)
+            await self.data.tables.apply_push(od, TableUpdate.ranged(msg))
             info = self.ns.listing.get(od.name)
             if info is not None:
                 info.size = od.size
@@ -198,28 +199,4 @@ class Volumes:
                 if od is not None and epoch != od.table.epoch:
                     log.info("disk %s: table epoch %d, controller has %d; reloading",
                              name, od.table.epoch, epoch)
-                    self.reload_soon(od)
-
-    def reload_soon(self, od: OpenDisk) -> None:
-        """Reload od's table in the background; coalesced (one at a time per disk).
-
-        Bounded by the lease; a reload that fails leaves the whole table restricted
-        (every I/O faults to the controller) until a later one succeeds. Never raises.
-        """
-        if od.reloading:
-            od.reload_again = True  # the running one may have started before this change
-            return
-        od.reloading = True
-        od.reload_again = False
-
-        async def run() -> None:
-            try:
-                while True:
-                    await self.data.reload_or_restrict(od, timeout=self.session.lease)
-                    if not od.reload_again or od.handles <= 0:
-                        break
-                    od.reload_again = False
-            finally:
-                od.reloading = False
-
-        self.session.start_soon(run)
+                    self.data.tables.reload_soon(od)

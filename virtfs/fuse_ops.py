@@ -23,10 +23,10 @@ import trio
 from controller import faultpoints
 from controller.protocol import RemoteError, check_name
 
-from .datapath import OpenDisk
 from .disks import Volumes
 from .errors import DiskError
 from .namespace import ROOT_INODE
+from .opendisk import OpenDisk
 
 log = logging.getLogger(__name__)
 
@@ -337,14 +337,14 @@ class Operations(pyfuse3.Operations):
         # controller (vdctl, other mounts) has the file's size once it is closed
         od, writable = self.handles.get(fh, (None, False))
         if od is not None and writable:
-            await self.v.data.settle(od)  # vdctl and other mounts agree once closed
+            await self.v.data.sizes.settle(od)  # vdctl and other mounts agree once closed
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         od = self._handle(fh)
         # the size is part of what fsync makes durable (its times follow by a timer:
         # a journal record per fsync would be one per write for fio --fsync=1 and VMs)
-        await self.v.data.settle(od, times=False)
+        await self.v.data.sizes.settle(od, times=False)
         await self.v.data.fsync(od)
 
     @handler
@@ -355,7 +355,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        await self.v.data.fallocate(self._handle(fh, write=True), mode, offset, length)
+        await self.v.data.ahead.fallocate(self._handle(fh, write=True), mode, offset, length)
 
     @handler
     async def lseek(self, fh: int, offset: int, whence: int) -> int:

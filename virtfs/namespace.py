@@ -23,7 +23,7 @@ from .errors import DiskError, call
 from .kernel import KernelCache
 
 if TYPE_CHECKING:
-    from .datapath import OpenDisk
+    from .opendisk import OpenDisk
 
 LISTING_TTL = 1.0  # seconds a disk.ls answer is trusted
 STATFS_TTL = 2.0  # seconds a status answer is trusted
@@ -119,10 +119,10 @@ class Namespace:
         if od is not None:
             base = self.listing.get(od.name)
             ctime = base.ctime if base else 0.0
-            if od.times_set or base is None:
+            if od.times.ours or base is None:
                 # written (or touched) here since it was opened: our times are newest
                 return DiskInfo(od.name, od.size, od.table.allocated, ctime,
-                                od.mtime or ctime, od.stime or ctime)
+                                od.times.mtime or ctime, od.times.stime or ctime)
             return DiskInfo(od.name, od.size, od.table.allocated, ctime, base.mtime,
                             base.stime)
         name = self.inodes.get(inode)

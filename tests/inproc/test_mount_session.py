@@ -335,7 +335,7 @@ async def test_a_write_past_the_end_grows_with_grow_only():
         s = FakeSession(nursery, script)
         v = volumes(s)
         od = await v.open_disk(v.ns.inode_of("a"))
-        await v.data.grow(od, 16384)
+        await v.data.sizes.grow(od, 16384)
         assert od.table.size == 65536
         assert [op for op, _ in s.calls] == ["disk.open", "disk.resize"]
         nursery.cancel_scope.cancel()

@@ -1,0 +1,109 @@
+"""Faults and lease waits: getting usable entries for an I/O that has none.
+
+An entry the I/O may not use (zero or nowrite for a write, invalid, or any
+entry but a hole once the lease has run out) is either waited out (only the
+lease is missing: it comes back with the next heartbeat) or faulted to the
+controller, which answers usable entries (allocating, copying on write,
+preparing a moving segment as needed). Faults are coalesced per segment.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+import trio
+
+from controller.client import ConnectionLost
+from controller.protocol import E_BUSY, INVALID, NOWRITE, ZERO, RemoteError
+
+from .agent import ControllerUnavailable, Session
+from .errors import DiskError, remote_error
+from .kernel import KernelCache
+from .mapcache import Entry
+from .opendisk import OpenDisk
+from .tables import Tables, TableUpdate
+
+
+class Faults:
+    """Usable entries for I/O on open disks: lease waits and faults to the controller."""
+
+    def __init__(self, session: Session, tables: Tables, kernel: KernelCache, *,
+                 fault_timeout: float = 30.0, on_resize: Callable[[], None] = lambda: None):
+        self.session = session
+        self.tables = tables
+        self.kernel = kernel
+        self.fault_timeout = fault_timeout  # seconds an I/O waits for usable entries
+        self.on_resize = on_resize  # allocation changed the pool's figures (listing stale)
+
+    async def fault(self, od: OpenDisk, offset: int, length: int, write: bool,
+                    deadline: float) -> None:
+        """Ask the controller for usable entries at [offset, offset+length) and install
+        them; coalesced (per segment and kind: a fault waits for one in progress there).
+        Returns early (the caller looks again) on E_BUSY before the deadline (trio
+        clock). Raises DiskError, TableError."""
+        key = (offset // od.segment_size, write)
+        pending = od.faults.get(key)
+        if pending is not None:
+            with trio.move_on_at(deadline):
+                await pending.wait()
+            return
+        ev = trio.Event()
+        od.faults[key] = ev
+        try:
+            timeout = max(0.0, deadline - trio.current_time())
+            try:
+                r = await self.session.call("disk.fault", timeout=timeout, name=od.name,
+                                            offset=offset, length=length, write=write)
+            except (ControllerUnavailable, ConnectionLost) as e:
+                raise DiskError(errno.EIO, f"fault on {od.name} at {offset}: {e}") from None
+            except RemoteError as e:
+                if e.code == E_BUSY and trio.current_time() < deadline:
+                    await trio.sleep(0.05)  # a change on the range outlasted the fault: again
+                    return
+                raise remote_error(e, f"fault on {od.name} at {offset}") from None
+            u = TableUpdate.answer(r)
+            before = od.table.allocated
+            self.tables.apply_update(od.table, u)
+            # entries newly allocated (not a size taken from an answer without rows)
+            if write and u.start is not None and od.table.allocated != before:
+                self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
+                self.on_resize()  # and the pool's figures (df)
+        finally:
+            del od.faults[key]
+            ev.set()
+
+    def usable(self, e: Entry, write: bool) -> bool:
+        """Whether e may be used for this I/O now (its state, and the lease)."""
+        if e.flags & INVALID:
+            return False
+        if write and e.flags & (ZERO | NOWRITE):
+            return False
+        if e.flags & ZERO:
+            return True  # reading a hole needs no lease: nothing to go stale on disk
+        return self.session.lease_valid()
+
+    async def wait(self, od: OpenDisk, pos: int, length: int, write: bool,
+                   deadline: float) -> None:
+        """The entry at pos cannot be used: wait for the lease to be renewed if only it is
+        missing, else fault [pos, pos+length) to the controller. DiskError(EIO) past
+        the deadline (trio clock) or without a controller; TableError."""
+        if trio.current_time() >= deadline:
+            raise DiskError(errno.EIO, f"{od.name}: no usable entry at {pos} in time")
+        e = od.table.pieces(pos, 1)[0]
+        if not self.session.lease_valid() and self._usable_with_lease(e, write):
+            # only the lease is missing: faulting would not help until it is renewed
+            try:
+                await self.session.wait_lease(deadline)
+            except ControllerUnavailable as err:
+                raise DiskError(errno.EIO, f"{od.name}: {err}") from None
+            return
+        await self.fault(od, pos, length, write, deadline)
+
+    @staticmethod
+    def _usable_with_lease(e: Entry, write: bool) -> bool:
+        return not e.flags & INVALID and not (write and e.flags & (ZERO | NOWRITE))
+
+    def deadline(self) -> float:
+        """When an I/O starting now gives up waiting for usable entries (trio clock)."""
+        return trio.current_time() + self.fault_timeout
