@@ -1,10 +1,11 @@
 """The data path: reads, writes and fsync of open disks through their tables.
 
 Every read and write is translated through the open disk's cached table, in one
-walk over its pieces (``DataPath._walk``): valid entries go straight to the
-container, zero entries read as zeros, entries that forbid the I/O (zero/nowrite
-for writes, invalid, or any entry once the lease has run out) wait for the lease
-or fault to the controller (faults.py), error entries fail with EIO at once.
+walk over its pieces shared by both (``DataPath._walk``, and ``_unblock`` where
+it stops): valid entries go straight to the container, zero entries read as
+zeros, entries that forbid the I/O (zero/nowrite for writes, invalid, or any
+entry once the lease has run out) wait for the lease or fault to the controller
+(faults.py), error entries fail with EIO at once.
 DataPath builds and holds the other parts of the data path: the tables
 (tables.py), faults (faults.py), sizes and times (sizes.py), allocation ahead,
 fallocate and discard (ahead.py). Errors leave as DiskError(errno).
@@ -55,18 +56,17 @@ class DataPath:
                            lambda od, offset, data: self.write(od, offset, data, skip_zero=True),
                            fault_timeout=fault_timeout, on_resize=on_resize)
 
-    async def _walk(self, od: OpenDisk, pos: int, end: int, write: bool, deadline: float,
-                    visit: Callable[[Entry], None], *, skip_zero: bool = False,
-                    writer: tuple[int, int] | None = None) -> tuple[int, bool]:
-        """One pass over the entries of [pos, end) (clipped to the table), in order.
+    def _walk(self, od: OpenDisk, pos: int, end: int, write: bool,
+              visit: Callable[[Entry], None], skip_zero: bool = False
+              ) -> tuple[int, Entry | None, bool]:
+        """Visit the usable entries of [pos, end) (clipped to the table) in order, up
+        to the first that cannot be used now (no await: the table holds still).
 
         visit(e) is called for each usable entry (a zero entry, read, needs no
-        container; skip_zero passes over zero entries). At the first entry that
-        cannot be used now the pass makes it usable and stops: it opens the entry's
-        container, or allocates ahead (writer: the whole write's [offset, end), a
-        sequential writer on unallocated space), or waits for the lease or faults
-        (deadline: trio clock). Returns (the position reached, whether the pass saw
-        every piece: the table ends there, maybe before end). DiskError, TableError.
+        container; skip_zero passes over zero entries). Returns (the position
+        reached, the entry there that stopped the walk or None if every piece was
+        visited (the table may end before end), whether that entry is usable and
+        only its container is not open yet). DiskError(EIO) at an error entry.
         """
         for e in od.table.pieces(pos, end - pos):
             if e.flags & ERROR:
@@ -75,16 +75,26 @@ class DataPath:
                 pos = e.vend
                 continue
             if not self.faults.usable(e, write):
-                if writer is None or not await self.ahead.allocate_ahead(
-                        od, e, pos, *writer, deadline):
-                    await self.faults.wait(od, pos, end - pos, write, deadline)
-                return pos, False
+                return pos, e, False
             if not e.flags & ZERO and not self.io.is_open(e.lun):
-                await self._open(od, e)  # awaited: look at the table again
-                return pos, False
+                return pos, e, True
             visit(e)
             pos = e.vend
-        return pos, True
+        return pos, None, False
+
+    async def _unblock(self, od: OpenDisk, e: Entry, usable: bool, pos: int, end: int,
+                       write: bool, deadline: float,
+                       writer: tuple[int, int] | None = None) -> None:
+        """Make entry e, which stopped a walk at pos, usable for the I/O of [pos, end):
+        open its container (usable: only that was missing), or allocate ahead (writer:
+        the whole write's [offset, end), a sequential writer on unallocated space), or
+        wait for the lease or fault (deadline: trio clock). The caller then looks at
+        the table again. DiskError, TableError."""
+        if usable:
+            await self._open(od, e)
+        elif writer is None or not await self.ahead.allocate_ahead(od, e, pos, *writer,
+                                                                   deadline):
+            await self.faults.wait(od, pos, end - pos, write, deadline)
 
     async def read(self, od: OpenDisk, offset: int, length: int) -> bytes:
         """Up to length bytes at offset (short only at the end of the disk). DiskError."""
@@ -100,9 +110,10 @@ class DataPath:
         pos = offset
         deadline = self.faults.deadline()
         while pos < end:
-            pos, done = await self._walk(od, pos, end, False, deadline, visit)
-            if done:
+            pos, e, usable = self._walk(od, pos, end, False, visit)
+            if e is None:
                 break  # (short if the disk shrank meanwhile: the end of file moved)
+            await self._unblock(od, e, usable, pos, end, False, deadline)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def write(self, od: OpenDisk, offset: int, data: bytes | memoryview,
@@ -153,9 +164,10 @@ class DataPath:
                     od.run.wrote(offset, target)
                     self.ahead.prefetch(od, target)
                 return len(view)
-            pos, _ = await self._walk(od, pos, target, True, deadline, visit,
-                                      skip_zero=skip_zero,
-                                      writer=None if skip_zero else (offset, target))
+            pos, e, usable = self._walk(od, pos, target, True, visit, skip_zero)
+            if e is not None:
+                await self._unblock(od, e, usable, pos, target, True, deadline,
+                                    None if skip_zero else (offset, target))
 
     def _io(self, od: OpenDisk, what: str, e: Entry, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on e's container, in flight over e's range (a drain waits for it).
