@@ -176,15 +176,18 @@ def test_rm_frees_exactly_the_unshared_space_and_rollback(controller, mount_fact
     check_clean(controller)
 
 
-def _seq_writer(path: Path, nblocks: int, stop: threading.Event, errors: list[str]) -> None:
+def _seq_writer(path: Path, nblocks: int, stop: threading.Event, errors: list[str],
+                done: list[int]) -> None:
     """Write blocks 0..nblocks-1 over and over, block i of pass p holding the global
-    sequence number p * nblocks + i (O_DIRECT, each write complete before the next)."""
+    sequence number p * nblocks + i (O_DIRECT, each write complete before the next).
+    done[0] is the number of writes completed so far."""
     fd = open_direct(path)
     seq = 0
     try:
         while not stop.is_set():
             dwrite(fd, (seq % nblocks) * B, struct.pack("<Q", seq) * (B // 8))
             seq += 1
+            done[0] = seq
     except OSError as e:
         errors.append(repr(e))
     finally:
@@ -219,10 +222,13 @@ def test_snapshots_under_load_are_points_in_time(controller, mount_factory, tmp_
     p = subprocess.Popen(["fio", "--name=v", f"--filename={m.path / 'f'}", *FIO_VERIFY,
                           "--do_verify=1", "--randseed=5", "--direct=1", "--size=128M"],
                          cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stop, errors = threading.Event(), []
-    w = threading.Thread(target=_seq_writer, args=(m.path / "q", nblocks, stop, errors))
+    stop, errors, done = threading.Event(), [], [0]
+    w = threading.Thread(target=_seq_writer, args=(m.path / "q", nblocks, stop, errors, done))
     w.start()
     try:
+        # the oracle needs every block written once: blocks of a first pass that the
+        # writer has not reached yet read as zeros, which no instant of a full pass shows
+        wait_for(lambda: done[0] >= nblocks or bool(errors), 120, "the writer's first pass")
         for k in range(3):
             time.sleep(0.7)
             vd(controller, "snap", "create", f"f@s{k}")
