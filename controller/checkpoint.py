@@ -28,7 +28,8 @@ from .bitmap import Bitmap
 from .extents import ExtentMap, ExtentSnapshot
 from .frames import JournalCorrupt
 from .fsutil import fsync_dir, write_all
-from .state import Alt, Container, Disk, Job, State, StateError
+from .state import State
+from .tables import Alt, Container, Disk, Job, StateError
 
 CHECKPOINT = "checkpoint"
 FORMAT_1 = 1  # one frame: the whole state as one map (read only)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from .allocator import ALIGN
 from .extents import MOVING
 from .protocol import BLOCK_SIZE
-from .state import State, round_up
+from .state import State
+from .tables import round_up
 
 
 @dataclass

@@ -32,7 +32,8 @@ from .checkpoint import CheckpointFile, Snapshot, checkpoint_frames, write_check
 from .frames import JournalCorrupt
 from .fsutil import fsync_dir, write_all
 from .recovery import JOURNAL, JOURNAL_NEXT
-from .state import State, StateError
+from .state import State
+from .tables import StateError
 
 log = logging.getLogger(__name__)
 

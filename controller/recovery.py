@@ -32,7 +32,8 @@ from . import frames
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .frames import JournalCorrupt
 from .fsutil import fsync_dir
-from .state import State, StateError
+from .state import State
+from .tables import StateError
 
 __all__ = ["CHECKPOINT", "JOURNAL", "JOURNAL_NEXT", "Recovery", "recover"]
 

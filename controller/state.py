@@ -9,179 +9,26 @@ module does no I/O and imports no trio.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
+from . import sharing
 from .allocator import ALIGN, AllocError, FreeSpace
 from .bitmap import Bitmap
-from .extents import MAX_EXTENT, MOVING, Extent, ExtentError, ExtentMap
-from .protocol import BLOCK_SIZE, former_name
-
-_DISK_UIDS = itertools.count(1)
-
-
-class StateError(ValueError):
-    """A record that cannot be applied: in replay, this means corruption."""
-
-
-def round_up(n: int, align: int = ALIGN) -> int:
-    return -(-n // align) * align
-
-
-@dataclass
-class Container:
-    name: str
-    lun: int
-    path: str
-    size: int
-    created: bool  # virtfs created the file (and may delete it on rm)
-    space: FreeSpace
-    failed: bool = False  # container fail: every entry on it is `error` at the agents
-    draining: bool = False  # a drain job runs: new space goes elsewhere
-
-    @property
-    def usable(self) -> int:
-        return self.size - self.size % ALIGN
-
-    @property
-    def used(self) -> int:
-        return self.usable - self.space.free
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "lun": self.lun,
-            "path": self.path,
-            "size": self.size,
-            "used": self.used,
-            "free": self.space.free,
-            "created": self.created,
-            "state": "error" if self.failed else "draining" if self.draining else "ok",
-        }
-
-
-@dataclass
-class Alt:
-    """A segment being moved (DESIGN.md section 3): its alternate location and bitmap.
-
-    Kept in Disk.alts under the vstart of a stored extent flagged MOVING, which is the
-    segment's primary location (L1) and never merges or splits while the move lasts.
-    A set bit in bitmap (one per 4 KiB block of the extent) means that block's current
-    data is at the alternate location (L2): lun, offset (bytes, block-aligned).
-    """
-
-    lun: int
-    offset: int
-    bitmap: Bitmap
-
-
-JOB_KINDS = ("migrate", "drain")
-JOB_STATES = ("running", "done", "aborted", "failed")
-KEEP_FINISHED_JOBS = 100
-
-
-@dataclass
-class Job:
-    """A background data movement, journaled so it resumes after a restart.
-
-    kind "migrate": every extent of disk `disk` moves to container LUN `dst`.
-    kind "drain": every extent on container LUN `src` moves off it (to `dst`, or
-    wherever placement puts new space when dst is None).
-    """
-
-    id: int
-    kind: str
-    disk: str | None
-    src: int | None
-    dst: int | None
-    started: float
-    state: str = "running"
-    ended: float | None = None
-    message: str = ""
-    aborting: bool = False  # an abort was asked for: a restart rolls back, not on
-
-    def to_wire(self) -> list[Any]:
-        return [self.id, self.kind, self.disk, self.src, self.dst, self.started, self.state,
-                self.ended, self.message, self.aborting]
-
-    @classmethod
-    def from_wire(cls, w: list[Any]) -> Job:
-        """A job from to_wire()'s list (9 items before aborts were journaled)."""
-        if not isinstance(w, list) or len(w) not in (9, 10):
-            raise StateError(f"bad job {w!r}")
-        return cls(*w)
-
-
-@dataclass
-class Disk:
-    name: str
-    size: int
-    segment_size: int
-    thick: bool
-    pin: int | None  # allocate only on this LUN, if set
-    home: int  # preferred LUN for thin allocation
-    ctime: float
-    extents: ExtentMap = field(default_factory=ExtentMap)
-    alts: dict[int, Alt] = field(default_factory=dict)
-    epoch: int = 1
-    # this process's identity of the disk (never persisted, never reused): what agents'
-    # opens, locks and restrictions are keyed by, so renames and re-creations of a name
-    # cannot mix two disks up
-    uid: int = field(default_factory=lambda: next(_DISK_UIDS), compare=False, repr=False)
-    # snapshots and clones (docs/snapshots.md): tables of one family (a disk, its
-    # snapshots, their clones, ...) may share storage, always at the same vstart;
-    # origin: the snapshot a clone was made from; a snapshot's parent: its disk
-    family: int = 0
-    origin: str | None = None
-    parent: str | None = None  # set on snapshots only (read-only tables)
-    # times kept by the agents (disk.times records; 0.0: not set, the creation time
-    # stands): the last change of the content or size, and of the content or metadata
-    mtime: float = 0.0
-    stime: float = 0.0
-
-    @property
-    def allocated(self) -> int:
-        return self.extents.mapped_bytes
-
-    @property
-    def is_snapshot(self) -> bool:
-        return self.parent is not None
-
-    def to_dict(self, luns: dict[int, Container]) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "size": self.size,
-            "segment_size": self.segment_size,
-            "provisioning": "thick" if self.thick else "thin",
-            "allocated": self.allocated,
-            "extents": len(self.extents),
-            "container": luns[self.pin].name if self.pin is not None else None,
-            "home": luns[self.home].name if self.home in luns else None,
-            "epoch": self.epoch,
-            "ctime": self.ctime,
-            "mtime": self.mtime or self.ctime,
-            "changed": self.stime or self.ctime,
-            # unlinked while open (protocol.DELETED_PREFIX): the name it had
-            "deleted": former_name(self.name),
-            "origin": self.origin,
-        }
-
-
-def unshared_blocks(e: Extent, shared: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(offset, length) of e's storage, in whole blocks, outside shared (vstart ranges
-    another table maps, from State.referenced): what freeing e gives back. A block any
-    part of which is shared stays; e's short last block counts whole."""
-    nblk = -(-e.length // BLOCK_SIZE)
-    keep = [((lo - e.vstart) // BLOCK_SIZE, -(-(hi - e.vstart) // BLOCK_SIZE))
-            for lo, hi in shared]
-    out, pos = [], 0
-    for kb, ke in [*keep, (nblk, nblk)]:
-        if kb > pos:
-            out.append((e.offset + pos * BLOCK_SIZE, (kb - pos) * BLOCK_SIZE))
-        pos = max(pos, ke)
-    return out
+from .extents import MAX_EXTENT, MOVING, Extent, ExtentError
+from .protocol import BLOCK_SIZE
+from .sharing import unshared_blocks  # noqa: F401 - controller/service/ imports it from here
+from .tables import (
+    JOB_KINDS,
+    JOB_STATES,
+    KEEP_FINISHED_JOBS,
+    Alt,
+    Container,
+    Disk,
+    Job,
+    StateError,
+    round_up,
+)
 
 
 def _pieces(rec: dict[str, Any], key: str = "map") -> list[tuple[int, int, int, int]]:
@@ -245,72 +92,19 @@ class State:
         another table of family fam (not skip) maps, at the same vstart: shared storage.
         Tables share only by having been copied from one another (snapshot, clone,
         rollback), so a shared block is always at the same vstart in every table."""
-        out: list[tuple[int, int]] = []
-        delta = offset - vstart
-        for t in self.family(fam):
-            if t is skip:
-                continue
-            for e in t.extents.stored_in(vstart, vend):
-                if e.lun == lun and e.offset - e.vstart == delta:
-                    out.append((max(e.vstart, vstart), min(e.vend, vend)))
-        out.sort()
-        merged: list[tuple[int, int]] = []
-        for lo, hi in out:
-            if merged and lo <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            else:
-                merged.append((lo, hi))
-        return merged
+        others = [t for t in self.family(fam) if t is not skip]
+        return sharing.referenced(others, vstart, vend, lun, offset)
 
     def referenced_all(self, fam: int, pieces: list[Extent],
                        skip: Disk | None = None) -> list[list[tuple[int, int]]]:
-        """referenced() for each of pieces (in vstart order, not overlapping), at once.
-
-        A whole table's worth (a snapshot removed, a rollback) is one ordered walk of
-        each other table of the family, not a lookup per piece: a 1 TiB table of
-        262,144 extents takes a fraction of a second instead of seconds.
-        """
-        tables = [t for t in self.family(fam) if t is not skip]
-        if not tables or not pieces:
-            return [[] for _ in pieces]
-        if len(pieces) * 16 < sum(len(t.extents) for t in tables):
-            return [self.referenced(fam, e.vstart, e.vend, e.lun, e.offset, skip)
-                    for e in pieces]
-        out: list[list[tuple[int, int]]] = [[] for _ in pieces]
-        for t in tables:
-            ts = list(t.extents)
-            j = 0
-            for i, p in enumerate(pieces):
-                while j < len(ts) and ts[j].vend <= p.vstart:
-                    j += 1
-                k = j
-                delta = p.offset - p.vstart
-                while k < len(ts) and ts[k].vstart < p.vend:
-                    e = ts[k]
-                    if e.lun == p.lun and e.offset - e.vstart == delta:
-                        out[i].append((max(e.vstart, p.vstart), min(e.vend, p.vend)))
-                    k += 1
-        for i, rs in enumerate(out):
-            if len(rs) > 1:
-                rs.sort()
-                merged = [rs[0]]
-                for lo, hi in rs[1:]:
-                    if lo <= merged[-1][1]:
-                        merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-                    else:
-                        merged.append((lo, hi))
-                out[i] = merged
-        return out
+        """referenced() for each of pieces (in vstart order, not overlapping), at once
+        (sharing.referenced_all: one ordered walk of each other table)."""
+        return sharing.referenced_all([t for t in self.family(fam) if t is not skip], pieces)
 
     def _release_unshared(self, fam: int, pieces: list[Extent]) -> None:
         """Free the storage of pieces (removed from their table already) that no other
-        table of family fam maps. Storage is freed a block at a time: a block any part
-        of which another table maps stays (a table's short last block is still a whole
-        block of storage)."""
-        refs = self.referenced_all(fam, pieces)
-        for e, shared in zip(pieces, refs, strict=True):
-            for off, n in unshared_blocks(e, shared):
-                self.luns[e.lun].space.release(off, n)
+        table of family fam maps (sharing.release_unshared)."""
+        sharing.release_unshared(self.family(fam), self.luns, pieces)
 
     def lun_users(self, lun: int) -> Iterator[tuple[Disk, Extent]]:
         """(table, extent) of every disk and snapshot extent stored on LUN lun."""

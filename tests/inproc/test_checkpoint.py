@@ -148,7 +148,7 @@ def test_extend_wire_checks_order_across_parts():
 
 def test_state_parts_roundtrip_with_free_lists_alts_and_boot():
     from controller.bitmap import Bitmap
-    from controller.state import Alt
+    from controller.tables import Alt
 
     s = applied(thin_records(3, 50, 4 * B))
     s.apply({"op": "disk.unmap", "name": "t1", "start": 0, "end": 40 * 4 * B})  # fragments

@@ -20,7 +20,8 @@ from controller.daemon import open_controller_service
 from controller.frames import JournalCorrupt, encode
 from controller.journal import Journal
 from controller.recovery import JOURNAL, JOURNAL_NEXT, recover
-from controller.state import State, StateError, round_up
+from controller.state import State
+from controller.tables import StateError, round_up
 
 B = 4096
 

@@ -19,7 +19,8 @@ from controller.bitmap import Bitmap
 from controller.checkpoint import Snapshot, from_format1, from_parts
 from controller.consistency import check
 from controller.extents import MOVING
-from controller.state import State, StateError
+from controller.state import State
+from controller.tables import StateError
 
 B = 4096
 SEG = 4 * B

@@ -15,7 +15,8 @@ from controller.allocator import ALIGN, FreeSpace
 from controller.bitmap import Bitmap
 from controller.checkpoint import Snapshot, from_format1, from_parts
 from controller.consistency import Problem, check
-from controller.state import State, StateError, round_up
+from controller.state import State
+from controller.tables import StateError, round_up
 
 B = ALIGN
 
