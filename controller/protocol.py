@@ -257,6 +257,31 @@ _RESERVED_IN_NAMES = "/\0@"
 
 
 # A disk unlinked while open (rm of an open file in a mount) is renamed at once to
+# A snapshot's name: its disk's, SNAP_SEP, its own ("vm1@before"). No disk name holds
+# SNAP_SEP (check_name), so the two kinds of table never clash.
+SNAP_SEP = "@"
+
+
+def is_snapshot_name(name: str) -> bool:
+    """Whether name is a snapshot's ("DISK@SNAP") rather than a disk's."""
+    return SNAP_SEP in name
+
+
+def snapshot_name(disk: str, snap: str) -> str:
+    """The name of snapshot snap of disk: "DISK@SNAP"."""
+    return f"{disk}{SNAP_SEP}{snap}"
+
+
+def split_snapshot_name(name: str) -> tuple[str, str]:
+    """(disk, snap) of a snapshot's name "DISK@SNAP" (split at the first SNAP_SEP).
+
+    Raises ValueError if name is not a snapshot's."""
+    disk, sep, snap = name.partition(SNAP_SEP)
+    if not sep:
+        raise ValueError(f"{name!r} is not a snapshot's name (DISK{SNAP_SEP}SNAP)")
+    return disk, snap
+
+
 # DELETED_PREFIX + "<n>/<its name>": a name no file name can be ('/'), so its own name
 # is free for a new file at once (as on ext4); mounts hide it, `vdctl disk ls` marks it,
 # and the controller removes it when the last agent closes it.

@@ -86,7 +86,7 @@ def recover(state_dir: str, *, repair: bool = True) -> Recovery:
                         raise JournalCorrupt(f"{path}: record #{rec.records + 1}: expected seq "
                                              f"{expect}, found {seq}: records are missing")
                     try:
-                        state.apply(r)
+                        state.apply_wire(r)
                     except StateError as e:
                         raise JournalCorrupt(f"{path}: record #{rec.records + 1} (seq {seq}) "
                                              f"does not apply: {e}") from None

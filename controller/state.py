@@ -9,14 +9,15 @@ module does no I/O and imports no trio.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
+from . import records as R
 from . import sharing
 from .allocator import ALIGN, AllocError, FreeSpace
 from .bitmap import Bitmap
 from .extents import MAX_EXTENT, MOVING, Extent, ExtentError
-from .protocol import BLOCK_SIZE
+from .protocol import BLOCK_SIZE, snapshot_name
+from .records import Piece, Record, decode
 from .sharing import unshared_blocks  # noqa: F401 - controller/service/ imports it from here
 from .tables import (
     JOB_KINDS,
@@ -29,22 +30,6 @@ from .tables import (
     StateError,
     round_up,
 )
-
-
-def _pieces(rec: dict[str, Any], key: str = "map") -> list[tuple[int, int, int, int]]:
-    raw = rec.get(key, [])
-    if not isinstance(raw, list):
-        raise StateError(f"{key} must be a list")
-    out = []
-    for p in raw:
-        # exact type checks (a bool is not a byte count); this runs once per replayed piece
-        if type(p) is not list or len(p) != 4:
-            raise StateError(f"bad map piece {p!r}")
-        a, b, c, d = p
-        if type(a) is not int or type(b) is not int or type(c) is not int or type(d) is not int:
-            raise StateError(f"bad map piece {p!r}")
-        out.append((a, b, c, d))
-    return out
 
 
 class State:
@@ -114,23 +99,31 @@ class State:
                     yield d, e
 
     # ------------------------------------------------------------ the mutator
-    def apply(self, rec: dict[str, Any]) -> None:
-        op = rec.get("op")
-        handler = _HANDLERS.get(op) if isinstance(op, str) else None
+    def apply(self, rec: Record, seq: int | None = None) -> None:
+        """Apply rec, the record numbered seq in the journal (None: not journaled).
+
+        Raises StateError, with nothing changed, if rec does not fit the tables.
+        """
+        handler = _HANDLERS.get(type(rec))
         if handler is None:
-            raise StateError(f"unknown record op {op!r}")
+            raise StateError(f"unknown record {rec!r}")
         try:
             handler(self, rec)
         except (KeyError, TypeError) as e:
-            raise StateError(f"malformed {op} record: {e!r}") from None
+            raise StateError(f"malformed {rec.OP} record: {e!r}") from None
         except (ExtentError, AllocError) as e:
-            raise StateError(f"{op} record does not fit the table: {e}") from None
-        seq = rec.get("seq")
-        if isinstance(seq, int):
+            raise StateError(f"{rec.OP} record does not fit the table: {e}") from None
+        if seq is not None:
             self.seq = seq
 
-    def _check_pieces(self, d: Disk, pieces: list[tuple[int, int, int, int]],
-                      size: int) -> None:
+    def apply_wire(self, d: object) -> None:
+        """Apply a record in its wire form (replay): records.decode, then apply with
+        its "seq". StateError if it is malformed or does not fit."""
+        rec = decode(d)
+        seq = d.get("seq") if isinstance(d, dict) else None
+        self.apply(rec, seq if type(seq) is int else None)
+
+    def _check_pieces(self, d: Disk, pieces: list[Piece], size: int) -> None:
         """Refuse pieces that cannot all be mapped, before anything changes.
 
         apply() must change nothing when it raises: a refused live record is not
@@ -163,7 +156,7 @@ class State:
                                      "of one record overlap")
                 prev = (k[0], k[1] + round_up(p[1]))
 
-    def _map(self, d: Disk, pieces: list[tuple[int, int, int, int]]) -> None:
+    def _map(self, d: Disk, pieces: list[Piece]) -> None:
         """Map pieces (vstart, length, lun, offset) into d and take their space."""
         self._check_pieces(d, pieces, d.size)
         for vstart, length, lun, offset in pieces:
@@ -205,63 +198,58 @@ class State:
         d.epoch += 1
         return removed
 
-    def _container_add(self, rec: dict[str, Any]) -> None:
-        name, lun, size = rec["name"], rec["lun"], rec["size"]
+    def _container_add(self, rec: R.ContainerAdd) -> None:
+        name, lun, size = rec.name, rec.lun, rec.size
         if name in self.containers or lun in self.luns:
             raise StateError(f"container {name!r} / LUN {lun} already exists")
-        c = Container(name, lun, rec["path"], size, bool(rec["created"]), FreeSpace(size))
+        c = Container(name, lun, rec.path, size, rec.created, FreeSpace(size))
         self.containers[name] = c
         self.luns[lun] = c
         self.next_lun = max(self.next_lun, lun + 1)
 
-    def _container_fail(self, rec: dict[str, Any]) -> None:
-        self.container(rec["name"]).failed = True
+    def _container_fail(self, rec: R.ContainerFail) -> None:
+        self.container(rec.name).failed = True
 
-    def _container_restore(self, rec: dict[str, Any]) -> None:
-        self.container(rec["name"]).failed = False
+    def _container_restore(self, rec: R.ContainerRestore) -> None:
+        self.container(rec.name).failed = False
 
-    def _container_rm(self, rec: dict[str, Any]) -> None:
-        c = self.container(rec["name"])
+    def _container_rm(self, rec: R.ContainerRm) -> None:
+        c = self.container(rec.name)
         if c.used:
             raise StateError(f"container {c.name!r} still holds {c.used} bytes")
         del self.containers[c.name]
         del self.luns[c.lun]
 
-    def _disk_create(self, rec: dict[str, Any]) -> None:
-        name = rec["name"]
+    def _disk_create(self, rec: R.DiskCreate) -> None:
+        name = rec.name
         if name in self.disks:
             raise StateError(f"disk {name!r} already exists")
         d = Disk(
             name=name,
-            size=rec["size"],
-            segment_size=rec["segment_size"],
-            thick=bool(rec["thick"]),
-            pin=rec["pin"],
-            home=rec["home"],
-            ctime=rec.get("ctime", 0.0),
+            size=rec.size,
+            segment_size=rec.segment_size,
+            thick=rec.thick,
+            pin=rec.pin,
+            home=rec.home,
+            ctime=rec.ctime,
             family=self.next_family,
         )
-        self._map(d, _pieces(rec))
+        self._map(d, rec.pieces)
         self.disks[name] = d
         self.next_family += 1
 
-    def _disk_times(self, rec: dict[str, Any]) -> None:
+    def _disk_times(self, rec: R.DiskTimes) -> None:
         """An agent's times of a disk (its last write, size change or utimensat)."""
-        d = self.disk(rec["name"])
-        mtime, stime = rec["mtime"], rec["stime"]
-        if not all(type(t) in (int, float) and 0 <= t < 1e11 for t in (mtime, stime)):
-            raise StateError(f"bad times {mtime!r}, {stime!r}")
-        d.mtime, d.stime = float(mtime), float(stime)
+        d = self.disk(rec.name)
+        d.mtime, d.stime = rec.mtime, rec.stime
 
-    def _disk_map(self, rec: dict[str, Any]) -> None:
-        self._map(self.disk(rec["name"]), _pieces(rec))
+    def _disk_map(self, rec: R.DiskMap) -> None:
+        self._map(self.disk(rec.name), rec.pieces)
 
-    def _disk_resize(self, rec: dict[str, Any]) -> None:
-        d = self.disk(rec["name"])
-        new = rec["size"]
-        if not isinstance(new, int) or new < 0:
-            raise StateError(f"bad size {new!r}")
-        pieces = _pieces(rec)
+    def _disk_resize(self, rec: R.DiskResize) -> None:
+        d = self.disk(rec.name)
+        new = rec.size
+        pieces = rec.pieces
         self._check_pieces(d, pieces, new)  # before anything changes
         if new < d.size and d.size:
             cut = round_up(new)
@@ -283,8 +271,8 @@ class State:
                                  tail.lun, tail.offset, tail.flags)
         self._map(d, pieces)
 
-    def _disk_rm(self, rec: dict[str, Any]) -> None:
-        d = self.disk(rec["name"])
+    def _disk_rm(self, rec: R.DiskRm) -> None:
+        d = self.disk(rec.name)
         self._no_snapshots(d)
         self._unmap(d, 0, d.size)
         del self.disks[d.name]
@@ -294,13 +282,13 @@ class State:
         if snaps:
             raise StateError(f"disk {d.name!r} has snapshots: {', '.join(snaps)}")
 
-    def _disk_rename(self, rec: dict[str, Any]) -> None:
-        d = self.disk(rec["name"])
-        new = rec["new"]
-        if not isinstance(new, str) or new == d.name:
+    def _disk_rename(self, rec: R.DiskRename) -> None:
+        d = self.disk(rec.name)
+        new = rec.new
+        if new == d.name:
             raise StateError(f"cannot rename {d.name!r} to {new!r}")
         if new in self.disks:
-            if not rec.get("replace"):
+            if not rec.replace:
                 raise StateError(f"cannot rename {d.name!r} to {new!r}: it exists")
             target = self.disks[new]  # replaced atomically, as rename(2) does
             self._no_snapshots(target)
@@ -323,21 +311,18 @@ class State:
                     t.origin = snap.name
 
     # ------------------------------------------------------------ moves (DESIGN.md 3)
-    def _moving(self, d: Disk, vstart: Any) -> tuple[Extent, Alt]:
-        a = d.alts.get(vstart) if type(vstart) is int else None
+    def _moving(self, d: Disk, vstart: int) -> tuple[Extent, Alt]:
+        a = d.alts.get(vstart)
         e = d.extents.find(vstart) if a is not None else None
         if a is None or e is None or e.vstart != vstart or not e.flags & MOVING:
             raise StateError(f"disk {d.name!r} has no segment moving at {vstart!r}")
         return e, a
 
-    def _move_start(self, rec: dict[str, Any]) -> None:
+    def _move_start(self, rec: R.MoveStart) -> None:
         """Segment [vstart, vstart+length) of one stored extent gets an alternate location
         (lun, offset) with an empty bitmap; the extent is cut there and flagged MOVING."""
-        d = self.disk(rec["name"])
-        vstart, length, lun, offset = rec["vstart"], rec["length"], rec["lun"], rec["offset"]
-        for v in (vstart, length, lun, offset):
-            if type(v) is not int:
-                raise StateError(f"bad move.start field {v!r}")
+        d = self.disk(rec.name)
+        vstart, length, lun, offset = rec.vstart, rec.length, rec.lun, rec.offset
         e = d.extents.find(vstart)
         if e is None or vstart + length > e.vend or length <= 0 or vstart % ALIGN:
             raise StateError(f"move of {vstart}+{length} is not inside one extent of "
@@ -357,42 +342,38 @@ class State:
         d.alts[vstart] = Alt(lun, offset, Bitmap(nbytes // BLOCK_SIZE))
         d.epoch += 1
 
-    def _move_mark(self, rec: dict[str, Any]) -> None:
+    def _move_mark(self, rec: R.MoveMark) -> None:
         """Blocks (runs [[first, count], ...]) of a moving segment now have their data at
         its alternate location."""
-        d = self.disk(rec["name"])
-        _e, a = self._moving(d, rec["vstart"])
-        runs = rec["runs"]
-        if type(runs) is not list:
-            raise StateError("move.mark runs must be a list")
+        d = self.disk(rec.name)
+        _e, a = self._moving(d, rec.vstart)
+        runs = rec.runs
         for r in runs:
-            if (type(r) is not list or len(r) != 2 or type(r[0]) is not int
-                    or type(r[1]) is not int or r[0] < 0 or r[1] <= 0
-                    or r[0] + r[1] > a.bitmap.nblocks):
-                raise StateError(f"bad move.mark run {r!r}")
+            if r[0] + r[1] > a.bitmap.nblocks:
+                raise StateError(f"bad move.mark run {list(r)!r}")
         for first, count in runs:
             a.bitmap.set_range(first, count)
         # no epoch bump: a mark changes no entry an agent may hold (its nowrite L1
         # entries still read right; a write there faults) - else every agent would
         # reload its whole table once a heartbeat while a disk moves
 
-    def _move_commit(self, rec: dict[str, Any]) -> None:
+    def _move_commit(self, rec: R.MoveCommit) -> None:
         """Every block is marked: the alternate location becomes the segment's location
         and the old one is freed; the extent may merge with its neighbours again."""
-        d = self.disk(rec["name"])
-        e, a = self._moving(d, rec["vstart"])
+        d = self.disk(rec.name)
+        e, a = self._moving(d, rec.vstart)
         if not a.bitmap.all_set():
             left = a.bitmap.nblocks - a.bitmap.count()
             raise StateError(f"disk {d.name!r} segment at {e.vstart}: {left} blocks are not "
                              "at the new location yet")
         self._end_move(d, e, a, keep_alt=True)
 
-    def _move_abort(self, rec: dict[str, Any]) -> None:
+    def _move_abort(self, rec: R.MoveAbort) -> None:
         """The move is dropped: the segment stays at its location (the controller has
         copied any block marked at the alternate location back first) and the alternate
         location is freed."""
-        d = self.disk(rec["name"])
-        e, a = self._moving(d, rec["vstart"])
+        d = self.disk(rec.name)
+        e, a = self._moving(d, rec.vstart)
         self._end_move(d, e, a, keep_alt=False)
 
     def _end_move(self, d: Disk, e: Extent, a: Alt, keep_alt: bool) -> None:
@@ -408,42 +389,42 @@ class State:
         d.extents.coalesce(e.vstart, e.vend)
         d.epoch += 1
 
-    def _disk_place(self, rec: dict[str, Any]) -> None:
+    def _disk_place(self, rec: R.DiskPlace) -> None:
         """Where a disk's new space goes: its home container and its pin (or None)."""
-        d = self.disk(rec["name"])
-        home, pin = rec["home"], rec["pin"]
+        d = self.disk(rec.name)
+        home, pin = rec.home, rec.pin
         if home not in self.luns or (pin is not None and pin not in self.luns):
             raise StateError(f"disk.place: unknown LUN {home!r} or {pin!r}")
         d.home, d.pin = home, pin
 
     # ------------------------------------------------------------ jobs
-    def _job_start(self, rec: dict[str, Any]) -> None:
-        jid, kind = rec["id"], rec["kind"]
-        if type(jid) is not int or jid < self.next_job or kind not in JOB_KINDS:
+    def _job_start(self, rec: R.JobStart) -> None:
+        jid, kind = rec.id, rec.kind
+        if jid < self.next_job or kind not in JOB_KINDS:
             raise StateError(f"bad job.start {jid!r} {kind!r}")
-        disk, src, dst = rec["disk"], rec["src"], rec["dst"]
+        disk, src, dst = rec.disk, rec.src, rec.dst
         if disk is not None:
             self.disk(disk)
         for lun in (src, dst):
             if lun is not None and lun not in self.luns:
                 raise StateError(f"job.start: unknown LUN {lun!r}")
-        self.jobs[jid] = Job(jid, kind, disk, src, dst, rec["started"])
+        self.jobs[jid] = Job(jid, kind, disk, src, dst, rec.started)
         self.next_job = jid + 1
         if kind == "drain" and src is not None:
             self.luns[src].draining = True
 
-    def _job_abort(self, rec: dict[str, Any]) -> None:
+    def _job_abort(self, rec: R.JobAbort) -> None:
         """An abort was asked for: it survives a restart (the job then rolls back)."""
-        j = self.jobs.get(rec["id"])
+        j = self.jobs.get(rec.id)
         if j is None or j.state != "running":
-            raise StateError(f"job.abort: no running job {rec.get('id')!r}")
+            raise StateError(f"job.abort: no running job {rec.id!r}")
         j.aborting = True
 
-    def _job_end(self, rec: dict[str, Any]) -> None:
-        j = self.jobs.get(rec["id"])
-        if j is None or j.state != "running" or rec["state"] not in JOB_STATES[1:]:
-            raise StateError(f"bad job.end {rec.get('id')!r} {rec.get('state')!r}")
-        j.state, j.ended, j.message = rec["state"], rec["ended"], rec.get("message", "")
+    def _job_end(self, rec: R.JobEnd) -> None:
+        j = self.jobs.get(rec.id)
+        if j is None or j.state != "running" or rec.state not in JOB_STATES[1:]:
+            raise StateError(f"bad job.end {rec.id!r} {rec.state!r}")
+        j.state, j.ended, j.message = rec.state, rec.ended, rec.message
         if j.kind == "drain" and j.src in self.luns and not any(
                 o.kind == "drain" and o.src == j.src and o.state == "running"
                 for o in self.jobs.values()):
@@ -453,27 +434,24 @@ class State:
             del self.jobs[k]
 
     # ------------------------------------------------------------ snapshots, clones
-    def _snap_create(self, rec: dict[str, Any]) -> None:
+    def _snap_create(self, rec: R.SnapCreate) -> None:
         """DISK@SNAP: a read-only copy of the disk's table, sharing all its storage."""
-        d = self.disk(rec["name"])
-        snap = rec["snap"]
-        full = f"{d.name}@{snap}"
-        if type(snap) is not str or not snap or "@" in snap or "/" in snap or "\0" in snap:
-            raise StateError(f"bad snapshot name {snap!r}")
+        d = self.disk(rec.name)
+        full = snapshot_name(d.name, rec.snap)
         if full in self.snaps:
             raise StateError(f"snapshot {full!r} already exists")
         if d.alts:
             raise StateError(f"disk {d.name!r} has segments being moved")
         self.snaps[full] = Disk(full, d.size, d.segment_size, d.thick, d.pin, d.home,
-                                rec["ctime"], d.extents.clone(), family=d.family,
+                                rec.ctime, d.extents.clone(), family=d.family,
                                 parent=d.name)
         d.epoch += 1  # its storage is shared now: writes must copy first
 
-    def _snap_rm(self, rec: dict[str, Any]) -> None:
+    def _snap_rm(self, rec: R.SnapRm) -> None:
         """Drop a snapshot; free what no other table of its family maps."""
-        s = self.snaps.get(rec["name"])
+        s = self.snaps.get(rec.name)
         if s is None:
-            raise StateError(f"no such snapshot: {rec['name']!r}")
+            raise StateError(f"no such snapshot: {rec.name!r}")
         users = sorted(t.name for t in (*self.disks.values(), *self.snaps.values())
                        if t.origin == s.name)
         if users:
@@ -481,24 +459,24 @@ class State:
         del self.snaps[s.name]
         self._release_unshared(s.family, list(s.extents))
 
-    def _disk_clone(self, rec: dict[str, Any]) -> None:
+    def _disk_clone(self, rec: R.DiskClone) -> None:
         """A writable disk from a snapshot, sharing its storage."""
-        s = self.snaps.get(rec["snap"])
-        new = rec["new"]
+        s = self.snaps.get(rec.snap)
+        new = rec.new
         if s is None:
-            raise StateError(f"no such snapshot: {rec['snap']!r}")
-        if not isinstance(new, str) or new in self.disks or "@" in new:
+            raise StateError(f"no such snapshot: {rec.snap!r}")
+        if new in self.disks:
             raise StateError(f"cannot clone to {new!r}")
         self.disks[new] = Disk(new, s.size, s.segment_size, s.thick, s.pin, s.home,
-                               rec["ctime"], s.extents.clone(), family=s.family,
+                               rec.ctime, s.extents.clone(), family=s.family,
                                origin=s.name)
 
-    def _snap_rollback(self, rec: dict[str, Any]) -> None:
+    def _snap_rollback(self, rec: R.SnapRollback) -> None:
         """The disk's content (and size) becomes its snapshot's; what only the disk held
         is freed."""
-        s = self.snaps.get(rec["snap"])
+        s = self.snaps.get(rec.snap)
         if s is None or s.parent is None:
-            raise StateError(f"no such snapshot: {rec['snap']!r}")
+            raise StateError(f"no such snapshot: {rec.snap!r}")
         d = self.disk(s.parent)
         if d.alts:
             raise StateError(f"disk {d.name!r} has segments being moved")
@@ -508,15 +486,15 @@ class State:
         d.epoch += 1
         self._release_unshared(d.family, old)
 
-    def _controller_boot(self, rec: dict[str, Any]) -> None:
-        boot = rec["boot"]
-        if type(boot) is not int or boot != self.boot + 1:
+    def _controller_boot(self, rec: R.ControllerBoot) -> None:
+        boot = rec.boot
+        if boot != self.boot + 1:
             raise StateError(f"boot must be {self.boot + 1}, not {boot!r}")
         self.boot = boot
 
-    def _disk_unmap(self, rec: dict[str, Any]) -> None:
-        d = self.disk(rec["name"])
-        start, end = rec["start"], rec["end"]
+    def _disk_unmap(self, rec: R.DiskUnmap) -> None:
+        d = self.disk(rec.name)
+        start, end = rec.start, rec.end
         if not (0 <= start <= end <= d.size):
             raise StateError(f"unmap range {start}..{end} outside disk")
         if end % ALIGN and end != d.size:
@@ -525,29 +503,31 @@ class State:
         self._unmap(d, start, end)
 
 
-_HANDLERS = {
-    "container.add": State._container_add,
-    "container.rm": State._container_rm,
-    "disk.create": State._disk_create,
-    "disk.map": State._disk_map,
-    "disk.times": State._disk_times,
-    "disk.resize": State._disk_resize,
-    "disk.rm": State._disk_rm,
-    "disk.rename": State._disk_rename,
-    "disk.unmap": State._disk_unmap,
-    "controller.boot": State._controller_boot,
-    "container.fail": State._container_fail,
-    "container.restore": State._container_restore,
-    "move.start": State._move_start,
-    "move.mark": State._move_mark,
-    "move.commit": State._move_commit,
-    "move.abort": State._move_abort,
-    "disk.place": State._disk_place,
-    "job.start": State._job_start,
-    "job.end": State._job_end,
-    "job.abort": State._job_abort,
-    "snap.create": State._snap_create,
-    "snap.rm": State._snap_rm,
-    "disk.clone": State._disk_clone,
-    "snap.rollback": State._snap_rollback,
+# the handler of each record type (each takes that type: tests/model/test_units_records.py
+# checks the table, which mypy cannot)
+_HANDLERS: dict[type[Record], Callable[..., None]] = {
+    R.ContainerAdd: State._container_add,
+    R.ContainerRm: State._container_rm,
+    R.DiskCreate: State._disk_create,
+    R.DiskMap: State._disk_map,
+    R.DiskTimes: State._disk_times,
+    R.DiskResize: State._disk_resize,
+    R.DiskRm: State._disk_rm,
+    R.DiskRename: State._disk_rename,
+    R.DiskUnmap: State._disk_unmap,
+    R.ControllerBoot: State._controller_boot,
+    R.ContainerFail: State._container_fail,
+    R.ContainerRestore: State._container_restore,
+    R.MoveStart: State._move_start,
+    R.MoveMark: State._move_mark,
+    R.MoveCommit: State._move_commit,
+    R.MoveAbort: State._move_abort,
+    R.DiskPlace: State._disk_place,
+    R.JobStart: State._job_start,
+    R.JobEnd: State._job_end,
+    R.JobAbort: State._job_abort,
+    R.SnapCreate: State._snap_create,
+    R.SnapRm: State._snap_rm,
+    R.DiskClone: State._disk_clone,
+    R.SnapRollback: State._snap_rollback,
 }
