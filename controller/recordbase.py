@@ -55,44 +55,53 @@ def get(d: Mapping[str, object], key: str) -> object:
 
 
 def bad_field(d: Mapping[str, object], key: str, v: object, want: str) -> StateError:
-    """The error for field key of record d holding v where want was due."""
+    """The error for field key of record d holding v (or missing) where want was due."""
+    if key not in d:
+        return StateError(f"malformed {d.get('op')} record: no {key!r}")
     return StateError(f"bad {d.get('op')} field {key}: {v!r} is not {want}")
+
+
+# (each checks the usual case first, in one call: they run for every replayed record)
 
 
 def get_int(d: Mapping[str, object], key: str, lo: int | None = None) -> int:
     """An exact int (a bool is not a byte count), at least lo if given."""
-    v = get(d, key)
-    if type(v) is not int or (lo is not None and v < lo):
-        raise bad_field(d, key, v, "an integer" if lo is None else f"an integer >= {lo}")
-    return v
+    v = d.get(key)
+    if type(v) is int and (lo is None or v >= lo):
+        return v
+    raise bad_field(d, key, v, "an integer" if lo is None else f"an integer >= {lo}")
 
 
 def get_opt_int(d: Mapping[str, object], key: str) -> int | None:
     """get_int, or None."""
-    v = get(d, key)
-    return None if v is None else get_int(d, key)
+    v = d.get(key)
+    if v is None and key in d:
+        return None
+    return get_int(d, key)
 
 
 def get_str(d: Mapping[str, object], key: str) -> str:
     """A string."""
-    v = get(d, key)
-    if type(v) is not str:
-        raise bad_field(d, key, v, "a string")
-    return v
+    v = d.get(key)
+    if type(v) is str:
+        return v
+    raise bad_field(d, key, v, "a string")
 
 
 def get_opt_str(d: Mapping[str, object], key: str) -> str | None:
     """get_str, or None."""
-    v = get(d, key)
-    return None if v is None else get_str(d, key)
+    v = d.get(key)
+    if v is None and key in d:
+        return None
+    return get_str(d, key)
 
 
 def get_bool(d: Mapping[str, object], key: str) -> bool:
     """True or False (not 0 or 1)."""
-    v = get(d, key)
-    if type(v) is not bool:
-        raise bad_field(d, key, v, "true or false")
-    return v
+    v = d.get(key)
+    if type(v) is bool:
+        return v
+    raise bad_field(d, key, v, "true or false")
 
 
 def get_time(d: Mapping[str, object], key: str, default: float | None = None) -> float:
@@ -105,10 +114,12 @@ def get_time(d: Mapping[str, object], key: str, default: float | None = None) ->
 
 def get_pieces(d: Mapping[str, object]) -> list[Piece]:
     """The "map" field (absent: none): [[vstart, length, lun, offset], ...]."""
-    raw = d.get("map", [])
+    raw = d.get("map")
     if type(raw) is not list:
+        if raw is None and "map" not in d:
+            return []
         raise StateError("map must be a list")
-    out = []
+    out: list[Piece] = []
     for p in raw:
         # exact type checks (a bool is not a byte count); this runs once per replayed piece
         if type(p) is not list or len(p) != 4:
@@ -139,7 +150,10 @@ class Named(Record):
 
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
-        return cls(get_str(d, "name"))
+        name = d.get("name")
+        if type(name) is not str:
+            raise bad_field(d, "name", name, "a string")
+        return cls(name)
 
 
 @record
@@ -154,4 +168,7 @@ class Segment(Record):
 
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
-        return cls(get_str(d, "name"), get_int(d, "vstart"))
+        name, vstart = d.get("name"), d.get("vstart")
+        if type(name) is str and type(vstart) is int:
+            return cls(name, vstart)
+        return cls(get_str(d, "name"), get_int(d, "vstart"))  # raises

@@ -27,6 +27,7 @@ from .recordbase import (
     Record,
     Segment,
     Wire,
+    bad_field,
     get,
     get_bool,
     get_int,
@@ -130,7 +131,10 @@ class DiskMap(Record):
 
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
-        return cls(get_str(d, "name"), get_pieces(d))
+        name = d.get("name")
+        if type(name) is not str:
+            raise bad_field(d, "name", name, "a string")
+        return cls(name, get_pieces(d))
 
 
 @record
@@ -148,10 +152,13 @@ class DiskTimes(Record):
 
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
-        mtime, stime = get_time(d, "mtime"), get_time(d, "stime")
-        if not (0 <= mtime < 1e11 and 0 <= stime < 1e11):
+        name, mtime, stime = d.get("name"), d.get("mtime"), d.get("stime")
+        if not (type(mtime) is float or type(mtime) is int) or not 0 <= mtime < 1e11 or not (
+                type(stime) is float or type(stime) is int) or not 0 <= stime < 1e11:
             raise StateError(f"bad times {mtime!r}, {stime!r}")
-        return cls(get_str(d, "name"), float(mtime), float(stime))
+        if type(name) is not str:
+            raise bad_field(d, "name", name, "a string")
+        return cls(name, float(mtime), float(stime))
 
 
 @record
@@ -169,10 +176,12 @@ class DiskResize(Record):
 
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
-        size = get(d, "size")
+        name, size = d.get("name"), d.get("size")
         if type(size) is not int or size < 0:
             raise StateError(f"bad size {size!r}")
-        return cls(get_str(d, "name"), size, get_pieces(d))
+        if type(name) is not str:
+            raise bad_field(d, "name", name, "a string")
+        return cls(name, size, get_pieces(d))
 
 
 @record
@@ -236,7 +245,10 @@ class DiskUnmap(Record):
 
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
-        return cls(get_str(d, "name"), get_int(d, "start"), get_int(d, "end"))
+        name, start, end = d.get("name"), d.get("start"), d.get("end")
+        if type(name) is str and type(start) is int and type(end) is int:
+            return cls(name, start, end)
+        return cls(get_str(d, "name"), get_int(d, "start"), get_int(d, "end"))  # raises
 
 
 @record
@@ -280,13 +292,12 @@ class MoveStart(Record):
 
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
-        vals: list[int] = []
-        for k in ("vstart", "length", "lun", "offset"):
-            v = get(d, k)
-            if type(v) is not int:
-                raise StateError(f"bad move.start field {v!r}")
-            vals.append(v)
-        return cls(get_str(d, "name"), *vals)
+        vstart, length, lun, offset = (d.get(k) for k in ("vstart", "length", "lun", "offset"))
+        if type(vstart) is int and type(length) is int and type(lun) is int and type(
+                offset) is int:
+            return cls(get_str(d, "name"), vstart, length, lun, offset)
+        bad = next(v for v in (vstart, length, lun, offset) if type(v) is not int)
+        raise StateError(f"bad move.start field {bad!r}")
 
 
 @record
@@ -305,7 +316,7 @@ class MoveMark(Record):
 
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
-        raw = get(d, "runs")
+        name, vstart, raw = d.get("name"), d.get("vstart"), d.get("runs")
         if type(raw) is not list:
             raise StateError("move.mark runs must be a list")
         runs = []
@@ -314,7 +325,9 @@ class MoveMark(Record):
                     or type(r[1]) is not int or r[0] < 0 or r[1] <= 0):
                 raise StateError(f"bad move.mark run {r!r}")
             runs.append((r[0], r[1]))
-        return cls(get_str(d, "name"), get_int(d, "vstart"), runs)
+        if type(name) is str and type(vstart) is int:
+            return cls(name, vstart, runs)
+        return cls(get_str(d, "name"), get_int(d, "vstart"), runs)  # raises
 
 
 @record

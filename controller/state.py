@@ -116,11 +116,11 @@ class State:
         if seq is not None:
             self.seq = seq
 
-    def apply_wire(self, d: object) -> None:
+    def apply_wire(self, d: dict[str, object]) -> None:
         """Apply a record in its wire form (replay): records.decode, then apply with
-        its "seq". StateError if it is malformed or does not fit."""
-        rec = decode(d)
-        seq = d.get("seq") if isinstance(d, dict) else None
+        its "seq". StateError if it is malformed (or not a map) or does not fit."""
+        rec = decode(d)  # checks that d is a dict first
+        seq = d.get("seq")
         self.apply(rec, seq if type(seq) is int else None)
 
     def _check_pieces(self, d: Disk, pieces: list[Piece], size: int) -> None:
