@@ -140,6 +140,7 @@ def _time_creates(sock: Path, names: Sequence[str], reps: int, tag: str
     import trio
 
     from controller.client import open_controller
+    from controller.protocol import snapshot_name
 
     out: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
 
@@ -147,7 +148,7 @@ def _time_creates(sock: Path, names: Sequence[str], reps: int, tag: str
         async with open_controller(f"unix:{sock}") as c:
             for k in range(reps):
                 for n in (names if k % 2 == 0 else list(reversed(names))):
-                    snap = f"{n}@{tag}{k}"
+                    snap = snapshot_name(n, f"{tag}{k}")
                     t0 = time.perf_counter()
                     await c.call("snap.create", name=snap)
                     t1 = time.perf_counter()

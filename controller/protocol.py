@@ -253,13 +253,12 @@ def not_found(what: str, name: str) -> RemoteError:
 # ---------------------------------------------------------------- validation
 
 _CONTAINER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
-_RESERVED_IN_NAMES = "/\0@"
 
 
-# A disk unlinked while open (rm of an open file in a mount) is renamed at once to
 # A snapshot's name: its disk's, SNAP_SEP, its own ("vm1@before"). No disk name holds
 # SNAP_SEP (check_name), so the two kinds of table never clash.
 SNAP_SEP = "@"
+_RESERVED_IN_NAMES = "/\0" + SNAP_SEP  # in no disk name
 
 
 def is_snapshot_name(name: str) -> bool:
@@ -282,6 +281,7 @@ def split_snapshot_name(name: str) -> tuple[str, str]:
     return disk, snap
 
 
+# A disk unlinked while open (rm of an open file in a mount) is renamed at once to
 # DELETED_PREFIX + "<n>/<its name>": a name no file name can be ('/'), so its own name
 # is free for a new file at once (as on ext4); mounts hide it, `vdctl disk ls` marks it,
 # and the controller removes it when the last agent closes it.

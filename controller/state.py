@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 
 from . import records as R
 from . import sharing
-from .allocator import ALIGN, AllocError, FreeSpace
+from .allocator import AllocError, FreeSpace
 from .bitmap import Bitmap
 from .extents import MAX_EXTENT, MOVING, Extent, ExtentError
-from .protocol import BLOCK_SIZE, snapshot_name
+from .protocol import BLOCK_SIZE, is_snapshot_name, snapshot_name, split_snapshot_name
 from .records import Piece, Record, decode
 from .sharing import unshared_blocks  # noqa: F401 - controller/service/ imports it from here
 from .tables import (
@@ -62,7 +62,7 @@ class State:
 
     def table(self, name: str) -> Disk:
         """A disk or a snapshot ("DISK@SNAP") by name; StateError if neither exists."""
-        t = self.snaps.get(name) if "@" in name else self.disks.get(name)
+        t = self.snaps.get(name) if is_snapshot_name(name) else self.disks.get(name)
         if t is None:
             raise StateError(f"no such disk or snapshot: {name!r}")
         return t
@@ -133,11 +133,11 @@ class State:
             c = self.luns.get(lun)
             if c is None:
                 raise StateError(f"no container with LUN {lun}")
-            if vstart < 0 or vstart % ALIGN or offset % ALIGN or length <= 0:
+            if vstart < 0 or vstart % BLOCK_SIZE or offset % BLOCK_SIZE or length <= 0:
                 raise StateError(f"misaligned piece {vstart}+{length} -> {lun}:{offset}")
             if vstart + length > size:
                 raise StateError(f"piece {vstart}+{length} runs past disk {d.name!r}")
-            if length % ALIGN and vstart + length != size:
+            if length % BLOCK_SIZE and vstart + length != size:
                 raise StateError(f"short piece {vstart}+{length} is not at the end of the disk")
             if not c.space.is_free(offset, round_up(length)):
                 raise StateError(f"piece {vstart}+{length} does not fit the table: "
@@ -176,7 +176,7 @@ class State:
         tail (a shrink): its bitmap and alternate location shrink with it. Cutting
         off its head would move the key of its Alt: StateError.
         """
-        if start % ALIGN:
+        if start % BLOCK_SIZE:
             raise StateError(f"unaligned unmap start {start}")
         tail = d.extents.find(end - 1) if end > start else None
         if tail is not None and tail.flags & MOVING and tail.vend > end:
@@ -264,7 +264,7 @@ class State:
         d.size = new
         if new > old_end:
             tail = d.extents.find(old_end - 1) if old_end else None
-            if tail is not None and old_end % ALIGN:
+            if tail is not None and old_end % BLOCK_SIZE:
                 # the old short tail extent grows to its full block (already allocated)
                 d.extents.remove_range(tail.vstart, tail.vend)
                 d.extents.insert(tail.vstart, min(round_up(tail.length), new - tail.vstart),
@@ -304,7 +304,7 @@ class State:
         self.disks[new] = d
         for full in [n for n, t in self.snaps.items() if t.parent == old]:
             snap = self.snaps.pop(full)  # NAME@SNAP follows its disk's name
-            snap.parent, snap.name = new, f"{new}@{full.split('@', 1)[1]}"
+            snap.parent, snap.name = new, snapshot_name(new, split_snapshot_name(full)[1])
             self.snaps[snap.name] = snap
             for t in (*self.disks.values(), *self.snaps.values()):
                 if t.origin == full:
@@ -324,16 +324,16 @@ class State:
         d = self.disk(rec.name)
         vstart, length, lun, offset = rec.vstart, rec.length, rec.lun, rec.offset
         e = d.extents.find(vstart)
-        if e is None or vstart + length > e.vend or length <= 0 or vstart % ALIGN:
+        if e is None or vstart + length > e.vend or length <= 0 or vstart % BLOCK_SIZE:
             raise StateError(f"move of {vstart}+{length} is not inside one extent of "
                              f"disk {d.name!r}")
         if e.flags & MOVING:
             raise StateError(f"disk {d.name!r} segment at {e.vstart} is already moving")
-        if (vstart + length) % ALIGN and vstart + length != d.size:
+        if (vstart + length) % BLOCK_SIZE and vstart + length != d.size:
             raise StateError(f"move of {vstart}+{length} ends inside a block")
         c = self.luns.get(lun)
         nbytes = round_up(length)
-        if c is None or offset % ALIGN or not c.space.is_free(offset, nbytes):
+        if c is None or offset % BLOCK_SIZE or not c.space.is_free(offset, nbytes):
             raise StateError(f"alternate {lun}:{offset}+{nbytes} is not free")
         c.space.take(offset, nbytes)
         d.extents.split_at(vstart)
@@ -497,7 +497,7 @@ class State:
         start, end = rec.start, rec.end
         if not (0 <= start <= end <= d.size):
             raise StateError(f"unmap range {start}..{end} outside disk")
-        if end % ALIGN and end != d.size:
+        if end % BLOCK_SIZE and end != d.size:
             # freeing a partial block would free storage the rest of the block still uses
             raise StateError(f"unaligned unmap end {end} inside the disk")
         self._unmap(d, start, end)

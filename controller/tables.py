@@ -11,10 +11,10 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from .allocator import ALIGN, FreeSpace
+from .allocator import FreeSpace
 from .bitmap import Bitmap
 from .extents import ExtentMap
-from .protocol import former_name
+from .protocol import BLOCK_SIZE, former_name
 
 _DISK_UIDS = itertools.count(1)
 
@@ -23,7 +23,7 @@ class StateError(ValueError):
     """A record that cannot be applied: in replay, this means corruption."""
 
 
-def round_up(n: int, align: int = ALIGN) -> int:
+def round_up(n: int, align: int = BLOCK_SIZE) -> int:
     return -(-n // align) * align
 
 
@@ -40,7 +40,7 @@ class Container:
 
     @property
     def usable(self) -> int:
-        return self.size - self.size % ALIGN
+        return self.size - self.size % BLOCK_SIZE
 
     @property
     def used(self) -> int:

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from stateimage import format1, image
 
-from controller.allocator import ALIGN, FreeSpace
+from controller.allocator import FreeSpace
 from controller.bitmap import Bitmap
 from controller.checkpoint import Snapshot, from_format1, from_parts
 from controller.consistency import Problem, check
+from controller.protocol import BLOCK_SIZE
 from controller.records import (
     ContainerAdd,
     ContainerRm,
@@ -31,7 +32,7 @@ from controller.records import (
 from controller.state import State
 from controller.tables import StateError, round_up
 
-B = ALIGN
+B = BLOCK_SIZE
 
 
 def add_container(s: State, name: str, lun: int, size: int) -> ContainerAdd:
