@@ -91,6 +91,17 @@ class State:
         table of family fam maps (sharing.release_unshared)."""
         sharing.release_unshared(self.family(fam), self.luns, pieces)
 
+    def draining_luns(self) -> set[int]:
+        """LUNs a drain job runs off (new space goes elsewhere): derived from the jobs,
+        never stored (a checkpoint writes it only for older controllers to read)."""
+        return {j.src for j in self.jobs.values()
+                if j.kind == "drain" and j.state == "running" and j.src is not None}
+
+    def is_draining(self, lun: int) -> bool:
+        """Whether a drain job runs off LUN lun (draining_luns, for one LUN)."""
+        return any(j.src == lun and j.kind == "drain" and j.state == "running"
+                   for j in self.jobs.values())
+
     def lun_users(self, lun: int) -> Iterator[tuple[Disk, Extent]]:
         """(table, extent) of every disk and snapshot extent stored on LUN lun."""
         for d in (*self.disks.values(), *self.snaps.values()):
@@ -202,7 +213,8 @@ class State:
         name, lun, size = rec.name, rec.lun, rec.size
         if name in self.containers or lun in self.luns:
             raise StateError(f"container {name!r} / LUN {lun} already exists")
-        c = Container(name, lun, rec.path, size, rec.created, FreeSpace(size))
+        c = Container(name, lun, rec.path, size, rec.created, FreeSpace(size),
+                      draining_of=self.is_draining)
         self.containers[name] = c
         self.luns[lun] = c
         self.next_lun = max(self.next_lun, lun + 1)
@@ -410,8 +422,6 @@ class State:
                 raise StateError(f"job.start: unknown LUN {lun!r}")
         self.jobs[jid] = Job(jid, kind, disk, src, dst, rec.started)
         self.next_job = jid + 1
-        if kind == "drain" and src is not None:
-            self.luns[src].draining = True
 
     def _job_abort(self, rec: R.JobAbort) -> None:
         """An abort was asked for: it survives a restart (the job then rolls back)."""
@@ -425,10 +435,6 @@ class State:
         if j is None or j.state != "running" or rec.state not in JOB_STATES[1:]:
             raise StateError(f"bad job.end {rec.id!r} {rec.state!r}")
         j.state, j.ended, j.message = rec.state, rec.ended, rec.message
-        if j.kind == "drain" and j.src in self.luns and not any(
-                o.kind == "drain" and o.src == j.src and o.state == "running"
-                for o in self.jobs.values()):
-            self.luns[j.src].draining = False
         done = sorted(k for k, o in self.jobs.items() if o.state != "running")
         for k in done[: max(0, len(done) - KEEP_FINISHED_JOBS)]:
             del self.jobs[k]

@@ -8,6 +8,7 @@ them and changes them only through ``apply``. No I/O, no trio.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,16 @@ class Container:
     created: bool  # virtfs created the file (and may delete it on rm)
     space: FreeSpace
     failed: bool = False  # container fail: every entry on it is `error` at the agents
-    draining: bool = False  # a drain job runs: new space goes elsewhere
+    # whether a drain job runs off a LUN (State.is_draining, which derives it from the
+    # jobs): set when the container enters the tables; never stored
+    draining_of: Callable[[int], bool] = field(default=lambda lun: False, repr=False,
+                                               compare=False)
+
+    @property
+    def draining(self) -> bool:
+        """A drain job runs off this container: new space goes elsewhere (derived from
+        the jobs, State.is_draining; kept here for the service's placement and vdctl)."""
+        return self.draining_of(self.lun)
 
     @property
     def usable(self) -> int:

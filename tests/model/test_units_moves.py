@@ -193,6 +193,30 @@ def test_jobs_and_container_flags_survive_replay_and_checkpoint():
     assert image(from_format1(format1(s))) == image(s)
 
 
+def test_draining_is_derived_from_the_jobs_and_written_for_older_readers():
+    """A container drains while a drain job runs off it; checkpoints still carry the
+    flag (a controller from before reads it) but loading one takes it from the jobs."""
+    s = base()
+    s.apply(JobStart(1, "drain", None, 1, None, 5.0))
+    s.apply(JobStart(2, "drain", None, 1, 2, 5.5))
+    assert s.draining_luns() == {1} and s.luns[1].draining and not s.luns[2].draining
+    assert s.luns[1].to_dict()["state"] == "draining"
+    w = format1(s)
+    assert [c["draining"] for c in w["containers"]] == [True, False]
+    snap = Snapshot(s)
+    parts = list(snap.parts())
+    snap.release()
+    assert [c["draining"] for c in parts[0]["containers"]] == [True, False]
+    w["containers"][1]["draining"] = True  # not read back: the jobs say
+    parts[0]["containers"][1]["draining"] = True
+    for t in (from_format1(w), from_parts(parts)):
+        assert t.draining_luns() == {1} and t.luns[1].draining and not t.luns[2].draining
+    s.apply(JobEnd(1, "done", "", 6.0))
+    assert s.luns[1].draining  # job 2 still drains it
+    s.apply(JobEnd(2, "aborted", "", 7.0))
+    assert not s.draining_luns() and not s.luns[1].draining
+
+
 class Moves(RuleBasedStateMachine):
     """Random allocations, moves, marks, commits, aborts, discards, shrinks and grows:
     check() stays clean, replay gives the same state, and a checkpoint round-trips."""
