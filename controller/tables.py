@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from .allocator import FreeSpace
 from .bitmap import Bitmap
@@ -56,7 +55,7 @@ class Container:
     def used(self) -> int:
         return self.usable - self.space.free
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "name": self.name,
             "lun": self.lun,
@@ -109,12 +108,12 @@ class Job:
     message: str = ""
     aborting: bool = False  # an abort was asked for: a restart rolls back, not on
 
-    def to_wire(self) -> list[Any]:
+    def to_wire(self) -> list[object]:
         return [self.id, self.kind, self.disk, self.src, self.dst, self.started, self.state,
                 self.ended, self.message, self.aborting]
 
     @classmethod
-    def from_wire(cls, w: list[Any]) -> Job:
+    def from_wire(cls, w: object) -> Job:
         """A job from to_wire()'s list (9 items before aborts were journaled)."""
         if not isinstance(w, list) or len(w) not in (9, 10):
             raise StateError(f"bad job {w!r}")
@@ -156,7 +155,7 @@ class Disk:
     def is_snapshot(self) -> bool:
         return self.parent is not None
 
-    def to_dict(self, luns: dict[int, Container]) -> dict[str, Any]:
+    def to_dict(self, luns: dict[int, Container]) -> dict[str, object]:
         return {
             "name": self.name,
             "size": self.size,

@@ -142,7 +142,7 @@ class ServiceBase:
         self.version += 1
         return self.version
 
-    def _record(self, rec: Record | dict[str, Any]) -> int:
+    def _record(self, rec: Record | dict[str, object]) -> int:
         """Journal rec (see Journal.record); a refusal is an internal error.
 
         Transitional: a dict is decoded into its Record (records.decode) until every
