@@ -13,10 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Self, TypeVar, dataclass_transform
 
-from .tables import StateError
+from .tables import Piece, StateError
 
 Wire = dict[str, object]  # a record's map, as msgpack carries it
-Piece = tuple[int, int, int, int]  # vstart, length, lun, offset (bytes)
 
 _R = TypeVar("_R", bound="Record")
 

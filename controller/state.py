@@ -17,7 +17,7 @@ from .allocator import AllocError, FreeSpace
 from .bitmap import Bitmap
 from .extents import MAX_EXTENT, MOVING, Extent, ExtentError
 from .protocol import BLOCK_SIZE, is_snapshot_name, snapshot_name, split_snapshot_name
-from .records import Piece, Record, decode
+from .records import RECORDS, Piece, Record, decode
 from .sharing import unshared_blocks  # noqa: F401 - controller/service/ imports it from here
 from .tables import (
     JOB_KINDS,
@@ -28,6 +28,7 @@ from .tables import (
     Disk,
     Job,
     StateError,
+    check_pieces,
     round_up,
 )
 
@@ -134,42 +135,9 @@ class State:
         seq = d.get("seq")
         self.apply(rec, seq if type(seq) is int else None)
 
-    def _check_pieces(self, d: Disk, pieces: list[Piece], size: int) -> None:
-        """Refuse pieces that cannot all be mapped, before anything changes.
-
-        apply() must change nothing when it raises: a refused live record is not
-        journaled, so a half-applied one would make the live table drift from replay.
-        """
-        for vstart, length, lun, offset in pieces:
-            c = self.luns.get(lun)
-            if c is None:
-                raise StateError(f"no container with LUN {lun}")
-            if vstart < 0 or vstart % BLOCK_SIZE or offset % BLOCK_SIZE or length <= 0:
-                raise StateError(f"misaligned piece {vstart}+{length} -> {lun}:{offset}")
-            if vstart + length > size:
-                raise StateError(f"piece {vstart}+{length} runs past disk {d.name!r}")
-            if length % BLOCK_SIZE and vstart + length != size:
-                raise StateError(f"short piece {vstart}+{length} is not at the end of the disk")
-            if not c.space.is_free(offset, round_up(length)):
-                raise StateError(f"piece {vstart}+{length} does not fit the table: "
-                                 f"{lun}:{offset}+{round_up(length)} is not free")
-            if not d.extents.is_gap(vstart, vstart + length):
-                raise StateError(f"piece {vstart}+{length} does not fit the table: "
-                                 "already mapped")
-        if len(pieces) < 2:
-            return
-        for key in (lambda p: (0, p[0]), lambda p: (p[2], p[3])):  # virtual, then physical
-            prev: tuple[int, int] | None = None
-            for p in sorted(pieces, key=key):
-                k = key(p)
-                if prev is not None and k[0] == prev[0] and k[1] < prev[1]:
-                    raise StateError(f"piece {p[0]}+{p[1]} does not fit the table: pieces "
-                                     "of one record overlap")
-                prev = (k[0], k[1] + round_up(p[1]))
-
     def _map(self, d: Disk, pieces: list[Piece]) -> None:
         """Map pieces (vstart, length, lun, offset) into d and take their space."""
-        self._check_pieces(d, pieces, d.size)
+        check_pieces(self.luns, d, pieces, d.size)
         for vstart, length, lun, offset in pieces:
             c = self.luns[lun]
             c.space.take(offset, round_up(length))
@@ -262,7 +230,7 @@ class State:
         d = self.disk(rec.name)
         new = rec.size
         pieces = rec.pieces
-        self._check_pieces(d, pieces, new)  # before anything changes
+        check_pieces(self.luns, d, pieces, new)  # before anything changes
         if new < d.size and d.size:
             cut = round_up(new)
             self._unmap(d, cut, d.size)
@@ -509,31 +477,7 @@ class State:
         self._unmap(d, start, end)
 
 
-# the handler of each record type (each takes that type: tests/model/test_units_records.py
-# checks the table, which mypy cannot)
+# The handler of each record type: State._disk_create for DiskCreate (op "disk.create"),
+# and so on; each takes its record type (tests/model/test_units_records.py checks).
 _HANDLERS: dict[type[Record], Callable[..., None]] = {
-    R.ContainerAdd: State._container_add,
-    R.ContainerRm: State._container_rm,
-    R.DiskCreate: State._disk_create,
-    R.DiskMap: State._disk_map,
-    R.DiskTimes: State._disk_times,
-    R.DiskResize: State._disk_resize,
-    R.DiskRm: State._disk_rm,
-    R.DiskRename: State._disk_rename,
-    R.DiskUnmap: State._disk_unmap,
-    R.ControllerBoot: State._controller_boot,
-    R.ContainerFail: State._container_fail,
-    R.ContainerRestore: State._container_restore,
-    R.MoveStart: State._move_start,
-    R.MoveMark: State._move_mark,
-    R.MoveCommit: State._move_commit,
-    R.MoveAbort: State._move_abort,
-    R.DiskPlace: State._disk_place,
-    R.JobStart: State._job_start,
-    R.JobEnd: State._job_end,
-    R.JobAbort: State._job_abort,
-    R.SnapCreate: State._snap_create,
-    R.SnapRm: State._snap_rm,
-    R.DiskClone: State._disk_clone,
-    R.SnapRollback: State._snap_rollback,
-}
+    rec: getattr(State, "_" + rec.OP.replace(".", "_")) for rec in RECORDS}

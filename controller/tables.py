@@ -8,7 +8,7 @@ them and changes them only through ``apply``. No I/O, no trio.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .allocator import FreeSpace
@@ -17,6 +17,8 @@ from .extents import ExtentMap
 from .protocol import BLOCK_SIZE, former_name
 
 _DISK_UIDS = itertools.count(1)
+
+Piece = tuple[int, int, int, int]  # vstart, length, lun, offset (bytes): storage for a range
 
 
 class StateError(ValueError):
@@ -173,3 +175,39 @@ class Disk:
             "deleted": former_name(self.name),
             "origin": self.origin,
         }
+
+
+def check_pieces(luns: Mapping[int, Container], d: Disk, pieces: list[Piece],
+                 size: int) -> None:
+    """Refuse pieces (vstart, length, lun, offset: bytes) that cannot all be mapped into
+    d, were it size bytes long: StateError, before anything changes.
+
+    State.apply() must change nothing when it raises: a refused live record is not
+    journaled, so a half-applied one would make the live table drift from replay.
+    """
+    for vstart, length, lun, offset in pieces:
+        c = luns.get(lun)
+        if c is None:
+            raise StateError(f"no container with LUN {lun}")
+        if vstart < 0 or vstart % BLOCK_SIZE or offset % BLOCK_SIZE or length <= 0:
+            raise StateError(f"misaligned piece {vstart}+{length} -> {lun}:{offset}")
+        if vstart + length > size:
+            raise StateError(f"piece {vstart}+{length} runs past disk {d.name!r}")
+        if length % BLOCK_SIZE and vstart + length != size:
+            raise StateError(f"short piece {vstart}+{length} is not at the end of the disk")
+        if not c.space.is_free(offset, round_up(length)):
+            raise StateError(f"piece {vstart}+{length} does not fit the table: "
+                             f"{lun}:{offset}+{round_up(length)} is not free")
+        if not d.extents.is_gap(vstart, vstart + length):
+            raise StateError(f"piece {vstart}+{length} does not fit the table: "
+                             "already mapped")
+    if len(pieces) < 2:
+        return
+    for key in (lambda p: (0, p[0]), lambda p: (p[2], p[3])):  # virtual, then physical
+        prev: tuple[int, int] | None = None
+        for p in sorted(pieces, key=key):
+            k = key(p)
+            if prev is not None and k[0] == prev[0] and k[1] < prev[1]:
+                raise StateError(f"piece {p[0]}+{p[1]} does not fit the table: pieces "
+                                 "of one record overlap")
+            prev = (k[0], k[1] + round_up(p[1]))
