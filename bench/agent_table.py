@@ -35,6 +35,7 @@ from controller import codec
 from controller.checkpoint import write_checkpoint
 from controller.client import open_controller
 from controller.protocol import DEFAULT_SEGMENT_SIZE
+from controller.records import ContainerAdd, DiskCreate, DiskMap
 from controller.service import Service
 from controller.state import State
 
@@ -55,15 +56,12 @@ AIM_STALL_MS = 50.0  # the controller's loop is blocked for a few tens of ms at 
 def _build(size: int, seg: int, container: str, csize: int) -> State:
     """The thin disk "thin", every segment allocated in random order (no merging)."""
     state = State()
-    state.apply({"op": "container.add", "name": "c0", "lun": 1, "path": container,
-                 "size": csize, "created": True, "seq": 1})
-    state.apply({"op": "disk.create", "name": "thin", "size": size, "segment_size": seg,
-                 "thick": False, "pin": None, "home": 1, "ctime": 1.7e9, "map": [], "seq": 2})
+    state.apply(ContainerAdd("c0", 1, container, csize, True), 1)
+    state.apply(DiskCreate("thin", size, seg, False, None, 1, 1.7e9, []), 2)
     seq = 2
     for vstart, length in _thin_records(size, seg, seed=7):
         seq += 1
-        state.apply({"op": "disk.map", "name": "thin", "map": _plan(state, length, vstart),
-                     "seq": seq})
+        state.apply(DiskMap("thin", _plan(state, length, vstart)), seq)
     return state
 
 

@@ -48,6 +48,16 @@ from controller.checkpoint import Snapshot, checkpoint_frames, load_checkpoint, 
 from controller.client import Client, open_controller
 from controller.journal import CHECKPOINT_BYTES, Journal
 from controller.protocol import DEFAULT_SEGMENT_SIZE
+from controller.records import (
+    ContainerAdd,
+    DiskCreate,
+    DiskMap,
+    DiskResize,
+    DiskRm,
+    DiskUnmap,
+    Piece,
+    Record,
+)
 from controller.recovery import JOURNAL, recover
 from controller.service import Service
 from controller.state import State
@@ -268,10 +278,10 @@ class _JournalWriter:
         self.buf: list[bytes] = []
         self.records = 0
 
-    def emit(self, rec: dict[str, Any]) -> None:
-        rec["seq"] = self.state.seq + 1
-        self.state.apply(rec)
-        self.buf.append(frames.encode(rec))
+    def emit(self, rec: Record) -> None:
+        seq = self.state.seq + 1
+        self.state.apply(rec, seq)
+        self.buf.append(frames.encode({**rec.to_wire(), "seq": seq}))
         self.records += 1
         if len(self.buf) >= 8192:
             self.flush()
@@ -285,11 +295,11 @@ class _JournalWriter:
         self.f.close()
 
 
-def _plan(state: State, length: int, vstart: int, lun: int = 1) -> list[list[int]]:
+def _plan(state: State, length: int, vstart: int, lun: int = 1) -> list[Piece]:
     """Place length bytes on lun the way the service does (next fit from the cursor)."""
     out = []
     for off, n in state.luns[lun].space.plan(length):
-        out.append([vstart, n, lun, off])
+        out.append((vstart, n, lun, off))
         vstart += n
     return out
 
@@ -315,14 +325,10 @@ def build_replay_journal(path: Path, nrecords: int, mix: str, seed: int = 1) -> 
     seg = DEFAULT_SEGMENT_SIZE
     ndisks, disk_size = 64, 16 * GiB
     j = _JournalWriter(path)
-    j.emit({"op": "container.add", "name": "c0", "lun": 1, "path": str(path.parent / "c0.img"),
-            "size": 2 * TiB, "created": True})
-    j.emit({"op": "container.add", "name": "scratch", "lun": 2,
-            "path": str(path.parent / "scratch.img"), "size": 64 * GiB, "created": True})
+    j.emit(ContainerAdd("c0", 1, str(path.parent / "c0.img"), 2 * TiB, True))
+    j.emit(ContainerAdd("scratch", 2, str(path.parent / "scratch.img"), 64 * GiB, True))
     for i in range(ndisks):
-        j.emit({"op": "disk.create", "name": f"vm{i:02}", "size": disk_size,
-                "segment_size": seg, "thick": False, "pin": None, "home": 1,
-                "ctime": 1.7e9 + i, "map": []})
+        j.emit(DiskCreate(f"vm{i:02}", disk_size, seg, False, None, 1, 1.7e9 + i, []))
     segs = [(d, s) for d in range(ndisks) for s in range(disk_size // seg)]
     rnd.shuffle(segs)
     k = 0
@@ -330,17 +336,15 @@ def build_replay_journal(path: Path, nrecords: int, mix: str, seed: int = 1) -> 
         phase = 1 if mix == "resize" else k % 4
         if phase == 0:
             d, s = segs.pop()
-            j.emit({"op": "disk.map", "name": f"vm{d:02}", "map": _plan(j.state, seg, s * seg)})
+            j.emit(DiskMap(f"vm{d:02}", _plan(j.state, seg, s * seg)))
         elif phase == 1:
             name = f"vm{rnd.randrange(ndisks):02}"
-            j.emit({"op": "disk.resize", "name": name,
-                    "size": j.state.disks[name].size + MiB, "map": []})
+            j.emit(DiskResize(name, j.state.disks[name].size + MiB, []))
         elif phase == 2:
-            j.emit({"op": "disk.create", "name": f"tmp{k}", "size": 16 * MiB,
-                    "segment_size": seg, "thick": True, "pin": 2, "home": 2,
-                    "ctime": 1.7e9 + k, "map": _plan(j.state, 16 * MiB, 0, lun=2)})
+            j.emit(DiskCreate(f"tmp{k}", 16 * MiB, seg, True, 2, 2, 1.7e9 + k,
+                              _plan(j.state, 16 * MiB, 0, lun=2)))
         else:
-            j.emit({"op": "disk.rm", "name": f"tmp{k - 1}"})
+            j.emit(DiskRm(f"tmp{k - 1}"))
         k += 1
     j.close()
     return j.state
@@ -475,19 +479,15 @@ def _child_thin_build(state_dir: str, size: int, seg: int, container: str,
                       csize: int) -> dict[str, Any]:
     """Build the fully allocated thin disk with State.apply; write its checkpoint."""
     state = State()
-    state.apply({"op": "container.add", "name": "c0", "lun": 1, "path": container,
-                 "size": csize, "created": True, "seq": 1})
+    state.apply(ContainerAdd("c0", 1, container, csize, True), 1)
     gc.collect()
     rss0 = _rss()
     t0 = time.perf_counter()
-    state.apply({"op": "disk.create", "name": "thin", "size": size, "segment_size": seg,
-                 "thick": False, "pin": None, "home": 1, "ctime": 1.7e9, "map": [],
-                 "seq": 2})
+    state.apply(DiskCreate("thin", size, seg, False, None, 1, 1.7e9, []), 2)
     seq = 2
     for vstart, length in _thin_records(size, seg, seed=7):
         seq += 1
-        state.apply({"op": "disk.map", "name": "thin", "map": _plan(state, length, vstart),
-                     "seq": seq})
+        state.apply(DiskMap("thin", _plan(state, length, vstart)), seq)
     t_build = time.perf_counter() - t0
     gc.collect()
     rss1 = _rss()
@@ -597,8 +597,7 @@ def bench_table(report: Report, section: Section) -> None:
         thick_dir = tmp / "thick"
         thick_dir.mkdir(mode=0o700)
         tstate = State()
-        tstate.apply({"op": "container.add", "name": "c0", "lun": 1,
-                     "path": str(tmp / "thick.img"), "size": csize, "created": True, "seq": 1})
+        tstate.apply(ContainerAdd("c0", 1, str(tmp / "thick.img"), csize, True), 1)
 
         async def plan_thick() -> tuple[list[list[int]], float]:
             svc = Service(tstate, cast(Any, None), str(thick_dir))
@@ -608,9 +607,8 @@ def bench_table(report: Report, section: Section) -> None:
 
         pieces, t_plan = trio.run(plan_thick)
         t0 = time.perf_counter()
-        tstate.apply({"op": "disk.create", "name": "thick", "size": size, "segment_size": seg,
-                     "thick": True, "pin": None, "home": 1, "ctime": 0.0, "map": pieces,
-                     "seq": 2})
+        tstate.apply(DiskCreate("thick", size, seg, True, None, 1, 0.0,
+                                [(a, b, c, d) for a, b, c, d in pieces]), 2)
         t_apply = time.perf_counter() - t0
         rows, t_map = _service_map_seconds(tstate, "thick", thick_dir)
         w.add("thick: extents in the table", len(tstate.disks["thick"].extents), "extents",
@@ -742,10 +740,9 @@ async def _scale_checkpoint(state: State, state_dir: str, nseg: int, seg: int,
             g = rnd.randrange(len(names) * nseg)
             name, vstart = names[g // nseg], g % nseg * seg
             t0 = time.perf_counter()
-            await j.commit({"op": "disk.unmap", "name": name, "start": vstart,
-                            "end": vstart + seg})
+            await j.commit(DiskUnmap(name, vstart, vstart + seg))
             off = space.find_contiguous(seg)
-            await j.commit({"op": "disk.map", "name": name, "map": [[vstart, seg, 1, off]]})
+            await j.commit(DiskMap(name, [(vstart, seg, 1, off)]))
             if in_ck:
                 lat.append(time.perf_counter() - t0)
                 faults += 1
@@ -794,10 +791,9 @@ async def _scale_fill_journal(state: State, state_dir: str, nseg: int, seg: int,
             for _ in range(2000):
                 g = rnd.randrange(len(names) * nseg)
                 name, vstart = names[g // nseg], g % nseg * seg
-                j.record({"op": "disk.unmap", "name": name, "start": vstart,
-                          "end": vstart + seg})
+                j.record(DiskUnmap(name, vstart, vstart + seg))
                 off = space.find_contiguous(seg)
-                j.record({"op": "disk.map", "name": name, "map": [[vstart, seg, 1, off]]})
+                j.record(DiskMap(name, [(vstart, seg, 1, off)]))
                 records += 2
             await j.wait_durable(state.seq)
         nursery.cancel_scope.cancel()
@@ -815,15 +811,12 @@ def _child_scale_build(state_dir: str, tib: int, journal_bytes: int) -> dict[str
     names = [f"p{i:03}" for i in range(tib)]
     total = tib * nseg
     state = State()
-    state.apply({"op": "container.add", "name": "c0", "lun": 1,
-                 # room past the pool for the journal phase's new allocations (the
-                 # container is never opened: only its table is measured)
-                 "path": os.path.join(state_dir, "c0.img"), "size": total * seg + 4 * TiB,
-                 "created": True, "seq": 1})
+    # room past the pool for the journal phase's new allocations (the container is
+    # never opened: only its table is measured)
+    state.apply(ContainerAdd("c0", 1, os.path.join(state_dir, "c0.img"),
+                             total * seg + 4 * TiB, True), 1)
     for i, name in enumerate(names):
-        state.apply({"op": "disk.create", "name": name, "size": TiB, "segment_size": seg,
-                     "thick": False, "pin": None, "home": 1, "ctime": 1.7e9, "map": [],
-                     "seq": 2 + i})
+        state.apply(DiskCreate(name, TiB, seg, False, None, 1, 1.7e9, []), 2 + i)
     order = array("q", range(total))
     random.Random(11).shuffle(order)
     gc.collect()
@@ -835,8 +828,7 @@ def _child_scale_build(state_dir: str, tib: int, journal_bytes: int) -> dict[str
     # next fit on an empty container hands out consecutive offsets, as the service would
     for k, g in enumerate(order):
         seq += 1
-        apply({"op": "disk.map", "name": names[g // nseg],
-               "map": [[g % nseg * seg, seg, 1, k * seg]], "seq": seq})
+        apply(DiskMap(names[g // nseg], [(g % nseg * seg, seg, 1, k * seg)]), seq)
     t_build = time.perf_counter() - t0
     state.luns[1].space.cursor = total * seg
     del order

@@ -100,30 +100,29 @@ def _build_state(state_dir: Path, img: Path, csize: int, disks: Sequence[tuple[s
     neighbouring vstarts are not neighbours on the container and nothing merges);
     written as the state dir's checkpoint. Returns each disk's extent count."""
     from controller.checkpoint import write_checkpoint
+    from controller.records import ContainerAdd, DiskCreate, DiskMap, Piece
     from controller.state import State
 
     with open(img, "wb") as f:
         f.truncate(csize)
     state = State()
-    state.apply({"op": "container.add", "name": "c0", "lun": 1, "path": str(img),
-                 "size": csize, "created": True, "seq": 1})
+    state.apply(ContainerAdd("c0", 1, str(img), csize, True), 1)
     seq = 1
     rnd = random.Random(seed)
     for name, size in disks:
         seq += 1
-        state.apply({"op": "disk.create", "name": name, "size": size, "segment_size": SEG,
-                     "thick": False, "pin": None, "home": 1, "ctime": time.time(), "map": [],
-                     "seq": seq})
+        state.apply(DiskCreate(name, size, SEG, False, None, 1, time.time(), []), seq)
         order = list(range(size // SEG))
         rnd.shuffle(order)
         space = state.luns[1].space
         for s in order:
             seq += 1
-            pieces, vs = [], s * SEG
+            pieces: list[Piece] = []
+            vs = s * SEG
             for off, n in space.plan(SEG):
-                pieces.append([vs, n, 1, off])
+                pieces.append((vs, n, 1, off))
                 vs += n
-            state.apply({"op": "disk.map", "name": name, "map": pieces, "seq": seq})
+            state.apply(DiskMap(name, pieces), seq)
     write_checkpoint(str(state_dir), state)
     out = {}
     for name, size in disks:
@@ -141,6 +140,7 @@ def _time_creates(sock: Path, names: Sequence[str], reps: int, tag: str
     import trio
 
     from controller.client import open_controller
+    from controller.protocol import snapshot_name
 
     out: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
 
@@ -148,7 +148,7 @@ def _time_creates(sock: Path, names: Sequence[str], reps: int, tag: str
         async with open_controller(f"unix:{sock}") as c:
             for k in range(reps):
                 for n in (names if k % 2 == 0 else list(reversed(names))):
-                    snap = f"{n}@{tag}{k}"
+                    snap = snapshot_name(n, f"{tag}{k}")
                     t0 = time.perf_counter()
                     await c.call("snap.create", name=snap)
                     t1 = time.perf_counter()

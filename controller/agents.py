@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from .fsutil import fsync_dir
-from .state import Disk
+from .tables import Disk
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
 
-ALIGN = 4096
+from .protocol import BLOCK_SIZE
 
 
 class AllocError(ValueError):
@@ -34,7 +34,7 @@ class FreeSpace:
         # next-fit cursor: thin segments allocated one after another land
         # contiguously, so their extents merge.
         self.cursor = 0
-        usable = size - size % ALIGN
+        usable = size - size % BLOCK_SIZE
         if empty and usable > 0:
             self._starts.append(0)
             self._lens.append(usable)
@@ -78,7 +78,7 @@ class FreeSpace:
 
     def release(self, offset: int, length: int) -> None:
         # the partial block at the end is never free, so it can never be released
-        if length <= 0 or offset < 0 or offset + length > self.size - self.size % ALIGN:
+        if length <= 0 or offset < 0 or offset + length > self.size - self.size % BLOCK_SIZE:
             raise AllocError(f"bad range {offset}+{length}")
         i = bisect_right(self._starts, offset)  # first free range after offset
         if i > 0 and self._starts[i - 1] + self._lens[i - 1] > offset:

@@ -28,7 +28,8 @@ from .bitmap import Bitmap
 from .extents import ExtentMap, ExtentSnapshot
 from .frames import JournalCorrupt
 from .fsutil import fsync_dir, write_all
-from .state import Alt, Container, Disk, Job, State, StateError
+from .state import State
+from .tables import Alt, Container, Disk, Job, StateError
 
 CHECKPOINT = "checkpoint"
 FORMAT_1 = 1  # one frame: the whole state as one map (read only)
@@ -43,6 +44,8 @@ CHECKPOINT_PART_BYTES = 512 << 10
 # free-list cursor and free ranges. A disk or snapshot table: DISK_FIELDS, its
 # extents and alternates, LINEAGE_FIELDS, then TIME_FIELDS only when a time is set.
 CONTAINER_FIELDS = ("name", "lun", "path", "size", "created", "failed", "draining")
+# derived from the jobs (State.is_draining): written for older controllers, not read back
+_DERIVED = ("draining",)
 DISK_FIELDS = ("name", "size", "segment_size", "thick", "pin", "home", "ctime", "epoch")
 LINEAGE_FIELDS = ("family", "origin", "parent")
 TIME_FIELDS = ("mtime", "stime")
@@ -75,10 +78,11 @@ def _alt_wire(vstart: int, a: Alt) -> AltRow:
     return (vstart, a.lun, a.offset, a.bitmap.nblocks, a.bitmap.to_bytes())
 
 
-def _container(cw: dict[str, Any], space: FreeSpace, fmt: int) -> Container:
+def _container(cw: dict[str, Any], space: FreeSpace, fmt: int, s: State) -> Container:
     defaults = _CONTAINER_DEFAULTS[fmt]
-    return Container(space=space, **{
-        k: cw.get(k, defaults[k]) if k in defaults else cw[k] for k in CONTAINER_FIELDS})
+    return Container(space=space, draining_of=s.is_draining, **{
+        k: cw.get(k, defaults[k]) if k in defaults else cw[k]
+        for k in CONTAINER_FIELDS if k not in _DERIVED})
 
 
 def _disk(dw: dict[str, Any], extents: ExtentMap) -> Disk:
@@ -252,7 +256,7 @@ def from_parts(parts: Iterable[object]) -> State:
                                  "number of free ranges")
             space = FreeSpace.from_wire(cw["size"], [bytes(starts), bytes(lens)],
                                         cw["cursor"])
-            c = _container(cw, space, FORMAT_2)
+            c = _container(cw, space, FORMAT_2, s)
             if c.name in s.containers or c.lun in s.luns:
                 raise StateError(f"checkpoint: container {c.name!r} twice")
             s.containers[c.name] = c
@@ -310,7 +314,7 @@ def from_format1(w: dict[str, Any]) -> State:
         _load_jobs(s, w)
         for cw in w["containers"]:
             space = FreeSpace.from_wire(cw["size"], cw["free"], cw.get("cursor", 0))
-            c = _container(cw, space, FORMAT_1)
+            c = _container(cw, space, FORMAT_1, s)
             s.containers[c.name] = c
             s.luns[c.lun] = c
         s.next_family = _int(w.get("next_family", 1), "next_family")

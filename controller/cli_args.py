@@ -9,6 +9,7 @@ from typing import Any
 
 from . import __version__
 from .client import add_security_options
+from .protocol import SNAP_SEP
 from .transport import parse_addr
 from .units import SIZE_HELP, SizeError, parse_size
 
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     dv = d.add_subparsers(dest="verb", metavar="VERB", required=True)
     cr = verb(dv, "create", "create a disk (thin unless --thick)")
     cr.add_argument("name", help="disk name: any file name (up to 255 bytes of UTF-8) "
-                    "without '/' or '@'")
+                    f"without '/' or {SNAP_SEP!r}")
     cr.add_argument("--size", type=size_arg, required=True, metavar="SIZE",
                     help="any byte size, e.g. 12345, 10G, 1.5T")
     cr.add_argument("--thick", action="store_true", help="allocate all space now")

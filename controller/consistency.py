@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .allocator import ALIGN
 from .extents import MOVING
 from .protocol import BLOCK_SIZE
-from .state import State, round_up
+from .state import State
+from .tables import round_up
 
 
 @dataclass
@@ -61,7 +61,8 @@ def check(state: State) -> list[Problem]:
             prev_end = e.vend
             if e.vend > d.size:
                 err(f"{where} runs past the disk's end ({d.size})")
-            if e.vstart % ALIGN or e.offset % ALIGN or (e.length % ALIGN and e.vend != d.size):
+            if (e.vstart % BLOCK_SIZE or e.offset % BLOCK_SIZE
+                    or (e.length % BLOCK_SIZE and e.vend != d.size)):
                 err(f"{where} is not block-aligned")
             c = state.luns.get(e.lun)
             if c is None:
@@ -90,7 +91,7 @@ def check(state: State) -> list[Problem]:
                 err(f"{where} points at unknown LUN {a.lun}")
                 continue
             n = a.bitmap.nblocks * BLOCK_SIZE
-            if a.offset % ALIGN or a.offset + n > c.usable:
+            if a.offset % BLOCK_SIZE or a.offset + n > c.usable:
                 err(f"{where} is misaligned or runs past the end of container {c.name!r}")
             used[a.lun].append((a.offset, n, where, None))
     for j in state.jobs.values():

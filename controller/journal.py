@@ -23,7 +23,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import trio
 
@@ -31,8 +30,10 @@ from . import codec, faultpoints, frames
 from .checkpoint import CheckpointFile, Snapshot, checkpoint_frames, write_checkpoint
 from .frames import JournalCorrupt
 from .fsutil import fsync_dir, write_all
+from .records import Record, decode
 from .recovery import JOURNAL, JOURNAL_NEXT
-from .state import State, StateError
+from .state import State
+from .tables import StateError
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ class Journal:
         self.checkpoints = 0
         self.last_checkpoint_bytes = 0
 
-    def record(self, rec: dict[str, Any]) -> int:
-        """Encode rec (with its new seq), apply it to the state and queue it; its seq.
+    def record(self, rec: Record | dict[str, object]) -> int:
+        """Encode rec.to_wire() (with its new seq), apply rec to the state and queue
+        it; its seq.
 
         Never blocks. Raises StateError, with nothing applied or queued, if the
         state refuses rec or if rec cannot be encoded (CodecError as its cause:
@@ -97,19 +99,22 @@ class Journal:
         """
         if self._closed:
             raise RuntimeError("journal is closed")
+        if isinstance(rec, dict):  # transitional: the service still builds some as dicts
+            rec = decode(rec)
         seq = self.state.seq + 1
-        rec["seq"] = seq
+        wire = rec.to_wire()
+        wire["seq"] = seq
         try:
-            frame = frames.encode(rec)
+            frame = frames.encode(wire)
         except codec.CodecError as e:
-            raise StateError(f"{rec.get('op')} record cannot be journaled: {e}") from e
-        self.state.apply(rec)  # raises StateError with nothing changed
+            raise StateError(f"{rec.OP} record cannot be journaled: {e}") from e
+        self.state.apply(rec, seq)  # raises StateError with nothing changed
         self._pending.frames.append(frame)
         self._pending.last_seq = seq
         self._wakeup.set()
         return seq
 
-    async def commit(self, rec: dict[str, Any]) -> int:
+    async def commit(self, rec: Record | dict[str, object]) -> int:
         """record() and wait until it is durable."""
         seq = self.record(rec)
         await self.wait_durable(seq)

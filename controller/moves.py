@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .extents import MOVING, NOWRITE, Extent
 from .protocol import BLOCK_SIZE
-from .state import Alt, Disk
+from .tables import Alt, Disk
 
 # what the copier copies and marks in one step: 4 MiB (a default segment). Each step ends
 # in two flushes (the copy settled, the mark committed): 4 MiB steps moved an idle disk

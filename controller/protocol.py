@@ -253,7 +253,32 @@ def not_found(what: str, name: str) -> RemoteError:
 # ---------------------------------------------------------------- validation
 
 _CONTAINER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
-_RESERVED_IN_NAMES = "/\0@"
+
+
+# A snapshot's name: its disk's, SNAP_SEP, its own ("vm1@before"). No disk name holds
+# SNAP_SEP (check_name), so the two kinds of table never clash.
+SNAP_SEP = "@"
+_RESERVED_IN_NAMES = "/\0" + SNAP_SEP  # in no disk name
+
+
+def is_snapshot_name(name: str) -> bool:
+    """Whether name is a snapshot's ("DISK@SNAP") rather than a disk's."""
+    return SNAP_SEP in name
+
+
+def snapshot_name(disk: str, snap: str) -> str:
+    """The name of snapshot snap of disk: "DISK@SNAP"."""
+    return f"{disk}{SNAP_SEP}{snap}"
+
+
+def split_snapshot_name(name: str) -> tuple[str, str]:
+    """(disk, snap) of a snapshot's name "DISK@SNAP" (split at the first SNAP_SEP).
+
+    Raises ValueError if name is not a snapshot's."""
+    disk, sep, snap = name.partition(SNAP_SEP)
+    if not sep:
+        raise ValueError(f"{name!r} is not a snapshot's name (DISK{SNAP_SEP}SNAP)")
+    return disk, snap
 
 
 # A disk unlinked while open (rm of an open file in a mount) is renamed at once to

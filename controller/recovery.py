@@ -32,7 +32,8 @@ from . import frames
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .frames import JournalCorrupt
 from .fsutil import fsync_dir
-from .state import State, StateError
+from .state import State
+from .tables import StateError
 
 __all__ = ["CHECKPOINT", "JOURNAL", "JOURNAL_NEXT", "Recovery", "recover"]
 
@@ -85,7 +86,7 @@ def recover(state_dir: str, *, repair: bool = True) -> Recovery:
                         raise JournalCorrupt(f"{path}: record #{rec.records + 1}: expected seq "
                                              f"{expect}, found {seq}: records are missing")
                     try:
-                        state.apply(r)
+                        state.apply_wire(r)
                     except StateError as e:
                         raise JournalCorrupt(f"{path}: record #{rec.records + 1} (seq {seq}) "
                                              f"does not apply: {e}") from None

@@ -9,195 +9,28 @@ module does no I/O and imports no trio.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator
 
-from .allocator import ALIGN, AllocError, FreeSpace
+from . import records as R
+from . import sharing
+from .allocator import AllocError, FreeSpace
 from .bitmap import Bitmap
-from .extents import MAX_EXTENT, MOVING, Extent, ExtentError, ExtentMap
-from .protocol import BLOCK_SIZE, former_name
-
-_DISK_UIDS = itertools.count(1)
-
-
-class StateError(ValueError):
-    """A record that cannot be applied: in replay, this means corruption."""
-
-
-def round_up(n: int, align: int = ALIGN) -> int:
-    return -(-n // align) * align
-
-
-@dataclass
-class Container:
-    name: str
-    lun: int
-    path: str
-    size: int
-    created: bool  # virtfs created the file (and may delete it on rm)
-    space: FreeSpace
-    failed: bool = False  # container fail: every entry on it is `error` at the agents
-    draining: bool = False  # a drain job runs: new space goes elsewhere
-
-    @property
-    def usable(self) -> int:
-        return self.size - self.size % ALIGN
-
-    @property
-    def used(self) -> int:
-        return self.usable - self.space.free
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "lun": self.lun,
-            "path": self.path,
-            "size": self.size,
-            "used": self.used,
-            "free": self.space.free,
-            "created": self.created,
-            "state": "error" if self.failed else "draining" if self.draining else "ok",
-        }
-
-
-@dataclass
-class Alt:
-    """A segment being moved (DESIGN.md section 3): its alternate location and bitmap.
-
-    Kept in Disk.alts under the vstart of a stored extent flagged MOVING, which is the
-    segment's primary location (L1) and never merges or splits while the move lasts.
-    A set bit in bitmap (one per 4 KiB block of the extent) means that block's current
-    data is at the alternate location (L2): lun, offset (bytes, block-aligned).
-    """
-
-    lun: int
-    offset: int
-    bitmap: Bitmap
-
-
-JOB_KINDS = ("migrate", "drain")
-JOB_STATES = ("running", "done", "aborted", "failed")
-KEEP_FINISHED_JOBS = 100
-
-
-@dataclass
-class Job:
-    """A background data movement, journaled so it resumes after a restart.
-
-    kind "migrate": every extent of disk `disk` moves to container LUN `dst`.
-    kind "drain": every extent on container LUN `src` moves off it (to `dst`, or
-    wherever placement puts new space when dst is None).
-    """
-
-    id: int
-    kind: str
-    disk: str | None
-    src: int | None
-    dst: int | None
-    started: float
-    state: str = "running"
-    ended: float | None = None
-    message: str = ""
-    aborting: bool = False  # an abort was asked for: a restart rolls back, not on
-
-    def to_wire(self) -> list[Any]:
-        return [self.id, self.kind, self.disk, self.src, self.dst, self.started, self.state,
-                self.ended, self.message, self.aborting]
-
-    @classmethod
-    def from_wire(cls, w: list[Any]) -> Job:
-        """A job from to_wire()'s list (9 items before aborts were journaled)."""
-        if not isinstance(w, list) or len(w) not in (9, 10):
-            raise StateError(f"bad job {w!r}")
-        return cls(*w)
-
-
-@dataclass
-class Disk:
-    name: str
-    size: int
-    segment_size: int
-    thick: bool
-    pin: int | None  # allocate only on this LUN, if set
-    home: int  # preferred LUN for thin allocation
-    ctime: float
-    extents: ExtentMap = field(default_factory=ExtentMap)
-    alts: dict[int, Alt] = field(default_factory=dict)
-    epoch: int = 1
-    # this process's identity of the disk (never persisted, never reused): what agents'
-    # opens, locks and restrictions are keyed by, so renames and re-creations of a name
-    # cannot mix two disks up
-    uid: int = field(default_factory=lambda: next(_DISK_UIDS), compare=False, repr=False)
-    # snapshots and clones (docs/snapshots.md): tables of one family (a disk, its
-    # snapshots, their clones, ...) may share storage, always at the same vstart;
-    # origin: the snapshot a clone was made from; a snapshot's parent: its disk
-    family: int = 0
-    origin: str | None = None
-    parent: str | None = None  # set on snapshots only (read-only tables)
-    # times kept by the agents (disk.times records; 0.0: not set, the creation time
-    # stands): the last change of the content or size, and of the content or metadata
-    mtime: float = 0.0
-    stime: float = 0.0
-
-    @property
-    def allocated(self) -> int:
-        return self.extents.mapped_bytes
-
-    @property
-    def is_snapshot(self) -> bool:
-        return self.parent is not None
-
-    def to_dict(self, luns: dict[int, Container]) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "size": self.size,
-            "segment_size": self.segment_size,
-            "provisioning": "thick" if self.thick else "thin",
-            "allocated": self.allocated,
-            "extents": len(self.extents),
-            "container": luns[self.pin].name if self.pin is not None else None,
-            "home": luns[self.home].name if self.home in luns else None,
-            "epoch": self.epoch,
-            "ctime": self.ctime,
-            "mtime": self.mtime or self.ctime,
-            "changed": self.stime or self.ctime,
-            # unlinked while open (protocol.DELETED_PREFIX): the name it had
-            "deleted": former_name(self.name),
-            "origin": self.origin,
-        }
-
-
-def unshared_blocks(e: Extent, shared: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(offset, length) of e's storage, in whole blocks, outside shared (vstart ranges
-    another table maps, from State.referenced): what freeing e gives back. A block any
-    part of which is shared stays; e's short last block counts whole."""
-    nblk = -(-e.length // BLOCK_SIZE)
-    keep = [((lo - e.vstart) // BLOCK_SIZE, -(-(hi - e.vstart) // BLOCK_SIZE))
-            for lo, hi in shared]
-    out, pos = [], 0
-    for kb, ke in [*keep, (nblk, nblk)]:
-        if kb > pos:
-            out.append((e.offset + pos * BLOCK_SIZE, (kb - pos) * BLOCK_SIZE))
-        pos = max(pos, ke)
-    return out
-
-
-def _pieces(rec: dict[str, Any], key: str = "map") -> list[tuple[int, int, int, int]]:
-    raw = rec.get(key, [])
-    if not isinstance(raw, list):
-        raise StateError(f"{key} must be a list")
-    out = []
-    for p in raw:
-        # exact type checks (a bool is not a byte count); this runs once per replayed piece
-        if type(p) is not list or len(p) != 4:
-            raise StateError(f"bad map piece {p!r}")
-        a, b, c, d = p
-        if type(a) is not int or type(b) is not int or type(c) is not int or type(d) is not int:
-            raise StateError(f"bad map piece {p!r}")
-        out.append((a, b, c, d))
-    return out
+from .extents import MAX_EXTENT, MOVING, Extent, ExtentError
+from .protocol import BLOCK_SIZE, is_snapshot_name, snapshot_name, split_snapshot_name
+from .records import RECORDS, Piece, Record, decode
+from .sharing import unshared_blocks  # noqa: F401 - controller/service/ imports it from here
+from .tables import (
+    JOB_KINDS,
+    JOB_STATES,
+    KEEP_FINISHED_JOBS,
+    Alt,
+    Container,
+    Disk,
+    Job,
+    StateError,
+    check_pieces,
+    round_up,
+)
 
 
 class State:
@@ -230,7 +63,7 @@ class State:
 
     def table(self, name: str) -> Disk:
         """A disk or a snapshot ("DISK@SNAP") by name; StateError if neither exists."""
-        t = self.snaps.get(name) if "@" in name else self.disks.get(name)
+        t = self.snaps.get(name) if is_snapshot_name(name) else self.disks.get(name)
         if t is None:
             raise StateError(f"no such disk or snapshot: {name!r}")
         return t
@@ -245,72 +78,30 @@ class State:
         another table of family fam (not skip) maps, at the same vstart: shared storage.
         Tables share only by having been copied from one another (snapshot, clone,
         rollback), so a shared block is always at the same vstart in every table."""
-        out: list[tuple[int, int]] = []
-        delta = offset - vstart
-        for t in self.family(fam):
-            if t is skip:
-                continue
-            for e in t.extents.stored_in(vstart, vend):
-                if e.lun == lun and e.offset - e.vstart == delta:
-                    out.append((max(e.vstart, vstart), min(e.vend, vend)))
-        out.sort()
-        merged: list[tuple[int, int]] = []
-        for lo, hi in out:
-            if merged and lo <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            else:
-                merged.append((lo, hi))
-        return merged
+        others = [t for t in self.family(fam) if t is not skip]
+        return sharing.referenced(others, vstart, vend, lun, offset)
 
     def referenced_all(self, fam: int, pieces: list[Extent],
                        skip: Disk | None = None) -> list[list[tuple[int, int]]]:
-        """referenced() for each of pieces (in vstart order, not overlapping), at once.
-
-        A whole table's worth (a snapshot removed, a rollback) is one ordered walk of
-        each other table of the family, not a lookup per piece: a 1 TiB table of
-        262,144 extents takes a fraction of a second instead of seconds.
-        """
-        tables = [t for t in self.family(fam) if t is not skip]
-        if not tables or not pieces:
-            return [[] for _ in pieces]
-        if len(pieces) * 16 < sum(len(t.extents) for t in tables):
-            return [self.referenced(fam, e.vstart, e.vend, e.lun, e.offset, skip)
-                    for e in pieces]
-        out: list[list[tuple[int, int]]] = [[] for _ in pieces]
-        for t in tables:
-            ts = list(t.extents)
-            j = 0
-            for i, p in enumerate(pieces):
-                while j < len(ts) and ts[j].vend <= p.vstart:
-                    j += 1
-                k = j
-                delta = p.offset - p.vstart
-                while k < len(ts) and ts[k].vstart < p.vend:
-                    e = ts[k]
-                    if e.lun == p.lun and e.offset - e.vstart == delta:
-                        out[i].append((max(e.vstart, p.vstart), min(e.vend, p.vend)))
-                    k += 1
-        for i, rs in enumerate(out):
-            if len(rs) > 1:
-                rs.sort()
-                merged = [rs[0]]
-                for lo, hi in rs[1:]:
-                    if lo <= merged[-1][1]:
-                        merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-                    else:
-                        merged.append((lo, hi))
-                out[i] = merged
-        return out
+        """referenced() for each of pieces (in vstart order, not overlapping), at once
+        (sharing.referenced_all: one ordered walk of each other table)."""
+        return sharing.referenced_all([t for t in self.family(fam) if t is not skip], pieces)
 
     def _release_unshared(self, fam: int, pieces: list[Extent]) -> None:
         """Free the storage of pieces (removed from their table already) that no other
-        table of family fam maps. Storage is freed a block at a time: a block any part
-        of which another table maps stays (a table's short last block is still a whole
-        block of storage)."""
-        refs = self.referenced_all(fam, pieces)
-        for e, shared in zip(pieces, refs, strict=True):
-            for off, n in unshared_blocks(e, shared):
-                self.luns[e.lun].space.release(off, n)
+        table of family fam maps (sharing.release_unshared)."""
+        sharing.release_unshared(self.family(fam), self.luns, pieces)
+
+    def draining_luns(self) -> set[int]:
+        """LUNs a drain job runs off (new space goes elsewhere): derived from the jobs,
+        never stored (a checkpoint writes it only for older controllers to read)."""
+        return {j.src for j in self.jobs.values()
+                if j.kind == "drain" and j.state == "running" and j.src is not None}
+
+    def is_draining(self, lun: int) -> bool:
+        """Whether a drain job runs off LUN lun (draining_luns, for one LUN)."""
+        return any(j.src == lun and j.kind == "drain" and j.state == "running"
+                   for j in self.jobs.values())
 
     def lun_users(self, lun: int) -> Iterator[tuple[Disk, Extent]]:
         """(table, extent) of every disk and snapshot extent stored on LUN lun."""
@@ -320,58 +111,33 @@ class State:
                     yield d, e
 
     # ------------------------------------------------------------ the mutator
-    def apply(self, rec: dict[str, Any]) -> None:
-        op = rec.get("op")
-        handler = _HANDLERS.get(op) if isinstance(op, str) else None
+    def apply(self, rec: Record, seq: int | None = None) -> None:
+        """Apply rec, the record numbered seq in the journal (None: not journaled).
+
+        Raises StateError, with nothing changed, if rec does not fit the tables.
+        """
+        handler = _HANDLERS.get(type(rec))
         if handler is None:
-            raise StateError(f"unknown record op {op!r}")
+            raise StateError(f"unknown record {rec!r}")
         try:
             handler(self, rec)
         except (KeyError, TypeError) as e:
-            raise StateError(f"malformed {op} record: {e!r}") from None
+            raise StateError(f"malformed {rec.OP} record: {e!r}") from None
         except (ExtentError, AllocError) as e:
-            raise StateError(f"{op} record does not fit the table: {e}") from None
-        seq = rec.get("seq")
-        if isinstance(seq, int):
+            raise StateError(f"{rec.OP} record does not fit the table: {e}") from None
+        if seq is not None:
             self.seq = seq
 
-    def _check_pieces(self, d: Disk, pieces: list[tuple[int, int, int, int]],
-                      size: int) -> None:
-        """Refuse pieces that cannot all be mapped, before anything changes.
+    def apply_wire(self, d: dict[str, object]) -> None:
+        """Apply a record in its wire form (replay): records.decode, then apply with
+        its "seq". StateError if it is malformed (or not a map) or does not fit."""
+        rec = decode(d)  # checks that d is a dict first
+        seq = d.get("seq")
+        self.apply(rec, seq if type(seq) is int else None)
 
-        apply() must change nothing when it raises: a refused live record is not
-        journaled, so a half-applied one would make the live table drift from replay.
-        """
-        for vstart, length, lun, offset in pieces:
-            c = self.luns.get(lun)
-            if c is None:
-                raise StateError(f"no container with LUN {lun}")
-            if vstart < 0 or vstart % ALIGN or offset % ALIGN or length <= 0:
-                raise StateError(f"misaligned piece {vstart}+{length} -> {lun}:{offset}")
-            if vstart + length > size:
-                raise StateError(f"piece {vstart}+{length} runs past disk {d.name!r}")
-            if length % ALIGN and vstart + length != size:
-                raise StateError(f"short piece {vstart}+{length} is not at the end of the disk")
-            if not c.space.is_free(offset, round_up(length)):
-                raise StateError(f"piece {vstart}+{length} does not fit the table: "
-                                 f"{lun}:{offset}+{round_up(length)} is not free")
-            if not d.extents.is_gap(vstart, vstart + length):
-                raise StateError(f"piece {vstart}+{length} does not fit the table: "
-                                 "already mapped")
-        if len(pieces) < 2:
-            return
-        for key in (lambda p: (0, p[0]), lambda p: (p[2], p[3])):  # virtual, then physical
-            prev: tuple[int, int] | None = None
-            for p in sorted(pieces, key=key):
-                k = key(p)
-                if prev is not None and k[0] == prev[0] and k[1] < prev[1]:
-                    raise StateError(f"piece {p[0]}+{p[1]} does not fit the table: pieces "
-                                     "of one record overlap")
-                prev = (k[0], k[1] + round_up(p[1]))
-
-    def _map(self, d: Disk, pieces: list[tuple[int, int, int, int]]) -> None:
+    def _map(self, d: Disk, pieces: list[Piece]) -> None:
         """Map pieces (vstart, length, lun, offset) into d and take their space."""
-        self._check_pieces(d, pieces, d.size)
+        check_pieces(self.luns, d, pieces, d.size)
         for vstart, length, lun, offset in pieces:
             c = self.luns[lun]
             c.space.take(offset, round_up(length))
@@ -389,7 +155,7 @@ class State:
         tail (a shrink): its bitmap and alternate location shrink with it. Cutting
         off its head would move the key of its Alt: StateError.
         """
-        if start % ALIGN:
+        if start % BLOCK_SIZE:
             raise StateError(f"unaligned unmap start {start}")
         tail = d.extents.find(end - 1) if end > start else None
         if tail is not None and tail.flags & MOVING and tail.vend > end:
@@ -411,64 +177,60 @@ class State:
         d.epoch += 1
         return removed
 
-    def _container_add(self, rec: dict[str, Any]) -> None:
-        name, lun, size = rec["name"], rec["lun"], rec["size"]
+    def _container_add(self, rec: R.ContainerAdd) -> None:
+        name, lun, size = rec.name, rec.lun, rec.size
         if name in self.containers or lun in self.luns:
             raise StateError(f"container {name!r} / LUN {lun} already exists")
-        c = Container(name, lun, rec["path"], size, bool(rec["created"]), FreeSpace(size))
+        c = Container(name, lun, rec.path, size, rec.created, FreeSpace(size),
+                      draining_of=self.is_draining)
         self.containers[name] = c
         self.luns[lun] = c
         self.next_lun = max(self.next_lun, lun + 1)
 
-    def _container_fail(self, rec: dict[str, Any]) -> None:
-        self.container(rec["name"]).failed = True
+    def _container_fail(self, rec: R.ContainerFail) -> None:
+        self.container(rec.name).failed = True
 
-    def _container_restore(self, rec: dict[str, Any]) -> None:
-        self.container(rec["name"]).failed = False
+    def _container_restore(self, rec: R.ContainerRestore) -> None:
+        self.container(rec.name).failed = False
 
-    def _container_rm(self, rec: dict[str, Any]) -> None:
-        c = self.container(rec["name"])
+    def _container_rm(self, rec: R.ContainerRm) -> None:
+        c = self.container(rec.name)
         if c.used:
             raise StateError(f"container {c.name!r} still holds {c.used} bytes")
         del self.containers[c.name]
         del self.luns[c.lun]
 
-    def _disk_create(self, rec: dict[str, Any]) -> None:
-        name = rec["name"]
+    def _disk_create(self, rec: R.DiskCreate) -> None:
+        name = rec.name
         if name in self.disks:
             raise StateError(f"disk {name!r} already exists")
         d = Disk(
             name=name,
-            size=rec["size"],
-            segment_size=rec["segment_size"],
-            thick=bool(rec["thick"]),
-            pin=rec["pin"],
-            home=rec["home"],
-            ctime=rec.get("ctime", 0.0),
+            size=rec.size,
+            segment_size=rec.segment_size,
+            thick=rec.thick,
+            pin=rec.pin,
+            home=rec.home,
+            ctime=rec.ctime,
             family=self.next_family,
         )
-        self._map(d, _pieces(rec))
+        self._map(d, rec.pieces)
         self.disks[name] = d
         self.next_family += 1
 
-    def _disk_times(self, rec: dict[str, Any]) -> None:
+    def _disk_times(self, rec: R.DiskTimes) -> None:
         """An agent's times of a disk (its last write, size change or utimensat)."""
-        d = self.disk(rec["name"])
-        mtime, stime = rec["mtime"], rec["stime"]
-        if not all(type(t) in (int, float) and 0 <= t < 1e11 for t in (mtime, stime)):
-            raise StateError(f"bad times {mtime!r}, {stime!r}")
-        d.mtime, d.stime = float(mtime), float(stime)
+        d = self.disk(rec.name)
+        d.mtime, d.stime = rec.mtime, rec.stime
 
-    def _disk_map(self, rec: dict[str, Any]) -> None:
-        self._map(self.disk(rec["name"]), _pieces(rec))
+    def _disk_map(self, rec: R.DiskMap) -> None:
+        self._map(self.disk(rec.name), rec.pieces)
 
-    def _disk_resize(self, rec: dict[str, Any]) -> None:
-        d = self.disk(rec["name"])
-        new = rec["size"]
-        if not isinstance(new, int) or new < 0:
-            raise StateError(f"bad size {new!r}")
-        pieces = _pieces(rec)
-        self._check_pieces(d, pieces, new)  # before anything changes
+    def _disk_resize(self, rec: R.DiskResize) -> None:
+        d = self.disk(rec.name)
+        new = rec.size
+        pieces = rec.pieces
+        check_pieces(self.luns, d, pieces, new)  # before anything changes
         if new < d.size and d.size:
             cut = round_up(new)
             self._unmap(d, cut, d.size)
@@ -482,15 +244,15 @@ class State:
         d.size = new
         if new > old_end:
             tail = d.extents.find(old_end - 1) if old_end else None
-            if tail is not None and old_end % ALIGN:
+            if tail is not None and old_end % BLOCK_SIZE:
                 # the old short tail extent grows to its full block (already allocated)
                 d.extents.remove_range(tail.vstart, tail.vend)
                 d.extents.insert(tail.vstart, min(round_up(tail.length), new - tail.vstart),
                                  tail.lun, tail.offset, tail.flags)
         self._map(d, pieces)
 
-    def _disk_rm(self, rec: dict[str, Any]) -> None:
-        d = self.disk(rec["name"])
+    def _disk_rm(self, rec: R.DiskRm) -> None:
+        d = self.disk(rec.name)
         self._no_snapshots(d)
         self._unmap(d, 0, d.size)
         del self.disks[d.name]
@@ -500,13 +262,13 @@ class State:
         if snaps:
             raise StateError(f"disk {d.name!r} has snapshots: {', '.join(snaps)}")
 
-    def _disk_rename(self, rec: dict[str, Any]) -> None:
-        d = self.disk(rec["name"])
-        new = rec["new"]
-        if not isinstance(new, str) or new == d.name:
+    def _disk_rename(self, rec: R.DiskRename) -> None:
+        d = self.disk(rec.name)
+        new = rec.new
+        if new == d.name:
             raise StateError(f"cannot rename {d.name!r} to {new!r}")
         if new in self.disks:
-            if not rec.get("replace"):
+            if not rec.replace:
                 raise StateError(f"cannot rename {d.name!r} to {new!r}: it exists")
             target = self.disks[new]  # replaced atomically, as rename(2) does
             self._no_snapshots(target)
@@ -522,39 +284,36 @@ class State:
         self.disks[new] = d
         for full in [n for n, t in self.snaps.items() if t.parent == old]:
             snap = self.snaps.pop(full)  # NAME@SNAP follows its disk's name
-            snap.parent, snap.name = new, f"{new}@{full.split('@', 1)[1]}"
+            snap.parent, snap.name = new, snapshot_name(new, split_snapshot_name(full)[1])
             self.snaps[snap.name] = snap
             for t in (*self.disks.values(), *self.snaps.values()):
                 if t.origin == full:
                     t.origin = snap.name
 
     # ------------------------------------------------------------ moves (DESIGN.md 3)
-    def _moving(self, d: Disk, vstart: Any) -> tuple[Extent, Alt]:
-        a = d.alts.get(vstart) if type(vstart) is int else None
+    def _moving(self, d: Disk, vstart: int) -> tuple[Extent, Alt]:
+        a = d.alts.get(vstart)
         e = d.extents.find(vstart) if a is not None else None
         if a is None or e is None or e.vstart != vstart or not e.flags & MOVING:
             raise StateError(f"disk {d.name!r} has no segment moving at {vstart!r}")
         return e, a
 
-    def _move_start(self, rec: dict[str, Any]) -> None:
+    def _move_start(self, rec: R.MoveStart) -> None:
         """Segment [vstart, vstart+length) of one stored extent gets an alternate location
         (lun, offset) with an empty bitmap; the extent is cut there and flagged MOVING."""
-        d = self.disk(rec["name"])
-        vstart, length, lun, offset = rec["vstart"], rec["length"], rec["lun"], rec["offset"]
-        for v in (vstart, length, lun, offset):
-            if type(v) is not int:
-                raise StateError(f"bad move.start field {v!r}")
+        d = self.disk(rec.name)
+        vstart, length, lun, offset = rec.vstart, rec.length, rec.lun, rec.offset
         e = d.extents.find(vstart)
-        if e is None or vstart + length > e.vend or length <= 0 or vstart % ALIGN:
+        if e is None or vstart + length > e.vend or length <= 0 or vstart % BLOCK_SIZE:
             raise StateError(f"move of {vstart}+{length} is not inside one extent of "
                              f"disk {d.name!r}")
         if e.flags & MOVING:
             raise StateError(f"disk {d.name!r} segment at {e.vstart} is already moving")
-        if (vstart + length) % ALIGN and vstart + length != d.size:
+        if (vstart + length) % BLOCK_SIZE and vstart + length != d.size:
             raise StateError(f"move of {vstart}+{length} ends inside a block")
         c = self.luns.get(lun)
         nbytes = round_up(length)
-        if c is None or offset % ALIGN or not c.space.is_free(offset, nbytes):
+        if c is None or offset % BLOCK_SIZE or not c.space.is_free(offset, nbytes):
             raise StateError(f"alternate {lun}:{offset}+{nbytes} is not free")
         c.space.take(offset, nbytes)
         d.extents.split_at(vstart)
@@ -563,42 +322,38 @@ class State:
         d.alts[vstart] = Alt(lun, offset, Bitmap(nbytes // BLOCK_SIZE))
         d.epoch += 1
 
-    def _move_mark(self, rec: dict[str, Any]) -> None:
+    def _move_mark(self, rec: R.MoveMark) -> None:
         """Blocks (runs [[first, count], ...]) of a moving segment now have their data at
         its alternate location."""
-        d = self.disk(rec["name"])
-        _e, a = self._moving(d, rec["vstart"])
-        runs = rec["runs"]
-        if type(runs) is not list:
-            raise StateError("move.mark runs must be a list")
+        d = self.disk(rec.name)
+        _e, a = self._moving(d, rec.vstart)
+        runs = rec.runs
         for r in runs:
-            if (type(r) is not list or len(r) != 2 or type(r[0]) is not int
-                    or type(r[1]) is not int or r[0] < 0 or r[1] <= 0
-                    or r[0] + r[1] > a.bitmap.nblocks):
-                raise StateError(f"bad move.mark run {r!r}")
+            if r[0] + r[1] > a.bitmap.nblocks:
+                raise StateError(f"bad move.mark run {list(r)!r}")
         for first, count in runs:
             a.bitmap.set_range(first, count)
         # no epoch bump: a mark changes no entry an agent may hold (its nowrite L1
         # entries still read right; a write there faults) - else every agent would
         # reload its whole table once a heartbeat while a disk moves
 
-    def _move_commit(self, rec: dict[str, Any]) -> None:
+    def _move_commit(self, rec: R.MoveCommit) -> None:
         """Every block is marked: the alternate location becomes the segment's location
         and the old one is freed; the extent may merge with its neighbours again."""
-        d = self.disk(rec["name"])
-        e, a = self._moving(d, rec["vstart"])
+        d = self.disk(rec.name)
+        e, a = self._moving(d, rec.vstart)
         if not a.bitmap.all_set():
             left = a.bitmap.nblocks - a.bitmap.count()
             raise StateError(f"disk {d.name!r} segment at {e.vstart}: {left} blocks are not "
                              "at the new location yet")
         self._end_move(d, e, a, keep_alt=True)
 
-    def _move_abort(self, rec: dict[str, Any]) -> None:
+    def _move_abort(self, rec: R.MoveAbort) -> None:
         """The move is dropped: the segment stays at its location (the controller has
         copied any block marked at the alternate location back first) and the alternate
         location is freed."""
-        d = self.disk(rec["name"])
-        e, a = self._moving(d, rec["vstart"])
+        d = self.disk(rec.name)
+        e, a = self._moving(d, rec.vstart)
         self._end_move(d, e, a, keep_alt=False)
 
     def _end_move(self, d: Disk, e: Extent, a: Alt, keep_alt: bool) -> None:
@@ -614,72 +369,63 @@ class State:
         d.extents.coalesce(e.vstart, e.vend)
         d.epoch += 1
 
-    def _disk_place(self, rec: dict[str, Any]) -> None:
+    def _disk_place(self, rec: R.DiskPlace) -> None:
         """Where a disk's new space goes: its home container and its pin (or None)."""
-        d = self.disk(rec["name"])
-        home, pin = rec["home"], rec["pin"]
+        d = self.disk(rec.name)
+        home, pin = rec.home, rec.pin
         if home not in self.luns or (pin is not None and pin not in self.luns):
             raise StateError(f"disk.place: unknown LUN {home!r} or {pin!r}")
         d.home, d.pin = home, pin
 
     # ------------------------------------------------------------ jobs
-    def _job_start(self, rec: dict[str, Any]) -> None:
-        jid, kind = rec["id"], rec["kind"]
-        if type(jid) is not int or jid < self.next_job or kind not in JOB_KINDS:
+    def _job_start(self, rec: R.JobStart) -> None:
+        jid, kind = rec.id, rec.kind
+        if jid < self.next_job or kind not in JOB_KINDS:
             raise StateError(f"bad job.start {jid!r} {kind!r}")
-        disk, src, dst = rec["disk"], rec["src"], rec["dst"]
+        disk, src, dst = rec.disk, rec.src, rec.dst
         if disk is not None:
             self.disk(disk)
         for lun in (src, dst):
             if lun is not None and lun not in self.luns:
                 raise StateError(f"job.start: unknown LUN {lun!r}")
-        self.jobs[jid] = Job(jid, kind, disk, src, dst, rec["started"])
+        self.jobs[jid] = Job(jid, kind, disk, src, dst, rec.started)
         self.next_job = jid + 1
-        if kind == "drain" and src is not None:
-            self.luns[src].draining = True
 
-    def _job_abort(self, rec: dict[str, Any]) -> None:
+    def _job_abort(self, rec: R.JobAbort) -> None:
         """An abort was asked for: it survives a restart (the job then rolls back)."""
-        j = self.jobs.get(rec["id"])
+        j = self.jobs.get(rec.id)
         if j is None or j.state != "running":
-            raise StateError(f"job.abort: no running job {rec.get('id')!r}")
+            raise StateError(f"job.abort: no running job {rec.id!r}")
         j.aborting = True
 
-    def _job_end(self, rec: dict[str, Any]) -> None:
-        j = self.jobs.get(rec["id"])
-        if j is None or j.state != "running" or rec["state"] not in JOB_STATES[1:]:
-            raise StateError(f"bad job.end {rec.get('id')!r} {rec.get('state')!r}")
-        j.state, j.ended, j.message = rec["state"], rec["ended"], rec.get("message", "")
-        if j.kind == "drain" and j.src in self.luns and not any(
-                o.kind == "drain" and o.src == j.src and o.state == "running"
-                for o in self.jobs.values()):
-            self.luns[j.src].draining = False
+    def _job_end(self, rec: R.JobEnd) -> None:
+        j = self.jobs.get(rec.id)
+        if j is None or j.state != "running" or rec.state not in JOB_STATES[1:]:
+            raise StateError(f"bad job.end {rec.id!r} {rec.state!r}")
+        j.state, j.ended, j.message = rec.state, rec.ended, rec.message
         done = sorted(k for k, o in self.jobs.items() if o.state != "running")
         for k in done[: max(0, len(done) - KEEP_FINISHED_JOBS)]:
             del self.jobs[k]
 
     # ------------------------------------------------------------ snapshots, clones
-    def _snap_create(self, rec: dict[str, Any]) -> None:
+    def _snap_create(self, rec: R.SnapCreate) -> None:
         """DISK@SNAP: a read-only copy of the disk's table, sharing all its storage."""
-        d = self.disk(rec["name"])
-        snap = rec["snap"]
-        full = f"{d.name}@{snap}"
-        if type(snap) is not str or not snap or "@" in snap or "/" in snap or "\0" in snap:
-            raise StateError(f"bad snapshot name {snap!r}")
+        d = self.disk(rec.name)
+        full = snapshot_name(d.name, rec.snap)
         if full in self.snaps:
             raise StateError(f"snapshot {full!r} already exists")
         if d.alts:
             raise StateError(f"disk {d.name!r} has segments being moved")
         self.snaps[full] = Disk(full, d.size, d.segment_size, d.thick, d.pin, d.home,
-                                rec["ctime"], d.extents.clone(), family=d.family,
+                                rec.ctime, d.extents.clone(), family=d.family,
                                 parent=d.name)
         d.epoch += 1  # its storage is shared now: writes must copy first
 
-    def _snap_rm(self, rec: dict[str, Any]) -> None:
+    def _snap_rm(self, rec: R.SnapRm) -> None:
         """Drop a snapshot; free what no other table of its family maps."""
-        s = self.snaps.get(rec["name"])
+        s = self.snaps.get(rec.name)
         if s is None:
-            raise StateError(f"no such snapshot: {rec['name']!r}")
+            raise StateError(f"no such snapshot: {rec.name!r}")
         users = sorted(t.name for t in (*self.disks.values(), *self.snaps.values())
                        if t.origin == s.name)
         if users:
@@ -687,24 +433,24 @@ class State:
         del self.snaps[s.name]
         self._release_unshared(s.family, list(s.extents))
 
-    def _disk_clone(self, rec: dict[str, Any]) -> None:
+    def _disk_clone(self, rec: R.DiskClone) -> None:
         """A writable disk from a snapshot, sharing its storage."""
-        s = self.snaps.get(rec["snap"])
-        new = rec["new"]
+        s = self.snaps.get(rec.snap)
+        new = rec.new
         if s is None:
-            raise StateError(f"no such snapshot: {rec['snap']!r}")
-        if not isinstance(new, str) or new in self.disks or "@" in new:
+            raise StateError(f"no such snapshot: {rec.snap!r}")
+        if new in self.disks:
             raise StateError(f"cannot clone to {new!r}")
         self.disks[new] = Disk(new, s.size, s.segment_size, s.thick, s.pin, s.home,
-                               rec["ctime"], s.extents.clone(), family=s.family,
+                               rec.ctime, s.extents.clone(), family=s.family,
                                origin=s.name)
 
-    def _snap_rollback(self, rec: dict[str, Any]) -> None:
+    def _snap_rollback(self, rec: R.SnapRollback) -> None:
         """The disk's content (and size) becomes its snapshot's; what only the disk held
         is freed."""
-        s = self.snaps.get(rec["snap"])
+        s = self.snaps.get(rec.snap)
         if s is None or s.parent is None:
-            raise StateError(f"no such snapshot: {rec['snap']!r}")
+            raise StateError(f"no such snapshot: {rec.snap!r}")
         d = self.disk(s.parent)
         if d.alts:
             raise StateError(f"disk {d.name!r} has segments being moved")
@@ -714,46 +460,24 @@ class State:
         d.epoch += 1
         self._release_unshared(d.family, old)
 
-    def _controller_boot(self, rec: dict[str, Any]) -> None:
-        boot = rec["boot"]
-        if type(boot) is not int or boot != self.boot + 1:
+    def _controller_boot(self, rec: R.ControllerBoot) -> None:
+        boot = rec.boot
+        if boot != self.boot + 1:
             raise StateError(f"boot must be {self.boot + 1}, not {boot!r}")
         self.boot = boot
 
-    def _disk_unmap(self, rec: dict[str, Any]) -> None:
-        d = self.disk(rec["name"])
-        start, end = rec["start"], rec["end"]
+    def _disk_unmap(self, rec: R.DiskUnmap) -> None:
+        d = self.disk(rec.name)
+        start, end = rec.start, rec.end
         if not (0 <= start <= end <= d.size):
             raise StateError(f"unmap range {start}..{end} outside disk")
-        if end % ALIGN and end != d.size:
+        if end % BLOCK_SIZE and end != d.size:
             # freeing a partial block would free storage the rest of the block still uses
             raise StateError(f"unaligned unmap end {end} inside the disk")
         self._unmap(d, start, end)
 
 
-_HANDLERS = {
-    "container.add": State._container_add,
-    "container.rm": State._container_rm,
-    "disk.create": State._disk_create,
-    "disk.map": State._disk_map,
-    "disk.times": State._disk_times,
-    "disk.resize": State._disk_resize,
-    "disk.rm": State._disk_rm,
-    "disk.rename": State._disk_rename,
-    "disk.unmap": State._disk_unmap,
-    "controller.boot": State._controller_boot,
-    "container.fail": State._container_fail,
-    "container.restore": State._container_restore,
-    "move.start": State._move_start,
-    "move.mark": State._move_mark,
-    "move.commit": State._move_commit,
-    "move.abort": State._move_abort,
-    "disk.place": State._disk_place,
-    "job.start": State._job_start,
-    "job.end": State._job_end,
-    "job.abort": State._job_abort,
-    "snap.create": State._snap_create,
-    "snap.rm": State._snap_rm,
-    "disk.clone": State._disk_clone,
-    "snap.rollback": State._snap_rollback,
-}
+# The handler of each record type: State._disk_create for DiskCreate (op "disk.create"),
+# and so on; each takes its record type (tests/model/test_units_records.py checks).
+_HANDLERS: dict[type[Record], Callable[..., None]] = {
+    rec: getattr(State, "_" + rec.OP.replace(".", "_")) for rec in RECORDS}

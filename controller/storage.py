@@ -24,7 +24,6 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 _ZERO_CHUNK = 1 << 20
-ALIGN_BYTES = 4096  # what _settle writes: one block, inside a zeroed range
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -119,8 +118,8 @@ def open_container_path(path: str, size: int | None, taken: dict[str, str]) -> t
         if size is not None and size > fsize:
             raise P.invalid(f"{path!r} holds {fsize} bytes, less than --size {size}")
         csize = size if size is not None else fsize
-        if csize < 4096:
-            raise P.invalid(f"{path!r} is smaller than 4096 bytes")
+        if csize < P.BLOCK_SIZE:
+            raise P.invalid(f"{path!r} is smaller than {P.BLOCK_SIZE} bytes")
         return csize, False
     if size is None:
         raise P.RemoteError(P.E_NOT_FOUND, f"container path {path!r} does not exist (give "
@@ -193,7 +192,7 @@ def _settle(fd: int, offset: int) -> None:
     cache, which covers the completed BLKZEROOUT. fdatasync(fd) would do the same and
     also write back every dirty page of the whole container.
     """
-    zeros = bytes(ALIGN_BYTES)
+    zeros = bytes(P.BLOCK_SIZE)
     n = os.pwritev(fd, [zeros], offset, os.RWF_DSYNC)
     if n != len(zeros):
         raise OSError(errno.EIO, f"short write while settling zeroed space at {offset}")
@@ -283,7 +282,7 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]]) -> None:
                     got = len(data)
                 done += got
             sync_file_range(dfd, doff, length, _SYNC_RANGE)
-            first = os.pread(dfd, min(length, ALIGN_BYTES), doff)
+            first = os.pread(dfd, min(length, P.BLOCK_SIZE), doff)
             os.pwritev(dfd, [first], doff, os.RWF_DSYNC)
     finally:
         for f in fds.values():

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from controller import cli, faultpoints
+from controller.protocol import BLOCK_SIZE as BLOCK
 
 BIN = Path(sys.executable).parent
 SEG = 4 << 20  # the default segment size of a thin disk
-BLOCK = 4096
 
 # Log files of the controllers and agents started here: the tests' check_logs fixture
 # (conftest.py) fails a test whose processes logged a traceback it did not declare.

@@ -21,7 +21,13 @@ import pyfuse3
 import trio
 
 from controller import faultpoints
-from controller.protocol import RemoteError, check_name
+from controller.protocol import (
+    BLOCK_SIZE,
+    SNAP_SEP,
+    RemoteError,
+    check_name,
+    is_snapshot_name,
+)
 
 from .disks import Volumes
 from .errors import DiskError
@@ -32,7 +38,7 @@ log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = 1.0
 UNOPEN_TIMEOUT = 10.0  # seconds to close a disk at the controller after a failed open
-BLOCK = 4096
+_SNAP_SEP = SNAP_SEP.encode()  # in names as the kernel hands them over
 # st_blksize, the "preferred I/O size": cp, rsync, tar and friends size their buffers
 # by it, and at 128 KiB (their floor) a copy costs a FUSE request per 128 KiB
 IO_SIZE = 1 << 20
@@ -136,13 +142,13 @@ class Operations(pyfuse3.Operations):
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_size = size
         a.st_blksize = IO_SIZE
-        a.st_blocks = -(-allocated // BLOCK) * (BLOCK // 512)  # the last block is whole
+        a.st_blocks = -(-allocated // BLOCK_SIZE) * (BLOCK_SIZE // 512)  # last block whole
         ns = int(ctime * 1e9)
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
         return a
 
     def _is_snapshot(self, inode: int) -> bool:
-        return "@" in self.v.ns.inodes.get(inode, "")
+        return is_snapshot_name(self.v.ns.inodes.get(inode, ""))
 
     async def _disk_attr(self, inode: int) -> pyfuse3.EntryAttributes:
         if inode == ROOT_INODE:
@@ -227,9 +233,9 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         st = await self.v.ns.statfs()
         s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = BLOCK
-        s.f_blocks = st["capacity"] // BLOCK
-        s.f_bfree = s.f_bavail = max(0, st["capacity"] - st["used"]) // BLOCK
+        s.f_bsize = s.f_frsize = BLOCK_SIZE
+        s.f_blocks = st["capacity"] // BLOCK_SIZE
+        s.f_bfree = s.f_bavail = max(0, st["capacity"] - st["used"]) // BLOCK_SIZE
         s.f_ffree = s.f_favail = 1 << 20
         s.f_files = s.f_ffree + st["disks"] + 1
         s.f_namemax = 128
@@ -277,7 +283,7 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         if parent_inode != ROOT_INODE:
             raise DiskError(errno.ENOTDIR)
-        if b"@" in name:
+        if _SNAP_SEP in name:
             raise DiskError(errno.EPERM, "remove snapshots with: vdctl snap rm NAME@SNAP")
         await self.v.ns.unlink(os.fsdecode(name))
 
@@ -286,7 +292,7 @@ class Operations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: Any) -> None:
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise DiskError(errno.EINVAL)
-        if b"@" in name_old:
+        if _SNAP_SEP in name_old:
             raise DiskError(errno.EPERM, "a snapshot keeps its name (NAME@SNAP)")
         await self.v.ns.rename(os.fsdecode(name_old), _name(name_new),
                             replace=not flags & pyfuse3.RENAME_NOREPLACE)

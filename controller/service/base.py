@@ -16,6 +16,7 @@ from .. import __version__
 from .. import protocol as P
 from ..agents import DEFAULT_LEASE, Agent, AgentRegistry
 from ..journal import Journal
+from ..records import ControllerBoot, Record, decode
 from ..state import Container, Disk, State, StateError
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class ServiceBase:
         Version stamps then begin above every stamp the previous incarnation could have
         sent: it started from a smaller boot number and made fewer than 2**VERSION_BITS.
         """
-        await self.journal.commit({"op": "controller.boot", "boot": self.state.boot + 1})
+        await self.journal.commit(ControllerBoot(self.state.boot + 1))
         self.version = self.state.boot << VERSION_BITS
 
     def _container(self, name: str) -> Container:
@@ -141,11 +142,17 @@ class ServiceBase:
         self.version += 1
         return self.version
 
-    def _record(self, rec: dict[str, Any]) -> int:
+    def _record(self, rec: Record | dict[str, object]) -> int:
+        """Journal rec (see Journal.record); a refusal is an internal error.
+
+        Transitional: a dict is decoded into its Record (records.decode) until every
+        call site builds a Record."""
         try:
+            if isinstance(rec, dict):
+                rec = decode(rec)
             return self.journal.record(rec)
         except StateError as e:  # a planning bug: refuse the request, change nothing
-            log.error("refused %s: %s", rec.get("op"), e)
+            log.error("refused %s: %s", rec.OP if isinstance(rec, Record) else rec.get("op"), e)
             raise P.RemoteError(P.E_INTERNAL, f"internal error: {e}") from None
 
     def _agent(self, conn: Any) -> Agent:

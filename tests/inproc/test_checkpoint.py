@@ -31,6 +31,7 @@ from controller.daemon import open_controller_service
 from controller.extents import NOWRITE, ExtentMap
 from controller.frames import JournalCorrupt
 from controller.journal import Journal
+from controller.records import ContainerAdd, ControllerBoot, DiskCreate, DiskMap, DiskUnmap, Record
 from controller.recovery import JOURNAL, JOURNAL_NEXT, recover
 from controller.state import State
 
@@ -40,29 +41,26 @@ TiB = 1 << 40
 
 
 def thin_records(ndisks: int, nseg: int, seg: int, *, seed: int = 1,
-                 csize: int | None = None) -> list[dict[str, Any]]:
+                 csize: int | None = None) -> list[Record]:
     """Records (no seq) for thin disks allocated a segment at a time in random order,
     placed next-fit as the service does: their extents do not merge."""
     csize = csize or ndisks * nseg * seg + (1 << 20)
-    recs: list[dict[str, Any]] = [
-        {"op": "container.add", "name": "c0", "lun": 1, "path": "/dev/null/c0",
-         "size": csize, "created": True}]
-    recs += [{"op": "disk.create", "name": f"t{i}", "size": nseg * seg, "segment_size": seg,
-              "thick": False, "pin": None, "home": 1, "ctime": 1.0, "map": []}
+    recs: list[Record] = [ContainerAdd("c0", 1, "/dev/null/c0", csize, True)]
+    recs += [DiskCreate(f"t{i}", nseg * seg, seg, False, None, 1, 1.0, [])
              for i in range(ndisks)]
     order = [(d, s) for d in range(ndisks) for s in range(nseg)]
     random.Random(seed).shuffle(order)
     off = 0
     for d, s in order:  # next fit from an empty container: consecutive offsets
-        recs.append({"op": "disk.map", "name": f"t{d}", "map": [[s * seg, seg, 1, off]]})
+        recs.append(DiskMap(f"t{d}", [(s * seg, seg, 1, off)]))
         off += seg
     return recs
 
 
-def applied(recs: list[dict[str, Any]]) -> State:
+def applied(recs: list[Record]) -> State:
     s = State()
     for k, r in enumerate(recs, 1):
-        s.apply({**r, "seq": k})
+        s.apply(r, k)
     return s
 
 
@@ -148,11 +146,11 @@ def test_extend_wire_checks_order_across_parts():
 
 def test_state_parts_roundtrip_with_free_lists_alts_and_boot():
     from controller.bitmap import Bitmap
-    from controller.state import Alt
+    from controller.tables import Alt
 
     s = applied(thin_records(3, 50, 4 * B))
-    s.apply({"op": "disk.unmap", "name": "t1", "start": 0, "end": 40 * 4 * B})  # fragments
-    s.apply({"op": "controller.boot", "boot": 1})
+    s.apply(DiskUnmap("t1", 0, 40 * 4 * B))  # fragments
+    s.apply(ControllerBoot(1))
     e = next(iter(s.disks["t0"].extents))
     bm = Bitmap(4)
     bm.set_range(1, 2)
@@ -182,7 +180,7 @@ async def test_checkpoint_past_the_frame_cap_through_the_committer(tmp_path, mon
     async with trio.open_nursery() as nursery:
         await nursery.start(j.run)
         for k, r in enumerate(recs):
-            j.record(copy.deepcopy(r))
+            j.record(r)
             if k % 500 == 0:
                 await j.wait_durable(state.seq)
         await j.wait_durable(state.seq)
@@ -256,16 +254,13 @@ async def test_loop_keeps_serving_and_commits_go_on_during_a_big_checkpoint(tmp_
                 i = rnd.randrange(2_500_000)
                 e = state.disks["big"].extents.find(i * seg)
                 if e is not None:  # give a segment back and map it again elsewhere
-                    await j.commit({"op": "disk.unmap", "name": "big", "start": i * seg,
-                                    "end": (i + 1) * seg})
+                    await j.commit(DiskUnmap("big", i * seg, (i + 1) * seg))
                     off = state.luns[1].space.find_contiguous(seg)
-                    await j.commit({"op": "disk.map", "name": "big",
-                                    "map": [[i * seg, seg, 1, off]]})
+                    await j.commit(DiskMap("big", [(i * seg, seg, 1, off)]))
                 vstart = k % 1024 * seg
                 if state.disks["small"].extents.find(vstart) is None:
                     off = state.luns[1].space.find_contiguous(seg)
-                    await j.commit({"op": "disk.map", "name": "small",
-                                    "map": [[vstart, seg, 1, off]]})
+                    await j.commit(DiskMap("small", [(vstart, seg, 1, off)]))
                 k += 1
                 if in_checkpoint:
                     during += 1
@@ -321,19 +316,19 @@ async def test_crash_images_during_a_checkpoint_recover_the_live_state(tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(j.run)
         for r in recs[:200]:
-            await j.commit(copy.deepcopy(r))
+            await j.commit(r)
         write_checkpoint(str(d), state)  # an older checkpoint under it all
         for r in recs[200:300]:
-            await j.commit(copy.deepcopy(r))
+            await j.commit(r)
         job = await j._start_checkpoint()
         for r in recs[300:400]:
-            await j.commit(copy.deepcopy(r))
+            await j.commit(r)
         _image(d, tmp_path / "before-rename")  # old checkpoint, journal, journal.next
         images.append((tmp_path / "before-rename", image(state)))
         await j._finish_checkpoint(job)
         images.append((tmp_path / "after-rename", image(state)))
         for r in recs[400:]:
-            await j.commit(copy.deepcopy(r))
+            await j.commit(r)
         nursery.cancel_scope.cancel()
     j.close()
     assert (tmp_path / "before-rename" / JOURNAL_NEXT).exists()
@@ -357,7 +352,7 @@ async def test_crash_images_during_a_checkpoint_recover_the_live_state(tmp_path)
         # (a controller may journal its start: a "controller.boot" record)
         assert but_boot(image(svc.state)) == but_boot(images[0][1])
         boot = svc.state.boot + 1
-        await svc.journal.commit({"op": "controller.boot", "boot": boot})
+        await svc.journal.commit(ControllerBoot(boot))
     assert not (ctl / JOURNAL_NEXT).exists()
     assert recover(str(ctl)).state.boot == boot
 
@@ -373,10 +368,10 @@ async def test_shutdown_during_a_checkpoint(tmp_path):
     async with trio.open_nursery() as nursery:
         await nursery.start(j.run)
         for r in recs[:120]:
-            await j.commit(copy.deepcopy(r))
+            await j.commit(r)
         await j._start_checkpoint()  # and never finished
         for r in recs[120:]:
-            await j.commit(copy.deepcopy(r))
+            await j.commit(r)
         nursery.cancel_scope.cancel()
     assert (d / JOURNAL_NEXT).exists()
     j.checkpoint_now_sync()
@@ -398,7 +393,7 @@ def test_journal_refuses_a_leftover_next_file(tmp_path):
 def multi_frame_checkpoint(tmp_path, monkeypatch) -> tuple[Path, State, list[int]]:
     monkeypatch.setattr(checkpoint_mod, "CHECKPOINT_PART_BYTES", 2000)
     s = applied(thin_records(3, 100, 4 * B))
-    s.apply({"op": "disk.unmap", "name": "t2", "start": 0, "end": 50 * 4 * B})
+    s.apply(DiskUnmap("t2", 0, 50 * 4 * B))
     write_checkpoint(str(tmp_path), s)
     data = (tmp_path / CHECKPOINT).read_bytes()
     ends = []
@@ -502,12 +497,12 @@ async def test_boot_counter_is_journaled_replayed_and_checkpointed(tmp_path):
     j = Journal(str(d), state)
     async with trio.open_nursery() as nursery:
         await nursery.start(j.run)
-        await j.commit({"op": "controller.boot", "boot": 1})
-        await j.commit({"op": "controller.boot", "boot": 2})
+        await j.commit(ControllerBoot(1))
+        await j.commit(ControllerBoot(2))
         assert recover(str(d), repair=False).state.boot == 2  # by replay
         await j._checkpoint()
         assert load_checkpoint(str(d)).boot == 2  # by the checkpoint
-        await j.commit({"op": "controller.boot", "boot": 3})
+        await j.commit(ControllerBoot(3))
         nursery.cancel_scope.cancel()
     j.close()
     r = recover(str(d))

@@ -19,46 +19,53 @@ from controller.consistency import check
 from controller.daemon import open_controller_service
 from controller.frames import JournalCorrupt, encode
 from controller.journal import Journal
+from controller.records import (
+    ContainerAdd,
+    DiskCreate,
+    DiskMap,
+    DiskResize,
+    DiskRm,
+    Piece,
+    Record,
+    decode,
+)
 from controller.recovery import JOURNAL, JOURNAL_NEXT, recover
-from controller.state import State, StateError, round_up
+from controller.state import State
+from controller.tables import StateError, round_up
 
 B = 4096
 
 
 def make_records(tmp_path: Path, n_disks: int = 6) -> list[dict[str, Any]]:
-    """A realistic record sequence (seq 1..n): containers, thick and thin disks, changes."""
+    """A realistic record sequence (seq 1..n), as the journal holds them: containers,
+    thick and thin disks, changes."""
     s = State()
     recs: list[dict[str, Any]] = []
 
-    def add(rec: dict[str, Any]) -> None:
-        rec["seq"] = len(recs) + 1
-        s.apply(copy.deepcopy(rec))
-        recs.append(rec)
+    def add(rec: Record) -> None:
+        s.apply(rec, len(recs) + 1)
+        recs.append({**rec.to_wire(), "seq": len(recs) + 1})
 
-    def place(length: int, vstart: int) -> list[list[int]]:
+    def place(length: int, vstart: int) -> list[Piece]:
         c = s.containers["c1"]
         off = c.space.find_contiguous(round_up(length))
         assert off is not None
-        return [[vstart, length, c.lun, off]]
+        return [(vstart, length, c.lun, off)]
 
     img = tmp_path / "c1.img"
     img.write_bytes(b"")
     os.truncate(img, 64 << 20)
-    add({"op": "container.add", "name": "c1", "lun": 1, "path": str(img), "size": 64 << 20,
-         "created": False})
+    add(ContainerAdd("c1", 1, str(img), 64 << 20, False))
     for i in range(n_disks):
         size = (i + 1) * 40000 + i
         thick = i % 2 == 0
-        add({"op": "disk.create", "name": f"d{i}", "size": size, "segment_size": 4 << 20,
-             "thick": thick, "pin": None, "home": 1, "ctime": 1000.0 + i,
-             "map": place(size, 0) if thick else []})
-    add({"op": "disk.map", "name": "d1", "map": place(8 * B, 0)})
+        add(DiskCreate(f"d{i}", size, 4 << 20, thick, None, 1, 1000.0 + i,
+                       place(size, 0) if thick else []))
+    add(DiskMap("d1", place(8 * B, 0)))
     d0 = s.disks["d0"]
-    add({"op": "disk.resize", "name": "d0", "size": 200000,
-         "map": place(200000 - round_up(d0.size), round_up(d0.size))})
-    add({"op": "disk.rm", "name": "d2"})
-    add({"op": "disk.create", "name": "last", "size": 12345, "segment_size": 4 << 20,
-         "thick": True, "pin": None, "home": 1, "ctime": 2000.0, "map": place(12345, 0)})
+    add(DiskResize("d0", 200000, place(200000 - round_up(d0.size), round_up(d0.size))))
+    add(DiskRm("d2"))
+    add(DiskCreate("last", 12345, 4 << 20, True, None, 1, 2000.0, place(12345, 0)))
     return recs
 
 
@@ -69,7 +76,7 @@ def frames(recs: list[dict[str, Any]]) -> list[bytes]:
 def replayed(recs: list[dict[str, Any]]) -> dict[str, Any]:
     s = State()
     for r in recs:
-        s.apply(copy.deepcopy(r))
+        s.apply_wire(copy.deepcopy(r))
     return image(s)
 
 
@@ -198,7 +205,7 @@ def test_damaged_checkpoint_is_refused(journal_dir):
     d, recs, fr = journal_dir
     s = State()
     for r in recs[:3]:
-        s.apply(copy.deepcopy(r))
+        s.apply_wire(copy.deepcopy(r))
     cp = encode(format1(s))
     (d / CHECKPOINT).write_bytes(cp[:-1])
     with pytest.raises(JournalCorrupt, match="checkpoint"):
@@ -212,7 +219,7 @@ def test_checkpoint_newer_than_journal_records(journal_dir, at):
     k = len(recs) if at == "all" else at
     s = State()
     for r in recs[:k]:
-        s.apply(copy.deepcopy(r))
+        s.apply_wire(copy.deepcopy(r))
     (d / CHECKPOINT).write_bytes(encode(format1(s)))
     r = recover(str(d))
     assert r.state.seq == len(recs)
@@ -230,8 +237,7 @@ async def test_journal_checkpoints_and_truncates(tmp_path):
         await nursery.start(j.run)
         sizes = []
         for r in recs:
-            rec = {k: v for k, v in r.items() if k != "seq"}
-            await j.commit(rec)
+            await j.commit(decode(r))
             if j._checkpointing:  # it runs beside the commits; let it finish here
                 assert j._checkpoint_done is not None
                 await j._checkpoint_done.wait()
@@ -306,23 +312,20 @@ async def test_record_that_cannot_be_encoded_changes_nothing(tmp_path, monkeypat
     async with trio.open_nursery() as nursery:
         await nursery.start(j.run)
         for r in recs[:3]:
-            await j.commit({k: v for k, v in r.items() if k != "seq"})
+            await j.commit(decode(r))
         before = image(state)
-        rec: dict[str, Any] = {"op": "disk.create", "name": "bad", "size": 4 * B,
-                               "segment_size": 4 << 20, "thick": False, "pin": None,
-                               "home": 1, "ctime": 1.0, "map": []}
-        if bad == "unpackable":
-            rec["note"] = {1, 2}  # msgpack has no sets
+        if bad == "unpackable":  # msgpack has no sets
+            rec = DiskCreate("bad", 4 * B, 4 << 20, False, None, 1, {1, 2}, [])
         else:
             monkeypatch.setattr("controller.frames.MAX_JOURNAL_RECORD", 4096)
-            rec["note"] = "x" * 5000
+            rec = DiskCreate("x" * 5000, 4 * B, 4 << 20, False, None, 1, 1.0, [])
         with pytest.raises(StateError) as ei:
             j.record(rec)
         assert isinstance(ei.value.__cause__, codec.CodecError)
         monkeypatch.undo()
-        assert image(state) == before and "bad" not in state.disks
+        assert image(state) == before and rec.name not in state.disks
         for r in recs[3:]:
-            await j.commit({k: v for k, v in r.items() if k != "seq"})
+            await j.commit(decode(r))
         nursery.cancel_scope.cancel()
     j.close()
     assert image(state) == replayed(recs)
@@ -335,6 +338,6 @@ async def test_record_refused_by_the_state_queues_nothing(tmp_path):
     state = State()
     j = Journal(str(d), state)
     with pytest.raises(StateError):
-        j.record({"op": "disk.rm", "name": "nope"})
+        j.record(DiskRm("nope"))
     assert state.seq == 0 and not j._pending.frames
     j.close()

@@ -7,11 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from controller.allocator import ALIGN, AllocError, FreeSpace, NoSpace
+from controller.allocator import AllocError, FreeSpace, NoSpace
 from controller.bitmap import Bitmap
+from controller.protocol import BLOCK_SIZE
 
 NBLOCKS = 48
-SIZE = NBLOCKS * ALIGN + 1000  # a size that is not a whole number of blocks
+SIZE = NBLOCKS * BLOCK_SIZE + 1000  # a size that is not a whole number of blocks
 
 
 class FreeSpaceMachine(RuleBasedStateMachine):
@@ -28,11 +29,11 @@ class FreeSpaceMachine(RuleBasedStateMachine):
         blocks = set(range(b, b + n))
         if n <= 0 or not blocks <= self.free:
             with pytest.raises(AllocError):
-                self.fs.take(b * ALIGN, n * ALIGN)
+                self.fs.take(b * BLOCK_SIZE, n * BLOCK_SIZE)
             return
-        self.fs.take(b * ALIGN, n * ALIGN)
+        self.fs.take(b * BLOCK_SIZE, n * BLOCK_SIZE)
         self.free -= blocks
-        self.owned.append((b * ALIGN, n * ALIGN))
+        self.owned.append((b * BLOCK_SIZE, n * BLOCK_SIZE))
 
     @rule(b=st.integers(-2, NBLOCKS + 2), n=st.integers(-1, 12))
     def release_arbitrary(self, b: int, n: int) -> None:
@@ -40,20 +41,20 @@ class FreeSpaceMachine(RuleBasedStateMachine):
         blocks = set(range(b, b + n))
         inside = b >= 0 and b + n <= NBLOCKS
         if n > 0 and inside and not blocks & self.free:
-            self.fs.release(b * ALIGN, n * ALIGN)
+            self.fs.release(b * BLOCK_SIZE, n * BLOCK_SIZE)
             self.free |= blocks
             self.owned = [o for o in self.owned if not set(
-                range(o[0] // ALIGN, (o[0] + o[1]) // ALIGN)) & blocks]
+                range(o[0] // BLOCK_SIZE, (o[0] + o[1]) // BLOCK_SIZE)) & blocks]
         else:
             with pytest.raises(AllocError):
-                self.fs.release(b * ALIGN, n * ALIGN)
+                self.fs.release(b * BLOCK_SIZE, n * BLOCK_SIZE)
 
     @precondition(lambda self: self.owned)
     @rule(data=st.data())
     def release_owned(self, data: st.DataObject) -> None:
         off, n = self.owned.pop(data.draw(st.integers(0, len(self.owned) - 1)))
         self.fs.release(off, n)
-        self.free |= set(range(off // ALIGN, (off + n) // ALIGN))
+        self.free |= set(range(off // BLOCK_SIZE, (off + n) // BLOCK_SIZE))
         with pytest.raises(AllocError):  # double free
             self.fs.release(off, n)
 
@@ -61,14 +62,14 @@ class FreeSpaceMachine(RuleBasedStateMachine):
     def plan_and_take(self, n: int) -> None:
         if n > len(self.free):
             with pytest.raises(NoSpace):
-                self.fs.plan(n * ALIGN)
+                self.fs.plan(n * BLOCK_SIZE)
             return
-        pieces = self.fs.plan(n * ALIGN)
-        assert sum(p[1] for p in pieces) == n * ALIGN
+        pieces = self.fs.plan(n * BLOCK_SIZE)
+        assert sum(p[1] for p in pieces) == n * BLOCK_SIZE
         seen: set[int] = set()
         for off, ln in pieces:
-            assert off % ALIGN == 0 and ln % ALIGN == 0 and ln > 0
-            blocks = set(range(off // ALIGN, (off + ln) // ALIGN))
+            assert off % BLOCK_SIZE == 0 and ln % BLOCK_SIZE == 0 and ln > 0
+            blocks = set(range(off // BLOCK_SIZE, (off + ln) // BLOCK_SIZE))
             assert blocks <= self.free and not blocks & seen, "plan gave non-free space"
             seen |= blocks
         for off, ln in pieces:
@@ -78,12 +79,12 @@ class FreeSpaceMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, NBLOCKS + 1))
     def find_contiguous(self, n: int) -> None:
-        where = self.fs.find_contiguous(n * ALIGN)
+        where = self.fs.find_contiguous(n * BLOCK_SIZE)
         runs = any(set(range(b, b + n)) <= self.free for b in range(NBLOCKS))
         if where is None:
             assert not runs
         else:
-            assert set(range(where // ALIGN, where // ALIGN + n)) <= self.free
+            assert set(range(where // BLOCK_SIZE, where // BLOCK_SIZE + n)) <= self.free
 
     @rule()
     def wire_roundtrip(self) -> None:
@@ -99,13 +100,13 @@ class FreeSpaceMachine(RuleBasedStateMachine):
         blocks: set[int] = set()
         for s, n in ranges:
             assert n > 0 and s > prev_end, f"ranges overlap or touch: {ranges}"
-            assert s + n <= NBLOCKS * ALIGN
+            assert s + n <= NBLOCKS * BLOCK_SIZE
             prev_end = s + n
-            blocks |= set(range(s // ALIGN, (s + n) // ALIGN))
+            blocks |= set(range(s // BLOCK_SIZE, (s + n) // BLOCK_SIZE))
         assert blocks == self.free
-        assert self.fs.free == len(self.free) * ALIGN
+        assert self.fs.free == len(self.free) * BLOCK_SIZE
         for b in range(NBLOCKS):
-            assert self.fs.is_free(b * ALIGN, ALIGN) == (b in self.free)
+            assert self.fs.is_free(b * BLOCK_SIZE, BLOCK_SIZE) == (b in self.free)
 
 
 FreeSpaceMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
@@ -114,59 +115,59 @@ TestFreeSpace = FreeSpaceMachine.TestCase
 
 
 def test_size_is_rounded_down_to_blocks():
-    fs = FreeSpace(10 * ALIGN + 4095)
-    assert fs.free == 10 * ALIGN and list(fs.ranges()) == [(0, 10 * ALIGN)]
+    fs = FreeSpace(10 * BLOCK_SIZE + 4095)
+    assert fs.free == 10 * BLOCK_SIZE and list(fs.ranges()) == [(0, 10 * BLOCK_SIZE)]
     assert FreeSpace(4095).free == 0
-    assert list(FreeSpace(ALIGN, empty=False).ranges()) == []
+    assert list(FreeSpace(BLOCK_SIZE, empty=False).ranges()) == []
 
 
 def test_release_past_usable_end_is_refused():
     """The partial block at a container's end is never free, so it cannot be freed."""
-    fs = FreeSpace(2 * ALIGN + 1000)
-    fs.take(0, ALIGN)
+    fs = FreeSpace(2 * BLOCK_SIZE + 1000)
+    fs.take(0, BLOCK_SIZE)
     with pytest.raises(AllocError):
-        fs.release(2 * ALIGN, 1000)
-    assert fs.free == ALIGN
+        fs.release(2 * BLOCK_SIZE, 1000)
+    assert fs.free == BLOCK_SIZE
 
 
 def test_plan_splits_across_fragments_biggest_first():
-    fs = FreeSpace(10 * ALIGN)
+    fs = FreeSpace(10 * BLOCK_SIZE)
     for b in (1, 3, 4, 7):  # free: [0] [2] [5,6] [8,9]
-        fs.take(b * ALIGN, ALIGN)
+        fs.take(b * BLOCK_SIZE, BLOCK_SIZE)
     fs.cursor = 0
-    pieces = fs.plan(5 * ALIGN)
-    assert sum(n for _, n in pieces) == 5 * ALIGN
+    pieces = fs.plan(5 * BLOCK_SIZE)
+    assert sum(n for _, n in pieces) == 5 * BLOCK_SIZE
     assert pieces == sorted(pieces)
     with pytest.raises(NoSpace):
-        fs.plan(6 * ALIGN + 1)
+        fs.plan(6 * BLOCK_SIZE + 1)
 
 
 def test_next_fit_keeps_consecutive_allocations_contiguous():
-    fs = FreeSpace(100 * ALIGN)
+    fs = FreeSpace(100 * BLOCK_SIZE)
     got = []
     for _ in range(5):
-        off = fs.find_contiguous(ALIGN)
-        fs.take(off, ALIGN)
+        off = fs.find_contiguous(BLOCK_SIZE)
+        fs.take(off, BLOCK_SIZE)
         got.append(off)
-    assert got == [0, ALIGN, 2 * ALIGN, 3 * ALIGN, 4 * ALIGN]
+    assert got == [0, BLOCK_SIZE, 2 * BLOCK_SIZE, 3 * BLOCK_SIZE, 4 * BLOCK_SIZE]
 
 
 def test_from_wire_rejects_bad_lists():
-    good = FreeSpace(10 * ALIGN)
-    good.take(ALIGN, ALIGN)
+    good = FreeSpace(10 * BLOCK_SIZE)
+    good.take(BLOCK_SIZE, BLOCK_SIZE)
     s, n = good.to_wire()
     from array import array
     for starts, lens in (
         ([0, 100], [200, 10]),  # overlap
         ([0, 100], [100, 10]),  # touching (should have merged)
         ([0], [0]),  # empty range
-        ([0], [11 * ALIGN]),  # past the end
+        ([0], [11 * BLOCK_SIZE]),  # past the end
     ):
         with pytest.raises(AllocError):
-            FreeSpace.from_wire(10 * ALIGN, [array("q", starts).tobytes(),
+            FreeSpace.from_wire(10 * BLOCK_SIZE, [array("q", starts).tobytes(),
                                              array("q", lens).tobytes()])
     with pytest.raises(AllocError):
-        FreeSpace.from_wire(10 * ALIGN, [s, n[:8]])
+        FreeSpace.from_wire(10 * BLOCK_SIZE, [s, n[:8]])
 
 
 # ---------------------------------------------------------------- bitmap

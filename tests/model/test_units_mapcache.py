@@ -33,6 +33,7 @@ from controller.protocol import (
     decode_rows,
     encode_rows,
 )
+from controller.records import ContainerAdd, DiskCreate, DiskMap
 from controller.service import Service, coherence
 from controller.state import State
 from virtfs.mapcache import DiskTable, TableError
@@ -544,16 +545,13 @@ class _Durable:
 
 def _thin_state(nseg: int, seg: int, seed: int) -> State:
     s = State()
-    s.apply({"op": "container.add", "name": "c0", "lun": 1, "path": "/nonexistent/c0",
-             "size": 2 * nseg * seg, "created": True, "seq": 1})
-    s.apply({"op": "disk.create", "name": "d", "size": nseg * seg + 1000, "segment_size": seg,
-             "thick": False, "pin": None, "home": 1, "ctime": 0.0, "map": [], "seq": 2})
+    s.apply(ContainerAdd("c0", 1, "/nonexistent/c0", 2 * nseg * seg, True), 1)
+    s.apply(DiskCreate("d", nseg * seg + 1000, seg, False, None, 1, 0.0, []), 2)
     order = list(range(nseg))
     rnd = random.Random(seed)
     rnd.shuffle(order)
     for k, i in enumerate(order[: nseg * 3 // 4]):  # a quarter stays unallocated
-        s.apply({"op": "disk.map", "name": "d", "seq": 3 + k,
-                 "map": [[i * seg, seg, 1, 2 * k * seg]]})
+        s.apply(DiskMap("d", [(i * seg, seg, 1, 2 * k * seg)]), 3 + k)
     return s
 
 

@@ -19,7 +19,30 @@ from controller.bitmap import Bitmap
 from controller.checkpoint import Snapshot, from_format1, from_parts
 from controller.consistency import check
 from controller.extents import MOVING
-from controller.state import State, StateError
+from controller.records import (
+    ContainerAdd,
+    ContainerFail,
+    DiskClone,
+    DiskCreate,
+    DiskMap,
+    DiskRename,
+    DiskResize,
+    DiskRm,
+    DiskUnmap,
+    JobAbort,
+    JobEnd,
+    JobStart,
+    MoveAbort,
+    MoveCommit,
+    MoveMark,
+    MoveStart,
+    Record,
+    SnapCreate,
+    SnapRm,
+    SnapRollback,
+)
+from controller.state import State
+from controller.tables import StateError
 
 B = 4096
 SEG = 4 * B
@@ -28,20 +51,17 @@ SEG = 4 * B
 def base() -> State:
     s = State()
     for name, lun, size in (("c1", 1, 256 * B), ("c2", 2, 256 * B)):
-        s.apply({"op": "container.add", "name": name, "lun": lun, "path": f"/{name}",
-                 "size": size, "created": True})
-    s.apply({"op": "disk.create", "name": "t", "size": 64 * B, "segment_size": SEG,
-             "thick": False, "pin": None, "home": 1, "ctime": 1.0, "map": []})
+        s.apply(ContainerAdd(name, lun, f"/{name}", size, True))
+    s.apply(DiskCreate("t", 64 * B, SEG, False, None, 1, 1.0, []))
     return s
 
 
 def alloc(s: State, seg: int, lun: int, off: int) -> None:
-    s.apply({"op": "disk.map", "name": "t", "map": [[seg * SEG, SEG, lun, off]]})
+    s.apply(DiskMap("t", [(seg * SEG, SEG, lun, off)]))
 
 
 def start(s: State, seg: int, lun: int, off: int, length: int = SEG) -> None:
-    s.apply({"op": "move.start", "name": "t", "vstart": seg * SEG, "length": length,
-             "lun": lun, "offset": off})
+    s.apply(MoveStart("t", seg * SEG, length, lun, off))
 
 
 def clean(s: State) -> None:
@@ -58,11 +78,11 @@ def test_move_commit_frees_the_old_location_and_merges_again():
     assert len(d.extents) == 3 and d.extents.find(SEG).flags == MOVING
     assert s.luns[2].used == SEG
     clean(s)
-    s.apply({"op": "move.mark", "name": "t", "vstart": SEG, "runs": [[0, 1], [2, 2]]})
+    s.apply(MoveMark("t", SEG, [(0, 1), (2, 2)]))
     with pytest.raises(StateError, match="1 blocks are not"):
-        s.apply({"op": "move.commit", "name": "t", "vstart": SEG})
-    s.apply({"op": "move.mark", "name": "t", "vstart": SEG, "runs": [[1, 1]]})
-    s.apply({"op": "move.commit", "name": "t", "vstart": SEG})
+        s.apply(MoveCommit("t", SEG))
+    s.apply(MoveMark("t", SEG, [(1, 1)]))
+    s.apply(MoveCommit("t", SEG))
     e = d.extents.find(SEG)
     assert (e.lun, e.offset, e.flags) == (2, SEG, 0) and not d.alts
     assert s.luns[1].used == 2 * SEG and s.luns[2].used == SEG
@@ -70,8 +90,8 @@ def test_move_commit_frees_the_old_location_and_merges_again():
     # moving the others next to it puts the disk back in one extent
     for k in (0, 2):
         start(s, k, 2, k * SEG)
-        s.apply({"op": "move.mark", "name": "t", "vstart": k * SEG, "runs": [[0, 4]]})
-        s.apply({"op": "move.commit", "name": "t", "vstart": k * SEG})
+        s.apply(MoveMark("t", k * SEG, [(0, 4)]))
+        s.apply(MoveCommit("t", k * SEG))
     assert len(d.extents) == 1 and s.luns[1].used == 0
     clean(s)
 
@@ -85,7 +105,7 @@ def test_moving_segment_never_merges_and_rm_frees_both_locations():
     d = s.disks["t"]
     assert len(d.extents) == 2 and 0 in d.alts
     clean(s)
-    s.apply({"op": "disk.rm", "name": "t"})
+    s.apply(DiskRm("t"))
     assert s.luns[1].used == 0 and s.luns[2].used == 0
     clean(s)
 
@@ -94,8 +114,8 @@ def test_abort_keeps_the_old_location():
     s = base()
     alloc(s, 0, 1, 0)
     start(s, 0, 2, 8 * B)
-    s.apply({"op": "move.mark", "name": "t", "vstart": 0, "runs": [[0, 4]]})
-    s.apply({"op": "move.abort", "name": "t", "vstart": 0})
+    s.apply(MoveMark("t", 0, [(0, 4)]))
+    s.apply(MoveAbort("t", 0))
     e = s.disks["t"].extents.find(0)
     assert (e.lun, e.offset, e.flags) == (1, 0, 0) and s.luns[2].used == 0
     clean(s)
@@ -107,18 +127,18 @@ def test_discard_and_shrink_over_a_moving_segment():
     alloc(s, 1, 1, SEG)
     start(s, 0, 2, 0)
     start(s, 1, 2, SEG)
-    s.apply({"op": "disk.unmap", "name": "t", "start": SEG, "end": 2 * SEG})
+    s.apply(DiskUnmap("t", SEG, 2 * SEG))
     assert s.luns[2].used == SEG and 1 * SEG not in s.disks["t"].alts
     clean(s)
     # a shrink into the middle of the moving segment: bitmap and alternate shrink
-    s.apply({"op": "disk.resize", "name": "t", "size": B + 100, "map": []})
+    s.apply(DiskResize("t", B + 100, []))
     a = s.disks["t"].alts[0]
     assert a.bitmap.nblocks == 2 and s.luns[2].used == 2 * B
     clean(s)
     # cutting a moving segment's head is refused, and changes nothing
     before = image(s)
     with pytest.raises(StateError, match="cut the head"):
-        s.apply({"op": "disk.unmap", "name": "t", "start": 0, "end": B})
+        s.apply(DiskUnmap("t", 0, B))
     assert image(s) == before
 
 
@@ -134,37 +154,35 @@ def test_bad_move_start_changes_nothing(rec, msg):
     alloc(s, 0, 1, 0)
     before = image(s)
     with pytest.raises(StateError, match=msg):
-        s.apply({"op": "move.start", "name": "t", **rec})
+        s.apply_wire({"op": "move.start", "name": "t", **rec})
     assert image(s) == before
 
 
 def test_jobs_and_container_flags_survive_replay_and_checkpoint():
     s = base()
-    recs: list[dict[str, Any]] = []
+    recs: list[Record] = []
 
-    def do(r: dict[str, Any]) -> None:
+    def do(r: Record) -> None:
         s.apply(r)
         recs.append(r)
 
-    do({"op": "job.start", "id": 1, "kind": "drain", "disk": None, "src": 1, "dst": None,
-        "started": 5.0})
+    do(JobStart(1, "drain", None, 1, None, 5.0))
     assert s.luns[1].draining
-    do({"op": "container.fail", "name": "c2"})
-    do({"op": "job.start", "id": 2, "kind": "migrate", "disk": "t", "src": None, "dst": 2,
-        "started": 6.0})
-    do({"op": "disk.rename", "name": "t", "new": "u"})
+    do(ContainerFail("c2"))
+    do(JobStart(2, "migrate", "t", None, 2, 6.0))
+    do(DiskRename("t", "u"))
     assert s.jobs[2].disk == "u"
-    do({"op": "job.abort", "id": 2})  # journaled: a restart rolls the job back
+    do(JobAbort(2))  # journaled: a restart rolls the job back
     assert s.jobs[2].aborting
-    do({"op": "job.end", "id": 1, "state": "done", "ended": 7.0})
+    do(JobEnd(1, "done", "", 7.0))
     with pytest.raises(StateError):
-        s.apply({"op": "job.abort", "id": 1})
+        s.apply(JobAbort(1))
     assert not s.luns[1].draining and s.luns[2].failed
     with pytest.raises(StateError):
-        s.apply({"op": "job.end", "id": 1, "state": "done", "ended": 8.0})
+        s.apply(JobEnd(1, "done", "", 8.0))
     replay = base()
     for r in recs:
-        replay.apply(r)
+        replay.apply_wire(r.to_wire())
     assert image(replay) == image(s)
     snap = Snapshot(s)
     try:
@@ -175,6 +193,30 @@ def test_jobs_and_container_flags_survive_replay_and_checkpoint():
     assert image(from_format1(format1(s))) == image(s)
 
 
+def test_draining_is_derived_from_the_jobs_and_written_for_older_readers():
+    """A container drains while a drain job runs off it; checkpoints still carry the
+    flag (a controller from before reads it) but loading one takes it from the jobs."""
+    s = base()
+    s.apply(JobStart(1, "drain", None, 1, None, 5.0))
+    s.apply(JobStart(2, "drain", None, 1, 2, 5.5))
+    assert s.draining_luns() == {1} and s.luns[1].draining and not s.luns[2].draining
+    assert s.luns[1].to_dict()["state"] == "draining"
+    w = format1(s)
+    assert [c["draining"] for c in w["containers"]] == [True, False]
+    snap = Snapshot(s)
+    parts = list(snap.parts())
+    snap.release()
+    assert [c["draining"] for c in parts[0]["containers"]] == [True, False]
+    w["containers"][1]["draining"] = True  # not read back: the jobs say
+    parts[0]["containers"][1]["draining"] = True
+    for t in (from_format1(w), from_parts(parts)):
+        assert t.draining_luns() == {1} and t.luns[1].draining and not t.luns[2].draining
+    s.apply(JobEnd(1, "done", "", 6.0))
+    assert s.luns[1].draining  # job 2 still drains it
+    s.apply(JobEnd(2, "aborted", "", 7.0))
+    assert not s.draining_luns() and not s.luns[1].draining
+
+
 class Moves(RuleBasedStateMachine):
     """Random allocations, moves, marks, commits, aborts, discards, shrinks and grows:
     check() stays clean, replay gives the same state, and a checkpoint round-trips."""
@@ -182,9 +224,9 @@ class Moves(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.s = base()
-        self.recs: list[dict[str, Any]] = []
+        self.recs: list[Record] = []
 
-    def do(self, r: dict[str, Any]) -> bool:
+    def do(self, r: Record) -> bool:
         try:
             self.s.apply(r)
         except StateError:
@@ -204,7 +246,7 @@ class Moves(RuleBasedStateMachine):
         n = min(SEG, d.size - seg * SEG)
         off = self.free_at(lun, -(-n // B) * B)
         if off is not None and d.extents.is_gap(seg * SEG, seg * SEG + n):
-            assert self.do({"op": "disk.map", "name": "t", "map": [[seg * SEG, n, lun, off]]})
+            assert self.do(DiskMap("t", [(seg * SEG, n, lun, off)]))
 
     @rule(data=st.data())
     def move(self, data: st.DataObject) -> None:
@@ -218,8 +260,7 @@ class Moves(RuleBasedStateMachine):
         other = 2 if e.lun == 1 else 1
         off = self.free_at(other, -(-(hi - lo) // B) * B)
         if off is not None:
-            assert self.do({"op": "move.start", "name": "t", "vstart": lo, "length": hi - lo,
-                            "lun": other, "offset": off})
+            assert self.do(MoveStart("t", lo, hi - lo, other, off))
 
     @rule(data=st.data())
     def mark(self, data: st.DataObject) -> None:
@@ -230,8 +271,7 @@ class Moves(RuleBasedStateMachine):
         n = d.alts[vs].bitmap.nblocks
         first = data.draw(st.integers(0, n - 1))
         count = data.draw(st.integers(1, n - first))
-        assert self.do({"op": "move.mark", "name": "t", "vstart": vs,
-                        "runs": [[first, count]]})
+        assert self.do(MoveMark("t", vs, [(first, count)]))
 
     @rule(data=st.data(), commit=st.booleans())
     def finish(self, data: st.DataObject, commit: bool) -> None:
@@ -241,40 +281,39 @@ class Moves(RuleBasedStateMachine):
         vs = data.draw(st.sampled_from(sorted(d.alts)))
         if commit:
             n = d.alts[vs].bitmap.nblocks
-            self.do({"op": "move.mark", "name": "t", "vstart": vs, "runs": [[0, n]]})
-        assert self.do({"op": "move.commit" if commit else "move.abort", "name": "t",
-                        "vstart": vs})
+            self.do(MoveMark("t", vs, [(0, n)]))
+        assert self.do(MoveCommit("t", vs) if commit else MoveAbort("t", vs))
 
     @rule(a=st.integers(0, 16), n=st.integers(1, 2))
     def discard(self, a: int, n: int) -> None:
         d = self.s.disks["t"]
         start, end = min(a * SEG, d.size), min((a + n) * SEG, d.size)
-        self.do({"op": "disk.unmap", "name": "t", "start": start, "end": end})
+        self.do(DiskUnmap("t", start, end))
 
     @rule(size=st.integers(1, 64 * B) | st.integers(48 * B, 64 * B))
     def resize(self, size: int) -> None:
-        self.do({"op": "disk.resize", "name": "t", "size": size, "map": []})
+        self.do(DiskResize("t", size, []))
 
     # snapshots and clones share storage with the disk (same family, same vstart)
     @rule(n=st.integers(0, 3))
     def snap(self, n: int) -> None:
-        self.do({"op": "snap.create", "name": "t", "snap": f"s{n}", "ctime": 1.0})
+        self.do(SnapCreate("t", f"s{n}", 1.0))
 
     @rule(n=st.integers(0, 3))
     def snap_rm(self, n: int) -> None:
-        self.do({"op": "snap.rm", "name": f"t@s{n}"})
+        self.do(SnapRm(f"t@s{n}"))
 
     @rule(n=st.integers(0, 3), k=st.integers(0, 1))
     def clone(self, n: int, k: int) -> None:
-        self.do({"op": "disk.clone", "snap": f"t@s{n}", "new": f"c{k}", "ctime": 2.0})
+        self.do(DiskClone(f"t@s{n}", f"c{k}", 2.0))
 
     @rule(k=st.integers(0, 1))
     def clone_rm(self, k: int) -> None:
-        self.do({"op": "disk.rm", "name": f"c{k}"})
+        self.do(DiskRm(f"c{k}"))
 
     @rule(n=st.integers(0, 3))
     def rollback(self, n: int) -> None:
-        self.do({"op": "snap.rollback", "snap": f"t@s{n}"})
+        self.do(SnapRollback(f"t@s{n}"))
 
     @rule(data=st.data(), k=st.integers(0, 1))
     def clone_write(self, data: st.DataObject, k: int) -> None:
@@ -291,7 +330,7 @@ class Moves(RuleBasedStateMachine):
             return
         off = self.free_at(1, -(-(hi - lo) // B) * B)
         if off is not None:
-            assert self.do({"op": "disk.map", "name": f"c{k}", "map": [[lo, hi - lo, 1, off]]})
+            assert self.do(DiskMap(f"c{k}", [(lo, hi - lo, 1, off)]))
 
     @invariant()
     def consistent(self) -> None:
@@ -301,9 +340,9 @@ class Moves(RuleBasedStateMachine):
             assert d.extents.find(vs).flags & MOVING and isinstance(a.bitmap, Bitmap)
 
     def teardown(self) -> None:
-        replay = base()
+        replay = base()  # the records as the journal holds them
         for r in self.recs:
-            replay.apply(r)
+            replay.apply_wire(r.to_wire())
         assert image(replay) == image(self.s)
         snap = Snapshot(self.s)
         try:
@@ -361,13 +400,13 @@ def test_referenced_all_matches_referenced_piece_by_piece():
         s = base()
         offs = rnd.sample(range(0, 256), 200)
         for v in rnd.sample(range(64), 40):
-            s.apply({"op": "disk.map", "name": "t", "map": [[v * B, B, 1, offs.pop() * B]]})
+            s.apply(DiskMap("t", [(v * B, B, 1, offs.pop() * B)]))
         for k in range(rnd.randint(1, 3)):
-            s.apply({"op": "snap.create", "name": "t", "snap": f"s{k}", "ctime": 0.0})
+            s.apply(SnapCreate("t", f"s{k}", 0.0))
             for v in rnd.sample(range(64), 8):
                 if s.disks["t"].extents.find(v * B):
-                    s.apply({"op": "disk.unmap", "name": "t", "start": v * B, "end": (v + 1) * B})
-                s.apply({"op": "disk.map", "name": "t", "map": [[v * B, B, 1, offs.pop() * B]]})
+                    s.apply(DiskUnmap("t", v * B, (v + 1) * B))
+                s.apply(DiskMap("t", [(v * B, B, 1, offs.pop() * B)]))
         for t in (s.disks["t"], *s.snaps.values()):
             pieces = list(t.extents)
             assert s.referenced_all(t.family, pieces, skip=t) == [

@@ -11,26 +11,45 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from stateimage import format1, image
 
-from controller.allocator import ALIGN, FreeSpace
+from controller.allocator import FreeSpace
 from controller.bitmap import Bitmap
 from controller.checkpoint import Snapshot, from_format1, from_parts
 from controller.consistency import Problem, check
-from controller.state import State, StateError, round_up
+from controller.protocol import BLOCK_SIZE
+from controller.records import (
+    ContainerAdd,
+    ContainerRm,
+    ControllerBoot,
+    DiskCreate,
+    DiskMap,
+    DiskRename,
+    DiskResize,
+    DiskRm,
+    DiskUnmap,
+    MoveStart,
+    Record,
+)
+from controller.state import State
+from controller.tables import StateError, round_up
 
-B = ALIGN
+B = BLOCK_SIZE
 
 
-def add_container(s: State, name: str, lun: int, size: int) -> dict[str, Any]:
-    rec = {"op": "container.add", "name": name, "lun": lun, "path": f"/dev/null/{name}",
-           "size": size, "created": True}
+def add_container(s: State, name: str, lun: int, size: int) -> ContainerAdd:
+    rec = ContainerAdd(name, lun, f"/dev/null/{name}", size, True)
     s.apply(rec)
     return rec
 
 
 def disk_rec(name: str, size: int, pieces: list[list[int]] | None = None, *,
-             thick: bool = False, home: int = 1, pin: int | None = None) -> dict[str, Any]:
-    return {"op": "disk.create", "name": name, "size": size, "segment_size": 4 * B,
-            "thick": thick, "pin": pin, "home": home, "ctime": 1.0, "map": pieces or []}
+             thick: bool = False, home: int = 1, pin: int | None = None) -> DiskCreate:
+    return DiskCreate(name, size, 4 * B, thick, pin, home, 1.0,
+                      [tuple(p) for p in pieces or []])
+
+
+def wire_disk_rec(name: str, size: int, pieces: object) -> dict[str, Any]:
+    """disk_rec's wire form, with any pieces (bad ones too)."""
+    return {**disk_rec(name, size).to_wire(), "map": pieces}
 
 
 def plan(s: State, length: int, vstart: int, prefer: int | None = None) -> list[list[int]]:
@@ -80,11 +99,11 @@ def test_container_add_and_rm():
         add_container(s, "c9", 2, 10 * B)  # duplicate LUN
     s.apply(disk_rec("d", 5 * B, [[0, 5 * B, 2, 0]], thick=True, home=2))
     with pytest.raises(StateError, match="still holds"):
-        s.apply({"op": "container.rm", "name": "c2"})
-    s.apply({"op": "container.rm", "name": "c1"})
+        s.apply(ContainerRm("c2"))
+    s.apply(ContainerRm("c1"))
     assert "c1" not in s.containers and 1 not in s.luns
     with pytest.raises(StateError):
-        s.apply({"op": "container.rm", "name": "c1"})
+        s.apply(ContainerRm("c1"))
     assert check(s) == []
 
 
@@ -120,21 +139,20 @@ def test_disk_create_rejects_bad_pieces(pieces, why):
     s.apply(disk_rec("other", 4 * B, [[0, 4 * B, 1, 8 * B]], thick=True))
     before = copy.deepcopy(image(s))
     with pytest.raises(StateError, match=why):
-        s.apply(disk_rec("d", size, pieces))
+        s.apply_wire(wire_disk_rec("d", size, pieces))
     assert image(s) == before, "a refused record changed the table"
     assert check(s) == []
 
 
 @pytest.mark.parametrize("rec", [
-    {"op": "disk.map", "name": "d", "map": [[2 * B, B, 1, 40 * B], [0, B, 1, 0]]},
-    {"op": "disk.map", "name": "d", "map": [[4 * B, B, 1, 40 * B], [5 * B, B, 1, 40 * B]]},
-    {"op": "disk.map", "name": "d", "map": [[4 * B, 2 * B, 1, 40 * B], [5 * B, B, 2, 0]]},
-    {"op": "disk.map", "name": "d", "map": [[-B, B, 1, 40 * B]]},
-    {"op": "disk.resize", "name": "d", "size": 100 * B, "map": [[8 * B, 90 * B, 1, 0]]},
-    {"op": "disk.resize", "name": "d", "size": 100 * B,
-     "map": [[8 * B, B, 2, 0], [9 * B, B, 99, 0]]},
-    {"op": "disk.resize", "name": "d", "size": 2 * B, "map": [[B, B, 2, 0]]},
-    {"op": "disk.unmap", "name": "d", "start": 0, "end": 3 * B - 1},
+    DiskMap("d", [(2 * B, B, 1, 40 * B), (0, B, 1, 0)]),
+    DiskMap("d", [(4 * B, B, 1, 40 * B), (5 * B, B, 1, 40 * B)]),
+    DiskMap("d", [(4 * B, 2 * B, 1, 40 * B), (5 * B, B, 2, 0)]),
+    DiskMap("d", [(-B, B, 1, 40 * B)]),
+    DiskResize("d", 100 * B, [(8 * B, 90 * B, 1, 0)]),
+    DiskResize("d", 100 * B, [(8 * B, B, 2, 0), (9 * B, B, 99, 0)]),
+    DiskResize("d", 2 * B, [(B, B, 2, 0)]),
+    DiskUnmap("d", 0, 3 * B - 1),
 ])
 def test_refused_records_change_nothing(rec):
     """A record refused live is not journaled, so it must leave no trace in the table."""
@@ -151,25 +169,25 @@ def test_disk_map_unmap_and_rm_free_space():
     s = two_containers()
     s.apply(disk_rec("thin", 40 * B + 5))
     assert s.disks["thin"].allocated == 0 and check(s) == []
-    s.apply({"op": "disk.map", "name": "thin", "map": [[8 * B, 4 * B, 1, 0]]})
-    s.apply({"op": "disk.map", "name": "thin", "map": [[40 * B, 5, 2, 0]]})  # short tail
+    s.apply(DiskMap("thin", [(8 * B, 4 * B, 1, 0)]))
+    s.apply(DiskMap("thin", [(40 * B, 5, 2, 0)]))  # short tail
     assert s.disks["thin"].allocated == 4 * B + 5
     assert (s.containers["c1"].used, s.containers["c2"].used) == (4 * B, B)
     with pytest.raises(StateError):  # already mapped
-        s.apply({"op": "disk.map", "name": "thin", "map": [[8 * B, B, 1, 20 * B]]})
+        s.apply(DiskMap("thin", [(8 * B, B, 1, 20 * B)]))
     assert check(s) == []
-    s.apply({"op": "disk.unmap", "name": "thin", "start": 9 * B, "end": 11 * B})
+    s.apply(DiskUnmap("thin", 9 * B, 11 * B))
     assert s.disks["thin"].allocated == 2 * B + 5 and s.containers["c1"].used == 2 * B
     assert check(s) == []
     with pytest.raises(StateError):
-        s.apply({"op": "disk.unmap", "name": "thin", "start": 0, "end": 41 * B})
+        s.apply(DiskUnmap("thin", 0, 41 * B))
     with pytest.raises(StateError):
-        s.apply({"op": "disk.unmap", "name": "thin", "start": 100, "end": B})
-    s.apply({"op": "disk.rm", "name": "thin"})
+        s.apply(DiskUnmap("thin", 100, B))
+    s.apply(DiskRm("thin"))
     assert not s.disks and s.containers["c1"].used == 0 and s.containers["c2"].used == 0
     assert check(s) == []
     with pytest.raises(StateError, match="no such disk"):
-        s.apply({"op": "disk.map", "name": "thin", "map": []})
+        s.apply(DiskMap("thin", []))
 
 
 def test_disk_unmap_refuses_unaligned_end_inside_the_disk():
@@ -178,7 +196,7 @@ def test_disk_unmap_refuses_unaligned_end_inside_the_disk():
     s.apply(disk_rec("d", 8 * B, plan(s, 8 * B, 0, 1), thick=True))
     before = copy.deepcopy(image(s))
     with pytest.raises(StateError):
-        s.apply({"op": "disk.unmap", "name": "d", "start": 0, "end": B + 100})
+        s.apply(DiskUnmap("d", 0, B + 100))
     assert image(s) == before
     assert check(s) == []
 
@@ -187,24 +205,23 @@ def test_disk_resize_grow_and_shrink():
     s = two_containers()
     s.apply(disk_rec("d", 12345, plan(s, 12345, 0, 1), thick=True))
     # grow thick: the short tail grows to its full block, new space mapped after it
-    s.apply({"op": "disk.resize", "name": "d", "size": 20000,
-             "map": plan(s, 20000 - 4 * B, 4 * B, 1)})
+    s.apply(DiskResize("d", 20000, [tuple(p) for p in plan(s, 20000 - 4 * B, 4 * B, 1)]))
     assert s.disks["d"].allocated == 20000 and s.disks["d"].size == 20000
     assert s.containers["c1"].used == 5 * B and check(s) == []
-    s.apply({"op": "disk.resize", "name": "d", "size": 3 * B + 1, "map": []})
+    s.apply(DiskResize("d", 3 * B + 1, []))
     assert s.disks["d"].allocated == 3 * B + 1 and s.containers["c1"].used == 4 * B
     assert check(s) == []
-    s.apply({"op": "disk.resize", "name": "d", "size": 3 * B, "map": []})
+    s.apply(DiskResize("d", 3 * B, []))
     assert s.containers["c1"].used == 3 * B and check(s) == []
-    s.apply({"op": "disk.resize", "name": "d", "size": 0, "map": []})
+    s.apply(DiskResize("d", 0, []))
     assert s.disks["d"].allocated == 0 and s.containers["c1"].used == 0 and check(s) == []
     # grow a thin disk: nothing allocated
-    s.apply({"op": "disk.resize", "name": "d", "size": 1 << 40, "map": []})
+    s.apply(DiskResize("d", 1 << 40, []))
     assert s.disks["d"].allocated == 0
     with pytest.raises(StateError):
-        s.apply({"op": "disk.resize", "name": "d", "size": -1, "map": []})
+        s.apply_wire({"op": "disk.resize", "name": "d", "size": -1, "map": []})
     with pytest.raises(StateError):
-        s.apply({"op": "disk.resize", "name": "nope", "size": 1, "map": []})
+        s.apply(DiskResize("nope", 1, []))
 
 
 def test_disk_rename():
@@ -212,13 +229,13 @@ def test_disk_rename():
     s.apply(disk_rec("a", B, plan(s, B, 0, 1), thick=True))
     s.apply(disk_rec("b", B))
     epoch = s.disks["a"].epoch
-    s.apply({"op": "disk.rename", "name": "a", "new": "z"})
+    s.apply(DiskRename("a", "z"))
     assert sorted(s.disks) == ["b", "z"] and s.disks["z"].name == "z"
     assert s.disks["z"].epoch > epoch and s.disks["z"].allocated == B
     with pytest.raises(StateError):
-        s.apply({"op": "disk.rename", "name": "z", "new": "b"})
+        s.apply(DiskRename("z", "b"))
     with pytest.raises(StateError):
-        s.apply({"op": "disk.rename", "name": "z", "new": 5})
+        s.apply_wire({"op": "disk.rename", "name": "z", "new": 5})
     assert check(s) == []
 
 
@@ -230,12 +247,12 @@ def test_disk_rename():
 ])
 def test_apply_rejects_malformed_records(rec):
     with pytest.raises(StateError):
-        two_containers().apply(rec)
+        two_containers().apply_wire(rec)
 
 
 def test_apply_tracks_seq_and_wire_roundtrip():
     s = two_containers()
-    s.apply({**disk_rec("d", 9 * B + 3, plan(s, 9 * B + 3, 0, 2), thick=True), "seq": 7})
+    s.apply(disk_rec("d", 9 * B + 3, plan(s, 9 * B + 3, 0, 2), thick=True), 7)
     assert s.seq == 7
     w = format1(s)
     t = from_format1(copy.deepcopy(w))
@@ -258,19 +275,14 @@ class StateMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.s = State()
-        self.records: list[dict[str, Any]] = []
-        for rec in (
-            {"op": "container.add", "name": "c1", "lun": 1, "path": "/x1",
-             "size": 48 * B + 100, "created": True},
-            {"op": "container.add", "name": "c2", "lun": 2, "path": "/x2", "size": 24 * B,
-             "created": False},
-        ):
+        self.records: list[Record] = []
+        for rec in (ContainerAdd("c1", 1, "/x1", 48 * B + 100, True),
+                    ContainerAdd("c2", 2, "/x2", 24 * B, False)):
             self.apply(rec)
         self.model: dict[str, dict[int, tuple[int, int]]] = {}  # disk -> block -> (lun, off)
 
-    def apply(self, rec: dict[str, Any]) -> None:
-        rec = {**rec, "seq": len(self.records) + 1}
-        self.s.apply(copy.deepcopy(rec))
+    def apply(self, rec: Record) -> None:
+        self.s.apply(rec, len(self.records) + 1)
         self.records.append(rec)
 
     def free(self) -> int:
@@ -311,7 +323,7 @@ class StateMachine(RuleBasedStateMachine):
         if where is None:
             return
         pieces = [[vstart, length, lun, where]]
-        self.apply({"op": "disk.map", "name": name, "map": pieces})
+        self.apply(DiskMap(name, [tuple(p) for p in pieces]))
         self._take(name, pieces)
 
     @precondition(lambda self: self.s.disks)
@@ -329,7 +341,7 @@ class StateMachine(RuleBasedStateMachine):
                 pieces = plan(self.s, size - start, start, d.home)
         keep = -(-size // B)
         self.model[name] = {b: v for b, v in self.model[name].items() if b < keep}
-        self.apply({"op": "disk.resize", "name": name, "size": size, "map": pieces})
+        self.apply(DiskResize(name, size, [tuple(p) for p in pieces]))
         self._take(name, pieces)
 
     @precondition(lambda self: self.s.disks)
@@ -341,7 +353,7 @@ class StateMachine(RuleBasedStateMachine):
         if start > d.size:
             return
         end = d.size if to_end else min(start + n * B, d.size)
-        self.apply({"op": "disk.unmap", "name": name, "start": start, "end": end})
+        self.apply(DiskUnmap(name, start, end))
         gone = range(start // B, -(-end // B))
         self.model[name] = {b: v for b, v in self.model[name].items() if b not in gone}
 
@@ -349,7 +361,7 @@ class StateMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def remove(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.s.disks)))
-        self.apply({"op": "disk.rm", "name": name})
+        self.apply(DiskRm(name))
         del self.model[name]
 
     @precondition(lambda self: self.s.disks and len(self.s.disks) < len(NAMES))
@@ -357,7 +369,7 @@ class StateMachine(RuleBasedStateMachine):
     def rename(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.s.disks)))
         new = next(n for n in NAMES if n not in self.s.disks)
-        self.apply({"op": "disk.rename", "name": name, "new": new})
+        self.apply(DiskRename(name, new))
         self.model[new] = self.model.pop(name)
 
     @invariant()
@@ -385,9 +397,9 @@ class StateMachine(RuleBasedStateMachine):
         parts = list(snap.parts(64))
         snap.release()
         assert image(from_parts(parts)) == w
-        again = State()
-        for rec in self.records:
-            again.apply(copy.deepcopy(rec))
+        again = State()  # replay: the records as the journal holds them
+        for k, rec in enumerate(self.records, 1):
+            again.apply_wire({**copy.deepcopy(rec.to_wire()), "seq": k})
         assert image(again) == w
 
 
@@ -406,7 +418,7 @@ def healthy() -> State:
     s.apply(disk_rec("a", 8 * B, [[0, 8 * B, 1, 0]], thick=True))
     s.apply(disk_rec("b", 4 * B + 10, [[0, 4 * B + 10, 1, 8 * B]], thick=True))
     s.apply(disk_rec("t", 100 * B))
-    s.apply({"op": "disk.map", "name": "t", "map": [[12 * B, 4 * B, 2, 0]]})
+    s.apply(DiskMap("t", [(12 * B, 4 * B, 2, 0)]))
     assert check(s) == []
     return s
 
@@ -459,8 +471,7 @@ def test_check_shared_storage(healthy):
 
 def _moving(s: State) -> None:
     """Disk t's segment at 12 blocks starts moving to c1 at block 20."""
-    s.apply({"op": "move.start", "name": "t", "vstart": 12 * B, "length": 4 * B, "lun": 1,
-             "offset": 20 * B})
+    s.apply(MoveStart("t", 12 * B, 4 * B, 1, 20 * B))
     assert check(s) == []
 
 
@@ -509,23 +520,27 @@ def test_check_free_list_larger_than_container(healthy):
 def test_boot_counter_apply_and_refusals():
     s = State()
     assert s.boot == 0
-    s.apply({"op": "controller.boot", "boot": 1, "seq": 1})
-    s.apply({"op": "controller.boot", "boot": 2, "seq": 2})
+    s.apply(ControllerBoot(1), 1)
+    s.apply_wire({"op": "controller.boot", "boot": 2, "seq": 2})
     assert (s.boot, s.seq) == (2, 2)
+    for bad in (2, 4, 0, -1):
+        with pytest.raises(StateError):
+            s.apply(ControllerBoot(bad))
+        assert s.boot == 2 and s.seq == 2
     for bad in (2, 4, 0, -1, True, "3", 3.0, None):
         with pytest.raises(StateError):
-            s.apply({"op": "controller.boot", "boot": bad})
+            s.apply_wire({"op": "controller.boot", "boot": bad})
         assert s.boot == 2 and s.seq == 2
     with pytest.raises(StateError):
-        s.apply({"op": "controller.boot"})
+        s.apply_wire({"op": "controller.boot"})
 
 
 def test_boot_counter_replays_and_round_trips():
     recs = [{"op": "controller.boot", "boot": 1, "seq": 1}]
     s = two_containers()
-    s.apply(recs[0])
+    s.apply(ControllerBoot(1), 1)
     again = State()
-    again.apply(copy.deepcopy(recs[0]))
+    again.apply_wire(copy.deepcopy(recs[0]))
     assert again.boot == 1
     w = format1(s)
     assert w["boot"] == 1 and from_format1(copy.deepcopy(w)).boot == 1

@@ -410,20 +410,18 @@ def test_times_and_deleted_names_replay_and_checkpoint() -> None:
 
     from controller.checkpoint import Snapshot, from_format1, from_parts
     from controller.protocol import deleted_name, former_name
+    from controller.records import ContainerAdd, DiskCreate, DiskRename, DiskTimes
     from controller.state import State
 
-    recs = [{"op": "container.add", "name": "c", "lun": 1, "path": "/dev/null/c",
-             "size": 64 * MiB, "created": True},
-            {"op": "disk.create", "name": "x", "size": MiB, "segment_size": SEG,
-             "thick": False, "pin": None, "home": 1, "ctime": 1.0, "map": []},
-            {"op": "disk.times", "name": "x", "mtime": 1234.5, "stime": 2345.25},
-            {"op": "disk.rename", "name": "x", "new": deleted_name(1, "x")},
-            {"op": "disk.create", "name": "x", "size": 0, "segment_size": SEG,
-             "thick": False, "pin": None, "home": 1, "ctime": 2.0, "map": []}]
+    recs = [ContainerAdd("c", 1, "/dev/null/c", 64 * MiB, True),
+            DiskCreate("x", MiB, SEG, False, None, 1, 1.0, []),
+            DiskTimes("x", 1234.5, 2345.25),
+            DiskRename("x", deleted_name(1, "x")),
+            DiskCreate("x", 0, SEG, False, None, 1, 2.0, [])]
     live, replay = State(), State()
     for r in recs:
         live.apply(r)
-        replay.apply(dict(r))
+        replay.apply_wire(r.to_wire())
     gone = live.disks[deleted_name(1, "x")]
     assert (gone.mtime, gone.stime) == (1234.5, 2345.25)
     info = gone.to_dict(live.luns)

@@ -52,6 +52,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared rig
 from rig import MountProc  # noqa: E402
 
+from controller.protocol import snapshot_name, split_snapshot_name  # noqa: E402
+
 BIN = Path(sys.executable).parent
 SEG = 64 << 10  # small segments: ops cross segment boundaries, holes and partial blocks
 MAX_SIZE = 3 << 20  # largest a disk grows to
@@ -383,7 +385,7 @@ class Torture:
     def op_snap(self, name: str) -> None:
         if len(self.snaps) >= MAX_SNAPS:
             return self.op_snap_rm(name)
-        full = f"{name}@{self.new_name('s')}"
+        full = snapshot_name(name, self.new_name("s"))
         self.note(f"vdctl snap create {full}")
         self.ctl.vdctl("snap", "create", full)
         self.snaps[full] = bytes(self.models[name])
@@ -421,7 +423,7 @@ class Torture:
         self.synced[new] = self.snaps[full]
 
     def op_rollback(self, name: str) -> None:
-        mine = sorted(s for s in self.snaps if s.split("@")[0] == name)
+        mine = sorted(s for s in self.snaps if split_snapshot_name(s)[0] == name)
         if not mine:
             return
         full = self.rng.choice(mine)
