@@ -4,7 +4,7 @@ A 1 TiB thin disk fully allocated at 4 MiB segments in random order (262,144
 extents, none merge: the worst case for the table) is built in-process with
 ``State.apply`` (as the controller section does), then measured twice:
 
-- in-process, the controller's side of ``disk.open``: ``Service._answer`` for
+- in-process, the controller's side of ``disk.open``: ``Coherence.answer`` for
   the whole disk plus packing the reply frame, which both run on the
   controller's event loop (its stall); the frame's size; the agent's side:
   unpacking the frame and building ``DiskTable`` from it, the table's memory
@@ -87,7 +87,7 @@ def _controller_side(state: State, state_dir: Path) -> tuple[float, float, bytes
         for _ in range(3):
             gc.collect()
             t0 = time.perf_counter()
-            ans = await svc._answer(d, 0, d.size)
+            ans = await svc.coherence.answer(d, 0, d.size)
             t1 = time.perf_counter()
             frame = codec.wire_frame({"id": 1, "ok": True, "result": ans})
             t2 = time.perf_counter()

@@ -10,11 +10,10 @@ import trio
 from .. import protocol as P
 from .. import storage
 from ..units import human
-from .coherence import Coherence
-from .placement import Placement
+from .base import ServiceBase
 
 
-class ContainerOps(Placement, Coherence):
+class ContainerOps(ServiceBase):
     async def container_add(self, name: str, path: str, size: int | None) -> dict[str, Any]:
         P.check_container_name(name)
         if name in self.state.containers:
@@ -51,7 +50,7 @@ class ContainerOps(Placement, Coherence):
                 for c in sorted(self.state.containers.values(), key=lambda c: c.lun)]
 
     async def container_info(self, name: str) -> dict[str, Any]:
-        c = self._container(name)
+        c = self.ctx.container(name)
         info = self._container_dict(c)
         disks: dict[str, int] = {}
         for d, e in self.state.lun_users(c.lun):
@@ -61,7 +60,7 @@ class ContainerOps(Placement, Coherence):
         return info
 
     async def container_rm(self, name: str) -> dict[str, Any]:
-        c = self._container(name)
+        c = self.ctx.container(name)
         if c.used:
             users = sorted({d.name for d, _ in self.state.lun_users(c.lun)})
             raise P.RemoteError(

@@ -14,12 +14,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from .. import protocol as P
 from ..extents import ZERO
 from ..state import round_up
-from .base import FAULT_WAIT
 from .faults import FaultOps
 
 log = logging.getLogger(__name__)
@@ -36,47 +33,43 @@ class FileOps(FaultOps):
                             conn: Any) -> dict[str, Any]:
         """Map every zero entry in [offset, offset+length) (segment-rounded, clipped to
         the disk), in one record; answer the range's entries like a fault."""
-        self._agent(conn)
-        d = self._live_disk(name)
+        self.ctx.agent(conn)
+        d = self.ctx.live_disk(name)
         if d.is_snapshot:
             raise P.invalid(f"{name!r} is a snapshot: read-only")
         if offset < 0 or not 0 < length <= MAX_ALLOCATE or offset >= d.size:
             raise P.invalid(f"allocate range {offset}+{length} is outside disk {name!r} "
                             f"(size {d.size}) or longer than {MAX_ALLOCATE}")
-        with trio.move_on_after(FAULT_WAIT):
-            while self._is_restricted(d, offset, offset + length):
-                await self._restriction_lifted.wait()
-        if self._is_restricted(d, offset, offset + length):
-            raise P.RemoteError(P.E_BUSY, f"{name!r} at {offset} is being changed; retry")
+        await self.coherence.wait_unrestricted(d, name, offset, offset + length)
         seg = d.segment_size
         lo = offset // seg * seg
-        async with self._dlock(d):
+        async with self.ctx.dlock(d):
             if self.state.disks.get(d.name) is not d:
                 raise P.not_found("disk", name)
             hi = min(round_up(offset + length, seg), d.size)
             gaps = [(e.vstart, e.length) for e in d.extents.entries(lo, hi) if e.flags & ZERO]
             if gaps:
-                seq = await self._allocate(
+                seq = await self.placement.allocate(
                     gaps, d.pin, d.home,
                     lambda pieces: {"op": "disk.map", "name": d.name, "map": pieces},
                     preallocate=reserve)
                 await self.journal.wait_durable(seq)
-                await self._push_update(d, lo, hi, exclude=conn.agent)
+                await self.coherence.push_update(d, lo, hi, exclude=conn.agent)
         hi = min(round_up(offset + length, seg), d.size)
-        return await self._answer(d, lo, hi)
+        return await self.coherence.answer(d, lo, hi)
 
     async def disk_trim(self, name: str, size: int, expect: int,
                         conn: Any) -> dict[str, Any]:
         """Give back what an agent grew ahead (virtfs/datapath.py grow): shrink the disk
         to size if its size is still expect (what that agent set); else change nothing
         (another writer or an admin set the size since) and answer without "update"."""
-        d = self._live_disk(name)
+        d = self.ctx.live_disk(name)
         if d.is_snapshot:
             raise P.invalid(f"{name!r} is a snapshot: read-only")
         if not 0 <= size <= expect:
             raise P.invalid(f"trim of {name!r} to {size} (expecting {expect}) is not a shrink")
         if d.size != expect:
-            return self._disk_info(d)
+            return self.ctx.disk_info(d)
         return await self.disk_resize(name, size, allow_shrink=True, conn=conn)
 
     async def disk_times(self, name: str, mtime: float, stime: float,
@@ -84,7 +77,7 @@ class FileOps(FaultOps):
         """An agent's times of a disk (kept by it while the disk is written, sent on
         close, fsync and utimensat): one disk.times record; other agents are told the
         disk changed so they drop cached attributes."""
-        d = self._live_disk(name)
+        d = self.ctx.live_disk(name)
         if d.is_snapshot:
             raise P.invalid(f"{name!r} is a snapshot: read-only")
         for t in (mtime, stime):
@@ -95,19 +88,19 @@ class FileOps(FaultOps):
         await self.journal.wait_durable(seq)
         await self.agents.notify({"push": "namespace", "changed": [d.name]},
                                  exclude=getattr(conn, "agent", None))
-        return self._disk_info(d)
+        return self.ctx.disk_info(d)
 
     async def disk_unlink(self, name: str, conn: Any) -> dict[str, Any]:
         """rm of a file an agent has open: the disk leaves its name at once (renamed to
         protocol.deleted_name, which no file name can be), so the name is free for a
         new file, as on ext4; it is removed when the last agent closes it (disk_close).
         A disk nobody has open is simply removed."""
-        d = self._disk(name)
+        d = self.ctx.disk(name)
         if d.is_snapshot or P.former_name(name) is not None:
             raise P.invalid(f"{name!r} cannot be unlinked")
         if not self.agents.caching(d):
             return await self.disk_rm(name, conn=conn)
-        async with self._dlock(d):
+        async with self.ctx.dlock(d):
             if self.state.disks.get(name) is not d:
                 raise P.not_found("disk", name)
             n = 1
@@ -121,7 +114,7 @@ class FileOps(FaultOps):
         await self.agents.notify({"push": "namespace", "removed": [name]})
         if not self.agents.caching(d):  # the last one closed meanwhile
             await self._remove_deleted(d)
-        return self._disk_info(d)
+        return self.ctx.disk_info(d)
 
     async def disk_close(self, name: str, handle: int | None, conn: Any) -> None:
         """FaultOps.disk_close, then: an unlinked disk nobody has open any more goes."""

@@ -166,7 +166,7 @@ class JobOps(MovementOps):
             return [(d, unit)]
         if d.uid in self._no_new_moves:
             return []  # a snapshot of it is being taken: later
-        async with self._dlock(d):
+        async with self.ctx.dlock(d):
             if self.state.disks.get(d.name) is not d:
                 return []
             cur = d.extents.find(unit.vstart)
@@ -207,8 +207,8 @@ class JobOps(MovementOps):
         had one). Raises RemoteError: E_NOT_FOUND, E_INVALID (already wholly there),
         E_BUSY (a job already moves it), E_IO (the target is failed), E_NO_SPACE.
         """
-        d = self._disk(name)
-        c = self._container(to)
+        d = self.ctx.disk(name)
+        c = self.ctx.container(to)
         if c.failed:
             raise P.RemoteError(P.E_IO, f"container {to!r} is failed")
         for j in self.state.jobs.values():
@@ -218,7 +218,7 @@ class JobOps(MovementOps):
         todo = sum(e.length for e in d.extents if e.lun != c.lun or e.flags & MOVING)
         if not todo:
             raise P.invalid(f"disk {name!r} is wholly on container {to!r} already")
-        free = self._plannable(c).free
+        free = self.placement.plannable(c).free
         if round_up_sum(d, c.lun) > free:
             raise P.RemoteError(P.E_NO_SPACE, f"container {to!r} has {human(free)} free; "
                                 f"disk {name!r} needs {human(round_up_sum(d, c.lun))}")
@@ -229,8 +229,8 @@ class JobOps(MovementOps):
     async def container_drain(self, name: str, to: str | None) -> dict[str, Any]:
         """Start moving everything off container name (to container `to`, or wherever
         placement puts it); new allocations avoid it meanwhile."""
-        c = self._container(name)
-        dst = self._container(to).lun if to is not None else None
+        c = self.ctx.container(name)
+        dst = self.ctx.container(to).lun if to is not None else None
         if dst == c.lun:
             raise P.invalid(f"cannot drain container {name!r} into itself")
         if dst is not None and self.state.luns[dst].failed:
@@ -244,7 +244,7 @@ class JobOps(MovementOps):
             if j.state == "running":
                 raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) is moving data "
                                     "already; wait for it or abort it (vdctl job abort)")
-        room = sum(self._plannable(o).free for o in (
+        room = sum(self.placement.plannable(o).free for o in (
             [self.state.luns[dst]] if dst is not None else others))
         if c.used > room:
             raise P.RemoteError(P.E_NO_SPACE, f"container {name!r} holds {human(c.used)}; "

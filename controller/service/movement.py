@@ -41,8 +41,7 @@ from .. import protocol as P
 from ..extents import MOVING, Extent
 from ..state import Alt, Disk, round_up
 from ..units import human
-from .coherence import Coherence
-from .placement import Placement
+from .base import ServiceBase
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ class _Copying:
     done: trio.Event = field(default_factory=trio.Event)
 
 
-class MovementOps(Placement, Coherence):
+class MovementOps(ServiceBase):
     # ------------------------------------------------------------ lookups
     def _move_of(self, d: Disk, vstart: int) -> tuple[Extent, Alt]:
         if self.state.disks.get(d.name) is not d:
@@ -112,12 +111,12 @@ class MovementOps(Placement, Coherence):
         if dst is not None:
             cands = [self.state.luns[dst]]
         elif cow:
-            cands = self._candidates(d.pin, d.home)
+            cands = self.placement.candidates(d.pin, d.home)
         else:
-            cands = [c for c in self._candidates(None, d.home) if c.lun != unit.lun]
+            cands = [c for c in self.placement.candidates(None, d.home) if c.lun != unit.lun]
         space = None
         for c in cands:
-            sp = self._plannable(c)
+            sp = self.placement.plannable(c)
             if sp.free >= need:
                 space = (c, sp)
                 break
@@ -130,19 +129,16 @@ class MovementOps(Placement, Coherence):
         # every piece of new space is reserved now, in the step that planned it: later
         # plans (a thin fault elsewhere) go around all of it while it is zeroed
         plan = sp.plan(need)  # contiguous pieces of the target's free space
-        for off, n in plan:
-            self._reserved.setdefault(c.lun, []).append((off, n))
         started: list[int] = []
-        seq = 0
-        try:
-            await self._zero([[0, n, c.lun, off] for off, n in plan])
-            self._check_still_free([[0, n, c.lun, off] for off, n in plan])
+
+        def record(pieces: list[list[int]]) -> int:
             cur = d.extents.find(unit.vstart)
             if (self.state.disks.get(d.name) is not d or cur is None or cur.flags & MOVING
                     or cur.lun != unit.lun or cur.vend < unit.vend
                     or cur.offset + (unit.vstart - cur.vstart) != unit.offset):
                 raise MoveGone(f"disk {d.name!r} changed at {unit.vstart}")
             faultpoints.hit("movement.start")
+            seq = 0
             pos = unit.vstart
             for off, n in plan:  # all records in one step: no await in between
                 length = min(n, unit.vend - pos)
@@ -150,12 +146,12 @@ class MovementOps(Placement, Coherence):
                                     "length": length, "lun": c.lun, "offset": off})
                 started.append(pos)
                 pos += length
-        finally:
-            for off, n in plan:
-                self._unreserve(c.lun, (off, n))
+            return seq
+
+        seq = await self.placement.place([[0, n, c.lun, off] for off, n in plan], record)
         await self.journal.wait_durable(seq)
         # every agent now stops writing L1 there (drained, acknowledged)
-        await self._push_update(d, unit.vstart, unit.vend, drain=True)
+        await self.coherence.push_update(d, unit.vstart, unit.vend, drain=True)
         return started
 
     # ------------------------------------------------------------ 2. write faults
@@ -187,14 +183,14 @@ class MovementOps(Placement, Coherence):
         # (drained, acknowledged) before the writer is answered with them writable
         lo = max(min(e.vstart for e in touched), start // P.BLOCK_SIZE * P.BLOCK_SIZE)
         hi = min(max(e.vend for e in touched), round_up(end, P.BLOCK_SIZE))
-        await self._push_update(d, lo, hi, exclude=exclude, drain=True)
+        await self.coherence.push_update(d, lo, hi, exclude=exclude, drain=True)
         return True
 
     # ------------------------------------------------------------ 3. copier
     async def _copy_step(self, d: Disk, vstart: int) -> bool:
         """Copy and mark the next run of unmarked blocks; False when none is left."""
         await _test_hold()
-        async with self._dlock(d):
+        async with self.ctx.dlock(d):
             e, a = self._move_of(d, vstart)
             if self.state.luns[a.lun].failed or self.state.luns[e.lun].failed:
                 raise P.RemoteError(P.E_IO, f"disk {d.name!r} at {vstart}: a container of "
@@ -213,7 +209,7 @@ class MovementOps(Placement, Coherence):
             # gets in first copies and marks the blocks itself
             del self._copying[(d.uid, vstart)]
             step.done.set()
-        async with self._dlock(d):
+        async with self.ctx.dlock(d):
             e, a = self._move_of(d, vstart)
             count = min(step.count, a.bitmap.nblocks - step.first)  # a shrink may cut it
             if count <= 0:
@@ -226,26 +222,26 @@ class MovementOps(Placement, Coherence):
 
     # ------------------------------------------------------------ 4. commit / 5. abort
     async def _commit_move(self, d: Disk, vstart: int) -> None:
-        async with self._dlock(d):
+        async with self.ctx.dlock(d):
             e, a = self._move_of(d, vstart)
             if not a.bitmap.all_set():
                 raise MoveGone(f"disk {d.name!r} at {vstart}: blocks left to copy")
             # every entry there is at L2 already: make every agent drop reads in flight
             # on L1 before L1 may be reused
-            await self._push_update(d, e.vstart, e.vend, drain=True)
+            await self.coherence.push_update(d, e.vstart, e.vend, drain=True)
             e, a = self._move_of(d, vstart)
             # L1 goes back to the host, but for what a snapshot or clone still maps
-            await self._release_space(self._unshared(d, e))
+            await self.placement.release_space(self.placement.unshared(d, e))
             faultpoints.hit("movement.commit")
             await self.journal.commit({"op": "move.commit", "name": d.name, "vstart": vstart})
-        await self._push_update(d, e.vstart, e.vend)
+        await self.coherence.push_update(d, e.vstart, e.vend)
 
     async def _abort_move(self, d: Disk, vstart: int) -> None:
         """Roll a move back: its blocks marked at L2 return to L1; L2 is freed."""
-        async with self._dlock(d):
+        async with self.ctx.dlock(d):
             e, a = self._move_of(d, vstart)
             await self._copying_done(d, e.vstart, e.vend)
-            async with self._restrict(d, e.vstart, e.vend, exclude=None):
+            async with self.coherence.restrict(d, e.vstart, e.vend, exclude=None):
                 e, a = self._move_of(d, vstart)
                 back = [(b, n) for b, n, marked in a.bitmap.runs() if marked]
                 await self._copy(M.copies(e, a, back, back=True))  # durable first
@@ -254,13 +250,10 @@ class MovementOps(Placement, Coherence):
                 # the record frees L2 (so a crash never finds marked blocks pointing at
                 # a punched L2); it stays reserved, in the same step, until punched
                 seq = self._record({"op": "move.abort", "name": d.name, "vstart": vstart})
-                self._reserved.setdefault(lun, []).append(rng)
-                try:
+                with self.placement.reserved([(lun, *rng)]):
                     await self.journal.wait_durable(seq)
-                    await self._release_space([(self.state.luns[lun].path, *rng)])
-                finally:
-                    self._unreserve(lun, rng)
-            await self._push_update(d, e.vstart, e.vend)
+                    await self.placement.release_space([(self.state.luns[lun].path, *rng)])
+            await self.coherence.push_update(d, e.vstart, e.vend)
 
     async def _run_move(self, d: Disk, vstart: int) -> None:
         """Copy a started move to the end and commit it (one runner per move)."""
@@ -299,12 +292,12 @@ class MovementOps(Placement, Coherence):
             ranges = [(e.vstart, e.vend) for e in d.extents
                       if e.lun == lun or (e.flags & MOVING and d.alts[e.vstart].lun == lun)]
             if ranges:
-                await self._push_update(d, ranges[0][0], ranges[-1][1])
+                await self.coherence.push_update(d, ranges[0][0], ranges[-1][1])
 
     async def container_fail(self, name: str) -> dict[str, Any]:
         """Every entry on the container turns `error` at every agent: I/O there fails
         with EIO at once; other containers, disks and ranges keep working."""
-        c = self._container(name)
+        c = self.ctx.container(name)
         if not c.failed:
             await self.journal.commit({"op": "container.fail", "name": name})
             await self._push_lun(c.lun)
@@ -313,7 +306,7 @@ class MovementOps(Placement, Coherence):
 
     async def container_restore(self, name: str) -> dict[str, Any]:
         """Clear a failed (or suspect) container: its entries work again, data intact."""
-        c = self._container(name)
+        c = self.ctx.container(name)
         if c.failed:
             await self.journal.commit({"op": "container.restore", "name": name})
             await self._push_lun(c.lun)

@@ -31,7 +31,7 @@ class SessionOps(ServiceBase):
         return {"agent_id": agent.id, "lease": self.agents.lease}
 
     async def agent_heartbeat(self, conn: Any) -> dict[str, Any]:
-        a = self._agent(conn)
+        a = self.ctx.agent(conn)
         self.agents.renew(a)
         epochs: dict[str, int | None] = {}
         for ref in a.opens.values():
@@ -42,7 +42,7 @@ class SessionOps(ServiceBase):
 
     async def agent_bye(self, conn: Any) -> None:
         """A clean agent exit: it uses no entry any more, so its lease need not be waited out."""
-        a = self._agent(conn)
+        a = self.ctx.agent(conn)
         self.agents.remove(a)
         conn.agent = None
 

@@ -89,13 +89,13 @@ class SnapshotOps(MovementOps):
         go on with copy-on-write. Raises RemoteError: E_NOT_FOUND, E_EXISTS, E_INVALID,
         E_BUSY (moves that did not settle)."""
         disk, snap = split_snap_name(name)
-        d = self._disk(disk)
+        d = self.ctx.disk(disk)
         if name in self.state.snaps:
             raise P.RemoteError(P.E_EXISTS, f"snapshot {name!r} already exists")
-        async with self._freeze(d):
+        async with self.coherence.freeze(d):
             await self._settle_moves(d)
             try:
-                async with self._dlock(d):
+                async with self.ctx.dlock(d):
                     if self.state.disks.get(disk) is not d:
                         raise P.not_found("disk", disk)
                     if name in self.state.snaps:
@@ -111,7 +111,7 @@ class SnapshotOps(MovementOps):
                 "allocated": s.allocated, "held": 0, "clones": []}
 
     async def snap_ls(self, name: str) -> list[dict[str, Any]]:
-        d = self._disk(name)
+        d = self.ctx.disk(name)
         return [self._snap_info(s) for s in sorted(self.state.snaps.values(),
                                                    key=lambda s: (s.ctime, s.name))
                 if s.parent == d.name]
@@ -130,17 +130,14 @@ class SnapshotOps(MovementOps):
             raise P.RemoteError(P.E_BUSY, f"snapshot {name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there first")
         await self.agents.wait_grace()
-        async with self._dlock(s):
+        async with self.ctx.dlock(s):
             if self.state.snaps.get(name) is not s:
                 raise P.not_found("snapshot", name)
-            self._removing.add(s.uid)
-            try:
-                freed = self._physical(s, 0, s.size)  # exactly what only s maps
+            with self.ctx.removal(s):
+                freed = self.placement.physical(s, 0, s.size)  # exactly what only s maps
                 info["held"] = sum(n for _path, _off, n in freed)
-                await self._release_space(freed)
+                await self.placement.release_space(freed)
                 await self.journal.commit({"op": "snap.rm", "name": name})
-            finally:
-                self._removing.discard(s.uid)
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info
 
@@ -149,17 +146,17 @@ class SnapshotOps(MovementOps):
         open at any agent, unless force (its agents then see the new content at once)."""
         s = self._snap(name)
         assert s.parent is not None
-        d = self._disk(s.parent)
+        d = self.ctx.disk(s.parent)
         users = self.agents.caching(d)
         if users and not force:
             raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there, or "
                                 "pass --force to roll it back under them")
         old_size = d.size
-        async with self._restrict(d, 0, P.MAX_DISK_SIZE, exclude=None):
+        async with self.coherence.restrict(d, 0, P.MAX_DISK_SIZE, exclude=None):
             await self._settle_moves(d)
             try:
-                async with self._dlock(d):
+                async with self.ctx.dlock(d):
                     await self._copying_done(d)
                     if self.state.snaps.get(name) is not s or self.state.disks.get(
                             d.name) is not d:
@@ -168,14 +165,14 @@ class SnapshotOps(MovementOps):
                     # what only the disk maps goes; what the snapshot (or another
                     # table) maps at the same vstart stays: the disk's new table
                     freed = [r for e in d.extents if not e.flags & ZERO
-                             for r in self._unshared(d, e)]
-                    await self._release_space(freed)
+                             for r in self.placement.unshared(d, e)]
+                    await self.placement.release_space(freed)
                     await self.journal.commit({"op": "snap.rollback", "snap": name})
             finally:
                 self._no_new_moves.discard(d.uid)
-        await self._push_update(d, 0, max(old_size, d.size))
+        await self.coherence.push_update(d, 0, max(old_size, d.size))
         await self.agents.notify({"push": "namespace", "changed": [d.name]})
-        return self._disk_info(d)
+        return self.ctx.disk_info(d)
 
     async def disk_clone(self, name: str, new: str) -> dict[str, Any]:
         """A writable thin disk NEW from snapshot NAME@SNAP, sharing its storage."""
@@ -186,7 +183,7 @@ class SnapshotOps(MovementOps):
         await self.journal.commit({"op": "disk.clone", "snap": name, "new": new,
                                    "ctime": round(time.time(), 3)})
         await self.agents.notify({"push": "namespace"})
-        return self._disk_info(self.state.disks[new])
+        return self.ctx.disk_info(self.state.disks[new])
 
     # ------------------------------------------------------------ copy-on-write
     async def _unshare_tail(self, d: Disk) -> None:
@@ -205,7 +202,7 @@ class SnapshotOps(MovementOps):
                 await self._copy(M.copies(mv, a, [(0, a.bitmap.nblocks)]))
                 await self.journal.commit({"op": "move.mark", "name": d.name, "vstart": vs,
                                            "runs": [[0, a.bitmap.nblocks]]})
-                await self._push_update(d, mv.vstart, mv.vend, drain=True)
+                await self.coherence.push_update(d, mv.vstart, mv.vend, drain=True)
                 await self.journal.commit({"op": "move.commit", "name": d.name,
                                            "vstart": vs})
 

@@ -18,7 +18,7 @@ async def _setup(tmp_path, svc):
 
 
 async def _start(svc, d, dst):
-    async with svc._dlock(d):
+    async with svc.ctx.dlock(d):
         return await svc._start_move(d, d.extents.find(0), dst)
 
 
@@ -86,7 +86,7 @@ async def test_shrink_then_grow_of_a_moving_tail_reads_zeros(tmp_path):
         async with trio.open_nursery() as n, agent_ctx(addr, "A", n) as A:
             await A.open("d")
             A.pwrite("d", 0, pattern(0x11, SEG))
-            async with svc._dlock(d):
+            async with svc.ctx.dlock(d):
                 await svc._start_move(d, d.extents.find(0), svc.state.containers["c2"].lun)
             last = SEG - BS
             await A.fault("d", last, BS, True)
@@ -125,7 +125,7 @@ async def test_crash_between_abort_punch_and_record_keeps_marked_blocks(tmp_path
             async with trio.open_nursery() as n, agent_ctx(addr, "A", n) as A:
                 await A.open("d")
                 A.pwrite("d", 0, pattern(0x11, SEG))
-                async with svc._dlock(d):
+                async with svc.ctx.dlock(d):
                     await svc._start_move(d, d.extents.find(0), c2)
                 await A.fault("d", BS, BS, True)        # block 1 copied + marked
                 A.pwrite("d", BS, pattern(0x22, BS))    # the host's write, at L2
