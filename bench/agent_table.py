@@ -70,14 +70,14 @@ def _build(size: int, seg: int, container: str, csize: int) -> State:
 
 
 class _DurableJournal:
-    """Everything is durable at once: _answer's wait costs nothing here."""
+    """Everything is durable at once: Coherence.answer's wait costs nothing here."""
 
     async def wait_durable(self, seq: int) -> None:
         return None
 
 
 def _controller_side(state: State, state_dir: Path) -> tuple[float, float, bytes]:
-    """(seconds in _answer, seconds packing the frame, the frame): best of three."""
+    """(seconds in Coherence.answer, seconds packing the frame, the frame): best of three."""
 
     async def one() -> tuple[float, float, bytes]:
         svc = Service(state, cast(Any, _DurableJournal()), str(state_dir))
@@ -204,7 +204,7 @@ def bench_open(report: Report, section: Section) -> None:
         a = _agent_side(frame)
         if a["allocated"] != size:
             raise RuntimeError(f"agent table: {a['allocated']} bytes allocated, not {size}")
-        w.add("controller: _answer for the whole disk (loop stall)", t_answer * 1e3, "ms",
+        w.add("controller: Coherence.answer for the whole disk (loop stall)", t_answer * 1e3, "ms",
               less_than(AIM_STALL_MS))
         w.add("controller: packing the reply frame (loop stall)", t_pack * 1e3, "ms")
         w.add("wire: reply frame", len(frame) / MiB, "MiB")

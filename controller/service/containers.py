@@ -10,10 +10,23 @@ import trio
 from .. import protocol as P
 from .. import storage
 from ..units import human
-from .base import ServiceBase
+from .context import Context
+from .movement import Movement
 
 
-class ContainerOps(ServiceBase):
+class Containers:
+    """The admin's container operations (fail and restore are Movement's).
+
+    Owns the container paths a container.add is probing.
+    """
+
+    def __init__(self, ctx: Context, movement: Movement):
+        self.ctx = ctx
+        self.state = ctx.state
+        self.journal = ctx.journal
+        self.movement = movement
+        self._adding_paths: set[str] = set()
+
     async def container_add(self, name: str, path: str, size: int | None) -> dict[str, Any]:
         P.check_container_name(name)
         if name in self.state.containers:
@@ -46,12 +59,12 @@ class ContainerOps(ServiceBase):
         return self.state.containers[name].to_dict()
 
     async def container_ls(self) -> list[dict[str, Any]]:
-        return [self._container_dict(c)
+        return [self.movement.container_dict(c)
                 for c in sorted(self.state.containers.values(), key=lambda c: c.lun)]
 
     async def container_info(self, name: str) -> dict[str, Any]:
         c = self.ctx.container(name)
-        info = self._container_dict(c)
+        info = self.movement.container_dict(c)
         disks: dict[str, int] = {}
         for d, e in self.state.lun_users(c.lun):
             disks[d.name] = disks.get(d.name, 0) + e.length

@@ -8,11 +8,30 @@ from typing import Any
 from .. import protocol as P
 from ..state import Disk, round_up
 from ..units import human
-from .base import MAX_MAP_ROWS
-from .snapshots import SnapshotOps
+from .coherence import Coherence
+from .context import Caller, Context
+from .movement import Movement
+from .placement import Placement
+from .snapshots import Snapshots
+
+MAX_MAP_ROWS = 65536
 
 
-class DiskOps(SnapshotOps):
+class Disks:
+    """The admin's disk operations (and an agent's resize and rm)."""
+
+    def __init__(self, ctx: Context, placement: Placement, coherence: Coherence,
+                 movement: Movement, snapshots: Snapshots):
+        self.ctx = ctx
+        self.state = ctx.state
+        self.journal = ctx.journal
+        self.agents = ctx.agents
+        self._record = ctx.record
+        self.placement = placement
+        self.coherence = coherence
+        self.movement = movement
+        self.snapshots = snapshots
+
     async def disk_create(self, name: str, size: int, thick: bool, segment_size: int | None,
                           container: str | None) -> dict[str, Any]:
         P.check_name(name, "disk name")
@@ -102,7 +121,8 @@ class DiskOps(SnapshotOps):
                 "rows": rows, "next": nxt}
 
     async def disk_resize(self, name: str, size: int, allow_shrink: bool,
-                          grow_only: bool = False, conn: Any = None) -> dict[str, Any]:
+                          grow_only: bool = False, conn: Caller | None = None
+                          ) -> dict[str, Any]:
         """Set the disk's size (bytes); an agent caller gets its new entries in "update".
 
         grow_only: make it at least size (a write past the end, fallocate): a disk that
@@ -132,7 +152,7 @@ class DiskOps(SnapshotOps):
                                       **await self.coherence.answer(d, lo, d.size)}
                 return info
             if size < old:
-                await self._copying_done(d, round_up(size), old)
+                await self.movement.copying_done(d, round_up(size), old)
                 async with self.coherence.restrict(d, size // P.BLOCK_SIZE * P.BLOCK_SIZE, old,
                                           exclude=None):
                     await self.placement.release_space(
@@ -143,7 +163,7 @@ class DiskOps(SnapshotOps):
                 # the bytes past an unaligned old end (inside its last block) may hold
                 # data from before a shrink: zero them before they become visible (in a
                 # block of its own, if a snapshot or clone shares that one)
-                await self._unshare_tail(d)
+                await self.snapshots.unshare_tail(d)
                 await self.placement.zero_tail(d)
                 start = round_up(old)
 
@@ -178,7 +198,7 @@ class DiskOps(SnapshotOps):
             raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there first")
 
-    async def disk_rm(self, name: str, conn: Any = None) -> dict[str, Any]:
+    async def disk_rm(self, name: str, conn: Caller | None = None) -> dict[str, Any]:
         d = self.ctx.disk(name)
         self._check_removable(d)
         await self.agents.wait_grace()
@@ -188,7 +208,7 @@ class DiskOps(SnapshotOps):
             self._check_removable(d)
             info = self.ctx.disk_info(d)
             with self.ctx.removal(d):  # from here on nobody may open it
-                await self._copying_done(d)
+                await self.movement.copying_done(d)
                 await self.placement.release_space(self.placement.physical(d, 0, d.size))
                 await self.journal.commit({"op": "disk.rm", "name": name})
         self.ctx.forget_lock(d)
@@ -216,7 +236,7 @@ class DiskOps(SnapshotOps):
             if target is not None:
                 self._check_removable(target)
                 with self.ctx.removal(target):
-                    await self._copying_done(target)
+                    await self.movement.copying_done(target)
                     await self.placement.release_space(
                         self.placement.physical(target, 0, target.size))
                     await self.journal.commit({"op": "disk.rename", "name": name, "new": new,
@@ -233,7 +253,7 @@ class DiskOps(SnapshotOps):
         return self.ctx.disk_info(d)
 
     async def disk_discard(self, name: str, offset: int, length: int,
-                           conn: Any = None) -> dict[str, Any]:
+                           conn: Caller | None = None) -> dict[str, Any]:
         """Free whole segments in the range; the caller zeroes the partial ends itself."""
         d = self.ctx.disk(name)
         if offset < 0 or length < 0:
@@ -246,7 +266,7 @@ class DiskOps(SnapshotOps):
             a = min(round_up(offset, seg), end)
             b = end if end == d.size else max(end // seg * seg, a)
             if b > a:
-                await self._copying_done(d, a, b)
+                await self.movement.copying_done(d, a, b)
                 async with self.coherence.restrict(d, a, b, exclude=None):
                     freed = self.placement.physical(d, a, b)
                     # unmap whatever is stored there, even when a snapshot or clone

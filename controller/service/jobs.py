@@ -21,7 +21,9 @@ from ..extents import MOVING, Extent
 from ..moves import move_units
 from ..state import Disk, Job
 from ..units import human
-from .movement import MoveGone, MovementOps
+from .context import Context
+from .movement import MoveGone, Movement
+from .placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,27 @@ class _Progress:
     batch: trio.CancelScope | None = None  # the moves in flight, cancelled by an abort
 
 
-class JobOps(MovementOps):
+class Jobs:
+    """Migrate and drain jobs, run in the service's background nursery.
+
+    Owns the running jobs' volatile progress (by job id).
+    """
+
+    def __init__(self, ctx: Context, placement: Placement, movement: Movement):
+        self.ctx = ctx
+        self.state = ctx.state
+        self.journal = ctx.journal
+        self.agents = ctx.agents
+        self.placement = placement
+        self.movement = movement
+        self._progress: dict[int, _Progress] = {}
+
     # ------------------------------------------------------------ the runner
-    async def run_jobs(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
         """Run (and resume) jobs for the service's life; moves without a running job
         (their job ended in a crash between its last move and its end) finish too."""
-        async with trio.open_nursery() as n:
-            self._job_nursery = n
+        async with self.ctx.open_background() as n:
             task_status.started()
             for j in list(self.state.jobs.values()):
                 if j.state == "running":
@@ -59,7 +75,7 @@ class JobOps(MovementOps):
                     if e is not None and not any(
                             j.disk == d.name or (j.kind == "drain" and j.src == e.lun)
                             for j in running):
-                        self._spawn_move(d, vs)
+                        self.movement.spawn_move(d, vs)
             await trio.sleep_forever()
 
     def _units(self, j: Job) -> list[tuple[Disk, int, int]]:
@@ -79,12 +95,13 @@ class JobOps(MovementOps):
                     out.append((d, e.vstart, e.length))
         return out
 
-    def _remaining(self, j: Job) -> int:
+    def remaining(self, j: Job) -> int:
+        """Bytes job j still has to move."""
         return sum(n for _d, _v, n in self._units(j))
 
     async def _run_job(self, jid: int) -> None:
         j = self.state.jobs[jid]
-        prog = self._progress.setdefault(jid, _Progress(self._remaining(j),
+        prog = self._progress.setdefault(jid, _Progress(self.remaining(j),
                                                          trio.current_time()))
         state: str | None = None  # None: journal no end (cancelled: it resumes later)
         message = ""
@@ -108,14 +125,14 @@ class JobOps(MovementOps):
                         prog.batch.cancel()
                     async with trio.open_nursery() as n:
                         for d, vs in started:
-                            n.start_soon(self._run_move, d, vs)
+                            n.start_soon(self.movement.run_move, d, vs)
                 prog.batch = None
             if prog.aborting:
                 await self._roll_back(j)
                 state, message = "aborted", "aborted by request"
             elif j.disk is not None and j.disk not in self.state.disks:
                 state, message = "failed", f"disk {j.disk!r} was removed"
-            elif self._remaining(j):
+            elif self.remaining(j):
                 state, message = "failed", "data is left to move (see the log)"
             else:
                 state = "done"
@@ -164,7 +181,7 @@ class JobOps(MovementOps):
         run, as (disk, vstart)."""
         if isinstance(unit, int):
             return [(d, unit)]
-        if d.uid in self._no_new_moves:
+        if not self.movement.may_start(d):
             return []  # a snapshot of it is being taken: later
         async with self.ctx.dlock(d):
             if self.state.disks.get(d.name) is not d:
@@ -174,7 +191,7 @@ class JobOps(MovementOps):
                     or cur.vend < unit.vend):
                 return []  # changed meanwhile: the next look at the table decides
             try:
-                return [(d, vs) for vs in await self._start_move(d, unit, j.dst)]
+                return [(d, vs) for vs in await self.movement.start_move(d, unit, j.dst)]
             except MoveGone as e:
                 log.info("job %d: %s", j.id, e)
                 return []
@@ -185,7 +202,7 @@ class JobOps(MovementOps):
             e = d.extents.find(vs)
             if e is not None and e.flags & MOVING:
                 try:
-                    await self._abort_move(d, vs)
+                    await self.movement.abort_move(d, vs)
                 except MoveGone:
                     pass
 
@@ -196,8 +213,8 @@ class JobOps(MovementOps):
         await self.journal.commit({"op": "job.start", "id": jid, "kind": kind, "disk": disk,
                                    "src": src, "dst": dst, "started": round(time.time(), 3)})
         j = self.state.jobs[jid]
-        self._progress[jid] = _Progress(self._remaining(j), trio.current_time())
-        self._job_nursery.start_soon(self._run_job, jid)
+        self._progress[jid] = _Progress(self.remaining(j), trio.current_time())
+        self.ctx.spawn(self._run_job, jid)
         return self._job_dict(j)
 
     async def disk_migrate(self, name: str, to: str) -> dict[str, Any]:
@@ -266,7 +283,7 @@ class JobOps(MovementOps):
             "state": j.state, "started": j.started, "ended": j.ended, "message": j.message,
         }
         if j.state == "running" and prog is not None:
-            left = self._remaining(j)
+            left = self.remaining(j)
             done = max(0, prog.total - left)
             elapsed = max(1e-6, trio.current_time() - prog.started)
             rate = done / elapsed
@@ -306,4 +323,4 @@ def round_up_sum(d: Disk, lun: int) -> int:
     return sum(-(-e.length // P.BLOCK_SIZE) * P.BLOCK_SIZE for e in d.extents if e.lun != lun)
 
 
-__all__ = ["JobOps", "MoveGone"]
+__all__ = ["Jobs", "MoveGone"]
