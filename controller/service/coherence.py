@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import trio
 
@@ -141,7 +140,7 @@ class Coherence:
             rows.append([e.vstart, e.length, e.lun, e.offset, flags])
         return rows
 
-    def _table(self, d: Disk) -> dict[str, Any]:
+    def _table(self, d: Disk) -> dict[str, object]:
         return {
             "name": d.name, "size": d.size, "epoch": d.epoch, "segment_size": d.segment_size,
             "containers": {str(c.lun): c.path for c in self.state.containers.values()},
@@ -150,7 +149,7 @@ class Coherence:
         }
 
     async def answer(self, d: Disk, start: int, end: int,
-                     writable: tuple[int, int] | None = None) -> dict[str, Any]:
+                     writable: tuple[int, int] | None = None) -> dict[str, object]:
         """Entries for an agent, never more permissive than what is durable."""
         # a mapping recorded by another request is visible in memory before its group
         # commit: wait until everything recorded so far is on disk, then answer
@@ -208,7 +207,7 @@ class Coherence:
 
     @asynccontextmanager
     async def restrict(self, d: Disk, start: int, end: int,
-                        exclude: Agent | None) -> AsyncIterator[None]:
+                       exclude: Agent | None) -> AsyncIterator[None]:
         """Turn off I/O on [start, end) at every caching agent, drained, for the block."""
         async with self._held(self._restricted, d, (start, end), start, end, exclude):
             yield
@@ -249,7 +248,7 @@ class Coherence:
                 "start": start, "end": end, "rows": self._push_rows(d, start, end),
                 "drain": drain, "v": self.version})
 
-    def _push_rows(self, d: Disk, start: int, end: int) -> list[list[int]] | dict[str, Any]:
+    def _push_rows(self, d: Disk, start: int, end: int) -> list[list[int]] | dict[str, object]:
         """rows for a push; a large range of a disk whose entries are its stored extents
         (frozen or not: a freeze only adds nowrite) goes in the compact form, copied from
         the extent map at C speed, so a whole-disk push stalls the loop for milliseconds."""

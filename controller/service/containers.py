@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import trio
 
@@ -27,7 +26,10 @@ class Containers:
         self.movement = movement
         self._adding_paths: set[str] = set()
 
-    async def container_add(self, name: str, path: str, size: int | None) -> dict[str, Any]:
+    async def container_add(self, name: str, path: str, size: int | None) -> dict[str, object]:
+        """Add the file or block device at path as container name (a missing file is
+        created, sparse, with size bytes). Raises RemoteError E_EXISTS, E_INVALID,
+        E_NOT_FOUND, E_IO."""
         P.check_container_name(name)
         if name in self.state.containers:
             raise P.RemoteError(P.E_EXISTS, f"container {name!r} already exists")
@@ -58,11 +60,13 @@ class Containers:
             self._adding_paths.discard(path)
         return self.state.containers[name].to_dict()
 
-    async def container_ls(self) -> list[dict[str, Any]]:
+    async def container_ls(self) -> list[dict[str, object]]:
+        """Every container, by LUN."""
         return [self.movement.container_dict(c)
                 for c in sorted(self.state.containers.values(), key=lambda c: c.lun)]
 
-    async def container_info(self, name: str) -> dict[str, Any]:
+    async def container_info(self, name: str) -> dict[str, object]:
+        """A container, the bytes each disk holds on it, and its free ranges' count."""
         c = self.ctx.container(name)
         info = self.movement.container_dict(c)
         disks: dict[str, int] = {}
@@ -72,7 +76,8 @@ class Containers:
         info["free_ranges"] = len(c.space)
         return info
 
-    async def container_rm(self, name: str) -> dict[str, Any]:
+    async def container_rm(self, name: str) -> dict[str, object]:
+        """Remove an empty container nothing is pinned to and no job uses; E_BUSY else."""
         c = self.ctx.container(name)
         if c.used:
             users = sorted({d.name for d, _ in self.state.lun_users(c.lun)})

@@ -27,9 +27,11 @@ class Caller(Protocol):
     closed: bool
     on_close: list[Callable[[], None]]
 
-    async def send(self, msg: dict[str, Any]) -> None: ...
+    async def send(self, msg: dict[str, object]) -> None:
+        """Send msg (a push) on the connection."""
 
-    def abort(self) -> None: ...
+    def abort(self) -> None:
+        """Close the connection at once."""
 
 
 class Context:
@@ -84,7 +86,7 @@ class Context:
             raise P.not_found("disk", name)
         return d
 
-    def disk_info(self, d: Disk) -> dict[str, Any]:
+    def disk_info(self, d: Disk) -> dict[str, object]:
         """A disk as vdctl shows it."""
         return d.to_dict(self.state.luns)
 

@@ -33,7 +33,10 @@ class Disks:
         self.snapshots = snapshots
 
     async def disk_create(self, name: str, size: int, thick: bool, segment_size: int | None,
-                          container: str | None) -> dict[str, Any]:
+                          container: str | None) -> dict[str, object]:
+        """Create disk name of size bytes (thick: all of it allocated now; segment_size:
+        the allocation unit; container: pinned there). Raises RemoteError E_EXISTS,
+        E_INVALID, E_NOT_FOUND, E_NO_SPACE, E_IO."""
         P.check_name(name, "disk name")
         if name in self.state.disks:
             raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
@@ -66,7 +69,7 @@ class Disks:
         await self.agents.notify({"push": "namespace"})
         return self._warn_overcommit(self.ctx.disk_info(self.state.disks[name]))
 
-    def _warn_overcommit(self, info: dict[str, Any]) -> dict[str, Any]:
+    def _warn_overcommit(self, info: dict[str, object]) -> dict[str, object]:
         """Add a "warning" to a reply when thin disks promise more than the pool holds
         (like LVM thin's overprovisioning warning): a warning, never a refusal."""
         promised = sum(d.size for d in self.state.disks.values() if not d.thick)
@@ -77,7 +80,7 @@ class Disks:
                                f"{human(capacity)}: writes will meet ENOSPC if they use it all")
         return info
 
-    async def disk_ls(self, snapshots: bool = False) -> list[dict[str, Any]]:
+    async def disk_ls(self, snapshots: bool = False) -> list[dict[str, object]]:
         """Disks by name; with snapshots, their snapshots too (marked "snapshot": the
         mount shows them as read-only files)."""
         tables = [*self.state.disks.values(),
@@ -89,7 +92,8 @@ class Disks:
             out.append(info)
         return out
 
-    async def disk_info(self, name: str) -> dict[str, Any]:
+    async def disk_info(self, name: str) -> dict[str, object]:
+        """A disk, the bytes it holds on each container, and its snapshots."""
         d = self.ctx.disk(name)
         info = self.ctx.disk_info(d)
         per: dict[str, int] = {}
@@ -101,7 +105,7 @@ class Disks:
                                    if s.parent == d.name)
         return info
 
-    async def disk_map(self, name: str, start: int, limit: int | None) -> dict[str, Any]:
+    async def disk_map(self, name: str, start: int, limit: int | None) -> dict[str, object]:
         """Entries (zero gaps included) from start, at most limit rows per call."""
         d = self.ctx.disk(name)
         if not 0 <= start <= d.size:
@@ -122,7 +126,7 @@ class Disks:
 
     async def disk_resize(self, name: str, size: int, allow_shrink: bool,
                           grow_only: bool = False, conn: Caller | None = None
-                          ) -> dict[str, Any]:
+                          ) -> dict[str, object]:
         """Set the disk's size (bytes); an agent caller gets its new entries in "update".
 
         grow_only: make it at least size (a write past the end, fallocate): a disk that
@@ -198,7 +202,9 @@ class Disks:
             raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there first")
 
-    async def disk_rm(self, name: str, conn: Caller | None = None) -> dict[str, Any]:
+    async def disk_rm(self, name: str, conn: Caller | None = None) -> dict[str, object]:
+        """Remove a disk nobody has open and no snapshot refers to; its storage goes
+        back to the host. Raises RemoteError E_NOT_FOUND, E_BUSY."""
         d = self.ctx.disk(name)
         self._check_removable(d)
         await self.agents.wait_grace()
@@ -215,7 +221,9 @@ class Disks:
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info
 
-    async def disk_rename(self, name: str, new: str, replace: bool) -> dict[str, Any]:
+    async def disk_rename(self, name: str, new: str, replace: bool) -> dict[str, object]:
+        """Rename a disk (replace: over an existing disk new, which is removed). Raises
+        RemoteError E_NOT_FOUND, E_EXISTS, E_INVALID, E_BUSY."""
         d = self.ctx.disk(name)
         P.check_name(new, "new disk name")
         if new == name:
@@ -253,7 +261,7 @@ class Disks:
         return self.ctx.disk_info(d)
 
     async def disk_discard(self, name: str, offset: int, length: int,
-                           conn: Caller | None = None) -> dict[str, Any]:
+                           conn: Caller | None = None) -> dict[str, object]:
         """Free whole segments in the range; the caller zeroes the partial ends itself."""
         d = self.ctx.disk(name)
         if offset < 0 or length < 0:

@@ -7,8 +7,6 @@ takes new space through placement's one path (``Placement.allocate``).
 
 from __future__ import annotations
 
-from typing import Any
-
 from .. import protocol as P
 from ..agents import Agent
 from ..extents import ZERO
@@ -34,7 +32,7 @@ class Faults:
         self.movement = movement
         self.snapshots = snapshots
 
-    async def disk_open(self, name: str, conn: Caller) -> dict[str, Any]:
+    async def disk_open(self, name: str, conn: Caller) -> dict[str, object]:
         """Count an open by the calling agent and answer the whole table.
 
         The answer's "name" is the disk's name when the answer was made (a rename may
@@ -53,14 +51,14 @@ class Faults:
         out["handle"] = d.uid
         return out
 
-    async def disk_table(self, name: str, conn: Caller) -> dict[str, Any]:
+    async def disk_table(self, name: str, conn: Caller) -> dict[str, object]:
         """A fresh copy of a disk's table for an agent that already has it open."""
         self.ctx.agent(conn)
         d = self.ctx.live_disk(name)
         return await self.coherence.answer(d, 0, d.size)
 
     async def disk_fault(self, name: str, offset: int, length: int, write: bool,
-                         conn: Caller) -> dict[str, Any]:
+                         conn: Caller) -> dict[str, object]:
         """An agent lacks a usable entry: allocate (writes to zero ranges) and answer entries."""
         self.ctx.agent(conn)
         d = self.ctx.live_disk(name)

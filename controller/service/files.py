@@ -1,18 +1,19 @@
 """What a file in the mount needs beyond faults: allocation ahead of writes, the size an
-appending writer grew ahead given back (disk.trim), and times (disk.times).
+appending writer grew ahead given back (disk.trim), times (disk.times), rm of an open
+file (disk.unlink) and the close that then removes it (disk.close).
 
-``disk.allocate`` maps every zero entry of a range in one record: fallocate's
-preallocation (reserve: the space is reserved in the container's own file
-system too, as a thick disk's) and the agent's allocation ahead of a
-sequential writer on a thin disk (several segments per round trip). Unlike a
-write fault it prepares no segment being moved for a write (the agent does
-not write the range; a later write to a moving segment faults as usual).
+``disk.allocate`` maps every zero entry of a range in one record (with the
+write fault's step, ``Faults.map_zeros``): fallocate's preallocation (reserve:
+the space is reserved in the container's own file system too, as a thick
+disk's) and the agent's allocation ahead of a sequential writer on a thin disk
+(several segments per round trip). Unlike a write fault it prepares no segment
+being moved for a write (the agent does not write the range; a later write to
+a moving segment faults as usual).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from .. import protocol as P
 from ..state import Disk, round_up
@@ -40,7 +41,7 @@ class Files:
         self.disks = disks
 
     async def disk_allocate(self, name: str, offset: int, length: int, reserve: bool,
-                            conn: Caller) -> dict[str, Any]:
+                            conn: Caller) -> dict[str, object]:
         """Map every zero entry in [offset, offset+length) (segment-rounded, clipped to
         the disk), in one record; answer the range's entries like a fault."""
         self.ctx.agent(conn)
@@ -62,7 +63,7 @@ class Files:
         return await self.coherence.answer(d, lo, hi)
 
     async def disk_trim(self, name: str, size: int, expect: int,
-                        conn: Caller) -> dict[str, Any]:
+                        conn: Caller) -> dict[str, object]:
         """Give back what an agent grew ahead (virtfs/datapath.py grow): shrink the disk
         to size if its size is still expect (what that agent set); else change nothing
         (another writer or an admin set the size since) and answer without "update"."""
@@ -76,7 +77,7 @@ class Files:
         return await self.disks.disk_resize(name, size, allow_shrink=True, conn=conn)
 
     async def disk_times(self, name: str, mtime: float, stime: float,
-                         conn: Caller) -> dict[str, Any]:
+                         conn: Caller) -> dict[str, object]:
         """An agent's times of a disk (kept by it while the disk is written, sent on
         close, fsync and utimensat): one disk.times record; other agents are told the
         disk changed so they drop cached attributes."""
@@ -93,7 +94,7 @@ class Files:
                                  exclude=getattr(conn, "agent", None))
         return self.ctx.disk_info(d)
 
-    async def disk_unlink(self, name: str, conn: Caller) -> dict[str, Any]:
+    async def disk_unlink(self, name: str, conn: Caller) -> dict[str, object]:
         """rm of a file an agent has open: the disk leaves its name at once (renamed to
         protocol.deleted_name, which no file name can be), so the name is free for a
         new file, as on ext4; it is removed when the last agent closes it (disk_close).

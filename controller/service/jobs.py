@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
@@ -208,7 +207,7 @@ class Jobs:
 
     # ------------------------------------------------------------ operations
     async def _start_job(self, kind: str, disk: str | None, src: int | None,
-                         dst: int | None) -> dict[str, Any]:
+                         dst: int | None) -> dict[str, object]:
         jid = self.state.next_job
         await self.journal.commit({"op": "job.start", "id": jid, "kind": kind, "disk": disk,
                                    "src": src, "dst": dst, "started": round(time.time(), 3)})
@@ -217,7 +216,7 @@ class Jobs:
         self.ctx.spawn(self._run_job, jid)
         return self._job_dict(j)
 
-    async def disk_migrate(self, name: str, to: str) -> dict[str, Any]:
+    async def disk_migrate(self, name: str, to: str) -> dict[str, object]:
         """Start moving every extent of disk name to container `to` while it is in use.
 
         New space for the disk goes to `to` from now on (its home; its pin too, if it
@@ -243,7 +242,7 @@ class Jobs:
                                    "pin": c.lun if d.pin is not None else None})
         return await self._start_job("migrate", d.name, None, c.lun)
 
-    async def container_drain(self, name: str, to: str | None) -> dict[str, Any]:
+    async def container_drain(self, name: str, to: str | None) -> dict[str, object]:
         """Start moving everything off container name (to container `to`, or wherever
         placement puts it); new allocations avoid it meanwhile."""
         c = self.ctx.container(name)
@@ -273,10 +272,10 @@ class Jobs:
                                            "pin": home if d.pin is not None else None})
         return await self._start_job("drain", None, c.lun, dst)
 
-    def _job_dict(self, j: Job) -> dict[str, Any]:
+    def _job_dict(self, j: Job) -> dict[str, object]:
         prog = self._progress.get(j.id)
         luns = self.state.luns
-        out: dict[str, Any] = {
+        out: dict[str, object] = {
             "id": j.id, "kind": j.kind, "disk": j.disk,
             "from": luns[j.src].name if j.src in luns else None,
             "to": luns[j.dst].name if j.dst in luns else None,
@@ -297,10 +296,11 @@ class Jobs:
                        aborting=False)
         return out
 
-    async def job_ls(self) -> list[dict[str, Any]]:
+    async def job_ls(self) -> list[dict[str, object]]:
+        """Every job, by id, with the progress of running ones."""
         return [self._job_dict(j) for j in sorted(self.state.jobs.values(), key=lambda j: j.id)]
 
-    async def job_abort(self, id: int) -> dict[str, Any]:
+    async def job_abort(self, id: int) -> dict[str, object]:
         """Stop a running job: the moves it has in flight go back to where they came from
         (segments it finished stay moved); returns once the job has ended."""
         j = self.state.jobs.get(id)

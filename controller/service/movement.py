@@ -37,7 +37,6 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
@@ -131,7 +130,7 @@ class Movement:
 
     # ------------------------------------------------------------ 1. start
     async def start_move(self, d: Disk, unit: Extent, dst: int | None,
-                          cow: bool = False) -> list[int]:
+                         cow: bool = False) -> list[int]:
         """Start moving unit (a piece of one stored extent) to LUN dst (None: wherever
         placement puts new space; never the unit's own container, unless cow: a
         copy-on-write gives a shared segment new space wherever the disk allocates).
@@ -362,7 +361,7 @@ class Movement:
         n, _last = self._suspect.get(lun, (0, None))
         self._suspect[lun] = (n + 1, note)
 
-    def container_dict(self, c: Container) -> dict[str, Any]:
+    def container_dict(self, c: Container) -> dict[str, object]:
         """A container as vdctl shows it: state ok, draining, error (failed) or suspect
         (agents reported I/O errors on it), with the count and the last error."""
         info = c.to_dict()
@@ -381,7 +380,7 @@ class Movement:
             if ranges:
                 await self.coherence.push_update(d, ranges[0][0], ranges[-1][1])
 
-    async def container_fail(self, name: str) -> dict[str, Any]:
+    async def container_fail(self, name: str) -> dict[str, object]:
         """Every entry on the container turns `error` at every agent: I/O there fails
         with EIO at once; other containers, disks and ranges keep working."""
         c = self.ctx.container(name)
@@ -391,7 +390,7 @@ class Movement:
         self._suspect.pop(c.lun, None)
         return self.container_dict(c)
 
-    async def container_restore(self, name: str) -> dict[str, Any]:
+    async def container_restore(self, name: str) -> dict[str, object]:
         """Clear a failed (or suspect) container: its entries work again, data intact."""
         c = self.ctx.container(name)
         if c.failed:

@@ -55,7 +55,7 @@ class Placement:
         return usable
 
     def plan(self, targets: list[tuple[int, int]], pin: int | None,
-              home: int | None) -> list[list[int]]:
+             home: int | None) -> list[list[int]]:
         """Place targets [(vstart, length)] (block-rounded) in one go; NoSpace if short.
 
         Returns pieces [vstart, length, lun, offset]; only a target that ends at the
@@ -221,7 +221,7 @@ class Placement:
         return out
 
     def unshared(self, d: Disk, e: Extent,
-                  shared: list[tuple[int, int]] | None = None) -> list[tuple[str, int, int]]:
+                 shared: list[tuple[int, int]] | None = None) -> list[tuple[str, int, int]]:
         """(path, offset, length) of entry e's storage (block-rounded) that no other
         table of d's family maps at the same vstart (shared: what does, if known)."""
         path = self.state.luns[e.lun].path

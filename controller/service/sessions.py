@@ -25,7 +25,7 @@ class Sessions:
         self.movement = movement
 
     async def agent_register(self, name: str, host: str, mount: str, conn: Caller
-                             ) -> dict[str, Any]:
+                             ) -> dict[str, object]:
         """Register the agent on conn; its id and lease (seconds). Pushes go out on
         conn; the agent is forgotten (its lease waited out) when conn closes."""
         if conn.agent is not None:
@@ -42,7 +42,7 @@ class Sessions:
         conn.on_close.append(lambda: self.agents.disconnected(agent))
         return {"agent_id": agent.id, "lease": self.agents.lease}
 
-    async def agent_heartbeat(self, conn: Caller) -> dict[str, Any]:
+    async def agent_heartbeat(self, conn: Caller) -> dict[str, object]:
         """Renew the caller's lease; the epoch of every disk it has open (None: gone)."""
         a = self.ctx.agent(conn)
         self.agents.renew(a)
@@ -63,7 +63,7 @@ class Sessions:
         """An agent applied push pid; False if nobody waits for it any more."""
         return self.agents.ack(pid)
 
-    async def agent_ls(self) -> list[dict[str, Any]]:
+    async def agent_ls(self) -> list[dict[str, object]]:
         """The registered agents, as vdctl shows them."""
         return self.agents.to_list()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from .. import faultpoints
 from .. import moves as M
@@ -67,7 +66,7 @@ class Snapshots:
             raise P.not_found("snapshot", full)
         return s
 
-    def _snap_info(self, s: Disk) -> dict[str, Any]:
+    def _snap_info(self, s: Disk) -> dict[str, object]:
         """A snapshot as vdctl shows it; "held": bytes only it maps (what rm frees)."""
         pieces = list(s.extents)
         held = sum(e.length for e in pieces) - sum(
@@ -78,7 +77,7 @@ class Snapshots:
                 "allocated": s.allocated, "held": held, "clones": clones}
 
     # ------------------------------------------------------------ operations
-    async def snap_create(self, name: str) -> dict[str, Any]:
+    async def snap_create(self, name: str) -> dict[str, object]:
         """Snapshot DISK@SNAP: writes are held (entries nowrite at every agent, drained
         and acknowledged; reads go on), the table is copied in O(chunks), then writes
         go on with copy-on-write. Raises RemoteError: E_NOT_FOUND, E_EXISTS, E_INVALID,
@@ -102,20 +101,21 @@ class Snapshots:
         return {"name": s.name, "disk": s.parent, "created": s.ctime, "size": s.size,
                 "allocated": s.allocated, "held": 0, "clones": []}
 
-    async def snap_ls(self, name: str) -> list[dict[str, Any]]:
+    async def snap_ls(self, name: str) -> list[dict[str, object]]:
+        """The snapshots of disk name, oldest first."""
         d = self.ctx.disk(name)
         return [self._snap_info(s) for s in sorted(self.state.snaps.values(),
                                                    key=lambda s: (s.ctime, s.name))
                 if s.parent == d.name]
 
-    async def snap_rm(self, name: str) -> dict[str, Any]:
+    async def snap_rm(self, name: str) -> dict[str, object]:
         """Remove a snapshot; frees exactly what no disk, clone or other snapshot maps."""
         s = self._snap(name)
         clones = sorted(t.name for t in self.state.disks.values() if t.origin == s.name)
         if clones:
             raise P.RemoteError(P.E_BUSY, f"snapshot {name!r} has clones: "
                                 f"{', '.join(clones)}; remove them first")
-        info: dict[str, Any] = {"name": s.name, "disk": s.parent, "created": s.ctime,
+        info: dict[str, object] = {"name": s.name, "disk": s.parent, "created": s.ctime,
                                 "size": s.size, "allocated": s.allocated, "clones": []}
         users = self.agents.caching(s)
         if users:
@@ -133,7 +133,7 @@ class Snapshots:
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info
 
-    async def snap_rollback(self, name: str, force: bool) -> dict[str, Any]:
+    async def snap_rollback(self, name: str, force: bool) -> dict[str, object]:
         """The disk's content and size become the snapshot's. Refused while the disk is
         open at any agent, unless force (its agents then see the new content at once)."""
         s = self._snap(name)
@@ -162,7 +162,7 @@ class Snapshots:
         await self.agents.notify({"push": "namespace", "changed": [d.name]})
         return self.ctx.disk_info(d)
 
-    async def disk_clone(self, name: str, new: str) -> dict[str, Any]:
+    async def disk_clone(self, name: str, new: str) -> dict[str, object]:
         """A writable thin disk NEW from snapshot NAME@SNAP, sharing its storage."""
         self._snap(name)
         P.check_name(new, "clone name")
