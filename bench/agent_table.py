@@ -4,7 +4,7 @@ A 1 TiB thin disk fully allocated at 4 MiB segments in random order (262,144
 extents, none merge: the worst case for the table) is built in-process with
 ``State.apply`` (as the controller section does), then measured twice:
 
-- in-process, the controller's side of ``disk.open``: ``Service._answer`` for
+- in-process, the controller's side of ``disk.open``: ``Coherence.answer`` for
   the whole disk plus packing the reply frame, which both run on the
   controller's event loop (its stall); the frame's size; the agent's side:
   unpacking the frame and building ``DiskTable`` from it, the table's memory
@@ -66,14 +66,14 @@ def _build(size: int, seg: int, container: str, csize: int) -> State:
 
 
 class _DurableJournal:
-    """Everything is durable at once: _answer's wait costs nothing here."""
+    """Everything is durable at once: Coherence.answer's wait costs nothing here."""
 
     async def wait_durable(self, seq: int) -> None:
         return None
 
 
 def _controller_side(state: State, state_dir: Path) -> tuple[float, float, bytes]:
-    """(seconds in _answer, seconds packing the frame, the frame): best of three."""
+    """(seconds in Coherence.answer, seconds packing the frame, the frame): best of three."""
 
     async def one() -> tuple[float, float, bytes]:
         svc = Service(state, cast(Any, _DurableJournal()), str(state_dir))
@@ -83,7 +83,7 @@ def _controller_side(state: State, state_dir: Path) -> tuple[float, float, bytes
         for _ in range(3):
             gc.collect()
             t0 = time.perf_counter()
-            ans = await svc._answer(d, 0, d.size)
+            ans = await svc.coherence.answer(d, 0, d.size)
             t1 = time.perf_counter()
             frame = codec.wire_frame({"id": 1, "ok": True, "result": ans})
             t2 = time.perf_counter()
@@ -200,7 +200,7 @@ def bench_open(report: Report, section: Section) -> None:
         a = _agent_side(frame)
         if a["allocated"] != size:
             raise RuntimeError(f"agent table: {a['allocated']} bytes allocated, not {size}")
-        w.add("controller: _answer for the whole disk (loop stall)", t_answer * 1e3, "ms",
+        w.add("controller: Coherence.answer for the whole disk (loop stall)", t_answer * 1e3, "ms",
               less_than(AIM_STALL_MS))
         w.add("controller: packing the reply frame (loop stall)", t_pack * 1e3, "ms")
         w.add("wire: reply frame", len(frame) / MiB, "MiB")

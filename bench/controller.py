@@ -602,7 +602,7 @@ def bench_table(report: Report, section: Section) -> None:
         async def plan_thick() -> tuple[list[list[int]], float]:
             svc = Service(tstate, cast(Any, None), str(thick_dir))
             t0 = time.perf_counter()
-            pieces = svc._plan([(0, size)], None, 1)
+            pieces = svc.placement.plan([(0, size)], None, 1)
             return pieces, time.perf_counter() - t0
 
         pieces, t_plan = trio.run(plan_thick)

@@ -30,7 +30,7 @@ from . import codec, faultpoints, frames
 from .checkpoint import CheckpointFile, Snapshot, checkpoint_frames, write_checkpoint
 from .frames import JournalCorrupt
 from .fsutil import fsync_dir, write_all
-from .records import Record, decode
+from .records import Record
 from .recovery import JOURNAL, JOURNAL_NEXT
 from .state import State
 from .tables import StateError
@@ -88,7 +88,7 @@ class Journal:
         self.checkpoints = 0
         self.last_checkpoint_bytes = 0
 
-    def record(self, rec: Record | dict[str, object]) -> int:
+    def record(self, rec: Record) -> int:
         """Encode rec.to_wire() (with its new seq), apply rec to the state and queue
         it; its seq.
 
@@ -99,8 +99,6 @@ class Journal:
         """
         if self._closed:
             raise RuntimeError("journal is closed")
-        if isinstance(rec, dict):  # transitional: the service still builds some as dicts
-            rec = decode(rec)
         seq = self.state.seq + 1
         wire = rec.to_wire()
         wire["seq"] = seq
@@ -114,7 +112,7 @@ class Journal:
         self._wakeup.set()
         return seq
 
-    async def commit(self, rec: Record | dict[str, object]) -> int:
+    async def commit(self, rec: Record) -> int:
         """record() and wait until it is durable."""
         seq = self.record(rec)
         await self.wait_durable(seq)

@@ -9,7 +9,7 @@ much to build (``object.__setattr__`` per field), once per replayed record.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self, TypeVar, dataclass_transform
 
@@ -171,3 +171,14 @@ class Segment(Record):
         if type(name) is str and type(vstart) is int:
             return cls(name, vstart)
         return cls(get_str(d, "name"), get_int(d, "vstart"))  # raises
+
+
+def pieces_of(rows: Iterable[Sequence[int]]) -> list[Piece]:
+    """Planned pieces [vstart, length, lun, offset] (bytes; lists, as placement plans
+    them) as a record's pieces. Raises StateError on a row that is not four ints."""
+    out: list[Piece] = []
+    for p in rows:
+        if len(p) != 4:
+            raise StateError(f"bad map piece {p!r}")
+        out.append((p[0], p[1], p[2], p[3]))
+    return out

@@ -1,44 +1,121 @@
-"""The controller's operations: one module per noun; this class joins them.
+"""The controller's operations: a thin facade over the parts of the service.
 
 Each operation validates, plans, records through the journal and replies.
 Planning and ``journal.record`` happen in one step of the event loop (no
 await between them), so concurrent requests never plan against a stale
 table; the reply waits for the group commit.
 
-- ``base``: shared state (state, journal, agents, locks) and small helpers
-- ``placement``: where new space goes, zeroing and releasing it
-- ``coherence``: the rows agents get, restrict -> drain -> ack, pushes
-- ``containers``, ``disks``: the admin nouns
-- ``sessions``: agent registration, heartbeats, acks
-- ``faults``: an agent's tables and its faults
-- ``files``: allocation ahead of writes (fallocate, sequential writers)
-- ``movement``: one segment's move (start, write faults, copier, commit, abort),
-  container fail/restore
-- ``jobs``: migrate and drain jobs that run moves in the background
-- ``snapshots``: snapshots, clones, rollback; copy-on-write through the moves
+``Service`` has one method per protocol op (``dispatch`` maps op "disk.create"
+to ``disk_create``), each handing the request to the part that does it. The
+parts are objects, each owning its volatile state and naming what it uses in
+its ``__init__``:
+
+- ``context``: ``Context``, what every part shares: the tables, the journal,
+  the agents, the per-disk locks, the disks being removed, the background
+  nursery, and ``record`` (the one helper that journals a planned change)
+- ``placement``: ``Placement``, where new space goes, zeroing and releasing it;
+  the reservations; ``place``, the one path new space takes
+- ``coherence``: ``Coherence``, the rows agents get, restrict/freeze -> drain
+  -> ack, pushes; the restricted and frozen ranges and the version stamp
+- ``movement``: ``Movement``, one segment's move (start, write faults, copier,
+  commit, abort), container fail/restore; the copier steps, the moves' runners,
+  the suspect containers
+- ``jobs``: ``Jobs``, migrate and drain jobs that run moves in the background;
+  their progress
+- ``snapshots``: ``Snapshots``, snapshots, clones, rollback; copy-on-write
+  through the moves
+- ``containers``, ``disks``: ``Containers``, ``Disks``, the admin nouns
+- ``sessions``: ``Sessions``, agent registration, heartbeats, acks
+- ``faults``: ``Faults``, an agent's tables and its faults
+- ``files``: ``Files``, allocation ahead of writes, trim, times, unlink, close
+
+Each part uses only parts built before it (``Service.__init__``): placement
+and coherence use the context alone; movement uses both; jobs and snapshots
+use movement; disks and faults use snapshots; files uses faults and disks;
+containers and sessions use movement.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
+import trio
+
+from .. import __version__
 from .. import protocol as P
+from ..agents import DEFAULT_LEASE, AgentRegistry
 from ..consistency import check
-from .base import MAX_MAP_ROWS, VERSION
-from .containers import ContainerOps
-from .disks import DiskOps
-from .faults import FaultOps
-from .files import FileOps
-from .jobs import JobOps
-from .sessions import SessionOps
+from ..journal import Journal
+from ..state import State
+from .coherence import Coherence
+from .containers import Containers
+from .context import Caller, Context
+from .disks import MAX_MAP_ROWS, Disks
+from .faults import Faults
+from .files import Files
+from .jobs import Jobs
+from .movement import Movement
+from .placement import Placement
+from .sessions import Sessions
+from .snapshots import Snapshots
 
 __all__ = ["MAX_MAP_ROWS", "VERSION", "Service"]
 
+VERSION = __version__
 
-class Service(ContainerOps, DiskOps, SessionOps, FileOps, FaultOps, JobOps):
-    async def status(self) -> dict[str, Any]:
+
+class Service:
+    """The controller's service: one method per op, each delegating to a part.
+
+    state: the tables as recovered; journal: open for records; state_dir: where
+    the state lives (agents.live goes there); lease: the agents' lease (seconds).
+    """
+
+    def __init__(self, state: State, journal: Journal, state_dir: str, *,
+                 lease: float = DEFAULT_LEASE):
+        self.state = state
+        self.journal = journal
+        self.state_dir = state_dir
+        self.started = time.time()
+        self.agents = AgentRegistry(lease, os.path.join(state_dir, "agents.live"))
+        self.ctx = Context(state, journal, self.agents)
+        self.placement = Placement(self.ctx)
+        self.coherence = Coherence(self.ctx)
+        self.movement = Movement(self.ctx, self.placement, self.coherence)
+        self.jobs = Jobs(self.ctx, self.placement, self.movement)
+        self.snapshots = Snapshots(self.ctx, self.placement, self.coherence, self.movement)
+        self.containers = Containers(self.ctx, self.movement)
+        self.disks = Disks(self.ctx, self.placement, self.coherence, self.movement,
+                           self.snapshots)
+        self.sessions = Sessions(self.ctx, self.movement)
+        self.faults = Faults(self.ctx, self.placement, self.coherence, self.movement,
+                             self.snapshots)
+        self.files = Files(self.ctx, self.coherence, self.faults, self.disks)
+
+    async def start(self) -> None:
+        """Journal this start before anything is answered (Coherence.start)."""
+        await self.coherence.start()
+
+    async def run_jobs(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                       ) -> None:
+        """Run (and resume) jobs and moves for the service's life (Jobs.run)."""
+        await self.jobs.run(task_status=task_status)
+
+    async def dispatch(self, op: str, args: dict[str, object], conn: Caller | None = None
+                       ) -> object:
+        """Call op's method with args (validated by the server), and conn for the
+        ops in protocol.CONN_OPS; RemoteError E_UNSUPPORTED for an op with none."""
+        method = getattr(self, op.replace(".", "_"), None)
+        if method is None:
+            raise P.RemoteError(P.E_UNSUPPORTED, f"operation {op!r} is not implemented")
+        if op in P.CONN_OPS:
+            return await method(conn=conn, **args)
+        return await method(**args)
+
+    # ------------------------------------------------------------ the controller
+    async def status(self) -> dict[str, object]:
+        """status: the controller's figures (version, uptime, counts, bytes)."""
         s = self.state
         return {
             "version": VERSION,
@@ -58,7 +135,8 @@ class Service(ContainerOps, DiskOps, SessionOps, FileOps, FaultOps, JobOps):
             "checkpoints": self.journal.checkpoints,
         }
 
-    async def check(self) -> dict[str, Any]:
+    async def check(self) -> dict[str, object]:
+        """check: the invariants of the tables (consistency.check), problems listed."""
         problems = check(self.state)
         errors = [p for p in problems if p.level == "error"]
         return {
@@ -71,11 +149,165 @@ class Service(ContainerOps, DiskOps, SessionOps, FileOps, FaultOps, JobOps):
             "extents": sum(len(d.extents) for d in self.state.disks.values()),
         }
 
-    async def dispatch(self, op: str, args: dict[str, Any], conn: Any = None) -> Any:
-        method = getattr(self, op.replace(".", "_"), None)
-        if method is None:
-            raise P.RemoteError(P.E_UNSUPPORTED, f"operation {op!r} is not implemented")
-        if op in P.CONN_OPS:
-            return await method(conn=conn, **args)
-        return await method(**args)
+    # ------------------------------------------------------------ containers
+    async def container_add(self, name: str, path: str, size: int | None) -> dict[str, object]:
+        """container.add: Containers.container_add."""
+        return await self.containers.container_add(name, path, size)
 
+    async def container_ls(self) -> list[dict[str, object]]:
+        """container.ls: Containers.container_ls."""
+        return await self.containers.container_ls()
+
+    async def container_info(self, name: str) -> dict[str, object]:
+        """container.info: Containers.container_info."""
+        return await self.containers.container_info(name)
+
+    async def container_rm(self, name: str) -> dict[str, object]:
+        """container.rm: Containers.container_rm."""
+        return await self.containers.container_rm(name)
+
+    async def container_fail(self, name: str) -> dict[str, object]:
+        """container.fail: Movement.container_fail."""
+        return await self.movement.container_fail(name)
+
+    async def container_restore(self, name: str) -> dict[str, object]:
+        """container.restore: Movement.container_restore."""
+        return await self.movement.container_restore(name)
+
+    # ------------------------------------------------------------ disks
+    async def disk_create(self, name: str, size: int, thick: bool, segment_size: int | None,
+                          container: str | None) -> dict[str, object]:
+        """disk.create: Disks.disk_create."""
+        return await self.disks.disk_create(name, size, thick, segment_size, container)
+
+    async def disk_ls(self, snapshots: bool = False) -> list[dict[str, object]]:
+        """disk.ls: Disks.disk_ls."""
+        return await self.disks.disk_ls(snapshots)
+
+    async def disk_info(self, name: str) -> dict[str, object]:
+        """disk.info: Disks.disk_info."""
+        return await self.disks.disk_info(name)
+
+    async def disk_map(self, name: str, start: int, limit: int | None) -> dict[str, object]:
+        """disk.map: Disks.disk_map."""
+        return await self.disks.disk_map(name, start, limit)
+
+    async def disk_resize(self, name: str, size: int, allow_shrink: bool,
+                          grow_only: bool = False, conn: Caller | None = None
+                          ) -> dict[str, object]:
+        """disk.resize: Disks.disk_resize."""
+        return await self.disks.disk_resize(name, size, allow_shrink, grow_only, conn)
+
+    async def disk_rm(self, name: str, conn: Caller | None = None) -> dict[str, object]:
+        """disk.rm: Disks.disk_rm."""
+        return await self.disks.disk_rm(name, conn)
+
+    async def disk_rename(self, name: str, new: str, replace: bool) -> dict[str, object]:
+        """disk.rename: Disks.disk_rename."""
+        return await self.disks.disk_rename(name, new, replace)
+
+    async def disk_discard(self, name: str, offset: int, length: int,
+                           conn: Caller | None = None) -> dict[str, object]:
+        """disk.discard: Disks.disk_discard."""
+        return await self.disks.disk_discard(name, offset, length, conn)
+
+    # ------------------------------------------------------------ jobs
+    async def disk_migrate(self, name: str, to: str) -> dict[str, object]:
+        """disk.migrate: Jobs.disk_migrate."""
+        return await self.jobs.disk_migrate(name, to)
+
+    async def container_drain(self, name: str, to: str | None) -> dict[str, object]:
+        """container.drain: Jobs.container_drain."""
+        return await self.jobs.container_drain(name, to)
+
+    async def job_ls(self) -> list[dict[str, object]]:
+        """job.ls: Jobs.job_ls."""
+        return await self.jobs.job_ls()
+
+    async def job_abort(self, id: int) -> dict[str, object]:
+        """job.abort: Jobs.job_abort."""
+        return await self.jobs.job_abort(id)
+
+    # ------------------------------------------------------------ snapshots
+    async def snap_create(self, name: str) -> dict[str, object]:
+        """snap.create: Snapshots.snap_create."""
+        return await self.snapshots.snap_create(name)
+
+    async def snap_ls(self, name: str) -> list[dict[str, object]]:
+        """snap.ls: Snapshots.snap_ls."""
+        return await self.snapshots.snap_ls(name)
+
+    async def snap_rm(self, name: str) -> dict[str, object]:
+        """snap.rm: Snapshots.snap_rm."""
+        return await self.snapshots.snap_rm(name)
+
+    async def snap_rollback(self, name: str, force: bool) -> dict[str, object]:
+        """snap.rollback: Snapshots.snap_rollback."""
+        return await self.snapshots.snap_rollback(name, force)
+
+    async def disk_clone(self, name: str, new: str) -> dict[str, object]:
+        """disk.clone: Snapshots.disk_clone."""
+        return await self.snapshots.disk_clone(name, new)
+
+    # ------------------------------------------------------------ agents
+    async def agent_register(self, name: str, host: str, mount: str, conn: Caller
+                             ) -> dict[str, object]:
+        """agent.register: Sessions.agent_register."""
+        return await self.sessions.agent_register(name, host, mount, conn)
+
+    async def agent_heartbeat(self, conn: Caller) -> dict[str, object]:
+        """agent.heartbeat: Sessions.agent_heartbeat."""
+        return await self.sessions.agent_heartbeat(conn)
+
+    async def agent_bye(self, conn: Caller) -> None:
+        """agent.bye: Sessions.agent_bye."""
+        await self.sessions.agent_bye(conn)
+
+    async def agent_ack(self, pid: int) -> bool:
+        """agent.ack: Sessions.agent_ack."""
+        return await self.sessions.agent_ack(pid)
+
+    async def agent_ls(self) -> list[dict[str, object]]:
+        """agent.ls: Sessions.agent_ls."""
+        return await self.sessions.agent_ls()
+
+    async def io_error(self, name: str, lun: int, offset: int, message: str) -> None:
+        """io.error: Sessions.io_error."""
+        await self.sessions.io_error(name, lun, offset, message)
+
+    # ------------------------------------------------------------ an agent's disks
+    async def disk_open(self, name: str, conn: Caller) -> dict[str, object]:
+        """disk.open: Faults.disk_open."""
+        return await self.faults.disk_open(name, conn)
+
+    async def disk_table(self, name: str, conn: Caller) -> dict[str, object]:
+        """disk.table: Faults.disk_table."""
+        return await self.faults.disk_table(name, conn)
+
+    async def disk_fault(self, name: str, offset: int, length: int, write: bool,
+                         conn: Caller) -> dict[str, object]:
+        """disk.fault: Faults.disk_fault."""
+        return await self.faults.disk_fault(name, offset, length, write, conn)
+
+    async def disk_close(self, name: str, handle: int | None, conn: Caller) -> None:
+        """disk.close: Files.disk_close."""
+        await self.files.disk_close(name, handle, conn)
+
+    async def disk_allocate(self, name: str, offset: int, length: int, reserve: bool,
+                            conn: Caller) -> dict[str, object]:
+        """disk.allocate: Files.disk_allocate."""
+        return await self.files.disk_allocate(name, offset, length, reserve, conn)
+
+    async def disk_trim(self, name: str, size: int, expect: int,
+                        conn: Caller) -> dict[str, object]:
+        """disk.trim: Files.disk_trim."""
+        return await self.files.disk_trim(name, size, expect, conn)
+
+    async def disk_times(self, name: str, mtime: float, stime: float,
+                         conn: Caller) -> dict[str, object]:
+        """disk.times: Files.disk_times."""
+        return await self.files.disk_times(name, mtime, stime, conn)
+
+    async def disk_unlink(self, name: str, conn: Caller) -> dict[str, object]:
+        """disk.unlink: Files.disk_unlink."""
+        return await self.files.disk_unlink(name, conn)

@@ -1,10 +1,10 @@
-"""What agents are sent: rows, answers never ahead of the journal, restrict -> drain -> ack."""
+"""What agents are sent: rows, answers never ahead of the journal, restrict -> drain -> ack,
+and the version stamp every answer and push carries."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import trio
 
@@ -12,8 +12,9 @@ from .. import protocol as P
 from ..agents import Agent
 from ..extents import ERROR, INVALID, NOWRITE, ZERO, Extent
 from ..moves import expand
+from ..records import ControllerBoot
 from ..state import Disk
-from .base import ServiceBase
+from .context import Context
 
 # A whole-table answer (disk.open, disk.table) of a disk with at least this many
 # extents goes in the compact form (protocol.encode_rows). Smaller answers stay a
@@ -23,13 +24,53 @@ from .base import ServiceBase
 COMPACT_MIN_EXTENTS = 4096
 COMPACT_MIN_BYTES = 1 << 30  # pushes over this much of a disk go compact when they can
 _WITH_NOWRITE = bytes(f | NOWRITE for f in range(256))  # a flags column, made nowrite
+VERSION_BITS = 44  # version stamps per controller start: 1.7e13 (years at 100k/s)
+FAULT_WAIT = 30.0  # longest a fault waits for a restriction on its range to lift
 
 
-class Coherence(ServiceBase):
-    def _row(self, e: Extent) -> list[int]:
+class Coherence:
+    """What agents cache, kept coherent with the table.
+
+    Owns the restricted ranges (entries invalid at every agent while a change is
+    made), the frozen ranges (entries nowrite, write faults wait: a snapshot being
+    taken), both per disk uid so a rename cannot orphan them; the event that wakes
+    faults when one is lifted; and the version stamp.
+    """
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.state = ctx.state
+        self.journal = ctx.journal
+        self.agents = ctx.agents
+        self._restricted: dict[int, list[tuple[int, int]]] = {}
+        self._frozen: dict[int, list[tuple[int, int]]] = {}
+        self._restriction_lifted = trio.Event()
+        # stamps every table answer and push ("v"), so an agent can tell an answer that was
+        # overtaken by a later change (it then faults again instead of using it). Never
+        # from a clock (one stepped back would make every answer look stale): each start
+        # journals a new boot number (see start()) and counts up from boot << VERSION_BITS.
+        self.version = ctx.state.boot << VERSION_BITS
+
+    async def start(self) -> None:
+        """Journal this start (a "controller.boot" record) before anything is answered.
+
+        Version stamps then begin above every stamp the previous incarnation could have
+        sent: it started from a smaller boot number and made fewer than 2**VERSION_BITS.
+        """
+        await self.journal.commit(ControllerBoot(self.state.boot + 1))
+        self.version = self.state.boot << VERSION_BITS
+
+    def bump(self) -> int:
+        """A new version stamp (a change or a restriction is about to be sent)."""
+        self.version += 1
+        return self.version
+
+    @staticmethod
+    def row(e: Extent) -> list[int]:
+        """An entry on the wire: [vstart, length, lun, offset, flags]."""
         return [e.vstart, e.length, e.lun, e.offset, e.flags]
 
-    def _entries(self, d: Disk, start: int, end: int,
+    def entries(self, d: Disk, start: int, end: int,
                  writable: tuple[int, int] | None = None) -> Iterator[Extent]:
         """d's entries for [start, end) as agents see them, before restrictions: segments
         being moved split per block run (marked at L2, the rest nowrite at L1; moves.py),
@@ -71,13 +112,13 @@ class Coherence(ServiceBase):
                 and not d.is_snapshot and len(self.state.family(d.family)) == 1
                 and d.uid not in self._frozen)
 
-    def _rows(self, d: Disk, start: int, end: int,
-              writable: tuple[int, int] | None = None) -> list[list[int]]:
+    def rows(self, d: Disk, start: int, end: int,
+             writable: tuple[int, int] | None = None) -> list[list[int]]:
         """Entries for [start, end) as the agent gets them: restricted ranges are invalid,
         frozen ones nowrite."""
         restricted = [(lo, hi) for lo, hi in self._restricted.get(d.uid, [])
                       if lo < end and start < hi]
-        entries = self._entries(d, start, end, writable)
+        entries = self.entries(d, start, end, writable)
         frozen = [(lo, hi) for lo, hi in self._frozen.get(d.uid, []) if lo < end and start < hi]
         if frozen:
             entries = (e._replace(flags=e.flags | NOWRITE)
@@ -100,7 +141,7 @@ class Coherence(ServiceBase):
             rows.append([e.vstart, e.length, e.lun, e.offset, flags])
         return rows
 
-    def _table(self, d: Disk) -> dict[str, Any]:
+    def _table(self, d: Disk) -> dict[str, object]:
         return {
             "name": d.name, "size": d.size, "epoch": d.epoch, "segment_size": d.segment_size,
             "containers": {str(c.lun): c.path for c in self.state.containers.values()},
@@ -108,8 +149,8 @@ class Coherence(ServiceBase):
             "v": self.version,
         }
 
-    async def _answer(self, d: Disk, start: int, end: int,
-                      writable: tuple[int, int] | None = None) -> dict[str, Any]:
+    async def answer(self, d: Disk, start: int, end: int,
+                     writable: tuple[int, int] | None = None) -> dict[str, object]:
         """Entries for an agent, never more permissive than what is durable."""
         # a mapping recorded by another request is visible in memory before its group
         # commit: wait until everything recorded so far is on disk, then answer
@@ -125,7 +166,7 @@ class Coherence(ServiceBase):
                        self._restricted.get(d.uid, []) if lo < end and start < hi]
             out["rows"] = P.encode_rows(d.extents.columns(start, end), invalid)
         else:
-            out["rows"] = self._rows(d, start, end, writable)
+            out["rows"] = self.rows(d, start, end, writable)
         return out
 
     @staticmethod
@@ -141,23 +182,33 @@ class Coherence(ServiceBase):
                     pos = x
             yield e.clip(pos, e.vend) if pos > e.vstart else e
 
-    def _is_restricted(self, d: Disk, start: int, end: int, write: bool = True) -> bool:
+    def is_restricted(self, d: Disk, start: int, end: int, write: bool = True) -> bool:
         """[start, end) is being changed (invalid), or frozen and this is a write."""
         def hit(ranges: list[tuple[int, int]]) -> bool:
             return any(lo < end and start < hi for lo, hi in ranges)
         return hit(self._restricted.get(d.uid, [])) or (
             write and hit(self._frozen.get(d.uid, [])))
 
+    async def wait_unrestricted(self, d: Disk, name: str, start: int, end: int,
+                                write: bool = True) -> None:
+        """Wait (up to FAULT_WAIT) until is_restricted(d, start, end, write) is no more;
+        RemoteError E_BUSY if it still is then (name: d's name in the request)."""
+        with trio.move_on_after(FAULT_WAIT):
+            while self.is_restricted(d, start, end, write):
+                await self._restriction_lifted.wait()
+        if self.is_restricted(d, start, end, write):
+            raise P.RemoteError(P.E_BUSY, f"{name!r} at {start} is being changed; retry")
+
     @asynccontextmanager
-    async def _freeze(self, d: Disk) -> AsyncIterator[None]:
+    async def freeze(self, d: Disk) -> AsyncIterator[None]:
         """Make every entry of d nowrite at every agent, drained and acknowledged, and
         hold write faults, for the block; reads never stop (a snapshot being taken)."""
         async with self._held(self._frozen, d, (0, P.MAX_DISK_SIZE), 0, d.size, None):
             yield
 
     @asynccontextmanager
-    async def _restrict(self, d: Disk, start: int, end: int,
-                        exclude: Agent | None) -> AsyncIterator[None]:
+    async def restrict(self, d: Disk, start: int, end: int,
+                       exclude: Agent | None) -> AsyncIterator[None]:
         """Turn off I/O on [start, end) at every caching agent, drained, for the block."""
         async with self._held(self._restricted, d, (start, end), start, end, exclude):
             yield
@@ -172,7 +223,7 @@ class Coherence(ServiceBase):
         await self.agents.wait_grace()
         ranges.setdefault(d.uid, []).append(rng)
         try:
-            await self._push_update(d, start, end, exclude=exclude, drain=True)
+            await self.push_update(d, start, end, exclude=exclude, drain=True)
             yield
         finally:
             lst = ranges.get(d.uid, [])
@@ -180,16 +231,16 @@ class Coherence(ServiceBase):
                 lst.remove(rng)
             if not lst:
                 ranges.pop(d.uid, None)
-            self._bump()
+            self.bump()
             self._restriction_lifted.set()
             self._restriction_lifted = trio.Event()
 
-    async def _push_update(self, d: Disk, start: int, end: int,
-                           exclude: Agent | None = None, drain: bool = False) -> None:
+    async def push_update(self, d: Disk, start: int, end: int,
+                          exclude: Agent | None = None, drain: bool = False) -> None:
         """Send d's entries for [start, end) to every agent caching d (but exclude) and
         wait for each to apply them and acknowledge; with drain, each first waits for
         its I/O in flight in the range (so none goes on under the entries replaced)."""
-        self._bump()
+        self.bump()
         agents = self.agents.caching(d, exclude)
         if agents:
             end = max(start, min(end, d.size))
@@ -198,17 +249,17 @@ class Coherence(ServiceBase):
                 "start": start, "end": end, "rows": self._push_rows(d, start, end),
                 "drain": drain, "v": self.version})
 
-    def _push_rows(self, d: Disk, start: int, end: int) -> Any:
-        """_rows for a push; a large range of a disk whose entries are its stored extents
+    def _push_rows(self, d: Disk, start: int, end: int) -> list[list[int]] | dict[str, object]:
+        """rows for a push; a large range of a disk whose entries are its stored extents
         (frozen or not: a freeze only adds nowrite) goes in the compact form, copied from
         the extent map at C speed, so a whole-disk push stalls the loop for milliseconds."""
         if (end - start < COMPACT_MIN_BYTES or d.alts or d.is_snapshot
                 or any(c.failed for c in self.state.containers.values())
                 or self._restricted.get(d.uid)):
-            return self._rows(d, start, end)
+            return self.rows(d, start, end)
         frozen = any(lo <= start and end <= hi for lo, hi in self._frozen.get(d.uid, []))
         if not frozen and (len(self.state.family(d.family)) > 1 or self._frozen.get(d.uid)):
-            return self._rows(d, start, end)
+            return self.rows(d, start, end)
         cols = d.extents.columns(start, end)
         if frozen:
             cols[4] = cols[4].translate(_WITH_NOWRITE)

@@ -3,18 +3,41 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from .. import protocol as P
+from ..recordbase import pieces_of
+from ..records import DiskCreate, DiskRename, DiskResize, DiskRm, DiskUnmap, Record
 from ..state import Disk, round_up
 from ..units import human
-from .base import MAX_MAP_ROWS
-from .snapshots import SnapshotOps
+from .coherence import Coherence
+from .context import Caller, Context
+from .movement import Movement
+from .placement import Placement
+from .snapshots import Snapshots
+
+MAX_MAP_ROWS = 65536
 
 
-class DiskOps(SnapshotOps):
+class Disks:
+    """The admin's disk operations (and an agent's resize and rm)."""
+
+    def __init__(self, ctx: Context, placement: Placement, coherence: Coherence,
+                 movement: Movement, snapshots: Snapshots):
+        self.ctx = ctx
+        self.state = ctx.state
+        self.journal = ctx.journal
+        self.agents = ctx.agents
+        self._record = ctx.record
+        self.placement = placement
+        self.coherence = coherence
+        self.movement = movement
+        self.snapshots = snapshots
+
     async def disk_create(self, name: str, size: int, thick: bool, segment_size: int | None,
-                          container: str | None) -> dict[str, Any]:
+                          container: str | None) -> dict[str, object]:
+        """Create disk name of size bytes (thick: all of it allocated now; segment_size:
+        the allocation unit; container: pinned there). Raises RemoteError E_EXISTS,
+        E_INVALID, E_NOT_FOUND, E_NO_SPACE, E_IO."""
         P.check_name(name, "disk name")
         if name in self.state.disks:
             raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
@@ -24,30 +47,29 @@ class DiskOps(SnapshotOps):
         if seg % P.BLOCK_SIZE or not P.MIN_SEGMENT_SIZE <= seg <= P.MAX_SEGMENT_SIZE:
             raise P.invalid(f"segment size must be a multiple of {P.BLOCK_SIZE} between "
                             f"{human(P.MIN_SEGMENT_SIZE)} and {human(P.MAX_SEGMENT_SIZE)}")
-        pin = self._container(container).lun if container is not None else None
+        pin = self.ctx.container(container).lun if container is not None else None
         if pin is not None and self.state.luns[pin].failed:
             raise P.RemoteError(P.E_IO, f"container {container!r} is failed")
-        cands = self._candidates(pin, None)
+        cands = self.placement.candidates(pin, None)
         if not cands:
             raise P.RemoteError(P.E_NO_SPACE, "no containers (add one with: vdctl container "
                                 "add NAME PATH --size SIZE)")
         home = cands[0].lun
-        def create(pieces: list[list[int]]) -> dict[str, Any]:
+        def create(pieces: list[list[int]]) -> Record:
             if name in self.state.disks:  # created meanwhile (thick zeroing awaits)
                 raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
-            return {"op": "disk.create", "name": name, "size": size, "segment_size": seg,
-                    "thick": thick, "pin": pin, "home": home, "ctime": round(time.time(), 3),
-                    "map": pieces}
+            return DiskCreate(name, size, seg, thick, pin, home, round(time.time(), 3),
+                              pieces_of(pieces))
 
         if thick and size:
-            seq = await self._allocate([(0, size)], pin, home, create, preallocate=True)
+            seq = await self.placement.allocate([(0, size)], pin, home, create, preallocate=True)
         else:
             seq = self._record(create([]))
         await self.journal.wait_durable(seq)
         await self.agents.notify({"push": "namespace"})
-        return self._warn_overcommit(self._disk_info(self.state.disks[name]))
+        return self._warn_overcommit(self.ctx.disk_info(self.state.disks[name]))
 
-    def _warn_overcommit(self, info: dict[str, Any]) -> dict[str, Any]:
+    def _warn_overcommit(self, info: dict[str, object]) -> dict[str, object]:
         """Add a "warning" to a reply when thin disks promise more than the pool holds
         (like LVM thin's overprovisioning warning): a warning, never a refusal."""
         promised = sum(d.size for d in self.state.disks.values() if not d.thick)
@@ -58,21 +80,22 @@ class DiskOps(SnapshotOps):
                                f"{human(capacity)}: writes will meet ENOSPC if they use it all")
         return info
 
-    async def disk_ls(self, snapshots: bool = False) -> list[dict[str, Any]]:
+    async def disk_ls(self, snapshots: bool = False) -> list[dict[str, object]]:
         """Disks by name; with snapshots, their snapshots too (marked "snapshot": the
         mount shows them as read-only files)."""
         tables = [*self.state.disks.values(),
                   *(self.state.snaps.values() if snapshots else ())]
         out = []
         for d in sorted(tables, key=lambda d: d.name):
-            info = self._disk_info(d)
+            info = self.ctx.disk_info(d)
             info["snapshot"] = d.is_snapshot
             out.append(info)
         return out
 
-    async def disk_info(self, name: str) -> dict[str, Any]:
-        d = self._disk(name)
-        info = self._disk_info(d)
+    async def disk_info(self, name: str) -> dict[str, object]:
+        """A disk, the bytes it holds on each container, and its snapshots."""
+        d = self.ctx.disk(name)
+        info = self.ctx.disk_info(d)
         per: dict[str, int] = {}
         for e in d.extents:
             cname = self.state.luns[e.lun].name
@@ -82,9 +105,9 @@ class DiskOps(SnapshotOps):
                                    if s.parent == d.name)
         return info
 
-    async def disk_map(self, name: str, start: int, limit: int | None) -> dict[str, Any]:
+    async def disk_map(self, name: str, start: int, limit: int | None) -> dict[str, object]:
         """Entries (zero gaps included) from start, at most limit rows per call."""
-        d = self._disk(name)
+        d = self.ctx.disk(name)
         if not 0 <= start <= d.size:
             raise P.invalid(f"start {start} is outside the disk (size {d.size})")
         lim = MAX_MAP_ROWS if limit is None else limit
@@ -92,17 +115,18 @@ class DiskOps(SnapshotOps):
             raise P.invalid(f"limit must be between 1 and {MAX_MAP_ROWS}")
         rows: list[list[int]] = []
         nxt = None
-        for e in self._entries(d, start, d.size):  # as agents see them
+        for e in self.coherence.entries(d, start, d.size):  # as agents see them
             if len(rows) == lim:
                 nxt = e.vstart
                 break
-            rows.append(self._row(e))
+            rows.append(self.coherence.row(e))
         luns = {str(c.lun): c.name for c in self.state.containers.values()}
         return {"name": d.name, "size": d.size, "epoch": d.epoch, "containers": luns,
                 "rows": rows, "next": nxt}
 
     async def disk_resize(self, name: str, size: int, allow_shrink: bool,
-                          grow_only: bool = False, conn: Any = None) -> dict[str, Any]:
+                          grow_only: bool = False, conn: Caller | None = None
+                          ) -> dict[str, object]:
         """Set the disk's size (bytes); an agent caller gets its new entries in "update".
 
         grow_only: make it at least size (a write past the end, fallocate): a disk that
@@ -110,11 +134,11 @@ class DiskOps(SnapshotOps):
         append racing an ftruncate) both succeed, as on a regular file. Without it, a
         smaller size needs allow_shrink (else E_INVALID).
         """
-        d = self._disk(name)
+        d = self.ctx.disk(name)
         if not 0 <= size <= P.MAX_DISK_SIZE:
             raise P.invalid(f"disk size must be between 0 and {human(P.MAX_DISK_SIZE)}")
         caller = getattr(conn, "agent", None)
-        async with self._dlock(d):
+        async with self.ctx.dlock(d):
             if self.state.disks.get(d.name) is not d:
                 raise P.not_found("disk", name)
             old = d.size
@@ -126,42 +150,45 @@ class DiskOps(SnapshotOps):
                                 "discards data; "
                                 "pass --allow-shrink to do it")
             if size == old:
-                info = self._disk_info(d)
+                info = self.ctx.disk_info(d)
                 if caller is not None:
                     info["update"] = {"start": lo, "end": d.size,
-                                      **await self._answer(d, lo, d.size)}
+                                      **await self.coherence.answer(d, lo, d.size)}
                 return info
             if size < old:
-                await self._copying_done(d, round_up(size), old)
-                async with self._restrict(d, size // P.BLOCK_SIZE * P.BLOCK_SIZE, old,
+                await self.movement.copying_done(d, round_up(size), old)
+                async with self.coherence.restrict(d, size // P.BLOCK_SIZE * P.BLOCK_SIZE, old,
                                           exclude=None):
-                    await self._release_space(self._physical(d, round_up(size), old))
-                    await self.journal.commit({"op": "disk.resize", "name": d.name,
-                                               "size": size, "map": []})
+                    await self.placement.release_space(
+                        self.placement.physical(d, round_up(size), old))
+                    await self.journal.commit(DiskResize(d.name, size, []))
             else:
                 # the bytes past an unaligned old end (inside its last block) may hold
                 # data from before a shrink: zero them before they become visible (in a
                 # block of its own, if a snapshot or clone shares that one)
-                await self._unshare_tail(d)
-                await self._zero_tail(d)
+                await self.snapshots.unshare_tail(d)
+                await self.placement.zero_tail(d)
                 start = round_up(old)
 
-                def grow(pieces: list[list[int]]) -> dict[str, Any]:
-                    return {"op": "disk.resize", "name": d.name, "size": size, "map": pieces}
+                def grow(pieces: list[list[int]]) -> Record:
+                    return DiskResize(d.name, size, pieces_of(pieces))
 
                 if d.thick and size > start:
-                    seq = await self._allocate([(start, size - start)], d.pin, d.home, grow,
-                                               preallocate=True)
+                    seq = await self.placement.allocate([(start, size - start)], d.pin,
+                                                        d.home, grow, preallocate=True)
                 else:
                     seq = self._record(grow([]))
                 await self.journal.wait_durable(seq)
             # the calling agent gets the new entries in the reply, not as a push: a file
             # that grows write by write (cp into the mount) costs one round trip a write
-            await self._push_update(d, lo, d.size, exclude=caller)
+            await self.coherence.push_update(d, lo, d.size, exclude=caller)
         await self.agents.notify({"push": "namespace", "changed": [d.name]}, exclude=caller)
-        info = self._warn_overcommit(self._disk_info(d)) if size > old else self._disk_info(d)
+        info = self.ctx.disk_info(d)
+        if size > old:
+            info = self._warn_overcommit(info)
         if caller is not None:
-            info["update"] = {"start": lo, "end": d.size, **await self._answer(d, lo, d.size)}
+            info["update"] = {"start": lo, "end": d.size,
+                              **await self.coherence.answer(d, lo, d.size)}
         return info
 
     def _check_removable(self, d: Disk) -> None:
@@ -174,31 +201,32 @@ class DiskOps(SnapshotOps):
             raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there first")
 
-    async def disk_rm(self, name: str, conn: Any = None) -> dict[str, Any]:
-        d = self._disk(name)
+    async def disk_rm(self, name: str, conn: Caller | None = None) -> dict[str, object]:
+        """Remove a disk nobody has open and no snapshot refers to; its storage goes
+        back to the host. Raises RemoteError E_NOT_FOUND, E_BUSY."""
+        d = self.ctx.disk(name)
         self._check_removable(d)
         await self.agents.wait_grace()
-        async with self._dlock(d):
+        async with self.ctx.dlock(d):
             if self.state.disks.get(name) is not d:
                 raise P.not_found("disk", name)
             self._check_removable(d)
-            info = self._disk_info(d)
-            self._removing.add(d.uid)  # from here on nobody may open it
-            try:
-                await self._copying_done(d)
-                await self._release_space(self._physical(d, 0, d.size))
-                await self.journal.commit({"op": "disk.rm", "name": name})
-            finally:
-                self._removing.discard(d.uid)
-        self._disk_locks.pop(d.uid, None)
+            info = self.ctx.disk_info(d)
+            with self.ctx.removal(d):  # from here on nobody may open it
+                await self.movement.copying_done(d)
+                await self.placement.release_space(self.placement.physical(d, 0, d.size))
+                await self.journal.commit(DiskRm(name))
+        self.ctx.forget_lock(d)
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info
 
-    async def disk_rename(self, name: str, new: str, replace: bool) -> dict[str, Any]:
-        d = self._disk(name)
+    async def disk_rename(self, name: str, new: str, replace: bool) -> dict[str, object]:
+        """Rename a disk (replace: over an existing disk new, which is removed). Raises
+        RemoteError E_NOT_FOUND, E_EXISTS, E_INVALID, E_BUSY."""
+        d = self.ctx.disk(name)
         P.check_name(new, "new disk name")
         if new == name:
-            return self._disk_info(d)
+            return self.ctx.disk_info(d)
         target = self.state.disks.get(new)
         if target is not None:
             if not replace:
@@ -209,37 +237,34 @@ class DiskOps(SnapshotOps):
                     raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) is moving disk "
                                         f"{new!r}; wait for it or abort it")
             await self.agents.wait_grace()
-        async with self._dlocks(d, *([target] if target is not None else [])):
+        async with self.ctx.dlocks(d, *([target] if target is not None else [])):
             if self.state.disks.get(name) is not d or self.state.disks.get(new) is not target:
                 raise P.RemoteError(P.E_BUSY, "the disks changed meanwhile; retry")
             if target is not None:
                 self._check_removable(target)
-                self._removing.add(target.uid)
-                try:
-                    await self._copying_done(target)
-                    await self._release_space(self._physical(target, 0, target.size))
-                    await self.journal.commit({"op": "disk.rename", "name": name, "new": new,
-                                               "replace": True})
-                finally:
-                    self._removing.discard(target.uid)
-                self._disk_locks.pop(target.uid, None)
+                with self.ctx.removal(target):
+                    await self.movement.copying_done(target)
+                    await self.placement.release_space(
+                        self.placement.physical(target, 0, target.size))
+                    await self.journal.commit(DiskRename(name, new, replace=True))
+                self.ctx.forget_lock(target)
             else:
-                await self.journal.commit({"op": "disk.rename", "name": name, "new": new})
+                await self.journal.commit(DiskRename(name, new))
             # "handle": the disk's identity (disk.open's answer), for agents that must
             # match the push to an open that is still on its way
             await self.agents.push_all(self.agents.caching(d),
                                        {"push": "rename", "disk": name, "new": new,
                                         "handle": d.uid})
         await self.agents.notify({"push": "namespace", "removed": [name]})
-        return self._disk_info(d)
+        return self.ctx.disk_info(d)
 
     async def disk_discard(self, name: str, offset: int, length: int,
-                           conn: Any = None) -> dict[str, Any]:
+                           conn: Caller | None = None) -> dict[str, object]:
         """Free whole segments in the range; the caller zeroes the partial ends itself."""
-        d = self._disk(name)
+        d = self.ctx.disk(name)
         if offset < 0 or length < 0:
             raise P.invalid("discard range must not be negative")
-        async with self._dlock(d):
+        async with self.ctx.dlock(d):
             if self.state.disks.get(d.name) is not d:
                 raise P.not_found("disk", name)
             end = min(offset + length, d.size)
@@ -247,16 +272,16 @@ class DiskOps(SnapshotOps):
             a = min(round_up(offset, seg), end)
             b = end if end == d.size else max(end // seg * seg, a)
             if b > a:
-                await self._copying_done(d, a, b)
-                async with self._restrict(d, a, b, exclude=None):
-                    freed = self._physical(d, a, b)
+                await self.movement.copying_done(d, a, b)
+                async with self.coherence.restrict(d, a, b, exclude=None):
+                    freed = self.placement.physical(d, a, b)
                     # unmap whatever is stored there, even when a snapshot or clone
                     # shares all of it (nothing to punch, but the disk must read zeros)
                     if freed or next(iter(d.extents.stored_in(a, b)), None) is not None:
-                        await self._release_space(freed)
-                        await self.journal.commit({"op": "disk.unmap", "name": d.name,
-                                                   "start": a, "end": b})
-                await self._push_update(d, a, b)
+                        await self.placement.release_space(freed)
+                        await self.journal.commit(DiskUnmap(d.name, a, b))
+                await self.coherence.push_update(d, a, b)
             zero = [[lo, hi] for lo, hi in ((offset, a), (max(b, a), end)) if hi > lo]
-            return {"epoch": d.epoch, "v": self.version, "freed": [a, b] if b > a else None,
-                    "zero": zero, "rows": self._rows(d, a, b) if b > a else []}
+            return {"epoch": d.epoch, "v": self.coherence.version,
+                    "freed": [a, b] if b > a else None, "zero": zero,
+                    "rows": self.coherence.rows(d, a, b) if b > a else []}

@@ -1,92 +1,108 @@
-"""An agent's tables: open, reload, close, and faults (allocation on first write)."""
+"""An agent's tables: open and reload, and faults (allocation on first write).
+
+``map_zeros`` is the one step that maps a range's zero entries for an agent:
+a write fault and ``disk.allocate`` (service/files.py) both take it, and it
+takes new space through placement's one path (``Placement.allocate``).
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-import trio
-
 from .. import protocol as P
+from ..agents import Agent
 from ..extents import ZERO
-from ..state import round_up
-from .base import FAULT_WAIT
-from .snapshots import SnapshotOps
+from ..recordbase import pieces_of
+from ..records import DiskMap
+from ..state import Disk, round_up
+from .coherence import Coherence
+from .context import Caller, Context
+from .movement import Movement
+from .placement import Placement
+from .snapshots import Snapshots
 
 
-class FaultOps(SnapshotOps):
-    async def disk_open(self, name: str, conn: Any) -> dict[str, Any]:
+class Faults:
+    """An agent's tables and its faults."""
+
+    def __init__(self, ctx: Context, placement: Placement, coherence: Coherence,
+                 movement: Movement, snapshots: Snapshots):
+        self.ctx = ctx
+        self.state = ctx.state
+        self.journal = ctx.journal
+        self.agents = ctx.agents
+        self.placement = placement
+        self.coherence = coherence
+        self.movement = movement
+        self.snapshots = snapshots
+
+    async def disk_open(self, name: str, conn: Caller) -> dict[str, object]:
         """Count an open by the calling agent and answer the whole table.
 
         The answer's "name" is the disk's name when the answer was made (a rename may
         have overtaken the request) and "handle" its identity at this controller, which
         ``disk.close`` takes; both stay right across renames.
         """
-        a = self._agent(conn)
-        d = self._live_disk(name)
+        a = self.ctx.agent(conn)
+        d = self.ctx.live_disk(name)
         self.agents.open(a, d)
         try:
-            out = await self._answer(d, 0, d.size)
-            self._live_disk(d.name)
+            out = await self.coherence.answer(d, 0, d.size)
+            self.ctx.live_disk(d.name)
         except BaseException:
             self.agents.close(a, d.uid)
             raise
         out["handle"] = d.uid
         return out
 
-    async def disk_table(self, name: str, conn: Any) -> dict[str, Any]:
+    async def disk_table(self, name: str, conn: Caller) -> dict[str, object]:
         """A fresh copy of a disk's table for an agent that already has it open."""
-        self._agent(conn)
-        d = self._live_disk(name)
-        return await self._answer(d, 0, d.size)
-
-    async def disk_close(self, name: str, handle: int | None, conn: Any) -> None:
-        """Count one open less: by handle (from disk.open), else by the disk's name now."""
-        a = self._agent(conn)
-        if handle is None:
-            handle = next((uid for uid, ref in a.opens.items() if ref.disk.name == name), None)
-        if handle is not None:
-            self.agents.close(a, handle)
+        self.ctx.agent(conn)
+        d = self.ctx.live_disk(name)
+        return await self.coherence.answer(d, 0, d.size)
 
     async def disk_fault(self, name: str, offset: int, length: int, write: bool,
-                         conn: Any) -> dict[str, Any]:
+                         conn: Caller) -> dict[str, object]:
         """An agent lacks a usable entry: allocate (writes to zero ranges) and answer entries."""
-        self._agent(conn)
-        d = self._live_disk(name)
+        self.ctx.agent(conn)
+        d = self.ctx.live_disk(name)
         if offset < 0 or length <= 0 or offset >= d.size:
             raise P.invalid(f"fault range {offset}+{length} is outside disk {name!r} "
                             f"(size {d.size})")
-        with trio.move_on_after(FAULT_WAIT):
-            while self._is_restricted(d, offset, offset + length, write):
-                await self._restriction_lifted.wait()
-        if self._is_restricted(d, offset, offset + length, write):
-            raise P.RemoteError(P.E_BUSY, f"{name!r} at {offset} is being changed; retry")
+        await self.coherence.wait_unrestricted(d, name, offset, offset + length, write)
         seg = d.segment_size
         lo = offset // seg * seg
         if write and d.is_snapshot:
             raise P.RemoteError(P.E_READONLY, f"{name!r} is a read-only snapshot")
         while write:
-            async with self._dlock(d):
+            async with self.ctx.dlock(d):
                 if self.state.disks.get(d.name) is not d:
                     raise P.not_found("disk", name)
                 hi = min(round_up(offset + length, seg), d.size)
-                gaps = [(e.vstart, e.length) for e in d.extents.entries(lo, hi)
-                        if e.flags & ZERO]
-                if gaps:
-                    seq = await self._allocate(
-                        gaps, d.pin, d.home,
-                        lambda pieces: {"op": "disk.map", "name": d.name, "map": pieces})
-                    await self.journal.wait_durable(seq)
-                    await self._push_update(d, lo, hi, exclude=conn.agent)
+                await self.map_zeros(d, lo, hi, conn.agent)
                 # storage a snapshot or clone shares: copy on write (a move to new space)
-                await self._copy_on_write(d, offset, min(offset + length, hi))
+                await self.snapshots.copy_on_write(d, offset, min(offset + length, hi))
                 # segments being moved: copy and mark the blocks this write touches
-                if await self._prepare_moving_write(d, offset, min(offset + length, hi),
-                                                    exclude=conn.agent):
+                if await self.movement.prepare_moving_write(
+                        d, offset, min(offset + length, hi), exclude=conn.agent):
                     break
-            await self._copying_done(d, offset, offset + length)  # the copier is there
+            await self.movement.copying_done(d, offset, offset + length)  # the copier is there
         hi = min(round_up(offset + length, seg), d.size)
         # the written blocks of moving segments come writable: every other agent has
         # them at their new place now (pushed above); everything else as usual
         writable = (offset // P.BLOCK_SIZE * P.BLOCK_SIZE,
                     min(round_up(offset + length, P.BLOCK_SIZE), hi)) if write else None
-        return await self._answer(d, lo, hi, writable)
+        return await self.coherence.answer(d, lo, hi, writable)
+
+    async def map_zeros(self, d: Disk, lo: int, hi: int, exclude: Agent | None,
+                        preallocate: bool = False) -> None:
+        """Map every zero entry of d in [lo, hi) (bytes) in one disk.map record, durable,
+        and push the new entries to every agent caching d but exclude (the caller, whose
+        answer carries them). preallocate: reserve the space in the container's own file
+        system too. Hold d's lock. Raises RemoteError E_NO_SPACE, E_IO, E_BUSY."""
+        gaps = [(e.vstart, e.length) for e in d.extents.entries(lo, hi) if e.flags & ZERO]
+        if gaps:
+            seq = await self.placement.allocate(
+                gaps, d.pin, d.home,
+                lambda pieces: DiskMap(d.name, pieces_of(pieces)),
+                preallocate=preallocate)
+            await self.journal.wait_durable(seq)
+            await self.coherence.push_update(d, lo, hi, exclude=exclude)

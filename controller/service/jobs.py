@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
 from .. import protocol as P
 from ..extents import MOVING, Extent
 from ..moves import move_units
+from ..records import DiskPlace, JobAbort, JobEnd, JobStart
 from ..state import Disk, Job
 from ..units import human
-from .movement import MoveGone, MovementOps
+from .context import Context
+from .movement import MoveGone, Movement
+from .placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,27 @@ class _Progress:
     batch: trio.CancelScope | None = None  # the moves in flight, cancelled by an abort
 
 
-class JobOps(MovementOps):
+class Jobs:
+    """Migrate and drain jobs, run in the service's background nursery.
+
+    Owns the running jobs' volatile progress (by job id).
+    """
+
+    def __init__(self, ctx: Context, placement: Placement, movement: Movement):
+        self.ctx = ctx
+        self.state = ctx.state
+        self.journal = ctx.journal
+        self.agents = ctx.agents
+        self.placement = placement
+        self.movement = movement
+        self._progress: dict[int, _Progress] = {}
+
     # ------------------------------------------------------------ the runner
-    async def run_jobs(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
         """Run (and resume) jobs for the service's life; moves without a running job
         (their job ended in a crash between its last move and its end) finish too."""
-        async with trio.open_nursery() as n:
-            self._job_nursery = n
+        async with self.ctx.open_background() as n:
             task_status.started()
             for j in list(self.state.jobs.values()):
                 if j.state == "running":
@@ -59,7 +75,7 @@ class JobOps(MovementOps):
                     if e is not None and not any(
                             j.disk == d.name or (j.kind == "drain" and j.src == e.lun)
                             for j in running):
-                        self._spawn_move(d, vs)
+                        self.movement.spawn_move(d, vs)
             await trio.sleep_forever()
 
     def _units(self, j: Job) -> list[tuple[Disk, int, int]]:
@@ -79,12 +95,13 @@ class JobOps(MovementOps):
                     out.append((d, e.vstart, e.length))
         return out
 
-    def _remaining(self, j: Job) -> int:
+    def remaining(self, j: Job) -> int:
+        """Bytes job j still has to move."""
         return sum(n for _d, _v, n in self._units(j))
 
     async def _run_job(self, jid: int) -> None:
         j = self.state.jobs[jid]
-        prog = self._progress.setdefault(jid, _Progress(self._remaining(j),
+        prog = self._progress.setdefault(jid, _Progress(self.remaining(j),
                                                          trio.current_time()))
         state: str | None = None  # None: journal no end (cancelled: it resumes later)
         message = ""
@@ -108,14 +125,14 @@ class JobOps(MovementOps):
                         prog.batch.cancel()
                     async with trio.open_nursery() as n:
                         for d, vs in started:
-                            n.start_soon(self._run_move, d, vs)
+                            n.start_soon(self.movement.run_move, d, vs)
                 prog.batch = None
             if prog.aborting:
                 await self._roll_back(j)
                 state, message = "aborted", "aborted by request"
             elif j.disk is not None and j.disk not in self.state.disks:
                 state, message = "failed", f"disk {j.disk!r} was removed"
-            elif self._remaining(j):
+            elif self.remaining(j):
                 state, message = "failed", "data is left to move (see the log)"
             else:
                 state = "done"
@@ -128,8 +145,7 @@ class JobOps(MovementOps):
         finally:
             if state is not None and self.state.jobs.get(jid) is j and j.state == "running":
                 try:
-                    self.journal.record({"op": "job.end", "id": jid, "state": state,
-                                         "message": message, "ended": round(time.time(), 3)})
+                    self.journal.record(JobEnd(jid, state, message, round(time.time(), 3)))
                 except RuntimeError as e:  # the journal closed: a stop; resumes later
                     log.info("job %d: end not recorded: %s", jid, e)
             prog.done_event.set()
@@ -164,9 +180,9 @@ class JobOps(MovementOps):
         run, as (disk, vstart)."""
         if isinstance(unit, int):
             return [(d, unit)]
-        if d.uid in self._no_new_moves:
+        if not self.movement.may_start(d):
             return []  # a snapshot of it is being taken: later
-        async with self._dlock(d):
+        async with self.ctx.dlock(d):
             if self.state.disks.get(d.name) is not d:
                 return []
             cur = d.extents.find(unit.vstart)
@@ -174,7 +190,7 @@ class JobOps(MovementOps):
                     or cur.vend < unit.vend):
                 return []  # changed meanwhile: the next look at the table decides
             try:
-                return [(d, vs) for vs in await self._start_move(d, unit, j.dst)]
+                return [(d, vs) for vs in await self.movement.start_move(d, unit, j.dst)]
             except MoveGone as e:
                 log.info("job %d: %s", j.id, e)
                 return []
@@ -185,30 +201,29 @@ class JobOps(MovementOps):
             e = d.extents.find(vs)
             if e is not None and e.flags & MOVING:
                 try:
-                    await self._abort_move(d, vs)
+                    await self.movement.abort_move(d, vs)
                 except MoveGone:
                     pass
 
     # ------------------------------------------------------------ operations
     async def _start_job(self, kind: str, disk: str | None, src: int | None,
-                         dst: int | None) -> dict[str, Any]:
+                         dst: int | None) -> dict[str, object]:
         jid = self.state.next_job
-        await self.journal.commit({"op": "job.start", "id": jid, "kind": kind, "disk": disk,
-                                   "src": src, "dst": dst, "started": round(time.time(), 3)})
+        await self.journal.commit(JobStart(jid, kind, disk, src, dst, round(time.time(), 3)))
         j = self.state.jobs[jid]
-        self._progress[jid] = _Progress(self._remaining(j), trio.current_time())
-        self._job_nursery.start_soon(self._run_job, jid)
+        self._progress[jid] = _Progress(self.remaining(j), trio.current_time())
+        self.ctx.spawn(self._run_job, jid)
         return self._job_dict(j)
 
-    async def disk_migrate(self, name: str, to: str) -> dict[str, Any]:
+    async def disk_migrate(self, name: str, to: str) -> dict[str, object]:
         """Start moving every extent of disk name to container `to` while it is in use.
 
         New space for the disk goes to `to` from now on (its home; its pin too, if it
         had one). Raises RemoteError: E_NOT_FOUND, E_INVALID (already wholly there),
         E_BUSY (a job already moves it), E_IO (the target is failed), E_NO_SPACE.
         """
-        d = self._disk(name)
-        c = self._container(to)
+        d = self.ctx.disk(name)
+        c = self.ctx.container(to)
         if c.failed:
             raise P.RemoteError(P.E_IO, f"container {to!r} is failed")
         for j in self.state.jobs.values():
@@ -218,19 +233,19 @@ class JobOps(MovementOps):
         todo = sum(e.length for e in d.extents if e.lun != c.lun or e.flags & MOVING)
         if not todo:
             raise P.invalid(f"disk {name!r} is wholly on container {to!r} already")
-        free = self._plannable(c).free
+        free = self.placement.plannable(c).free
         if round_up_sum(d, c.lun) > free:
             raise P.RemoteError(P.E_NO_SPACE, f"container {to!r} has {human(free)} free; "
                                 f"disk {name!r} needs {human(round_up_sum(d, c.lun))}")
-        await self.journal.commit({"op": "disk.place", "name": d.name, "home": c.lun,
-                                   "pin": c.lun if d.pin is not None else None})
+        await self.journal.commit(DiskPlace(d.name, c.lun,
+                                            c.lun if d.pin is not None else None))
         return await self._start_job("migrate", d.name, None, c.lun)
 
-    async def container_drain(self, name: str, to: str | None) -> dict[str, Any]:
+    async def container_drain(self, name: str, to: str | None) -> dict[str, object]:
         """Start moving everything off container name (to container `to`, or wherever
         placement puts it); new allocations avoid it meanwhile."""
-        c = self._container(name)
-        dst = self._container(to).lun if to is not None else None
+        c = self.ctx.container(name)
+        dst = self.ctx.container(to).lun if to is not None else None
         if dst == c.lun:
             raise P.invalid(f"cannot drain container {name!r} into itself")
         if dst is not None and self.state.luns[dst].failed:
@@ -244,7 +259,7 @@ class JobOps(MovementOps):
             if j.state == "running":
                 raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) is moving data "
                                     "already; wait for it or abort it (vdctl job abort)")
-        room = sum(self._plannable(o).free for o in (
+        room = sum(self.placement.plannable(o).free for o in (
             [self.state.luns[dst]] if dst is not None else others))
         if c.used > room:
             raise P.RemoteError(P.E_NO_SPACE, f"container {name!r} holds {human(c.used)}; "
@@ -252,21 +267,21 @@ class JobOps(MovementOps):
         for d in list(self.state.disks.values()):  # pins and homes move off it
             if d.pin == c.lun or d.home == c.lun:
                 home = dst if dst is not None else others[0].lun
-                await self.journal.commit({"op": "disk.place", "name": d.name, "home": home,
-                                           "pin": home if d.pin is not None else None})
+                await self.journal.commit(DiskPlace(d.name, home,
+                                                    home if d.pin is not None else None))
         return await self._start_job("drain", None, c.lun, dst)
 
-    def _job_dict(self, j: Job) -> dict[str, Any]:
+    def _job_dict(self, j: Job) -> dict[str, object]:
         prog = self._progress.get(j.id)
         luns = self.state.luns
-        out: dict[str, Any] = {
+        out: dict[str, object] = {
             "id": j.id, "kind": j.kind, "disk": j.disk,
             "from": luns[j.src].name if j.src in luns else None,
             "to": luns[j.dst].name if j.dst in luns else None,
             "state": j.state, "started": j.started, "ended": j.ended, "message": j.message,
         }
         if j.state == "running" and prog is not None:
-            left = self._remaining(j)
+            left = self.remaining(j)
             done = max(0, prog.total - left)
             elapsed = max(1e-6, trio.current_time() - prog.started)
             rate = done / elapsed
@@ -280,10 +295,11 @@ class JobOps(MovementOps):
                        aborting=False)
         return out
 
-    async def job_ls(self) -> list[dict[str, Any]]:
+    async def job_ls(self) -> list[dict[str, object]]:
+        """Every job, by id, with the progress of running ones."""
         return [self._job_dict(j) for j in sorted(self.state.jobs.values(), key=lambda j: j.id)]
 
-    async def job_abort(self, id: int) -> dict[str, Any]:
+    async def job_abort(self, id: int) -> dict[str, object]:
         """Stop a running job: the moves it has in flight go back to where they came from
         (segments it finished stay moved); returns once the job has ended."""
         j = self.state.jobs.get(id)
@@ -291,7 +307,7 @@ class JobOps(MovementOps):
             raise P.RemoteError(P.E_NOT_FOUND, f"no such job: {id}")
         if j.state != "running":
             raise P.invalid(f"job {id} has ended already ({j.state})")
-        await self.journal.commit({"op": "job.abort", "id": id})  # a restart rolls back too
+        await self.journal.commit(JobAbort(id))  # a restart rolls back too
         prog = self._progress.get(id)
         if prog is not None:
             prog.aborting = True
@@ -306,4 +322,4 @@ def round_up_sum(d: Disk, lun: int) -> int:
     return sum(-(-e.length // P.BLOCK_SIZE) * P.BLOCK_SIZE for e in d.extents if e.lun != lun)
 
 
-__all__ = ["JobOps", "MoveGone"]
+__all__ = ["Jobs", "MoveGone"]

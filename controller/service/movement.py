@@ -23,24 +23,32 @@ Every step is a record through the one apply, so a restarted controller
 resumes from the persisted bitmap; it waits out the previous agents' leases
 first (``agents.wait_grace``), since one of them may not have acknowledged
 step 1's push.
+
+New space for a move goes through placement's one path (``Placement.place``),
+as a thin fault's does. Container fail and restore are here too: they change
+what agents may do with every entry of a container, moving or not.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
 from .. import faultpoints, storage
 from .. import moves as M
 from .. import protocol as P
+from ..agents import Agent
 from ..extents import MOVING, Extent
-from ..state import Alt, Disk, round_up
+from ..records import ContainerFail, ContainerRestore, MoveAbort, MoveCommit, MoveMark, MoveStart
+from ..state import Alt, Container, Disk, round_up
 from ..units import human
 from .coherence import Coherence
+from .context import Context
 from .placement import Placement
 
 log = logging.getLogger(__name__)
@@ -59,9 +67,32 @@ class _Copying:
     done: trio.Event = field(default_factory=trio.Event)
 
 
-class MovementOps(Placement, Coherence):
+class Movement:
+    """Segments moving between containers, and the state of containers for agents.
+
+    Owns the copier steps in progress (by (disk uid, move vstart); write faults on
+    their blocks wait), the moves that have a runner, the disks whose segments may
+    not start moving now (a snapshot settles them), and the suspect containers (LUN
+    -> (I/O errors agents reported, the last one)).
+    """
+
+    def __init__(self, ctx: Context, placement: Placement, coherence: Coherence):
+        self.ctx = ctx
+        self.state = ctx.state
+        self.journal = ctx.journal
+        self.agents = ctx.agents
+        self._record = ctx.record
+        self.placement = placement
+        self.coherence = coherence
+        self._copying: dict[tuple[int, int], _Copying] = {}
+        self._move_runners: dict[tuple[int, int], trio.Event] = {}
+        self._no_new_moves: set[int] = set()
+        self._suspect: dict[int, tuple[int, str | None]] = {}
+
     # ------------------------------------------------------------ lookups
-    def _move_of(self, d: Disk, vstart: int) -> tuple[Extent, Alt]:
+    def move_of(self, d: Disk, vstart: int) -> tuple[Extent, Alt]:
+        """The moving extent of d at vstart and its alternate location; MoveGone if
+        there is no move there (any more)."""
         if self.state.disks.get(d.name) is not d:
             raise MoveGone(f"disk {d.name!r} is gone")
         a = d.alts.get(vstart)
@@ -75,7 +106,8 @@ class MovementOps(Placement, Coherence):
         return [(lu[c.src_lun].path, c.src_offset, lu[c.dst_lun].path, c.dst_offset, c.length)
                 for c in cs]
 
-    async def _copy(self, cs: list[M.Copy]) -> None:
+    async def copy(self, cs: list[M.Copy]) -> None:
+        """Copy cs between containers, durably; RemoteError E_IO or E_NO_SPACE."""
         if not cs:
             return
         try:
@@ -86,8 +118,8 @@ class MovementOps(Placement, Coherence):
             raise P.RemoteError(code, f"copy between containers failed: {e}") from None
 
     # ------------------------------------------------------------ 1. start
-    async def _start_move(self, d: Disk, unit: Extent, dst: int | None,
-                          cow: bool = False) -> list[int]:
+    async def start_move(self, d: Disk, unit: Extent, dst: int | None,
+                         cow: bool = False) -> list[int]:
         """Start moving unit (a piece of one stored extent) to LUN dst (None: wherever
         placement puts new space; never the unit's own container, unless cow: a
         copy-on-write gives a shared segment new space wherever the disk allocates).
@@ -100,12 +132,12 @@ class MovementOps(Placement, Coherence):
         if dst is not None:
             cands = [self.state.luns[dst]]
         elif cow:
-            cands = self._candidates(d.pin, d.home)
+            cands = self.placement.candidates(d.pin, d.home)
         else:
-            cands = [c for c in self._candidates(None, d.home) if c.lun != unit.lun]
+            cands = [c for c in self.placement.candidates(None, d.home) if c.lun != unit.lun]
         space = None
         for c in cands:
-            sp = self._plannable(c)
+            sp = self.placement.plannable(c)
             if sp.free >= need:
                 space = (c, sp)
                 break
@@ -118,40 +150,36 @@ class MovementOps(Placement, Coherence):
         # every piece of new space is reserved now, in the step that planned it: later
         # plans (a thin fault elsewhere) go around all of it while it is zeroed
         plan = sp.plan(need)  # contiguous pieces of the target's free space
-        for off, n in plan:
-            self._reserved.setdefault(c.lun, []).append((off, n))
         started: list[int] = []
-        seq = 0
-        try:
-            await self._zero([[0, n, c.lun, off] for off, n in plan])
-            self._check_still_free([[0, n, c.lun, off] for off, n in plan])
+
+        def record(pieces: list[list[int]]) -> int:
             cur = d.extents.find(unit.vstart)
             if (self.state.disks.get(d.name) is not d or cur is None or cur.flags & MOVING
                     or cur.lun != unit.lun or cur.vend < unit.vend
                     or cur.offset + (unit.vstart - cur.vstart) != unit.offset):
                 raise MoveGone(f"disk {d.name!r} changed at {unit.vstart}")
             faultpoints.hit("movement.start")
+            seq = 0
             pos = unit.vstart
             for off, n in plan:  # all records in one step: no await in between
                 length = min(n, unit.vend - pos)
-                seq = self._record({"op": "move.start", "name": d.name, "vstart": pos,
-                                    "length": length, "lun": c.lun, "offset": off})
+                seq = self._record(MoveStart(d.name, pos, length, c.lun, off))
                 started.append(pos)
                 pos += length
-        finally:
-            for off, n in plan:
-                self._unreserve(c.lun, (off, n))
+            return seq
+
+        seq = await self.placement.place([[0, n, c.lun, off] for off, n in plan], record)
         await self.journal.wait_durable(seq)
         # every agent now stops writing L1 there (drained, acknowledged)
-        await self._push_update(d, unit.vstart, unit.vend, drain=True)
+        await self.coherence.push_update(d, unit.vstart, unit.vend, drain=True)
         return started
 
     # ------------------------------------------------------------ 2. write faults
-    async def _prepare_moving_write(self, d: Disk, start: int, end: int,
-                                    exclude: Any) -> bool:
+    async def prepare_moving_write(self, d: Disk, start: int, end: int,
+                                   exclude: Agent | None) -> bool:
         """A write to [start, end) meets moving segments: copy and mark the blocks it
         touches, and remap them at every other agent. Hold d's lock. Returns False if
-        the caller must wait for the copier (see _copying) and call again."""
+        the caller must wait for the copier (copying_done) and call again."""
         touched = [e for e in d.extents.stored_in(start, end) if e.flags & MOVING]
         if not touched:
             return True
@@ -167,23 +195,22 @@ class MovementOps(Placement, Coherence):
             runs = M.unmarked_runs(a, first, last)
             if not runs:
                 continue
-            await self._copy(M.copies(e, a, runs))
-            seq = self._record({"op": "move.mark", "name": d.name, "vstart": e.vstart,
-                                "runs": [list(r) for r in runs]})
+            await self.copy(M.copies(e, a, runs))
+            seq = self._record(MoveMark(d.name, e.vstart, [(r[0], r[1]) for r in runs]))
             await self.journal.wait_durable(seq)
         # the written blocks, whole: every other agent reads them at L2 from now on
         # (drained, acknowledged) before the writer is answered with them writable
         lo = max(min(e.vstart for e in touched), start // P.BLOCK_SIZE * P.BLOCK_SIZE)
         hi = min(max(e.vend for e in touched), round_up(end, P.BLOCK_SIZE))
-        await self._push_update(d, lo, hi, exclude=exclude, drain=True)
+        await self.coherence.push_update(d, lo, hi, exclude=exclude, drain=True)
         return True
 
     # ------------------------------------------------------------ 3. copier
-    async def _copy_step(self, d: Disk, vstart: int) -> bool:
+    async def copy_step(self, d: Disk, vstart: int) -> bool:
         """Copy and mark the next run of unmarked blocks; False when none is left."""
         await faultpoints.hit_async("movement.copier")  # tests hold moves half done here
-        async with self._dlock(d):
-            e, a = self._move_of(d, vstart)
+        async with self.ctx.dlock(d):
+            e, a = self.move_of(d, vstart)
             if self.state.luns[a.lun].failed or self.state.luns[e.lun].failed:
                 raise P.RemoteError(P.E_IO, f"disk {d.name!r} at {vstart}: a container of "
                                     "its move is failed")
@@ -194,63 +221,59 @@ class MovementOps(Placement, Coherence):
             cs = M.copies(e, a, [nxt])
             self._copying[(d.uid, vstart)] = step
         try:
-            await self._copy(cs)  # faults on these blocks wait; others go on
+            await self.copy(cs)  # faults on these blocks wait; others go on
         finally:
             # wake waiters before taking the lock again: a discard or rm holding the lock
             # waits for this copy to end (never to be marked), and a write fault that
             # gets in first copies and marks the blocks itself
             del self._copying[(d.uid, vstart)]
             step.done.set()
-        async with self._dlock(d):
-            e, a = self._move_of(d, vstart)
+        async with self.ctx.dlock(d):
+            e, a = self.move_of(d, vstart)
             count = min(step.count, a.bitmap.nblocks - step.first)  # a shrink may cut it
             if count <= 0:
                 return True
             faultpoints.hit("movement.mark")
-            seq = self._record({"op": "move.mark", "name": d.name, "vstart": vstart,
-                                "runs": [[step.first, count]]})
+            seq = self._record(MoveMark(d.name, vstart, [(step.first, count)]))
         await self.journal.wait_durable(seq)
         return True
 
     # ------------------------------------------------------------ 4. commit / 5. abort
     async def _commit_move(self, d: Disk, vstart: int) -> None:
-        async with self._dlock(d):
-            e, a = self._move_of(d, vstart)
+        async with self.ctx.dlock(d):
+            e, a = self.move_of(d, vstart)
             if not a.bitmap.all_set():
                 raise MoveGone(f"disk {d.name!r} at {vstart}: blocks left to copy")
             # every entry there is at L2 already: make every agent drop reads in flight
             # on L1 before L1 may be reused
-            await self._push_update(d, e.vstart, e.vend, drain=True)
-            e, a = self._move_of(d, vstart)
+            await self.coherence.push_update(d, e.vstart, e.vend, drain=True)
+            e, a = self.move_of(d, vstart)
             # L1 goes back to the host, but for what a snapshot or clone still maps
-            await self._release_space(self._unshared(d, e))
+            await self.placement.release_space(self.placement.unshared(d, e))
             faultpoints.hit("movement.commit")
-            await self.journal.commit({"op": "move.commit", "name": d.name, "vstart": vstart})
-        await self._push_update(d, e.vstart, e.vend)
+            await self.journal.commit(MoveCommit(d.name, vstart))
+        await self.coherence.push_update(d, e.vstart, e.vend)
 
-    async def _abort_move(self, d: Disk, vstart: int) -> None:
+    async def abort_move(self, d: Disk, vstart: int) -> None:
         """Roll a move back: its blocks marked at L2 return to L1; L2 is freed."""
-        async with self._dlock(d):
-            e, a = self._move_of(d, vstart)
-            await self._copying_done(d, e.vstart, e.vend)
-            async with self._restrict(d, e.vstart, e.vend, exclude=None):
-                e, a = self._move_of(d, vstart)
+        async with self.ctx.dlock(d):
+            e, a = self.move_of(d, vstart)
+            await self.copying_done(d, e.vstart, e.vend)
+            async with self.coherence.restrict(d, e.vstart, e.vend, exclude=None):
+                e, a = self.move_of(d, vstart)
                 back = [(b, n) for b, n, marked in a.bitmap.runs() if marked]
-                await self._copy(M.copies(e, a, back, back=True))  # durable first
+                await self.copy(M.copies(e, a, back, back=True))  # durable first
                 lun, rng = a.lun, (a.offset, a.bitmap.nblocks * P.BLOCK_SIZE)
                 faultpoints.hit("movement.abort")
                 # the record frees L2 (so a crash never finds marked blocks pointing at
                 # a punched L2); it stays reserved, in the same step, until punched
-                seq = self._record({"op": "move.abort", "name": d.name, "vstart": vstart})
-                self._reserved.setdefault(lun, []).append(rng)
-                try:
+                seq = self._record(MoveAbort(d.name, vstart))
+                with self.placement.reserved([(lun, *rng)]):
                     await self.journal.wait_durable(seq)
-                    await self._release_space([(self.state.luns[lun].path, *rng)])
-                finally:
-                    self._unreserve(lun, rng)
-            await self._push_update(d, e.vstart, e.vend)
+                    await self.placement.release_space([(self.state.luns[lun].path, *rng)])
+            await self.coherence.push_update(d, e.vstart, e.vend)
 
-    async def _run_move(self, d: Disk, vstart: int) -> None:
+    async def run_move(self, d: Disk, vstart: int) -> None:
         """Copy a started move to the end and commit it (one runner per move)."""
         key = (d.uid, vstart)
         running = self._move_runners.get(key)
@@ -260,7 +283,7 @@ class MovementOps(Placement, Coherence):
         done = self._move_runners[key] = trio.Event()
         try:
             await self.agents.wait_grace()
-            while await self._copy_step(d, vstart):
+            while await self.copy_step(d, vstart):
                 pass
             await self._commit_move(d, vstart)
         except MoveGone as e:
@@ -269,41 +292,95 @@ class MovementOps(Placement, Coherence):
             del self._move_runners[key]
             done.set()
 
-    def _spawn_move(self, d: Disk, vstart: int) -> None:
+    def spawn_move(self, d: Disk, vstart: int) -> None:
         """Run a move in the background; a failure is logged (the move stays, and
         resumes at the next start), never raised into the service's nursery."""
         async def run() -> None:
             try:
-                await self._run_move(d, vstart)
+                await self.run_move(d, vstart)
             except (P.RemoteError, OSError) as e:
                 log.error("move of %s at %d stopped: %s", d.name, vstart,
                           getattr(e, "message", e))
-        self._job_nursery.start_soon(run)
+        self.ctx.spawn(run)
+
+    async def copying_done(self, d: Disk, start: int = 0, end: int = P.MAX_DISK_SIZE
+                           ) -> None:
+        """Wait until no copier step overlaps [start, end) of d: call it, holding d's lock,
+        before freeing storage there, or a late copy could land in space given to
+        someone else."""
+        for (uid, vs), c in list(self._copying.items()):
+            e = d.extents.find(vs)
+            if uid == d.uid and e is not None:
+                lo = e.vstart + c.first * P.BLOCK_SIZE
+                if lo < end and start < lo + c.count * P.BLOCK_SIZE:
+                    await c.done.wait()
+
+    # ------------------------------------------------------------ holding moves back
+    def may_start(self, d: Disk) -> bool:
+        """New moves of d's segments may start now (no snapshot is settling d)."""
+        return d.uid not in self._no_new_moves
+
+    @asynccontextmanager
+    async def settled(self, d: Disk, wait: float) -> AsyncIterator[None]:
+        """For the block, no segment of d is being moved and none starts: a snapshot's
+        table must hold each block's current location, and a half-moved segment's
+        current data is split between two. Runs d's moves to their end first (hold d's
+        writes frozen); RemoteError E_BUSY if they do not end within wait seconds."""
+        self._no_new_moves.add(d.uid)
+        try:
+            with trio.move_on_after(wait):
+                while d.alts:
+                    for vs in list(d.alts):
+                        self.spawn_move(d, vs)
+                    await trio.sleep(0.01)
+            if d.alts:
+                raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} has segments being moved "
+                                    "that did not finish in time; retry")
+            yield
+        finally:
+            self._no_new_moves.discard(d.uid)
 
     # ------------------------------------------------------------ container fail/restore
+    def suspect(self, lun: int, note: str) -> None:
+        """An agent reported an I/O error on LUN lun (note: when, where, what): the
+        container shows as suspect until someone fails or restores it."""
+        n, _last = self._suspect.get(lun, (0, None))
+        self._suspect[lun] = (n + 1, note)
+
+    def container_dict(self, c: Container) -> dict[str, object]:
+        """A container as vdctl shows it: state ok, draining, error (failed) or suspect
+        (agents reported I/O errors on it), with the count and the last error."""
+        info = c.to_dict()
+        s = self._suspect.get(c.lun)
+        if s is not None and not c.failed:
+            info["state"] = "suspect"
+        info["errors"] = s[0] if s else 0
+        info["last_error"] = s[1] if s else None
+        return info
+
     async def _push_lun(self, lun: int) -> None:
         """Send fresh entries for everything on LUN lun to the agents that cache it."""
         for d in list(self.state.disks.values()):
             ranges = [(e.vstart, e.vend) for e in d.extents
                       if e.lun == lun or (e.flags & MOVING and d.alts[e.vstart].lun == lun)]
             if ranges:
-                await self._push_update(d, ranges[0][0], ranges[-1][1])
+                await self.coherence.push_update(d, ranges[0][0], ranges[-1][1])
 
-    async def container_fail(self, name: str) -> dict[str, Any]:
+    async def container_fail(self, name: str) -> dict[str, object]:
         """Every entry on the container turns `error` at every agent: I/O there fails
         with EIO at once; other containers, disks and ranges keep working."""
-        c = self._container(name)
+        c = self.ctx.container(name)
         if not c.failed:
-            await self.journal.commit({"op": "container.fail", "name": name})
+            await self.journal.commit(ContainerFail(name))
             await self._push_lun(c.lun)
         self._suspect.pop(c.lun, None)
-        return self._container_dict(c)
+        return self.container_dict(c)
 
-    async def container_restore(self, name: str) -> dict[str, Any]:
+    async def container_restore(self, name: str) -> dict[str, object]:
         """Clear a failed (or suspect) container: its entries work again, data intact."""
-        c = self._container(name)
+        c = self.ctx.container(name)
         if c.failed:
-            await self.journal.commit({"op": "container.restore", "name": name})
+            await self.journal.commit(ContainerRestore(name))
             await self._push_lun(c.lun)
         self._suspect.pop(c.lun, None)
-        return self._container_dict(c)
+        return self.container_dict(c)

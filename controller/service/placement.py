@@ -6,14 +6,18 @@ requests plan around the reservation; the record takes the space and drops
 the reservation in one step again. Nothing is held pool-wide across an await,
 so a slow zeroing (BLKZEROOUT of a large thick disk on a device) delays only
 its own request.
+
+``place`` is the one path new space takes (reserve, zero, check, record): thin
+faults and ``disk.allocate`` (service/faults.py), thick creates and grows
+(``allocate``) and the starts of moves (service/movement.py) all go through it.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import trio
 
@@ -21,15 +25,28 @@ from .. import faultpoints, storage
 from .. import protocol as P
 from ..allocator import FreeSpace, NoSpace
 from ..extents import MOVING, ZERO, Extent
+from ..records import Record
 from ..state import Container, Disk, round_up, unshared_blocks
 from ..units import human
-from .base import ServiceBase
+from .context import Context
 
 log = logging.getLogger(__name__)
 
 
-class Placement(ServiceBase):
-    def _candidates(self, d_pin: int | None, home: int | None) -> list[Container]:
+class Placement:
+    """New space: plans, reservations while it is zeroed, and space given back.
+
+    Owns the reservations: space planned for requests still zeroing it (LUN ->
+    [(offset, length)], bytes); later plans go around it.
+    """
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.state = ctx.state
+        self._record = ctx.record
+        self._reserved: dict[int, list[tuple[int, int]]] = {}
+
+    def candidates(self, d_pin: int | None, home: int | None) -> list[Container]:
         """Containers to allocate from, in order of preference."""
         if d_pin is not None:
             return [self.state.luns[d_pin]]
@@ -37,19 +54,19 @@ class Placement(ServiceBase):
         usable.sort(key=lambda c: (c.lun != home, -c.space.free, c.lun))
         return usable
 
-    def _plan(self, targets: list[tuple[int, int]], pin: int | None,
-              home: int | None) -> list[list[int]]:
+    def plan(self, targets: list[tuple[int, int]], pin: int | None,
+             home: int | None) -> list[list[int]]:
         """Place targets [(vstart, length)] (block-rounded) in one go; NoSpace if short.
 
         Returns pieces [vstart, length, lun, offset]; only a target that ends at the
         disk's (unaligned) end maps less than its block-rounded storage.
         """
         need = sum(round_up(n) for _v, n in targets)
-        cands = self._candidates(pin, home)
+        cands = self.candidates(pin, home)
         if not cands:
             raise P.RemoteError(P.E_NO_SPACE, "no containers to allocate from "
                                 "(add one with: vdctl container add NAME PATH --size SIZE)")
-        spaces = {c.lun: self._plannable(c) for c in cands}
+        spaces = {c.lun: self.plannable(c) for c in cands}
         total_free = sum(sp.free for sp in spaces.values())
         if need > total_free:
             where = f"container {cands[0].name!r}" if pin is not None else "the pool"
@@ -90,20 +107,28 @@ class Placement(ServiceBase):
                 pieces[-1][1] -= excess
         return pieces
 
-    def _unreserve(self, lun: int, rng: tuple[int, int]) -> None:
-        lst = self._reserved[lun]
-        lst.remove(rng)
-        if not lst:
-            del self._reserved[lun]
-
-    def _plannable(self, c: Container) -> FreeSpace:
+    def plannable(self, c: Container) -> FreeSpace:
         """c's free space less what requests in flight have reserved on it."""
         reserved = self._reserved.get(c.lun)
         return c.space.without(reserved) if reserved else c.space
 
-    async def _allocate(self, targets: list[tuple[int, int]], pin: int | None,
-                        home: int | None, make_record: Callable[[list[list[int]]], dict[str, Any]],
-                        preallocate: bool = False) -> int:
+    @contextmanager
+    def reserved(self, held: list[tuple[int, int, int]]) -> Iterator[None]:
+        """Hold held [(lun, offset, length)] (bytes) out of every plan for the block."""
+        for lun, off, n in held:
+            self._reserved.setdefault(lun, []).append((off, n))
+        try:
+            yield
+        finally:
+            for lun, off, n in held:
+                lst = self._reserved[lun]
+                lst.remove((off, n))
+                if not lst:
+                    del self._reserved[lun]
+
+    async def allocate(self, targets: list[tuple[int, int]], pin: int | None,
+                       home: int | None, make_record: Callable[[list[list[int]]], Record],
+                       preallocate: bool = False) -> int:
         """Place, zero and record new storage for targets [(vstart, length)] (bytes).
 
         make_record(pieces) builds the journal record that maps the pieces
@@ -112,22 +137,29 @@ class Placement(ServiceBase):
         RemoteError to refuse). Returns the record's seq (not yet durable: wait for it).
         Raises RemoteError E_NO_SPACE (pool or container short), E_IO (zeroing failed).
         """
-        pieces = self._plan(targets, pin, home)
+        pieces = self.plan(targets, pin, home)
         faultpoints.hit("placement.plan")
-        held = [(lun, off, round_up(n)) for _v, n, lun, off in pieces]
-        for lun, off, n in held:
-            self._reserved.setdefault(lun, []).append((off, n))
-        try:
-            await self._zero(pieces, preallocate)
-            self._check_still_free(pieces)
+
+        def record(pieces: list[list[int]]) -> int:
             faultpoints.hit("placement.record")
             return self._record(make_record(pieces))
-        finally:
-            for lun, off, n in held:
-                lst = self._reserved[lun]
-                lst.remove((off, n))
-                if not lst:
-                    del self._reserved[lun]
+
+        return await self.place(pieces, record, preallocate)
+
+    async def place(self, pieces: list[list[int]], record: Callable[[list[list[int]]], int],
+                    preallocate: bool = False) -> int:
+        """The one path new space takes: reserve pieces [vstart, length, lun, offset]
+        (planned in this loop step), zero them outside any lock (preallocate: reserve
+        them in the container's file system too), then record(pieces) in one step with
+        dropping the reservation; returns what record returns (a seq).
+
+        Raises RemoteError E_NO_SPACE, E_IO (zeroing failed), E_BUSY (the container
+        changed meanwhile), or whatever record raises.
+        """
+        with self.reserved([(lun, off, round_up(n)) for _v, n, lun, off in pieces]):
+            await self._zero(pieces, preallocate)
+            self._check_still_free(pieces)
+            return record(pieces)
 
     def _check_still_free(self, pieces: list[list[int]]) -> None:
         for _v, n, lun, off in pieces:
@@ -149,7 +181,9 @@ class Placement(ServiceBase):
                 code = P.E_NO_SPACE if e.errno == errno.ENOSPC else P.E_IO
                 raise P.RemoteError(code, f"cannot prepare space on {path}: {e}") from None
 
-    async def _zero_tail(self, d: Disk) -> None:
+    async def zero_tail(self, d: Disk) -> None:
+        """Zero d's bytes past its end inside its last block (unaligned size), before
+        a grow makes them visible; RemoteError E_IO if that fails."""
         if not d.size % P.BLOCK_SIZE:
             return
         e = d.extents.find(d.size - 1)
@@ -167,7 +201,7 @@ class Placement(ServiceBase):
         except OSError as err:
             raise P.RemoteError(P.E_IO, f"cannot zero the tail of {d.name!r}: {err}") from None
 
-    def _physical(self, d: Disk, start: int, end: int) -> list[tuple[str, int, int]]:
+    def physical(self, d: Disk, start: int, end: int) -> list[tuple[str, int, int]]:
         """(container path, offset, length) of d's storage in [start, end), block-rounded,
         that no other table (snapshot, clone) maps: what freeing the range gives back."""
         out = []
@@ -175,7 +209,7 @@ class Placement(ServiceBase):
         mapped = [e for e in entries if not e.flags & ZERO and e.offset % P.BLOCK_SIZE == 0]
         for e, shared in zip(mapped, self.state.referenced_all(d.family, mapped, skip=d),
                              strict=True):
-            out += self._unshared(d, e, shared)
+            out += self.unshared(d, e, shared)
         for e in entries:
             if e.flags & MOVING:  # and its alternate location (service/movement.py)
                 stored = d.extents.find(e.vstart)
@@ -186,8 +220,8 @@ class Placement(ServiceBase):
                                 round_up(e.length)))
         return out
 
-    def _unshared(self, d: Disk, e: Extent,
-                  shared: list[tuple[int, int]] | None = None) -> list[tuple[str, int, int]]:
+    def unshared(self, d: Disk, e: Extent,
+                 shared: list[tuple[int, int]] | None = None) -> list[tuple[str, int, int]]:
         """(path, offset, length) of entry e's storage (block-rounded) that no other
         table of d's family maps at the same vstart (shared: what does, if known)."""
         path = self.state.luns[e.lun].path
@@ -196,7 +230,7 @@ class Placement(ServiceBase):
                                            skip=d)
         return [(path, off, n) for off, n in unshared_blocks(e, shared)]
 
-    async def _release_space(self, freed: list[tuple[str, int, int]]) -> None:
+    async def release_space(self, freed: list[tuple[str, int, int]]) -> None:
         """Give space about to be freed back to the host (punch holes); best effort.
 
         Call it *before* recording the free, while no agent may use the range (the disk

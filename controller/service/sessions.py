@@ -9,13 +9,25 @@ from typing import Any
 import trio
 
 from .. import protocol as P
-from .base import ServiceBase
+from .context import Caller, Context
+from .movement import Movement
 
 log = logging.getLogger(__name__)
 
 
-class SessionOps(ServiceBase):
-    async def agent_register(self, name: str, host: str, mount: str, conn: Any) -> dict[str, Any]:
+class Sessions:
+    """Agents' sessions with the controller."""
+
+    def __init__(self, ctx: Context, movement: Movement):
+        self.ctx = ctx
+        self.state = ctx.state
+        self.agents = ctx.agents
+        self.movement = movement
+
+    async def agent_register(self, name: str, host: str, mount: str, conn: Caller
+                             ) -> dict[str, object]:
+        """Register the agent on conn; its id and lease (seconds). Pushes go out on
+        conn; the agent is forgotten (its lease waited out) when conn closes."""
         if conn.agent is not None:
             raise P.RemoteError(P.E_PROTOCOL, "already registered")
 
@@ -30,8 +42,9 @@ class SessionOps(ServiceBase):
         conn.on_close.append(lambda: self.agents.disconnected(agent))
         return {"agent_id": agent.id, "lease": self.agents.lease}
 
-    async def agent_heartbeat(self, conn: Any) -> dict[str, Any]:
-        a = self._agent(conn)
+    async def agent_heartbeat(self, conn: Caller) -> dict[str, object]:
+        """Renew the caller's lease; the epoch of every disk it has open (None: gone)."""
+        a = self.ctx.agent(conn)
         self.agents.renew(a)
         epochs: dict[str, int | None] = {}
         for ref in a.opens.values():
@@ -40,24 +53,27 @@ class SessionOps(ServiceBase):
             epochs[d.name] = d.epoch if self.state.disks.get(d.name) is d else None
         return {"lease": self.agents.lease, "epochs": epochs}
 
-    async def agent_bye(self, conn: Any) -> None:
+    async def agent_bye(self, conn: Caller) -> None:
         """A clean agent exit: it uses no entry any more, so its lease need not be waited out."""
-        a = self._agent(conn)
+        a = self.ctx.agent(conn)
         self.agents.remove(a)
         conn.agent = None
 
     async def agent_ack(self, pid: int) -> bool:
+        """An agent applied push pid; False if nobody waits for it any more."""
         return self.agents.ack(pid)
 
-    async def agent_ls(self) -> list[dict[str, Any]]:
+    async def agent_ls(self) -> list[dict[str, object]]:
+        """The registered agents, as vdctl shows them."""
         return self.agents.to_list()
 
     async def io_error(self, name: str, lun: int, offset: int, message: str) -> None:
+        """An agent's report of a container I/O error: logged; the container turns
+        suspect."""
         c = self.state.luns.get(lun)
         log.error("agent reports an I/O error on disk %r, container %s at %d: %s",
                   name, c.name if c else lun, offset, message)
         if c is not None:
             # suspect until someone fails or restores it (vdctl container fail|restore)
-            n, _last = self._suspect.get(lun, (0, None))
-            self._suspect[lun] = (n + 1, f"{time.strftime('%Y-%m-%d %H:%M:%S')} disk "
-                                  f"{name!r} at {offset}: {message}")
+            self.movement.suspect(lun, f"{time.strftime('%Y-%m-%d %H:%M:%S')} disk "
+                                       f"{name!r} at {offset}: {message}")

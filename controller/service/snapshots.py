@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
-
-import trio
 
 from .. import faultpoints
 from .. import moves as M
 from .. import protocol as P
 from ..extents import MOVING, ZERO
 from ..moves import move_units
+from ..records import DiskClone, MoveCommit, MoveMark, SnapCreate, SnapRm, SnapRollback
 from ..state import Disk
-from .movement import MoveGone, MovementOps
+from .coherence import Coherence
+from .context import Context
+from .movement import MoveGone, Movement
+from .placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,10 @@ SNAP_WAIT = 30.0  # longest a snapshot waits for moves in flight on its disk
 
 def split_snap_name(full: str) -> tuple[str, str]:
     """'DISK@SNAP' -> (disk, snap); RemoteError E_INVALID for anything else."""
-    if not isinstance(full, str) or full.count("@") != 1:
+    if not isinstance(full, str) or full.count(P.SNAP_SEP) != 1:
         raise P.invalid(f"{full!r} is not DISK@SNAP (one '@' between a disk and a snapshot "
                         "name)")
-    disk, snap = full.split("@")
+    disk, snap = P.split_snapshot_name(full)
     P.check_name(disk, "disk name")
     P.check_name(snap, "snapshot name")
     if len(full.encode()) > P.MAX_NAME_BYTES:
@@ -46,7 +47,19 @@ def split_snap_name(full: str) -> tuple[str, str]:
     return disk, snap
 
 
-class SnapshotOps(MovementOps):
+class Snapshots:
+    """Snapshots, clones, rollback, and copy-on-write of what they share."""
+
+    def __init__(self, ctx: Context, placement: Placement, coherence: Coherence,
+                 movement: Movement):
+        self.ctx = ctx
+        self.state = ctx.state
+        self.journal = ctx.journal
+        self.agents = ctx.agents
+        self.placement = placement
+        self.coherence = coherence
+        self.movement = movement
+
     def _snap(self, full: str) -> Disk:
         split_snap_name(full)
         s = self.state.snaps.get(full)
@@ -54,7 +67,7 @@ class SnapshotOps(MovementOps):
             raise P.not_found("snapshot", full)
         return s
 
-    def _snap_info(self, s: Disk) -> dict[str, Any]:
+    def _snap_info(self, s: Disk) -> dict[str, object]:
         """A snapshot as vdctl shows it; "held": bytes only it maps (what rm frees)."""
         pieces = list(s.extents)
         held = sum(e.length for e in pieces) - sum(
@@ -64,132 +77,103 @@ class SnapshotOps(MovementOps):
         return {"name": s.name, "disk": s.parent, "created": s.ctime, "size": s.size,
                 "allocated": s.allocated, "held": held, "clones": clones}
 
-    async def _settle_moves(self, d: Disk) -> None:
-        """Wait (d's writes frozen) until no segment of d is being moved: a snapshot's
-        table must hold each block's current location, and a half-moved segment's
-        current data is split between two. New moves of d wait meanwhile."""
-        self._no_new_moves.add(d.uid)
-        try:
-            with trio.move_on_after(SNAP_WAIT):
-                while d.alts:
-                    for vs in list(d.alts):
-                        self._spawn_move(d, vs)
-                    await trio.sleep(0.01)
-            if d.alts:
-                raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} has segments being moved "
-                                    "that did not finish in time; retry")
-        except BaseException:
-            self._no_new_moves.discard(d.uid)
-            raise
-
     # ------------------------------------------------------------ operations
-    async def snap_create(self, name: str) -> dict[str, Any]:
+    async def snap_create(self, name: str) -> dict[str, object]:
         """Snapshot DISK@SNAP: writes are held (entries nowrite at every agent, drained
         and acknowledged; reads go on), the table is copied in O(chunks), then writes
         go on with copy-on-write. Raises RemoteError: E_NOT_FOUND, E_EXISTS, E_INVALID,
         E_BUSY (moves that did not settle)."""
         disk, snap = split_snap_name(name)
-        d = self._disk(disk)
+        d = self.ctx.disk(disk)
         if name in self.state.snaps:
             raise P.RemoteError(P.E_EXISTS, f"snapshot {name!r} already exists")
-        async with self._freeze(d):
-            await self._settle_moves(d)
-            try:
-                async with self._dlock(d):
-                    if self.state.disks.get(disk) is not d:
-                        raise P.not_found("disk", disk)
-                    if name in self.state.snaps:
-                        raise P.RemoteError(P.E_EXISTS, f"snapshot {name!r} already exists")
-                    faultpoints.hit("snapshot.create")
-                    await self.journal.commit({"op": "snap.create", "name": disk, "snap": snap,
-                                               "ctime": round(time.time(), 3)})
-            finally:
-                self._no_new_moves.discard(d.uid)
+        # writes frozen, then moves settled, then the disk's lock (let go in reverse)
+        async with (self.coherence.freeze(d), self.movement.settled(d, SNAP_WAIT),
+                    self.ctx.dlock(d)):
+            if self.state.disks.get(disk) is not d:
+                raise P.not_found("disk", disk)
+            if name in self.state.snaps:
+                raise P.RemoteError(P.E_EXISTS, f"snapshot {name!r} already exists")
+            faultpoints.hit("snapshot.create")
+            await self.journal.commit(SnapCreate(disk, snap, round(time.time(), 3)))
         await self.agents.notify({"push": "namespace"})
         s = self.state.snaps[name]  # shares everything: nothing is its own yet
         return {"name": s.name, "disk": s.parent, "created": s.ctime, "size": s.size,
                 "allocated": s.allocated, "held": 0, "clones": []}
 
-    async def snap_ls(self, name: str) -> list[dict[str, Any]]:
-        d = self._disk(name)
+    async def snap_ls(self, name: str) -> list[dict[str, object]]:
+        """The snapshots of disk name, oldest first."""
+        d = self.ctx.disk(name)
         return [self._snap_info(s) for s in sorted(self.state.snaps.values(),
                                                    key=lambda s: (s.ctime, s.name))
                 if s.parent == d.name]
 
-    async def snap_rm(self, name: str) -> dict[str, Any]:
+    async def snap_rm(self, name: str) -> dict[str, object]:
         """Remove a snapshot; frees exactly what no disk, clone or other snapshot maps."""
         s = self._snap(name)
         clones = sorted(t.name for t in self.state.disks.values() if t.origin == s.name)
         if clones:
             raise P.RemoteError(P.E_BUSY, f"snapshot {name!r} has clones: "
                                 f"{', '.join(clones)}; remove them first")
-        info: dict[str, Any] = {"name": s.name, "disk": s.parent, "created": s.ctime,
+        info: dict[str, object] = {"name": s.name, "disk": s.parent, "created": s.ctime,
                                 "size": s.size, "allocated": s.allocated, "clones": []}
         users = self.agents.caching(s)
         if users:
             raise P.RemoteError(P.E_BUSY, f"snapshot {name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there first")
         await self.agents.wait_grace()
-        async with self._dlock(s):
+        async with self.ctx.dlock(s):
             if self.state.snaps.get(name) is not s:
                 raise P.not_found("snapshot", name)
-            self._removing.add(s.uid)
-            try:
-                freed = self._physical(s, 0, s.size)  # exactly what only s maps
+            with self.ctx.removal(s):
+                freed = self.placement.physical(s, 0, s.size)  # exactly what only s maps
                 info["held"] = sum(n for _path, _off, n in freed)
-                await self._release_space(freed)
-                await self.journal.commit({"op": "snap.rm", "name": name})
-            finally:
-                self._removing.discard(s.uid)
+                await self.placement.release_space(freed)
+                await self.journal.commit(SnapRm(name))
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info
 
-    async def snap_rollback(self, name: str, force: bool) -> dict[str, Any]:
+    async def snap_rollback(self, name: str, force: bool) -> dict[str, object]:
         """The disk's content and size become the snapshot's. Refused while the disk is
         open at any agent, unless force (its agents then see the new content at once)."""
         s = self._snap(name)
         assert s.parent is not None
-        d = self._disk(s.parent)
+        d = self.ctx.disk(s.parent)
         users = self.agents.caching(d)
         if users and not force:
             raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there, or "
                                 "pass --force to roll it back under them")
         old_size = d.size
-        async with self._restrict(d, 0, P.MAX_DISK_SIZE, exclude=None):
-            await self._settle_moves(d)
-            try:
-                async with self._dlock(d):
-                    await self._copying_done(d)
-                    if self.state.snaps.get(name) is not s or self.state.disks.get(
-                            d.name) is not d:
-                        raise P.RemoteError(P.E_BUSY, "the disk changed meanwhile; retry")
-                    # storage only the disk holds now, and the snapshot does not map
-                    # what only the disk maps goes; what the snapshot (or another
-                    # table) maps at the same vstart stays: the disk's new table
-                    freed = [r for e in d.extents if not e.flags & ZERO
-                             for r in self._unshared(d, e)]
-                    await self._release_space(freed)
-                    await self.journal.commit({"op": "snap.rollback", "snap": name})
-            finally:
-                self._no_new_moves.discard(d.uid)
-        await self._push_update(d, 0, max(old_size, d.size))
+        async with (self.coherence.restrict(d, 0, P.MAX_DISK_SIZE, exclude=None),
+                    self.movement.settled(d, SNAP_WAIT), self.ctx.dlock(d)):
+            await self.movement.copying_done(d)
+            if self.state.snaps.get(name) is not s or self.state.disks.get(
+                    d.name) is not d:
+                raise P.RemoteError(P.E_BUSY, "the disk changed meanwhile; retry")
+            # storage only the disk holds now, and the snapshot does not map
+            # what only the disk maps goes; what the snapshot (or another
+            # table) maps at the same vstart stays: the disk's new table
+            freed = [r for e in d.extents if not e.flags & ZERO
+                     for r in self.placement.unshared(d, e)]
+            await self.placement.release_space(freed)
+            await self.journal.commit(SnapRollback(name))
+        await self.coherence.push_update(d, 0, max(old_size, d.size))
         await self.agents.notify({"push": "namespace", "changed": [d.name]})
-        return self._disk_info(d)
+        return self.ctx.disk_info(d)
 
-    async def disk_clone(self, name: str, new: str) -> dict[str, Any]:
+    async def disk_clone(self, name: str, new: str) -> dict[str, object]:
         """A writable thin disk NEW from snapshot NAME@SNAP, sharing its storage."""
         self._snap(name)
         P.check_name(new, "clone name")
         if new in self.state.disks:
             raise P.RemoteError(P.E_EXISTS, f"disk {new!r} already exists")
-        await self.journal.commit({"op": "disk.clone", "snap": name, "new": new,
-                                   "ctime": round(time.time(), 3)})
+        await self.journal.commit(DiskClone(name, new, round(time.time(), 3)))
         await self.agents.notify({"push": "namespace"})
-        return self._disk_info(self.state.disks[new])
+        return self.ctx.disk_info(self.state.disks[new])
 
     # ------------------------------------------------------------ copy-on-write
-    async def _unshare_tail(self, d: Disk) -> None:
+    async def unshare_tail(self, d: Disk) -> None:
         """Give d's last, partial block storage of its own if another table shares it
         (before the controller zeroes its tail past the end). Hold d's lock."""
         if not d.size % P.BLOCK_SIZE or len(self.state.family(d.family)) == 1:
@@ -200,16 +184,14 @@ class SnapshotOps(MovementOps):
             return
         tail = d.size // P.BLOCK_SIZE * P.BLOCK_SIZE  # a move starts on a block boundary
         for unit in list(move_units(d, tail, d.size, None)):
-            for vs in await self._start_move(d, unit, None, cow=True):
-                mv, a = self._move_of(d, vs)
-                await self._copy(M.copies(mv, a, [(0, a.bitmap.nblocks)]))
-                await self.journal.commit({"op": "move.mark", "name": d.name, "vstart": vs,
-                                           "runs": [[0, a.bitmap.nblocks]]})
-                await self._push_update(d, mv.vstart, mv.vend, drain=True)
-                await self.journal.commit({"op": "move.commit", "name": d.name,
-                                           "vstart": vs})
+            for vs in await self.movement.start_move(d, unit, None, cow=True):
+                mv, a = self.movement.move_of(d, vs)
+                await self.movement.copy(M.copies(mv, a, [(0, a.bitmap.nblocks)]))
+                await self.journal.commit(MoveMark(d.name, vs, [(0, a.bitmap.nblocks)]))
+                await self.coherence.push_update(d, mv.vstart, mv.vend, drain=True)
+                await self.journal.commit(MoveCommit(d.name, vs))
 
-    async def _copy_on_write(self, d: Disk, start: int, end: int) -> None:
+    async def copy_on_write(self, d: Disk, start: int, end: int) -> None:
         """A write to [start, end) of d meets storage a snapshot or clone shares: give
         each shared segment new space (a move that may stay in its container); the
         write's blocks are then copied and marked by the write fault, the rest in the
@@ -236,11 +218,11 @@ class SnapshotOps(MovementOps):
                         d.family, unit.vstart, unit.vend, unit.lun, unit.offset, skip=d):
                     continue
                 try:
-                    started = await self._start_move(d, unit, None, cow=True)
+                    started = await self.movement.start_move(d, unit, None, cow=True)
                 except MoveGone:
                     continue
                 for vs in started:
-                    self._spawn_move(d, vs)
+                    self.movement.spawn_move(d, vs)
         log.debug("copy-on-write of %s [%d, %d)", d.name, start, end)
 
-__all__ = ["SnapshotOps", "split_snap_name"]
+__all__ = ["Snapshots", "split_snap_name"]

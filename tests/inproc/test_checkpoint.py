@@ -519,10 +519,10 @@ async def test_version_stamps_grow_across_restarts_whatever_the_clock(
         await svc.container_add("c1", str(tmp_path / "c1.img"), 1 << 30)
         await svc.disk_create("x", SEG, False, None, None)
         for _ in range(1000):
-            svc._bump()
-        before = svc.version
+            svc.coherence.bump()
+        before = svc.coherence.version
     monkeypatch.setattr(time, "time_ns", lambda: 0)  # the clock stepped back to 1970
     monkeypatch.setattr(time, "time", lambda: 0.0)
     async with open_controller_service(state) as svc:
-        assert svc.version > before
+        assert svc.coherence.version > before
         assert svc.state.boot == 2

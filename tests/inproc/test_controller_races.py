@@ -42,8 +42,8 @@ async def test_rename_during_discard_lifts_the_restriction(tmp_path, slow_punch)
             n.start_soon(svc.disk_discard, "x", 0, SEG)
             await trio.sleep(0.1)
             await svc.disk_rename("x", "y", False)
-        assert svc._restricted == {}
-        rows = svc._rows(svc.state.disks["y"], 0, 16 << 20)
+        assert svc.coherence._restricted == {}
+        rows = svc.coherence.rows(svc.state.disks["y"], 0, 16 << 20)
         assert all(not r[4] & 4 for r in rows), rows  # nothing left invalid
 
 

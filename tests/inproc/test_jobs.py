@@ -47,7 +47,7 @@ async def test_failed_copy_fails_the_job_not_the_controller(tmp_path, monkeypatc
     monkeypatch.undo()
     async with open_controller_service(state, lease=1.0) as svc:
         after = await svc.job_ls()
-        left = svc._remaining(svc.state.jobs[1])
+        left = svc.jobs.remaining(svc.state.jobs[1])
         await svc.job_abort(1) if svc.state.jobs[1].state == "running" else None
     assert crashed is None, (
         f"controller service died: {[repr(x) for x in _leaves(crashed)]}; "
@@ -76,7 +76,7 @@ async def test_clean_stop_mid_job_leaves_it_to_resume(tmp_path, monkeypatch, arm
     os.unlink(hold)
     async with open_controller_service(state, lease=1.0) as svc:
         j = svc.state.jobs[1]
-        st, left = j.state, svc._remaining(j)
+        st, left = j.state, svc.jobs.remaining(j)
         with trio.move_on_after(20):
             while svc.state.jobs[1].state == "running":
                 await trio.sleep(0.1)
@@ -112,12 +112,12 @@ async def test_drain_resumed_after_a_crash_does_not_busy_loop(tmp_path, monkeypa
     except BaseException:  # noqa: BLE001
         pass
     calls = {"n": 0}
-    orig_next = J.JobOps._next_units
+    orig_next = J.Jobs._next_units
 
     def counting(self, j):
         calls["n"] += 1
         return orig_next(self, j)
-    monkeypatch.setattr(J.JobOps, "_next_units", counting)
+    monkeypatch.setattr(J.Jobs, "_next_units", counting)
     async with open_controller_service(state, lease=1.0) as svc:
         assert svc.state.jobs[1].state == "running"
         trio.current_time()

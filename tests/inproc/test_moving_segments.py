@@ -18,8 +18,8 @@ async def _setup(tmp_path, svc):
 
 
 async def _start(svc, d, dst):
-    async with svc._dlock(d):
-        return await svc._start_move(d, d.extents.find(0), dst)
+    async with svc.ctx.dlock(d):
+        return await svc.movement.start_move(d, d.extents.find(0), dst)
 
 
 async def test_copier_marked_blocks_are_written_only_after_other_agents_remap_them(tmp_path):
@@ -33,7 +33,7 @@ async def test_copier_marked_blocks_are_written_only_after_other_agents_remap_th
                 await B.open("d")
                 A.pwrite("d", 0, pattern(0x11, SEG))          # old data, at L1
                 assert await _start(svc, d, c2) == [0]         # pushed nowrite L1, acked
-                assert await svc._copy_step(d, 0)              # copier: blocks 0..255 marked
+                assert await svc.movement.copy_step(d, 0)       # copier: blocks 0..255 marked
                 # A writes block 300: a fault; its answer covers the whole segment window
                 await A.fault("d", 300 * BS, BS, True)
                 A.pwrite("d", 300 * BS, pattern(0x33, BS))
@@ -86,8 +86,8 @@ async def test_shrink_then_grow_of_a_moving_tail_reads_zeros(tmp_path):
         async with trio.open_nursery() as n, agent_ctx(addr, "A", n) as A:
             await A.open("d")
             A.pwrite("d", 0, pattern(0x11, SEG))
-            async with svc._dlock(d):
-                await svc._start_move(d, d.extents.find(0), svc.state.containers["c2"].lun)
+            async with svc.ctx.dlock(d):
+                await svc.movement.start_move(d, d.extents.find(0), svc.state.containers["c2"].lun)
             last = SEG - BS
             await A.fault("d", last, BS, True)
             A.pwrite("d", last, pattern(0x22, BS))
@@ -125,8 +125,8 @@ async def test_crash_between_abort_punch_and_record_keeps_marked_blocks(tmp_path
             async with trio.open_nursery() as n, agent_ctx(addr, "A", n) as A:
                 await A.open("d")
                 A.pwrite("d", 0, pattern(0x11, SEG))
-                async with svc._dlock(d):
-                    await svc._start_move(d, d.extents.find(0), c2)
+                async with svc.ctx.dlock(d):
+                    await svc.movement.start_move(d, d.extents.find(0), c2)
                 await A.fault("d", BS, BS, True)        # block 1 copied + marked
                 A.pwrite("d", BS, pattern(0x22, BS))    # the host's write, at L2
                 await A.client.call("disk.close", name="d")
@@ -137,7 +137,7 @@ async def test_crash_between_abort_punch_and_record_keeps_marked_blocks(tmp_path
                         raise Crash("controller dies here (kill -9)")
                     return await orig(rec)
                 svc.journal.commit = commit
-                await svc._abort_move(d, 0)
+                await svc.movement.abort_move(d, 0)
     except BaseException as e:  # noqa: BLE001
         assert _has_crash(e), e
     # restart: the move is still there (move.abort never reached the journal)

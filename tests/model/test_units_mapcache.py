@@ -571,18 +571,18 @@ def test_answer_compact_equals_rows(tmp_path: Any, monkeypatch: Any, nseg: int,
         svc = Service(state, cast(Any, _Durable()), str(tmp_path))
         rnd = random.Random(2)
         for n_restricted in (0, 1, 4):
-            svc._restricted[d.uid] = [
+            svc.coherence._restricted[d.uid] = [
                 (a, a + rnd.randrange(1, 40 * seg)) for a in
                 (rnd.randrange(0, d.size + 10 * seg) for _ in range(n_restricted))]
-            ans = await svc._answer(d, 0, d.size)
+            ans = await svc.coherence.answer(d, 0, d.size)
             assert isinstance(ans["rows"], dict)
-            rows = svc._rows(d, 0, d.size)
+            rows = svc.coherence.rows(d, 0, d.size)
             got, want = DiskTable("d", d.size, 1, ans["rows"]), DiskTable("d", d.size, 1, rows)
             assert list(got) == list(want) and got.allocated == want.allocated == d.allocated
             if n_restricted:
                 assert any(e.flags & INVALID for e in got)
             # a partial answer (a fault's) stays a list of rows
-            part = await svc._answer(d, seg, 3 * seg)
+            part = await svc.coherence.answer(d, seg, 3 * seg)
             assert isinstance(part["rows"], list)
 
     trio.run(check)

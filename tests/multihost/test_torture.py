@@ -38,7 +38,7 @@ def test_grow_a_disk_whose_partial_last_block_a_snapshot_shares(controller, moun
     shared last block storage of its own with a move starting at size - 1, which the
     state refuses (a move starts on a block boundary), so the write failed with EIO
     and vdctl disk resize with an internal error (controller/service/snapshots.py,
-    _unshare_tail)."""
+    Snapshots.unshare_tail)."""
     add_container(controller, "c1", tmp_path / "c1.img", "64M")
     vd(controller, "disk", "create", "t", "--size", "5000", "--thick")
     m = agent(mount_factory, controller)
