@@ -2,7 +2,7 @@
 must copy first, when the move may commit (DESIGN.md section 3).
 
 A segment being moved is a stored extent flagged MOVING (its location L1) with
-an ``Alt`` (state.py): the alternate location L2 and a bitmap, one bit per
+an ``Alt`` (tables.py): the alternate location L2 and a bitmap, one bit per
 4 KiB block, set when that block's current data is at L2. The bitmap never
 reaches an agent: agents get entries, split as finely as the bitmap requires:
 

@@ -65,7 +65,7 @@ class Files:
 
     async def disk_trim(self, name: str, size: int, expect: int,
                         conn: Caller) -> dict[str, object]:
-        """Give back what an agent grew ahead (virtfs/datapath.py grow): shrink the disk
+        """Give back what an agent grew ahead (virtfs/sizes.py, grow ahead): shrink the disk
         to size if its size is still expect (what that agent set); else change nothing
         (another writer or an admin set the size since) and answer without "update"."""
         d = self.ctx.live_disk(name)
