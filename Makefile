@@ -43,6 +43,7 @@ typecheck: setup
 	$(BIN)/mypy controller virtfs
 
 bench: setup
+	@bash scripts/sysdeps.sh --bench
 	$(BIN)/python -m bench.run
 
 # a long model-based torture run (tests/multihost/torture.py); a failure prints the seed and the

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Install the Debian packages virtfs needs to build, run and test, if any are missing.
+# Usage: scripts/sysdeps.sh [--bench]   (--bench: also what `make bench` measures against)
 set -euo pipefail
 PKGS=(fuse3 libfuse3-dev pkg-config gcc patch python3-venv fio qemu-utils e2fsprogs strace util-linux
       iproute2 procps rsync openssl)
+# `make bench` also needs its peer, qemu-storage-daemon (in qemu-system-common)
+[[ "${1:-}" == "--bench" ]] && PKGS+=(qemu-system-common)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
