@@ -46,12 +46,20 @@ def test_agent_kill9_during_fsync_writes_keeps_fsynced_data(controller, mount_fa
     work = tmp_path / "fio"  # fio keeps its verify state file in its cwd
     work.mkdir()
     with open(tmp_path / "fio-write.log", "wb") as log:
-        p = subprocess.Popen([*job, "--do_verify=0", "--fsync=1", "--verify_state_save=1"],
+        p = subprocess.Popen([*job, "--do_verify=0", "--fsync=1", "--verify_state_save=1",
+                              "--status-interval=1"],
                              cwd=work, stdout=log, stderr=subprocess.STDOUT)
+
+    def writes_done() -> int:  # from fio's last status report (one a second)
+        out = (tmp_path / "fio-write.log").read_text(errors="replace")
+        done = re.findall(r"issued rwts: total=\d+,(\d+),", out)
+        return int(done[-1]) if done else 0
+
     try:
         wait_for(lambda: disk_info(controller, "d")["allocated"] >= 8 * SEG, 15,
                  "fio to allocate segments")
-        time.sleep(2)
+        # enough fsynced writes to mean something, however slow the machine is today
+        wait_for(lambda: writes_done() >= 600, 120, "fio to complete 600 writes")
         assert p.poll() is None, "fio finished before the crash; make the job larger"
         m.kill9()
         rc = p.wait(30)
@@ -67,7 +75,7 @@ def test_agent_kill9_during_fsync_writes_keeps_fsynced_data(controller, mount_fa
     r = run([*job, "--verify_only", "--verify_state_load=1"], cwd=work, check=False)
     assert r.returncode == 0, f"acknowledged writes lost after kill -9:\n{r.stdout}\n{r.stderr}"
     # it checked every block the first run wrote (issued rwts: total=READS,WRITES,...)
-    wrote = int(re.search(r"issued rwts: total=\d+,(\d+),", out).group(1))
+    wrote = writes_done()  # the final report: every write fio issued
     verified = int(re.search(r"issued rwts: total=(\d+),", r.stdout).group(1))
     assert wrote >= 500 and verified >= wrote - 1, (wrote, verified)
     check_clean(controller)
