@@ -15,11 +15,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from controller.client import ConnectionLost
-from controller.protocol import INVALID, ZERO, RemoteError
+from controller.protocol import INVALID, ZERO
 
-from .agent import ControllerUnavailable, Session
-from .errors import DiskError, call, remote_error
+from .agent import Session
+from .errors import DiskError, call
 from .kernel import KernelCache
 from .mapcache import Entry, TableError
 from .opendisk import OpenDisk
@@ -117,13 +116,9 @@ class Ahead:
         while pos < end:
             n = min(end - pos, ALLOCATE_CHUNK)
             timeout = None if deadline is None else max(0.0, deadline - trio.current_time())
-            try:
-                r = await self.session.call("disk.allocate", timeout=timeout, name=od.name,
-                                            offset=pos, length=n, reserve=reserve)
-            except (ControllerUnavailable, ConnectionLost) as e:
-                raise DiskError(errno.EIO, f"allocate on {od.name} at {pos}: {e}") from None
-            except RemoteError as e:
-                raise remote_error(e, f"allocate on {od.name} at {pos}") from None
+            r = await call(self.session, "disk.allocate", f"allocate on {od.name} at {pos}",
+                           timeout=timeout, name=od.name, offset=pos, length=n,
+                           reserve=reserve)
             u = TableUpdate.answer(r)
             self.tables.apply_update(od.table, u)
             if u.start is not None:

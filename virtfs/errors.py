@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from controller.client import ConnectionLost
 from controller.protocol import (
     E_BUSY,
     E_EXISTS,
@@ -46,5 +47,5 @@ async def call(session: Session, op: str, what: str, *, timeout: float | None = 
     DiskError ("what: reason")."""
     try:
         return await session.call(op, timeout=timeout, **args)
-    except (RemoteError, ControllerUnavailable) as e:
+    except (RemoteError, ControllerUnavailable, ConnectionLost) as e:
         raise remote_error(e, what) from None
