@@ -78,11 +78,28 @@ def _alt_wire(vstart: int, a: Alt) -> AltRow:
     return (vstart, a.lun, a.offset, a.bitmap.nblocks, a.bitmap.to_bytes())
 
 
+def _labelled(c: Container) -> dict[str, object]:
+    """A container's label id, only when it has one (older checkpoints lack it)."""
+    return {} if c.uuid is None else {"uuid": c.uuid}
+
+
 def _container(cw: dict[str, Any], space: FreeSpace, fmt: int, s: State) -> Container:
     defaults = _CONTAINER_DEFAULTS[fmt]
-    return Container(space=space, draining_of=s.is_draining, **{
+    c = Container(space=space, draining_of=s.is_draining, **{
         k: cw.get(k, defaults[k]) if k in defaults else cw[k]
         for k in CONTAINER_FIELDS if k not in _DERIVED})
+    uuid = cw.get("uuid")
+    if uuid is not None and not (isinstance(uuid, str) and len(uuid) == 32):
+        raise StateError(f"checkpoint: container {c.name!r} has a bad uuid {uuid!r}")
+    c.uuid = uuid
+    return c
+
+
+def _installation(h: dict[str, Any]) -> str | None:
+    inst = h.get("installation")
+    if inst is not None and not (isinstance(inst, str) and len(inst) == 32):
+        raise StateError(f"checkpoint: bad installation id {inst!r}")
+    return inst
 
 
 def _disk(dw: dict[str, Any], extents: ExtentMap) -> Disk:
@@ -149,11 +166,13 @@ class Snapshot:
             "next_job": state.next_job, "jobs": [j.to_wire() for j in state.jobs.values()],
             "disks": len(state.disks) + len(state.snaps), "next_family": state.next_family,
         }
+        if state.installation is not None:  # written only when set: older files stay as they were
+            self._header["installation"] = state.installation
         self._free: list[tuple[int, bytes, bytes]] = []
         for c in state.containers.values():
             starts, lens = c.space.to_wire()  # copies
             containers.append({
-                **_fields(c, CONTAINER_FIELDS), "cursor": c.space.cursor,
+                **_fields(c, CONTAINER_FIELDS), **_labelled(c), "cursor": c.space.cursor,
                 "free": len(starts) // 8,
             })
             self._free.append((c.lun, starts, lens))
@@ -237,6 +256,7 @@ def from_parts(parts: Iterable[object]) -> State:
         s.seq = _int(h["seq"], "seq")
         s.next_lun = _int(h["next_lun"], "next_lun")
         s.boot = _int(h["boot"], "boot")
+        s.installation = _installation(h)
         _load_jobs(s, h)
         ndisks = _int(h["disks"], "disks")
         s.next_family = _int(h.get("next_family", 1), "next_family")

@@ -21,7 +21,13 @@ import trio
 from . import protocol as P
 from .cli_args import build_parser, rewrite_negative
 from .cli_format import disk_shown, kv, pct, shown, table
-from .client import Client, ConnectionLost, open_controller, security_from_args
+from .client import (
+    DEFAULT_TIMEOUT,
+    Client,
+    ConnectionLost,
+    open_controller,
+    security_from_args,
+)
 from .protocol import NO_LUN, state_names
 from .statedir import default_socket, default_state_dir
 from .transport import SecurityConfigError, parse_addr
@@ -73,8 +79,13 @@ class Cli:
         return 0 if r["ok"] else 1
 
     async def container_add(self) -> int:
-        r = await self.c.call("container.add", name=self.args.name, path=self.args.path,
-                              size=self.args.size)
+        force = self.args.force
+        if force:
+            print(f"vdctl: --force: making sure nothing else uses {self.args.path} (this may "
+                  "take a while)", file=sys.stderr)
+        r = await self.c.call("container.add", timeout=None if force else DEFAULT_TIMEOUT,
+                              name=self.args.name, path=self.args.path, size=self.args.size,
+                              force=force)
         self._container_out(r)
         return 0
 
@@ -88,9 +99,10 @@ class Cli:
             return 0
         self._table([[r["name"], str(r["lun"]), format_size(r["size"]), format_size(r["used"]),
                  format_size(r["free"]), pct(r["used"], r["size"]), r["state"],
-                 str(r.get("errors") or "-"), r["path"]]
+                 str(r["label"]).split(" ", 1)[0], str(r.get("errors") or "-"), r["path"]]
                 for r in rows],
-               ["NAME", "LUN", "SIZE", "USED", "FREE", "USE%", "STATE", "ERRORS", "PATH"],
+               ["NAME", "LUN", "SIZE", "USED", "FREE", "USE%", "STATE", "LABEL", "ERRORS",
+                "PATH"],
                self.out)
         return 0
 

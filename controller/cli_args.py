@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--size", type=size_arg,
                    help="create a sparse file of this size if PATH does not exist; with an "
                    "existing file, use only its first SIZE bytes")
+    a.add_argument("--force", action="store_true",
+                   help="take over a file or device that another virtfs installation "
+                   "labelled (once its controller's heartbeat stands still), or one that "
+                   "holds a file system, partition table or other signature (wiped)")
     verb(cv, "ls", "list containers with usage")
     verb(cv, "info", "show one container and the disks on it").add_argument("name")
     verb(cv, "rm", "remove an empty container (the file itself is left in place)"

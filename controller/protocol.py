@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 PROTOCOL_VERSION = 1
 
 BLOCK_SIZE = 4096
+LABEL_BYTES = BLOCK_SIZE  # a labelled container's first block: its label (docs/labels.md)
 DEFAULT_SEGMENT_SIZE = 4 << 20
 MIN_SEGMENT_SIZE = BLOCK_SIZE
 MAX_SEGMENT_SIZE = 1 << 40
@@ -372,7 +373,7 @@ def _op(name: str, *fields: Field, roles: frozenset[str] = ANY) -> None:
 
 _op("status")
 _op("container.add", NAME, _f("path", str), _f("size", int, type(None), required=False),
-    roles=ADMIN)
+    _f("force", bool, required=False), roles=ADMIN)
 _op("container.ls")
 _op("container.info", NAME)
 _op("container.rm", NAME, roles=ADMIN)

@@ -95,6 +95,17 @@ def get_opt_str(d: Mapping[str, object], key: str) -> str | None:
     return get_str(d, key)
 
 
+def get_id(d: Mapping[str, object], key: str) -> str | None:
+    """An id of 32 lower-case hex digits (a label's installation or container id), or
+    None if the key is absent (records written before labels)."""
+    v = d.get(key)
+    if v is None:
+        return None
+    if type(v) is str and len(v) == 32 and all(c in "0123456789abcdef" for c in v):
+        return v
+    raise bad_field(d, key, v, "32 hex digits")
+
+
 def get_bool(d: Mapping[str, object], key: str) -> bool:
     """True or False (not 0 or 1)."""
     v = d.get(key)

@@ -16,7 +16,7 @@ from . import sharing
 from .allocator import AllocError, FreeSpace
 from .bitmap import Bitmap
 from .extents import MAX_EXTENT, MOVING, Extent, ExtentError
-from .protocol import BLOCK_SIZE, is_snapshot_name, snapshot_name, split_snapshot_name
+from .protocol import BLOCK_SIZE, LABEL_BYTES, is_snapshot_name, snapshot_name, split_snapshot_name
 from .records import RECORDS, Piece, Record, decode
 from .sharing import unshared_blocks  # noqa: F401 - controller/service/ imports it from here
 from .tables import (
@@ -47,6 +47,9 @@ class State:
         self.next_job = 1
         self.snaps: dict[str, Disk] = {}  # "DISK@SNAP" -> the snapshot's read-only table
         self.next_family = 1
+        # the installation id that labels its containers (docs/labels.md), chosen at the
+        # first start with labels; None for a state from before them
+        self.installation: str | None = None
 
     # ------------------------------------------------------------ lookups
     def container(self, name: str) -> Container:
@@ -181,11 +184,27 @@ class State:
         name, lun, size = rec.name, rec.lun, rec.size
         if name in self.containers or lun in self.luns:
             raise StateError(f"container {name!r} / LUN {lun} already exists")
+        if rec.uuid is not None and self.installation is None:
+            raise StateError(f"container {name!r} has a label but the state no installation")
         c = Container(name, lun, rec.path, size, rec.created, FreeSpace(size),
                       draining_of=self.is_draining)
+        if rec.uuid is not None:
+            c.space.take(0, LABEL_BYTES)
+            c.uuid = rec.uuid
         self.containers[name] = c
         self.luns[lun] = c
         self.next_lun = max(self.next_lun, lun + 1)
+
+    def _container_label(self, rec: R.ContainerLabel) -> None:
+        c = self.container(rec.name)
+        if c.uuid is not None:
+            raise StateError(f"container {c.name!r} is labelled already")
+        if self.installation is None:
+            raise StateError("a container label before the installation id")
+        if not c.space.is_free(0, LABEL_BYTES):
+            raise StateError(f"container {c.name!r}: its first block holds data")
+        c.space.take(0, LABEL_BYTES)
+        c.uuid = rec.uuid
 
     def _container_fail(self, rec: R.ContainerFail) -> None:
         self.container(rec.name).failed = True
@@ -464,6 +483,11 @@ class State:
         boot = rec.boot
         if boot != self.boot + 1:
             raise StateError(f"boot must be {self.boot + 1}, not {boot!r}")
+        if rec.installation is not None:
+            if self.installation not in (None, rec.installation):
+                raise StateError(f"installation {self.installation} cannot become "
+                                 f"{rec.installation}")
+            self.installation = rec.installation
         self.boot = boot
 
     def _disk_unmap(self, rec: R.DiskUnmap) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .allocator import FreeSpace
 from .bitmap import Bitmap
 from .extents import ExtentMap
-from .protocol import BLOCK_SIZE, former_name
+from .protocol import BLOCK_SIZE, LABEL_BYTES, former_name
 
 _DISK_UIDS = itertools.count(1)
 
@@ -38,6 +38,8 @@ class Container:
     created: bool  # virtfs created the file (and may delete it on rm)
     space: FreeSpace
     failed: bool = False  # container fail: every entry on it is `error` at the agents
+    # its label's container id (docs/labels.md); None: added before labels, unlabelled
+    uuid: str | None = None
     # whether a drain job runs off a LUN (State.is_draining, which derives it from the
     # jobs): set when the container enters the tables; never stored
     draining_of: Callable[[int], bool] = field(default=lambda lun: False, repr=False,
@@ -50,8 +52,14 @@ class Container:
         return self.draining_of(self.lun)
 
     @property
+    def reserved(self) -> int:
+        """Bytes at the container's start that hold no data: its label's block."""
+        return LABEL_BYTES if self.uuid is not None else 0
+
+    @property
     def usable(self) -> int:
-        return self.size - self.size % BLOCK_SIZE
+        """Bytes disks may use: whole blocks, without the label's."""
+        return self.size - self.size % BLOCK_SIZE - self.reserved
 
     @property
     def used(self) -> int:
@@ -66,6 +74,7 @@ class Container:
             "used": self.used,
             "free": self.space.free,
             "created": self.created,
+            "uuid": self.uuid,
             "state": "error" if self.failed else "draining" if self.draining else "ok",
         }
 

@@ -3,7 +3,8 @@
 Reads and writes go through the host page cache (pread/pwrite, which are
 page-cache fast and do not block the event loop long). Opening a container
 (possibly a slow or remote path) happens once per path, in a worker thread,
-and refuses a path that lies inside this agent's own mount.
+and refuses a path that lies inside this agent's own mount, or whose label is
+not the one the controller named (docs/labels.md).
 
 Sync debts: every write records, for the disk it belongs to, that the
 container owes it an fdatasync. The debts belong to a *disk key* (an int the
@@ -23,7 +24,7 @@ import stat
 
 import trio
 
-from controller import faultpoints, fsutil
+from controller import faultpoints, fsutil, label
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class ContainerIO:
 
     def __init__(self, mountpoint: str | None = None) -> None:
         self.paths: dict[int, str] = {}
+        # LUN -> (installation id, container id) its label must carry (docs/labels.md)
+        self.labels: dict[int, tuple[str, str]] = {}
         self.mountpoint = mountpoint
         self._mount_dev: tuple[int, int] | None = None
         self._fds: dict[int, int] = {}
@@ -75,12 +78,23 @@ class ContainerIO:
         self._debts: dict[int, dict[int, int]] = {}
         self._poisoned: dict[int, str] = {}  # LUN -> why its sync failed
 
-    def set_paths(self, paths: dict[int, str]) -> None:
-        """The controller's LUN -> path map; a LUN whose path changed is reopened lazily.
+    def set_paths(self, paths: dict[int, str],
+                  labels: dict[int, tuple[str, str]] | None = None) -> None:
+        """The controller's LUN -> path map, and what each LUN's label must say (LUN ->
+        (installation id, container id); None: not sent, keep what we know). A LUN whose
+        path or label changed is reopened (and its label checked) lazily.
 
         The old fd is kept until a sync has covered its writes (or close()).
         """
         for lun, path in paths.items():
+            want = None if labels is None else labels.get(lun)
+            if labels is not None and self.labels.get(lun) != want:
+                if want is None:
+                    self.labels.pop(lun, None)
+                else:
+                    self.labels[lun] = want
+                self._refused.pop(lun, None)
+                self.paths.pop(lun, None)  # reopen below, checking the new label
             if self.paths.get(lun) != path:
                 fd = self._fds.pop(lun, None)
                 if fd is not None:
@@ -140,7 +154,34 @@ class ContainerIO:
             os.close(fd)
             raise ContainerError(lun, f"container LUN {lun} ({path}) {why}; refused (its I/O "
                                  "would wait on this agent itself)")
+        want = self.labels.get(lun)
+        if want is not None:
+            try:
+                why = self._label_mismatch(fd, want)
+            except OSError as e:
+                os.close(fd)
+                raise OSError(e.errno, f"container LUN {lun} ({path}): cannot read its "
+                              f"label: {e.strerror}") from None
+            if why is not None:
+                os.close(fd)
+                log.error("container LUN %d (%s) %s; refusing its I/O", lun, path, why)
+                raise ContainerError(lun, f"container LUN {lun} ({path}) {why}; refused")
         return fd
+
+    @staticmethod
+    def _label_mismatch(fd: int, want: tuple[str, str]) -> str | None:
+        """(worker thread) Why fd's label is not the one the controller named, or None
+        (docs/labels.md: agents check before their first I/O on a container)."""
+        s0, _s1 = label.read_sectors_fd(fd)
+        try:
+            lab = label.decode(s0)
+        except label.LabelError as e:
+            return f"has a damaged label ({e})"
+        if lab is None:
+            return "has no virtfs label (overwritten?)"
+        if (lab.installation, lab.container) != want:
+            return f"carries the label of {lab.owner()}, not of this installation's container"
+        return None
 
     def _loops_back(self, fd: int) -> str | None:
         """(worker thread) Why fd's I/O would come back to this mount, or None."""

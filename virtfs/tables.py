@@ -30,6 +30,14 @@ def _paths(containers: dict[str, str]) -> dict[int, str]:
     return {int(k): v for k, v in containers.items()}
 
 
+def _labels(labels: dict[str, list[str]] | None) -> dict[int, tuple[str, str]] | None:
+    """LUN -> (installation id, container id) its label must carry; None if not sent
+    (a controller from before labels)."""
+    if labels is None:
+        return None
+    return {int(k): (str(v[0]), str(v[1])) for k, v in labels.items()}
+
+
 @dataclass(frozen=True)
 class TableUpdate:
     """Entries of one disk from the controller, in whichever form they came.
@@ -37,7 +45,8 @@ class TableUpdate:
     rows: the entries of [start, end) (mapcache.Rows: a list per row, or the compact
     form); start and end are None for an answer without rows (what it asked about is
     past the disk's end now). size (bytes), epoch, version ("v": the controller's
-    stamp, None: none sent) and containers (LUN -> path) are None when not sent.
+    stamp, None: none sent), containers (LUN -> path) and labels (LUN -> what its
+    label must say, docs/labels.md) are None when not sent.
     whole: a whole table (installed with DiskTable.load, not replace); drain: a push
     that waits for the I/O in flight in its range.
     Fields are taken as sent: DiskTable checks them (TableError).
@@ -50,6 +59,7 @@ class TableUpdate:
     epoch: int | None = None
     version: int | None = None
     containers: dict[int, str] | None = None
+    labels: dict[int, tuple[str, str]] | None = None
     whole: bool = False
     drain: bool = False
 
@@ -58,7 +68,7 @@ class TableUpdate:
         """A whole table: a disk.open or disk.table answer (no "v" counts as 0).
         Raises KeyError if a field is missing."""
         return cls(t["rows"], 0, t["size"], t["size"], t["epoch"], t.get("v", 0),
-                   _paths(t["containers"]), whole=True)
+                   _paths(t["containers"]), _labels(t.get("labels")), whole=True)
 
     @classmethod
     def ranged(cls, u: dict[str, Any]) -> TableUpdate:
@@ -86,7 +96,8 @@ class TableUpdate:
         elif rows:
             start, end = rows[0][0], rows[-1][0] + rows[-1][1]
         return cls(rows, start, end, size, r.get("epoch"), r.get("v"),
-                   None if containers is None else _paths(containers))
+                   None if containers is None else _paths(containers),
+                   _labels(r.get("labels")))
 
 
 class Tables:
@@ -113,7 +124,7 @@ class Tables:
         answer); one older than a push already seen for the name is all restricted.
         Raises TableError on rows that do not tile the disk."""
         if u.containers is not None:
-            self.io.set_paths(u.containers)
+            self.io.set_paths(u.containers, u.labels)
         # taken as sent (TableUpdate.table has them all): DiskTable checks them
         v = cast(int, u.version)
         table = DiskTable(name, cast(int, u.size), cast(int, u.epoch), u.rows, v)
@@ -130,7 +141,7 @@ class Tables:
         applied. Raises TableError (the table unchanged) on rows or sizes that do
         not fit."""
         if u.containers is not None:
-            self.io.set_paths(u.containers)
+            self.io.set_paths(u.containers, u.labels)
         if u.whole:
             return table.load(cast(int, u.size), cast(int, u.epoch), u.rows, u.version)
         if u.start is None or u.end is None:

@@ -55,6 +55,7 @@ from .disks import MAX_MAP_ROWS, Disks
 from .faults import Faults
 from .files import Files
 from .jobs import Jobs
+from .labels import Labels
 from .movement import Movement
 from .placement import Placement
 from .sessions import Sessions
@@ -85,7 +86,8 @@ class Service:
         self.movement = Movement(self.ctx, self.placement, self.coherence)
         self.jobs = Jobs(self.ctx, self.placement, self.movement)
         self.snapshots = Snapshots(self.ctx, self.placement, self.coherence, self.movement)
-        self.containers = Containers(self.ctx, self.movement)
+        self.labels = Labels(self.ctx, self.movement)
+        self.containers = Containers(self.ctx, self.movement, self.labels)
         self.disks = Disks(self.ctx, self.placement, self.coherence, self.movement,
                            self.snapshots)
         self.sessions = Sessions(self.ctx, self.movement)
@@ -94,13 +96,19 @@ class Service:
         self.files = Files(self.ctx, self.coherence, self.faults, self.disks)
 
     async def start(self) -> None:
-        """Journal this start before anything is answered (Coherence.start)."""
+        """Journal this start before anything is answered (Coherence.start), then check
+        every container's label (Labels.check_all)."""
         await self.coherence.start()
+        await self.labels.check_all()
 
     async def run_jobs(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                        ) -> None:
-        """Run (and resume) jobs and moves for the service's life (Jobs.run)."""
-        await self.jobs.run(task_status=task_status)
+        """Run (and resume) jobs and moves (Jobs.run), and the labels' heartbeat and
+        relocations (Labels.run), for the service's life."""
+        async with trio.open_nursery() as n:
+            await n.start(self.jobs.run)
+            self.ctx.spawn(self.labels.run)
+            task_status.started()
 
     async def dispatch(self, op: str, args: dict[str, object], conn: Caller | None = None
                        ) -> object:
@@ -150,9 +158,10 @@ class Service:
         }
 
     # ------------------------------------------------------------ containers
-    async def container_add(self, name: str, path: str, size: int | None) -> dict[str, object]:
+    async def container_add(self, name: str, path: str, size: int | None,
+                            force: bool = False) -> dict[str, object]:
         """container.add: Containers.container_add."""
-        return await self.containers.container_add(name, path, size)
+        return await self.containers.container_add(name, path, size, force)
 
     async def container_ls(self) -> list[dict[str, object]]:
         """container.ls: Containers.container_ls."""
@@ -171,8 +180,8 @@ class Service:
         return await self.movement.container_fail(name)
 
     async def container_restore(self, name: str) -> dict[str, object]:
-        """container.restore: Movement.container_restore."""
-        return await self.movement.container_restore(name)
+        """container.restore: Labels.restore (then Movement.container_restore)."""
+        return await self.labels.restore(name)
 
     # ------------------------------------------------------------ disks
     async def disk_create(self, name: str, size: int, thick: bool, segment_size: int | None,

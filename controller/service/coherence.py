@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from .. import label
 from .. import protocol as P
 from ..agents import Agent
 from ..extents import ERROR, INVALID, NOWRITE, ZERO, Extent
@@ -57,7 +58,9 @@ class Coherence:
         Version stamps then begin above every stamp the previous incarnation could have
         sent: it started from a smaller boot number and made fewer than 2**VERSION_BITS.
         """
-        await self.journal.commit(ControllerBoot(self.state.boot + 1))
+        # the first start with labels chooses the installation's id (docs/labels.md)
+        installation = None if self.state.installation is not None else label.new_id()
+        await self.journal.commit(ControllerBoot(self.state.boot + 1, installation))
         self.version = self.state.boot << VERSION_BITS
 
     def bump(self) -> int:
@@ -146,6 +149,10 @@ class Coherence:
             "name": d.name, "size": d.size, "epoch": d.epoch, "segment_size": d.segment_size,
             "containers": {str(c.lun): c.path for c in self.state.containers.values()},
             "failed": [c.lun for c in self.state.containers.values() if c.failed],
+            # what each labelled container's label must say: agents check it before
+            # their first I/O there (docs/labels.md)
+            "labels": {str(c.lun): [self.state.installation, c.uuid]
+                       for c in self.state.containers.values() if c.uuid is not None},
             "v": self.version,
         }
 

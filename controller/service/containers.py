@@ -1,4 +1,4 @@
-"""Container operations: add, ls, info, rm."""
+"""Container operations: add, ls, info, rm (labels: labels.py; fail, restore: movement.py)."""
 
 from __future__ import annotations
 
@@ -6,69 +6,85 @@ import os
 
 import trio
 
+from .. import label, storage
 from .. import protocol as P
-from .. import storage
 from ..records import ContainerAdd, ContainerRm
+from ..state import Container
 from ..units import human
 from .context import Context
+from .labels import Labels
 from .movement import Movement
 
 
 class Containers:
     """The admin's container operations (fail and restore are Movement's).
 
-    Owns the container paths a container.add is probing.
+    Owns the lock that lets one container.add run at a time.
     """
 
-    def __init__(self, ctx: Context, movement: Movement):
+    def __init__(self, ctx: Context, movement: Movement, labels: Labels):
         self.ctx = ctx
         self.state = ctx.state
         self.journal = ctx.journal
         self.movement = movement
-        self._adding_paths: set[str] = set()
+        self.labels = labels
+        self._adding = trio.Lock()
 
-    async def container_add(self, name: str, path: str, size: int | None) -> dict[str, object]:
+    async def container_add(self, name: str, path: str, size: int | None,
+                            force: bool = False) -> dict[str, object]:
         """Add the file or block device at path as container name (a missing file is
-        created, sparse, with size bytes). Raises RemoteError E_EXISTS, E_INVALID,
-        E_NOT_FOUND, E_IO."""
+        created, sparse, with size bytes) and write its label (docs/labels.md).
+
+        An existing path is probed first (Labels.probe_new): another installation's
+        label or another format's signature is refused unless force. Raises RemoteError
+        E_EXISTS, E_INVALID, E_NOT_FOUND, E_BUSY, E_IO.
+        """
         P.check_container_name(name)
         if name in self.state.containers:
             raise P.RemoteError(P.E_EXISTS, f"container {name!r} already exists")
         storage.check_container_path(path)
-        if size is not None and size < P.BLOCK_SIZE:
-            raise P.invalid(f"container size must be at least {P.BLOCK_SIZE} bytes")
-        # one add per path at a time: a concurrent add could probe the file while this one
-        # creates it, register it first, and then see this one unlink it on its clash
-        if path in self._adding_paths:
-            raise P.RemoteError(P.E_EXISTS, f"container path {path!r} is being added")
-        self._adding_paths.add(path)
-        try:
+        least = P.LABEL_BYTES + P.BLOCK_SIZE
+        if size is not None and size < least:
+            raise P.invalid(f"container size must be at least {least} bytes (a block for "
+                            "its label and one for data)")
+        # one add at a time: a concurrent add could probe the file while this one creates
+        # it, or take the LUN this one's label names
+        async with self._adding:
+            if name in self.state.containers:
+                raise P.RemoteError(P.E_EXISTS, f"container {name!r} already exists")
             taken = {c.path: c.name for c in self.state.containers.values()}
             csize, created = await trio.to_thread.run_sync(storage.open_container_path, path,
                                                             size, taken)
-            # re-check after the await: another request may have taken the name
-            clash = name in self.state.containers or any(
-                c.path == path for c in self.state.containers.values())
-            if clash:
+            try:
+                if csize < least:
+                    raise P.invalid(f"{path!r} holds {csize} bytes, less than {least} (a "
+                                    "block for its label and one for data)")
+                if not created:
+                    await self.labels.probe_new(path, force)
+                lun, cid = self.state.next_lun, label.new_id()
+                await self.labels.write_new(path, self.labels.label_for(name, lun, csize, cid))
+            except BaseException:
                 if created:
                     os.unlink(path)
-                raise P.RemoteError(P.E_EXISTS, f"container {name!r} or path {path!r} was "
-                                    "added meanwhile")
-            lun = self.state.next_lun
-            await self.journal.commit(ContainerAdd(name, lun, path, csize, created))
-        finally:
-            self._adding_paths.discard(path)
-        return self.state.containers[name].to_dict()
+                raise
+            await self.journal.commit(ContainerAdd(name, lun, path, csize, created, cid))
+        return self.container_dict(self.state.containers[name])
+
+    def container_dict(self, c: Container) -> dict[str, object]:
+        """A container as vdctl shows it (Movement.container_dict) with its label."""
+        info = self.movement.container_dict(c)
+        info["label"] = self.labels.describe(c)
+        return info
 
     async def container_ls(self) -> list[dict[str, object]]:
         """Every container, by LUN."""
-        return [self.movement.container_dict(c)
+        return [self.container_dict(c)
                 for c in sorted(self.state.containers.values(), key=lambda c: c.lun)]
 
     async def container_info(self, name: str) -> dict[str, object]:
         """A container, the bytes each disk holds on it, and its free ranges' count."""
         c = self.ctx.container(name)
-        info = self.movement.container_dict(c)
+        info = self.container_dict(c)
         disks: dict[str, int] = {}
         for d, e in self.state.lun_users(c.lun):
             disks[d.name] = disks.get(d.name, 0) + e.length
@@ -93,4 +109,7 @@ class Containers:
                                     f"{name!r}; wait for it or abort it")
         info = c.to_dict()
         await self.journal.commit(ContainerRm(name))
+        warning = await self.labels.wipe(c)
+        if warning is not None:
+            info["warning"] = warning
         return info

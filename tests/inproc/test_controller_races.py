@@ -18,7 +18,7 @@ import trio
 from controller import storage
 from controller.client import open_controller
 from controller.daemon import open_controller_service
-from controller.protocol import E_BUSY, E_INVALID, RemoteError
+from controller.protocol import E_BUSY, E_INVALID, LABEL_BYTES, RemoteError
 
 SEG = 4 << 20
 
@@ -51,7 +51,7 @@ async def test_open_during_rm_is_refused(tmp_path, slow_punch):
     state = str(tmp_path / "s")
     addr = f"unix:{state}/controller.sock"
     async with open_controller_service(state, lease=3.0) as svc:
-        await svc.container_add("c1", str(tmp_path / "c1.img"), 4 << 20)
+        await svc.container_add("c1", str(tmp_path / "c1.img"), (4 << 20) + LABEL_BYTES)
         await svc.disk_create("x", 4 << 20, True, None, None)
         async with open_controller(addr, role="agent") as ag, open_controller(addr) as adm:
             await ag.call("agent.register", name="a", host="h", mount="/m")
@@ -134,7 +134,7 @@ async def test_freed_space_is_punched_before_it_can_be_reused(tmp_path, slow_pun
 
     async with open_controller_service(str(tmp_path / "s")) as svc:
         img = str(tmp_path / "c.img")
-        await svc.container_add("c", img, 4096)  # one block: any reuse is of x's block
+        await svc.container_add("c", img, LABEL_BYTES + 4096)  # one block: any reuse is x's
         await svc.disk_create("x", 1 << 20, False, 4096, None)
         await svc.disk_create("y", 1 << 20, False, 4096, None)
 

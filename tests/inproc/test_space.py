@@ -11,7 +11,7 @@ from simagent import BS, SEG, agent_ctx
 
 from controller import storage
 from controller.daemon import open_controller_service
-from controller.protocol import RemoteError
+from controller.protocol import LABEL_BYTES, RemoteError
 
 MB = 1 << 20
 
@@ -38,7 +38,7 @@ async def test_every_piece_of_a_moves_new_space_is_reserved(
     monkeypatch.setattr(storage, "zero_ranges", zero)
     async with open_controller_service(state, lease=1.0) as svc:
         await svc.container_add("c1", str(tmp_path / "c1.img"), 64 * MB)
-        await svc.container_add("c2", str(tmp_path / "c2.img"), 12 * MB)
+        await svc.container_add("c2", str(tmp_path / "c2.img"), 12 * MB + LABEL_BYTES)
         await svc.disk_create("f", 12 * MB, False, 2 * MB, "c2")
         await svc.disk_create("g", 2 * MB, False, 2 * MB, "c2")
         await svc.disk_create("d", SEG, True, None, "c1")
@@ -48,8 +48,9 @@ async def test_every_piece_of_a_moves_new_space_is_reserved(
                                     length=BS, write=True)
             await svc.disk_discard("f", 2 * MB, 2 * MB)   # holes at 2M and 6M
             await svc.disk_discard("f", 6 * MB, 2 * MB)
+            L = LABEL_BYTES  # c2's data starts after its label
             assert list(svc.state.containers["c2"].space.ranges()) == [
-                (2 * MB, 2 * MB), (6 * MB, 2 * MB)]
+                (L + 2 * MB, 2 * MB), (L + 6 * MB, 2 * MB)]
             slow["on"] = True
             await svc.disk_migrate("d", "c2")   # needs 4M: two pieces
             await trio.sleep(0.1)                      # the job zeroes piece 1

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # what virtfs/ may import: the client side of the protocol, and leaf modules that
 # import nothing else from the controller ("controller" itself: __version__)
 CLIENT_SIDE = {"controller", "controller.protocol", "controller.codec", "controller.client",
-               "controller.transport"}
+               "controller.transport", "controller.label"}
 LEAVES = {"controller.faultpoints", "controller.fsutil", "controller.units",
           "controller.statedir"}
 VIRTFS_MAY = CLIENT_SIDE | LEAVES

@@ -20,11 +20,15 @@ SEG = 1 << 20
 class FakeIO:
     def __init__(self) -> None:
         self.paths: dict[int, str] = {}
+        self.labels: dict[int, tuple[str, str]] = {}
         self.calls = 0
 
-    def set_paths(self, paths: dict[int, str]) -> None:
+    def set_paths(self, paths: dict[int, str],
+                  labels: dict[int, tuple[str, str]] | None = None) -> None:
         self.calls += 1
         self.paths.update(paths)
+        if labels is not None:
+            self.labels = labels
 
 
 def tables() -> tuple[Tables, FakeIO]:

@@ -22,6 +22,9 @@ from controller.tables import StateError
 WIRE: list[dict[str, Any]] = [
     {"op": "container.add", "name": "c1", "lun": 1, "path": "/x/c1", "size": 1 << 30,
      "created": True},
+    {"op": "container.add", "name": "c2", "lun": 2, "path": "/x/c2", "size": 1 << 30,
+     "created": False, "uuid": "0123456789abcdef0123456789abcdef"},
+    {"op": "container.label", "name": "c1", "uuid": "fedcba9876543210fedcba9876543210"},
     {"op": "container.fail", "name": "c1"},
     {"op": "container.restore", "name": "c1"},
     {"op": "container.rm", "name": "c1"},
@@ -52,6 +55,7 @@ WIRE: list[dict[str, Any]] = [
     {"op": "snap.rm", "name": "d@s"},
     {"op": "snap.rollback", "snap": "d@s"},
     {"op": "controller.boot", "boot": 2},
+    {"op": "controller.boot", "boot": 1, "installation": "00112233445566778899aabbccddeeff"},
 ]
 
 
@@ -112,6 +116,11 @@ def test_optional_fields_take_their_old_defaults():
     {"op": "snap.create", "name": "d", "snap": "a/b", "ctime": 1.0},
     {"op": "snap.create", "name": "d", "snap": "", "ctime": 1.0},
     {"op": "controller.boot", "boot": 1.0},
+    {"op": "controller.boot", "boot": 1, "installation": "ABC"},
+    {"op": "container.label", "name": "c"},
+    {"op": "container.label", "name": "c", "uuid": "0123456789abcdef0123456789ABCDEF"},
+    {"op": "container.add", "name": "c", "lun": 1, "path": "/x", "size": 1 << 20,
+     "created": True, "uuid": 5},
 ])
 def test_bad_records_are_refused_and_change_nothing(bad):
     s = State()
