@@ -68,8 +68,10 @@ def check(state: State) -> list[Problem]:
             if c is None:
                 err(f"{where} points at unknown LUN {e.lun}")
                 continue
-            if e.offset + round_up(e.length) > c.usable:
+            if e.offset + round_up(e.length) > c.end:
                 err(f"{where} runs past the end of container {c.name!r}")
+            elif e.offset < c.reserved:
+                err(f"{where} overlaps the label of container {c.name!r}")
             used[e.lun].append((e.offset, round_up(e.length), where,
                                 (d.family, e.vstart - e.offset)))
         if count != len(d.extents) or mapped != d.extents.mapped_bytes:
@@ -91,7 +93,7 @@ def check(state: State) -> list[Problem]:
                 err(f"{where} points at unknown LUN {a.lun}")
                 continue
             n = a.bitmap.nblocks * BLOCK_SIZE
-            if a.offset % BLOCK_SIZE or a.offset + n > c.usable:
+            if a.offset % BLOCK_SIZE or a.offset < c.reserved or a.offset + n > c.end:
                 err(f"{where} is misaligned or runs past the end of container {c.name!r}")
             used[a.lun].append((a.offset, n, where, None))
     for j in state.jobs.values():

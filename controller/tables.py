@@ -57,9 +57,14 @@ class Container:
         return LABEL_BYTES if self.uuid is not None else 0
 
     @property
+    def end(self) -> int:
+        """The end of the container's whole blocks (bytes): data lies in [reserved, end)."""
+        return self.size - self.size % BLOCK_SIZE
+
+    @property
     def usable(self) -> int:
         """Bytes disks may use: whole blocks, without the label's."""
-        return self.size - self.size % BLOCK_SIZE - self.reserved
+        return self.end - self.reserved
 
     @property
     def used(self) -> int:

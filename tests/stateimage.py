@@ -24,7 +24,7 @@ from controller.extents import ExtentMap
 from controller.state import State
 
 # the State attributes that are its content (the rest, if any, is derived or volatile)
-STATE_FIELDS = ("seq", "next_lun", "boot", "next_job", "next_family", "jobs",
+STATE_FIELDS = ("seq", "next_lun", "boot", "installation", "next_job", "next_family", "jobs",
                 "containers", "disks", "snaps")
 
 

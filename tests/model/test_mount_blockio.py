@@ -105,3 +105,39 @@ async def test_a_path_change_keeps_the_old_fd_until_synced(tmp_path, synced):
     await io.sync(7)
     assert calls == [old]  # the writes went to the old file: that is what gets synced
     io.close()
+
+
+async def test_a_container_whose_label_is_not_the_named_one_is_refused(tmp_path):
+    """docs/labels.md: the agent checks a container's label before its first I/O on it,
+    and again whenever the controller names another label for the LUN."""
+    from controller import label as L
+
+    p = tmp_path / "c1.img"
+    p.write_bytes(bytes(1 << 16))
+    ours = L.Label(L.new_id(), L.new_id(), 1 << 16, 1, "c1", 0.0)
+    beat = L.Beat(ours.installation, 1, 0.0, 2.0, 10.0)
+    want = {1: (ours.installation, ours.container)}
+    io = ContainerIO()
+    io.set_paths({1: str(p)}, want)
+    with pytest.raises(ContainerError, match="has no virtfs label"):
+        await io.open(1)
+    L.write_label(str(p), ours, beat)
+    io.set_paths({1: str(p)}, want)  # the same label: the refusal stands for a while
+    with pytest.raises(ContainerError):
+        await io.open(1)
+    io._refused.clear()
+    await io.open(1)  # now it is there
+    io.pwrite(1, 8192, b"x" * 4096, 7)
+    # another installation's label, and the controller names it for the LUN: refused
+    theirs = L.Label(L.new_id(), L.new_id(), 1 << 16, 3, "theirs", 0.0)
+    L.write_label(str(p), theirs, beat)
+    io.set_paths({1: str(p)}, {1: (ours.installation, L.new_id())})
+    with pytest.raises(ContainerError, match="carries the label of installation "
+                       + theirs.installation[:12]):
+        await io.open(1)
+    # a controller from before labels names none: no check
+    io2 = ContainerIO()
+    io2.set_paths({1: str(p)})
+    await io2.open(1)
+    io2.close()
+    io.close()
