@@ -76,6 +76,7 @@ class Container:
             "lun": self.lun,
             "path": self.path,
             "size": self.size,
+            "usable": self.usable,
             "used": self.used,
             "free": self.space.free,
             "created": self.created,

@@ -71,7 +71,7 @@ ERRORS_RC1 = [
     (["container", "add", "c9", "{tmp}/does-not-exist.img"], "does not exist"),
     (["container", "add", "c9", "{tmp}/no/such/dir/c.img", "--size", "1M"], "does not exist"),
     (["container", "add", "c9", "{tmp}/existing.img", "--size", "1M"], "less than --size"),
-    (["container", "add", "c9", "{tmp}/tiny.img", "--size", "100"], "at least 4096"),
+    (["container", "add", "c9", "{tmp}/tiny.img", "--size", "100"], "at least 8192"),
     (["container", "add", "c9", "{tmp}"], "neither a regular file"),
     (["disk", "create", "big", "--size", "200M", "--thick"], "free"),
     (["container", "rm", "c1"], "holds"),

@@ -12,6 +12,7 @@ import trio
 from rig import ControllerProc
 
 from controller.client import open_controller
+from controller.protocol import LABEL_BYTES
 
 B = 4096
 G = 1 << 30
@@ -39,7 +40,7 @@ def usage_adds_up(v) -> dict[str, dict]:
         total_alloc += d["allocated"]
     for name, c in conts.items():
         assert c["used"] == per[name], (name, c, per)
-        assert c["used"] + c["free"] == c["size"] - c["size"] % B, c
+        assert c["used"] + c["free"] == c["usable"] == c["size"] - c["size"] % B - LABEL_BYTES, c
     return conts
 
 
@@ -75,8 +76,11 @@ def test_lifecycle_restart_and_kill(controller, tmp_path):
     c2.write_bytes(b"")
     os.truncate(c2, (2 << 30) + 1000)  # an existing file, not a multiple of 4 KiB
     r = ok(v("container", "add", "c2", str(c2), "--format", "json")).json()
-    assert r["size"] == (2 << 30) + 1000 and r["created"] is False and r["free"] == 2 << 30
-    assert os.path.getsize(c1) == 3 << 30 and os.stat(c1).st_blocks == 0  # sparse
+    # whole blocks only, and the first one is the label's (docs/labels.md)
+    assert r["size"] == (2 << 30) + 1000 and r["created"] is False
+    assert r["free"] == r["usable"] == (2 << 30) - LABEL_BYTES
+    assert os.path.getsize(c1) == 3 << 30
+    assert os.stat(c1).st_blocks * 512 <= LABEL_BYTES  # sparse but for its label
 
     sizes = {"thin-odd": ("12345", 12345), "thin-big": ("1T", 1 << 40),
              "thin-g1": ("1G", G), "thick-odd": ("12345", 12345),

@@ -15,9 +15,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from rig import ControllerProc, wait_for
 
 from controller import label as L
-from rig import ControllerProc, wait_for
 
 LEASE = ["--lease", "1"]  # a short hold: --force watches the heartbeat for 2*2+1.5 s
 
