@@ -25,6 +25,8 @@ from rig import (
     wait_for,
 )
 
+from controller.protocol import LABEL_BYTES
+
 
 def vd(m, *args):
     r = run_vdctl("--state-dir", str(m.state_dir), *args)
@@ -202,7 +204,7 @@ def test_unexpected_exception_is_eio_and_mount_stays(mount_factory):
 def test_statfs_and_st_blocks(embedded):
     vd(embedded, "disk", "create", "d", "--size", "16M")
     st = os.statvfs(embedded.path)
-    assert st.f_blocks * st.f_frsize == 4 << 30
+    assert st.f_blocks * st.f_frsize == (4 << 30) - LABEL_BYTES  # the container's usable
     with open(embedded.path / "d", "r+b") as f:
         f.write(b"x")
     assert os.stat(embedded.path / "d").st_blocks * 512 == 4 << 20
