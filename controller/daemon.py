@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
+from prometheus_client import CollectorRegistry
 
-from . import __version__
+from . import __version__, metrics_http
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
 from .frames import JournalCorrupt  # virtfs.mount's too
 from .journal import Journal
+from .metrics import ControllerMetrics
 from .recovery import recover
 from .server import MAX_CONNECTIONS, TCP_NEEDS, Server, serve_listeners
 from .service import Service
@@ -59,11 +61,13 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
                                   lease: float = DEFAULT_LEASE,
                                   security: ServerSecurity | None = None,
                                   max_connections: int = MAX_CONNECTIONS,
+                                  metrics: CollectorRegistry | None = None,
                                   ) -> AsyncIterator[Service]:
     """Run a controller (journal committer + listeners) for the block's duration.
 
     Used by the daemon and by the agent's embedded mode. security: TLS context and
     token for tcp:// listeners (required if there are any: ValueError otherwise).
+    metrics: a registry to add the controller's metrics to (the caller serves it).
     """
     lock_fd = lock_state_dir(state_dir)
     try:
@@ -79,13 +83,17 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
             kw["checkpoint_bytes"] = checkpoint_bytes
         journal = Journal(state_dir, rec.state, **kw)
         service = Service(rec.state, journal, state_dir, lease=lease)
-        server = Server(service.dispatch, security=security, max_connections=max_connections)
+        cm = ControllerMetrics(metrics, service) if metrics is not None else None
+        server = Server(service.dispatch if cm is None else cm.wrap(service.dispatch),
+                        security=security, max_connections=max_connections)
         addrs = listen or [default_socket(state_dir)]
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(journal.run)
                 await service.start()
                 await nursery.start(service.run_jobs)
+                if cm is not None:
+                    nursery.start_soon(cm.run)
                 await nursery.start(serve_listeners, server, addrs)
                 yield service
                 nursery.cancel_scope.cancel()
@@ -107,10 +115,16 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
 
 async def _run(state_dir: str, listen: list[str], lease: float,
                security: ServerSecurity | None = None,
-               max_connections: int = MAX_CONNECTIONS) -> None:
+               max_connections: int = MAX_CONNECTIONS, metrics: str | None = None) -> None:
+    registry = metrics_http.new_registry() if metrics is not None else None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with open_controller_service(state_dir, listen, lease=lease, security=security,
-                                           max_connections=max_connections):
+                                           max_connections=max_connections,
+                                           metrics=registry):
+            if metrics is not None and registry is not None:
+                host, port = metrics_http.serve(metrics, registry)
+                print(f"virtfs-controller: metrics at http://{host}:{port}/metrics",
+                      file=sys.stderr, flush=True)
             print(f"virtfs-controller: serving {', '.join(listen)} (state dir {state_dir})",
                   file=sys.stderr, flush=True)
             async for sig in signals:
@@ -151,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lease", type=float, default=DEFAULT_LEASE, metavar="SECONDS",
                    help=f"agent lease (default {DEFAULT_LEASE:.0f} s): how long an agent that "
                    "lost the controller keeps using its cached entries")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                   "(docs/metrics.md; PORT 0 picks a free port, printed on stderr)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
@@ -182,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 0.5 <= args.lease <= 3600:
             p.error("--lease must be between 0.5 and 3600 seconds")
-        trio.run(_run, state_dir, listen, args.lease, security, args.max_connections)
+        if args.metrics is not None:
+            try:
+                metrics_http.parse_addr(args.metrics)
+            except ValueError as e:
+                p.error(str(e))
+        trio.run(_run, state_dir, listen, args.lease, security, args.max_connections,
+                 args.metrics)
     except (StateDirBusy, JournalCorrupt, OSError, ValueError) as e:
         print(f"virtfs-controller: {e}", file=sys.stderr)
         return 1

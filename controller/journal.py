@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -86,6 +88,10 @@ class Journal:
         self.durable_seq = state.seq
         self.commits = 0  # fsyncs done, for the benchmark and status
         self.checkpoints = 0
+        # metrics hooks (controller/metrics.py): a group commit's records, bytes and
+        # seconds; a background checkpoint's bytes and seconds
+        self.on_commit: Callable[[int, int, float], None] = lambda n, b, t: None
+        self.on_checkpoint: Callable[[int, float], None] = lambda b, t: None
         self.last_checkpoint_bytes = 0
 
     def record(self, rec: Record) -> int:
@@ -181,7 +187,10 @@ class Journal:
                     batch.fd = self._fd
                     self._inflight = batch
                     try:
-                        self.journal_bytes += await self._make_durable(batch)
+                        t0 = time.perf_counter()
+                        n = await self._make_durable(batch)
+                        self.journal_bytes += n
+                        self.on_commit(len(batch.frames), n, time.perf_counter() - t0)
                     except BaseException as e:
                         batch.error = e
                         batch.done.set()
@@ -260,6 +269,7 @@ class Journal:
             await trio.to_thread.run_sync(self._retire_old_sync)
             self.checkpoints += 1
             self.last_checkpoint_bytes = f.bytes
+            self.on_checkpoint(f.bytes, trio.current_time() - t0)
             log.info("checkpoint at seq %d (%d bytes, %d extents, %.2f s)", job.snap.seq,
                      f.bytes, job.snap.extents, trio.current_time() - t0)
         except trio.Cancelled:

@@ -257,6 +257,11 @@ class ContainerIO:
         if why is not None and n > self._synced.get(lun, 0):
             raise ContainerError(lun, f"container LUN {lun} lost writes earlier ({why})")
 
+    def unsynced(self) -> dict[int, int]:
+        """LUN -> writes on it that no finished fdatasync covers yet (the sync debt)."""
+        return {lun: n - self._synced.get(lun, 0) for lun, n in self._written.items()
+                if n > self._synced.get(lun, 0)}
+
     async def sync(self, disk: int | None = None) -> None:
         """Pay the sync debts of disk key ``disk`` (default: every disk's).
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from .errors import DiskError
 from .faults import Faults
 from .kernel import KernelCache
 from .mapcache import Entry
+from .metrics import AgentMetrics
 from .opendisk import OpenDisk
 from .sizes import Sizes
 from .tables import Tables
@@ -48,6 +50,7 @@ class DataPath:
                  fault_timeout: float = 30.0, on_resize: Callable[[], None] = lambda: None):
         self.session = session
         self.io = io
+        self.metrics: AgentMetrics | None = None
         self.tables = Tables(session, io, kernel)
         self.faults = Faults(session, self.tables, kernel, fault_timeout=fault_timeout,
                              on_resize=on_resize)
@@ -96,8 +99,20 @@ class DataPath:
                                                                    deadline):
             await self.faults.wait(od, pos, end - pos, write, deadline)
 
+    def set_metrics(self, metrics: AgentMetrics) -> None:
+        """Count reads, writes and faults in metrics (virtfs-mount --metrics)."""
+        self.metrics = self.faults.metrics = metrics
+
     async def read(self, od: OpenDisk, offset: int, length: int) -> bytes:
         """Up to length bytes at offset (short only at the end of the disk). DiskError."""
+        if self.metrics is None:
+            return await self._read(od, offset, length)
+        t0 = time.perf_counter()
+        data = await self._read(od, offset, length)
+        self.metrics.disk(od.name).read(len(data), time.perf_counter() - t0)
+        return data
+
+    async def _read(self, od: OpenDisk, offset: int, length: int) -> bytes:
         end = min(offset + length, od.size)
         if offset >= end:
             return b""
@@ -126,8 +141,12 @@ class DataPath:
         file's: the step grown ahead at the controller is trimmed later as always).
         """
         size_before = od.size
+        t0 = time.perf_counter()
         try:
-            return await self._write(od, offset, data, skip_zero)
+            n = await self._write(od, offset, data, skip_zero)
+            if self.metrics is not None and not skip_zero:
+                self.metrics.disk(od.name).write(n, time.perf_counter() - t0)
+            return n
         except DiskError:
             end = offset + len(data)
             if od.grow.eof is not None and od.grow.eof == end and end > size_before:

@@ -10,17 +10,19 @@ preparing a moving segment as needed). Faults are coalesced per segment.
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Callable
 
 import trio
 
 from controller.client import ConnectionLost
-from controller.protocol import E_BUSY, INVALID, NOWRITE, ZERO, RemoteError
+from controller.protocol import E_BUSY, ERROR, INVALID, NOWRITE, ZERO, RemoteError
 
 from .agent import ControllerUnavailable, Session
 from .errors import DiskError, remote_error
 from .kernel import KernelCache
 from .mapcache import Entry
+from .metrics import AgentMetrics
 from .opendisk import OpenDisk
 from .tables import Tables, TableUpdate
 
@@ -35,6 +37,7 @@ class Faults:
         self.kernel = kernel
         self.fault_timeout = fault_timeout  # seconds an I/O waits for usable entries
         self.on_resize = on_resize  # allocation changed the pool's figures (listing stale)
+        self.metrics: AgentMetrics | None = None  # virtfs-mount --metrics
 
     async def fault(self, od: OpenDisk, offset: int, length: int, write: bool,
                     deadline: float) -> None:
@@ -91,14 +94,30 @@ class Faults:
         if trio.current_time() >= deadline:
             raise DiskError(errno.EIO, f"{od.name}: no usable entry at {pos} in time")
         e = od.table.pieces(pos, 1)[0]
+        t0 = time.perf_counter()
         if not self.session.lease_valid() and self._usable_with_lease(e, write):
             # only the lease is missing: faulting would not help until it is renewed
             try:
                 await self.session.wait_lease(deadline)
             except ControllerUnavailable as err:
                 raise DiskError(errno.EIO, f"{od.name}: {err}") from None
-            return
-        await self.fault(od, pos, length, write, deadline)
+            reason = "lease"
+        else:
+            await self.fault(od, pos, length, write, deadline)
+            reason = self.reason(e, write)
+        if self.metrics is not None:
+            self.metrics.disk(od.name).fault(reason, time.perf_counter() - t0)
+
+    @staticmethod
+    def reason(e: Entry, write: bool) -> str:
+        """Why e stopped an I/O, as metrics.FAULT_REASONS name it."""
+        if e.flags & ERROR:
+            return "error"
+        if e.flags & INVALID:
+            return "restricted"
+        if write and e.flags & ZERO:
+            return "allocate"
+        return "nowrite"
 
     @staticmethod
     def _usable_with_lease(e: Entry, write: bool) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from controller import __version__, fsutil
+from controller import __version__, fsutil, metrics_http
 from controller.client import (
     ConnectionLost,
     add_security_options,
@@ -41,6 +41,7 @@ from .agent import Session
 from .blockio import ContainerIO
 from .disks import Volumes
 from .fuse_ops import Operations
+from .metrics import AgentMetrics
 
 log = logging.getLogger("virtfs.mount")
 
@@ -85,10 +86,12 @@ async def _prepare_embedded(service: Any, state_dir: str, size: int, demo: bool)
 async def _run(args: argparse.Namespace) -> None:
     mountpoint, state_dir = args.mountpoint, args.state_dir
     addr = args.controller or default_socket(state_dir)
+    # one endpoint for the agent's metrics and an embedded controller's
+    registry = metrics_http.new_registry() if args.metrics is not None else None
     async with AsyncExitStack() as stack:
         if args.controller is None and not await controller_answers(addr):
             service = await stack.enter_async_context(
-                open_controller_service(state_dir, lease=args.lease))
+                open_controller_service(state_dir, lease=args.lease, metrics=registry))
             await _prepare_embedded(service, state_dir, args.default_container_size, args.demo)
             log.info("embedded controller serving %s", addr)
         else:
@@ -107,6 +110,16 @@ async def _run(args: argparse.Namespace) -> None:
                                  f"{CONNECT_TIMEOUT:.0f} s") from None
             io = ContainerIO(mountpoint)
             volumes = Volumes(session, io, fault_timeout=args.fault_timeout)
+            if registry is not None:
+                am = AgentMetrics(registry, session, io)
+                volumes.data.set_metrics(am)
+                nursery.start_soon(am.run)
+                try:
+                    host, port = metrics_http.serve(args.metrics, registry)
+                except OSError as e:
+                    raise MountError(f"--metrics {args.metrics}: {e.strerror}") from None
+                print(f"virtfs-mount: metrics at http://{host}:{port}/metrics",
+                      file=sys.stderr, flush=True)
             ops = Operations(volumes, nursery)
             options = set(pyfuse3.default_options)
             options |= {"fsname=virtfs", "subtype=virtfs"}
@@ -204,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="agent lease of the embedded controller (default 10)")
     p.add_argument("--read-ahead-kb", type=int, default=1024, metavar="KB",
                    help="kernel read-ahead for the mount (default 1024; needs root)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md;"
+                   " PORT 0 picks a free port, printed on stderr); with an embedded "
+                   "controller, its metrics too")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
@@ -221,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--fault-timeout must be more than 0 seconds")
     if args.read_ahead_kb < 0:
         p.error("--read-ahead-kb must not be negative")
+    if args.metrics is not None:
+        try:
+            metrics_http.parse_addr(args.metrics)
+        except ValueError as e:
+            p.error(str(e))
     args.security = None
     if args.controller is not None:
         try:

@@ -213,7 +213,7 @@ class Jobs:
         j = self.state.jobs[jid]
         self._progress[jid] = _Progress(self.remaining(j), trio.current_time())
         self.ctx.spawn(self._run_job, jid)
-        return self._job_dict(j)
+        return self.job_dict(j)
 
     async def disk_migrate(self, name: str, to: str) -> dict[str, object]:
         """Start moving every extent of disk name to container `to` while it is in use.
@@ -271,7 +271,9 @@ class Jobs:
                                                     home if d.pin is not None else None))
         return await self._start_job("drain", None, c.lun, dst)
 
-    def _job_dict(self, j: Job) -> dict[str, object]:
+    def job_dict(self, j: Job) -> dict[str, object]:
+        """A job as vdctl shows it: ids, containers, state, and a running job's progress
+        (total and done bytes, rate in bytes/s, percent, eta in seconds)."""
         prog = self._progress.get(j.id)
         luns = self.state.luns
         out: dict[str, object] = {
@@ -297,7 +299,7 @@ class Jobs:
 
     async def job_ls(self) -> list[dict[str, object]]:
         """Every job, by id, with the progress of running ones."""
-        return [self._job_dict(j) for j in sorted(self.state.jobs.values(), key=lambda j: j.id)]
+        return [self.job_dict(j) for j in sorted(self.state.jobs.values(), key=lambda j: j.id)]
 
     async def job_abort(self, id: int) -> dict[str, object]:
         """Stop a running job: the moves it has in flight go back to where they came from
@@ -314,7 +316,7 @@ class Jobs:
             if prog.batch is not None:
                 prog.batch.cancel()  # stop copying; the moves are rolled back
             await prog.done_event.wait()
-        return self._job_dict(j)
+        return self.job_dict(j)
 
 
 def round_up_sum(d: Disk, lun: int) -> int:
