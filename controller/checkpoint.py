@@ -29,7 +29,7 @@ from .extents import ExtentMap, ExtentSnapshot
 from .frames import JournalCorrupt
 from .fsutil import fsync_dir, write_all
 from .state import State
-from .tables import Alt, Container, Disk, Job, StateError
+from .tables import QOS_KEYS, Alt, Container, Disk, Job, StateError
 
 CHECKPOINT = "checkpoint"
 FORMAT_1 = 1  # one frame: the whole state as one map (read only)
@@ -71,7 +71,8 @@ def _fields(obj: Container | Disk, names: tuple[str, ...]) -> dict[str, object]:
 def _disk_tail(d: Disk) -> dict[str, object]:
     """A table's lineage, and its times only when set (older checkpoints lack them)."""
     times = _fields(d, TIME_FIELDS) if d.mtime or d.stime else {}
-    return {**_fields(d, LINEAGE_FIELDS), **times}
+    qos = {"qos": dict(d.qos)} if d.qos else {}  # (older checkpoints lack it)
+    return {**_fields(d, LINEAGE_FIELDS), **times, **qos}
 
 
 def _alt_wire(vstart: int, a: Alt) -> AltRow:
@@ -110,6 +111,11 @@ def _disk(dw: dict[str, Any], extents: ExtentMap) -> Disk:
         if type(t) not in (int, float):
             raise StateError(f"checkpoint: disk {d.name!r} has a bad {key} {t!r}")
         setattr(d, key, float(t))
+    qos = dw.get("qos", {})
+    if not isinstance(qos, dict) or not all(
+            k in QOS_KEYS and type(v) is int and v > 0 for k, v in qos.items()):
+        raise StateError(f"checkpoint: disk {d.name!r} has bad QoS limits {qos!r}")
+    d.qos = dict(qos)
     return d
 
 

@@ -36,6 +36,16 @@ from .units import format_size
 JOB_POLL = 0.5  # seconds between progress polls
 
 
+def qos_line(q: dict[str, int]) -> str:
+    """A disk's QoS limits in one line: "iops 200/s, write-bps 10M/s" or "none"."""
+    parts = []
+    for k in ("iops", "bps", "read_iops", "read_bps", "write_iops", "write_bps"):
+        if k in q:
+            v = format_size(q[k]) if k.endswith("bps") else str(q[k])
+            parts.append(f"{k.replace('_', '-')} {v}/s")
+    return ", ".join(parts) or "none"
+
+
 class Cli:
     """One vdctl command: a method per NOUN_VERB, run against a connected client.
 
@@ -145,15 +155,30 @@ class Cli:
                ["NAME", "BYTES", "SIZE", "TYPE", "ALLOCATED", "EXTENTS", "PINNED"], self.out)
         return 0
 
+    async def disk_set(self) -> int:
+        a = self.args
+        limits = {k: getattr(a, f"{k}_limit") for k in
+                  ("iops", "bps", "read_iops", "read_bps", "write_iops", "write_bps")
+                  if getattr(a, f"{k}_limit") is not None}
+        if not limits:
+            raise P.invalid("give at least one limit (--iops-limit, --bps-limit, "
+                            "--read-iops-limit, ...)")
+        r = await self.c.call("disk.set", name=a.name, limits=limits)
+        self._disk_out(r)
+        return 0
+
     async def disk_info(self) -> int:
         r = await self.c.call("disk.info", name=self.args.name)
+        self._disk_out(r)
+        return 0
+
+    def _disk_out(self, r: dict[str, Any]) -> None:
         if self.json:
             self.emit_json(r)
-            return 0
-        kv(r, self.out)
-        for p in r["placement"]:
+            return
+        kv({**r, "qos": qos_line(r.get("qos") or {})}, self.out)
+        for p in r.get("placement", []):
             self.out.write(f"  on {p['container']}: {p['bytes']} bytes\n")
-        return 0
 
     async def disk_map(self) -> int:
         start: int | None = 0

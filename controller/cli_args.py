@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from . import __version__
@@ -17,6 +18,21 @@ _NEG = "neg:"  # argv rewrite so "disk resize d -1G" is not taken for an option
 
 
 MAX_SIZE_ARG = (1 << 63) - 1  # what msgpack carries as a signed int
+
+
+def limit_arg(parse: Callable[[str], int]) -> Callable[[str], int]:
+    """A QoS limit: 0 or "none" (no limit), else parse(text) > 0."""
+    def limit(text: str) -> int:
+        if text.lower() in ("none", "0"):
+            return 0
+        try:
+            n = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid limit {text!r}") from None
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"invalid limit {text!r}: negative")
+        return n
+    return limit
 
 
 def size_arg(text: str) -> int:
@@ -150,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("name")
     mg.add_argument("--to", metavar="CONTAINER", required=True, help="target container")
     mg.add_argument("--no-wait", action="store_true", help="print the job id and return")
+
+    st = verb(dv, "set", "set a disk's QoS limits, enforced by every agent (0 or none "
+              "lifts a limit; docs/qos.md)")
+    st.add_argument("name")
+    for kind in ("", "read-", "write-"):
+        what = {"": "all I/O", "read-": "reads", "write-": "writes"}[kind]
+        st.add_argument(f"--{kind}iops-limit", type=limit_arg(int), metavar="N",
+                        help=f"at most N operations per second ({what})")
+        st.add_argument(f"--{kind}bps-limit", type=limit_arg(size_arg), metavar="SIZE",
+                        help=f"at most SIZE bytes per second ({what}; e.g. 100M)")
 
     verb(dv, "clone", "make a writable thin disk from a snapshot, sharing its storage"
          ).add_argument("snap", metavar="NAME@SNAP")

@@ -40,7 +40,7 @@ from .recordbase import (
     record,
     wire_pieces,
 )
-from .tables import JOB_KINDS, JOB_STATES, StateError
+from .tables import JOB_KINDS, JOB_STATES, QOS_KEYS, StateError
 
 __all__ = ["Piece", "Record", "Wire", "decode", "record"]  # and the record classes below
 
@@ -255,6 +255,27 @@ class DiskPlace(Record):
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
         return cls(get_str(d, "name"), get_int(d, "home"), get_opt_int(d, "pin"))
+
+
+@record
+class DiskQos(Record):
+    """A disk's QoS limits: tables.QOS_KEYS -> a rate (ops/s, bytes/s) > 0; the keys
+    left out are unlimited (docs/qos.md)."""
+
+    OP: ClassVar[str] = "disk.qos"
+    name: str
+    limits: dict[str, int]
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP, "name": self.name, "limits": dict(self.limits)}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, object]) -> Self:
+        limits = get(d, "limits")
+        if not isinstance(limits, dict) or not all(
+                k in QOS_KEYS and type(v) is int and v > 0 for k, v in limits.items()):
+            raise bad_field(d, "limits", limits, f"a map of {', '.join(QOS_KEYS)} to rates > 0")
+        return cls(get_str(d, "name"), dict(limits))
 
 
 @record
@@ -508,7 +529,8 @@ class ControllerBoot(Record):
 
 RECORDS: tuple[type[Record], ...] = (
     ContainerAdd, ContainerLabel, ContainerFail, ContainerRestore, ContainerRm,
-    DiskCreate, DiskMap, DiskTimes, DiskResize, DiskRm, DiskRename, DiskPlace, DiskUnmap,
+    DiskCreate, DiskMap, DiskTimes, DiskResize, DiskRm, DiskRename, DiskPlace, DiskQos,
+    DiskUnmap,
     DiskClone, MoveStart, MoveMark, MoveCommit, MoveAbort, JobStart, JobAbort, JobEnd,
     SnapCreate, SnapRm, SnapRollback, ControllerBoot,
 )

@@ -396,6 +396,10 @@ class State:
             raise StateError(f"disk.place: unknown LUN {home!r} or {pin!r}")
         d.home, d.pin = home, pin
 
+    def _disk_qos(self, rec: R.DiskQos) -> None:
+        """A disk's QoS limits (replacing the ones it had)."""
+        self.disk(rec.name).qos = dict(rec.limits)
+
     # ------------------------------------------------------------ jobs
     def _job_start(self, rec: R.JobStart) -> None:
         jid, kind = rec.id, rec.kind

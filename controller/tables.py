@@ -137,6 +137,10 @@ class Job:
         return cls(*w)
 
 
+# a disk's QoS limits (docs/qos.md): ops/s and bytes/s, for all I/O or reads or writes
+QOS_KEYS = ("iops", "bps", "read_iops", "read_bps", "write_iops", "write_bps")
+
+
 @dataclass
 class Disk:
     name: str
@@ -163,6 +167,9 @@ class Disk:
     # stands): the last change of the content or size, and of the content or metadata
     mtime: float = 0.0
     stime: float = 0.0
+    # QoS limits (disk.qos records; docs/qos.md): QOS_KEYS -> ops/s or bytes/s; agents
+    # enforce them. Empty: unlimited
+    qos: dict[str, int] = field(default_factory=dict)
 
     @property
     def allocated(self) -> int:
@@ -189,6 +196,7 @@ class Disk:
             # unlinked while open (protocol.DELETED_PREFIX): the name it had
             "deleted": former_name(self.name),
             "origin": self.origin,
+            "qos": dict(self.qos),
         }
 
 

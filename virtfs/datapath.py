@@ -105,6 +105,8 @@ class DataPath:
 
     async def read(self, od: OpenDisk, offset: int, length: int) -> bytes:
         """Up to length bytes at offset (short only at the end of the disk). DiskError."""
+        if od.qos is not None:
+            await od.qos.admit("read", length)
         if self.metrics is None:
             return await self._read(od, offset, length)
         t0 = time.perf_counter()
@@ -142,6 +144,8 @@ class DataPath:
         """
         size_before = od.size
         t0 = time.perf_counter()
+        if od.qos is not None and not skip_zero:
+            await od.qos.admit("write", len(data))
         try:
             n = await self._write(od, offset, data, skip_zero)
             if self.metrics is not None and not skip_zero:

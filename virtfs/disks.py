@@ -25,6 +25,7 @@ from .kernel import KernelCache
 from .mapcache import TableError
 from .namespace import Namespace
 from .opendisk import OpenDisk
+from .qos import limiter
 from .tables import TableUpdate
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ class Volumes:
                 except TableError as e:
                     await self._close_at_controller(name, t.get("handle"))
                     raise DiskError(errno.EIO, f"open {name}: bad table ({e})") from None
-                od = OpenDisk(name, inode, table, t["segment_size"], handle=t.get("handle"))
+                od = OpenDisk(name, inode, table, t["segment_size"], handle=t.get("handle"),
+                              qos=limiter(t.get("qos")))
                 ns.open[name] = od
                 ns.by_inode[inode] = od
             else:
@@ -187,6 +189,10 @@ class Volumes:
                         old = od.name
                         break
             self.ns.apply_rename(old, new)
+        elif kind == "qos":
+            od = self.ns.open.get(msg["disk"])
+            if od is not None:
+                od.qos = limiter(msg.get("qos"))
         elif kind == "namespace":
             await self.ns.apply_namespace(msg)
         elif kind == "epochs":

@@ -16,6 +16,7 @@ import trio
 
 from .background import Background
 from .mapcache import DiskTable, Inflight
+from .qos import Limiter
 
 # a write starting this close to the furthest end of the run so far continues it (a
 # window, not an exact match: qemu-img convert and VMs keep several sequential writes in
@@ -116,6 +117,7 @@ class OpenDisk:
     run: Run = field(default_factory=Run)
     reloading: Background = field(default_factory=lambda: Background(rerun=True))
     settling: Background = field(default_factory=Background)  # size and times (settle)
+    qos: Limiter | None = None  # the disk's QoS limits (qos.py); None: unlimited
 
     def touch(self, mtime: float | None = None) -> None:
         """The content or size changed now (or utimensat set mtime: seconds)."""

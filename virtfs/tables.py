@@ -22,6 +22,7 @@ from .errors import DiskError, call
 from .kernel import KernelCache
 from .mapcache import DiskTable, Rows, TableError
 from .opendisk import OpenDisk
+from .qos import limiter
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class Tables:
         t = await call(self.session, "disk.table", f"reload {od.name}", timeout=timeout,
                        name=od.name)
         self.apply_update(od.table, TableUpdate.table(t))
+        od.qos = limiter(t.get("qos"))  # (a "qos" push may have been lost meanwhile)
         self.kernel.invalidate(od.inode)
 
     async def reload_or_restrict(self, od: OpenDisk, timeout: float | None = None) -> bool:

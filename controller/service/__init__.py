@@ -58,6 +58,7 @@ from .jobs import Jobs
 from .labels import Labels
 from .movement import Movement
 from .placement import Placement
+from .qos import Qos
 from .sessions import Sessions
 from .snapshots import Snapshots
 
@@ -91,6 +92,7 @@ class Service:
         self.disks = Disks(self.ctx, self.placement, self.coherence, self.movement,
                            self.snapshots)
         self.sessions = Sessions(self.ctx, self.movement)
+        self.qos = Qos(self.ctx)
         self.faults = Faults(self.ctx, self.placement, self.coherence, self.movement,
                              self.snapshots)
         self.files = Files(self.ctx, self.coherence, self.faults, self.disks)
@@ -184,6 +186,10 @@ class Service:
         return await self.labels.restore(name)
 
     # ------------------------------------------------------------ disks
+    async def disk_set(self, name: str, limits: dict[str, int | None]) -> dict[str, object]:
+        """disk.set: Qos.disk_set."""
+        return await self.qos.disk_set(name, limits)
+
     async def disk_create(self, name: str, size: int, thick: bool, segment_size: int | None,
                           container: str | None) -> dict[str, object]:
         """disk.create: Disks.disk_create."""

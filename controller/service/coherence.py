@@ -149,6 +149,7 @@ class Coherence:
             "name": d.name, "size": d.size, "epoch": d.epoch, "segment_size": d.segment_size,
             "containers": {str(c.lun): c.path for c in self.state.containers.values()},
             "failed": [c.lun for c in self.state.containers.values() if c.failed],
+            "qos": dict(d.qos),  # the disk's QoS limits (docs/qos.md)
             # what each labelled container's label must say: agents check it before
             # their first I/O there (docs/labels.md)
             "labels": {str(c.lun): [self.state.installation, c.uuid]
