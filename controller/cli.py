@@ -93,9 +93,11 @@ class Cli:
         if force:
             print(f"vdctl: --force: making sure nothing else uses {self.args.path} (this may "
                   "take a while)", file=sys.stderr)
-        r = await self.c.call("container.add", timeout=None if force else DEFAULT_TIMEOUT,
+        # (--force watches the owner's heartbeat: up to a few of its leases)
+        extra = {"force": True} if force else {}
+        r = await self.c.call("container.add", timeout=DEFAULT_TIMEOUT + (3600 if force else 0),
                               name=self.args.name, path=self.args.path, size=self.args.size,
-                              force=force)
+                              **extra)
         self._container_out(r)
         return 0
 
@@ -109,7 +111,8 @@ class Cli:
             return 0
         self._table([[r["name"], str(r["lun"]), format_size(r["size"]), format_size(r["used"]),
                  format_size(r["free"]), pct(r["used"], r["size"]), r["state"],
-                 str(r["label"]).split(" ", 1)[0], str(r.get("errors") or "-"), r["path"]]
+                 str(r.get("label", "-")).split(" ", 1)[0].rstrip(":"),
+                 str(r.get("errors") or "-"), r["path"]]
                 for r in rows],
                ["NAME", "LUN", "SIZE", "USED", "FREE", "USE%", "STATE", "LABEL", "ERRORS",
                 "PATH"],
@@ -285,7 +288,8 @@ class Cli:
         return 0
 
     async def container_restore(self) -> int:
-        r = await self.c.call("container.restore", name=self.args.name)
+        extra = {"relabel": True} if self.args.relabel else {}
+        r = await self.c.call("container.restore", name=self.args.name, **extra)
         self.emit_json(r) if self.json else kv(r, self.out)
         return 0
 

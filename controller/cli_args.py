@@ -137,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--no-wait", action="store_true", help="print the job id and return")
     verb(cv, "fail", "mark a container failed: I/O on its data fails at once with EIO"
          ).add_argument("name")
-    verb(cv, "restore", "clear a failed or suspect container: its data is used again"
-         ).add_argument("name")
+    rs_ = verb(cv, "restore", "clear a failed or suspect container: its data is used again")
+    rs_.add_argument("name")
+    rs_.add_argument("--relabel", action="store_true",
+                     help="write its label again where it is missing or damaged (only if "
+                     "PATH is the right file or device: docs/labels.md)")
 
     d = nouns.add_parser("disk", help="virtual disks")
     dv = d.add_subparsers(dest="verb", metavar="VERB", required=True)

@@ -1,7 +1,9 @@
 """The container label: who a container belongs to (format, reads and writes; docs/labels.md).
 
-A labelled container reserves its first block (``LABEL_BYTES``, 4 KiB). Sector 0
-holds the label, written once when the container joins an installation:
+A labelled container reserves its first MiB (``LABEL_BYTES``): disks never get
+space there, and its data stays aligned as LVM's 1 MiB data offset keeps a
+PV's. Sector 0 holds the label, written once when the container joins an
+installation:
 
 =======  ====  ===================================================
 offset   size  field (little-endian)
@@ -21,9 +23,11 @@ Sector 1 is the owner's heartbeat, rewritten every ``interval`` seconds while a
 controller of the installation runs (as ZFS's multihost protection does): magic
 ``VIRTFSHB``, version, the interval and the hold (how long after its last beat
 the owner's agents may still do I/O: their lease) in milliseconds, the
-installation id, a counter and the time, and a CRC-32. Another installation may
-take a labelled container over (``container add --force``) only after watching
-the counter stand still for ``takeover_wait`` seconds.
+installation id, the controller run's id, a counter and the time, and a CRC-32.
+Another installation may take a labelled container over (``container add
+--force``) only after watching the sector stand still for ``takeover_wait``
+seconds; the owner fails a container whose beats have not landed for
+``STALE_BEATS`` intervals, which is less.
 
 Like LVM's PV label and ZFS's vdev labels, the label is where every tool looks
 first: at the start of the file or device. The I/O functions block (call them
@@ -49,10 +53,15 @@ MAGIC = b"VIRTFSCL"
 HB_MAGIC = b"VIRTFSHB"
 VERSION = 1
 HEARTBEAT_INTERVAL = 2.0  # seconds between a controller's beats on each container
+# the owner fails a container after this many intervals without a beat landing; a
+# taker watches WATCH_BEATS intervals plus the owner's hold: the owner's agents have
+# stopped by then (docs/labels.md has the argument)
+STALE_BEATS = 4
+WATCH_BEATS = 5
 NAME_BYTES = 128  # protocol.MAX_CONTAINER_NAME_BYTES
 
 _LABEL = struct.Struct("<8sI4x16s16sQI4xd128s")
-_BEAT = struct.Struct("<8sIII16sQd")
+_BEAT = struct.Struct("<8sIII16s16sQd")
 
 
 def new_id() -> str:
@@ -85,10 +94,11 @@ class Label:
 
 @dataclass(frozen=True)
 class Beat:
-    """One heartbeat: the owner's installation id, its counter and time, its interval and
-    hold (seconds)."""
+    """One heartbeat: the owner's installation id, the id of the controller run that
+    wrote it, its counter and time, its interval and hold (seconds)."""
 
     installation: str
+    run: str
     counter: int
     at: float
     interval: float
@@ -137,7 +147,7 @@ def encode_beat(beat: Beat) -> bytes:
     """Sector 1 (512 bytes) for beat."""
     return _seal(_BEAT.pack(HB_MAGIC, VERSION, round(beat.interval * 1000),
                             round(beat.hold * 1000), bytes.fromhex(beat.installation),
-                            beat.counter, beat.at))
+                            bytes.fromhex(beat.run), beat.counter, beat.at))
 
 
 def decode_beat(sector: bytes) -> Beat | None:
@@ -145,17 +155,18 @@ def decode_beat(sector: bytes) -> Beat | None:
     body = _open(sector, HB_MAGIC)
     if body is None:
         return None
-    _m, _v, interval, hold, inst, counter, at = _BEAT.unpack_from(body)
-    return Beat(inst.hex(), counter, at, interval / 1000, hold / 1000)
+    _m, _v, interval, hold, inst, run, counter, at = _BEAT.unpack_from(body)
+    return Beat(inst.hex(), run.hex(), counter, at, interval / 1000, hold / 1000)
 
 
 def takeover_wait(beat: Beat | None, default_hold: float) -> float:
-    """Seconds a heartbeat must stand still before its container may be taken over: two
-    of the owner's intervals (a beat may be late once) plus its hold, so that every
-    agent of the owner has lost its lease by then (docs/labels.md)."""
+    """Seconds a heartbeat must stand still before its container may be taken over:
+    WATCH_BEATS of the owner's intervals plus its hold. An owner that cannot beat
+    fails the container after STALE_BEATS intervals, and its agents stop using it
+    within the hold after that (docs/labels.md)."""
     if beat is None:
-        return 2 * HEARTBEAT_INTERVAL + default_hold
-    return 2 * max(beat.interval, 0.1) + beat.hold
+        return WATCH_BEATS * HEARTBEAT_INTERVAL + default_hold
+    return WATCH_BEATS * max(beat.interval, 0.1) + beat.hold
 
 
 # ------------------------------------------------------------ I/O (blocking)
@@ -219,15 +230,27 @@ def wipe(path: str) -> None:
 
 def signatures(path: str) -> list[str]:
     """Other formats blkid(8) finds on path (low-level probing, ``blkid -p``): e.g.
-    ``["ext4 file system"]`` or ``["dos partition table"]``; [] if none, or if blkid
-    is missing (util-linux; scripts/sysdeps.sh installs it)."""
+    ``["ext4 file system"]`` or ``["dos partition table"]``; [] only when blkid says
+    it found nothing (exit 2). Anything it cannot tell (several signatures, an error,
+    no blkid: util-linux, which scripts/sysdeps.sh installs) is named too, so the
+    caller refuses it."""
     try:
         r = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True,
                            text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+    except FileNotFoundError:
+        return ["something blkid could not check (blkid is missing: install util-linux)"]
+    except subprocess.TimeoutExpired:
+        return ["something blkid could not check in 30 s"]
+    if r.returncode == 2:  # blkid(8): nothing found
         return []
-    if r.returncode != 0:  # 2: nothing found; others: cannot probe
-        return []
+    if r.returncode == 8:  # ambivalent: several signatures
+        w = subprocess.run(["wipefs", "-n", "-O", "TYPE", path], capture_output=True,
+                           text=True)
+        kinds = sorted({x.strip() for x in w.stdout.splitlines()[1:] if x.strip()})
+        return [f"several signatures ({', '.join(kinds) or 'blkid: ambivalent'})"]
+    if r.returncode != 0:
+        why = r.stderr.strip() or f"exit {r.returncode}"
+        return [f"something blkid could not probe ({why})"]
     found = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
     out = []
     if "TYPE" in found:

@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 PROTOCOL_VERSION = 1
 
 BLOCK_SIZE = 4096
-LABEL_BYTES = BLOCK_SIZE  # a labelled container's first block: its label (docs/labels.md)
+# a labelled container's first MiB: its label, and the alignment of its data (as LVM's
+# 1 MiB data offset: segments stay aligned to what lies below; docs/labels.md)
+LABEL_BYTES = 1 << 20
 DEFAULT_SEGMENT_SIZE = 4 << 20
 MIN_SEGMENT_SIZE = BLOCK_SIZE
 MAX_SEGMENT_SIZE = 1 << 40
@@ -397,7 +399,7 @@ _op("disk.migrate", NAME, _f("to", str), roles=ADMIN)
 _op("disk.set", NAME, _f("limits", dict), roles=ADMIN)
 _op("container.drain", NAME, _f("to", str, type(None), required=False), roles=ADMIN)
 _op("container.fail", NAME, roles=ADMIN)
-_op("container.restore", NAME, roles=ADMIN)
+_op("container.restore", NAME, _f("relabel", bool, required=False), roles=ADMIN)
 _op("job.ls")
 _op("job.abort", _f("id", int), roles=ADMIN)
 # snapshots and clones (names are DISK@SNAP)

@@ -65,6 +65,7 @@ class ContainerIO:
         self.paths: dict[int, str] = {}
         # LUN -> (installation id, container id) its label must carry (docs/labels.md)
         self.labels: dict[int, tuple[str, str]] = {}
+        self._gen: dict[int, int] = {}  # LUN -> changes of its label (opens compare)
         self.mountpoint = mountpoint
         self._mount_dev: tuple[int, int] | None = None
         self._fds: dict[int, int] = {}
@@ -94,6 +95,7 @@ class ContainerIO:
                 else:
                     self.labels[lun] = want
                 self._refused.pop(lun, None)
+                self._gen[lun] = self._gen.get(lun, 0) + 1  # an open in flight checks again
                 self.paths.pop(lun, None)  # reopen below, checking the new label
             if self.paths.get(lun) != path:
                 fd = self._fds.pop(lun, None)
@@ -127,21 +129,25 @@ class ContainerIO:
             if refused is not None and refused[0] == path and trio.current_time() < refused[2]:
                 raise ContainerError(lun, refused[1])  # no trip through our mount per I/O
             ev = self._opening[lun] = trio.Event()
+            gen = self._gen.get(lun, 0)
             try:
-                fd = await trio.to_thread.run_sync(self._open_checked, lun, path)
+                fd = await trio.to_thread.run_sync(self._open_checked, lun, path,
+                                                   self.labels.get(lun))
             except ContainerError as e:
                 self._refused[lun] = (path, e.message, trio.current_time() + REFUSED_FOR)
                 raise
             finally:
                 del self._opening[lun]
                 ev.set()
-            if self.paths.get(lun) != path or lun in self._fds:
-                os.close(fd)  # the path changed meanwhile: open the new one
+            if self.paths.get(lun) != path or lun in self._fds or \
+                    self._gen.get(lun, 0) != gen:
+                os.close(fd)  # the path or label changed meanwhile: open and check again
                 continue
             self._fds[lun] = fd
 
-    def _open_checked(self, lun: int, path: str) -> int:
-        """(worker thread) open path and make sure it does not lead back into our mount."""
+    def _open_checked(self, lun: int, path: str, want: tuple[str, str] | None) -> int:
+        """(worker thread) open path, make sure it does not lead back into our mount, and
+        that its label is want (installation id, container id), if given."""
         if self.mountpoint is not None and self._mount_dev is None:
             self._mount_dev = mount_device(self.mountpoint)
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -154,7 +160,6 @@ class ContainerIO:
             os.close(fd)
             raise ContainerError(lun, f"container LUN {lun} ({path}) {why}; refused (its I/O "
                                  "would wait on this agent itself)")
-        want = self.labels.get(lun)
         if want is not None:
             try:
                 why = self._label_mismatch(fd, want)

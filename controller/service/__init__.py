@@ -87,7 +87,7 @@ class Service:
         self.movement = Movement(self.ctx, self.placement, self.coherence)
         self.jobs = Jobs(self.ctx, self.placement, self.movement)
         self.snapshots = Snapshots(self.ctx, self.placement, self.coherence, self.movement)
-        self.labels = Labels(self.ctx, self.movement)
+        self.labels = Labels(self.ctx, self.movement, self.placement)
         self.containers = Containers(self.ctx, self.movement, self.labels)
         self.disks = Disks(self.ctx, self.placement, self.coherence, self.movement,
                            self.snapshots)
@@ -181,9 +181,9 @@ class Service:
         """container.fail: Movement.container_fail."""
         return await self.movement.container_fail(name)
 
-    async def container_restore(self, name: str) -> dict[str, object]:
+    async def container_restore(self, name: str, relabel: bool = False) -> dict[str, object]:
         """container.restore: Labels.restore (then Movement.container_restore)."""
-        return await self.labels.restore(name)
+        return await self.labels.restore(name, relabel)
 
     # ------------------------------------------------------------ disks
     async def disk_set(self, name: str, limits: dict[str, int | None]) -> dict[str, object]:

@@ -108,8 +108,9 @@ class Containers:
                 raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) uses container "
                                     f"{name!r}; wait for it or abort it")
         info = c.to_dict()
-        await self.journal.commit(ContainerRm(name))
-        warning = await self.labels.wipe(c)
+        async with self._adding:  # an add of the same path must not see the wipe late
+            await self.journal.commit(ContainerRm(name))
+            warning = await self.labels.wipe(c)
         if warning is not None:
             info["warning"] = warning
         return info

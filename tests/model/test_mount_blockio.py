@@ -115,7 +115,7 @@ async def test_a_container_whose_label_is_not_the_named_one_is_refused(tmp_path)
     p = tmp_path / "c1.img"
     p.write_bytes(bytes(1 << 16))
     ours = L.Label(L.new_id(), L.new_id(), 1 << 16, 1, "c1", 0.0)
-    beat = L.Beat(ours.installation, 1, 0.0, 2.0, 10.0)
+    beat = L.Beat(ours.installation, L.new_id(), 1, 0.0, 2.0, 10.0)
     want = {1: (ours.installation, ours.container)}
     io = ContainerIO()
     io.set_paths({1: str(p)}, want)

@@ -376,7 +376,7 @@ def test_full_container_file_gives_enospc(controller, mount_factory, tmp_path, t
 
 def test_pool_exhaustion_gives_enospc(controller, mount_factory, tmp_path):
     """The controller has no space left to allocate: ENOSPC to the writer."""
-    add_container(controller, "c8", tmp_path / "c8.img", "8196K")  # 8M + its label's 4K
+    add_container(controller, "c8", tmp_path / "c8.img", "9M")  # 8M + its label's 1M
     vd(controller, "disk", "create", "d", "--size", "32M", "--container", "c8")
     m = agent(mount_factory, controller)
     data = os.urandom(8 << 20)

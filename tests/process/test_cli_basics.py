@@ -37,7 +37,7 @@ def test_no_headings_and_human_units(controller, tmp_path):
     assert vd(controller, "container", "ls", "--no-headings").out.split()[0] == "c1"
     # errors give sizes people read, with the exact bytes
     r = controller.vdctl("disk", "create", "big", "--size", "100M", "--thick")
-    assert r.rc == 1 and "100M (104857600 bytes)" in r.err and "(67104768 bytes)" in r.err, r.err
+    assert r.rc == 1 and "100M (104857600 bytes)" in r.err and "(66060288 bytes)" in r.err, r.err
     r = controller.vdctl("disk", "resize", "d", "1M")
     assert r.rc == 1 and "from 1G (1073741824 bytes) to 1M (1048576 bytes)" in r.err, r.err
 
@@ -47,7 +47,7 @@ def test_overcommit_is_a_warning(controller, tmp_path):
     r = vd(controller, "disk", "create", "small", "--size", "32M")
     assert "warning" not in r.err
     r = vd(controller, "disk", "create", "huge", "--size", "10G")  # thin: allowed
-    assert "vdctl: warning: disks now promise 10.0G" in r.err and "(67104768 bytes)" in r.err, r.err
+    assert "vdctl: warning: disks now promise 10.0G" in r.err and "(66060288 bytes)" in r.err, r.err
     r = vd(controller, "disk", "resize", "small", "+1G")
     assert "warning" in r.err
     j = run_vdctl("--state-dir", str(controller.state_dir), "disk", "create", "j", "--size",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -19,15 +20,14 @@ from rig import ControllerProc, wait_for
 
 from controller import label as L
 
-LEASE = ["--lease", "1"]  # a short hold: --force watches the heartbeat for 2*2+1.5 s
+LEASE = ["--lease", "1"]  # a short hold: --force watches the heartbeat for 5*2+1.5 s
 
 
 def data_digest(path: Path) -> str:
-    """The container's bytes past its label block (the heartbeat sector changes)."""
+    """The container's label and data (not its heartbeat sector, which changes)."""
     with open(path, "rb") as f:
-        f.seek(L.SECTOR * 0)
         label = f.read(L.SECTOR)
-        f.seek(4096)
+        f.seek(2 * L.SECTOR)
         return hashlib.sha256(label + f.read()).hexdigest()
 
 
@@ -57,6 +57,9 @@ def test_a_container_of_another_installation_is_refused_then_taken_over(two, tmp
     img = tmp_path / "c1.img"
     assert a.vdctl("container", "add", "c1", str(img), "--size", "64M").rc == 0
     assert a.vdctl("disk", "create", "x", "--size", "16M", "--thick").rc == 0
+    with open(img, "r+b") as f:  # data of x's (a thick disk maps right after the label)
+        f.seek(L.LABEL_BYTES)
+        f.write(b"x's data" * 512)
     lab = L.decode(L.read_sectors(str(img))[0])
     assert lab is not None and lab.name == "c1"
     before = data_digest(img)
@@ -120,11 +123,51 @@ def test_a_label_overwritten_while_running_fails_the_container(controller, tmp_p
     img = tmp_path / "c1.img"
     assert controller.vdctl("container", "add", "c1", str(img), "--size", "16M").rc == 0
     other = L.Label(L.new_id(), L.new_id(), 16 << 20, 1, "theirs", 0.0)
-    beat = L.Beat(other.installation, 1, 0.0, 2.0, 10.0)
+    beat = L.Beat(other.installation, L.new_id(), 1, 0.0, 2.0, 10.0)
     L.write_label(str(img), other, beat)
     # the next heartbeat sees it
     wait_for(lambda: containers(controller)["c1"]["state"] == "error", 10,
              "the container to fail")
     assert str(containers(controller)["c1"]["label"]).startswith("claimed by")
     log = controller.log_path.read_text()
-    assert "carries the label of installation " + other.installation[:12] in log
+    assert "label claimed by installation " + other.installation[:12] in log
+
+
+@pytest.mark.expect_log_errors("the label is removed on purpose", match="label missing")
+def test_a_label_wiped_while_running_fails_the_container_until_relabelled(controller,
+                                                                          tmp_path):
+    img = tmp_path / "c1.img"
+    assert controller.vdctl("container", "add", "c1", str(img), "--size", "16M").rc == 0
+    with open(img, "r+b") as f:
+        f.write(bytes(4096))
+    wait_for(lambda: containers(controller)["c1"]["state"] == "error", 10,
+             "the container to fail")
+    assert containers(controller)["c1"]["label"].startswith("missing")
+    assert L.read_sectors(str(img))[0] == bytes(L.SECTOR)  # nothing written back
+    r = controller.vdctl("container", "restore", "c1")
+    assert r.rc != 0 and "--relabel" in r.err, r.err
+    r = controller.vdctl("container", "restore", "c1", "--relabel")
+    assert r.rc == 0, r.err
+    c1 = containers(controller)["c1"]
+    assert (c1["state"], c1["label"]) == ("ok", "ok")
+
+
+@pytest.mark.expect_log_errors("another file is put at the path", match="label missing")
+def test_another_file_at_a_containers_path_is_never_written(controller, tmp_path):
+    """As after a device rename at boot: the path now leads to someone else's data. The
+    controller fails the container and writes nothing there: no label, no heartbeat, no
+    wipe at rm, no relabel over a file system."""
+    img = tmp_path / "c1.img"
+    assert controller.vdctl("container", "add", "c1", str(img), "--size", "16M").rc == 0
+    controller.stop()
+    img.unlink()
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img), "16M"], check=True)
+    before = img.read_bytes()
+    controller.start()
+    c1 = containers(controller)["c1"]
+    assert c1["state"] == "error" and c1["label"].startswith("missing"), c1
+    r = controller.vdctl("container", "restore", "c1", "--relabel")
+    assert r.rc != 0 and "ext4 file system" in r.err, r.err
+    time.sleep(2 * L.HEARTBEAT_INTERVAL)
+    assert controller.vdctl("container", "rm", "c1").rc == 0
+    assert img.read_bytes() == before
