@@ -280,7 +280,7 @@ async def test_concurrent_container_add_on_one_path(controller, tmp_path):
     async def add(name: str) -> None:
         async with open_controller(addr) as c:
             try:
-                await c.call("container.add", name=name, path=path, size=1 << 20)
+                await c.call("container.add", name=name, path=path, size=2 << 20)
                 results.append("ok")
             except Exception as e:
                 results.append(type(e).__name__)
