@@ -109,6 +109,18 @@ def load_token(path: str) -> bytes:
     return token
 
 
+def strict_verification(ctx: ssl.SSLContext) -> None:
+    """Verify the peer's chain with VERIFY_X509_STRICT, on every Python.
+
+    Python 3.13 sets it in ``ssl.create_default_context`` (so Debian 13's python3
+    refuses a CA without keyUsage: "CA cert does not include key usage extension");
+    earlier versions do not. Setting it on both ends everywhere makes a CA that works
+    here work on every supported Python, and fail the same way where it does not.
+    docs/security.md's recipe makes certificates that pass.
+    """
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+
+
 @dataclass(frozen=True)
 class ServerSecurity:
     """What a TCP listener demands: TLS 1.3 through context, and token in hello."""
@@ -130,6 +142,7 @@ def server_security(cert: str, key: str | None, token_file: str,
     token = load_token(token_file)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    strict_verification(ctx)
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:
@@ -192,6 +205,7 @@ def client_security(*, tls_ca: str | None = None, tls_cert: str | None = None,
         raise SecurityConfigError(f"cannot load the CA {opts['tls_ca']}: "
                                   f"{getattr(e, 'strerror', None) or e}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    strict_verification(ctx)
     if opts["tls_cert"]:
         try:
             ctx.load_cert_chain(opts["tls_cert"], opts["tls_key"])

@@ -169,17 +169,32 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
+# the extensions docs/security.md's recipe gives: a CA that strict X.509 verification
+# (VERIFY_X509_STRICT, Python 3.13's default and ours) accepts, and leaves for one purpose each
+CA_EXT = ("basicConstraints=critical,CA:TRUE", "keyUsage=critical,keyCertSign,cRLSign")
+LEAF_EXT = ("basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature")
+SERVER_EXT = (*LEAF_EXT, "extendedKeyUsage=serverAuth")
+CLIENT_EXT = (*LEAF_EXT, "extendedKeyUsage=clientAuth")
+
+
+def _addext(exts: tuple[str, ...]) -> list[str]:
+    return [a for e in exts for a in ("-addext", e)]
+
+
 def make_pki(d: Path) -> Pki:
+    """Make the test PKI in d as docs/security.md's recipe does (see Pki)."""
     d.mkdir(parents=True, exist_ok=True)
     for ca in ("ca", "rogue-ca"):
         _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                 f"/CN={ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.crt", cwd=d)
+                 f"/CN={ca}", *_addext(CA_EXT), "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                 cwd=d)
     for name, ca, san in (("srv", "ca", "IP:127.0.0.1,IP:::1,IP:10.77.1.1,IP:10.77.2.1"),
                           ("client", "ca", "DNS:agent"), ("rogue", "rogue-ca", "DNS:agent")):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj",
                  f"/CN={'127.0.0.1' if name == 'srv' else name}", "-addext",
-                 f"subjectAltName={san}", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 cwd=d)
+                 f"subjectAltName={san}",
+                 *_addext(SERVER_EXT if name == "srv" else CLIENT_EXT),
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey",
                  f"{ca}.key", "-CAcreateserial", "-days", "2", "-copy_extensions", "copyall",
                  "-out", f"{name}.crt", cwd=d)

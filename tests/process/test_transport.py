@@ -6,9 +6,11 @@ The PKI comes from conftest.make_pki (openssl, as docs/security.md shows).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from conftest import Pki, tcp_port
 from rig import BIN, ControllerProc, run_vdctl, wait_for
 
 from controller import codec
+from controller.transport import client_security, server_security
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_tcp(tmp_path: Path, pki: Pki, *, client_certs: bool = True,
@@ -41,6 +46,79 @@ def assert_secret_kept(pki: Pki, *texts: str) -> None:
     token = pki.token.read_text().strip()
     for t in texts:
         assert token not in t
+
+
+def strict_handshake(ca: Path, srv: tuple[Path, Path], cli: tuple[Path, Path], host: str,
+                     token: Path) -> str:
+    """A TLS handshake between the controller's and a client's own contexts
+    (transport.server_security / client_security, which verify strictly), over a
+    socket pair: "" when both ends accept, else the client's error."""
+    server = server_security(str(srv[0]), str(srv[1]), str(token), str(ca)).context
+    client = client_security(tls_ca=str(ca), tls_cert=str(cli[0]), tls_key=str(cli[1]),
+                             token_file=str(token), env={}).context
+    assert client.verify_flags & ssl.VERIFY_X509_STRICT
+    assert server.verify_flags & ssl.VERIFY_X509_STRICT
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    errors: list[str] = []
+
+    def serve() -> None:
+        try:
+            with server.wrap_socket(a, server_side=True) as s:
+                s.sendall(s.recv(1))
+        except (OSError, ssl.SSLError) as e:
+            errors.append(f"server: {e}")
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        with client.wrap_socket(b, server_hostname=host) as s:
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+    except (OSError, ssl.SSLError) as e:
+        return f"client: {getattr(e, 'verify_message', None) or e}"
+    finally:
+        a.close()
+        t.join(15)
+    return "; ".join(errors)
+
+
+def test_test_pki_passes_strict_verification(pki):
+    """Python 3.13 (Debian 13) verifies with VERIFY_X509_STRICT; we do on every Python."""
+    assert strict_handshake(pki.ca, (pki.server_cert, pki.server_key),
+                            (pki.client_cert, pki.client_key), "127.0.0.1", pki.token) == ""
+
+
+def recipe(doc: str) -> str:
+    """docs/security.md's openssl recipe: the first sh block of its "A test CA" section."""
+    section = doc[doc.index("## A test CA"):]
+    m = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert m is not None
+    return m.group(1)
+
+
+def test_security_md_recipe_passes_strict_verification(tmp_path, pki):
+    script = recipe((ROOT / "docs" / "security.md").read_text())
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    d = tmp_path / "pki"
+    assert "srv.crt: OK" in p.stdout and "host1.crt: OK" in p.stdout
+    assert strict_handshake(d / "ca.crt", (d / "srv.crt", d / "srv.key"),
+                            (d / "host1.crt", d / "host1.key"), "10.0.0.1", d / "token") == ""
+    # the check can fail: the same recipe without the CA's -addext lines (the recipe
+    # before Debian 13) makes a CA that strict verification refuses
+    old = re.sub(r"-addext basicConstraints=critical,CA:TRUE -addext \S+ \\\n\s*", "",
+                 script).replace("mkdir pki", "mkdir old").replace("cd pki", "cd old")
+    assert old != script
+    p = subprocess.run(["bash", "-uo", "pipefail", "-c", old], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert "key usage" in p.stdout + p.stderr
+    d = tmp_path / "old"
+    err = strict_handshake(d / "ca.crt", (d / "srv.crt", d / "srv.key"),
+                           (d / "host1.crt", d / "host1.key"), "10.0.0.1", d / "token")
+    assert "CA cert does not include key usage extension" in err, err
 
 
 def test_vdctl_over_tcp(tcp_controller, pki, tmp_path):
