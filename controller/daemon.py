@@ -16,7 +16,7 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
-from . import __version__, metrics_http
+from . import __version__, metrics_http, sdnotify
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
 from .frames import JournalCorrupt  # virtfs.mount's too
@@ -125,10 +125,13 @@ async def _run(state_dir: str, listen: list[str], lease: float,
                 host, port = metrics_http.serve(metrics, registry)
                 print(f"virtfs-controller: metrics at http://{host}:{port}/metrics",
                       file=sys.stderr, flush=True)
-            print(f"virtfs-controller: serving {', '.join(listen)} (state dir {state_dir})",
-                  file=sys.stderr, flush=True)
+            serving = f"serving {', '.join(listen)} (state dir {state_dir})"
+            print(f"virtfs-controller: {serving}", file=sys.stderr, flush=True)
+            # every listener is bound and listening: a Type=notify unit is up
+            sdnotify.notify("READY=1", f"STATUS={serving}")
             async for sig in signals:
                 log.info("signal %d: shutting down", sig)
+                sdnotify.notify("STOPPING=1", "STATUS=stopping (checkpoint)")
                 break
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from controller import __version__, fsutil, metrics_http
+from controller import __version__, fsutil, metrics_http, sdnotify
 from controller.client import (
     ConnectionLost,
     add_security_options,
@@ -138,6 +138,10 @@ async def _run(args: argparse.Namespace) -> None:
             print(f"virtfs-mount: {mountpoint} mounted (controller {addr})", file=sys.stderr,
                   flush=True)
 
+            async def ready() -> None:
+                await ops.initialized.wait()  # the kernel's INIT answered: the mount serves
+                sdnotify.notify("READY=1", f"STATUS={mountpoint} mounted (controller {addr})")
+
             async def signals() -> None:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as rx:
                     async for sig in rx:
@@ -145,10 +149,12 @@ async def _run(args: argparse.Namespace) -> None:
                         pyfuse3.terminate()
                         return
 
+            nursery.start_soon(ready)
             nursery.start_soon(signals)
             try:
                 await pyfuse3.main()
             finally:
+                sdnotify.notify("STOPPING=1", f"STATUS=unmounting {mountpoint}")
                 pyfuse3.close(unmount=True)
                 with trio.move_on_after(10) as scope:
                     scope.shield = True

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CLIENT_SIDE = {"controller", "controller.protocol", "controller.codec", "controller.client",
                "controller.transport", "controller.label"}
 LEAVES = {"controller.faultpoints", "controller.fsutil", "controller.units",
-          "controller.statedir", "controller.metrics_http"}
+          "controller.statedir", "controller.metrics_http", "controller.sdnotify"}
 VIRTFS_MAY = CLIENT_SIDE | LEAVES
 MOUNT_MAY = VIRTFS_MAY | {"controller.daemon"}  # the embedded controller
 
