@@ -163,15 +163,24 @@ def process(cmd: list[str], log_path: Path, env: dict[str, str]) -> Iterator[sub
         yield p
     finally:
         if p.poll() is None:
+            for pid in children(p.pid):  # strace's tracee would outlive a killed strace
+                os.kill(pid, signal.SIGKILL)
             p.kill()
         p.wait(30)
 
 
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
 def traced(p: subprocess.Popen) -> int:
     """The pid of the process strace (p) runs: signals go to it (strace would detach)."""
-    children = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
-    assert len(children) == 1, children
-    return int(children[0])
+    kids = children(p.pid)
+    assert len(kids) == 1, kids
+    return kids[0]
 
 
 def hello(sock_path: Path) -> dict:
