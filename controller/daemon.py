@@ -180,9 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     kinds = set()
     for addr in listen:  # before the state dir is touched
         try:
-            kinds.add(parse_addr(addr)[0])
+            kind, where = parse_addr(addr)
         except ValueError as e:
             p.error(str(e))
+        kinds.add(kind)
+        d = os.path.dirname(os.path.abspath(where))
+        if kind == "unix" and d != state_dir and not os.path.isdir(d):
+            # never create it: a typo would leave a socket where no client looks
+            print(f"virtfs-controller: error: --listen {addr}: no directory {d} "
+                  "(create it first)", file=sys.stderr)
+            return 2
     if not 1 <= args.max_connections <= 1 << 20:
         p.error("--max-connections must be between 1 and 1048576")
     security = None

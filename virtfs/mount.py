@@ -21,6 +21,7 @@ import trio
 from controller import __version__, fsutil, metrics_http, sdnotify
 from controller.client import (
     ConnectionLost,
+    Refused,
     add_security_options,
     open_controller,
     security_from_args,
@@ -106,8 +107,12 @@ async def _run(args: argparse.Namespace) -> None:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     await nursery.start(session.run)
             except trio.TooSlowError:
+                last = f" (last: {session.last_error})" if session.last_error else ""
                 raise MountError(f"no controller answered at {addr} within "
-                                 f"{CONNECT_TIMEOUT:.0f} s") from None
+                                 f"{CONNECT_TIMEOUT:.0f} s{last}") from None
+            except Refused as e:  # a wrong token, a certificate refused: at once
+                raise MountError(e.message if addr in e.message
+                                 else f"the controller at {addr}: {e.message}") from None
             io = ContainerIO(mountpoint)
             volumes = Volumes(session, io, fault_timeout=args.fault_timeout)
             if registry is not None:

@@ -212,7 +212,7 @@ def test_server_certificate_only(tmp_path, pki):
 
 
 @pytest.mark.parametrize("case", ["no-tls", "no-token", "token-mode", "short-token",
-                                  "missing-cert", "bad-addr"])
+                                  "missing-cert", "bad-addr", "listen-dir"])
 def test_controller_refuses_to_start(tmp_path, pki, case):
     tok = tmp_path / "tok"
     tok.write_text("x" * 8 if case == "short-token" else "y" * 40)
@@ -228,6 +228,8 @@ def test_controller_refuses_to_start(tmp_path, pki, case):
         "missing-cert": ["--listen", "tcp://0.0.0.0:0", "--tls-cert", str(tmp_path / "no"),
                          "--token-file", str(pki.token)],
         "bad-addr": ["--listen", "tcp://0.0.0.0"],
+        # a Unix socket's directory is never created (the state dir's is)
+        "listen-dir": ["--listen", f"unix:{tmp_path / 'nonexistent' / 'dir' / 's.sock'}"],
     }[case]
     p = subprocess.run([str(BIN / "virtfs-controller"), "--state-dir", str(tmp_path / "s"),
                         *args], capture_output=True, text=True, timeout=30)
@@ -238,6 +240,8 @@ def test_controller_refuses_to_start(tmp_path, pki, case):
     if case != "bad-addr":
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "s").exists(), "the state dir was touched before the refusal"
+    if case == "listen-dir":
+        assert "no directory" in last and not (tmp_path / "nonexistent").exists(), last
 
 
 def _hello_unix(path: Path) -> socket.socket:
@@ -310,29 +314,103 @@ def test_mount_refuses_tcp_without_token(tmp_path, pki):
     assert not os.path.ismount(mnt)
 
 
-def test_mount_with_wrong_token_retries_and_logs_no_secret(tmp_path, pki):
-    """An agent with a wrong token is refused at every attempt and gives up after its
-    connect timeout; the token it holds never reaches a log."""
-    c, addr = start_tcp(tmp_path, pki)
+def mount_refusal(tmp_path: Path, addr: str, *args: str) -> tuple[str, float]:
+    """virtfs-mount against addr with args: it must exit 1 at once (not after its 30 s
+    connect timeout) with one line; returns that line and how long it took."""
+    mnt = tmp_path / "m"
+    mnt.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFS_")}
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run([str(BIN / "virtfs-mount"), str(mnt), "--controller", addr, *args],
+                           capture_output=True, text=True, timeout=60, env=env)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    took = time.monotonic() - t0
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert not os.path.ismount(mnt)
+    assert "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("virtfs-mount: "), p.stderr
+    return last, took
+
+
+def test_mount_says_why_it_is_refused_at_once(tcp_controller, pki, tmp_path):
+    """A wrong token, a missing client certificate or a controller certificate it does
+    not trust: virtfs-mount exits 1 within seconds with the controller's reason, as
+    vdctl does, instead of waiting 30 s and saying "no controller answered"."""
+    c, addr = tcp_controller
     wrong = tmp_path / "wrong"
     wrong.write_text("fedcba9876543210fedcba9876543210\n")
     wrong.chmod(0o600)
-    mnt = tmp_path / "m"
-    mnt.mkdir()
-    try:
-        t0 = time.monotonic()
-        p = subprocess.Popen([str(BIN / "virtfs-mount"), str(mnt), "--controller", addr,
-                              "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
-                              "--tls-key", str(pki.client_key), "--token-file", str(wrong)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_for(lambda: c.log_path.read_text().count("wrong or missing token") >= 2, 20,
-                 "refused attempts")
-        p.terminate()
-        out, _ = p.communicate(timeout=30)
-        assert time.monotonic() - t0 < 40
-        assert not os.path.ismount(mnt)
-        assert "fedcba9876543210" not in out + c.log_path.read_text()
-        assert c.vdctl("status").rc == 0
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        c.stop()
+    cert = ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    line, took = mount_refusal(tmp_path, addr, "--tls-ca", str(pki.ca), *cert,
+                               "--token-file", str(wrong))
+    assert "wrong or missing token" in line and addr in line, line
+    assert took < 15, took
+    assert "fedcba9876543210" not in line + c.log_path.read_text()
+    line, took = mount_refusal(tmp_path, addr, *pki.client_args(cert=False))
+    assert "client certificate" in line and took < 15, (line, took)
+    line, took = mount_refusal(tmp_path, addr, "--token-file", str(pki.token), *cert)
+    assert "pass --tls-ca" in line and took < 15, (line, took)
+    assert c.vdctl("status").rc == 0
+
+
+def test_mount_that_finds_no_controller_says_why(tmp_path, pki):
+    """No controller at all: the mount waits its 30 s (a controller may be starting),
+    then names the address and the last error."""
+    line, took = mount_refusal(tmp_path, f"unix:{tmp_path / 'none.sock'}")
+    assert took >= 29, took
+    assert "no controller answered" in line and "No such file or directory" in line, line
+
+
+def test_tls_handshake_failures_say_what_to_do(tcp_controller, pki):
+    _c, addr = tcp_controller
+    cert = ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    tok = ["--token-file", str(pki.token)]
+    # no --tls-ca: the system's CAs do not know ours
+    assert "pass --tls-ca" in refusal(pki, addr, *tok, *cert)
+    # another CA
+    line = refusal(pki, addr, "--tls-ca", str(pki.dir / "rogue-ca.crt"), *tok, *cert)
+    assert "rogue-ca.crt did not sign the controller's certificate" in line, line
+    line = refusal(pki, addr.replace("127.0.0.1", "localhost"), "--tls-ca", str(pki.ca),
+                   *tok, *cert)
+    assert "subjectAltName" in line, line
+
+
+def test_tls_file_errors_name_the_file(tmp_path, pki):
+    """OpenSSL's "PEM lib" becomes which file is wrong and how, at vdctl and at the
+    controller (exit 2, one line, before anything else)."""
+    enc = tmp_path / "enc.key"
+    subprocess.run(["openssl", "pkey", "-in", str(pki.client_key), "-aes256", "-passout",
+                    "pass:secret", "-out", str(enc)], check=True, capture_output=True)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cases = [
+        ((pki.client_key, pki.client_cert), "holds a private key, not a certificate"),
+        ((pki.client_cert, junk), f"{junk} is not a PEM private key"),
+        ((pki.client_cert, enc), f"{enc} is encrypted with a passphrase"),
+        ((pki.client_cert, pki.server_key),
+         f"the key {pki.server_key} does not belong to the certificate {pki.client_cert}"),
+        ((pki.client_cert, tmp_path / "missing.key"), "No such file or directory"),
+    ]
+    for (cert, key), want in cases:
+        r = run_vdctl("--controller", "tcp://127.0.0.1:9", "--tls-ca", str(pki.ca),
+                      "--token-file", str(pki.token), "--tls-cert", str(cert),
+                      "--tls-key", str(key), "status")
+        assert r.rc == 2 and len(r.err.splitlines()) == 1, r.err
+        assert want in r.err and "PEM lib" not in r.err, r.err
+        p = subprocess.run([str(BIN / "virtfs-controller"), "--state-dir",
+                            str(tmp_path / "s"), "--listen", "tcp://127.0.0.1:0",
+                            "--tls-cert", str(cert), "--tls-key", str(key),
+                            "--token-file", str(pki.token)],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2 and want in p.stderr and "PEM lib" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    r = run_vdctl("--controller", "tcp://127.0.0.1:9", "--tls-ca", str(junk),
+                  "--token-file", str(pki.token), "status")
+    assert r.rc == 2 and f"{junk} holds no PEM certificate" in r.err, r.err
+    r = run_vdctl("--controller", "tcp://127.0.0.1:9", "--tls-ca", str(pki.client_key),
+                  "--token-file", str(pki.token), "status")
+    assert r.rc == 2 and "holds a private key, not a CA certificate" in r.err, r.err
+    assert not (tmp_path / "s").exists()
