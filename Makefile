@@ -1,7 +1,9 @@
 # virtfs: `make run` mounts ./mnt with an embedded controller; `make test` runs the suite.
 # Both set everything up on a fresh Debian machine (apt packages, a venv with the project).
+# PY: the interpreter to build the venv with; `make test PY=python3.13` runs the suite on
+# another Python, in a venv of its own (.venv-python3.13), beside the default .venv
 PY      ?= python3
-VENV    ?= .venv
+VENV    ?= $(if $(filter python3,$(PY)),.venv,.venv-$(notdir $(PY)))
 BIN     := $(VENV)/bin
 STATE   ?= $(CURDIR)/state
 MNT     ?= $(CURDIR)/mnt
@@ -12,7 +14,7 @@ PYTEST_ARGS ?=
 all: test
 
 sysdeps:
-	@bash scripts/sysdeps.sh
+	@PY=$(PY) bash scripts/sysdeps.sh
 
 $(BIN)/.installed: pyproject.toml $(wildcard third_party/pyfuse3/*.patch) scripts/build-pyfuse3.sh | sysdeps
 	$(PY) -m venv $(VENV)
@@ -43,7 +45,7 @@ typecheck: setup
 	$(BIN)/mypy controller virtfs
 
 bench: setup
-	@bash scripts/sysdeps.sh --bench
+	@PY=$(PY) bash scripts/sysdeps.sh --bench
 	$(BIN)/python -m bench.run
 
 # a long model-based torture run (tests/multihost/torture.py); a failure prints the seed and the
@@ -55,5 +57,5 @@ torture: setup
 	    $(if $(DIR),--dir $(DIR) --keep)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	rm -rf .venv .venv-* build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
 	find . -name __pycache__ -prune -exec rm -rf {} +

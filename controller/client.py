@@ -22,6 +22,7 @@ import trio
 
 from . import codec
 from . import protocol as P
+from .tlsfiles import handshake_hint
 from .transport import (
     SECURITY_ENV,
     ClientSecurity,
@@ -73,6 +74,20 @@ class ConnectionLost(P.RemoteError):
         super().__init__("connection_lost", message)
 
 
+class Refused(ConnectionLost):
+    """The controller, or TLS before it, turned this client away: the same attempt
+    would be turned away again. A wrong or missing token or a protocol version the
+    controller does not speak (code: the controller's, ``unauthorized``,
+    ``protocol``), a uid the Unix socket refuses, the controller's certificate not
+    trusted (code ``tls``), or the TLS session ended before hello's answer (the
+    controller refused our client certificate, or asked for one we lack).
+    open_controller raises it; a client that reconnects (the agent) stops on it.
+    """
+
+    def __init__(self, message: str, code: str = "refused"):
+        P.RemoteError.__init__(self, code, message)
+
+
 class Client:
     def __init__(self, stream: trio.abc.Stream, on_push: Callable[[dict[str, Any]], Any] | None):
         self.stream = stream
@@ -83,6 +98,7 @@ class Client:
         self.closed = False
         self.close_reason = ""
         self.closed_event = trio.Event()  # set with closed: lets a holder notice at once
+        self.refused = False  # cut off before hello's answer, by a refusal (see Refused)
 
     def _before_hello(self) -> bool:
         """A TLS stream cut while hello is the only request: the TLS 1.3 client
@@ -111,12 +127,16 @@ class Client:
                 elif not msg.get("ok", True):
                     err = msg.get("error") or {}
                     self.close_reason = str(err.get("message", "protocol error"))
+                    # an error for no request, before hello's answer: the controller's
+                    # refusal of this peer (a uid the Unix socket does not serve)
+                    self.refused = self.refused or self._next_id <= 2
         except (FrameError, codec.CodecError, trio.BrokenResourceError,
                 trio.ClosedResourceError) as e:
             # a TLS alert (certificate required, unknown CA) is the cause of a broken stream
             cause = e.__cause__ if isinstance(e.__cause__, ssl.SSLError) else None
             if self._before_hello() and not isinstance(e, FrameError | codec.CodecError):
                 self.close_reason = TLS_REFUSED
+                self.refused = True
             elif cause is not None:
                 self.close_reason = f"TLS: {cause.reason or cause}"
             else:
@@ -147,7 +167,8 @@ class Client:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 self._waiting.pop(rid, None)
                 if self._before_hello():
-                    raise ConnectionLost(TLS_REFUSED) from None
+                    self.refused = True
+                    raise Refused(TLS_REFUSED, "tls") from None
                 raise ConnectionLost(f"cannot send to the controller: {e}") from None
             try:
                 msg = await recv.receive()
@@ -165,8 +186,9 @@ class Client:
 async def connect_stream(addr: str, security: ClientSecurity | None = None) -> trio.abc.Stream:
     """A connected stream to addr: a Unix socket, or TCP with a completed TLS handshake.
 
-    Raises OSError if the connection fails, ConnectionLost if the TLS handshake
-    fails (certificate not trusted, wrong host name) or tcp:// comes without security.
+    Raises OSError if the connection fails, Refused if the TLS handshake fails
+    verification (certificate not trusted, wrong host name: the message says what to
+    do), ConnectionLost if it fails otherwise or tcp:// comes without security.
     """
     kind, where = parse_addr(addr)
     if kind == "unix":
@@ -181,9 +203,13 @@ async def connect_stream(addr: str, security: ClientSecurity | None = None) -> t
     except trio.BrokenResourceError as e:
         await trio.aclose_forcefully(tls)
         cause = e.__cause__
-        why = (getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-               or cause or e)
-        raise ConnectionLost(f"TLS handshake with {addr} failed: {why}") from None
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = str(cause.verify_message or cause.reason or cause)
+            hint = handshake_hint(why, security.ca)
+            raise Refused(f"TLS handshake with {addr} failed: {why}"
+                          f"{'; ' + hint if hint else ''}", "tls") from None
+        other = getattr(cause, "reason", None) or cause or e
+        raise ConnectionLost(f"TLS handshake with {addr} failed: {other}") from None
     except BaseException:
         await trio.aclose_forcefully(tls)
         raise
@@ -214,8 +240,9 @@ async def open_controller(addr: str, *, role: str = "admin", name: str = "",
 
     security: required for tcp:// (its token goes in hello); ignored for unix:.
     Raises ConnectionLost if the controller cannot be reached (a slow connect or TLS
-    handshake too) or cuts us off, RemoteError (code unauthorized) on a wrong token,
-    trio.TooSlowError if hello gets no answer within timeout.
+    handshake too) or cuts us off, Refused (a ConnectionLost; code unauthorized on a
+    wrong token) if it turns us away, trio.TooSlowError if hello gets no answer within
+    timeout.
     """
     try:
         with trio.fail_after(timeout):
@@ -229,8 +256,17 @@ async def open_controller(addr: str, *, role: str = "admin", name: str = "",
             await nursery.start(client._reader)
             extra = {"token": security.token} if security is not None and (
                 addr.startswith("tcp://")) else {}
-            await client.call("hello", timeout=timeout, version=P.PROTOCOL_VERSION, role=role,
-                              name=name or f"pid-{os.getpid()}", **extra)
+            try:
+                await client.call("hello", timeout=timeout, version=P.PROTOCOL_VERSION,
+                                  role=role, name=name or f"pid-{os.getpid()}", **extra)
+            except Refused:
+                raise
+            except ConnectionLost as e:
+                if client.refused:
+                    raise Refused(e.message) from None
+                raise
+            except P.RemoteError as e:  # an error answer to hello: a refusal
+                raise Refused(e.message, e.code) from None
             try:
                 yield client
             finally:

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
-from . import __version__, metrics_http
+from . import __version__, metrics_http, sdnotify
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
 from .frames import JournalCorrupt  # virtfs.mount's too
@@ -125,10 +125,13 @@ async def _run(state_dir: str, listen: list[str], lease: float,
                 host, port = metrics_http.serve(metrics, registry)
                 print(f"virtfs-controller: metrics at http://{host}:{port}/metrics",
                       file=sys.stderr, flush=True)
-            print(f"virtfs-controller: serving {', '.join(listen)} (state dir {state_dir})",
-                  file=sys.stderr, flush=True)
+            serving = f"serving {', '.join(listen)} (state dir {state_dir})"
+            print(f"virtfs-controller: {serving}", file=sys.stderr, flush=True)
+            # every listener is bound and listening: a Type=notify unit is up
+            sdnotify.notify("READY=1", f"STATUS={serving}")
             async for sig in signals:
                 log.info("signal %d: shutting down", sig)
+                sdnotify.notify("STOPPING=1", "STATUS=stopping (checkpoint)")
                 break
 
 
@@ -177,9 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     kinds = set()
     for addr in listen:  # before the state dir is touched
         try:
-            kinds.add(parse_addr(addr)[0])
+            kind, where = parse_addr(addr)
         except ValueError as e:
             p.error(str(e))
+        kinds.add(kind)
+        d = os.path.dirname(os.path.abspath(where))
+        if kind == "unix" and d != state_dir and not os.path.isdir(d):
+            # never create it: a typo would leave a socket where no client looks
+            print(f"virtfs-controller: error: --listen {addr}: no directory {d} "
+                  "(create it first)", file=sys.stderr)
+            return 2
     if not 1 <= args.max_connections <= 1 << 20:
         p.error("--max-connections must be between 1 and 1048576")
     security = None

@@ -289,9 +289,14 @@ class Server:
 
 
 def bind_unix(path: str) -> trio.socket.SocketType:
-    """A listening Unix socket born 0600 in a 0700 directory; a stale socket is replaced."""
+    """A listening Unix socket born 0600; a stale socket is replaced.
+
+    Its directory must exist (OSError otherwise): a typo in --listen must not create
+    directories (the default socket's, the state dir, is made 0700 by the daemon).
+    """
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, mode=0o700, exist_ok=True)
+    if not os.path.isdir(d):
+        raise OSError(f"cannot listen on unix:{path}: no directory {d}")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from . import codec
+from .tlsfiles import TlsFileError, load_ca, load_cert_chain
 
 FRAME_TIMEOUT = 10.0  # once a frame has begun, all of it must arrive within this
 MIN_TOKEN_BYTES = 16
@@ -109,6 +110,18 @@ def load_token(path: str) -> bytes:
     return token
 
 
+def strict_verification(ctx: ssl.SSLContext) -> None:
+    """Verify the peer's chain with VERIFY_X509_STRICT, on every Python.
+
+    Python 3.13 sets it in ``ssl.create_default_context`` (so Debian 13's python3
+    refuses a CA without keyUsage: "CA cert does not include key usage extension");
+    earlier versions do not. Setting it on both ends everywhere makes a CA that works
+    here work on every supported Python, and fail the same way where it does not.
+    docs/security.md's recipe makes certificates that pass.
+    """
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+
+
 @dataclass(frozen=True)
 class ServerSecurity:
     """What a TCP listener demands: TLS 1.3 through context, and token in hello."""
@@ -130,18 +143,14 @@ def server_security(cert: str, key: str | None, token_file: str,
     token = load_token(token_file)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    strict_verification(ctx)
     try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as e:
-        raise SecurityConfigError(f"cannot load the TLS certificate {cert}"
-                                  f"{' and key ' + key if key else ''}: "
-                                  f"{getattr(e, 'strerror', None) or e}") from None
+        load_cert_chain(ctx, cert, key)
+        if client_ca:
+            load_ca(ctx, client_ca, "the client CA")
+    except TlsFileError as e:
+        raise SecurityConfigError(str(e)) from None
     if client_ca:
-        try:
-            ctx.load_verify_locations(client_ca)
-        except (OSError, ssl.SSLError) as e:
-            raise SecurityConfigError(f"cannot load the client CA {client_ca}: "
-                                      f"{getattr(e, 'strerror', None) or e}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ServerSecurity(ctx, token, bool(client_ca))
 
@@ -159,6 +168,7 @@ class ClientSecurity:
 
     context: ssl.SSLContext
     token: str = field(repr=False)  # never in a log line or a traceback's locals
+    ca: str | None = None  # the CA file given (--tls-ca), for hints; None: the system's
 
 
 def client_security(*, tls_ca: str | None = None, tls_cert: str | None = None,
@@ -186,21 +196,21 @@ def client_security(*, tls_ca: str | None = None, tls_cert: str | None = None,
     if opts["tls_key"] and not opts["tls_cert"]:
         raise SecurityConfigError("--tls-key needs --tls-cert")
     token = load_token(opts["token_file"]).decode("ascii")
-    try:
-        ctx = ssl.create_default_context(cafile=opts["tls_ca"])
-    except (OSError, ssl.SSLError) as e:
-        raise SecurityConfigError(f"cannot load the CA {opts['tls_ca']}: "
-                                  f"{getattr(e, 'strerror', None) or e}") from None
+    # as ssl.create_default_context makes it (CERT_REQUIRED, host names checked), with
+    # the system's CAs only when no CA is given
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    if opts["tls_cert"]:
-        try:
-            ctx.load_cert_chain(opts["tls_cert"], opts["tls_key"])
-        except (OSError, ssl.SSLError) as e:
-            raise SecurityConfigError(
-                f"cannot load the TLS certificate {opts['tls_cert']}"
-                f"{' and key ' + opts['tls_key'] if opts['tls_key'] else ''}: "
-                f"{getattr(e, 'strerror', None) or e}") from None
-    return ClientSecurity(ctx, token)
+    strict_verification(ctx)
+    try:
+        if opts["tls_ca"]:
+            load_ca(ctx, opts["tls_ca"])
+        else:
+            ctx.load_default_certs()
+        if opts["tls_cert"]:
+            load_cert_chain(ctx, opts["tls_cert"], opts["tls_key"])
+    except TlsFileError as e:
+        raise SecurityConfigError(str(e)) from None
+    return ClientSecurity(ctx, token, opts["tls_ca"])
 
 
 def parse_addr(addr: str) -> tuple[str, str]:

@@ -10,8 +10,9 @@ missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-# python3-venv only matters when the python3 on PATH is Debian's own
-if [[ " ${missing[*]:-} " == *" python3-venv "* ]] && python3 -c 'import venv, ensurepip' 2>/dev/null; then
+# python3-venv only matters when the interpreter the venv is made with ($PY, as in the
+# Makefile; default python3) is Debian's own and lacks venv
+if [[ " ${missing[*]:-} " == *" python3-venv "* ]] && "${PY:-python3}" -c 'import venv, ensurepip' 2>/dev/null; then
     missing=("${missing[@]/python3-venv}")
 fi
 read -ra missing <<<"${missing[*]:-}"

@@ -15,11 +15,17 @@ from typing import Any
 
 import trio
 
-from controller.client import Client, ConnectionLost, open_controller
+from controller.client import Client, ConnectionLost, Refused, open_controller
 from controller.protocol import RemoteError
 from controller.transport import ClientSecurity
 
+from .outage import OutageLog
+
 log = logging.getLogger(__name__)
+
+# refusals in a row before the first registration that end the session: one more than
+# one, as a controller stopping mid-handshake looks like a refusal of our certificate
+REFUSALS_TO_STOP = 2
 
 PushHandler = Callable[[dict[str, Any]], Awaitable[None]]
 ReconnectHandler = Callable[[Client], Awaitable[None]]
@@ -47,38 +53,69 @@ class Session:
         self.on_reconnect: ReconnectHandler | None = None
         self.reconnects = 0
         self._nursery: trio.Nursery | None = None
+        self.outages = OutageLog(f"the controller at {addr}")  # when to say it is away
+        self.last_error = ""  # why the last attempt failed (for the mount's messages)
 
     def lease_valid(self) -> bool:
         return trio.current_time() < self.lease_until
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep a registered connection; task_status.started() after the first one."""
-        started = False
-        backoff = 0.05
+        """Keep a registered connection; task_status.started() after the first one.
+
+        Before the first registration, a refusal (client.Refused: a wrong token, a
+        certificate either side does not trust, ...) met REFUSALS_TO_STOP times in a row
+        ends it with that Refused: the same credentials will not do better, and the
+        mount should say why at once rather than wait out its connect timeout. After
+        it, the session never gives up (an outage is logged by OutageLog's rule).
+        """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            while True:
-                registrations = self.reconnects
-                try:
-                    await self._connected_session(task_status if not started else None)
-                except (ConnectionLost, OSError, trio.TooSlowError, RemoteError) as e:
-                    if self.client is not None or started:
-                        log.warning("lost the controller at %s: %s", self.addr, e)
-                except Exception:
-                    # a bug, not an outage: say so loudly, but keep the mount's session
-                    log.exception("session with the controller at %s failed; reconnecting",
-                                  self.addr)
-                finally:
-                    # _connected_session only ever ends by raising: a registration counts,
-                    # so task_status.started() is never called a second time
-                    started = started or self.reconnects > 0
-                    self.client = None
-                    if self._up.is_set():
-                        self._up = trio.Event()
-                if self.reconnects > registrations:
-                    backoff = 0.05  # we were registered: this is a new outage
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+            refusal = await self._keep_connected(task_status)
+            nursery.cancel_scope.cancel()
+        raise refusal
+
+    async def _keep_connected(self, task_status: Any) -> Refused:
+        """Reconnect for ever; returns only a refusal before the first registration."""
+        started = False
+        backoff = 0.05
+        refusals = 0
+        while True:
+            registrations = self.reconnects
+            try:
+                await self._connected_session(task_status if not started else None)
+            except Refused as e:
+                refusals += 1
+                if not started and refusals >= REFUSALS_TO_STOP:
+                    return e
+                self._outage(e)
+            except (ConnectionLost, OSError, trio.TooSlowError, RemoteError) as e:
+                refusals = 0
+                self._outage(e)
+            except Exception:
+                # a bug, not an outage: say so loudly, but keep the mount's session
+                log.exception("session with the controller at %s failed; reconnecting",
+                              self.addr)
+            finally:
+                # _connected_session only ever ends by raising: a registration counts,
+                # so task_status.started() is never called a second time
+                started = started or self.reconnects > 0
+                self.client = None
+                if self._up.is_set():
+                    self._up = trio.Event()
+            if self.reconnects > registrations:
+                backoff = 0.05  # we were registered: this is a new outage
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _outage(self, e: BaseException) -> None:
+        """Note a failed attempt or a lost connection; log it as OutageLog says."""
+        reason = getattr(e, "message", None) or str(e) or e.__class__.__name__
+        self.last_error = reason
+        if self.reconnects == 0:
+            return  # not registered yet: the mount says why if it gives up
+        line = self.outages.failed(trio.current_time(), reason)
+        if line is not None:
+            log.warning("%s", line)
 
     async def _connected_session(self, task_status: Any) -> None:
         async def push(msg: dict[str, Any]) -> None:
@@ -97,8 +134,10 @@ class Session:
             self.lease = float(reg["lease"])
             first = self.reconnects == 0
             self.reconnects += 1
-            log.info("registered with the controller at %s as agent %d (lease %.1f s)",
-                     self.addr, self.agent_id, self.lease)
+            away = self.outages.recovered(trio.current_time())
+            log.info("registered with the controller at %s as agent %d (lease %.1f s)%s",
+                     self.addr, self.agent_id, self.lease,
+                     "" if away is None else f", after {away:.1f} s without it")
             if not first and self.on_reconnect is not None:
                 # reload every table first: until then the old lease (if any is left)
                 # is all the cached entries may be used under

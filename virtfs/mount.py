@@ -18,9 +18,10 @@ from typing import Any
 import pyfuse3
 import trio
 
-from controller import __version__, fsutil, metrics_http
+from controller import __version__, fsutil, metrics_http, sdnotify
 from controller.client import (
     ConnectionLost,
+    Refused,
     add_security_options,
     open_controller,
     security_from_args,
@@ -106,8 +107,12 @@ async def _run(args: argparse.Namespace) -> None:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     await nursery.start(session.run)
             except trio.TooSlowError:
+                last = f" (last: {session.last_error})" if session.last_error else ""
                 raise MountError(f"no controller answered at {addr} within "
-                                 f"{CONNECT_TIMEOUT:.0f} s") from None
+                                 f"{CONNECT_TIMEOUT:.0f} s{last}") from None
+            except Refused as e:  # a wrong token, a certificate refused: at once
+                raise MountError(e.message if addr in e.message
+                                 else f"the controller at {addr}: {e.message}") from None
             io = ContainerIO(mountpoint)
             volumes = Volumes(session, io, fault_timeout=args.fault_timeout)
             if registry is not None:
@@ -138,6 +143,10 @@ async def _run(args: argparse.Namespace) -> None:
             print(f"virtfs-mount: {mountpoint} mounted (controller {addr})", file=sys.stderr,
                   flush=True)
 
+            async def ready() -> None:
+                await ops.initialized.wait()  # the kernel's INIT answered: the mount serves
+                sdnotify.notify("READY=1", f"STATUS={mountpoint} mounted (controller {addr})")
+
             async def signals() -> None:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as rx:
                     async for sig in rx:
@@ -145,10 +154,12 @@ async def _run(args: argparse.Namespace) -> None:
                         pyfuse3.terminate()
                         return
 
+            nursery.start_soon(ready)
             nursery.start_soon(signals)
             try:
                 await pyfuse3.main()
             finally:
+                sdnotify.notify("STOPPING=1", f"STATUS=unmounting {mountpoint}")
                 pyfuse3.close(unmount=True)
                 with trio.move_on_after(10) as scope:
                     scope.shield = True

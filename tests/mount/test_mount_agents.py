@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 
 from rig import (
     BLOCK,
@@ -16,6 +18,7 @@ from rig import (
     open_direct,
     run,
     vd,
+    wait_for,
 )
 
 
@@ -105,3 +108,30 @@ def test_reopen_sees_another_agents_overwrite(controller, mount_factory, tmp_pat
         os.close(fd)
     with open(b.path / "d", "rb") as f:  # a reopen drops b's cached pages
         assert f.read(BLOCK) == b"B" * BLOCK
+
+
+def test_agent_logs_an_outage_once_then_at_growing_intervals(controller, mount_factory,
+                                                               tmp_path):
+    """The agent retries about every second while the controller is away; it says so
+    when the connection goes (and once per new reason), then after 10 s, 30 s, 70 s...,
+    not once a second; and how long it was away once it is back."""
+    add_container(controller, "c1", tmp_path / "c1.img")
+    vd(controller, "disk", "create", "d", "--size", "8M")
+    m = agent(mount_factory, controller, "m1")
+    controller.stop()
+    time.sleep(13)
+    lost = [ln for ln in m.log().splitlines()
+            if "WARNING" in ln and f"the controller at {controller.addr}" in ln]
+    # "lost the controller" (the connection closed), "cannot connect" (a new reason),
+    # "still no answer ... after 10 s"; a line per attempt would be a dozen or more
+    assert 2 <= len(lost) <= 4, lost
+    assert "lost the controller at" in lost[0], lost
+    assert any("still no answer from the controller at" in ln and " after 1" in ln
+               for ln in lost), lost
+    controller.start()
+    wait_for(lambda: "s without it" in m.log(), 30, "the agent to reconnect")
+    assert re.search(r"registered with the controller .* after \d+\.\d s without it",
+                     m.log())
+    with open(m.path / "d", "r+b") as f:  # and the mount works on
+        f.write(b"x" * 4096)
+        os.fsync(f.fileno())

@@ -6,9 +6,11 @@ The PKI comes from conftest.make_pki (openssl, as docs/security.md shows).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from conftest import Pki, tcp_port
 from rig import BIN, ControllerProc, run_vdctl, wait_for
 
 from controller import codec
+from controller.transport import client_security, server_security
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_tcp(tmp_path: Path, pki: Pki, *, client_certs: bool = True,
@@ -41,6 +46,79 @@ def assert_secret_kept(pki: Pki, *texts: str) -> None:
     token = pki.token.read_text().strip()
     for t in texts:
         assert token not in t
+
+
+def strict_handshake(ca: Path, srv: tuple[Path, Path], cli: tuple[Path, Path], host: str,
+                     token: Path) -> str:
+    """A TLS handshake between the controller's and a client's own contexts
+    (transport.server_security / client_security, which verify strictly), over a
+    socket pair: "" when both ends accept, else the client's error."""
+    server = server_security(str(srv[0]), str(srv[1]), str(token), str(ca)).context
+    client = client_security(tls_ca=str(ca), tls_cert=str(cli[0]), tls_key=str(cli[1]),
+                             token_file=str(token), env={}).context
+    assert client.verify_flags & ssl.VERIFY_X509_STRICT
+    assert server.verify_flags & ssl.VERIFY_X509_STRICT
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    errors: list[str] = []
+
+    def serve() -> None:
+        try:
+            with server.wrap_socket(a, server_side=True) as s:
+                s.sendall(s.recv(1))
+        except (OSError, ssl.SSLError) as e:
+            errors.append(f"server: {e}")
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        with client.wrap_socket(b, server_hostname=host) as s:
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+    except (OSError, ssl.SSLError) as e:
+        return f"client: {getattr(e, 'verify_message', None) or e}"
+    finally:
+        a.close()
+        t.join(15)
+    return "; ".join(errors)
+
+
+def test_test_pki_passes_strict_verification(pki):
+    """Python 3.13 (Debian 13) verifies with VERIFY_X509_STRICT; we do on every Python."""
+    assert strict_handshake(pki.ca, (pki.server_cert, pki.server_key),
+                            (pki.client_cert, pki.client_key), "127.0.0.1", pki.token) == ""
+
+
+def recipe(doc: str) -> str:
+    """docs/security.md's openssl recipe: the first sh block of its "A test CA" section."""
+    section = doc[doc.index("## A test CA"):]
+    m = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert m is not None
+    return m.group(1)
+
+
+def test_security_md_recipe_passes_strict_verification(tmp_path, pki):
+    script = recipe((ROOT / "docs" / "security.md").read_text())
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    d = tmp_path / "pki"
+    assert "srv.crt: OK" in p.stdout and "host1.crt: OK" in p.stdout
+    assert strict_handshake(d / "ca.crt", (d / "srv.crt", d / "srv.key"),
+                            (d / "host1.crt", d / "host1.key"), "10.0.0.1", d / "token") == ""
+    # the check can fail: the same recipe without the CA's -addext lines (the recipe
+    # before Debian 13) makes a CA that strict verification refuses
+    old = re.sub(r"-addext basicConstraints=critical,CA:TRUE -addext \S+ \\\n\s*", "",
+                 script).replace("mkdir pki", "mkdir old").replace("cd pki", "cd old")
+    assert old != script
+    p = subprocess.run(["bash", "-uo", "pipefail", "-c", old], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert "key usage" in p.stdout + p.stderr
+    d = tmp_path / "old"
+    err = strict_handshake(d / "ca.crt", (d / "srv.crt", d / "srv.key"),
+                           (d / "host1.crt", d / "host1.key"), "10.0.0.1", d / "token")
+    assert "CA cert does not include key usage extension" in err, err
 
 
 def test_vdctl_over_tcp(tcp_controller, pki, tmp_path):
@@ -134,7 +212,7 @@ def test_server_certificate_only(tmp_path, pki):
 
 
 @pytest.mark.parametrize("case", ["no-tls", "no-token", "token-mode", "short-token",
-                                  "missing-cert", "bad-addr"])
+                                  "missing-cert", "bad-addr", "listen-dir"])
 def test_controller_refuses_to_start(tmp_path, pki, case):
     tok = tmp_path / "tok"
     tok.write_text("x" * 8 if case == "short-token" else "y" * 40)
@@ -150,6 +228,8 @@ def test_controller_refuses_to_start(tmp_path, pki, case):
         "missing-cert": ["--listen", "tcp://0.0.0.0:0", "--tls-cert", str(tmp_path / "no"),
                          "--token-file", str(pki.token)],
         "bad-addr": ["--listen", "tcp://0.0.0.0"],
+        # a Unix socket's directory is never created (the state dir's is)
+        "listen-dir": ["--listen", f"unix:{tmp_path / 'nonexistent' / 'dir' / 's.sock'}"],
     }[case]
     p = subprocess.run([str(BIN / "virtfs-controller"), "--state-dir", str(tmp_path / "s"),
                         *args], capture_output=True, text=True, timeout=30)
@@ -160,6 +240,8 @@ def test_controller_refuses_to_start(tmp_path, pki, case):
     if case != "bad-addr":
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "s").exists(), "the state dir was touched before the refusal"
+    if case == "listen-dir":
+        assert "no directory" in last and not (tmp_path / "nonexistent").exists(), last
 
 
 def _hello_unix(path: Path) -> socket.socket:
@@ -232,29 +314,103 @@ def test_mount_refuses_tcp_without_token(tmp_path, pki):
     assert not os.path.ismount(mnt)
 
 
-def test_mount_with_wrong_token_retries_and_logs_no_secret(tmp_path, pki):
-    """An agent with a wrong token is refused at every attempt and gives up after its
-    connect timeout; the token it holds never reaches a log."""
-    c, addr = start_tcp(tmp_path, pki)
+def mount_refusal(tmp_path: Path, addr: str, *args: str) -> tuple[str, float]:
+    """virtfs-mount against addr with args: it must exit 1 at once (not after its 30 s
+    connect timeout) with one line; returns that line and how long it took."""
+    mnt = tmp_path / "m"
+    mnt.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTFS_")}
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run([str(BIN / "virtfs-mount"), str(mnt), "--controller", addr, *args],
+                           capture_output=True, text=True, timeout=60, env=env)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    took = time.monotonic() - t0
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert not os.path.ismount(mnt)
+    assert "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("virtfs-mount: "), p.stderr
+    return last, took
+
+
+def test_mount_says_why_it_is_refused_at_once(tcp_controller, pki, tmp_path):
+    """A wrong token, a missing client certificate or a controller certificate it does
+    not trust: virtfs-mount exits 1 within seconds with the controller's reason, as
+    vdctl does, instead of waiting 30 s and saying "no controller answered"."""
+    c, addr = tcp_controller
     wrong = tmp_path / "wrong"
     wrong.write_text("fedcba9876543210fedcba9876543210\n")
     wrong.chmod(0o600)
-    mnt = tmp_path / "m"
-    mnt.mkdir()
-    try:
-        t0 = time.monotonic()
-        p = subprocess.Popen([str(BIN / "virtfs-mount"), str(mnt), "--controller", addr,
-                              "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
-                              "--tls-key", str(pki.client_key), "--token-file", str(wrong)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_for(lambda: c.log_path.read_text().count("wrong or missing token") >= 2, 20,
-                 "refused attempts")
-        p.terminate()
-        out, _ = p.communicate(timeout=30)
-        assert time.monotonic() - t0 < 40
-        assert not os.path.ismount(mnt)
-        assert "fedcba9876543210" not in out + c.log_path.read_text()
-        assert c.vdctl("status").rc == 0
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        c.stop()
+    cert = ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    line, took = mount_refusal(tmp_path, addr, "--tls-ca", str(pki.ca), *cert,
+                               "--token-file", str(wrong))
+    assert "wrong or missing token" in line and addr in line, line
+    assert took < 15, took
+    assert "fedcba9876543210" not in line + c.log_path.read_text()
+    line, took = mount_refusal(tmp_path, addr, *pki.client_args(cert=False))
+    assert "client certificate" in line and took < 15, (line, took)
+    line, took = mount_refusal(tmp_path, addr, "--token-file", str(pki.token), *cert)
+    assert "pass --tls-ca" in line and took < 15, (line, took)
+    assert c.vdctl("status").rc == 0
+
+
+def test_mount_that_finds_no_controller_says_why(tmp_path, pki):
+    """No controller at all: the mount waits its 30 s (a controller may be starting),
+    then names the address and the last error."""
+    line, took = mount_refusal(tmp_path, f"unix:{tmp_path / 'none.sock'}")
+    assert took >= 29, took
+    assert "no controller answered" in line and "No such file or directory" in line, line
+
+
+def test_tls_handshake_failures_say_what_to_do(tcp_controller, pki):
+    _c, addr = tcp_controller
+    cert = ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    tok = ["--token-file", str(pki.token)]
+    # no --tls-ca: the system's CAs do not know ours
+    assert "pass --tls-ca" in refusal(pki, addr, *tok, *cert)
+    # another CA
+    line = refusal(pki, addr, "--tls-ca", str(pki.dir / "rogue-ca.crt"), *tok, *cert)
+    assert "rogue-ca.crt did not sign the controller's certificate" in line, line
+    line = refusal(pki, addr.replace("127.0.0.1", "localhost"), "--tls-ca", str(pki.ca),
+                   *tok, *cert)
+    assert "subjectAltName" in line, line
+
+
+def test_tls_file_errors_name_the_file(tmp_path, pki):
+    """OpenSSL's "PEM lib" becomes which file is wrong and how, at vdctl and at the
+    controller (exit 2, one line, before anything else)."""
+    enc = tmp_path / "enc.key"
+    subprocess.run(["openssl", "pkey", "-in", str(pki.client_key), "-aes256", "-passout",
+                    "pass:secret", "-out", str(enc)], check=True, capture_output=True)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cases = [
+        ((pki.client_key, pki.client_cert), "holds a private key, not a certificate"),
+        ((pki.client_cert, junk), f"{junk} is not a PEM private key"),
+        ((pki.client_cert, enc), f"{enc} is encrypted with a passphrase"),
+        ((pki.client_cert, pki.server_key),
+         f"the key {pki.server_key} does not belong to the certificate {pki.client_cert}"),
+        ((pki.client_cert, tmp_path / "missing.key"), "No such file or directory"),
+    ]
+    for (cert, key), want in cases:
+        r = run_vdctl("--controller", "tcp://127.0.0.1:9", "--tls-ca", str(pki.ca),
+                      "--token-file", str(pki.token), "--tls-cert", str(cert),
+                      "--tls-key", str(key), "status")
+        assert r.rc == 2 and len(r.err.splitlines()) == 1, r.err
+        assert want in r.err and "PEM lib" not in r.err, r.err
+        p = subprocess.run([str(BIN / "virtfs-controller"), "--state-dir",
+                            str(tmp_path / "s"), "--listen", "tcp://127.0.0.1:0",
+                            "--tls-cert", str(cert), "--tls-key", str(key),
+                            "--token-file", str(pki.token)],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2 and want in p.stderr and "PEM lib" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    r = run_vdctl("--controller", "tcp://127.0.0.1:9", "--tls-ca", str(junk),
+                  "--token-file", str(pki.token), "status")
+    assert r.rc == 2 and f"{junk} holds no PEM certificate" in r.err, r.err
+    r = run_vdctl("--controller", "tcp://127.0.0.1:9", "--tls-ca", str(pki.client_key),
+                  "--token-file", str(pki.token), "status")
+    assert r.rc == 2 and "holds a private key, not a CA certificate" in r.err, r.err
+    assert not (tmp_path / "s").exists()
