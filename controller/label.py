@@ -46,7 +46,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 
-from .protocol import LABEL_BYTES
+from .protocol import BLOCK_SIZE
 
 SECTOR = 512
 MAGIC = b"VIRTFSCL"
@@ -211,9 +211,10 @@ def _write(path: str, data: bytes, offset: int) -> None:
 
 
 def write_label(path: str, label: Label, beat: Beat) -> None:
-    """Write label, a first heartbeat and zeros over the rest of the reserved block,
-    durably (RWF_DSYNC). OSError on failure."""
-    block = (encode(label) + encode_beat(beat)).ljust(LABEL_BYTES, b"\0")
+    """Write label, a first heartbeat and zeros over the rest of the first 4 KiB,
+    durably (RWF_DSYNC); the rest of the reserved MiB is left as it is (thin on the
+    host). OSError on failure."""
+    block = (encode(label) + encode_beat(beat)).ljust(BLOCK_SIZE, b"\0")
     _write(path, block, 0)
 
 
@@ -223,9 +224,9 @@ def write_beat(path: str, beat: Beat) -> None:
 
 
 def wipe(path: str) -> None:
-    """Zero the label block (a removed container may join another installation without
-    --force, as pvremove allows). OSError on failure."""
-    _write(path, bytes(LABEL_BYTES), 0)
+    """Zero the first 4 KiB (label and heartbeat: a removed container may join another
+    installation without --force, as pvremove allows). OSError on failure."""
+    _write(path, bytes(BLOCK_SIZE), 0)
 
 
 def signatures(path: str) -> list[str]:

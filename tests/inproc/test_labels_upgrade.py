@@ -13,6 +13,7 @@ import trio
 
 from controller import label as L
 from controller.daemon import open_controller_service
+from controller.protocol import LABEL_BYTES
 from controller.records import ContainerAdd
 
 MB = 1 << 20
@@ -51,7 +52,7 @@ async def test_a_state_from_before_labels_is_labelled_at_start(tmp_path):
         assert (lab.installation, lab.container) == (svc.state.installation, cs["c1"].uuid)
         got = bytearray()
         for e in svc.state.disks["x"].extents:
-            assert not (e.lun == cs["c1"].lun and e.offset < L.LABEL_BYTES), e
+            assert not (e.lun == cs["c1"].lun and e.offset < LABEL_BYTES), e
             fd = os.open(svc.state.luns[e.lun].path, os.O_RDONLY)
             got += os.pread(fd, e.length, e.offset)
             os.close(fd)

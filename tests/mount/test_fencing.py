@@ -93,7 +93,7 @@ def test_paused_agent_is_dropped_and_reloads(controller, mount_factory, tmp_path
     """An agent that sleeps through its lease must not come back with a stale table."""
     controller.stop()
     controller.start(["--lease", "2"])
-    add_container(controller, "c1", tmp_path / "c1.img", "64K")
+    add_container(controller, "c1", tmp_path / "c1.img", "1088K")  # 64K after its label
     vd(controller, "disk", "create", "d", "--size", "32K")
     m = agent(mount_factory, controller, args=["--fault-timeout", "20"])
     fd = open_direct(m.path / "d")

@@ -64,7 +64,10 @@ def run_with(c: ControllerProc, tmp_path: Path) -> None:
                   "--output-format=json").stdout
         job = json.loads(out[out.index("{"):])["jobs"][0]
         assert job["write"]["total_ios"] == n
-        wait_for(lambda: get(scrape(cport), "virtfs_agents_connected") == 1, 5, "refresh")
+        info = json.loads(vd(c, "disk", "info", "d", "--format", "json").out)
+        # (gauges are rebuilt once a second)
+        wait_for(lambda: get(scrape(cport), "virtfs_disk_allocated_bytes", disk="d")
+                 == info["allocated"], 5, "the gauges to catch up")
         a1, c1 = scrape(aport), scrape(cport)
         d = {"disk": "d", "op": "write"}
         assert get(a1, "virtfs_agent_io_total", **d) - get(a0, "virtfs_agent_io_total", **d) \
@@ -86,7 +89,6 @@ def run_with(c: ControllerProc, tmp_path: Path) -> None:
             c0, "virtfs_controller_ops_total", **ok)
         assert get(c1, "virtfs_journal_commit_seconds_count") > get(
             c0, "virtfs_journal_commit_seconds_count")
-        info = json.loads(vd(c, "disk", "info", "d", "--format", "json").out)
         assert get(c1, "virtfs_disk_allocated_bytes", disk="d") == info["allocated"] > 0
         [c1info] = json.loads(vd(c, "container", "ls", "--format", "json").out)
         assert get(c1, "virtfs_container_used_bytes", container="c1") == c1info["used"]

@@ -19,6 +19,7 @@ import pytest
 from rig import ControllerProc, wait_for
 
 from controller import label as L
+from controller.protocol import LABEL_BYTES
 
 LEASE = ["--lease", "1"]  # a short hold: --force watches the heartbeat for 5*2+1.5 s
 
@@ -58,7 +59,7 @@ def test_a_container_of_another_installation_is_refused_then_taken_over(two, tmp
     assert a.vdctl("container", "add", "c1", str(img), "--size", "64M").rc == 0
     assert a.vdctl("disk", "create", "x", "--size", "16M", "--thick").rc == 0
     with open(img, "r+b") as f:  # data of x's (a thick disk maps right after the label)
-        f.seek(L.LABEL_BYTES)
+        f.seek(LABEL_BYTES)
         f.write(b"x's data" * 512)
     lab = L.decode(L.read_sectors(str(img))[0])
     assert lab is not None and lab.name == "c1"
