@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--force", action="store_true", help="roll back under the agents that "
                     "have the disk open (they see the snapshot's content at once)")
 
+    df = verb(sv, "diff", "list the byte ranges whose data differs between a snapshot and a "
+              "later one (or the disk), from the tables: no data is read")
+    df.add_argument("from_snap", metavar="NAME@FROM")
+    df.add_argument("to", metavar="NAME@TO|NAME", nargs="?",
+                    help="a later snapshot of the same disk, or the disk (default)")
+
     jb = nouns.add_parser("job", help="background data movement (migrate, drain)")
     jv = jb.add_subparsers(dest="verb", metavar="VERB", required=True)
     verb(jv, "ls", "list jobs: running ones with their progress, and recent ended ones")
