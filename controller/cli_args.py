@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
          ).add_argument("snap", metavar="NAME@SNAP")
     dv.choices["clone"].add_argument("new", metavar="NEWNAME")
 
+    ex = verb(dv, "export-diff", "write what changed in a snapshot since an older one "
+              "(everything, without --from-snap) as a stream (docs/export-diff.md)")
+    ex.add_argument("name", metavar="NAME@TO")
+    ex.add_argument("file", metavar="FILE|-", help="where the stream goes (- for stdout)")
+    ex.add_argument("--from-snap", metavar="FROM", help="the older snapshot (NAME@FROM or "
+                    "FROM): only what changed since it")
+
     sn = nouns.add_parser("snap", help="snapshots of disks (NAME@SNAP, read-only)")
     sv = sn.add_subparsers(dest="verb", metavar="VERB", required=True)
     verb(sv, "create", "snapshot a disk (in use or not): time independent of its size"
