@@ -335,6 +335,9 @@ class Cli:
     async def disk_export_diff(self) -> int:
         return await cli_backup.disk_export_diff(self)
 
+    async def disk_import_diff(self) -> int:
+        return await cli_backup.disk_import_diff(self)
+
     async def job_ls(self) -> int:
         rows = await self.c.call("job.ls")
         if self.json:

@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("file", metavar="FILE|-", help="where the stream goes (- for stdout)")
     ex.add_argument("--from-snap", metavar="FROM", help="the older snapshot (NAME@FROM or "
                     "FROM): only what changed since it")
+    im = verb(dv, "import-diff", "apply a stream from export-diff to a disk, then snapshot "
+              "it as the stream's TO (through a virtfs mount of the disk on this host)")
+    im.add_argument("file", metavar="FILE|-", help="the stream (- for stdin)")
+    im.add_argument("name", metavar="NAME")
+    im.add_argument("--mount", metavar="DIR", help="the virtfs mount to write through "
+                    "(default: a mount on this host that the controller knows)")
 
     sn = nouns.add_parser("snap", help="snapshots of disks (NAME@SNAP, read-only)")
     sv = sn.add_subparsers(dest="verb", metavar="VERB", required=True)

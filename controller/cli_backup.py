@@ -10,8 +10,10 @@ copy-on-write are the agent's as for any writer, and then takes the snapshot.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import sys
+import tempfile
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -20,6 +22,7 @@ from . import diff as DF
 from . import diffstream as S
 from . import protocol as P
 from .cli_format import shown
+from .storage import punch_hole
 from .units import format_size
 
 if TYPE_CHECKING:
@@ -185,3 +188,144 @@ async def disk_export_diff(cli: Cli) -> int:
           f"{format_size(w.zero_bytes)} zero in {w.records} records, {w.bytes} bytes",
           file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------- import-diff
+
+
+def _verified(file: str) -> tuple[Any, S.Header, int]:
+    """(a binary file holding the whole stream, positioned at 0, its header, its
+    records): FILE itself, or stdin ("-") spooled to an unnamed temp file ($TMPDIR),
+    read through once and checked. StreamError if it is damaged; OSError."""
+    if file == "-":
+        spool = tempfile.TemporaryFile()  # noqa: SIM115 - returned open
+        try:
+            h, n = S.copy_verified(sys.stdin.buffer, spool)
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool, h, n
+    f = open(file, "rb")  # noqa: SIM115 - returned open
+    try:
+        h, n = S.StreamReader(f).verify()
+    except BaseException:
+        f.close()
+        raise
+    f.seek(0)
+    return f, h, n
+
+
+def _apply(src: Any, path: str, bar: Any) -> int:
+    """Apply the stream in src (checked already) to the file path in a virtfs mount:
+    its size, data records written, zero records punched (the mount frees whole
+    segments and zeroes the rest); fsync. Bytes applied. Blocking (a worker thread).
+    StreamError if the stream changed since it was checked; OSError."""
+    r = S.StreamReader(src)
+    h = r.header()
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size != h.size:
+            os.ftruncate(fd, h.size)
+        done = 0
+        for rec in r.records():
+            if rec.data is None:
+                punch_hole(fd, rec.offset, rec.length)
+            else:
+                view = memoryview(rec.data)
+                pos = 0
+                while pos < len(view):
+                    pos += os.pwrite(fd, view[pos:], rec.offset + pos)
+                bar.update(rec.length)
+            done += rec.length
+        os.fsync(fd)
+        return done
+    finally:
+        os.close(fd)
+
+
+def _disk_file(mount: str, name: str) -> str | None:
+    """MOUNT/NAME made absolute if it is a regular file, else None."""
+    path = os.path.join(os.path.abspath(mount), name)
+    return path if os.path.isfile(path) else None
+
+
+async def _mount_of(cli: Cli, name: str) -> str:
+    """The path of disk name in a virtfs mount on this host: under --mount, else under
+    the mount point of a connected agent on this host that shows it."""
+    if cli.args.mount:
+        path = _disk_file(cli.args.mount, name)
+        if path is None:
+            raise P.invalid(f"{os.path.join(cli.args.mount, name)!r} is not a disk file in a "
+                            "virtfs mount")
+        return path
+    host = socket.gethostname()
+    for a in await cli.c.call("agent.ls"):
+        path = _disk_file(a["mount"], name) if a["connected"] and a["host"] == host else None
+        if path is not None:
+            return path
+    raise P.invalid(f"import-diff writes through a virtfs mount of the disk, and no mount "
+                    f"on this host ({host}) shows {name!r}: start virtfs-mount, or give "
+                    "--mount DIR")
+
+
+async def disk_import_diff(cli: Cli) -> int:
+    """vdctl disk import-diff FILE|- NAME: check the whole stream, then check that it
+    fits the disk (its FROM is the disk's newest snapshot, its TO is new), write it
+    through a mount, and snapshot NAME@TO. Nothing is written unless the stream is
+    whole and fits."""
+    a = cli.args
+    name: str = a.name
+    what = "stdin" if a.file == "-" else a.file
+    try:
+        src, h, nrec = await trio.to_thread.run_sync(_verified, a.file)
+    except S.StreamError as e:
+        raise P.invalid(f"{what}: refused, nothing applied: {e}") from None
+    except OSError as e:
+        raise P.invalid(f"{what}: {e.strerror or e}") from None
+    try:
+        await cli.c.call("disk.info", name=name)
+        snaps = await cli.c.call("snap.ls", name=name)
+        newest = snaps[-1]["name"].partition(P.SNAP_SEP)[2] if snaps else None
+        to = P.snapshot_name(name, h.to_snap)
+        if h.from_snap and newest != h.from_snap:
+            has = f"its newest snapshot is {newest!r}" if newest else "it has no snapshots"
+            raise P.invalid(f"{what}: the stream applies on top of snapshot "
+                            f"{h.from_snap!r}, but {shown(name)} does not fit: {has}")
+        if any(s["name"] == to for s in snaps):
+            raise P.RemoteError(P.E_EXISTS, f"{what}: snapshot {shown(to)} exists already")
+        if h.from_snap:
+            _size, since = await changes(cli, name, P.snapshot_name(name, h.from_snap))
+            if since:
+                print(f"vdctl: warning: {shown(name)} changed since "
+                      f"{shown(P.snapshot_name(name, h.from_snap))}; where the stream does "
+                      f"not write, it keeps those changes", file=sys.stderr)
+        path = await _mount_of(cli, name)
+        total = os.fstat(src.fileno()).st_size
+        bar = _progress(total, f"import {shown(name)}")
+        try:
+            done = await trio.to_thread.run_sync(_apply, src, path, _Counter(bar, total))
+        except (OSError, S.StreamError) as e:
+            back = (f"vdctl snap rollback {shown(P.snapshot_name(name, h.from_snap))} puts "
+                    "it back" if h.from_snap else "import it again")
+            raise P.RemoteError(P.E_IO, f"{what}: writing {path} failed after part of the "
+                                f"stream: {e}; the disk is partly written ({back})") from None
+        finally:
+            bar.close()
+    finally:
+        src.close()
+    await cli.c.call("snap.create", name=to)
+    print(f"imported {nrec} records ({format_size(done)}) into {shown(name)}; "
+          f"snapshot {shown(to)} created", file=sys.stderr)
+    return 0
+
+
+class _Counter:
+    """A progress bar fed from a worker thread by bytes of data written."""
+
+    def __init__(self, bar: Any, total: int):
+        self.bar = bar
+        self.total = total
+
+    def update(self, n: int) -> None:
+        self.bar.update(min(n, self.total - self.bar.n))

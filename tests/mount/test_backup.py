@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
-from rig import SEG, add_container, agent, vd
+from rig import SEG, add_container, agent, run, vd
 
 from controller import diffstream as S
 
@@ -114,3 +116,124 @@ def test_export_streams_hold_the_snapshots(controller, mount_factory, tmp_path):
     assert r.rc == 1 and "is not NAME@SNAP" in r.err and not (tmp_path / "x").exists()
     r = controller.vdctl("disk", "export-diff", "d@a", "--from-snap", "b", str(tmp_path / "x"))
     assert r.rc == 1 and "newer than" in r.err and not (tmp_path / "x").exists()
+
+
+def compare(a: Path, b: Path) -> int:
+    """qemu-img compare's exit code: 0 same, 1 differ."""
+    r = run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(a), str(b)],
+            check=False)
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    return r.returncode
+
+
+def test_full_and_incremental_exports_restore_every_snapshot(controller, mount_factory,
+                                                              tmp_path):
+    add_container(controller, "c1", tmp_path / "c1.img", "1G")
+    vd(controller, "disk", "create", "d", "--size", "40M")
+    vd(controller, "disk", "create", "r", "--size", "1M")  # the restore target
+    m = agent(mount_factory, controller)
+    d = m.path / "d"
+    write_at(d, 0, os.urandom(5 * SEG + 12345))  # partly written segment 5
+    write_at(d, 8 * SEG, bytes(SEG))  # a segment of zeros (exported as a zero record)
+    vd(controller, "snap", "create", "d@s1")
+    write_at(d, SEG + 100, os.urandom(3 * B))  # sub-block, copy on write
+    punch(d, 3 * SEG, 2 * SEG)  # two segments discarded
+    write_at(d, 9 * SEG - 10, os.urandom(20))  # across a segment edge
+    vd(controller, "snap", "create", "d@s2")
+    with open(d, "r+b") as f:  # grow, and write past the old end
+        f.truncate(48 << 20)
+    write_at(d, 44 << 20, os.urandom(SEG))
+    write_at(d, 0, os.urandom(100))
+    vd(controller, "snap", "create", "d@s3")
+    streams = {}
+    for to, frm in (("s1", None), ("s2", "s1"), ("s3", "d@s2")):
+        streams[to] = tmp_path / f"{to}.diff"
+        args = ["disk", "export-diff", f"d@{to}", str(streams[to])]
+        r = vd(controller, *args, *(["--from-snap", frm] if frm else []))
+        assert "exported d@" + to in r.err
+    assert streams["s1"].read_bytes().startswith(b"virtfs diff\n")
+    # an incremental stream holds only what changed: s2 rewrote 3 segments (1, 8, 9)
+    assert 3 * SEG < streams["s2"].stat().st_size < 3 * SEG + 4096 < streams["s1"].stat().st_size
+    # a stream that does not start from r's newest snapshot is refused, nothing applied
+    r = controller.vdctl("disk", "import-diff", str(streams["s2"]), "r")
+    assert r.rc == 1 and "it has no snapshots" in r.err and r.err.count("\n") == 1, r.err
+    for to in ("s1", "s2", "s3"):
+        r = vd(controller, "disk", "import-diff", str(streams[to]), "r")
+        assert f"snapshot r@{to} created" in r.err
+        assert compare(m.path / f"r@{to}", m.path / f"d@{to}") == 0, to
+    assert compare(m.path / "r", m.path / "d") == 0
+    # the oracle can fail: r@s1 is not d@s2
+    assert compare(m.path / "r@s1", m.path / "d@s2") == 1
+    assert [s["name"] for s in vd(controller, "snap", "ls", "r", "--format", "json").json()] \
+        == ["r@s1", "r@s2", "r@s3"]
+    r = controller.vdctl("disk", "import-diff", str(streams["s3"]), "r")
+    assert r.rc == 1 and "does not fit" in r.err and "'s3'" in r.err, r.err
+    # an incremental export of nothing changed is a header and an end record
+    vd(controller, "snap", "create", "d@s4")
+    vd(controller, "disk", "export-diff", "d@s4", "--from-snap", "s3", str(tmp_path / "s4"))
+    assert (tmp_path / "s4").stat().st_size < 100
+
+
+def test_damaged_streams_are_refused_and_nothing_is_applied(controller, mount_factory,
+                                                            tmp_path):
+    add_container(controller, "c1", tmp_path / "c1.img", "1G")
+    vd(controller, "disk", "create", "d", "--size", "16M")
+    m = agent(mount_factory, controller)
+    write_at(m.path / "d", 0, os.urandom(16 << 20))
+    vd(controller, "snap", "create", "d@s1")
+    write_at(m.path / "d", SEG, os.urandom(2 * SEG))
+    vd(controller, "snap", "create", "d@s2")
+    full, inc = tmp_path / "full", tmp_path / "inc"
+    # through pipes, as a backup script runs it: vdctl processes, stdout and stdin
+    vdctl = [str(Path(sys.executable).parent / "vdctl"), "--state-dir",
+             str(controller.state_dir)]
+    vd(controller, "disk", "create", "r", "--size", "1M")
+    with subprocess.Popen([*vdctl, "disk", "export-diff", "d@s1", "-"],
+                          stdout=subprocess.PIPE) as exp:
+        imp = subprocess.run([*vdctl, "disk", "import-diff", "-", "r"], stdin=exp.stdout,
+                             capture_output=True, text=True, timeout=120)
+    assert exp.returncode == 0 and imp.returncode == 0, imp.stderr
+    assert compare(m.path / "r@s1", m.path / "d@s1") == 0
+    vd(controller, "disk", "export-diff", "d@s1", str(full))
+    vd(controller, "disk", "export-diff", "d@s2", "--from-snap", "s1", str(inc))
+    raw = inc.read_bytes()
+    before = (m.path / "r").read_bytes()
+    flipped = bytearray(raw)
+    flipped[5000] ^= 0x10  # a bit inside the first data record
+    cases = {
+        "flipped": (bytes(flipped), "bad checksum"),
+        "truncated": (raw[:-1000], "truncated"),
+        "cut at a record": (raw[:len(raw) - 33], "truncated"),
+        "bad magic": (b"rbd diff v1\n" + raw[12:], "bad magic"),
+        "empty": (b"", "bad magic"),
+    }
+    for what, (data, msg) in cases.items():
+        bad = tmp_path / "bad"
+        bad.write_bytes(data)
+        r = controller.vdctl("disk", "import-diff", str(bad), "r")
+        assert r.rc == 1 and msg in r.err and "nothing applied" in r.err, (what, r.err)
+        assert r.err.count("\n") == 1, (what, r.err)
+        # through stdin too (spooled and checked before anything is written)
+        p = subprocess.run([*vdctl, "disk", "import-diff", "-", "r"], input=data,
+                           capture_output=True, timeout=60)
+        assert p.returncode == 1 and msg.encode() in p.stderr, (what, p.stderr)
+        assert (m.path / "r").read_bytes() == before, what
+        assert [s["name"] for s in vd(controller, "snap", "ls", "r", "--format",
+                                      "json").json()] == ["r@s1"], what
+    # the whole stream then applies
+    vd(controller, "disk", "import-diff", str(inc), "r")
+    assert compare(m.path / "r@s2", m.path / "d@s2") == 0
+    # a disk written since its newest snapshot: applied, with a warning
+    vd(controller, "disk", "create", "w", "--size", "16M")
+    vd(controller, "disk", "import-diff", str(full), "w")
+    write_at(m.path / "w", 3 * SEG, b"local change")  # where the stream does not write
+    r = vd(controller, "disk", "import-diff", str(inc), "w")
+    assert "changed since w@s1" in r.err
+    assert compare(m.path / "w@s2", m.path / "d@s2") == 1  # it kept the local change
+    r = controller.vdctl("disk", "import-diff", str(full), "w")  # its TO is there already
+    assert r.rc == 1 and "snapshot w@s1 exists already" in r.err
+    # no mount shows the disk there: refused before anything is written
+    vd(controller, "disk", "create", "x", "--size", "1M")
+    r = controller.vdctl("disk", "import-diff", str(full), "x", "--mount", str(tmp_path))
+    assert r.rc == 1 and "is not a disk file" in r.err
+    assert (m.path / "x").stat().st_size == 1 << 20
