@@ -17,7 +17,8 @@ Pure: no I/O, no trio.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from .extents import MOVING, Extent
@@ -52,8 +53,7 @@ def _same(a: Extent, b: Extent) -> bool:
 
 
 def changes(old: Iterable[Extent], new: Iterable[Extent], start: int, end: int,
-            limit: int | None = None, steps: int | None = None
-            ) -> tuple[list[Change], int | None]:
+            limit: int | None = None) -> tuple[list[Change], int | None]:
     """The ranges of [start, end) whose data differs between old (FROM's stored extents)
     and new (TO's), in order; adjacent ranges of one kind merged.
 
@@ -61,11 +61,8 @@ def changes(old: Iterable[Extent], new: Iterable[Extent], start: int, end: int,
     or not (those outside are skipped), e.g. ``ExtentMap.stored_in(start, end)``; gaps
     read as zeros. end: TO's size (FROM's extents past it are ignored: the disk ends
     there). limit: at most this many changes (for paging); then the second value is
-    where the next page starts, else None. steps: stop after about this many extent
-    boundaries (a page's cost: the controller's event loop is not held longer), also
-    answering where the next page starts; a change may then go on in the next page
-    (join touching changes of one kind, as ``join`` does). Cost O(len(old) +
-    len(new)), no data read.
+    where the next page starts, else None. Cost O(len(old) + len(new)), a step per
+    extent, no data read: the reference walk (changes_cols is the controller's).
     """
     out: list[Change] = []
     a_it: Iterator[Extent] = iter(old)
@@ -76,15 +73,7 @@ def changes(old: Iterable[Extent], new: Iterable[Extent], start: int, end: int,
     # the range being gathered: [lo, hi) of kind kind (lo == hi: none)
     lo = hi = start
     kind = False
-    walked = 0
     while pos < end:
-        walked += 1
-        if steps is not None and walked > steps:
-            if hi > lo:
-                if limit is not None and len(out) >= limit:
-                    return out, lo
-                out.append(Change(lo, hi - lo, kind))
-            return out, pos
         while a is not None and a.vend <= pos:
             a = next(a_it, None)
         while b is not None and b.vend <= pos:
@@ -107,6 +96,90 @@ def changes(old: Iterable[Extent], new: Iterable[Extent], start: int, end: int,
                             return out, lo
                         out.append(Change(lo, hi - lo, kind))
                     lo, hi, kind = pos, nxt, in_b
+        pos = nxt
+    if hi > lo:
+        if limit is not None and len(out) >= limit:
+            return out, lo
+        out.append(Change(lo, hi - lo, kind))
+    return out, None
+
+
+_NOT_MOVING = bytes(b for b in range(256) if not b & MOVING)
+
+
+def _arrays(cols: Sequence[bytes]) -> list[array[int]]:
+    out = [array("q"), array("q"), array("q"), array("q"), array("B")]
+    for a, raw in zip(out, cols, strict=True):
+        a.frombytes(raw)
+    return out
+
+
+def _run(old: Sequence[bytes], new: Sequence[bytes], i: int, j: int, most: int) -> int:
+    """How many records from old's i-th and new's j-th on (at least 1, at most most) are
+    identical in vstart, length, LUN and offset: compared as byte slices of the columns
+    (memcmp), in a galloping search, so a run of k costs O(log k) comparisons."""
+    k, step = 1, 1
+    while k < most:
+        n = min(step, most - k)
+        a, b = (i + k) * 8, (j + k) * 8
+        if all(oc[a:a + 8 * n] == nc[b:b + 8 * n]
+               for oc, nc in zip(old[:4], new[:4], strict=True)):
+            k += n
+            step *= 2
+        elif n == 1:
+            break
+        else:
+            step = max(1, n // 2)
+    return k
+
+
+def changes_cols(old: Sequence[bytes], new: Sequence[bytes], start: int, end: int,
+                 limit: int | None = None) -> tuple[list[Change], int | None]:
+    """changes() on the five packed columns of each table (``ExtentMap.columns(start,
+    end)``: vstart, length, LUN, offset as int64, flags as uint8), the same answer,
+    faster: where both tables hold identical extents one after another (the common case
+    between two snapshots: the part that did not change), the run is skipped with
+    byte comparisons of the columns instead of a step per extent (unless either table
+    has a segment being moved: then every extent is walked). limit and the second
+    value as for changes()."""
+    avs, aln, alu, aof, afl = _arrays(old)
+    bvs, bln, blu, bof, bfl = _arrays(new)
+    na, nb = len(avs), len(bvs)
+    fast = not (old[4].translate(None, _NOT_MOVING) or new[4].translate(None, _NOT_MOVING))
+    out: list[Change] = []
+    i = j = 0
+    pos = lo = hi = start  # the change being gathered: [lo, hi) of kind kind
+    kind = False
+    while pos < end:
+        while i < na and avs[i] + aln[i] <= pos:
+            i += 1
+        while j < nb and bvs[j] + bln[j] <= pos:
+            j += 1
+        if (fast and i < na and j < nb and avs[i] == bvs[j] and aln[i] == bln[j]
+                and alu[i] == blu[j] and aof[i] == bof[j]):
+            k = _run(old, new, i, j, min(na - i, nb - j))
+            i += k
+            j += k
+            pos = max(pos, avs[i - 1] + aln[i - 1])
+            continue
+        in_a = i < na and avs[i] <= pos
+        in_b = j < nb and bvs[j] <= pos
+        nxt = end
+        if i < na:
+            nxt = min(nxt, avs[i] + aln[i] if in_a else avs[i])
+        if j < nb:
+            nxt = min(nxt, bvs[j] + bln[j] if in_b else bvs[j])
+        if (in_a or in_b) and not (
+                in_a and in_b and alu[i] == blu[j] and aof[i] - avs[i] == bof[j] - bvs[j]
+                and not (afl[i] | bfl[j]) & MOVING):
+            if hi == pos and kind == in_b and hi > lo:
+                hi = nxt
+            else:
+                if hi > lo:
+                    if limit is not None and len(out) >= limit:
+                        return out, lo
+                    out.append(Change(lo, hi - lo, kind))
+                lo, hi, kind = pos, nxt, in_b
         pos = nxt
     if hi > lo:
         if limit is not None and len(out) >= limit:
@@ -171,4 +244,4 @@ def changed_bytes(chs: Iterable[Change]) -> tuple[int, int]:
     return data, zero
 
 
-__all__ = ["Change", "changed_bytes", "changes", "full", "join"]
+__all__ = ["Change", "changed_bytes", "changes", "changes_cols", "full", "join"]

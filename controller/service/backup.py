@@ -3,7 +3,8 @@
 ``snap.diff`` answers the byte ranges whose data differs between a snapshot
 FROM and a later snapshot TO of one disk (or the disk itself), from the
 extent maps alone (controller/diff.py): read-only, nothing journaled, paged
-so that one answer holds the event loop for a bounded walk. Without FROM it
+by windows of the disk so that one answer holds the event loop for a bounded
+walk. Without FROM it
 answers every range of TO (data and zero): a full export.
 
 ``snap.read`` reads bytes of a snapshot from its containers (a worker
@@ -28,7 +29,7 @@ from .context import Context
 from .snapshots import split_snap_name
 
 MAX_DIFF_CHANGES = 65536  # changes one snap.diff answer holds at most
-DIFF_STEPS = 65536  # extent boundaries one snap.diff answer walks at most (~50 ms)
+DIFF_EXTENTS = 262144  # about how many extents of TO one snap.diff answer covers
 MAX_READ = 4 << 20  # bytes one snap.read answers at most
 
 
@@ -86,22 +87,28 @@ class Backup:
 
     async def snap_diff(self, name: str, from_snap: str | None, start: int,
                         limit: int | None) -> dict[str, object]:
-        """The ranges of [start, TO's size) whose data differs between from_snap
-        ("DISK@FROM") and name ("DISK@TO" or "DISK"), each [offset, length, data]
-        (data False: TO reads zeros there), at most limit (<= MAX_DIFF_CHANGES) of them;
-        "next": where the next page starts, or None. Without from_snap: every range of
-        TO, data and zero. RemoteError E_NOT_FOUND, E_INVALID."""
+        """The ranges from start on whose data differs between from_snap ("DISK@FROM")
+        and name ("DISK@TO" or "DISK"), each [offset, length, data] (data False: TO reads
+        zeros there), at most limit (<= MAX_DIFF_CHANGES) of them, in a window of about
+        DIFF_EXTENTS extents (diff.changes_cols); "next": where the next page starts, or
+        None (a change may go on in the next page: join touching ones). Without
+        from_snap: every range of TO, data and zero. RemoteError E_NOT_FOUND,
+        E_INVALID."""
         frm, to = self._pair(name, from_snap)
         if start < 0:
             raise P.invalid("start must not be negative")
         cap = MAX_DIFF_CHANGES if limit is None else min(max(limit, 1), MAX_DIFF_CHANGES)
-        end = to.size
+        # a window of about DIFF_EXTENTS of TO's extents (at their mean length), so one
+        # answer holds the event loop for a bounded walk, however large the disk
+        mean = -(-to.size // max(1, len(to.extents)))
+        end = min(to.size, start + max(DIFF_EXTENTS * mean, P.BLOCK_SIZE))
         if frm is None:
             chs, nxt = DF.full(to.extents.stored_in(start, end), start, end, cap)
         else:
-            chs, nxt = DF.changes(frm.extents.stored_in(start, end),
-                                  to.extents.stored_in(start, end), start, end, cap,
-                                  DIFF_STEPS)
+            chs, nxt = DF.changes_cols(frm.extents.columns(start, end),
+                                       to.extents.columns(start, end), start, end, cap)
+        if nxt is None and end < to.size:
+            nxt = end
         return {"name": to.name, "from": frm.name if frm is not None else None,
                 "size": to.size, "changes": [[c.offset, c.length, c.data] for c in chs],
                 "next": nxt}
