@@ -163,7 +163,10 @@ async def disk_export_diff(cli: Cli) -> int:
             raise P.invalid("no binary stdout to write the stream to")
         tmp = target = None
     else:
-        out, tmp, target = _open_out(a.file)
+        try:
+            out, tmp, target = _open_out(a.file)
+        except OSError as e:
+            raise P.invalid(f"{a.file}: {e.strerror or e}") from None
     try:
         w = S.StreamWriter(out, header)
         bar = _progress(data, f"export {shown(to)}")
@@ -173,16 +176,21 @@ async def disk_export_diff(cli: Cli) -> int:
             bar.close()
         w.end()
         out.flush()
-        if tmp is not None:
+        if tmp is not None and target is not None:  # a regular file: durable, then named
             os.fsync(out.fileno())
-    except BaseException:
-        if tmp is not None:
             out.close()
-            os.unlink(tmp)
+            os.replace(tmp, target)
+            tmp = None
+    except BrokenPipeError:
         raise
-    if tmp is not None:
-        out.close()
-        os.replace(tmp, target)  # type: ignore[arg-type]
+    except OSError as e:
+        raise P.RemoteError(P.E_IO, f"{a.file}: {e.strerror or e}; no stream written"
+                            ) from None
+    finally:
+        if target is not None:
+            out.close()
+            if tmp is not None:
+                os.unlink(tmp)
     since = f" since {shown(frm)}" if frm else " (full)"
     print(f"exported {shown(to)}{since}: {format_size(w.data_bytes)} data, "
           f"{format_size(w.zero_bytes)} zero in {w.records} records, {w.bytes} bytes",

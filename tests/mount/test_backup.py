@@ -116,6 +116,17 @@ def test_export_streams_hold_the_snapshots(controller, mount_factory, tmp_path):
     assert r.rc == 1 and "is not NAME@SNAP" in r.err and not (tmp_path / "x").exists()
     r = controller.vdctl("disk", "export-diff", "d@a", "--from-snap", "b", str(tmp_path / "x"))
     assert r.rc == 1 and "newer than" in r.err and not (tmp_path / "x").exists()
+    r = controller.vdctl("disk", "export-diff", "d@a", str(tmp_path / "no" / "x"))
+    assert r.rc == 1 and "No such file or directory" in r.err and r.err.count("\n") == 1
+    r = controller.vdctl("disk", "import-diff", str(tmp_path / "no" / "x"), "d")
+    assert r.rc == 1 and "No such file or directory" in r.err and r.err.count("\n") == 1
+    fifo = tmp_path / "fifo"  # not a regular file: written directly, no temp name
+    os.mkfifo(fifo)
+    with open(tmp_path / "from-fifo", "wb") as sink, \
+            subprocess.Popen(["cat", str(fifo)], stdout=sink) as cat:
+        vd(controller, "disk", "export-diff", "d@b", "--from-snap", "a", str(fifo))
+        assert cat.wait(30) == 0
+    assert (tmp_path / "from-fifo").read_bytes() == inc.read_bytes()
 
 
 def compare(a: Path, b: Path) -> int:
