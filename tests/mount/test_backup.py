@@ -120,6 +120,11 @@ def test_export_streams_hold_the_snapshots(controller, mount_factory, tmp_path):
     assert r.rc == 1 and "No such file or directory" in r.err and r.err.count("\n") == 1
     r = controller.vdctl("disk", "import-diff", str(tmp_path / "no" / "x"), "d")
     assert r.rc == 1 and "No such file or directory" in r.err and r.err.count("\n") == 1
+    vd(controller, "container", "fail", "c1")  # the snapshot cannot be read: one line
+    r = controller.vdctl("disk", "export-diff", "d@a", str(tmp_path / "x"))
+    assert r.rc == 1 and "container 'c1' has failed" in r.err and r.err.count("\n") == 1
+    assert not list(tmp_path.glob("x*"))  # no stream, no temp file
+    vd(controller, "container", "restore", "c1")
     fifo = tmp_path / "fifo"  # not a regular file: written directly, no temp name
     os.mkfifo(fifo)
     with open(tmp_path / "from-fifo", "wb") as sink, \
