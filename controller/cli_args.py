@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     im = verb(dv, "import-diff", "apply a stream from export-diff to a disk, then snapshot "
               "it as the stream's TO (through a virtfs mount of the disk on this host)")
     im.add_argument("file", metavar="FILE|-", help="the stream (- for stdin)")
-    im.add_argument("name", metavar="NAME")
+    im.add_argument("name", metavar="NAME", help="the disk to apply it to (the stream sets "
+                    "its size)")
     im.add_argument("--mount", metavar="DIR", help="the virtfs mount to write through "
                     "(default: a mount on this host that the controller knows)")
 
