@@ -71,7 +71,6 @@ async def snap_diff(cli: Cli) -> int:
     return 0
 
 
-
 # ---------------------------------------------------------------- export-diff
 
 READS_IN_FLIGHT = 4  # snap.read calls an export keeps going at once
