@@ -27,6 +27,7 @@ SECTIONS: dict[str, str] = {
     "movement": "bench.movement",
     "imports": "bench.imports",
     "snapshots": "bench.snapshots",
+    "diff": "bench.diff",
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import trio
 
+from . import cli_backup
 from . import protocol as P
 from .cli_args import build_parser, rewrite_negative
 from .cli_format import disk_shown, kv, pct, shown, table
@@ -328,6 +329,15 @@ class Cli:
         self.emit_json(r) if self.json else kv(r, self.out)
         return 0
 
+    async def snap_diff(self) -> int:
+        return await cli_backup.snap_diff(self)
+
+    async def disk_export_diff(self) -> int:
+        return await cli_backup.disk_export_diff(self)
+
+    async def disk_import_diff(self) -> int:
+        return await cli_backup.disk_import_diff(self)
+
     async def job_ls(self) -> int:
         rows = await self.c.call("job.ls")
         if self.json:
@@ -399,7 +409,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except SecurityConfigError as e:
         print(f"vdctl: error: {e}", file=sys.stderr)
         return 2
-    method_name = args.noun if args.noun in ("status", "check") else f"{args.noun}_{args.verb}"
+    method_name = (args.noun if args.noun in ("status", "check")
+                   else f"{args.noun}_{args.verb}".replace("-", "_"))
 
     async def run() -> int:
         async with open_controller(addr, role="admin", name="vdctl",

@@ -184,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
          ).add_argument("snap", metavar="NAME@SNAP")
     dv.choices["clone"].add_argument("new", metavar="NEWNAME")
 
+    ex = verb(dv, "export-diff", "write what changed in a snapshot since an older one "
+              "(everything, without --from-snap) as a stream (docs/export-diff.md)")
+    ex.add_argument("name", metavar="NAME@TO")
+    ex.add_argument("file", metavar="FILE|-", help="where the stream goes (- for stdout)")
+    ex.add_argument("--from-snap", metavar="FROM", help="the older snapshot (NAME@FROM or "
+                    "FROM): only what changed since it")
+    im = verb(dv, "import-diff", "apply a stream from export-diff to a disk, then snapshot "
+              "it as the stream's TO (through a virtfs mount of the disk on this host)")
+    im.add_argument("file", metavar="FILE|-", help="the stream (- for stdin)")
+    im.add_argument("name", metavar="NAME", help="the disk to apply it to (the stream sets "
+                    "its size)")
+    im.add_argument("--mount", metavar="DIR", help="the virtfs mount to write through "
+                    "(default: a mount on this host that the controller knows)")
+
     sn = nouns.add_parser("snap", help="snapshots of disks (NAME@SNAP, read-only)")
     sv = sn.add_subparsers(dest="verb", metavar="VERB", required=True)
     verb(sv, "create", "snapshot a disk (in use or not): time independent of its size"
@@ -197,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("name", metavar="NAME@SNAP")
     rb.add_argument("--force", action="store_true", help="roll back under the agents that "
                     "have the disk open (they see the snapshot's content at once)")
+
+    df = verb(sv, "diff", "list the byte ranges whose data differs between a snapshot and a "
+              "later one (or the disk), from the tables: no data is read")
+    df.add_argument("from_snap", metavar="NAME@FROM")
+    df.add_argument("to", metavar="NAME@TO|NAME", nargs="?",
+                    help="a later snapshot of the same disk, or the disk (default)")
 
     jb = nouns.add_parser("job", help="background data movement (migrate, drain)")
     jv = jb.add_subparsers(dest="verb", metavar="VERB", required=True)

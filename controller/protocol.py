@@ -408,6 +408,11 @@ _op("snap.ls", NAME)
 _op("snap.rm", NAME, roles=ADMIN)
 _op("snap.rollback", NAME, _f("force", bool, required=False, default=False), roles=ADMIN)
 _op("disk.clone", NAME, _f("new", str), roles=ADMIN)
+# changed-block tracking and export (read-only; docs/export-diff.md)
+_op("snap.diff", NAME, _f("from_snap", str, type(None), required=False),
+    _f("start", int, required=False, default=0),
+    _f("limit", int, type(None), required=False))
+_op("snap.read", NAME, _f("offset", int), _f("length", int), roles=ADMIN)
 _op("agent.ls")
 # agent-only: the data path's control plane
 _op("agent.register", _f("name", str), _f("host", str), _f("mount", str), roles=AGENT)

@@ -28,11 +28,13 @@ its ``__init__``:
 - ``sessions``: ``Sessions``, agent registration, heartbeats, acks
 - ``faults``: ``Faults``, an agent's tables and its faults
 - ``files``: ``Files``, allocation ahead of writes, trim, times, unlink, close
+- ``backup``: ``Backup``, changed ranges between snapshots (snap.diff) and reads of
+  a snapshot's bytes (snap.read), for export-diff; read-only
 
 Each part uses only parts built before it (``Service.__init__``): placement
 and coherence use the context alone; movement uses both; jobs and snapshots
 use movement; disks and faults use snapshots; files uses faults and disks;
-containers and sessions use movement.
+containers and sessions use movement; backup uses the context alone.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from ..agents import DEFAULT_LEASE, AgentRegistry
 from ..consistency import check
 from ..journal import Journal
 from ..state import State
+from .backup import Backup
 from .coherence import Coherence
 from .containers import Containers
 from .context import Caller, Context
@@ -96,6 +99,7 @@ class Service:
         self.faults = Faults(self.ctx, self.placement, self.coherence, self.movement,
                              self.snapshots)
         self.files = Files(self.ctx, self.coherence, self.faults, self.disks)
+        self.backup = Backup(self.ctx)
 
     async def start(self) -> None:
         """Journal this start before anything is answered (Coherence.start), then check
@@ -263,6 +267,15 @@ class Service:
     async def disk_clone(self, name: str, new: str) -> dict[str, object]:
         """disk.clone: Snapshots.disk_clone."""
         return await self.snapshots.disk_clone(name, new)
+
+    async def snap_diff(self, name: str, from_snap: str | None, start: int,
+                        limit: int | None) -> dict[str, object]:
+        """snap.diff: Backup.snap_diff."""
+        return await self.backup.snap_diff(name, from_snap, start, limit)
+
+    async def snap_read(self, name: str, offset: int, length: int) -> dict[str, object]:
+        """snap.read: Backup.snap_read."""
+        return await self.backup.snap_read(name, offset, length)
 
     # ------------------------------------------------------------ agents
     async def agent_register(self, name: str, host: str, mount: str, conn: Caller
