@@ -30,7 +30,6 @@ from .recordbase import (
     bad_field,
     get,
     get_bool,
-    get_id,
     get_int,
     get_opt_int,
     get_opt_str,
@@ -40,79 +39,19 @@ from .recordbase import (
     record,
     wire_pieces,
 )
+from .records_pool import (
+    ContainerAdd,
+    ContainerFail,
+    ContainerLabel,
+    ContainerRestore,
+    ContainerRm,
+    ControllerBoot,
+)
 from .tables import JOB_KINDS, JOB_STATES, QOS_KEYS, StateError
 
-__all__ = ["Piece", "Record", "Wire", "decode", "record"]  # and the record classes below
-
-
-# ---------------------------------------------------------------- containers
-
-
-@record
-class ContainerAdd(Record):
-    """A container file joins: LUN lun, size bytes; created: virtfs made the file; uuid:
-    its label's container id (None in records written before labels: unlabelled)."""
-
-    OP: ClassVar[str] = "container.add"
-    name: str
-    lun: int
-    path: str
-    size: int
-    created: bool
-    uuid: str | None = None
-
-    def to_wire(self) -> Wire:
-        w: Wire = {"op": self.OP, "name": self.name, "lun": self.lun, "path": self.path,
-                   "size": self.size, "created": self.created}
-        if self.uuid is not None:
-            w["uuid"] = self.uuid
-        return w
-
-    @classmethod
-    def from_wire(cls, d: Mapping[str, object]) -> Self:
-        return cls(get_str(d, "name"), get_int(d, "lun", 0), get_str(d, "path"),
-                   get_int(d, "size", 0), get_bool(d, "created"), get_id(d, "uuid"))
-
-
-@record
-class ContainerLabel(Record):
-    """A container added before labels gets one: its first block (free now) becomes the
-    label's, and uuid its container id (docs/labels.md)."""
-
-    OP: ClassVar[str] = "container.label"
-    name: str
-    uuid: str
-
-    def to_wire(self) -> Wire:
-        return {"op": self.OP, "name": self.name, "uuid": self.uuid}
-
-    @classmethod
-    def from_wire(cls, d: Mapping[str, object]) -> Self:
-        uuid = get_id(d, "uuid")
-        if uuid is None:
-            raise bad_field(d, "uuid", None, "32 hex digits")
-        return cls(get_str(d, "name"), uuid)
-
-
-@record
-class ContainerFail(Named):
-    """Every entry on the container becomes `error` at the agents."""
-
-    OP: ClassVar[str] = "container.fail"
-
-
-@record
-class ContainerRestore(Named):
-    """A failed container serves again."""
-
-    OP: ClassVar[str] = "container.restore"
-
-
-@record
-class ContainerRm(Named):
-    """An empty container leaves."""
-
-    OP: ClassVar[str] = "container.rm"
+# and the record classes below, and those of records_pool.py (containers, boots)
+__all__ = ["ContainerAdd", "ContainerFail", "ContainerLabel", "ContainerRestore",
+           "ContainerRm", "ControllerBoot", "Piece", "Record", "Wire", "decode", "record"]
 
 
 # ---------------------------------------------------------------- disks
@@ -502,29 +441,6 @@ class SnapRollback(Record):
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
         return cls(get_str(d, "snap"))
-
-
-# ---------------------------------------------------------------- the controller
-
-
-@record
-class ControllerBoot(Record):
-    """A controller start, number boot (one more than the last). installation: the
-    installation id the first start with labels chose (docs/labels.md); None after."""
-
-    OP: ClassVar[str] = "controller.boot"
-    boot: int
-    installation: str | None = None
-
-    def to_wire(self) -> Wire:
-        w: Wire = {"op": self.OP, "boot": self.boot}
-        if self.installation is not None:
-            w["installation"] = self.installation
-        return w
-
-    @classmethod
-    def from_wire(cls, d: Mapping[str, object]) -> Self:
-        return cls(get_int(d, "boot"), get_id(d, "installation"))
 
 
 RECORDS: tuple[type[Record], ...] = (

@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from . import records as R
-from . import sharing
+from . import sharing, state_moves
 from .allocator import AllocError, FreeSpace
-from .bitmap import Bitmap
 from .extents import MAX_EXTENT, MOVING, Extent, ExtentError
 from .protocol import BLOCK_SIZE, LABEL_BYTES, is_snapshot_name, snapshot_name, split_snapshot_name
 from .records import RECORDS, Piece, Record, decode
@@ -23,7 +22,6 @@ from .tables import (
     JOB_KINDS,
     JOB_STATES,
     KEEP_FINISHED_JOBS,
-    Alt,
     Container,
     Disk,
     Job,
@@ -90,7 +88,7 @@ class State:
         (sharing.referenced_all: one ordered walk of each other table)."""
         return sharing.referenced_all([t for t in self.family(fam) if t is not skip], pieces)
 
-    def _release_unshared(self, fam: int, pieces: list[Extent]) -> None:
+    def release_unshared(self, fam: int, pieces: list[Extent]) -> None:
         """Free the storage of pieces (removed from their table already) that no other
         table of family fam maps (sharing.release_unshared)."""
         sharing.release_unshared(self.family(fam), self.luns, pieces)
@@ -172,7 +170,7 @@ class State:
                                            (a.bitmap.nblocks - keep) * BLOCK_SIZE)
             a.bitmap = a.bitmap.slice(0, keep)
         removed = d.extents.remove_range(start, end)
-        self._release_unshared(d.family, removed)
+        self.release_unshared(d.family, removed)
         for e in removed:
             if e.flags & MOVING and e.vstart in d.alts:  # the whole moving segment
                 a = d.alts.pop(e.vstart)
@@ -309,85 +307,6 @@ class State:
                 if t.origin == full:
                     t.origin = snap.name
 
-    # ------------------------------------------------------------ moves (DESIGN.md 3)
-    def _moving(self, d: Disk, vstart: int) -> tuple[Extent, Alt]:
-        a = d.alts.get(vstart)
-        e = d.extents.find(vstart) if a is not None else None
-        if a is None or e is None or e.vstart != vstart or not e.flags & MOVING:
-            raise StateError(f"disk {d.name!r} has no segment moving at {vstart!r}")
-        return e, a
-
-    def _move_start(self, rec: R.MoveStart) -> None:
-        """Segment [vstart, vstart+length) of one stored extent gets an alternate location
-        (lun, offset) with an empty bitmap; the extent is cut there and flagged MOVING."""
-        d = self.disk(rec.name)
-        vstart, length, lun, offset = rec.vstart, rec.length, rec.lun, rec.offset
-        e = d.extents.find(vstart)
-        if e is None or vstart + length > e.vend or length <= 0 or vstart % BLOCK_SIZE:
-            raise StateError(f"move of {vstart}+{length} is not inside one extent of "
-                             f"disk {d.name!r}")
-        if e.flags & MOVING:
-            raise StateError(f"disk {d.name!r} segment at {e.vstart} is already moving")
-        if (vstart + length) % BLOCK_SIZE and vstart + length != d.size:
-            raise StateError(f"move of {vstart}+{length} ends inside a block")
-        c = self.luns.get(lun)
-        nbytes = round_up(length)
-        if c is None or offset % BLOCK_SIZE or not c.space.is_free(offset, nbytes):
-            raise StateError(f"alternate {lun}:{offset}+{nbytes} is not free")
-        c.space.take(offset, nbytes)
-        d.extents.split_at(vstart)
-        d.extents.split_at(vstart + length)
-        d.extents.set_flags(vstart, vstart + length, MOVING)
-        d.alts[vstart] = Alt(lun, offset, Bitmap(nbytes // BLOCK_SIZE))
-        d.epoch += 1
-
-    def _move_mark(self, rec: R.MoveMark) -> None:
-        """Blocks (runs [[first, count], ...]) of a moving segment now have their data at
-        its alternate location."""
-        d = self.disk(rec.name)
-        _e, a = self._moving(d, rec.vstart)
-        runs = rec.runs
-        for r in runs:
-            if r[0] + r[1] > a.bitmap.nblocks:
-                raise StateError(f"bad move.mark run {list(r)!r}")
-        for first, count in runs:
-            a.bitmap.set_range(first, count)
-        # no epoch bump: a mark changes no entry an agent may hold (its nowrite L1
-        # entries still read right; a write there faults) - else every agent would
-        # reload its whole table once a heartbeat while a disk moves
-
-    def _move_commit(self, rec: R.MoveCommit) -> None:
-        """Every block is marked: the alternate location becomes the segment's location
-        and the old one is freed; the extent may merge with its neighbours again."""
-        d = self.disk(rec.name)
-        e, a = self._moving(d, rec.vstart)
-        if not a.bitmap.all_set():
-            left = a.bitmap.nblocks - a.bitmap.count()
-            raise StateError(f"disk {d.name!r} segment at {e.vstart}: {left} blocks are not "
-                             "at the new location yet")
-        self._end_move(d, e, a, keep_alt=True)
-
-    def _move_abort(self, rec: R.MoveAbort) -> None:
-        """The move is dropped: the segment stays at its location (the controller has
-        copied any block marked at the alternate location back first) and the alternate
-        location is freed."""
-        d = self.disk(rec.name)
-        e, a = self._moving(d, rec.vstart)
-        self._end_move(d, e, a, keep_alt=False)
-
-    def _end_move(self, d: Disk, e: Extent, a: Alt, keep_alt: bool) -> None:
-        nbytes = a.bitmap.nblocks * BLOCK_SIZE
-        del d.alts[e.vstart]
-        d.extents.remove_range(e.vstart, e.vend)
-        if keep_alt:  # L1 is freed unless a snapshot or clone still maps it
-            self._release_unshared(d.family, [e])
-            d.extents.insert(e.vstart, e.length, a.lun, a.offset, e.flags & ~MOVING)
-        else:
-            self.luns[a.lun].space.release(a.offset, nbytes)
-            d.extents.insert(e.vstart, e.length, e.lun, e.offset, e.flags & ~MOVING)
-        d.extents.coalesce(e.vstart, e.vend)
-        d.epoch += 1
-
     def _disk_place(self, rec: R.DiskPlace) -> None:
         """Where a disk's new space goes: its home container and its pin (or None)."""
         d = self.disk(rec.name)
@@ -454,7 +373,7 @@ class State:
         if users:
             raise StateError(f"snapshot {s.name!r} has clones: {', '.join(users)}")
         del self.snaps[s.name]
-        self._release_unshared(s.family, list(s.extents))
+        self.release_unshared(s.family, list(s.extents))
 
     def _disk_clone(self, rec: R.DiskClone) -> None:
         """A writable disk from a snapshot, sharing its storage."""
@@ -481,7 +400,7 @@ class State:
         d.extents = s.extents.clone()
         d.size = s.size
         d.epoch += 1
-        self._release_unshared(d.family, old)
+        self.release_unshared(d.family, old)
 
     def _controller_boot(self, rec: R.ControllerBoot) -> None:
         boot = rec.boot
@@ -507,5 +426,10 @@ class State:
 
 # The handler of each record type: State._disk_create for DiskCreate (op "disk.create"),
 # and so on; each takes its record type (tests/model/test_units_records.py checks).
+# The move records' handlers are functions of state_moves.py (move_start for
+# MoveStart, ...), which take the State first.
+_MOVES: dict[type[Record], Callable[..., None]] = {
+    R.MoveStart: state_moves.move_start, R.MoveMark: state_moves.move_mark,
+    R.MoveCommit: state_moves.move_commit, R.MoveAbort: state_moves.move_abort}
 _HANDLERS: dict[type[Record], Callable[..., None]] = {
-    rec: getattr(State, "_" + rec.OP.replace(".", "_")) for rec in RECORDS}
+    rec: _MOVES.get(rec) or getattr(State, "_" + rec.OP.replace(".", "_")) for rec in RECORDS}

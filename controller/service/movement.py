@@ -45,7 +45,8 @@ from .. import protocol as P
 from ..agents import Agent
 from ..extents import MOVING, Extent
 from ..records import ContainerFail, ContainerRestore, MoveAbort, MoveCommit, MoveMark, MoveStart
-from ..state import Alt, Container, Disk, round_up
+from ..state import Container, Disk, round_up
+from ..tables import Alt
 from ..units import human
 from .coherence import Coherence
 from .context import Context
