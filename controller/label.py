@@ -143,6 +143,23 @@ def decode(sector: bytes) -> Label | None:
                  at)
 
 
+def judge(sector: bytes, installation: str | None, container: str | None) -> str | None:
+    """None if sector 0 holds the label of container (id) of installation (id), else
+    why not, in one line starting with its kind: "damaged", "missing", "claimed" (by
+    another installation) or "foreign" (another container of this one)."""
+    try:
+        lab = decode(sector)
+    except LabelError as e:
+        return f"damaged: {e}"
+    if lab is None:
+        return "missing: no virtfs label where one was written"
+    if lab.installation != installation:
+        return f"claimed by {lab.owner()}"
+    if lab.container != container:
+        return f"foreign: it carries the label of another container ({lab.name!r})"
+    return None
+
+
 def encode_beat(beat: Beat) -> bytes:
     """Sector 1 (512 bytes) for beat."""
     return _seal(_BEAT.pack(HB_MAGIC, VERSION, round(beat.interval * 1000),

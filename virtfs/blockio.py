@@ -178,15 +178,8 @@ class ContainerIO:
         """(worker thread) Why fd's label is not the one the controller named, or None
         (docs/labels.md: agents check before their first I/O on a container)."""
         s0, _s1 = label.read_sectors_fd(fd)
-        try:
-            lab = label.decode(s0)
-        except label.LabelError as e:
-            return f"has a damaged label ({e})"
-        if lab is None:
-            return "has no virtfs label (overwritten?)"
-        if (lab.installation, lab.container) != want:
-            return f"carries the label of {lab.owner()}, not of this installation's container"
-        return None
+        why = label.judge(s0, *want)
+        return None if why is None else f"label {why}"
 
     def _loops_back(self, fd: int) -> str | None:
         """(worker thread) Why fd's I/O would come back to this mount, or None."""

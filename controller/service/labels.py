@@ -89,18 +89,8 @@ class Labels:
         return "ok"
 
     def _judge(self, s0: bytes, c: Container) -> str | None:
-        """None if sector 0 holds c's label, else why not (one line)."""
-        try:
-            lab = L.decode(s0)
-        except L.LabelError as e:
-            return f"damaged: {e}"
-        if lab is None:
-            return "missing: no virtfs label where it was written"
-        if lab.installation != self.state.installation:
-            return f"claimed by {lab.owner()}"
-        if lab.container != c.uuid:
-            return f"foreign: it carries the label of another container ({lab.name!r})"
-        return None
+        """None if sector 0 holds c's label, else why not (label.judge)."""
+        return L.judge(s0, self.state.installation, c.uuid)
 
     async def _fail(self, c: Container, why: str) -> None:
         """Fail c (every entry on it turns `error` at the agents) for its label."""

@@ -119,7 +119,7 @@ async def test_a_container_whose_label_is_not_the_named_one_is_refused(tmp_path)
     want = {1: (ours.installation, ours.container)}
     io = ContainerIO()
     io.set_paths({1: str(p)}, want)
-    with pytest.raises(ContainerError, match="has no virtfs label"):
+    with pytest.raises(ContainerError, match="label missing"):
         await io.open(1)
     L.write_label(str(p), ours, beat)
     io.set_paths({1: str(p)}, want)  # the same label: the refusal stands for a while
@@ -132,7 +132,7 @@ async def test_a_container_whose_label_is_not_the_named_one_is_refused(tmp_path)
     theirs = L.Label(L.new_id(), L.new_id(), 1 << 16, 3, "theirs", 0.0)
     L.write_label(str(p), theirs, beat)
     io.set_paths({1: str(p)}, {1: (ours.installation, L.new_id())})
-    with pytest.raises(ContainerError, match="carries the label of installation "
+    with pytest.raises(ContainerError, match="label claimed by installation "
                        + theirs.installation[:12]):
         await io.open(1)
     # a controller from before labels names none: no check
