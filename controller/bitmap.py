@@ -1,7 +1,7 @@
 """Block bitmaps: one bit per 4 KiB block of a segment (pure).
 
 A set bit means that block's current data is at the segment's alternate
-location (DESIGN.md section 3). Bits past ``nblocks`` are always clear, so two
+location (docs/movement.md). Bits past ``nblocks`` are always clear, so two
 bitmaps compare equal exactly when they mark the same blocks. Whole bytes are
 handled at C speed (slices, ``int.bit_count``), so a 64 MiB segment's 16,384
 bits cost microseconds, not a Python loop per bit.

@@ -1,5 +1,5 @@
 """One segment's move, as pure logic: what agents see, what a write or the copier
-must copy first, when the move may commit (DESIGN.md section 3).
+must copy first, when the move may commit (docs/movement.md).
 
 A segment being moved is a stored extent flagged MOVING (its location L1) with
 an ``Alt`` (tables.py): the alternate location L2 and a bitmap, one bit per

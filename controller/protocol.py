@@ -306,8 +306,8 @@ def check_name(name: object, what: str = "disk name") -> str:
     """A disk name: what a Linux file system takes as a file name, less '@'.
 
     1..255 bytes of UTF-8 (NAME_MAX, path_resolution(7)); anything but '/' and NUL,
-    which no file name may hold, and '@', kept for snapshots (NAME@SNAP, DESIGN.md
-    section 6); not '.' or '..'. Hidden names, spaces and non-ASCII are fine (rsync,
+    which no file name may hold, and '@', kept for snapshots (NAME@SNAP,
+    docs/snapshots.md); not '.' or '..'. Hidden names, spaces and non-ASCII are fine (rsync,
     editors and downloaders write '.name.XXXXXX' and rename it into place). Bytes that
     are not UTF-8 (lone surrogates from os.fsdecode) are refused. Raises RemoteError
     E_INVALID naming `what`.
@@ -394,7 +394,7 @@ _op("disk.rm", NAME)
 _op("disk.rename", NAME, _f("new", str), _f("replace", bool, required=False, default=False))
 _op("disk.discard", NAME, _f("offset", int), _f("length", int))
 _op("check", roles=ADMIN)
-# movement (DESIGN.md section 3)
+# movement (docs/movement.md)
 _op("disk.migrate", NAME, _f("to", str), roles=ADMIN)
 _op("disk.set", NAME, _f("limits", dict), roles=ADMIN)
 _op("container.drain", NAME, _f("to", str, type(None), required=False), roles=ADMIN)

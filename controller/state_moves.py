@@ -1,4 +1,4 @@
-"""Applying the move records to the State (DESIGN.md section 3, docs/movement.md):
+"""Applying the move records to the State (docs/movement.md):
 a segment gets an alternate location and a bitmap, blocks are marked there, and the
 move commits or aborts. Pure; State.apply calls these through its handler table."""
 

@@ -236,7 +236,7 @@ _COPY_CHUNK = 4 << 20
 def copy_ranges(copies: list[tuple[str, int, str, int, int]]) -> None:
     """Copy (src path, src offset, dst path, dst offset, length) ranges, durably.
 
-    For moving a segment's blocks between containers (DESIGN.md section 3): the copy
+    For moving a segment's blocks between containers (docs/movement.md): the copy
     must be on stable storage before its blocks are marked as living at the new place.
     Each destination range is written (copy_file_range between regular files, else
     pread/pwrite), written back with sync_file_range over that range only, and then

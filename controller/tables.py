@@ -87,7 +87,7 @@ class Container:
 
 @dataclass
 class Alt:
-    """A segment being moved (DESIGN.md section 3): its alternate location and bitmap.
+    """A segment being moved (docs/movement.md): its alternate location and bitmap.
 
     Kept in Disk.alts under the vstart of a stored extent flagged MOVING, which is the
     segment's primary location (L1) and never merges or splits while the move lasts.

@@ -1,4 +1,4 @@
-"""Moving segments between containers while agents use them (DESIGN.md section 3).
+"""Moving segments between containers while agents use them (docs/movement.md).
 
 One segment's move, step by step (docs/movement.md has the diagram):
 

@@ -1,4 +1,4 @@
-"""The durable record of segments being moved (DESIGN.md section 3), in State.apply.
+"""The durable record of segments being moved (docs/movement.md), in State.apply.
 
 Moves (alternate location + block bitmap) must survive merges, splits, discards,
 shrinks, removals, replay and checkpoints, and never leak or share space: the
