@@ -36,10 +36,19 @@ class StateDirBusy(Exception):
 
 
 def lock_state_dir(state_dir: str) -> int:
-    """An exclusive flock on STATE_DIR/lock, held for the process's life. Absolute path."""
+    """An exclusive flock on STATE_DIR/lock, held for the process's life. Absolute path.
+
+    Makes the dir (0700) if it is missing, and an existing one 0700 (with a warning)
+    if group or others had any access. Raises StateDirBusy, OSError."""
     if os.path.exists(state_dir) and not os.path.isdir(state_dir):
         raise StateDirBusy(f"state dir {state_dir} exists and is not a directory")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    mode = os.stat(state_dir).st_mode & 0o777
+    if mode & 0o077:
+        # the journal says where every disk's data lies, and the socket takes admin
+        # requests from whoever can reach it: owner only, as a new state dir is made
+        os.chmod(state_dir, 0o700)
+        log.warning("state dir %s was mode %04o; made it 0700 (owner only)", state_dir, mode)
     fd = os.open(os.path.join(state_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -341,3 +341,22 @@ async def test_record_refused_by_the_state_queues_nothing(tmp_path):
         j.record(DiskRm("nope"))
     assert state.seq == 0 and not j._pending.frames
     j.close()
+
+
+def test_a_state_dir_open_to_others_is_made_owner_only(tmp_path, caplog):
+    """The journal maps every disk's data and the socket takes admin requests: a state
+    dir made by hand with group or other access is closed to them at start."""
+    import fcntl
+
+    from controller.daemon import lock_state_dir
+
+    d = tmp_path / "s"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)  # (the umask may have taken bits away)
+    fd = lock_state_dir(str(d))
+    try:
+        assert os.stat(d).st_mode & 0o777 == 0o700
+        assert "was mode 0755; made it 0700" in caplog.text
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
