@@ -130,6 +130,7 @@ async def _run(args: argparse.Namespace) -> None:
             options |= {"fsname=virtfs", "subtype=virtfs"}
             if args.debug_fuse:
                 options.add("debug")
+            _warn_if_not_empty(mountpoint)
             try:
                 pyfuse3.init(ops, mountpoint, options)
             except RuntimeError as e:
@@ -166,6 +167,21 @@ async def _run(args: argparse.Namespace) -> None:
                     await _goodbye(volumes, io)
                 io.close()
                 nursery.cancel_scope.cancel()
+
+
+def _warn_if_not_empty(mountpoint: str) -> None:
+    """Say on stderr that mounting hides what the directory holds (FUSE 3 mounts over
+    a non-empty directory, as mount(8) does; fuse 2 refused without -o nonempty).
+    Call it before mounting: after, listing it would wait on ourselves."""
+    try:
+        with os.scandir(mountpoint) as it:
+            n = sum(1 for _ in it)
+    except OSError:
+        return  # the mount itself says what is wrong
+    if n:
+        print(f"virtfs-mount: warning: {mountpoint} is not empty: its {n} "
+              f"entr{'y is' if n == 1 else 'ies are'} hidden while virtfs is mounted there",
+              file=sys.stderr, flush=True)
 
 
 def set_read_ahead(mountpoint: str, kb: int) -> None:

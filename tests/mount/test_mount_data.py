@@ -258,3 +258,15 @@ def test_one_write_spanning_several_gaps_allocates_them_all(controller, mount_fa
     finally:
         os.close(fd)
     assert controller.vdctl("check").rc == 0
+
+
+def test_mounting_over_a_non_empty_directory_warns(mount_factory, tmp_path):
+    """FUSE 3 mounts over files, as mount(8) does; virtfs-mount says they are hidden."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "old-file").write_bytes(b"x")
+    m = mount_factory("m", args=["--default-container-size", "64M"])
+    assert "m is not empty: its 1 entry is hidden while virtfs is mounted there" in m.log()
+    assert not (m.path / "old-file").exists()
+    m2 = mount_factory("m2", state_dir=tmp_path / "s2", args=["--default-container-size",
+                                                              "64M"])
+    assert "not empty" not in m2.log()
