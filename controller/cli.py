@@ -159,6 +159,11 @@ class Cli:
                ["NAME", "BYTES", "SIZE", "TYPE", "ALLOCATED", "EXTENTS", "PINNED"], self.out)
         return 0
 
+    async def disk_rename(self) -> int:
+        r = await self.c.call("disk.rename", name=self.args.name, new=self.args.new)
+        self._disk_out(r)
+        return 0
+
     async def disk_set(self) -> int:
         a = self.args
         limits = {k: getattr(a, f"{k}_limit") for k in

@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--to", metavar="CONTAINER", required=True, help="target container")
     mg.add_argument("--no-wait", action="store_true", help="print the job id and return")
 
+    rn = verb(dv, "rename", "rename a disk, in use or not (agents see the new name at "
+              "once; snapshots follow it)")
+    rn.add_argument("name")
+    rn.add_argument("new", metavar="NEWNAME")
     st = verb(dv, "set", "set a disk's QoS limits, enforced by every agent (0 or none "
               "lifts a limit; docs/qos.md)")
     st.add_argument("name")

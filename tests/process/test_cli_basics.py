@@ -53,3 +53,18 @@ def test_overcommit_is_a_warning(controller, tmp_path):
     j = run_vdctl("--state-dir", str(controller.state_dir), "disk", "create", "j", "--size",
                   "1G", "--format", "json")
     assert j.rc == 0 and "warning" in j.json()
+
+
+def test_disk_rename_takes_its_snapshots_along(controller, tmp_path):
+    add_container(controller, "c1", tmp_path / "c1.img", "64M")
+    vd(controller, "disk", "create", "a", "--size", "8M")
+    vd(controller, "snap", "create", "a@s1")
+    r = vd(controller, "disk", "rename", "a", "b", "--format", "json").json()
+    assert r["name"] == "b"
+    names = [d["name"] for d in vd(controller, "disk", "ls", "--format", "json").json()]
+    assert names == ["b"]
+    snaps = vd(controller, "snap", "ls", "b", "--format", "json").json()
+    assert [s["name"] for s in snaps] == ["b@s1"], snaps
+    vd(controller, "disk", "create", "c", "--size", "8M")
+    r = controller.vdctl("disk", "rename", "b", "c")
+    assert r.rc == 1 and "already exists" in r.err, r.err
