@@ -331,7 +331,12 @@ class Cli:
 
     async def snap_rollback(self) -> int:
         r = await self.c.call("snap.rollback", name=self.args.name, force=self.args.force)
+        newer = r.pop("newer_snapshots", None) if not self.json else None
         self.emit_json(r) if self.json else kv(r, self.out)
+        if newer:
+            print(f"vdctl: {r['name']} rolled back to {self.args.name}; the newer snapshots "
+                  f"{', '.join(newer)} are kept as they were (remove them with vdctl snap "
+                  "rm if they are not wanted)", file=sys.stderr)
         return 0
 
     async def snap_diff(self) -> int:

@@ -135,7 +135,8 @@ class Snapshots:
 
     async def snap_rollback(self, name: str, force: bool) -> dict[str, object]:
         """The disk's content and size become the snapshot's. Refused while the disk is
-        open at any agent, unless force (its agents then see the new content at once)."""
+        open at any agent, unless force (its agents then see the new content at once).
+        Snapshots newer than it are kept (the answer's "newer_snapshots" names them)."""
         s = self._snap(name)
         assert s.parent is not None
         d = self.ctx.disk(s.parent)
@@ -160,7 +161,14 @@ class Snapshots:
             await self.journal.commit(SnapRollback(name))
         await self.coherence.push_update(d, 0, max(old_size, d.size))
         await self.agents.notify({"push": "namespace", "changed": [d.name]})
-        return self.ctx.disk_info(d)
+        info = self.ctx.disk_info(d)
+        # unlike zfs rollback (which must destroy them: -r), the newer snapshots stay
+        # whole and usable, as rbd's and LVM's do; say which
+        info["newer_snapshots"] = sorted(
+            (t.name for t in self.state.snaps.values()
+             if t.parent == d.name and t.ctime > s.ctime), key=lambda n: (
+                self.state.snaps[n].ctime, n))
+        return info
 
     async def disk_clone(self, name: str, new: str) -> dict[str, object]:
         """A writable thin disk NEW from snapshot NAME@SNAP, sharing its storage."""

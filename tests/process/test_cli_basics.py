@@ -68,3 +68,18 @@ def test_disk_rename_takes_its_snapshots_along(controller, tmp_path):
     vd(controller, "disk", "create", "c", "--size", "8M")
     r = controller.vdctl("disk", "rename", "b", "c")
     assert r.rc == 1 and "already exists" in r.err, r.err
+
+
+def test_rollback_past_newer_snapshots_keeps_them_and_says_so(controller, tmp_path):
+    """zfs rollback must destroy newer snapshots (-r); virtfs keeps them whole, as rbd
+    and LVM do, and names them."""
+    add_container(controller, "c1", tmp_path / "c1.img", "64M")
+    vd(controller, "disk", "create", "a", "--size", "8M")
+    for s in ("s1", "s2", "s3"):
+        vd(controller, "snap", "create", f"a@{s}")
+    r = vd(controller, "snap", "rollback", "a@s1")
+    assert "the newer snapshots a@s2, a@s3 are kept" in r.err, r.err
+    snaps = vd(controller, "snap", "ls", "a", "--format", "json").json()
+    assert [s["name"] for s in snaps] == ["a@s1", "a@s2", "a@s3"]
+    r = vd(controller, "snap", "rollback", "a@s3", "--format", "json")
+    assert r.json()["newer_snapshots"] == [] and r.err == ""
