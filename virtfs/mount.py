@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -169,6 +170,19 @@ async def _run(args: argparse.Namespace) -> None:
                 nursery.cancel_scope.cancel()
 
 
+def missing_patches() -> list[str]:
+    """Which of virtfs's pyfuse3 patches (third_party/pyfuse3/: fallocate, lseek) the
+    imported pyfuse3 lacks: both the Python default handler and the compiled callback
+    must be there (as scripts/build-pyfuse3.sh checks)."""
+    try:
+        ext = Path(pyfuse3.__file__ or "").read_bytes()
+    except OSError:
+        ext = b""
+    return [name for name in ("fallocate", "lseek")
+            if not hasattr(pyfuse3.Operations, name)
+            or f"fuse_{name}_async".encode() not in ext]
+
+
 def _warn_if_not_empty(mountpoint: str) -> None:
     """Say on stderr that mounting hides what the directory holds (FUSE 3 mounts over
     a non-empty directory, as mount(8) does; fuse 2 refused without -o nonempty).
@@ -253,12 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
+    missing = missing_patches()
+    if missing:
+        print(f"virtfs-mount: error: the pyfuse3 at {pyfuse3.__file__} lacks virtfs's "
+              f"{' and '.join(missing)} patch{'es' if len(missing) > 1 else ''} (discard, "
+              "zero-range and SEEK_DATA/SEEK_HOLE would fail); build it with "
+              "scripts/build-pyfuse3.sh (make setup does)", file=sys.stderr)
+        return 1
     try:
         args.default_container_size = parse_size(args.default_container_size)
     except SizeError as e:
         p.error(f"--default-container-size: {e}")
-    if args.default_container_size < 1 << 20:
-        p.error("--default-container-size must be at least 1M")
+    if args.default_container_size < 2 << 20:
+        p.error("--default-container-size must be at least 2M (1M of it is the label's)")
     if not 0.5 <= args.lease <= 3600:
         p.error("--lease must be between 0.5 and 3600 seconds")
     if not 0 < args.fault_timeout <= 86400:

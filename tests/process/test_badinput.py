@@ -9,6 +9,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -447,3 +448,15 @@ def test_other_user_refused_by_peer_credentials(tmp_path):
             c.stop()
     finally:
         shutil.rmtree(pub, ignore_errors=True)
+
+
+def test_virtfs_mount_refuses_a_pyfuse3_without_our_patches(tmp_path):
+    """Upstream pyfuse3 (a plain `pip install .`) lacks fallocate and lseek: the mount
+    would run with discard, zero-range and SEEK_HOLE failing. It refuses to start."""
+    code = ("import sys, pyfuse3; del pyfuse3.Operations.fallocate; "
+            "from virtfs.mount import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), "--state-dir",
+                        str(tmp_path / "s")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert r.stderr.count("\n") == 1 and "lacks virtfs's fallocate patch" in r.stderr, r.stderr
+    assert not (tmp_path / "s").exists()
