@@ -80,8 +80,10 @@ def _alt_wire(vstart: int, a: Alt) -> AltRow:
 
 
 def _labelled(c: Container) -> dict[str, object]:
-    """A container's label id, only when it has one (older checkpoints lack it)."""
-    return {} if c.uuid is None else {"uuid": c.uuid}
+    """A container's label id and its shared flag, only when set (older checkpoints
+    lack them)."""
+    return {**({} if c.uuid is None else {"uuid": c.uuid}),
+            **({"shared": True} if c.shared else {})}
 
 
 def _container(cw: dict[str, Any], space: FreeSpace, fmt: int, s: State) -> Container:
@@ -93,6 +95,10 @@ def _container(cw: dict[str, Any], space: FreeSpace, fmt: int, s: State) -> Cont
     if uuid is not None and not (isinstance(uuid, str) and len(uuid) == 32):
         raise StateError(f"checkpoint: container {c.name!r} has a bad uuid {uuid!r}")
     c.uuid = uuid
+    shared = cw.get("shared", False)
+    if type(shared) is not bool:
+        raise StateError(f"checkpoint: container {c.name!r} has a bad shared {shared!r}")
+    c.shared = shared
     return c
 
 

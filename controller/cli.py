@@ -96,9 +96,16 @@ class Cli:
                   "take a while)", file=sys.stderr)
         # (--force watches the owner's heartbeat: up to a few of its leases)
         extra = {"force": True} if force else {}
+        if self.args.shared:
+            extra["shared"] = True
         r = await self.c.call("container.add", timeout=DEFAULT_TIMEOUT + (3600 if force else 0),
                               name=self.args.name, path=self.args.path, size=self.args.size,
                               **extra)
+        self._container_out(r)
+        return 0
+
+    async def container_set(self) -> int:
+        r = await self.c.call("container.set", name=self.args.name, shared=self.args.shared)
         self._container_out(r)
         return 0
 

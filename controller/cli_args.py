@@ -125,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take over a file or device that another virtfs installation "
                    "labelled (once its controller's heartbeat stands still), or one that "
                    "holds a file system, partition table or other signature (wiped)")
+    a.add_argument("--shared", action="store_true",
+                   help="shared between hosts (a LUN, NFS): agents do its I/O with O_DIRECT, "
+                   "so a fenced host has no dirty pages of it left (docs/fencing.md)")
+    cs = verb(cv, "set", "change a container's settings")
+    cs.add_argument("name")
+    sh = cs.add_mutually_exclusive_group(required=True)
+    sh.add_argument("--shared", dest="shared", action="store_true", default=None,
+                    help="agents do its I/O with O_DIRECT from now on")
+    sh.add_argument("--no-shared", dest="shared", action="store_false",
+                    help="agents go back to the host page cache for it")
     verb(cv, "ls", "list containers with usage")
     verb(cv, "info", "show one container and the disks on it").add_argument("name")
     verb(cv, "rm", "remove an empty container (the file itself is left in place)"

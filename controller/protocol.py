@@ -375,7 +375,8 @@ def _op(name: str, *fields: Field, roles: frozenset[str] = ANY) -> None:
 
 _op("status")
 _op("container.add", NAME, _f("path", str), _f("size", int, type(None), required=False),
-    _f("force", bool, required=False), roles=ADMIN)
+    _f("force", bool, required=False), _f("shared", bool, required=False), roles=ADMIN)
+_op("container.set", NAME, _f("shared", bool), roles=ADMIN)
 _op("container.ls")
 _op("container.info", NAME)
 _op("container.rm", NAME, roles=ADMIN)

@@ -45,13 +45,15 @@ from .records_pool import (
     ContainerLabel,
     ContainerRestore,
     ContainerRm,
+    ContainerShare,
     ControllerBoot,
 )
 from .tables import JOB_KINDS, JOB_STATES, QOS_KEYS, StateError
 
 # and the record classes below, and those of records_pool.py (containers, boots)
 __all__ = ["ContainerAdd", "ContainerFail", "ContainerLabel", "ContainerRestore",
-           "ContainerRm", "ControllerBoot", "Piece", "Record", "Wire", "decode", "record"]
+           "ContainerRm", "ContainerShare", "ControllerBoot", "Piece", "Record", "Wire",
+           "decode", "record"]
 
 
 # ---------------------------------------------------------------- disks
@@ -444,7 +446,7 @@ class SnapRollback(Record):
 
 
 RECORDS: tuple[type[Record], ...] = (
-    ContainerAdd, ContainerLabel, ContainerFail, ContainerRestore, ContainerRm,
+    ContainerAdd, ContainerLabel, ContainerShare, ContainerFail, ContainerRestore, ContainerRm,
     DiskCreate, DiskMap, DiskTimes, DiskResize, DiskRm, DiskRename, DiskPlace, DiskQos,
     DiskUnmap,
     DiskClone, MoveStart, MoveMark, MoveCommit, MoveAbort, JobStart, JobAbort, JobEnd,

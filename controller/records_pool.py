@@ -24,18 +24,39 @@ class ContainerAdd(Record):
     size: int
     created: bool
     uuid: str | None = None
+    shared: bool = False
 
     def to_wire(self) -> Wire:
         w: Wire = {"op": self.OP, "name": self.name, "lun": self.lun, "path": self.path,
                    "size": self.size, "created": self.created}
         if self.uuid is not None:
             w["uuid"] = self.uuid
+        if self.shared:
+            w["shared"] = True
         return w
 
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
         return cls(get_str(d, "name"), get_int(d, "lun", 0), get_str(d, "path"),
-                   get_int(d, "size", 0), get_bool(d, "created"), get_id(d, "uuid"))
+                   get_int(d, "size", 0), get_bool(d, "created"), get_id(d, "uuid"),
+                   get_bool(d, "shared") if "shared" in d else False)
+
+
+@record
+class ContainerShare(Record):
+    """A container becomes shared between hosts (agents do its I/O with O_DIRECT: no
+    dirty pages outlive a lease; docs/fencing.md), or stops being shared."""
+
+    OP: ClassVar[str] = "container.share"
+    name: str
+    shared: bool
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP, "name": self.name, "shared": self.shared}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, object]) -> Self:
+        return cls(get_str(d, "name"), get_bool(d, "shared"))
 
 
 @record

@@ -189,6 +189,7 @@ class State:
         if rec.uuid is not None:
             c.space.take(0, LABEL_BYTES)
             c.uuid = rec.uuid
+        c.shared = rec.shared
         self.containers[name] = c
         self.luns[lun] = c
         self.next_lun = max(self.next_lun, lun + 1)
@@ -203,6 +204,9 @@ class State:
             raise StateError(f"container {c.name!r}: its first block holds data")
         c.space.take(0, LABEL_BYTES)
         c.uuid = rec.uuid
+
+    def _container_share(self, rec: R.ContainerShare) -> None:
+        self.container(rec.name).shared = rec.shared
 
     def _container_fail(self, rec: R.ContainerFail) -> None:
         self.container(rec.name).failed = True

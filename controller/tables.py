@@ -40,6 +40,8 @@ class Container:
     failed: bool = False  # container fail: every entry on it is `error` at the agents
     # its label's container id (docs/labels.md); None: added before labels, unlabelled
     uuid: str | None = None
+    # shared between hosts: agents do its I/O with O_DIRECT (docs/fencing.md)
+    shared: bool = False
     # whether a drain job runs off a LUN (State.is_draining, which derives it from the
     # jobs): set when the container enters the tables; never stored
     draining_of: Callable[[int], bool] = field(default=lambda lun: False, repr=False,
@@ -81,6 +83,7 @@ class Container:
             "free": self.space.free,
             "created": self.created,
             "uuid": self.uuid,
+            "shared": self.shared,
             "state": "error" if self.failed else "draining" if self.draining else "ok",
         }
 

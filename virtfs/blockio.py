@@ -26,6 +26,8 @@ import trio
 
 from controller import faultpoints, fsutil, label
 
+from . import directio
+
 log = logging.getLogger(__name__)
 
 REFUSED_FOR = 5.0  # seconds a refused container path is not tried again
@@ -66,6 +68,8 @@ class ContainerIO:
         # LUN -> (installation id, container id) its label must carry (docs/labels.md)
         self.labels: dict[int, tuple[str, str]] = {}
         self._gen: dict[int, int] = {}  # LUN -> changes of its label (opens compare)
+        self.shared: set[int] = set()  # LUNs whose I/O is O_DIRECT (set_shared)
+        self._direct: set[int] = set()  # LUNs whose open fd is O_DIRECT
         self.mountpoint = mountpoint
         self._mount_dev: tuple[int, int] | None = None
         self._fds: dict[int, int] = {}
@@ -78,6 +82,24 @@ class ContainerIO:
         # disk key -> LUN -> the LUN's write count at the disk's last write there
         self._debts: dict[int, dict[int, int]] = {}
         self._poisoned: dict[int, str] = {}  # LUN -> why its sync failed
+
+    def set_shared(self, shared: set[int]) -> None:
+        """The LUNs shared between hosts (docs/fencing.md): their I/O is O_DIRECT. A LUN
+        that changed is reopened lazily; its old fd is kept until a sync covers it."""
+        for lun in shared ^ self.shared:
+            self._gen[lun] = self._gen.get(lun, 0) + 1
+            self._retire(lun)
+        self.shared = set(shared)
+
+    def _retire(self, lun: int) -> None:
+        """Close lun's fd now, or keep it until a sync has covered its writes."""
+        fd = self._fds.pop(lun, None)
+        if fd is not None:
+            self._direct.discard(lun)
+            if self._synced.get(lun, 0) < self._written.get(lun, 0):
+                self._retired.setdefault(lun, []).append(fd)
+            else:
+                os.close(fd)
 
     def set_paths(self, paths: dict[int, str],
                   labels: dict[int, tuple[str, str]] | None = None) -> None:
@@ -98,12 +120,7 @@ class ContainerIO:
                 self._gen[lun] = self._gen.get(lun, 0) + 1  # an open in flight checks again
                 self.paths.pop(lun, None)  # reopen below, checking the new label
             if self.paths.get(lun) != path:
-                fd = self._fds.pop(lun, None)
-                if fd is not None:
-                    if self._synced.get(lun, 0) < self._written.get(lun, 0):
-                        self._retired.setdefault(lun, []).append(fd)
-                    else:
-                        os.close(fd)
+                self._retire(lun)
                 self.paths[lun] = path
 
     # ------------------------------------------------------------ opening
@@ -131,8 +148,9 @@ class ContainerIO:
             ev = self._opening[lun] = trio.Event()
             gen = self._gen.get(lun, 0)
             try:
+                direct = lun in self.shared
                 fd = await trio.to_thread.run_sync(self._open_checked, lun, path,
-                                                   self.labels.get(lun))
+                                                   self.labels.get(lun), direct)
             except ContainerError as e:
                 self._refused[lun] = (path, e.message, trio.current_time() + REFUSED_FOR)
                 raise
@@ -144,13 +162,23 @@ class ContainerIO:
                 os.close(fd)  # the path or label changed meanwhile: open and check again
                 continue
             self._fds[lun] = fd
+            if direct:
+                self._direct.add(lun)
 
-    def _open_checked(self, lun: int, path: str, want: tuple[str, str] | None) -> int:
-        """(worker thread) open path, make sure it does not lead back into our mount, and
-        that its label is want (installation id, container id), if given."""
+    def _open_checked(self, lun: int, path: str, want: tuple[str, str] | None,
+                      direct: bool = False) -> int:
+        """(worker thread) open path (with O_DIRECT if direct), make sure it does not lead
+        back into our mount, and that its label is want (installation id, container id),
+        if given."""
         if self.mountpoint is not None and self._mount_dev is None:
             self._mount_dev = mount_device(self.mountpoint)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
+        except OSError as e:
+            if direct and e.errno == errno.EINVAL:
+                raise ContainerError(lun, f"container LUN {lun} ({path}) is shared but its "
+                                     "file system has no O_DIRECT; refused") from None
+            raise
         try:
             why = self._loops_back(fd)
         except OSError as e:
@@ -214,6 +242,8 @@ class ContainerIO:
     def pread(self, lun: int, offset: int, length: int) -> bytes:
         """length bytes at offset of an open container; a short container is EIO."""
         fd = self._fd(lun)
+        if lun in self._direct:
+            return directio.pread(fd, offset, length)
         data = os.pread(fd, length, offset)
         if len(data) == length:
             return data
@@ -236,6 +266,9 @@ class ContainerIO:
         n_written = self._written[lun] = self._written.get(lun, 0) + 1
         self._debts.setdefault(disk, {})[lun] = n_written
         faultpoints.hit("blockio.write")
+        if lun in self._direct:
+            directio.pwrite(fd, offset, view)
+            return
         while view:
             n = os.pwrite(fd, view, offset)
             view = view[n:]
@@ -326,6 +359,7 @@ class ContainerIO:
         """Close every fd (without syncing)."""
         for lun in list(self._fds):
             os.close(self._fds.pop(lun))
+        self._direct.clear()
         for fds in self._retired.values():
             for fd in fds:
                 os.close(fd)

@@ -189,6 +189,15 @@ class Volumes:
                         old = od.name
                         break
             self.ns.apply_rename(old, new)
+        elif kind == "shared":
+            # a container became shared (or not): new fds are O_DIRECT (or not), and
+            # what the old ones wrote is synced before the controller hears back, so no
+            # dirty page of a shared container outlives this ack (docs/fencing.md)
+            self.io.set_shared({int(x) for x in msg["shared"]})
+            try:
+                await self.io.sync()
+            except OSError as e:
+                log.error("sync after a container's sharing changed: %s", e)
         elif kind == "qos":
             od = self.ns.open.get(msg["disk"])
             if od is not None:

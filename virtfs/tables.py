@@ -31,6 +31,10 @@ def _paths(containers: dict[str, str]) -> dict[int, str]:
     return {int(k): v for k, v in containers.items()}
 
 
+def _luns(luns: list[int] | None) -> set[int] | None:
+    return None if luns is None else {int(x) for x in luns}
+
+
 def _labels(labels: dict[str, list[str]] | None) -> dict[int, tuple[str, str]] | None:
     """LUN -> (installation id, container id) its label must carry; None if not sent
     (a controller from before labels)."""
@@ -61,6 +65,7 @@ class TableUpdate:
     version: int | None = None
     containers: dict[int, str] | None = None
     labels: dict[int, tuple[str, str]] | None = None
+    shared: set[int] | None = None  # LUNs shared between hosts (O_DIRECT); None: not sent
     whole: bool = False
     drain: bool = False
 
@@ -69,7 +74,8 @@ class TableUpdate:
         """A whole table: a disk.open or disk.table answer (no "v" counts as 0).
         Raises KeyError if a field is missing."""
         return cls(t["rows"], 0, t["size"], t["size"], t["epoch"], t.get("v", 0),
-                   _paths(t["containers"]), _labels(t.get("labels")), whole=True)
+                   _paths(t["containers"]), _labels(t.get("labels")),
+                   _luns(t.get("shared")), whole=True)
 
     @classmethod
     def ranged(cls, u: dict[str, Any]) -> TableUpdate:
@@ -98,7 +104,7 @@ class TableUpdate:
             start, end = rows[0][0], rows[-1][0] + rows[-1][1]
         return cls(rows, start, end, size, r.get("epoch"), r.get("v"),
                    None if containers is None else _paths(containers),
-                   _labels(r.get("labels")))
+                   _labels(r.get("labels")), _luns(r.get("shared")))
 
 
 class Tables:
@@ -124,6 +130,8 @@ class Tables:
         """The table of a disk being opened, from its whole table u (a disk.open
         answer); one older than a push already seen for the name is all restricted.
         Raises TableError on rows that do not tile the disk."""
+        if u.shared is not None:
+            self.io.set_shared(u.shared)
         if u.containers is not None:
             self.io.set_paths(u.containers, u.labels)
         # taken as sent (TableUpdate.table has them all): DiskTable checks them
@@ -141,6 +149,8 @@ class Tables:
         what it covers instead (DiskTable.load/replace). Returns whether rows were
         applied. Raises TableError (the table unchanged) on rows or sizes that do
         not fit."""
+        if u.shared is not None:
+            self.io.set_shared(u.shared)
         if u.containers is not None:
             self.io.set_paths(u.containers, u.labels)
         if u.whole:

@@ -165,9 +165,13 @@ class Service:
 
     # ------------------------------------------------------------ containers
     async def container_add(self, name: str, path: str, size: int | None,
-                            force: bool = False) -> dict[str, object]:
+                            force: bool = False, shared: bool = False) -> dict[str, object]:
         """container.add: Containers.container_add."""
-        return await self.containers.container_add(name, path, size, force)
+        return await self.containers.container_add(name, path, size, force, shared)
+
+    async def container_set(self, name: str, shared: bool) -> dict[str, object]:
+        """container.set: Containers.container_set."""
+        return await self.containers.container_set(name, shared)
 
     async def container_ls(self) -> list[dict[str, object]]:
         """container.ls: Containers.container_ls."""

@@ -150,6 +150,8 @@ class Coherence:
             "containers": {str(c.lun): c.path for c in self.state.containers.values()},
             "failed": [c.lun for c in self.state.containers.values() if c.failed],
             "qos": dict(d.qos),  # the disk's QoS limits (docs/qos.md)
+            # containers shared between hosts: their I/O is O_DIRECT (docs/fencing.md)
+            "shared": [c.lun for c in self.state.containers.values() if c.shared],
             # what each labelled container's label must say: agents check it before
             # their first I/O there (docs/labels.md)
             "labels": {str(c.lun): [self.state.installation, c.uuid]

@@ -8,7 +8,7 @@ import trio
 
 from .. import label, storage
 from .. import protocol as P
-from ..records import ContainerAdd, ContainerRm
+from ..records import ContainerAdd, ContainerRm, ContainerShare
 from ..state import Container
 from ..units import human
 from .context import Context
@@ -31,7 +31,7 @@ class Containers:
         self._adding = trio.Lock()
 
     async def container_add(self, name: str, path: str, size: int | None,
-                            force: bool = False) -> dict[str, object]:
+                            force: bool = False, shared: bool = False) -> dict[str, object]:
         """Add the file or block device at path as container name (a missing file is
         created, sparse, with size bytes) and write its label (docs/labels.md).
 
@@ -67,8 +67,25 @@ class Containers:
                 if created:
                     os.unlink(path)
                 raise
-            await self.journal.commit(ContainerAdd(name, lun, path, csize, created, cid))
+            await self.journal.commit(ContainerAdd(name, lun, path, csize, created, cid,
+                                                   shared))
         return self.container_dict(self.state.containers[name])
+
+    async def container_set(self, name: str, shared: bool) -> dict[str, object]:
+        """Mark a container shared between hosts (or not): agents then do its I/O with
+        O_DIRECT, so a host fenced by its lease has no dirty pages of it left to land
+        (docs/fencing.md). Journaled (container.share), then pushed to every agent that
+        holds a lease; each switches its fd (syncing the old one first) before it acks.
+        RemoteError E_NOT_FOUND."""
+        c = self.ctx.container(name)
+        if c.shared != shared:
+            await self.journal.commit(ContainerShare(name, shared))
+            agents = self.ctx.agents
+            agents.expire()
+            await agents.push_all(list(agents.agents.values()), {
+                "push": "shared",
+                "shared": [x.lun for x in self.state.containers.values() if x.shared]})
+        return self.container_dict(c)
 
     def container_dict(self, c: Container) -> dict[str, object]:
         """A container as vdctl shows it (Movement.container_dict) with its label."""

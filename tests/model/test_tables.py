@@ -21,7 +21,11 @@ class FakeIO:
     def __init__(self) -> None:
         self.paths: dict[int, str] = {}
         self.labels: dict[int, tuple[str, str]] = {}
+        self.shared: set[int] = set()
         self.calls = 0
+
+    def set_shared(self, shared: set[int]) -> None:
+        self.shared = set(shared)
 
     def set_paths(self, paths: dict[int, str],
                   labels: dict[int, tuple[str, str]] | None = None) -> None:
