@@ -425,7 +425,7 @@ _op("disk.close", NAME, _f("handle", int, type(None), required=False), roles=AGE
 _op("disk.table", NAME, roles=AGENT)
 _op("disk.fault", NAME, _f("offset", int), _f("length", int), _f("write", bool), roles=AGENT)
 _op("disk.allocate", NAME, _f("offset", int), _f("length", int), _f("reserve", bool),
-    roles=AGENT)
+    _f("least", int, type(None), required=False), roles=AGENT)
 _op("disk.trim", NAME, _f("size", int), _f("expect", int), roles=AGENT)
 _op("disk.times", NAME, _f("mtime", float, int), _f("stime", float, int), roles=AGENT)
 _op("disk.unlink", NAME, roles=AGENT)

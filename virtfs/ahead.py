@@ -57,8 +57,10 @@ class Ahead:
         """A write of [offset, end) cannot use entry e at pos: if e is unallocated space
         and the writer is sequential, map zero space from pos on, several segments in
         one controller call (one record), as far ahead as the writer has come
-        sequentially. Returns whether it did (the writer looks at the table again).
-        DiskError, TableError."""
+        sequentially. If the pool (or the disk's container) has less than that free,
+        the controller maps what fits, down to the segments this write needs; only if
+        not even those fit is it ENOSPC. Returns whether it did (the writer looks at
+        the table again). DiskError, TableError."""
         if not (e.flags & ZERO and not e.flags & INVALID and self.session.lease_valid()
                 and od.run.sequential(offset, end, od.segment_size)):
             return False
@@ -68,7 +70,8 @@ class Ahead:
         ahead = max(min(od.run.length, ALLOCATE_AHEAD_MAX), seg)
         start = pos // seg * seg
         stop = min(max(end, start + ahead), od.table.size)
-        await self.allocate(od, start, stop - start, reserve=False, deadline=deadline)
+        await self.allocate(od, start, stop - start, reserve=False, deadline=deadline,
+                            least=max(min(end, stop) - start, 1))
         return True
 
     def prefetch(self, od: OpenDisk, pos: int) -> None:
@@ -98,7 +101,8 @@ class Ahead:
         async def run() -> None:
             try:
                 await self.allocate(od, start, length, reserve=False,
-                                    deadline=trio.current_time() + self.fault_timeout)
+                                    deadline=trio.current_time() + self.fault_timeout,
+                                    least=min(seg, length))
             except DiskError as err:
                 log.debug("allocation ahead on %s at %d: %s", od.name, start, err)
             except TableError as err:
@@ -107,23 +111,28 @@ class Ahead:
         od.run.prefetching.start(self.session.start_soon, run)
 
     async def allocate(self, od: OpenDisk, offset: int, length: int, *, reserve: bool,
-                       deadline: float | None = None) -> None:
+                       deadline: float | None = None, least: int | None = None) -> None:
         """Map every zero entry in [offset, offset+length) at the controller (reserve:
         also reserved in the container's file system, as fallocate promises), in calls
-        of at most ALLOCATE_CHUNK bytes; apply the answers. DiskError (ENOSPC...)."""
+        of at most ALLOCATE_CHUNK bytes; apply the answers. least (bytes, allocation
+        ahead; length at most ALLOCATE_CHUNK): the controller may map less, down to
+        [offset, offset+least), if that is all there is room for. DiskError (ENOSPC...)."""
         end = min(offset + length, od.table.size)
         pos = offset
         while pos < end:
             n = min(end - pos, ALLOCATE_CHUNK)
             timeout = None if deadline is None else max(0.0, deadline - trio.current_time())
+            extra = {} if least is None else {"least": min(least, n)}
             r = await call(self.session, "disk.allocate", f"allocate on {od.name} at {pos}",
                            timeout=timeout, name=od.name, offset=pos, length=n,
-                           reserve=reserve)
+                           reserve=reserve, **extra)
             u = TableUpdate.answer(r)
             self.tables.apply_update(od.table, u)
             if u.start is not None:
                 self.kernel.invalidate(od.inode, attr_only=True)  # st_blocks changed
                 self.on_resize()
+            if least is not None:
+                return  # one call: the rest of the window was what there was no room for
             pos += n
             end = min(end, od.table.size)
 

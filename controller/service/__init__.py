@@ -326,9 +326,9 @@ class Service:
         await self.files.disk_close(name, handle, conn)
 
     async def disk_allocate(self, name: str, offset: int, length: int, reserve: bool,
-                            conn: Caller) -> dict[str, object]:
+                            conn: Caller, least: int | None = None) -> dict[str, object]:
         """disk.allocate: Files.disk_allocate."""
-        return await self.files.disk_allocate(name, offset, length, reserve, conn)
+        return await self.files.disk_allocate(name, offset, length, reserve, conn, least)
 
     async def disk_trim(self, name: str, size: int, expect: int,
                         conn: Caller) -> dict[str, object]:

@@ -93,11 +93,16 @@ class Faults:
         return await self.coherence.answer(d, lo, hi, writable)
 
     async def map_zeros(self, d: Disk, lo: int, hi: int, exclude: Agent | None,
-                        preallocate: bool = False) -> None:
+                        preallocate: bool = False, least: int | None = None) -> int:
         """Map every zero entry of d in [lo, hi) (bytes) in one disk.map record, durable,
         and push the new entries to every agent caching d but exclude (the caller, whose
         answer carries them). preallocate: reserve the space in the container's own file
-        system too. Hold d's lock. Raises RemoteError E_NO_SPACE, E_IO, E_BUSY."""
+        system too. least: map only as much of the range as fits, segment by segment
+        from lo, but at least [lo, lo+least) (Placement.fitting_end). Returns the end of
+        what is mapped now (hi unless least cut it). Hold d's lock. Raises RemoteError
+        E_NO_SPACE (not even the part that must be mapped fits), E_IO, E_BUSY."""
+        if least is not None:
+            hi = self.placement.fitting_end(d, lo, hi, least)
         gaps = [(e.vstart, e.length) for e in d.extents.entries(lo, hi) if e.flags & ZERO]
         if gaps:
             seq = await self.placement.allocate(
@@ -106,3 +111,4 @@ class Faults:
                 preallocate=preallocate)
             await self.journal.wait_durable(seq)
             await self.coherence.push_update(d, lo, hi, exclude=exclude)
+        return hi

@@ -42,9 +42,14 @@ class Files:
         self.disks = disks
 
     async def disk_allocate(self, name: str, offset: int, length: int, reserve: bool,
-                            conn: Caller) -> dict[str, object]:
+                            conn: Caller, least: int | None = None) -> dict[str, object]:
         """Map every zero entry in [offset, offset+length) (segment-rounded, clipped to
-        the disk), in one record; answer the range's entries like a fault."""
+        the disk), in one record; answer the range's entries like a fault.
+
+        least (bytes, allocation ahead): map as much of the range as there is space
+        for, from offset on in whole segments, but at least [offset, offset+least)
+        (what the writer needs); E_NO_SPACE only if not even that fits. Without it
+        (fallocate) the whole range is mapped or nothing."""
         self.ctx.agent(conn)
         d = self.ctx.live_disk(name)
         if d.is_snapshot:
@@ -52,6 +57,8 @@ class Files:
         if offset < 0 or not 0 < length <= MAX_ALLOCATE or offset >= d.size:
             raise P.invalid(f"allocate range {offset}+{length} is outside disk {name!r} "
                             f"(size {d.size}) or longer than {MAX_ALLOCATE}")
+        if least is not None and not 0 < least <= length:
+            raise P.invalid(f"allocate least {least} is not in 1..{length} (the length)")
         await self.coherence.wait_unrestricted(d, name, offset, offset + length)
         seg = d.segment_size
         lo = offset // seg * seg
@@ -59,8 +66,10 @@ class Files:
             if self.state.disks.get(d.name) is not d:
                 raise P.not_found("disk", name)
             hi = min(round_up(offset + length, seg), d.size)
-            await self.faults.map_zeros(d, lo, hi, conn.agent, preallocate=reserve)
-        hi = min(round_up(offset + length, seg), d.size)
+            hi = await self.faults.map_zeros(d, lo, hi, conn.agent, preallocate=reserve,
+                                             least=None if least is None
+                                             else offset + least - lo)
+        hi = min(hi, d.size)
         return await self.coherence.answer(d, lo, hi)
 
     async def disk_trim(self, name: str, size: int, expect: int,

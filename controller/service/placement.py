@@ -107,6 +107,30 @@ class Placement:
                 pieces[-1][1] -= excess
         return pieces
 
+    def free_for(self, pin: int | None, home: int | None) -> int:
+        """Bytes a plan for a disk pinned to pin (a LUN, or None: the pool) could take
+        now: the candidates' free space less what requests in flight reserved."""
+        return sum(self.plannable(c).free for c in self.candidates(pin, home))
+
+    def fitting_end(self, d: Disk, lo: int, hi: int, least: int) -> int:
+        """The end of the longest part [lo, end) of [lo, hi) whose zero entries fit the
+        space free for d now (free_for), cut at a segment boundary, but never short of
+        lo + least (the part a writer needs: plan then refuses that with E_NO_SPACE).
+        Allocation ahead takes what is there instead of refusing a window the pool or
+        the pinned container cannot hold (as a file system's delayed allocation does)."""
+        seg = d.segment_size
+        floor = min(round_up(lo + least, seg), hi)
+        budget = self.free_for(d.pin, d.home)
+        for e in d.extents.entries(lo, hi):
+            if not e.flags & ZERO:
+                continue
+            need = round_up(e.length)
+            if need > budget:
+                cut = (e.vstart + budget) // seg * seg
+                return max(floor, min(cut, hi), lo)
+            budget -= need
+        return hi
+
     def plannable(self, c: Container) -> FreeSpace:
         """c's free space less what requests in flight have reserved on it."""
         reserved = self._reserved.get(c.lun)

@@ -11,7 +11,7 @@ from simagent import BS, SEG, agent_ctx
 
 from controller import storage
 from controller.daemon import open_controller_service
-from controller.protocol import LABEL_BYTES, RemoteError
+from controller.protocol import LABEL_BYTES, ZERO, RemoteError
 
 MB = 1 << 20
 
@@ -94,3 +94,54 @@ async def test_shrink_while_a_copier_step_is_in_flight(tmp_path, monkeypatch):
         died = [repr(x) for x in _leaves(e)]
     assert died is None, f"controller died: {died}"
     assert jobs[0]["state"] == "done", jobs
+
+
+async def test_allocate_with_least_takes_what_fits(tmp_path):
+    """disk.allocate with least (allocation ahead) maps what fits, in whole segments
+    from the offset on, even in pieces around holes; E_NO_SPACE only if not even least
+    fits. Without least (fallocate) it is all or nothing."""
+    state = str(tmp_path / "s")
+    addr = f"unix:{state}/controller.sock"
+    async with open_controller_service(state, lease=1.0) as svc:
+        await svc.container_add("c1", str(tmp_path / "c1.img"), 20 * MB + LABEL_BYTES)
+        await svc.container_add("big", str(tmp_path / "big.img"), 256 * MB + LABEL_BYTES)
+        await svc.disk_create("f", 8 * MB, False, 2 * MB, "c1")
+        await svc.disk_create("d", 64 * MB, False, 2 * MB, "c1")
+        async with trio.open_nursery() as n, agent_ctx(addr, "G", n) as G:
+            await G.open("f")
+            for i in range(4):                       # f fills c1's first 8M
+                await G.fault("f", i * 2 * MB, BS, True)
+            await svc.disk_discard("f", 2 * MB, 2 * MB)   # a hole at 2M: 14M free
+            await G.open("d")
+
+            async def allocate(off, length, least=None):
+                extra = {} if least is None else {"least": least}
+                return await G.client.call("disk.allocate", name="d", offset=off,
+                                           length=length, reserve=False, **extra)
+
+            with pytest.raises(RemoteError) as ei:   # fallocate: all or nothing
+                await allocate(0, 32 * MB)
+            assert ei.value.code == "no_space"
+            assert svc.state.disks["d"].allocated == 0
+            with pytest.raises(RemoteError):         # least must be in 1..length
+                await allocate(0, 4 * MB, 5 * MB)
+            # ahead: 32M asked, 14M there (the hole and 12M at the end): 14M mapped
+            r = await allocate(0, 32 * MB, BS)
+            d = svc.state.disks["d"]
+            assert d.allocated == 14 * MB
+            assert svc.state.containers["c1"].space.free == 0
+            assert svc.state.containers["big"].space.free == 256 * MB  # pinned
+            mapped = [e for e in d.extents.entries(0, 64 * MB) if not e.flags & ZERO]
+            assert (mapped[0].vstart, sum(e.length for e in mapped)) == (0, 14 * MB)
+            assert r["rows"]  # the answer carries the new entries
+            # nothing left: not even the segment the writer needs
+            with pytest.raises(RemoteError) as ei:
+                await allocate(14 * MB, 32 * MB, BS)
+            assert ei.value.code == "no_space" and "need 2M" in ei.value.message
+            # a segment given back: exactly that one is taken
+            await svc.disk_discard("f", 0, 2 * MB)
+            await allocate(14 * MB, 32 * MB, 3 * MB // 2)
+            assert svc.state.disks["d"].allocated == 16 * MB
+            chk = await svc.check()
+            n.cancel_scope.cancel()
+    assert chk["ok"], chk
