@@ -158,7 +158,8 @@ class Namespace:
         return self.inode_of(name)
 
     async def unlink(self, name: str) -> None:
-        """Remove a disk; an open one only hides its name until its last close."""
+        """Remove a disk; one open here or in another mount only hides its name until
+        its last close (disk.unlink: the controller decides, as it knows every open)."""
         od = self.open.get(name)
         if od is not None:
             # like a regular file: the data stays until the last handle closes, and the
@@ -173,7 +174,9 @@ class Namespace:
             self.names.pop(name, None)
             self.listing.pop(name, None)
             return
-        await call(self.session, "disk.rm", f"remove {name}", name=name)
+        # open elsewhere only (else it is simply removed): the same, the controller
+        # renames it and removes it when the other mounts' last handle closes
+        await call(self.session, "disk.unlink", f"remove {name}", name=name)
         self.forget(name)
         self.listing.pop(name, None)
 

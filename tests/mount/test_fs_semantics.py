@@ -381,6 +381,37 @@ def test_unlinked_open_disk_frees_its_name_at_once(controller: Any, mount_factor
     assert vd(controller, "check")["ok"]
 
 
+def test_unlink_of_a_disk_open_only_in_another_mount(controller: Any, mount_factory: Any,
+                                                     tmp_path: Path) -> None:
+    """rm in mount a of a file that only mount b has open: not EBUSY (ext4 never
+    refuses an unlink); the name goes everywhere at once, b's handle keeps reading and
+    writing the data, and it is removed when b closes it."""
+    a, b = _two_mounts(controller, mount_factory, tmp_path)
+    old = os.urandom(2 * MiB)
+    (a.path / "x").write_bytes(old)
+    wait_for(lambda: (b.path / "x").exists(), HEARTBEAT, "create seen by b")
+    used = sum(c["used"] for c in vd(controller, "container", "ls"))
+    fb = open(b.path / "x", "r+b")  # noqa: SIM115
+    try:
+        subprocess.run(["rm", str(a.path / "x")], check=True, capture_output=True)
+        assert os.listdir(a.path) == []
+        wait_for(lambda: os.listdir(b.path) == [], HEARTBEAT, "unlink seen by b")
+        [row] = vd(controller, "disk", "ls")
+        assert row["deleted"] == "x"
+        fb.seek(MiB)
+        fb.write(b"still here")
+        fb.flush()
+        fb.seek(0)
+        assert fb.read() == old[:MiB] + b"still here" + old[MiB + 10:]
+        (a.path / "x").write_bytes(b"new")  # the name is free at once
+        assert (a.path / "x").read_bytes() == b"new"
+    finally:
+        fb.close()
+    wait_for(lambda: len(vd(controller, "disk", "ls")) == 1, 10, "removal after the last close")
+    assert sum(c["used"] for c in vd(controller, "container", "ls")) == used - 2 * MiB + 4096
+    assert vd(controller, "check")["ok"]
+
+
 def test_fallocate_while_grown_ahead(embedded: Any, tmp_path: Path) -> None:
     """fallocate on a file being appended (its size grown ahead at the controller): the
     size and content are still exactly the host file's."""
