@@ -85,7 +85,72 @@ async def _prepare_embedded(service: Any, state_dir: str, size: int, demo: bool)
               file=sys.stderr)
 
 
+class Stopper:
+    """What SIGINT and SIGTERM do, by phase: while starting, cancel the start (scope);
+    while the FUSE loop runs, end it (pyfuse3.terminate: main() returns and the clean
+    close follows); once the loop has ended (a first signal, or the kernel ended it:
+    fusermount3 -u [-z]), nothing, the clean close is under way. (pyfuse3.terminate
+    after pyfuse3.close uses the freed session: the process died of SIGSEGV.)"""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()  # around the whole start and serve
+        self.phase = "starting"  # -> "running" -> "closing"
+        self.stopped_early = False  # a signal cancelled the start
+
+    def serving(self) -> None:
+        """pyfuse3.init succeeded; main() runs next, in the same loop step."""
+        self.phase = "running"
+
+    def closing(self) -> None:
+        """pyfuse3.main() returned; pyfuse3.close() follows: never terminate again."""
+        self.phase = "closing"
+
+    def signal(self, sig: int) -> None:
+        """Apply signal sig (see the class docstring)."""
+        if self.phase == "running":
+            log.info("signal %d: unmounting", sig)
+            self.phase = "closing"
+            pyfuse3.terminate()
+        elif self.phase == "starting":
+            log.info("signal %d: stopping before the mount is up", sig)
+            self.stopped_early = True
+            self.scope.cancel()
+        else:
+            log.info("signal %d: already unmounting", sig)
+
+    async def watch(self, rx: Any) -> None:
+        """Apply every signal rx receives (trio.open_signal_receiver) until cancelled."""
+        async for sig in rx:
+            self.signal(sig)
+
+
+# Signals that came before trio's receiver was installed or after it was closed (the
+# default action would kill the process, exit 143, in the middle of a clean stop).
+_LATE_SIGNALS: list[int] = []
+
+
+def _note_signal(sig: int, _frame: object) -> None:
+    _LATE_SIGNALS.append(sig)
+
+
 async def _run(args: argparse.Namespace) -> None:
+    """Serve the mount until unmounted or signalled; SIGINT and SIGTERM are handled
+    from start to end (Stopper)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as rx:
+        if _LATE_SIGNALS:
+            return  # stopped before it started
+        stopper = Stopper()
+        async with trio.open_nursery() as outer:
+            outer.start_soon(stopper.watch, rx)
+            with stopper.scope:
+                await _serve(args, stopper)
+            outer.cancel_scope.cancel()
+        if stopper.stopped_early:
+            print("virtfs-mount: stopped by a signal before the mount was up",
+                  file=sys.stderr)
+
+
+async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
     mountpoint, state_dir = args.mountpoint, args.state_dir
     addr = args.controller or default_socket(state_dir)
     # one endpoint for the agent's metrics and an embedded controller's
@@ -136,6 +201,7 @@ async def _run(args: argparse.Namespace) -> None:
                 pyfuse3.init(ops, mountpoint, options)
             except RuntimeError as e:
                 raise MountError(f"cannot mount {mountpoint}: {e}") from None
+            stopper.serving()
 
             async def read_ahead() -> None:
                 await ops.initialized.wait()  # INIT caps read-ahead; raise it after
@@ -149,18 +215,11 @@ async def _run(args: argparse.Namespace) -> None:
                 await ops.initialized.wait()  # the kernel's INIT answered: the mount serves
                 sdnotify.notify("READY=1", f"STATUS={mountpoint} mounted (controller {addr})")
 
-            async def signals() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as rx:
-                    async for sig in rx:
-                        log.info("signal %d: unmounting", sig)
-                        pyfuse3.terminate()
-                        return
-
             nursery.start_soon(ready)
-            nursery.start_soon(signals)
             try:
                 await pyfuse3.main()
             finally:
+                stopper.closing()
                 sdnotify.notify("STOPPING=1", f"STATUS=unmounting {mountpoint}")
                 pyfuse3.close(unmount=True)
                 with trio.move_on_after(10) as scope:
@@ -308,6 +367,21 @@ def main(argv: list[str] | None = None) -> int:
     args.mountpoint = os.path.abspath(args.mountpoint)
     args.state_dir = os.path.abspath(args.state_dir or default_state_dir())
     known = (MountError, StateDirBusy, JournalCorrupt, RemoteError, OSError, ValueError)
+    # until trio's receiver (_run) takes them, and again after it: a signal is noted,
+    # not fatal, so a stop never dies half way (a SIGTERM just after fusermount3 -u -z)
+    signal.signal(signal.SIGINT, _note_signal)
+    signal.signal(signal.SIGTERM, _note_signal)
+    try:
+        return _run_trio(args, known)
+    finally:
+        # done: a signal from now on must not kill the exit half way (143). Ignored,
+        # not noted: Python's finalization resets noted handlers to the default.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _run_trio(args: argparse.Namespace, known: tuple[type[BaseException], ...]) -> int:
+    """trio.run(_run); the exit code, with a known error said in one line."""
     try:
         trio.run(_run, args)
     except known as e:
