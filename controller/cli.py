@@ -245,7 +245,7 @@ class Cli:
         r = await self.c.call("disk.rm", name=self.args.name)
         if self.json:
             self.emit_json(r)
-        print(f"disk {shown(r['name'])} removed ({r['allocated']} bytes freed)",
+        print(f"disk {shown(r['name'])} removed ({r['freed']} bytes freed)",
               file=sys.stderr)
         return 0
 

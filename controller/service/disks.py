@@ -203,7 +203,9 @@ class Disks:
 
     async def disk_rm(self, name: str, conn: Caller | None = None) -> dict[str, object]:
         """Remove a disk nobody has open and no snapshot refers to; its storage goes
-        back to the host. Raises RemoteError E_NOT_FOUND, E_BUSY."""
+        back to the host. Answers its info and "freed": the bytes of storage given
+        back (what no other disk of its family maps: 0 for an untouched clone).
+        Raises RemoteError E_NOT_FOUND, E_BUSY."""
         d = self.ctx.disk(name)
         self._check_removable(d)
         await self.agents.wait_grace()
@@ -214,8 +216,10 @@ class Disks:
             info = self.ctx.disk_info(d)
             with self.ctx.removal(d):  # from here on nobody may open it
                 await self.movement.copying_done(d)
-                await self.placement.release_space(self.placement.physical(d, 0, d.size))
+                freed = self.placement.physical(d, 0, d.size)
+                await self.placement.release_space(freed)
                 await self.journal.commit(DiskRm(name))
+            info["freed"] = sum(n for _path, _off, n in freed)
         self.ctx.forget_lock(d)
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info

@@ -176,6 +176,31 @@ def test_rm_frees_exactly_the_unshared_space_and_rollback(controller, mount_fact
     check_clean(controller)
 
 
+def test_disk_rm_says_what_it_freed(controller, mount_factory, tmp_path):
+    """`disk rm` says the storage it gave back, not the disk's allocated figure: 0 for
+    an untouched clone (all it maps is its origin's), a segment for a clone with one
+    segment copied on write; the container's used figure agrees."""
+    add_container(controller, "c1", tmp_path / "c1.img", "1G")
+    vd(controller, "disk", "create", "d", "--size", "32M")
+    m = agent(mount_factory, controller)
+    fill(m.path / "d", os.urandom(32 << 20))
+    vd(controller, "snap", "create", "d@s")
+    vd(controller, "disk", "clone", "d@s", "c")
+    r = vd(controller, "disk", "rm", "c")
+    assert r.err.strip() == "disk c removed (0 bytes freed)"
+    assert used(controller)["c1"] == 32 << 20
+    vd(controller, "disk", "clone", "d@s", "c")
+    fill(m.path / "c", os.urandom(B))  # copy-on-write of its first segment
+    wait_for(lambda: used(controller)["c1"] == (32 << 20) + SEG, 10, "copy-on-write")
+    wait_for(lambda: controller.vdctl("agent", "ls", "--format", "json").json()[0]["disks"]
+             == [], 10, "the clone's close")
+    r = vd(controller, "disk", "rm", "c", "--format", "json")
+    assert r.json()["freed"] == SEG and r.json()["allocated"] == 32 << 20
+    assert r.err.strip() == f"disk c removed ({SEG} bytes freed)"
+    assert used(controller)["c1"] == 32 << 20
+    check_clean(controller)
+
+
 def _seq_writer(path: Path, nblocks: int, stop: threading.Event, errors: list[str],
                 done: list[int]) -> None:
     """Write blocks 0..nblocks-1 over and over, block i of pass p holding the global
