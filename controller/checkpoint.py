@@ -43,9 +43,12 @@ CHECKPOINT_PART_BYTES = 512 << 10
 # a checkpoint is written byte for byte as before). A container: these, then its
 # free-list cursor and free ranges. A disk or snapshot table: DISK_FIELDS, its
 # extents and alternates, LINEAGE_FIELDS, then TIME_FIELDS only when a time is set.
-CONTAINER_FIELDS = ("name", "lun", "path", "size", "created", "failed", "draining")
+CONTAINER_FIELDS = ("name", "lun", "path", "size", "created", "failed", "draining", "drained")
 # derived from the jobs (State.is_draining): written for older controllers, not read back
 _DERIVED = ("draining",)
+# written only when set (a state that never uses them checkpoints byte for byte as
+# before they existed); read back with their default when absent
+_SPARSE = {"drained": False}
 DISK_FIELDS = ("name", "size", "segment_size", "thick", "pin", "home", "ctime", "epoch")
 LINEAGE_FIELDS = ("family", "origin", "parent")
 TIME_FIELDS = ("mtime", "stime")
@@ -87,10 +90,12 @@ def _labelled(c: Container) -> dict[str, object]:
 
 
 def _container(cw: dict[str, Any], space: FreeSpace, fmt: int, s: State) -> Container:
-    defaults = _CONTAINER_DEFAULTS[fmt]
+    defaults = {**_CONTAINER_DEFAULTS[fmt], **_SPARSE}
     c = Container(space=space, draining_of=s.is_draining, **{
         k: cw.get(k, defaults[k]) if k in defaults else cw[k]
         for k in CONTAINER_FIELDS if k not in _DERIVED})
+    if type(c.drained) is not bool:
+        raise StateError(f"checkpoint: container {c.name!r} has a bad drained {c.drained!r}")
     uuid = cw.get("uuid")
     if uuid is not None and not (isinstance(uuid, str) and len(uuid) == 32):
         raise StateError(f"checkpoint: container {c.name!r} has a bad uuid {uuid!r}")
@@ -184,7 +189,9 @@ class Snapshot:
         for c in state.containers.values():
             starts, lens = c.space.to_wire()  # copies
             containers.append({
-                **_fields(c, CONTAINER_FIELDS), **_labelled(c), "cursor": c.space.cursor,
+                **{k: v for k, v in _fields(c, CONTAINER_FIELDS).items()
+                   if k not in _SPARSE or v != _SPARSE[k]},
+                **_labelled(c), "cursor": c.space.cursor,
                 "free": len(starts) // 8,
             })
             self._free.append((c.lun, starts, lens))

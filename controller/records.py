@@ -338,7 +338,9 @@ class MoveAbort(Segment):
 @record
 class JobStart(Record):
     """A background job (kind "migrate": disk to LUN dst; "drain": everything off LUN
-    src, to dst or wherever placement puts it) starts at time started."""
+    src, to dst or wherever placement puts it) starts at time started. placed: the
+    (disk, home, pin) the job's disk.place records changed, as they were before: an
+    abort puts them back (absent in journals written before aborts did)."""
 
     OP: ClassVar[str] = "job.start"
     id: int
@@ -347,10 +349,14 @@ class JobStart(Record):
     src: int | None
     dst: int | None
     started: float
+    placed: tuple[tuple[str, int, int | None], ...] = ()
 
     def to_wire(self) -> Wire:
-        return {"op": self.OP, "id": self.id, "kind": self.kind, "disk": self.disk,
-                "src": self.src, "dst": self.dst, "started": self.started}
+        out: Wire = {"op": self.OP, "id": self.id, "kind": self.kind, "disk": self.disk,
+                     "src": self.src, "dst": self.dst, "started": self.started}
+        if self.placed:
+            out["placed"] = [list(p) for p in self.placed]
+        return out
 
     @classmethod
     def from_wire(cls, d: Mapping[str, object]) -> Self:
@@ -358,7 +364,22 @@ class JobStart(Record):
         if type(jid) is not int or type(kind) is not str or kind not in JOB_KINDS:
             raise StateError(f"bad job.start {jid!r} {kind!r}")
         return cls(jid, kind, get_opt_str(d, "disk"), get_opt_int(d, "src"),
-                   get_opt_int(d, "dst"), get_time(d, "started"))
+                   get_opt_int(d, "dst"), get_time(d, "started"),
+                   placements(d.get("placed", [])))
+
+
+def placements(w: object) -> tuple[tuple[str, int, int | None], ...]:
+    """(disk, home, pin) triples from their wire form [[name, home, pin], ...];
+    StateError if malformed."""
+    if not isinstance(w, list | tuple):
+        raise StateError(f"bad placements {w!r}")
+    out = []
+    for p in w:
+        if (not isinstance(p, list | tuple) or len(p) != 3 or type(p[0]) is not str
+                or type(p[1]) is not int or not (p[2] is None or type(p[2]) is int)):
+            raise StateError(f"bad placement {p!r}")
+        out.append((p[0], p[1], p[2]))
+    return tuple(out)
 
 
 @record

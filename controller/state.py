@@ -212,7 +212,9 @@ class State:
         self.container(rec.name).failed = True
 
     def _container_restore(self, rec: R.ContainerRestore) -> None:
-        self.container(rec.name).failed = False
+        """A failed container works again; a drained one takes new space again."""
+        c = self.container(rec.name)
+        c.failed = c.drained = False
 
     def _container_rm(self, rec: R.ContainerRm) -> None:
         c = self.container(rec.name)
@@ -299,6 +301,8 @@ class State:
         for j in self.jobs.values():
             if j.disk == d.name and j.state == "running":
                 j.disk = new
+            if j.state == "running":
+                j.placed = [(new if n == d.name else n, h, p) for n, h, p in j.placed]
         old = d.name
         d.name = new
         d.epoch += 1
@@ -331,10 +335,10 @@ class State:
         disk, src, dst = rec.disk, rec.src, rec.dst
         if disk is not None:
             self.disk(disk)
-        for lun in (src, dst):
+        for lun in (src, dst, *(x for _n, home, pin in rec.placed for x in (home, pin))):
             if lun is not None and lun not in self.luns:
                 raise StateError(f"job.start: unknown LUN {lun!r}")
-        self.jobs[jid] = Job(jid, kind, disk, src, dst, rec.started)
+        self.jobs[jid] = Job(jid, kind, disk, src, dst, rec.started, placed=list(rec.placed))
         self.next_job = jid + 1
 
     def _job_abort(self, rec: R.JobAbort) -> None:
@@ -349,6 +353,8 @@ class State:
         if j is None or j.state != "running" or rec.state not in JOB_STATES[1:]:
             raise StateError(f"bad job.end {rec.id!r} {rec.state!r}")
         j.state, j.ended, j.message = rec.state, rec.ended, rec.message
+        if j.kind == "drain" and rec.state == "done" and j.src in self.luns:
+            self.luns[j.src].drained = True  # stays out of placement (container restore)
         done = sorted(k for k, o in self.jobs.items() if o.state != "running")
         for k in done[: max(0, len(done) - KEEP_FINISHED_JOBS)]:
             del self.jobs[k]

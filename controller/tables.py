@@ -42,6 +42,8 @@ class Container:
     uuid: str | None = None
     # shared between hosts: agents do its I/O with O_DIRECT (docs/fencing.md)
     shared: bool = False
+    # a drain job off it ended done: new space avoids it until container restore
+    drained: bool = False
     # whether a drain job runs off a LUN (State.is_draining, which derives it from the
     # jobs): set when the container enters the tables; never stored
     draining_of: Callable[[int], bool] = field(default=lambda lun: False, repr=False,
@@ -84,7 +86,8 @@ class Container:
             "created": self.created,
             "uuid": self.uuid,
             "shared": self.shared,
-            "state": "error" if self.failed else "draining" if self.draining else "ok",
+            "state": ("error" if self.failed else "draining" if self.draining
+                      else "drained" if self.drained else "ok"),
         }
 
 
@@ -127,17 +130,34 @@ class Job:
     ended: float | None = None
     message: str = ""
     aborting: bool = False  # an abort was asked for: a restart rolls back, not on
+    # (disk, home, pin) before the job placed the disk's new space elsewhere: an abort
+    # puts them back (records.JobStart.placed)
+    placed: list[tuple[str, int, int | None]] = field(default_factory=list)
 
     def to_wire(self) -> list[object]:
-        return [self.id, self.kind, self.disk, self.src, self.dst, self.started, self.state,
-                self.ended, self.message, self.aborting]
+        """The job as a list; placed only when there are any (so a checkpoint without
+        them is written byte for byte as before they existed)."""
+        out: list[object] = [self.id, self.kind, self.disk, self.src, self.dst, self.started,
+                             self.state, self.ended, self.message, self.aborting]
+        if self.placed:
+            out.append([list(p) for p in self.placed])
+        return out
 
     @classmethod
     def from_wire(cls, w: object) -> Job:
-        """A job from to_wire()'s list (9 items before aborts were journaled)."""
-        if not isinstance(w, list) or len(w) not in (9, 10):
+        """A job from to_wire()'s list (9 items before aborts were journaled, 10 before
+        placements were)."""
+        if not isinstance(w, list) or len(w) not in (9, 10, 11):
             raise StateError(f"bad job {w!r}")
-        return cls(*w)
+        placed = w[10] if len(w) == 11 else []
+        if not isinstance(placed, list) or not all(
+                isinstance(p, list) and len(p) == 3 and type(p[0]) is str
+                and type(p[1]) is int and (p[2] is None or type(p[2]) is int)
+                for p in placed):
+            raise StateError(f"bad job placements {placed!r}")
+        job = cls(*w[:10])
+        job.placed = [(p[0], p[1], p[2]) for p in placed]
+        return job
 
 
 # a disk's QoS limits (docs/qos.md): ops/s and bytes/s, for all I/O or reads or writes

@@ -72,6 +72,9 @@ def format1(s: State) -> dict[str, Any]:
                 "created": c.created,
                 "failed": c.failed,
                 "draining": c.draining,
+                # newer than format 1 (never in one written by older code); here when set,
+                # so a state with it round-trips
+                **({"drained": True} if c.drained else {}),
                 "free": c.space.to_wire(),
                 "cursor": c.space.cursor,
             }

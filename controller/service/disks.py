@@ -50,6 +50,9 @@ class Disks:
         pin = self.ctx.container(container).lun if container is not None else None
         if pin is not None and self.state.luns[pin].failed:
             raise P.RemoteError(P.E_IO, f"container {container!r} is failed")
+        if pin is not None and self.state.luns[pin].drained:
+            raise P.invalid(f"container {container!r} is drained; take it back into use "
+                            f"first (vdctl container restore {container})")
         cands = self.placement.candidates(pin, None)
         if not cands:
             raise P.RemoteError(P.E_NO_SPACE, "no containers (add one with: vdctl container "

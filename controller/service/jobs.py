@@ -129,6 +129,7 @@ class Jobs:
                 prog.batch = None
             if prog.aborting:
                 await self._roll_back(j)
+                await self._restore_placement(j)
                 state, message = "aborted", "aborted by request"
             elif j.disk is not None and j.disk not in self.state.disks:
                 state, message = "failed", f"disk {j.disk!r} was removed"
@@ -206,10 +207,32 @@ class Jobs:
                     pass
 
     # ------------------------------------------------------------ operations
+    async def _place(self, places: list[tuple[Disk, int, int | None]]
+                     ) -> tuple[tuple[str, int, int | None], ...]:
+        """Record where each disk's new space goes now ((disk, home, pin)); the
+        placements as they were before, for JobStart.placed (an abort restores them)."""
+        before = tuple((d.name, d.home, d.pin) for d, _h, _p in places)
+        for d, home, pin in places:
+            await self.journal.commit(DiskPlace(d.name, home, pin))
+        return before
+
+    async def _restore_placement(self, j: Job) -> None:
+        """After an abort: put back where the job's disks allocate (JobStart.placed),
+        unless the disk is gone or its old container is gone or failed."""
+        for name, home, pin in j.placed:
+            d = self.state.disks.get(name)
+            old = [self.state.luns.get(x) for x in (home, pin) if x is not None]
+            if d is None or any(c is None or c.failed for c in old):
+                continue
+            if (d.home, d.pin) != (home, pin):
+                await self.journal.commit(DiskPlace(name, home, pin))
+
     async def _start_job(self, kind: str, disk: str | None, src: int | None,
-                         dst: int | None) -> dict[str, object]:
+                         dst: int | None, placed: tuple[tuple[str, int, int | None], ...] = ()
+                         ) -> dict[str, object]:
         jid = self.state.next_job
-        await self.journal.commit(JobStart(jid, kind, disk, src, dst, round(time.time(), 3)))
+        await self.journal.commit(JobStart(jid, kind, disk, src, dst, round(time.time(), 3),
+                                           placed))
         j = self.state.jobs[jid]
         self._progress[jid] = _Progress(self.remaining(j), trio.current_time())
         self.ctx.spawn(self._run_job, jid)
@@ -226,6 +249,9 @@ class Jobs:
         c = self.ctx.container(to)
         if c.failed:
             raise P.RemoteError(P.E_IO, f"container {to!r} is failed")
+        if c.drained:
+            raise P.invalid(f"container {to!r} is drained; take it back into use first "
+                            f"(vdctl container restore {to})")
         for j in self.state.jobs.values():
             if j.state == "running" and (j.disk == d.name or j.kind == "drain"):
                 raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) is moving data "
@@ -237,9 +263,8 @@ class Jobs:
         if round_up_sum(d, c.lun) > free:
             raise P.RemoteError(P.E_NO_SPACE, f"container {to!r} has {human(free)} free; "
                                 f"disk {name!r} needs {human(round_up_sum(d, c.lun))}")
-        await self.journal.commit(DiskPlace(d.name, c.lun,
-                                            c.lun if d.pin is not None else None))
-        return await self._start_job("migrate", d.name, None, c.lun)
+        placed = await self._place([(d, c.lun, c.lun if d.pin is not None else None)])
+        return await self._start_job("migrate", d.name, None, c.lun, placed)
 
     async def container_drain(self, name: str, to: str | None) -> dict[str, object]:
         """Start moving everything off container name (to container `to`, or wherever
@@ -251,7 +276,7 @@ class Jobs:
         if dst is not None and self.state.luns[dst].failed:
             raise P.RemoteError(P.E_IO, f"container {to!r} is failed")
         others = [o for o in self.state.containers.values()
-                  if o.lun != c.lun and not o.failed and not o.draining]
+                  if o.lun != c.lun and not o.failed and not o.draining and not o.drained]
         if not others:
             raise P.invalid(f"container {name!r} is the only usable container: there is "
                             "nowhere to drain it to")
@@ -264,12 +289,11 @@ class Jobs:
         if c.used > room:
             raise P.RemoteError(P.E_NO_SPACE, f"container {name!r} holds {human(c.used)}; "
                                 f"only {room} are free elsewhere")
-        for d in list(self.state.disks.values()):  # pins and homes move off it
-            if d.pin == c.lun or d.home == c.lun:
-                home = dst if dst is not None else others[0].lun
-                await self.journal.commit(DiskPlace(d.name, home,
-                                                    home if d.pin is not None else None))
-        return await self._start_job("drain", None, c.lun, dst)
+        home = dst if dst is not None else others[0].lun
+        placed = await self._place([  # pins and homes move off it
+            (d, home, home if d.pin is not None else None)
+            for d in self.state.disks.values() if d.pin == c.lun or d.home == c.lun])
+        return await self._start_job("drain", None, c.lun, dst, placed)
 
     def job_dict(self, j: Job) -> dict[str, object]:
         """A job as vdctl shows it: ids, containers, state, and a running job's progress

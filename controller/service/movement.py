@@ -349,7 +349,7 @@ class Movement:
         self._suspect[lun] = (n + 1, note)
 
     def container_dict(self, c: Container) -> dict[str, object]:
-        """A container as vdctl shows it: state ok, draining, error (failed) or suspect
+        """A container as vdctl shows it: state ok, draining, drained, error (failed) or suspect
         (agents reported I/O errors on it), with the count and the last error."""
         info = c.to_dict()
         s = self._suspect.get(c.lun)
@@ -378,10 +378,13 @@ class Movement:
         return self.container_dict(c)
 
     async def container_restore(self, name: str) -> dict[str, object]:
-        """Clear a failed (or suspect) container: its entries work again, data intact."""
+        """Clear a failed (or suspect) container: its entries work again, data intact;
+        a drained one takes new space again."""
         c = self.ctx.container(name)
-        if c.failed:
+        if c.failed or c.drained:
+            failed = c.failed
             await self.journal.commit(ContainerRestore(name))
-            await self._push_lun(c.lun)
+            if failed:
+                await self._push_lun(c.lun)
         self._suspect.pop(c.lun, None)
         return self.container_dict(c)

@@ -50,7 +50,8 @@ class Placement:
         """Containers to allocate from, in order of preference."""
         if d_pin is not None:
             return [self.state.luns[d_pin]]
-        usable = [c for c in self.state.containers.values() if not c.failed and not c.draining]
+        usable = [c for c in self.state.containers.values()
+                  if not c.failed and not c.draining and not c.drained]
         usable.sort(key=lambda c: (c.lun != home, -c.space.free, c.lun))
         return usable
 

@@ -169,15 +169,16 @@ def test_jobs_and_container_flags_survive_replay_and_checkpoint():
     do(JobStart(1, "drain", None, 1, None, 5.0))
     assert s.luns[1].draining
     do(ContainerFail("c2"))
-    do(JobStart(2, "migrate", "t", None, 2, 6.0))
+    do(JobStart(2, "migrate", "t", None, 2, 6.0, (("t", 1, 1),)))
     do(DiskRename("t", "u"))
-    assert s.jobs[2].disk == "u"
+    assert s.jobs[2].disk == "u" and s.jobs[2].placed == [("u", 1, 1)]
     do(JobAbort(2))  # journaled: a restart rolls the job back
     assert s.jobs[2].aborting
     do(JobEnd(1, "done", "", 7.0))
     with pytest.raises(StateError):
         s.apply(JobAbort(1))
     assert not s.luns[1].draining and s.luns[2].failed
+    assert s.luns[1].drained  # a drain done: placement keeps off it until restored
     with pytest.raises(StateError):
         s.apply(JobEnd(1, "done", "", 8.0))
     replay = base()

@@ -255,10 +255,17 @@ def test_job_abort_rolls_back_and_leaks_nothing(held, controller, mount_factory,
             model[off : off + 2 * B] = data
     finally:
         os.close(fd)
+    assert (disk_info(controller, "d")["home"], disk_info(controller, "d")["container"]) == (
+        "c2", "c2")  # new space goes to the target while the job runs
     r = vd(controller, "job", "abort", jid, "--format", "json").json()
     assert r["state"] == "aborted"
     assert (m.path / "d").read_bytes() == bytes(model)
     assert on(controller, "d") == {"c1"}  # the held moves all went back
+    # and so did the disk's home and pin (journaled: a restart keeps them)
+    for _ in range(2):
+        info = disk_info(controller, "d")
+        assert (info["home"], info["container"]) == ("c1", "c1")
+        controller.restart()
     cs = containers(controller)
     assert cs["c2"]["used"] == 0 and cs["c1"]["used"] == 32 << 20
     check_clean(controller)
@@ -281,7 +288,18 @@ def test_drain_empties_a_container_then_rm(controller, mount_factory, tmp_path):
     for n, d in data.items():
         assert (m.path / n).read_bytes() == d
         assert on(controller, n) == {"c2"}
-    # new space avoided c1 while it drained; now it can go
+    # drained, c1 stays out of placement (a restart too) until restore says otherwise
+    for _ in range(2):
+        assert containers(controller)["c1"]["state"] == "drained"
+        controller.restart()
+    vd(controller, "disk", "create", "e", "--size", "8M")
+    fill(m.path / "e", os.urandom(8 << 20))
+    assert on(controller, "e") == {"c2"} and containers(controller)["c1"]["used"] == 0
+    r = controller.vdctl("disk", "migrate", "e", "--to", "c1")
+    assert r.rc == 1 and "vdctl container restore c1" in r.err
+    vd(controller, "container", "restore", "c1")
+    assert containers(controller)["c1"]["state"] == "ok"
+    # now it can go
     m.unmount()
     vd(controller, "container", "rm", "c1")
     check_clean(controller)
