@@ -47,6 +47,10 @@ class Disks:
         if seg % P.BLOCK_SIZE or not P.MIN_SEGMENT_SIZE <= seg <= P.MAX_SEGMENT_SIZE:
             raise P.invalid(f"segment size must be a multiple of {P.BLOCK_SIZE} between "
                             f"{human(P.MIN_SEGMENT_SIZE)} and {human(P.MAX_SEGMENT_SIZE)}")
+        if segment_size is not None and 0 < size < seg:
+            # a first write would need the whole segment: more space than the disk has
+            raise P.invalid(f"segment size {human(seg)} is larger than the disk's size, "
+                            f"{human(size)}")
         pin = self.ctx.container(container).lun if container is not None else None
         if pin is not None and self.state.luns[pin].failed:
             raise P.RemoteError(P.E_IO, f"container {container!r} is failed")
@@ -70,16 +74,31 @@ class Disks:
             seq = self._record(create([]))
         await self.journal.wait_durable(seq)
         await self.agents.notify({"push": "namespace"})
-        return self._warn_overcommit(self.ctx.disk_info(self.state.disks[name]))
+        d = self.state.disks[name]
+        return self._warn_overcommit(self.ctx.disk_info(d), d)
 
-    def _warn_overcommit(self, info: dict[str, object]) -> dict[str, object]:
-        """Add a "warning" to a reply when thin disks promise more than the pool holds
-        (like LVM thin's overprovisioning warning): a warning, never a refusal."""
-        promised = sum(d.size for d in self.state.disks.values() if not d.thick)
-        promised += sum(d.allocated for d in self.state.disks.values() if d.thick)
+    def _warn_overcommit(self, info: dict[str, object], d: Disk) -> dict[str, object]:
+        """Add a "warning" to a reply about disk d (created or grown) when the disks
+        pinned to d's container promise more than it holds, or thin disks more than the
+        pool holds (like LVM thin's "sum of all thin volume sizes exceeds the size of
+        thin pool"): a warning, never a refusal. A thin disk promises its size, a
+        thick one what it has allocated."""
+        def promised(disks: list[Disk]) -> int:
+            return sum(t.allocated if t.thick else t.size for t in disks)
+
+        if d.pin is not None:
+            c = self.state.luns[d.pin]
+            pinned = promised([t for t in self.state.disks.values() if t.pin == d.pin])
+            if pinned > c.usable:
+                info["warning"] = (
+                    f"disks pinned to container {c.name!r} now promise {human(pinned)}, "
+                    f"more than its {human(c.usable)}: writes will meet ENOSPC if they "
+                    "use it all")
+                return info
+        total = promised(list(self.state.disks.values()))
         capacity = sum(c.usable for c in self.state.containers.values() if not c.failed)
-        if promised > capacity:
-            info["warning"] = (f"disks now promise {human(promised)}, more than the pool's "
+        if total > capacity:
+            info["warning"] = (f"disks now promise {human(total)}, more than the pool's "
                                f"{human(capacity)}: writes will meet ENOSPC if they use it all")
         return info
 
@@ -188,7 +207,7 @@ class Disks:
         await self.agents.notify({"push": "namespace", "changed": [d.name]}, exclude=caller)
         info = self.ctx.disk_info(d)
         if size > old:
-            info = self._warn_overcommit(info)
+            info = self._warn_overcommit(info, d)
         if caller is not None:
             info["update"] = {"start": lo, "end": d.size,
                               **await self.coherence.answer(d, lo, d.size)}

@@ -195,7 +195,7 @@ class Torture:
             self.ctl.vdctl("container", "add", c, str(self.work / f"{c}.img"), "--size", "256M")
         for _ in range(2):
             name = self.new_name("d")
-            size = self.rng.randrange(1, MAX_SIZE // 2)
+            size = self.rng.randrange(SEG, MAX_SIZE // 2)  # a segment is at most the disk
             self.ctl.vdctl("disk", "create", name, "--size", str(size), "--segment-size",
                            str(SEG))
             self.models[name] = bytearray(size)

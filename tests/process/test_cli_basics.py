@@ -83,3 +83,33 @@ def test_rollback_past_newer_snapshots_keeps_them_and_says_so(controller, tmp_pa
     assert [s["name"] for s in snaps] == ["a@s1", "a@s2", "a@s3"]
     r = vd(controller, "snap", "rollback", "a@s3", "--format", "json")
     assert r.json()["newer_snapshots"] == [] and r.err == ""
+
+
+def test_overcommit_of_a_pinned_container_is_a_warning(controller, tmp_path):
+    """A disk pinned to a container smaller than it: a warning naming the container,
+    though the pool as a whole holds it; within the container, none."""
+    add_container(controller, "small", tmp_path / "small.img", "102404K")  # 100M + label
+    add_container(controller, "big", tmp_path / "big.img", "10G")
+    r = vd(controller, "disk", "create", "fits", "--size", "60M", "--container", "small")
+    assert "warning" not in r.err, r.err
+    r = vd(controller, "disk", "create", "x", "--size", "256M", "--container", "small")
+    assert r.err.strip() == (
+        "vdctl: warning: disks pinned to container 'small' now promise 316M (331350016 "
+        "bytes), more than its 100M (104857600 bytes): writes will meet ENOSPC if they "
+        "use it all"), r.err
+    r = vd(controller, "disk", "create", "y", "--size", "1G")  # unpinned, the pool holds it
+    assert "warning" not in r.err, r.err
+    vd(controller, "disk", "rm", "x")
+    r = vd(controller, "disk", "resize", "fits", "200M")
+    assert "pinned to container 'small' now promise 200M" in r.err, r.err
+
+
+def test_segment_larger_than_the_disk_is_refused(controller, tmp_path):
+    add_container(controller, "c1", tmp_path / "c1.img", "1G")
+    r = controller.vdctl("disk", "create", "d", "--size", "100G", "--segment-size", "1T")
+    assert r.rc == 1 and r.err.strip() == (
+        "vdctl: error: segment size 1T (1099511627776 bytes) is larger than the disk's "
+        "size, 100G (107374182400 bytes)"), r.err
+    assert vd(controller, "disk", "ls", "--format", "json").json() == []
+    vd(controller, "disk", "create", "d", "--size", "64M", "--segment-size", "64M")
+    vd(controller, "disk", "create", "e", "--size", "1M")  # the default segment: fine
