@@ -205,7 +205,7 @@ class Cli:
             if first and self.json:
                 self.out.write(json.dumps({"name": page["name"], "size": page["size"],
                                            "epoch": page["epoch"]})[:-1] + ', "entries": [')
-            elif first:
+            elif first and not getattr(self.args, "no_headings", False):
                 self.out.write(f"{'VSTART':>16}  {'LENGTH':>14}  {'CONTAINER':<12}  "
                                f"{'OFFSET':>16}  STATE\n")
             for vstart, length, lun, offset, flags in page["rows"]:

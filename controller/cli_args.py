@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allocation unit for thin disks (default 4M, multiple of 4K)")
     cr.add_argument("--container", help="allocate only on this container")
     verb(dv, "ls", "list disks")
-    verb(dv, "info", "show one disk").add_argument("name")
-    verb(dv, "map", "show a disk's segment map: entries and their states").add_argument("name")
+    verb(dv, "info", "show one disk or snapshot (NAME@SNAP)").add_argument("name")
+    verb(dv, "map", "show a disk's or snapshot's (NAME@SNAP) segment map: entries and "
+         "their states").add_argument("name")
     rs = verb(dv, "resize", "set a disk's size, or grow/shrink it by +SIZE/-SIZE")
     rs.add_argument("name")
     rs.add_argument("size", type=delta_arg, metavar="SIZE|+SIZE|-SIZE",
@@ -216,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sn.add_subparsers(dest="verb", metavar="VERB", required=True)
     verb(sv, "create", "snapshot a disk (in use or not): time independent of its size"
          ).add_argument("name", metavar="NAME@SNAP")
-    verb(sv, "ls", "list a disk's snapshots (created, size, bytes only the snapshot holds)"
-         ).add_argument("name", metavar="NAME")
+    verb(sv, "ls", "list a disk's snapshots, or every disk's (created, size, bytes only "
+         "the snapshot holds)").add_argument("name", metavar="NAME", nargs="?")
     verb(sv, "rm", "remove a snapshot: frees what nothing else maps"
          ).add_argument("name", metavar="NAME@SNAP")
     rb = verb(sv, "rollback", "make a disk's content the snapshot's (refused while the disk "

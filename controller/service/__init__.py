@@ -256,7 +256,7 @@ class Service:
         """snap.create: Snapshots.snap_create."""
         return await self.snapshots.snap_create(name)
 
-    async def snap_ls(self, name: str) -> list[dict[str, object]]:
+    async def snap_ls(self, name: str | None = None) -> list[dict[str, object]]:
         """snap.ls: Snapshots.snap_ls."""
         return await self.snapshots.snap_ls(name)
 

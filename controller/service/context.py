@@ -79,6 +79,16 @@ class Context:
             raise P.not_found("disk", name)
         return d
 
+    def table(self, name: str) -> Disk:
+        """The disk, or the snapshot ("DISK@SNAP"), called name, for what only reads it
+        (disk.info, disk.map); RemoteError E_NOT_FOUND if none."""
+        if P.is_snapshot_name(name):
+            s = self.state.snaps.get(name)
+            if s is None:
+                raise P.not_found("snapshot", name)
+            return s
+        return self.disk(name)
+
     def live_disk(self, name: str) -> Disk:
         """A disk, or a snapshot ("DISK@SNAP", read-only), for an agent's open or fault;
         RemoteError E_NOT_FOUND if none or being removed."""

@@ -115,8 +115,9 @@ class Disks:
         return out
 
     async def disk_info(self, name: str) -> dict[str, object]:
-        """A disk, the bytes it holds on each container, and its snapshots."""
-        d = self.ctx.disk(name)
+        """A disk or a snapshot (NAME@SNAP), the bytes it maps on each container, and
+        its snapshots (a snapshot: "snapshot" true, "disk" its disk, no snapshots)."""
+        d = self.ctx.table(name)
         info = self.ctx.disk_info(d)
         per: dict[str, int] = {}
         for e in d.extents:
@@ -125,11 +126,14 @@ class Disks:
         info["placement"] = [{"container": k, "bytes": v} for k, v in sorted(per.items())]
         info["snapshots"] = sorted(s.name for s in self.state.snaps.values()
                                    if s.parent == d.name)
+        if d.is_snapshot:
+            info.update(snapshot=True, disk=d.parent)
         return info
 
     async def disk_map(self, name: str, start: int, limit: int | None) -> dict[str, object]:
-        """Entries (zero gaps included) from start, at most limit rows per call."""
-        d = self.ctx.disk(name)
+        """Entries (zero gaps included) of a disk or a snapshot (NAME@SNAP) from start,
+        at most limit rows per call."""
+        d = self.ctx.table(name)
         if not 0 <= start <= d.size:
             raise P.invalid(f"start {start} is outside the disk (size {d.size})")
         lim = MAX_MAP_ROWS if limit is None else limit

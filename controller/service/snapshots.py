@@ -101,12 +101,14 @@ class Snapshots:
         return {"name": s.name, "disk": s.parent, "created": s.ctime, "size": s.size,
                 "allocated": s.allocated, "held": 0, "clones": []}
 
-    async def snap_ls(self, name: str) -> list[dict[str, object]]:
-        """The snapshots of disk name, oldest first."""
-        d = self.ctx.disk(name)
+    async def snap_ls(self, name: str | None = None) -> list[dict[str, object]]:
+        """The snapshots of disk name, oldest first; without a name, every disk's (by
+        disk name, then oldest first), as `zfs list -t snapshot` lists them all."""
+        parent = self.ctx.disk(name).name if name is not None else None
         return [self._snap_info(s) for s in sorted(self.state.snaps.values(),
-                                                   key=lambda s: (s.ctime, s.name))
-                if s.parent == d.name]
+                                                   key=lambda s: (s.parent or "", s.ctime,
+                                                                  s.name))
+                if parent is None or s.parent == parent]
 
     async def snap_rm(self, name: str) -> dict[str, object]:
         """Remove a snapshot; frees exactly what no disk, clone or other snapshot maps."""

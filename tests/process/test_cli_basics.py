@@ -113,3 +113,33 @@ def test_segment_larger_than_the_disk_is_refused(controller, tmp_path):
     assert vd(controller, "disk", "ls", "--format", "json").json() == []
     vd(controller, "disk", "create", "d", "--size", "64M", "--segment-size", "64M")
     vd(controller, "disk", "create", "e", "--size", "1M")  # the default segment: fine
+
+
+def test_snapshots_through_disk_info_map_and_snap_ls(controller, tmp_path):
+    """disk info and disk map take NAME@SNAP; snap ls without a disk lists every disk's
+    snapshots; disk map -H drops its heading as every other table does."""
+    add_container(controller, "c1", tmp_path / "c1.img", "1G")
+    vd(controller, "disk", "create", "a", "--size", "8M", "--thick")
+    vd(controller, "disk", "create", "b", "--size", "4M")
+    for full in ("b@one", "a@one", "a@two"):
+        vd(controller, "snap", "create", full)
+    info = vd(controller, "disk", "info", "a@one", "--format", "json").json()
+    assert (info["name"], info["snapshot"], info["disk"], info["allocated"]) == (
+        "a@one", True, "a", 8 << 20)
+    assert info["placement"] == [{"container": "c1", "bytes": 8 << 20}]
+    assert "snapshot:       yes" in vd(controller, "disk", "info", "a@one").out
+    m = vd(controller, "disk", "map", "a@two", "--format", "json").json()
+    assert m["name"] == "a@two" and [(e["vstart"], e["length"], e["container"])
+                                     for e in m["entries"]] == [(0, 8 << 20, "c1")]
+    plain = vd(controller, "disk", "map", "a@two").out.splitlines()
+    bare = vd(controller, "disk", "map", "a@two", "-H").out.splitlines()
+    assert plain[0].split()[0] == "VSTART" and bare == plain[1:] != []
+    r = controller.vdctl("disk", "info", "a@nope")
+    assert r.rc == 1 and r.err.strip() == "vdctl: error: no such snapshot: 'a@nope'"
+    every = [s["name"] for s in vd(controller, "snap", "ls", "--format", "json").json()]
+    assert every == ["a@one", "a@two", "b@one"]
+    assert [ln.split()[0] for ln in vd(controller, "snap", "ls", "-H").out.splitlines()
+            ] == every
+    assert [s["name"] for s in vd(controller, "snap", "ls", "b", "--format", "json").json()
+            ] == ["b@one"]
+
