@@ -242,7 +242,8 @@ class Jobs:
         """Start moving every extent of disk name to container `to` while it is in use.
 
         New space for the disk goes to `to` from now on (its home; its pin too, if it
-        had one). Raises RemoteError: E_NOT_FOUND, E_INVALID (already wholly there),
+        had one), also for a disk with no data to move (the job then ends done at once).
+        Raises RemoteError: E_NOT_FOUND, E_INVALID (already wholly there and placed there),
         E_BUSY (a job already moves it), E_IO (the target is failed), E_NO_SPACE.
         """
         d = self.ctx.disk(name)
@@ -257,8 +258,11 @@ class Jobs:
                 raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) is moving data "
                                     "already; wait for it or abort it (vdctl job abort)")
         todo = sum(e.length for e in d.extents if e.lun != c.lun or e.flags & MOVING)
-        if not todo:
-            raise P.invalid(f"disk {name!r} is wholly on container {to!r} already")
+        if not todo and d.home == c.lun and d.pin in (None, c.lun):
+            raise P.invalid(f"disk {name!r} is wholly on container {to!r} already"
+                            if d.allocated else f"disk {name!r} holds no data, and its new "
+                            f"space goes to container {to!r} already")
+        # nothing to move but the placement (an empty thin disk): the job ends at once
         free = self.placement.plannable(c).free
         if round_up_sum(d, c.lun) > free:
             raise P.RemoteError(P.E_NO_SPACE, f"container {to!r} has {human(free)} free; "

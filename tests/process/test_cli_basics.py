@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rig import add_container, run_vdctl, vd
+from rig import add_container, disk_info, run_vdctl, vd
 
 BIN = Path(sys.executable).parent
 
@@ -143,3 +143,19 @@ def test_snapshots_through_disk_info_map_and_snap_ls(controller, tmp_path):
     assert [s["name"] for s in vd(controller, "snap", "ls", "b", "--format", "json").json()
             ] == ["b@one"]
 
+
+def test_migrate_of_an_empty_thin_disk_moves_its_placement(controller, tmp_path):
+    """An empty thin disk has nothing to move, but new space for it goes to the target
+    from then on: the job ends done at once; asked again, one line says why not."""
+    add_container(controller, "c1", tmp_path / "c1.img", "1G")
+    add_container(controller, "c2", tmp_path / "c2.img", "1G")
+    vd(controller, "disk", "create", "e", "--size", "1G")
+    assert disk_info(controller, "e")["home"] == "c1"
+    r = vd(controller, "disk", "migrate", "e", "--to", "c2")
+    assert "done" in r.err, r.err
+    assert disk_info(controller, "e")["home"] == "c2"
+    assert vd(controller, "job", "ls", "--format", "json").json()[-1]["state"] == "done"
+    r = controller.vdctl("disk", "migrate", "e", "--to", "c2")
+    assert r.rc == 1 and r.err.strip() == (
+        "vdctl: error: disk 'e' holds no data, and its new space goes to container 'c2' "
+        "already"), r.err
