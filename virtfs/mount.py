@@ -137,9 +137,9 @@ async def _run(args: argparse.Namespace) -> None:
     """Serve the mount until unmounted or signalled; SIGINT and SIGTERM are handled
     from start to end (Stopper)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as rx:
-        if _LATE_SIGNALS:
-            return  # stopped before it started
         stopper = Stopper()
+        if _LATE_SIGNALS:  # one came before trio took them over
+            stopper.signal(_LATE_SIGNALS[-1])
         async with trio.open_nursery() as outer:
             outer.start_soon(stopper.watch, rx)
             with stopper.scope:
