@@ -53,6 +53,8 @@ WIRE: list[dict[str, Any]] = [
      "started": 5.25},
     {"op": "job.start", "id": 4, "kind": "migrate", "disk": "d", "src": None, "dst": 2,
      "started": 6.0},
+    {"op": "job.start", "id": 5, "kind": "migrate", "disk": "d", "src": None, "dst": 2,
+     "started": 6.5, "placed": [["d", 1, 1]]},
     {"op": "job.abort", "id": 4},
     {"op": "job.end", "id": 3, "state": "done", "message": "", "ended": 7.125},
     {"op": "snap.create", "name": "d", "snap": "s", "ctime": 8.0},
