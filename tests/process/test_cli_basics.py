@@ -10,6 +10,8 @@ from pathlib import Path
 
 from rig import add_container, disk_info, run_vdctl, vd
 
+from controller.protocol import LABEL_BYTES
+
 BIN = Path(sys.executable).parent
 
 
@@ -88,7 +90,8 @@ def test_rollback_past_newer_snapshots_keeps_them_and_says_so(controller, tmp_pa
 def test_overcommit_of_a_pinned_container_is_a_warning(controller, tmp_path):
     """A disk pinned to a container smaller than it: a warning naming the container,
     though the pool as a whole holds it; within the container, none."""
-    add_container(controller, "small", tmp_path / "small.img", "102404K")  # 100M + label
+    add_container(controller, "small", tmp_path / "small.img",
+                  str((100 << 20) + LABEL_BYTES))  # 100M of data, and its label
     add_container(controller, "big", tmp_path / "big.img", "10G")
     r = vd(controller, "disk", "create", "fits", "--size", "60M", "--container", "small")
     assert "warning" not in r.err, r.err
