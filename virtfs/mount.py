@@ -156,6 +156,7 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
     # one endpoint for the agent's metrics and an embedded controller's
     registry = metrics_http.new_registry() if args.metrics is not None else None
     async with AsyncExitStack() as stack:
+        service = None
         if args.controller is None and not await controller_answers(addr):
             service = await stack.enter_async_context(
                 open_controller_service(state_dir, lease=args.lease, metrics=registry))
@@ -225,8 +226,21 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
                 with trio.move_on_after(10) as scope:
                     scope.shield = True
                     await _goodbye(volumes, io)
+                    if service is not None:
+                        _warn_of_orphans(service)
                 io.close()
                 nursery.cancel_scope.cancel()
+
+
+def _warn_of_orphans(service: Any) -> None:
+    """An embedded controller stops with this mount: say which other agents used it
+    (their I/O now waits, then fails with EIO after their --fault-timeout)."""
+    others = [f"{a.host}:{a.mount}" for a in service.agents.agents.values() if a.connected]
+    if others:
+        print(f"virtfs-mount: warning: this mount's embedded controller stops with it, and "
+              f"{len(others)} other agent(s) still use it ({', '.join(sorted(others))}): "
+              "their I/O now waits and then fails with EIO; run virtfs-controller on its "
+              "own to keep them going", file=sys.stderr, flush=True)
 
 
 def missing_patches() -> list[str]:

@@ -270,3 +270,16 @@ def test_mounting_over_a_non_empty_directory_warns(mount_factory, tmp_path):
     m2 = mount_factory("m2", state_dir=tmp_path / "s2", args=["--default-container-size",
                                                               "64M"])
     assert "not empty" not in m2.log()
+
+
+def test_stopping_an_embedded_controller_names_the_agents_left_without_it(mount_factory):
+    """make run's controller lives in the first mount: a second mount on its state dir
+    uses it. Stopping the first says so instead of leaving the second to hang."""
+    m = mount_factory("m", args=["--default-container-size", "64M"])
+    m2 = mount_factory("m2", state_dir=m.state_dir)
+    assert "connecting to the controller" in m2.log()  # it uses m's controller
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.proc.wait(30) == 0
+    m.proc = None
+    assert "1 other agent(s) still use it" in m.log() and str(m2.path) in m.log(), m.log()
