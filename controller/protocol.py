@@ -375,7 +375,8 @@ def _op(name: str, *fields: Field, roles: frozenset[str] = ANY) -> None:
 
 _op("status")
 _op("container.add", NAME, _f("path", str), _f("size", int, type(None), required=False),
-    _f("force", bool, required=False), _f("shared", bool, required=False), roles=ADMIN)
+    _f("force", bool, required=False, default=False),
+    _f("shared", bool, required=False, default=False), roles=ADMIN)
 _op("container.set", NAME, _f("shared", bool), roles=ADMIN)
 _op("container.ls")
 _op("container.info", NAME)
@@ -400,7 +401,8 @@ _op("disk.migrate", NAME, _f("to", str), roles=ADMIN)
 _op("disk.set", NAME, _f("limits", dict), roles=ADMIN)
 _op("container.drain", NAME, _f("to", str, type(None), required=False), roles=ADMIN)
 _op("container.fail", NAME, roles=ADMIN)
-_op("container.restore", NAME, _f("relabel", bool, required=False), roles=ADMIN)
+_op("container.restore", NAME, _f("relabel", bool, required=False, default=False),
+    roles=ADMIN)
 _op("job.ls")
 _op("job.abort", _f("id", int), roles=ADMIN)
 # snapshots and clones (names are DISK@SNAP)

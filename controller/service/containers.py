@@ -68,7 +68,7 @@ class Containers:
                     os.unlink(path)
                 raise
             await self.journal.commit(ContainerAdd(name, lun, path, csize, created, cid,
-                                                   shared))
+                                                   bool(shared)))
         return self.container_dict(self.state.containers[name])
 
     async def container_set(self, name: str, shared: bool) -> dict[str, object]:
