@@ -143,12 +143,14 @@ class DataPath:
         file's: the step grown ahead at the controller is trimmed later as always).
         """
         size_before = od.size
-        t0 = time.perf_counter()
+        counted = self.metrics is not None and not skip_zero
+        t0 = time.perf_counter() if counted else 0.0
         if od.qos is not None and not skip_zero:
             await od.qos.admit("write", len(data))
         try:
             n = await self._write(od, offset, data, skip_zero)
-            if self.metrics is not None and not skip_zero:
+            if counted:
+                assert self.metrics is not None
                 self.metrics.disk(od.name).write(n, time.perf_counter() - t0)
             return n
         except DiskError:

@@ -26,7 +26,6 @@ from .. import protocol as P
 from ..extents import ZERO
 from ..state import Disk
 from .context import Context
-from .snapshots import split_snap_name
 
 MAX_DIFF_CHANGES = 65536  # changes one snap.diff answer holds at most
 DIFF_EXTENTS = 262144  # about how many extents of TO one snap.diff answer covers
@@ -68,21 +67,14 @@ class Backup:
         self.ctx = ctx
         self.state = ctx.state
 
-    def _snapshot(self, name: str) -> Disk:
-        split_snap_name(name)
-        s = self.state.snaps.get(name)
-        if s is None:
-            raise P.not_found("snapshot", name)
-        return s
-
     def _pair(self, name: str, from_snap: str | None) -> tuple[Disk | None, Disk]:
         """(FROM, TO): TO a snapshot "DISK@SNAP" or the disk; FROM a snapshot of the same
         disk, not newer than TO. RemoteError E_NOT_FOUND, E_INVALID."""
-        to = self._snapshot(name) if P.is_snapshot_name(name) else self.ctx.disk(name)
+        to = self.ctx.snapshot(name) if P.is_snapshot_name(name) else self.ctx.disk(name)
         disk = to.parent if to.is_snapshot else to.name
         if from_snap is None:
             return None, to
-        frm = self._snapshot(from_snap)
+        frm = self.ctx.snapshot(from_snap)
         if frm.parent != disk:
             raise P.invalid(f"{from_snap!r} is not a snapshot of disk {disk!r}")
         if to.is_snapshot and frm.ctime > to.ctime:
@@ -122,7 +114,7 @@ class Backup:
         """Bytes [offset, offset + length) of snapshot name (at most MAX_READ, within its
         size), read from its containers: {"data": bytes}. RemoteError E_NOT_FOUND,
         E_INVALID, E_IO (a failed container, a read error)."""
-        s = self._snapshot(name)
+        s = self.ctx.snapshot(name)
         if offset < 0 or not 0 < length <= MAX_READ or offset + length > s.size:
             raise P.invalid(f"read {offset}+{length} is outside snapshot {name!r} (size "
                             f"{s.size}) or longer than {MAX_READ}")

@@ -21,6 +21,19 @@ from ..state import Container, Disk, State, StateError
 log = logging.getLogger(__name__)
 
 
+
+def split_snap_name(full: str) -> tuple[str, str]:
+    """'DISK@SNAP' -> (disk, snap); RemoteError E_INVALID for anything else."""
+    if not isinstance(full, str) or full.count(P.SNAP_SEP) != 1:
+        raise P.invalid(f"{full!r} is not DISK@SNAP (one '@' between a disk and a snapshot "
+                        "name)")
+    disk, snap = P.split_snapshot_name(full)
+    P.check_name(disk, "disk name")
+    P.check_name(snap, "snapshot name")
+    if len(full.encode()) > P.MAX_NAME_BYTES:
+        raise P.invalid(f"{full!r} is longer than {P.MAX_NAME_BYTES} bytes of UTF-8")
+    return disk, snap
+
 class Caller(Protocol):
     """The connection a request came on (server.Connection), as the service uses it."""
 
@@ -79,15 +92,19 @@ class Context:
             raise P.not_found("disk", name)
         return d
 
+    def snapshot(self, name: str) -> Disk:
+        """The snapshot called name ("DISK@SNAP"); RemoteError E_INVALID if name is not
+        one (split_snap_name), E_NOT_FOUND if there is none."""
+        split_snap_name(name)
+        s = self.state.snaps.get(name)
+        if s is None:
+            raise P.not_found("snapshot", name)
+        return s
+
     def table(self, name: str) -> Disk:
         """The disk, or the snapshot ("DISK@SNAP"), called name, for what only reads it
         (disk.info, disk.map); RemoteError E_NOT_FOUND if none."""
-        if P.is_snapshot_name(name):
-            s = self.state.snaps.get(name)
-            if s is None:
-                raise P.not_found("snapshot", name)
-            return s
-        return self.disk(name)
+        return self.snapshot(name) if P.is_snapshot_name(name) else self.disk(name)
 
     def live_disk(self, name: str) -> Disk:
         """A disk, or a snapshot ("DISK@SNAP", read-only), for an agent's open or fault;

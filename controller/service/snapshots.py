@@ -25,26 +25,13 @@ from ..moves import move_units
 from ..records import DiskClone, MoveCommit, MoveMark, SnapCreate, SnapRm, SnapRollback
 from ..state import Disk
 from .coherence import Coherence
-from .context import Context
+from .context import Context, split_snap_name
 from .movement import MoveGone, Movement
 from .placement import Placement
 
 log = logging.getLogger(__name__)
 
 SNAP_WAIT = 30.0  # longest a snapshot waits for moves in flight on its disk
-
-
-def split_snap_name(full: str) -> tuple[str, str]:
-    """'DISK@SNAP' -> (disk, snap); RemoteError E_INVALID for anything else."""
-    if not isinstance(full, str) or full.count(P.SNAP_SEP) != 1:
-        raise P.invalid(f"{full!r} is not DISK@SNAP (one '@' between a disk and a snapshot "
-                        "name)")
-    disk, snap = P.split_snapshot_name(full)
-    P.check_name(disk, "disk name")
-    P.check_name(snap, "snapshot name")
-    if len(full.encode()) > P.MAX_NAME_BYTES:
-        raise P.invalid(f"{full!r} is longer than {P.MAX_NAME_BYTES} bytes of UTF-8")
-    return disk, snap
 
 
 class Snapshots:
@@ -59,13 +46,6 @@ class Snapshots:
         self.placement = placement
         self.coherence = coherence
         self.movement = movement
-
-    def _snap(self, full: str) -> Disk:
-        split_snap_name(full)
-        s = self.state.snaps.get(full)
-        if s is None:
-            raise P.not_found("snapshot", full)
-        return s
 
     def _snap_info(self, s: Disk) -> dict[str, object]:
         """A snapshot as vdctl shows it; "held": bytes only it maps (what rm frees)."""
@@ -112,7 +92,7 @@ class Snapshots:
 
     async def snap_rm(self, name: str) -> dict[str, object]:
         """Remove a snapshot; frees exactly what no disk, clone or other snapshot maps."""
-        s = self._snap(name)
+        s = self.ctx.snapshot(name)
         clones = sorted(t.name for t in self.state.disks.values() if t.origin == s.name)
         if clones:
             raise P.RemoteError(P.E_BUSY, f"snapshot {name!r} has clones: "
@@ -139,7 +119,7 @@ class Snapshots:
         """The disk's content and size become the snapshot's. Refused while the disk is
         open at any agent, unless force (its agents then see the new content at once).
         Snapshots newer than it are kept (the answer's "newer_snapshots" names them)."""
-        s = self._snap(name)
+        s = self.ctx.snapshot(name)
         assert s.parent is not None
         d = self.ctx.disk(s.parent)
         users = self.agents.caching(d)
@@ -174,7 +154,7 @@ class Snapshots:
 
     async def disk_clone(self, name: str, new: str) -> dict[str, object]:
         """A writable thin disk NEW from snapshot NAME@SNAP, sharing its storage."""
-        self._snap(name)
+        self.ctx.snapshot(name)
         P.check_name(new, "clone name")
         if new in self.state.disks:
             raise P.RemoteError(P.E_EXISTS, f"disk {new!r} already exists")
@@ -235,4 +215,4 @@ class Snapshots:
                     self.movement.spawn_move(d, vs)
         log.debug("copy-on-write of %s [%d, %d)", d.name, start, end)
 
-__all__ = ["Snapshots", "split_snap_name"]
+__all__ = ["Snapshots"]
