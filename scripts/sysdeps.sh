@@ -3,7 +3,8 @@
 # Usage: scripts/sysdeps.sh [--bench]   (--bench: also what `make bench` measures against)
 set -euo pipefail
 PKGS=(fuse3 libfuse3-dev pkg-config gcc patch python3-venv fio qemu-utils e2fsprogs strace util-linux
-      iproute2 procps rsync openssl)
+      iproute2 procps rsync openssl
+      systemd)  # systemd-analyze: tests/process/test_services.py verifies examples/systemd/
 # `make bench` also needs its peer, qemu-storage-daemon (in qemu-system-common)
 [[ "${1:-}" == "--bench" ]] && PKGS+=(qemu-system-common)
 missing=()
