@@ -16,11 +16,11 @@ all: test
 sysdeps:
 	@PY=$(PY) bash scripts/sysdeps.sh
 
-$(BIN)/.installed: pyproject.toml $(wildcard third_party/pyfuse3/*.patch) scripts/build-pyfuse3.sh | sysdeps
+# pip builds the patched pyfuse3 from third_party/pyfuse3 (setup.py names it as the dependency)
+$(BIN)/.installed: pyproject.toml setup.py $(wildcard third_party/pyfuse3/*) | sysdeps
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	bash scripts/build-pyfuse3.sh $(BIN)/python
 	touch $@
 
 setup: sysdeps $(BIN)/.installed

@@ -246,7 +246,7 @@ def _warn_of_orphans(service: Any) -> None:
 def missing_patches() -> list[str]:
     """Which of virtfs's pyfuse3 patches (third_party/pyfuse3/: fallocate, lseek) the
     imported pyfuse3 lacks: both the Python default handler and the compiled callback
-    must be there (as scripts/build-pyfuse3.sh checks)."""
+    must be there (third_party/pyfuse3/README.md)."""
     try:
         ext = Path(pyfuse3.__file__ or "").read_bytes()
     except OSError:
@@ -344,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"virtfs-mount: error: the pyfuse3 at {pyfuse3.__file__} lacks virtfs's "
               f"{' and '.join(missing)} patch{'es' if len(missing) > 1 else ''} (discard, "
-              "zero-range and SEEK_DATA/SEEK_HOLE would fail); build it with "
-              "scripts/build-pyfuse3.sh (make setup does)", file=sys.stderr)
+              "zero-range and SEEK_DATA/SEEK_HOLE would fail); install virtfs from its clone "
+              "(pip install ., which builds third_party/pyfuse3; make setup does)", file=sys.stderr)
         return 1
     try:
         args.default_container_size = parse_size(args.default_container_size)
