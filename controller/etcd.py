@@ -110,11 +110,11 @@ class EtcdClient:
                     resp = await self._http.post(ep + path, json=body)
                     raw = resp.content
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                errors.append(f"{ep}: {_why(e)}")
+                errors.append(f"{ep}: {_why(e, t)}")
                 continue
             except (httpx.TransportError, trio.TooSlowError) as e:
                 if retry:
-                    errors.append(f"{ep}: {_why(e)}")
+                    errors.append(f"{ep}: {_why(e, t)}")
                     continue
                 raise EtcdUnavailable(f"etcd {ep}{path}: {_why(e, t)} (the request may have "
                                       "been applied)") from None
@@ -287,10 +287,22 @@ class Watch:
         await self._drop()
 
     async def _drop(self) -> None:
-        resp, self._resp, self._lines = self._resp, None, None
-        if resp is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await resp.aclose()
+        resp, lines = self._resp, self._lines
+        self._resp = self._lines = None
+        if resp is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await resp.aclose()
+            # httpx reads a stream through a chain of async generators; left suspended,
+            # trio would finalize them in the GC with a ResourceWarning. Read on: on the
+            # closed socket they raise, which ends each of them.
+            for _ in range(100_000):
+                if lines is None:
+                    break
+                try:
+                    await lines.__anext__()
+                except Exception:
+                    break
 
     def _body(self) -> dict[str, Any]:
         req: dict[str, Any] = range_body(self._key, self._prefix)
