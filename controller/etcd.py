@@ -118,20 +118,11 @@ class EtcdClient:
                     continue
                 raise EtcdUnavailable(f"etcd {ep}{path}: {_why(e, t)} (the request may have "
                                       "been applied)") from None
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                data = None
-            if not isinstance(data, dict):
-                raise EtcdError(f"etcd {ep}{path}: HTTP {resp.status_code}, not a JSON "
-                                f"object: {raw[:80]!r}")
-            err = error_of(f"{ep}{path}", data)
-            if err is None and resp.status_code != 200:
-                err = refused(f"{ep}{path}", GRPC_UNAVAILABLE if resp.status_code >= 500 else 0,
-                              f"HTTP {resp.status_code}")
-            if err is None:
+            answer = _http_error(f"{ep}{path}", resp.status_code, raw)
+            if isinstance(answer, dict):
                 self._current = idx
-                return data
+                return answer
+            err = answer
             if isinstance(err, EtcdUnavailable) and retry:
                 errors.append(str(err))
                 continue
@@ -317,33 +308,34 @@ class Watch:
         c = self._client
         give_up = trio.current_time() + self._reconnect_for
         delay = 0.05
-        errors: list[str] = []
         while True:
             ep = c.endpoint
             try:
                 with trio.fail_after(c.timeout):
                     req = c._http.build_request("POST", ep + "/v3/watch", json=self._body())
                     resp = await c._http.send(req, stream=True)
+                    if resp.status_code != 200:
+                        raw = await resp.aread()
+                        await resp.aclose()
             except (httpx.TransportError, trio.TooSlowError) as e:
-                errors.append(f"{ep}: {_why(e, c.timeout)}")
-                c._current = (c._current + 1) % len(c.endpoints)
-                if trio.current_time() + delay > give_up:
-                    raise EtcdUnavailable(f"etcd watch: no endpoint took it back within "
-                                          f"{self._reconnect_for:g} s: {errors[-1]}") from None
-                await trio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            if resp.status_code != 200:
-                raw = await resp.aread()
-                await resp.aclose()
-                try:
-                    err = error_of(ep + "/v3/watch", json.loads(raw))
-                except ValueError:
-                    err = None
-                raise err or EtcdError(f"etcd {ep}/v3/watch: HTTP {resp.status_code}")
-            self._resp = resp
-            self._lines = resp.aiter_lines()
-            return
+                failure = f"{ep}: {_why(e, c.timeout)}"
+            else:
+                if resp.status_code == 200:
+                    self._resp = resp
+                    self._lines = resp.aiter_lines()
+                    return
+                answer = _http_error(ep + "/v3/watch", resp.status_code, raw)
+                err = answer if isinstance(answer, EtcdError) else EtcdError(
+                    f"etcd {ep}/v3/watch: HTTP {resp.status_code}")
+                if not isinstance(err, EtcdUnavailable):
+                    raise err
+                failure = str(err)
+            c._current = (c._current + 1) % len(c.endpoints)
+            if trio.current_time() + delay > give_up:
+                raise EtcdUnavailable(f"etcd watch: no endpoint took it back within "
+                                      f"{self._reconnect_for:g} s: {failure}")
+            await trio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def _receive(self) -> None:
         """Read one message of the stream into _pending (reconnecting when it broke)."""
@@ -394,6 +386,21 @@ class Watch:
                 self.next_revision = header_rev + 1
         elif header_rev:  # a progress notice: nothing more up to header_rev
             self.next_revision = max(self.next_revision, header_rev + 1)
+
+
+def _http_error(where: str, status: int, raw: bytes) -> EtcdError | dict[str, Any]:
+    """A gateway answer: its decoded JSON object when it is a success, else the error
+    it carries (an HTTP 5xx without one is taken as unavailable)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return EtcdError(f"etcd {where}: HTTP {status}, not a JSON object: {raw[:80]!r}")
+    err = error_of(where, data)
+    if err is None and status != 200:
+        err = refused(where, GRPC_UNAVAILABLE if status >= 500 else 0, f"HTTP {status}")
+    return data if err is None else err
 
 
 def _why(e: BaseException, timeout: float = 0) -> str:
