@@ -247,3 +247,25 @@ async def test_endpoints_errors_and_bounds(etcd: EtcdProc) -> None:
             with pytest.raises(EtcdUnavailable, match="no endpoint took it back within 1 s"):
                 await w.__anext__()
     assert issubclass(EtcdUnavailable, EtcdError) and issubclass(WatchCompacted, EtcdRefused)
+
+
+async def test_watch_idle_timeout_reconnects_a_silent_stream(etcd: EtcdProc) -> None:
+    # a frozen member keeps the connection open and says nothing: only idle_timeout
+    # notices; the watch retries until the member is back, then resumes
+    async with open_etcd(etcd.url, timeout=0.5) as c, open_etcd(etcd.url) as writer:
+        events: list[Event] = []
+        async with c.watch("/i", idle_timeout=0.3) as w, trio.open_nursery() as n:
+            n.start_soon(_collect, w, 2, events)
+            await trio.sleep(0.1)
+            await writer.put("/i", "1")
+            etcd.signal(signal.SIGSTOP)
+            try:
+                await trio.sleep(1.5)
+            finally:
+                etcd.signal(signal.SIGCONT)
+            assert w.reconnects >= 1
+            await writer.put("/i", "2")
+            with trio.fail_after(5):
+                while len(events) < 2:
+                    await trio.sleep(0.02)
+        assert [e.kv.value for e in events] == [b"1", b"2"]
