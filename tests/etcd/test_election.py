@@ -202,3 +202,35 @@ async def test_frozen_leader_is_deposed_and_fenced(etcd: EtcdProc, tmp_path: Pat
             proc.send_signal(signal.SIGCONT)
             proc.kill()
             proc.wait()
+
+
+async def test_terms_and_campaigns_ride_out_an_etcd_restart(
+        etcd: EtcdProc, caplog: pytest.LogCaptureFixture) -> None:
+    # a leader whose lease outlasts etcd's restart keeps its term (etcd keeps leases
+    # across a restart and renews them when it elects itself again); a campaign made
+    # while etcd is down retries, then waits its turn
+    ttl = 6
+    async with open_etcd(etcd.url, timeout=1) as c1, open_etcd(etcd.url, timeout=1) as c2, \
+            open_election(c1, "/g", member_id="a", address="x", ttl=ttl) as a, \
+            open_election(c2, "/g", member_id="b", address="y", ttl=ttl) as b:
+        ta = await a.campaign()
+        etcd.kill()
+        b_term: list[int] = []
+
+        async def campaign_b() -> None:
+            b_term.append((await b.campaign()).token)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(campaign_b)
+            await trio.sleep(0.5)
+            await trio.to_thread.run_sync(etcd.start)
+            assert await a.guarded_put("/g/head", "a after restart", ta.token) > ta.token
+            await trio.sleep(1)
+            assert ta.lost is None and b_term == []
+            await a.resign()
+            with trio.fail_after(5):
+                while not b_term:
+                    await trio.sleep(0.02)
+        assert b_term[0] > ta.token
+        assert any(r.getMessage().startswith("campaign for /g/leader: etcd: no endpoint "
+                                             "answered") for r in caplog.records)
