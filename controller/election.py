@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -180,6 +180,8 @@ class Election:
                                           [OpPut(self.key, self._value, lease.lease)],
                                           [OpGet(self.key)])
             except (EtcdUnavailable, LeaseNotFound) as e:
+                if isinstance(e, LeaseNotFound) and self._lease is not None:
+                    self._lease.lose("the lease expired")  # grant another next time
                 if not warned:
                     log.warning("campaign for %s: %s; retrying", self.key, e)
                     warned = True
@@ -212,26 +214,24 @@ class Election:
     async def _wait_gone(self, revision: int, lease: Term) -> None:
         """Wait until the leader key changes after revision (deleted, mostly), or our
         lease is lost (then a new one is granted), or the watch fails (re-read)."""
-        async with trio.open_nursery() as n:
-            async def lease_lost() -> None:
-                await lease.wait_lost()
-                n.cancel_scope.cancel()
-            n.start_soon(lease_lost)
+        async def until_deleted() -> None:
             try:
                 async with self.client.watch(self.key, start_revision=revision + 1) as w:
                     async for ev in w:
                         if ev.type == "DELETE":
-                            break
+                            return
             except EtcdError as e:
                 log.debug("campaign's watch of %s: %s", self.key, e)
                 await trio.sleep(0.2)
-            n.cancel_scope.cancel()
+
+        await _until_lost(lease, until_deleted)
 
     async def _keep_alive(self, t: Term) -> None:
         """Renew t's lease every TTL/3 until the term ends; end it when no renewal is
         answered before the lease may have expired, or etcd says the lease is gone."""
         interval = t.ttl / 3
         next_send = trio.current_time() + interval
+        failing = False
         while t.lost is None:
             with trio.move_on_at(min(next_send, t.expires)):
                 await t.wait_lost()
@@ -247,9 +247,14 @@ class Election:
                 t.lose("the lease expired")
                 break
             except (EtcdError, trio.TooSlowError) as e:
-                log.warning("keep-alive of lease %x: %s", t.lease, e)
+                if not failing:  # once per outage; the lease's end is logged below
+                    log.warning("keep-alive of lease %x: %s; retrying", t.lease, e)
+                    failing = True
                 next_send = trio.current_time() + min(0.2, interval)
                 continue
+            if failing:
+                log.info("keep-alive of lease %x answered again", t.lease)
+                failing = False
             t.expires = sent + ttl  # etcd renewed after it got the request, so later
             next_send = sent + interval
         if t.token and t.lost != "resigned":
@@ -257,27 +262,36 @@ class Election:
         self._nursery.start_soon(self._revoke, t.lease)  # whatever is left of it
 
     async def _watch_key(self, t: Term) -> None:
-        """End term t when its leader key is deleted or re-created by someone else."""
+        """End term t when its leader key is deleted or re-created by someone else;
+        stop when the term ends otherwise."""
         rev = t.token + 1
-        while t.lost is None:
-            try:
-                async with self.client.watch(self.key, start_revision=rev) as w:
-                    async for ev in w:
-                        rev = ev.revision + 1
-                        if ev.type == "DELETE":
-                            t.lose("the leader key was deleted")
-                        elif ev.kv.create_revision != t.token:
-                            t.lose(f"the leader key was taken: {Leader.from_kv(ev.kv)}")
-                        if t.lost is not None:
-                            return
-            except WatchCompacted:
-                r = await self.client.get(self.key)
-                if r.kv is None or r.kv.create_revision != t.token:
-                    t.lose("the leader key was deleted")
-                rev = r.revision + 1
-            except EtcdError as e:  # the lease's own count decides; keep watching
-                log.debug("watch of %s: %s", self.key, e)
-                await trio.sleep(0.2)
+
+        async def watch() -> None:
+            nonlocal rev
+            while t.lost is None:
+                try:
+                    async with self.client.watch(self.key, start_revision=rev) as w:
+                        async for ev in w:
+                            rev = ev.revision + 1
+                            if ev.type == "DELETE":
+                                t.lose("the leader key was deleted")
+                            elif ev.kv.create_revision != t.token:
+                                t.lose(f"the leader key was taken: {Leader.from_kv(ev.kv)}")
+                except WatchCompacted:
+                    try:
+                        r = await self.client.get(self.key)
+                    except EtcdError as e:
+                        log.debug("read of %s: %s", self.key, e)
+                        await trio.sleep(0.2)
+                        continue
+                    if r.kv is None or r.kv.create_revision != t.token:
+                        t.lose("the leader key was deleted")
+                    rev = r.revision + 1
+                except EtcdError as e:  # the lease's own count decides; keep watching
+                    log.debug("watch of %s: %s", self.key, e)
+                    await trio.sleep(0.2)
+
+        await _until_lost(t, watch)
 
     async def _revoke(self, lease: int) -> None:
         with trio.move_on_after(self.client.timeout):
@@ -347,6 +361,17 @@ class Election:
         if t is not None and t.token == token:
             t.lose(reason)
         raise LeadershipLost(reason)
+
+
+async def _until_lost(t: Term, fn: Callable[[], Awaitable[None]]) -> None:
+    """Run fn until it returns or term t ends, whichever comes first."""
+    async with trio.open_nursery() as n:
+        async def stop() -> None:
+            await t.wait_lost()
+            n.cancel_scope.cancel()
+        n.start_soon(stop)
+        await fn()
+        n.cancel_scope.cancel()
 
 
 def _range_kv(r: TxnResponse) -> KeyValue | None:
