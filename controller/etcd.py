@@ -51,6 +51,7 @@ from .etcdwire import (
     RangeResponse,
     TxnResponse,
     WatchCompacted,
+    WatchResponse,
     error_of,
     prefix_end,
     put_body,
@@ -366,26 +367,24 @@ class Watch:
             return
         if err is not None:
             raise err
-        self._take(msg.get("result") or {})
+        self._take(WatchResponse.from_json(msg.get("result") or {}))
 
-    def _take(self, res: dict[str, Any]) -> None:
-        header_rev = int((res.get("header") or {}).get("revision") or 0)
-        if res.get("canceled"):
-            compacted = int(res.get("compact_revision") or 0)
-            if compacted:
+    def _take(self, res: WatchResponse) -> None:
+        if res.canceled:
+            if res.compact_revision:
                 raise WatchCompacted(f"etcd watch of {self._key!r}: revision "
                                      f"{self.next_revision} is compacted (oldest kept: "
-                                     f"{compacted}); re-read the current state", compacted)
+                                     f"{res.compact_revision}); re-read the current state",
+                                     res.compact_revision)
             raise EtcdRefused(f"etcd watch of {self._key!r} canceled: "
-                              f"{res.get('cancel_reason') or 'no reason given'}")
-        events = [Event.from_json(e) for e in res.get("events") or ()]
-        if events:
-            self._pending.extend(events)
-        elif res.get("created"):
+                              f"{res.cancel_reason or 'no reason given'}")
+        if res.events:
+            self._pending.extend(res.events)
+        elif res.created:
             if not self.next_revision:  # a watch from now starts after this revision
-                self.next_revision = header_rev + 1
-        elif header_rev:  # a progress notice: nothing more up to header_rev
-            self.next_revision = max(self.next_revision, header_rev + 1)
+                self.next_revision = res.revision + 1
+        elif res.revision:  # a progress notice: nothing more up to its revision
+            self.next_revision = max(self.next_revision, res.revision + 1)
 
 
 def _http_error(where: str, status: int, raw: bytes) -> EtcdError | dict[str, Any]:

@@ -292,6 +292,26 @@ class Event:
                    KeyValue.from_json(prev) if prev else None)
 
 
+@dataclass(frozen=True)
+class WatchResponse:
+    """One message of a watch stream: created (the watch is set up, at revision),
+    canceled (with compact_revision > 0 when its start was compacted), or events; a
+    message with none of these is a progress notice (nothing more up to revision)."""
+
+    revision: int
+    created: bool
+    canceled: bool
+    compact_revision: int
+    cancel_reason: str
+    events: tuple[Event, ...]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> WatchResponse:
+        return cls(_header_revision(d), bool(d.get("created")), bool(d.get("canceled")),
+                   _int(_field(d, "compact_revision")), str(_field(d, "cancel_reason", "")),
+                   tuple(Event.from_json(e) for e in d.get("events") or ()))
+
+
 # ---------------------------------------------------------------- txn parts
 
 CompareTarget = Literal["version", "create_revision", "mod_revision", "value", "lease"]
