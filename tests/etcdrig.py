@@ -30,7 +30,8 @@ def free_port() -> int:
 
 
 class EtcdProc:
-    """One etcd member alone in its cluster (``--initial-cluster NAME=PEER``).
+    """One etcd member: alone in its cluster (``--initial-cluster NAME=PEER``), or one
+    of several made by ``etcd_cluster``.
 
     The client and peer ports are picked once, so ``start()`` after ``kill()`` brings the
     same member back on its data dir (a restart, as after a crash). Short raft timers
@@ -45,7 +46,12 @@ class EtcdProc:
         self.name = name
         self.client_port = free_port()
         self.peer_port = free_port()
+        self.cluster = f"{name}={self.peer_url}"  # --initial-cluster
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
 
     @property
     def url(self) -> str:
@@ -59,19 +65,29 @@ class EtcdProc:
 
     def command(self) -> list[str]:
         assert ETCD is not None
-        peer = f"http://127.0.0.1:{self.peer_port}"
         return [ETCD, "--name", self.name, "--data-dir", str(self.data_dir),
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"{self.name}={peer}",
+                "--listen-peer-urls", self.peer_url,
+                "--initial-advertise-peer-urls", self.peer_url,
+                "--initial-cluster", self.cluster, "--initial-cluster-state", "new",
                 "--heartbeat-interval", "50", "--election-timeout", "500"]
 
-    def start(self, timeout: float = 20) -> EtcdProc:
-        """Start the member and wait until /health says true; RuntimeError with the
-        log's tail if it exits or is not healthy within timeout seconds."""
+    def spawn(self) -> None:
+        """Start the process; wait_healthy() waits for it."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
+
+    def start(self, timeout: float = 20) -> EtcdProc:
+        """Start the member and wait until it is healthy (wait_healthy)."""
+        self.spawn()
+        return self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 20) -> EtcdProc:
+        """Wait until /health says true (the member is in a cluster with a leader);
+        RuntimeError with the log's tail if it exits or is not healthy within timeout
+        seconds (then it is killed)."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -120,3 +136,22 @@ class EtcdProc:
             self.proc.wait()
         except OSError:
             pass
+
+
+def etcd_cluster(base: Path, n: int = 3) -> list[EtcdProc]:
+    """n members of one new cluster (e1..en), data and logs under base, all started and
+    healthy; the caller stops each (``stop()``). Up in about 2 s."""
+    base.mkdir(parents=True, exist_ok=True)
+    members = [EtcdProc(base / f"e{i}", base / f"e{i}.log", f"e{i}") for i in range(1, n + 1)]
+    cluster = ",".join(m.cluster for m in members)
+    try:
+        for m in members:
+            m.cluster = cluster
+            m.spawn()
+        for m in members:
+            m.wait_healthy()
+    except BaseException:
+        for m in members:
+            m.stop()
+        raise
+    return members

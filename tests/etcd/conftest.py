@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from etcdrig import ETCD, SKIP_REASON, EtcdProc
+from etcdrig import ETCD, SKIP_REASON, EtcdProc, etcd_cluster
 
 
 @pytest.fixture
@@ -19,3 +19,16 @@ def etcd(tmp_path: Path) -> Iterator[EtcdProc]:
         yield member
     finally:
         member.stop()
+
+
+@pytest.fixture
+def etcd3(tmp_path: Path) -> Iterator[list[EtcdProc]]:
+    """Three members of one cluster on loopback, data under tmp_path; killed at the end."""
+    if ETCD is None:
+        pytest.skip(SKIP_REASON)
+    members = etcd_cluster(tmp_path / "etcd3", 3)
+    try:
+        yield members
+    finally:
+        for m in members:
+            m.stop()
