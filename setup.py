@@ -20,4 +20,5 @@ setup(install_requires=[
     f"pyfuse3 @ {PYFUSE3}",  # 3.5.0+virtfs.fallocate.lseek
     "tqdm>=4.60",  # vdctl's progress bars (migrate, drain)
     "prometheus-client>=0.17",  # --metrics (start_http_server returns the server)
+    "httpx>=0.27",  # etcd's v3 JSON gateway (controller/etcd.py, docs/ha.md)
 ])

@@ -4,7 +4,8 @@
 set -euo pipefail
 PKGS=(fuse3 libfuse3-dev pkg-config gcc patch python3-venv fio qemu-utils e2fsprogs strace util-linux
       iproute2 procps rsync openssl
-      systemd)  # systemd-analyze: tests/process/test_services.py verifies examples/systemd/
+      systemd  # systemd-analyze: tests/process/test_services.py verifies examples/systemd/
+      etcd-server)  # the controller group's engine (docs/ha.md); tests start their own members
 # `make bench` also needs its peer, qemu-storage-daemon (in qemu-system-common)
 [[ "${1:-}" == "--bench" ]] && PKGS+=(qemu-system-common)
 missing=()
@@ -23,4 +24,14 @@ if ((${#missing[@]})); then
     [[ $(id -u) -eq 0 ]] || SUDO=sudo
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" etcd-server "* ]]; then
+        # the package enables and starts an etcd of its own (on 127.0.0.1:2379 where an init
+        # is running); nothing here uses it: tests start members on free ports. Stop it.
+        if [[ -d /run/systemd/system ]]; then
+            $SUDO systemctl disable --now etcd.service >/dev/null 2>&1 || true
+        elif [[ -x /etc/init.d/etcd ]]; then
+            $SUDO /etc/init.d/etcd stop >/dev/null 2>&1 || true
+            $SUDO update-rc.d etcd disable >/dev/null 2>&1 || true
+        fi
+    fi
 fi

@@ -1,0 +1,157 @@
+"""Real etcd members for tests: ``EtcdProc`` runs one ``etcd`` process on free loopback
+ports with its data in a directory of the test's, waits until it is healthy, and kills
+it in teardown. Never the system's etcd service (scripts/sysdeps.sh disables it).
+
+Tests import it as ``etcdrig`` (``tests/`` is on pytest's ``pythonpath``), the bench as
+``tests.etcdrig``; it imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+ETCD = shutil.which("etcd")
+SKIP_REASON = "etcd is not installed (scripts/sysdeps.sh installs Debian's etcd-server)"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EtcdProc:
+    """One etcd member: alone in its cluster (``--initial-cluster NAME=PEER``), or one
+    of several made by ``etcd_cluster``.
+
+    The client and peer ports are picked once, so ``start()`` after ``kill()`` brings the
+    same member back on its data dir (a restart, as after a crash). Short raft timers
+    (heartbeat 50 ms, election 500 ms) make it ready in about a second; its minimum lease
+    TTL is then under 1 s, so tests can use 2 s leases."""
+
+    def __init__(self, data_dir: Path, log_path: Path, name: str = "n1") -> None:
+        if ETCD is None:
+            raise RuntimeError(SKIP_REASON)
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.name = name
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.cluster = f"{name}={self.peer_url}"  # --initial-cluster
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
+    def url(self) -> str:
+        """The client URL (the JSON gateway is served there too)."""
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        assert ETCD is not None
+        return [ETCD, "--name", self.name, "--data-dir", str(self.data_dir),
+                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                "--listen-peer-urls", self.peer_url,
+                "--initial-advertise-peer-urls", self.peer_url,
+                "--initial-cluster", self.cluster, "--initial-cluster-state", "new",
+                "--heartbeat-interval", "50", "--election-timeout", "500"]
+
+    def spawn(self) -> None:
+        """Start the process; wait_healthy() waits for it."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+
+    def start(self, timeout: float = 20) -> EtcdProc:
+        """Start the member and wait until it is healthy (wait_healthy)."""
+        self.spawn()
+        return self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 20) -> EtcdProc:
+        """Wait until /health says true (the member is in a cluster with a leader);
+        RuntimeError with the log's tail if it exits or is not healthy within timeout
+        seconds (then it is killed)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n{self.tail()}")
+            if self.healthy():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"etcd not healthy within {timeout:g} s:\n{self.tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                return bool(json.loads(r.read()).get("health") == "true")
+        except (OSError, ValueError):
+            return False
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def signal(self, sig: int) -> None:
+        """Send sig to the member (SIGSTOP/SIGCONT to freeze and thaw it)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the member (a crash; its data dir stays) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen member dies too
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 5 s; never raises."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        except OSError:
+            pass
+
+
+def etcd_cluster(base: Path, n: int = 3) -> list[EtcdProc]:
+    """n members of one new cluster (e1..en), data and logs under base, all started and
+    healthy; the caller stops each (``stop()``). Up in about 2 s."""
+    base.mkdir(parents=True, exist_ok=True)
+    members = [EtcdProc(base / f"e{i}", base / f"e{i}.log", f"e{i}") for i in range(1, n + 1)]
+    cluster = ",".join(m.cluster for m in members)
+    try:
+        for m in members:
+            m.cluster = cluster
+            m.spawn()
+        for m in members:
+            m.wait_healthy()
+    except BaseException:
+        for m in members:
+            m.stop()
+        raise
+    return members
