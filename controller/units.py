@@ -51,3 +51,20 @@ def format_size(n: int) -> str:
             v = n / (1 << shift)
             return f"{v:.0f}{suffix}" if v == int(v) else f"{v:.1f}{suffix}"
     return f"{n}B"
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse type for a duration in seconds ('30', '2.5'): a finite number > 0.
+
+    Raises argparse.ArgumentTypeError (one line, the value named) otherwise.
+    """
+    import argparse
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: seconds, "
+                                         "a number such as 30 or 2.5") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be more than 0 s")
+    return v

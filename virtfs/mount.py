@@ -37,7 +37,7 @@ from controller.daemon import (
 from controller.protocol import RemoteError
 from controller.statedir import default_socket, default_state_dir
 from controller.transport import ClientSecurity, SecurityConfigError, parse_addr
-from controller.units import SizeError, parse_size
+from controller.units import SizeError, parse_size, seconds_arg
 
 from .agent import Session
 from .blockio import ContainerIO
@@ -166,17 +166,17 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
             if args.demo:
                 log.warning("--demo only applies to an embedded controller; ignored")
             print(f"virtfs-mount: connecting to the controller at {addr} (up to "
-                  f"{CONNECT_TIMEOUT:.0f} s)", file=sys.stderr, flush=True)
+                  f"{args.connect_timeout:g} s)", file=sys.stderr, flush=True)
         session = Session(addr, mountpoint, call_timeout=args.fault_timeout,
                           security=args.security)
         async with trio.open_nursery() as nursery:
             try:
-                with trio.fail_after(CONNECT_TIMEOUT):
+                with trio.fail_after(args.connect_timeout):
                     await nursery.start(session.run)
             except trio.TooSlowError:
                 last = f" (last: {session.last_error})" if session.last_error else ""
                 raise MountError(f"no controller answered at {addr} within "
-                                 f"{CONNECT_TIMEOUT:.0f} s{last}") from None
+                                 f"{args.connect_timeout:g} s{last}") from None
             except Refused as e:  # a wrong token, a certificate refused: at once
                 raise MountError(e.message if addr in e.message
                                  else f"the controller at {addr}: {e.message}") from None
@@ -324,9 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", action="store_true",
                    help=f"embedded controller: also create a {DEMO_SIZE >> 30} GiB thin disk "
                    f"{DEMO_DISK!r} if it does not exist")
-    p.add_argument("--fault-timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--fault-timeout", type=seconds_arg, default=30.0, metavar="SECONDS",
                    help="how long I/O waits for the controller before failing with EIO "
                    "(default 30)")
+    p.add_argument("--connect-timeout", type=seconds_arg, default=CONNECT_TIMEOUT,
+                   metavar="SECONDS", help="with --controller: how long to wait for it to "
+                   f"answer at start before exiting 1 (default {CONNECT_TIMEOUT:.0f})")
     p.add_argument("--lease", type=float, default=10.0, metavar="SECONDS",
                    help="agent lease of the embedded controller (default 10)")
     p.add_argument("--read-ahead-kb", type=int, default=1024, metavar="KB",
