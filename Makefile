@@ -9,7 +9,7 @@ STATE   ?= $(CURDIR)/state
 MNT     ?= $(CURDIR)/mnt
 PYTEST_ARGS ?=
 
-.PHONY: all setup sysdeps run controller test test-fast lint typecheck bench torture clean
+.PHONY: all setup sysdeps run controller test soak lint typecheck bench torture clean
 
 all: test
 
@@ -32,11 +32,14 @@ run: setup
 controller: setup
 	VIRTFS_STATE_DIR=$(STATE) $(BIN)/virtfs-controller
 
+# the suite without the soak tests (marked slow: scale and long fault runs)
 test: setup
-	$(BIN)/pytest -q $(PYTEST_ARGS)
-
-test-fast: setup
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# the soak tests only (pytest -m slow), then a torture run of OPS operations
+soak: setup
+	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+	$(MAKE) torture
 
 lint: setup
 	$(BIN)/ruff check controller virtfs tests bench
