@@ -31,7 +31,7 @@ from .client import (
 )
 from .protocol import NO_LUN, state_names
 from .statedir import default_socket, default_state_dir
-from .transport import SecurityConfigError, parse_addr
+from .transport import SecurityConfigError, split_addrs
 from .units import format_size
 
 JOB_POLL = 0.5  # seconds between progress polls
@@ -404,7 +404,7 @@ def controller_addr(args: argparse.Namespace) -> str:
     env = os.environ.get("VIRTFS_CONTROLLER")
     if env and not getattr(args, "state_dir", None):
         try:
-            parse_addr(env)
+            split_addrs(env)
         except ValueError as e:
             raise SecurityConfigError(f"$VIRTFS_CONTROLLER: {e}") from None
         return env

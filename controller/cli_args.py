@@ -11,7 +11,7 @@ from typing import Any
 from . import __version__
 from .client import add_security_options
 from .protocol import SNAP_SEP
-from .transport import parse_addr
+from .transport import split_addrs
 from .units import SIZE_HELP, SizeError, parse_size
 
 _NEG = "neg:"  # argv rewrite so "disk resize d -1G" is not taken for an option
@@ -59,10 +59,10 @@ def delta_arg(text: str) -> tuple[str, int]:
 
 
 def addr_arg(text: str) -> str:
-    """A controller address: unix:PATH or tcp://HOST:PORT (TLS and a token, see
-    --token-file)."""
+    """A controller address, unix:PATH or tcp://HOST:PORT (TLS and a token, see
+    --token-file), or a group's addresses separated by commas (docs/ha.md)."""
     try:
-        parse_addr(text)
+        split_addrs(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
@@ -81,7 +81,8 @@ def _globals(parser: argparse.ArgumentParser, default: Any) -> None:
                    help="the controller's state dir (its socket is STATE_DIR/controller.sock; "
                    "default $VIRTFS_STATE_DIR or ~/.local/state/virtfs)")
     g.add_argument("--controller", metavar="ADDR", default=default, type=addr_arg,
-                   help="the controller's address, unix:PATH or tcp://HOST:PORT "
+                   help="the controller's address, unix:PATH or tcp://HOST:PORT, or a "
+                   "group's addresses separated by commas (vdctl asks the leader) "
                    "(default $VIRTFS_CONTROLLER, else the state dir's socket)")
     add_security_options(g, default)
     g.add_argument("--format", choices=("table", "json"), default=default,

@@ -15,7 +15,7 @@ import math
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import trio
@@ -31,6 +31,7 @@ from .transport import (
     SecurityConfigError,
     client_security,
     parse_addr,
+    split_addrs,
     split_host_port,
 )
 
@@ -55,7 +56,7 @@ def add_security_options(parser: argparse._ActionsContainer, default: Any = None
 def security_from_args(args: argparse.Namespace, addr: str) -> ClientSecurity | None:
     """client_security from parsed add_security_options for a tcp:// addr (where one
     is required); None for unix: (nothing is loaded). Raises SecurityConfigError."""
-    if not addr.startswith("tcp://"):
+    if not any(a.startswith("tcp://") for a in addr.split(",")):
         return None
     sec = client_security(**{k: getattr(args, k, None) for k in SECURITY_ENV})
     if sec is None:
@@ -99,6 +100,7 @@ class Client:
         self.close_reason = ""
         self.closed_event = trio.Event()  # set with closed: lets a holder notice at once
         self.refused = False  # cut off before hello's answer, by a refusal (see Refused)
+        self.addr = ""  # the controller's address it reached (one of a group's)
 
     def _before_hello(self) -> bool:
         """A TLS stream cut while hello is the only request: the TLS 1.3 client
@@ -179,8 +181,10 @@ class Client:
         if msg.get("ok"):
             return msg.get("result")
         err = msg.get("error") or {}
+        leader = err.get("leader")
         raise P.RemoteError(str(err.get("code", P.E_INTERNAL)),
-                            str(err.get("message", "unknown error")))
+                            str(err.get("message", "unknown error")),
+                            leader if isinstance(leader, str) else None)
 
 
 async def connect_stream(addr: str, security: ClientSecurity | None = None) -> trio.abc.Stream:
@@ -236,14 +240,79 @@ async def open_controller(addr: str, *, role: str = "admin", name: str = "",
                           on_push: Callable[[dict[str, Any]], Any] | None = None,
                           timeout: float = DEFAULT_TIMEOUT,
                           security: ClientSecurity | None = None) -> AsyncIterator[Client]:
-    """A Client connected to addr and past hello (as role), for the block's duration.
+    """A Client connected to the controller at addr and past hello (as role), for the
+    block's duration; its ``addr`` is the address it reached.
 
+    addr: one address, or a group's addresses separated by commas (docs/ha.md). They
+    are tried in order; a controller that does not lead its group answers hello with
+    E_NOT_LEADER naming the leader, which is tried next (at most MAX_REDIRECTS times).
     security: required for tcp:// (its token goes in hello); ignored for unix:.
-    Raises ConnectionLost if the controller cannot be reached (a slow connect or TLS
-    handshake too) or cuts us off, Refused (a ConnectionLost; code unauthorized on a
-    wrong token) if it turns us away, trio.TooSlowError if hello gets no answer within
-    timeout.
+    Raises ConnectionLost if no controller can be reached (a slow connect or TLS
+    handshake too) or one cuts us off, naming each address's error; Refused (a
+    ConnectionLost; code unauthorized on a wrong token) if one turned us away and no
+    other let us in; trio.TooSlowError if hello gets no answer within timeout (per
+    address).
     """
+    addrs = split_addrs(addr)
+    tried: list[str] = []
+    failures: list[tuple[str, ConnectionLost]] = []
+    queue = list(addrs)
+    redirects = 0
+    while queue:
+        a = queue.pop(0)
+        tried.append(a)
+        stack = AsyncExitStack()
+        try:
+            client = await stack.enter_async_context(
+                _open_one(a, role=role, name=name, on_push=on_push, timeout=timeout,
+                          security=security))
+        except NotLeader as e:
+            failures.append((a, e))
+            if e.leader and e.leader not in tried and redirects < MAX_REDIRECTS:
+                redirects += 1
+                if e.leader in queue:
+                    queue.remove(e.leader)
+                queue.insert(0, e.leader)
+            continue
+        except (ConnectionLost, trio.TooSlowError) as e:
+            if len(addrs) == 1 and not redirects:
+                raise
+            failures.append((a, e if isinstance(e, ConnectionLost) else ConnectionLost(
+                f"no answer to hello from the controller at {a} within {timeout:g} s")))
+            continue
+        async with stack:
+            yield client
+        return
+    raise _no_leader(failures)
+
+
+MAX_REDIRECTS = 8  # "the leader is X" followed at most this often per open_controller
+
+
+class NotLeader(ConnectionLost):
+    """A controller of a group that does not lead it answered hello (E_NOT_LEADER);
+    leader: the leader's address it named, or None."""
+
+    def __init__(self, message: str, leader: str | None):
+        P.RemoteError.__init__(self, P.E_NOT_LEADER, message, leader)
+
+
+def _no_leader(failures: list[tuple[str, ConnectionLost]]) -> ConnectionLost:
+    """The error of a group none of whose addresses served: a Refused if one refused us
+    (the same credentials will not do better), else ConnectionLost naming each."""
+    for _a, e in failures:
+        if isinstance(e, Refused):
+            return e
+    text = "; ".join(e.message if a in e.message else f"{a}: {e.message}"
+                     for a, e in failures)
+    return ConnectionLost(f"no leader among the controllers: {text}")
+
+
+@asynccontextmanager
+async def _open_one(addr: str, *, role: str, name: str,
+                    on_push: Callable[[dict[str, Any]], Any] | None, timeout: float,
+                    security: ClientSecurity | None) -> AsyncIterator[Client]:
+    """open_controller for one address; NotLeader if it does not lead its group."""
     try:
         with trio.fail_after(timeout):
             stream = await connect_stream(addr, security)
@@ -251,11 +320,12 @@ async def open_controller(addr: str, *, role: str = "admin", name: str = "",
         raise ConnectionLost(f"cannot connect to the controller at {addr}: "
                              f"{getattr(e, 'strerror', None) or e}") from None
     client = Client(stream, on_push)
+    client.addr = addr
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._reader)
             extra = {"token": security.token} if security is not None and (
-                addr.startswith("tcp://")) else {}
+                addr.startswith("tcp://")) else {}  # never over a Unix socket
             try:
                 await client.call("hello", timeout=timeout, version=P.PROTOCOL_VERSION,
                                   role=role, name=name or f"pid-{os.getpid()}", **extra)
@@ -265,7 +335,9 @@ async def open_controller(addr: str, *, role: str = "admin", name: str = "",
                 if client.refused:
                     raise Refused(e.message) from None
                 raise
-            except P.RemoteError as e:  # an error answer to hello: a refusal
+            except P.RemoteError as e:  # an error answer to hello: a refusal ...
+                if e.code == P.E_NOT_LEADER:  # ... or "ask the leader"
+                    raise NotLeader(e.message, e.leader) from None
                 raise Refused(e.message, e.code) from None
             try:
                 yield client

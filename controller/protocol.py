@@ -231,18 +231,35 @@ E_IO = "io_error"
 E_INTERNAL = "internal"
 E_UNSUPPORTED = "unsupported"
 E_READONLY = "read_only"  # a write to a snapshot (the agent answers EROFS)
+# hello at a controller of a group that is not its leader (docs/ha.md): the error's
+# ``leader`` names the leader's address when one is known; clients go there
+E_NOT_LEADER = "not_leader"
 
 
 class RemoteError(Exception):
-    """An error reply, raised by the client and by service methods alike."""
+    """An error reply, raised by the client and by service methods alike.
 
-    def __init__(self, code: str, message: str):
+    leader: with E_NOT_LEADER, the leader's client address ("" or None: not known).
+    """
+
+    def __init__(self, code: str, message: str, leader: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.leader = leader
 
     def to_wire(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+        wire = {"code": self.code, "message": self.message}
+        if self.leader:
+            wire["leader"] = self.leader
+        return wire
+
+
+def not_leader(leader: str | None) -> RemoteError:
+    """The answer of a controller that does not lead its group (docs/ha.md)."""
+    if leader:
+        return RemoteError(E_NOT_LEADER, f"not the leader; the leader is {leader}", leader)
+    return RemoteError(E_NOT_LEADER, "not the leader, and no leader is elected yet")
 
 
 def invalid(message: str) -> RemoteError:

@@ -174,6 +174,10 @@ class Connection:
             await self.reply_error(rid, P.RemoteError(
                 P.E_UNAUTHORIZED, "authentication failed: wrong or missing token"))
             raise FrameError("authentication failed")
+        follower = self.server.not_leader()
+        if follower is not None:
+            await self.reply_error(rid, follower)
+            raise FrameError(f"{follower.message} (told {self.peer or 'a peer'})")
         self.role = role
         name = args.get("name")
         self.name = name if isinstance(name, str) else ""
@@ -226,17 +230,31 @@ class Server:
     security: what TCP connections must present (None: TCP connections are
     refused; serve_listeners never opens a TCP listener without it).
     max_connections: connections open at once; more are closed at accept.
+    leader: for a controller of a group, () -> (whether it leads now, the leader's
+    client address or None); hello at a controller that does not lead is answered
+    E_NOT_LEADER naming the leader, and the connection closed (docs/ha.md). None: it
+    runs alone and always serves.
     """
 
     def __init__(self, dispatch: Dispatch, *, security: ServerSecurity | None = None,
-                 max_connections: int = MAX_CONNECTIONS):
+                 max_connections: int = MAX_CONNECTIONS,
+                 leader: Callable[[], tuple[bool, str | None]] | None = None):
         self.dispatch = dispatch
+        self.leader = leader
         self.security = security
         self.max_connections = max_connections
         self.uid = os.getuid()
         self.connections = 0
         self.refused = 0  # connections closed at accept because of the cap
         self._refusal_logged = -1e9
+
+    def not_leader(self) -> P.RemoteError | None:
+        """None if this controller serves (it runs alone, or leads its group); else the
+        E_NOT_LEADER error hello answers, naming the leader's address if known."""
+        if self.leader is None:
+            return None
+        leads, where = self.leader()
+        return None if leads else P.not_leader(where)
 
     async def handle_stream(self, stream: trio.SocketStream) -> None:
         if self.connections >= self.max_connections:

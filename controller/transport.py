@@ -226,6 +226,19 @@ def parse_addr(addr: str) -> tuple[str, str]:
     raise ValueError(f"bad address {addr!r}: use unix:PATH or tcp://HOST:PORT")
 
 
+def split_addrs(text: str) -> list[str]:
+    """A controller group's addresses, comma-separated ("unix:/run/c1.sock,unix:/run/c2.sock",
+    "tcp://a:7800,tcp://b:7800"; one address is a group of one) -> the list, in order,
+    each checked by parse_addr. Raises ValueError (one line) for an empty or bad one."""
+    addrs = [a.strip() for a in text.split(",")]
+    if not text.strip() or any(not a for a in addrs):
+        raise ValueError(f"bad address list {text!r}: addresses separated by commas, "
+                         "each unix:PATH or tcp://HOST:PORT")
+    for a in addrs:
+        parse_addr(a)
+    return addrs
+
+
 def split_host_port(where: str) -> tuple[str, int]:
     """HOST:PORT (an IPv6 HOST in brackets: [::1]:7000) -> (host, port), port 0..65535.
 

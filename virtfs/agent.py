@@ -136,7 +136,7 @@ class Session:
             self.reconnects += 1
             away = self.outages.recovered(trio.current_time())
             log.info("registered with the controller at %s as agent %d (lease %.1f s)%s",
-                     self.addr, self.agent_id, self.lease,
+                     client.addr, self.agent_id, self.lease,
                      "" if away is None else f", after {away:.1f} s without it")
             if not first and self.on_reconnect is not None:
                 # reload every table first: until then the old lease (if any is left)

@@ -36,7 +36,7 @@ from controller.daemon import (
 )
 from controller.protocol import RemoteError
 from controller.statedir import default_socket, default_state_dir
-from controller.transport import ClientSecurity, SecurityConfigError, parse_addr
+from controller.transport import ClientSecurity, SecurityConfigError, split_addrs
 from controller.units import SizeError, parse_size, seconds_arg
 
 from .agent import Session
@@ -313,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("mountpoint")
     p.add_argument("--controller", metavar="ADDR",
-                   help="controller address (unix:PATH or tcp://HOST:PORT). Default: the state "
-                   "dir's socket; if no controller answers there, an embedded one is started")
+                   help="controller address (unix:PATH or tcp://HOST:PORT), or a group's "
+                   "addresses separated by commas (the agent follows the leader). Default: "
+                   "the state dir's socket; if no controller answers there, an embedded one "
+                   "is started")
     add_security_options(p)
     p.add_argument("--state-dir", help="state dir for the embedded controller and the default "
                    "socket (default $VIRTFS_STATE_DIR or ~/.local/state/virtfs)")
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args.security = None
     if args.controller is not None:
         try:
-            parse_addr(args.controller)
+            split_addrs(args.controller)
             args.security = security_from_args(args, args.controller)
         except (ValueError, SecurityConfigError) as e:
             print(f"virtfs-mount: error: {e}", file=sys.stderr)
