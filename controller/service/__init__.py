@@ -109,11 +109,13 @@ class Service:
 
     async def run_jobs(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                        ) -> None:
-        """Run (and resume) jobs and moves (Jobs.run), and the labels' heartbeat and
-        relocations (Labels.run), for the service's life."""
+        """Run (and resume) jobs and moves (Jobs.run), the labels' heartbeat and
+        relocations (Labels.run), and the removal of unlinked disks whose last agent
+        died (Files.reap_deleted), for the service's life."""
         async with trio.open_nursery() as n:
             await n.start(self.jobs.run)
             self.ctx.spawn(self.labels.run)
+            self.ctx.spawn(self.files.reap_deleted)
             task_status.started()
 
     async def dispatch(self, op: str, args: dict[str, object], conn: Caller | None = None

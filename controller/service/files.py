@@ -1,6 +1,8 @@
 """What a file in the mount needs beyond faults: allocation ahead of writes, the size an
 appending writer grew ahead given back (disk.trim), times (disk.times), rm of an open
-file (disk.unlink) and the close that then removes it (disk.close).
+file (disk.unlink) and the close that then removes it (disk.close), or, if the last
+agent that had it open dies instead, the reaper once that agent's lease has run out
+(Files.reap_deleted).
 
 ``disk.allocate`` maps every zero entry of a range in one record (with the
 write fault's step, ``Faults.map_zeros``): fallocate's preallocation (reserve:
@@ -14,6 +16,8 @@ a moving segment faults as usual).
 from __future__ import annotations
 
 import logging
+
+import trio
 
 from .. import protocol as P
 from ..records import DiskRename, DiskTimes
@@ -143,6 +147,26 @@ class Files:
         if (d is not None and P.former_name(d.name) is not None
                 and self.state.disks.get(d.name) is d and not self.agents.caching(d)):
             await self._remove_deleted(d)
+
+    async def reap_deleted(self) -> None:
+        """For the service's life: remove every unlinked disk (a deleted name, see
+        disk_unlink) that no agent holding a lease has open. That is a disk whose last
+        agent died, or was cut off, instead of closing it: it goes once that agent's
+        lease (plus the registry's margin) has run out, as a file unlinked while open
+        on ext4 goes when its last holder is gone. After a start, it waits out the
+        previous run's agents' leases (AgentRegistry.grace_until) and one lease more,
+        so that agents which re-register re-open their disks first. Checked every half
+        lease (at least every 0.5 s); docs/architecture.md ("rm of an open file")."""
+        every = max(0.5, self.agents.lease / 2)
+        await trio.sleep_until(self.agents.grace_until + self.agents.lease)
+        while True:
+            for d in [d for d in self.state.disks.values()
+                      if P.former_name(d.name) is not None]:
+                if self.state.disks.get(d.name) is d and not self.agents.caching(d):
+                    log.info("unlinked disk %r: no agent has it open any more; removing it",
+                             d.name)
+                    await self._remove_deleted(d)
+            await trio.sleep(every)
 
     async def _remove_deleted(self, d: Disk) -> None:
         """Remove an unlinked disk nobody has open; if it cannot go (opened again, gone

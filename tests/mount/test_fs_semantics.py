@@ -412,6 +412,43 @@ def test_unlink_of_a_disk_open_only_in_another_mount(controller: Any, mount_fact
     assert vd(controller, "check")["ok"]
 
 
+def test_unlinked_disk_whose_last_agent_died_goes_after_its_lease(mount_factory: Any,
+                                                                  tmp_path: Path) -> None:
+    """rm in mount a of a file only mount b has open, then b's agent is killed (kill -9)
+    instead of closing it: the controller removes the disk (its space freed) once b's
+    lease has run out, not before, and not while b lives."""
+    from rig import ControllerProc
+    c = ControllerProc(tmp_path / "state", tmp_path / "controller.log")
+    c.start(["--lease", "2"])
+    try:
+        assert c.vdctl("container", "add", "c1", str(tmp_path / "c1.img"),
+                       "--size", "1G").rc == 0
+        a, b = (mount_factory(n, controller=c.addr) for n in ("a", "b"))
+        (a.path / "x").write_bytes(os.urandom(2 * MiB))
+        used = sum(r["used"] for r in vd(c, "container", "ls"))
+        wait_for(lambda: (b.path / "x").exists(), 2, "create seen by b")
+        fb = open(b.path / "x", "rb")  # noqa: SIM115
+        try:
+            os.unlink(a.path / "x")
+            time.sleep(3 * 2)  # three leases: b lives and has it open, so it stays
+            [row] = vd(c, "disk", "ls")
+            assert row["deleted"] == "x", row
+            b.kill9()
+            t0 = time.monotonic()
+            wait_for(lambda: vd(c, "disk", "ls") == [], 15, "removal after b's lease")
+            assert time.monotonic() - t0 >= 1.0  # not at once: b's lease first
+        finally:
+            try:
+                fb.close()
+            except OSError:
+                pass  # b's mount is gone
+        assert sum(r["used"] for r in vd(c, "container", "ls")) == used - 2 * MiB
+        assert vd(c, "check")["ok"]
+        assert "no agent has it open any more; removing it" in c.log_path.read_text()
+    finally:
+        c.stop()
+
+
 def test_fallocate_while_grown_ahead(embedded: Any, tmp_path: Path) -> None:
     """fallocate on a file being appended (its size grown ahead at the controller): the
     size and content are still exactly the host file's."""
