@@ -16,6 +16,13 @@ Every call is bounded by the client's timeout (seconds; ``timeout=`` per call), 
 cluster without quorum, whose members hold a write until their own request timeout,
 never wedges the caller. A watch (``watch()``) is a stream that reconnects by itself and
 resumes from the revision after the last event it delivered.
+
+etcd's own security (EtcdSecurity, docs/ha.md): https:// endpoints are verified against
+a CA (the system's unless ``ca``), with a client certificate if the cluster asks for
+one (``--client-cert-auth``); with a user, the client authenticates
+(``/v3/auth/authenticate``) and sends the token etcd gives in the ``Authorization``
+header of every request, authenticating again when etcd says the token is no longer
+valid (it expires: ``--auth-token-ttl``, 300 s by default).
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -65,6 +74,59 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 5.0  # s: above etcd's own request timeout for a member without quorum
 
 
+@dataclass(frozen=True)
+class EtcdSecurity:
+    """How to reach a secured etcd (etcd's own TLS and authentication, not virtfs's).
+
+    ca: PEM file of the CA that signed the members' certificates (None: the system's);
+    cert, key: this client's certificate and key (PEM), for a cluster started with
+    ``--client-cert-auth``; user, password: etcd's credentials (``etcdctl user add``),
+    for a cluster with auth enabled. Build it with ``etcd_security``."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client TLS context. Raises ValueError (one line) for an unreadable or
+        wrong PEM file."""
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca)
+            if self.cert:
+                ctx.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"etcd TLS: {getattr(e, 'strerror', None) or e} "
+                             f"(--etcd-ca {self.ca}, --etcd-cert {self.cert}, "
+                             f"--etcd-key {self.key})") from None
+        return ctx
+
+
+def etcd_security(*, ca: str | None = None, cert: str | None = None, key: str | None = None,
+                  user: str | None = None, password_file: str | None = None
+                  ) -> EtcdSecurity | None:
+    """EtcdSecurity from command-line options (None if none is given). password_file:
+    a file whose first line is the password (never a command-line argument, which other
+    users see in ps). Raises ValueError (one line) for a missing pair or file."""
+    if key and not cert:
+        raise ValueError("--etcd-key needs --etcd-cert")
+    if bool(user) != bool(password_file):
+        raise ValueError("--etcd-user and --etcd-password-file go together")
+    password = None
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise ValueError(f"--etcd-password-file {password_file}: {e.strerror}") from None
+        if not password:
+            raise ValueError(f"--etcd-password-file {password_file}: empty")
+    if not any((ca, cert, user)):
+        return None
+    return EtcdSecurity(ca, cert, key, user, password)
+
+
 def parse_endpoints(endpoints: str | Sequence[str]) -> list[str]:
     """``"http://a:2379,http://b:2379"`` (or a list) -> the URLs, without a trailing
     slash. Raises ValueError naming a bad one (only http:// and https:// are spoken)."""
@@ -82,11 +144,35 @@ class EtcdClient:
     """The client; make one with ``open_etcd``. Keys and values are bytes (str is
     UTF-8). Every method raises EtcdUnavailable or EtcdRefused (both EtcdError)."""
 
-    def __init__(self, endpoints: list[str], http: httpx.AsyncClient, timeout: float) -> None:
+    def __init__(self, endpoints: list[str], http: httpx.AsyncClient, timeout: float,
+                 credentials: tuple[str, str] | None = None) -> None:
         self.endpoints = endpoints
         self.timeout = timeout
         self._http = http
         self._current = 0
+        self._credentials = credentials  # (user, password) for etcd's auth
+        self._auth_token: str | None = None
+        self._auth_lock = trio.Lock()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every request carries: etcd's auth token, once we have one."""
+        return {"Authorization": self._auth_token} if self._auth_token else {}
+
+    async def _authenticate(self, stale: str | None) -> None:
+        """Get a new auth token (unless another task already replaced stale)."""
+        assert self._credentials is not None
+        async with self._auth_lock:
+            if self._auth_token is not None and self._auth_token != stale:
+                return
+            user, password = self._credentials
+            self._auth_token = None
+            answer = await self.call("/v3/auth/authenticate",
+                                     {"name": user, "password": password}, _auth=False)
+            token = answer.get("token")
+            if not isinstance(token, str) or not token:
+                raise EtcdError("etcd /v3/auth/authenticate: no token in the answer")
+            self._auth_token = token
 
     @property
     def endpoint(self) -> str:
@@ -94,12 +180,30 @@ class EtcdClient:
         return self.endpoints[self._current]
 
     async def call(self, path: str, body: dict[str, Any], *, retry: bool = True,
-                   timeout: float | None = None) -> dict[str, Any]:
+                   timeout: float | None = None, _auth: bool = True) -> dict[str, Any]:
         """POST body to path (``/v3/kv/put``) and return the decoded answer.
 
         retry: the request is harmless to repeat, so it may go to the next endpoint
         even after it may have been sent (a read); without it, only a failure to
-        connect moves it on. timeout: seconds for each endpoint's try."""
+        connect moves it on. timeout: seconds for each endpoint's try. With
+        credentials, a request is sent with the auth token, got first if need be, and
+        sent once more with a new one if etcd says the token is not valid (etcd
+        refused it before applying anything)."""
+        if not _auth or self._credentials is None:
+            return await self._call(path, body, retry=retry, timeout=timeout)
+        if self._auth_token is None:
+            await self._authenticate(None)
+        token = self._auth_token
+        try:
+            return await self._call(path, body, retry=retry, timeout=timeout)
+        except EtcdRefused as e:
+            if not _token_invalid(e):
+                raise
+        await self._authenticate(token)
+        return await self._call(path, body, retry=retry, timeout=timeout)
+
+    async def _call(self, path: str, body: dict[str, Any], *, retry: bool,
+                    timeout: float | None) -> dict[str, Any]:
         t = self.timeout if timeout is None else timeout
         errors: list[str] = []
         n = len(self.endpoints)
@@ -108,7 +212,7 @@ class EtcdClient:
             ep = self.endpoints[idx]
             try:
                 with trio.fail_after(t):
-                    resp = await self._http.post(ep + path, json=body)
+                    resp = await self._http.post(ep + path, json=body, headers=self.headers)
                     raw = resp.content
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 errors.append(f"{ep}: {_why(e, t)}")
@@ -311,9 +415,13 @@ class Watch:
         delay = 0.05
         while True:
             ep = c.endpoint
+            if c._credentials is not None and c._auth_token is None:
+                await c._authenticate(None)
+            token = c._auth_token
             try:
                 with trio.fail_after(c.timeout):
-                    req = c._http.build_request("POST", ep + "/v3/watch", json=self._body())
+                    req = c._http.build_request("POST", ep + "/v3/watch", json=self._body(),
+                                                headers=c.headers)
                     resp = await c._http.send(req, stream=True)
                     if resp.status_code != 200:
                         raw = await resp.aread()
@@ -328,6 +436,10 @@ class Watch:
                 answer = _http_error(ep + "/v3/watch", resp.status_code, raw)
                 err = answer if isinstance(answer, EtcdError) else EtcdError(
                     f"etcd {ep}/v3/watch: HTTP {resp.status_code}")
+                if isinstance(err, EtcdRefused) and _token_invalid(err) and (
+                        c._credentials is not None):
+                    await c._authenticate(token)  # expired: a new one, then again
+                    continue
                 if not isinstance(err, EtcdUnavailable):
                     raise err
                 failure = str(err)
@@ -402,29 +514,51 @@ def _http_error(where: str, status: int, raw: bytes) -> EtcdError | dict[str, An
     return data if err is None else err
 
 
+def _token_invalid(e: EtcdRefused) -> bool:
+    """etcd refused a request for its auth token (expired, or from before a restart)."""
+    text = str(e)
+    return "invalid auth token" in text or "token is invalid" in text or (
+        "user name is empty" in text)
+
+
 def _why(e: BaseException, timeout: float = 0) -> str:
     if isinstance(e, trio.TooSlowError | httpx.TimeoutException):
         return f"no answer within {timeout:g} s" if timeout else "timed out"
     if isinstance(e, StopAsyncIteration):
         return "stream ended"
+    cause: BaseException | None = e
+    while cause is not None:  # a TLS failure says what is wrong (an untrusted certificate)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS: {cause.verify_message or cause}"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {cause.reason or cause}"
+        cause = cause.__cause__ or cause.__context__
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 @asynccontextmanager
-async def open_etcd(endpoints: str | Sequence[str], *,
-                    timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[EtcdClient]:
+async def open_etcd(endpoints: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
+                    security: EtcdSecurity | None = None) -> AsyncIterator[EtcdClient]:
     """``async with open_etcd("http://127.0.0.1:2379") as etcd:`` a client of the
     cluster whose client URLs endpoints lists (comma-separated). timeout: seconds for
-    each request at each endpoint. Raises ValueError for a malformed endpoint; connects
-    lazily, so an unreachable cluster shows on the first request."""
+    each request at each endpoint. security: etcd's TLS and credentials (EtcdSecurity).
+    Raises ValueError for a malformed endpoint or TLS file; connects lazily, so an
+    unreachable cluster (or a wrong password) shows on the first request."""
     eps = parse_endpoints(endpoints)
+    verify: ssl.SSLContext | bool = True
+    if security is not None:
+        verify = security.ssl_context()
+    creds = None
+    if security is not None and security.user and security.password is not None:
+        creds = (security.user, security.password)
     # no proxies from the environment: members are reached directly
-    async with httpx.AsyncClient(trust_env=False, timeout=None) as http:
-        yield EtcdClient(eps, http, timeout)
+    async with httpx.AsyncClient(trust_env=False, timeout=None, verify=verify) as http:
+        yield EtcdClient(eps, http, timeout, creds)
 
 
 # the client and, for its callers, the shapes it speaks (controller/etcdwire.py)
 __all__ = ["Compare", "DeleteResponse", "EtcdClient", "EtcdError", "EtcdRefused",
+           "EtcdSecurity", "etcd_security",
            "EtcdUnavailable", "Event", "KeyValue", "Lease", "LeaseInfo", "LeaseNotFound",
            "Op", "OpDelete", "OpGet", "OpPut", "PutResponse", "RangeResponse", "TxnResponse",
            "Watch", "WatchCompacted", "open_etcd", "parse_endpoints", "prefix_end"]

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -38,9 +39,16 @@ class EtcdProc:
     (heartbeat 50 ms, election 500 ms) make it ready in about a second; its minimum lease
     TTL is then under 1 s, so tests can use 2 s leases."""
 
-    def __init__(self, data_dir: Path, log_path: Path, name: str = "n1") -> None:
+    def __init__(self, data_dir: Path, log_path: Path, name: str = "n1", *,
+                 tls: tuple[Path, Path, Path] | None = None,
+                 client_cert: tuple[Path, Path] | None = None) -> None:
+        """tls: (ca, cert, key): serve clients over https with cert, and require client
+        certificates signed by ca (--client-cert-auth); peers stay on http.
+        client_cert: (cert, key) the rig's own health checks present then."""
         if ETCD is None:
             raise RuntimeError(SKIP_REASON)
+        self.tls = tls
+        self.client_cert = client_cert
         self.data_dir = data_dir
         self.log_path = log_path
         self.name = name
@@ -56,7 +64,8 @@ class EtcdProc:
     @property
     def url(self) -> str:
         """The client URL (the JSON gateway is served there too)."""
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def pid(self) -> int:
@@ -70,7 +79,10 @@ class EtcdProc:
                 "--listen-peer-urls", self.peer_url,
                 "--initial-advertise-peer-urls", self.peer_url,
                 "--initial-cluster", self.cluster, "--initial-cluster-state", "new",
-                "--heartbeat-interval", "50", "--election-timeout", "500"]
+                "--heartbeat-interval", "50", "--election-timeout", "500",
+                *([] if self.tls is None else [
+                    "--trusted-ca-file", str(self.tls[0]), "--cert-file", str(self.tls[1]),
+                    "--key-file", str(self.tls[2]), "--client-cert-auth"])]
 
     def spawn(self) -> None:
         """Start the process; wait_healthy() waits for it."""
@@ -99,8 +111,14 @@ class EtcdProc:
         raise RuntimeError(f"etcd not healthy within {timeout:g} s:\n{self.tail()}")
 
     def healthy(self) -> bool:
+        """/health says true (over TLS, presenting client_cert)."""
+        ctx = None
+        if self.tls is not None:
+            ctx = ssl.create_default_context(cafile=str(self.tls[0]))
+            if self.client_cert is not None:
+                ctx.load_cert_chain(str(self.client_cert[0]), str(self.client_cert[1]))
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+            with urllib.request.urlopen(self.url + "/health", timeout=1, context=ctx) as r:
                 return bool(json.loads(r.read()).get("health") == "true")
         except (OSError, ValueError):
             return False
