@@ -20,6 +20,7 @@ from . import __version__, metrics_http, sdnotify
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
 from .frames import JournalCorrupt  # virtfs.mount's too
+from .group import GroupTerm
 from .journal import Journal
 from .metrics import ControllerMetrics
 from .recovery import recover
@@ -71,14 +72,19 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
                                   security: ServerSecurity | None = None,
                                   max_connections: int = MAX_CONNECTIONS,
                                   metrics: CollectorRegistry | None = None,
+                                  group: GroupTerm | None = None,
                                   ) -> AsyncIterator[Service]:
     """Run a controller (journal committer + listeners) for the block's duration.
 
     Used by the daemon and by the agent's embedded mode. security: TLS context and
     token for tcp:// listeners (required if there are any: ValueError otherwise).
     metrics: a registry to add the controller's metrics to (the caller serves it).
+    group: the leader of a controller group serves in this term (controller/group.py):
+    no listeners of its own (the member's server dispatches to Service.dispatch), no
+    state dir lock (the term's token fences, docs/ha.md), and once the term has
+    ended nothing more is written at the stop (no checkpoint, the agents' marker kept).
     """
-    lock_fd = lock_state_dir(state_dir)
+    lock_fd = lock_state_dir(state_dir) if group is None else -1
     try:
         rec = recover(state_dir)
         if rec.truncated_at is not None:
@@ -93,9 +99,10 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
         journal = Journal(state_dir, rec.state, **kw)
         service = Service(rec.state, journal, state_dir, lease=lease)
         cm = ControllerMetrics(metrics, service) if metrics is not None else None
-        server = Server(service.dispatch if cm is None else cm.wrap(service.dispatch),
-                        security=security, max_connections=max_connections)
-        addrs = listen or [default_socket(state_dir)]
+        if cm is not None:
+            service.serve = cm.wrap(service.dispatch)
+        server = Server(service.serve, security=security, max_connections=max_connections)
+        addrs = (listen or [default_socket(state_dir)]) if group is None else []
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(journal.run)
@@ -103,13 +110,15 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
                 await nursery.start(service.run_jobs)
                 if cm is not None:
                     nursery.start_soon(cm.run)
-                await nursery.start(serve_listeners, server, addrs)
+                if addrs:
+                    await nursery.start(serve_listeners, server, addrs)
                 yield service
                 nursery.cancel_scope.cancel()
-            service.agents.shutdown()
-            # a clean stop: everything queued was committed; checkpoint for a fast start
-            if journal.durable_seq == rec.state.seq:
-                journal.checkpoint_now_sync()
+            if group is None or group.leads():
+                service.agents.shutdown()
+                # a clean stop: everything queued was committed; checkpoint for a fast start
+                if journal.durable_seq == rec.state.seq:
+                    journal.checkpoint_now_sync()
         finally:
             journal.close()
             for addr in addrs:
@@ -119,7 +128,8 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
                     except FileNotFoundError:
                         pass
     finally:
-        os.close(lock_fd)
+        if lock_fd >= 0:
+            os.close(lock_fd)
 
 
 async def _run(state_dir: str, listen: list[str], lease: float,

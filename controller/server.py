@@ -241,12 +241,21 @@ class Server:
                  leader: Callable[[], tuple[bool, str | None]] | None = None):
         self.dispatch = dispatch
         self.leader = leader
+        self.open: set[Connection] = set()  # connections being served
         self.security = security
         self.max_connections = max_connections
         self.uid = os.getuid()
         self.connections = 0
         self.refused = 0  # connections closed at accept because of the cap
         self._refusal_logged = -1e9
+
+    def abort_all(self) -> int:
+        """Close every connection from our side (a deposed leader's: its peers must go
+        to the new leader, and nothing it said later may reach them). Returns how many."""
+        conns = list(self.open)
+        for c in conns:
+            c.abort()
+        return len(conns)
 
     def not_leader(self) -> P.RemoteError | None:
         """None if this controller serves (it runs alone, or leads its group); else the
@@ -284,7 +293,14 @@ class Server:
                 P.E_UNAUTHORIZED, f"uid {uid} may not use this controller"))
             await stream.aclose()
             return
-        await Connection(stream, self.dispatch, self, peer=f"uid {uid}").serve()
+        await self._serve(Connection(stream, self.dispatch, self, peer=f"uid {uid}"))
+
+    async def _serve(self, conn: Connection) -> None:
+        self.open.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self.open.discard(conn)
 
     async def _serve_tcp(self, stream: trio.SocketStream) -> None:
         peer = _tcp_peer(stream)
@@ -302,8 +318,8 @@ class Server:
             log.info("TLS handshake with %s failed: %s", peer, why)
             await trio.aclose_forcefully(tls)
             return
-        await Connection(tls, self.dispatch, self, token=self.security.token,
-                         peer=peer).serve()
+        await self._serve(Connection(tls, self.dispatch, self, token=self.security.token,
+                                     peer=peer))
 
 
 def bind_unix(path: str) -> trio.socket.SocketType:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -100,6 +101,9 @@ class Service:
                              self.snapshots)
         self.files = Files(self.ctx, self.coherence, self.faults, self.disks)
         self.backup = Backup(self.ctx)
+        # what a server calls: dispatch, or dispatch wrapped by the metrics' timing
+        self.serve: Callable[[str, dict[str, object], Caller | None], Awaitable[object]] = (
+            self.dispatch)
 
     async def start(self) -> None:
         """Journal this start before anything is answered (Coherence.start), then check
