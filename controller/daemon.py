@@ -19,8 +19,9 @@ from prometheus_client import CollectorRegistry
 from . import __version__, metrics_http, sdnotify
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
+from .etcd import etcd_security, parse_endpoints
 from .frames import JournalCorrupt  # virtfs.mount's too
-from .group import GroupTerm
+from .group import DEFAULT_GROUP, GroupConfig, GroupTerm, lead_for_ever, open_group
 from .journal import Journal
 from .metrics import ControllerMetrics
 from .recovery import recover
@@ -98,6 +99,8 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
             kw["checkpoint_bytes"] = checkpoint_bytes
         journal = Journal(state_dir, rec.state, **kw)
         service = Service(rec.state, journal, state_dir, lease=lease)
+        if group is not None:
+            service.ctx.may_write = group.leads
         cm = ControllerMetrics(metrics, service) if metrics is not None else None
         if cm is not None:
             service.serve = cm.wrap(service.dispatch)
@@ -154,12 +157,48 @@ async def _run(state_dir: str, listen: list[str], lease: float,
                 break
 
 
+async def _run_group(cfg: GroupConfig, state_dir: str, listen: list[str], lease: float,
+                     security: ServerSecurity | None, max_connections: int) -> None:
+    """A member of a controller group (controller/group.py) until SIGINT/SIGTERM/SIGHUP:
+    a standby that answers not_leader until elected, then the leader, and a standby
+    again if its term ends. A clean stop resigns, so another member takes over at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with open_group(cfg) as (election, member):
+            server = Server(member.dispatch, security=security,
+                            max_connections=max_connections, leader=member.leadership)
+
+            async def serve(gt: GroupTerm) -> None:
+                async with open_controller_service(state_dir, lease=lease, group=gt) as svc:
+                    member.serving(gt, svc.serve)
+                    status = (f"leading group {cfg.group} (term {gt.term.token}), serving "
+                              f"{', '.join(listen)}")
+                    print(f"virtfs-controller: {status}", file=sys.stderr, flush=True)
+                    sdnotify.notify(f"STATUS={status}")
+                    await trio.sleep_forever()
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_listeners, server, listen)
+                standby = (f"member {election.member_id} of group {cfg.group} (etcd "
+                           f"{cfg.etcd}), listening on {', '.join(listen)}; a standby "
+                           "until elected")
+                print(f"virtfs-controller: {standby}", file=sys.stderr, flush=True)
+                sdnotify.notify("READY=1", f"STATUS={standby}")
+                nursery.start_soon(lead_for_ever, election, member, serve, server.abort_all)
+                async for sig in signals:
+                    log.info("signal %d: shutting down", sig)
+                    sdnotify.notify("STOPPING=1", "STATUS=stopping (resigning)")
+                    break
+                nursery.cancel_scope.cancel()
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx (the etcd client's) logs every request at INFO
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +229,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics "
                    "(docs/metrics.md; PORT 0 picks a free port, printed on stderr)")
+    g = p.add_argument_group("a controller group on etcd (docs/ha.md)")
+    g.add_argument("--etcd", metavar="URL[,URL...]",
+                   help="join a group of controllers on this etcd cluster (its client "
+                   "URLs): one leads, the others are standbys; the state dir must be "
+                   "one all of them share, and --listen must be given")
+    g.add_argument("--group", default=DEFAULT_GROUP, metavar="NAME",
+                   help=f"the group's name: its keys in etcd live under /virtfs/NAME/ "
+                   f"(default {DEFAULT_GROUP})")
+    g.add_argument("--advertise", metavar="ADDR",
+                   help="the address clients reach this member at, which standbys name "
+                   "when it leads (default: the first --listen)")
+    g.add_argument("--member-id", metavar="ID",
+                   help="this member's name in the group (default HOST/ADVERTISE)")
+    g.add_argument("--etcd-ca", metavar="FILE", help="https:// etcd: the CA of its members "
+                   "(default the system's)")
+    g.add_argument("--etcd-cert", metavar="FILE",
+                   help="https:// etcd: this controller's client certificate")
+    g.add_argument("--etcd-key", metavar="FILE", help="the key of --etcd-cert")
+    g.add_argument("--etcd-user", metavar="NAME", help="etcd user (etcd's authentication)")
+    g.add_argument("--etcd-password-file", metavar="FILE",
+                   help="a file whose first line is --etcd-user's password")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
@@ -209,6 +269,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"virtfs-controller: error: --listen {addr}: no directory {d} "
                   "(create it first)", file=sys.stderr)
             return 2
+    group = None
+    if args.etcd is not None:
+        if not args.listen:
+            p.error("--etcd needs --listen (each member of a group listens where its own "
+                    "--listen says)")
+        if args.metrics is not None:
+            p.error("--metrics is not available with --etcd yet")
+        advertise = args.advertise or listen[0]
+        try:
+            parse_addr(advertise)
+            group = GroupConfig(args.etcd, advertise, args.group, args.member_id or "",
+                                etcd_security(ca=args.etcd_ca, cert=args.etcd_cert,
+                                              key=args.etcd_key, user=args.etcd_user,
+                                              password_file=args.etcd_password_file),
+                                ttl=max(2, int(args.lease / 2)))
+            parse_endpoints(args.etcd)
+        except ValueError as e:
+            p.error(str(e))
+    elif any((args.advertise, args.member_id, args.etcd_ca, args.etcd_cert, args.etcd_key,
+              args.etcd_user, args.etcd_password_file)):
+        p.error("--advertise, --member-id and the --etcd-* options need --etcd")
     if not 1 <= args.max_connections <= 1 << 20:
         p.error("--max-connections must be between 1 and 1048576")
     security = None
@@ -233,8 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                 metrics_http.parse_addr(args.metrics)
             except ValueError as e:
                 p.error(str(e))
-        trio.run(_run, state_dir, listen, args.lease, security, args.max_connections,
-                 args.metrics)
+        if group is not None:
+            trio.run(_run_group, group, state_dir, listen, args.lease, security,
+                     args.max_connections)
+        else:
+            trio.run(_run, state_dir, listen, args.lease, security, args.max_connections,
+                     args.metrics)
     except (StateDirBusy, JournalCorrupt, OSError, ValueError) as e:
         print(f"virtfs-controller: {e}", file=sys.stderr)
         return 1

@@ -75,17 +75,30 @@ class Member:
         self.advertise = advertise
         self.leader: Leader | None = None  # who leads, as the last observation said
         self.dispatcher: Callable[[str, dict[str, Any], Any], Awaitable[Any]] | None = None
+        self.term: GroupTerm | None = None  # ours, while we lead and serve
+
+    def serving(self, term: GroupTerm,
+                dispatcher: Callable[[str, dict[str, Any], Any], Awaitable[Any]]) -> None:
+        """We lead in term and serve through dispatcher from now on."""
+        self.term, self.dispatcher = term, dispatcher
+
+    def standby(self) -> None:
+        self.term = self.dispatcher = None
 
     def leadership(self) -> tuple[bool, str | None]:
         """For Server(leader=...): (we lead and serve, the leader's address)."""
-        if self.dispatcher is not None:
+        if self.dispatcher is not None and self.term is not None and self.term.leads():
             return True, self.advertise
         return False, (self.leader.address or None) if self.leader is not None else None
 
     async def dispatch(self, op: str, args: dict[str, Any], conn: Any) -> Any:
-        """The server's dispatch: the service's while we lead, else not_leader."""
-        d = self.dispatcher
-        if d is None:
+        """The server's dispatch: the service's while we lead, else not_leader. Each
+        request is checked against the term first (GroupTerm.leads: etcd's word, or our
+        own count of the lease), so a leader that was paused past its lease answers
+        nothing, not even a heartbeat that would renew an agent's lease, from the moment
+        it runs again (its term's end then closes every connection)."""
+        d, t = self.dispatcher, self.term
+        if d is None or t is None or not t.leads():
             raise P.not_leader(self.leadership()[1])
         return await d(op, args, conn)
 
@@ -141,8 +154,8 @@ LeaderBody = Callable[[GroupTerm], Awaitable[None]]
 
 async def lead_for_ever(election: Election, member: Member, serve: LeaderBody,
                         on_lost: Callable[[], int]) -> None:
-    """Campaign; while we lead, run serve(GroupTerm) (it sets member.dispatcher once it
-    serves); when the term ends, clear the dispatcher, call on_lost() (closes every
+    """Campaign; while we lead, run serve(GroupTerm) (it calls member.serving once it
+    serves); when the term ends, go back to standby, call on_lost() (closes every
     connection) and campaign again. Returns only if serve returns (a clean stop)."""
     while True:
         lost: LeadershipLost | None = None
@@ -152,11 +165,11 @@ async def lead_for_ever(election: Election, member: Member, serve: LeaderBody,
                 try:
                     await serve(GroupTerm(election, term))
                 finally:
-                    member.dispatcher = None
+                    member.standby()
                 return
         except LeadershipLost as e:
             lost = e
-        member.dispatcher = None
+        member.standby()
         n = on_lost()
         log.warning("stepped down: %s; %d connection(s) closed; campaigning again as a "
                     "standby", lost, n)

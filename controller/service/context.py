@@ -65,6 +65,9 @@ class Context:
         self._removing: set[int] = set()
         # the nursery of the service's background tasks (jobs, moves), while Jobs.run runs
         self._background: trio.Nursery | None = None
+        # whether this controller may still write containers (copies, heartbeats): always
+        # when it runs alone; a group's leader only while its term lasts (controller/group.py)
+        self.may_write: Callable[[], bool] = lambda: True
 
     # ------------------------------------------------------------ recording
     def record(self, rec: Record) -> int:

@@ -374,6 +374,9 @@ class Labels:
             await trio.sleep(L.HEARTBEAT_INTERVAL)
 
     async def _beat_one(self, c: Container) -> None:
+        if not self.ctx.may_write():  # a group's deposed leader beats no more
+            self._beating.pop(c.lun).set()
+            return
         try:
             why = await trio.to_thread.run_sync(self._check_and_beat, c, self.beat(),
                                                 self._wrote.get(c.lun))

@@ -111,6 +111,9 @@ class Movement:
         """Copy cs between containers, durably; RemoteError E_IO or E_NO_SPACE."""
         if not cs:
             return
+        if not self.ctx.may_write():
+            raise P.RemoteError(P.E_IO, "this controller no longer leads its group: "
+                                "no copy between containers")
         try:
             faultpoints.hit("movement.copy")
             await trio.to_thread.run_sync(storage.copy_ranges, self._paths(cs))

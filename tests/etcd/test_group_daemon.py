@@ -1,0 +1,158 @@
+"""virtfs-controller --etcd: controllers as a group on a real etcd member (docs/ha.md).
+
+Each member is a real virtfs-controller process with its own --listen socket, all on
+one shared state dir; vdctl and agents are given every member's address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from etcdrig import ETCD, SKIP_REASON, EtcdProc
+from rig import BIN, PROC_LOGS, run_vdctl, wait_for
+
+pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
+
+LEASE = 4.0  # the agents' lease; the leader's etcd lease is half of it (2 s)
+
+
+class Member:
+    """One virtfs-controller --etcd process."""
+
+    def __init__(self, tmp: Path, name: str, state: Path, etcd: EtcdProc) -> None:
+        self.name = name
+        self.sock = tmp / f"{name}.sock"
+        self.addr = f"unix:{self.sock}"
+        self.log_path = tmp / f"{name}.log"
+        PROC_LOGS.append(self.log_path)
+        self.cmd = [str(BIN / "virtfs-controller"), "--state-dir", str(state), "--listen",
+                    self.addr, "--etcd", etcd.url, "--lease", str(LEASE), "--member-id", name]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Member:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        wait_for(lambda: self.sock.exists() or self.proc.poll() is not None, 15,
+                 f"{self.name} to listen")
+        assert self.proc.poll() is None, self.log()
+        return self
+
+    def leads(self) -> bool:
+        return "leading group default (term" in self.log().split("stepped down")[-1]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+
+@pytest.fixture
+def group(tmp_path: Path, etcd: EtcdProc) -> Iterator[list[Member]]:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    members = [Member(tmp_path, f"c{i}", state, etcd) for i in (1, 2, 3)]
+    try:
+        members[0].start()
+        wait_for(members[0].leads, 15, "c1 to lead")
+        for m in members[1:]:
+            m.start()
+        yield members
+    finally:
+        for m in members:
+            m.stop()
+
+
+def vd(addrs: str, *args: str) -> object:
+    r = run_vdctl("--controller", addrs, "--format", "json", *args)
+    assert r.rc == 0, r.err
+    return json.loads(r.out) if r.out.strip() else None
+
+
+def test_standbys_name_the_leader_and_a_killed_leader_is_replaced(group: list[Member],
+                                                                   tmp_path: Path) -> None:
+    c1, c2, c3 = group
+    addrs = ",".join(m.addr for m in (c3, c2, c1))  # the leader last
+    vd(addrs, "container", "add", "c1", str(tmp_path / "c1.img"), "--size", "64M")
+    vd(addrs, "disk", "create", "x", "--size", "16M")
+    r = run_vdctl("--controller", c2.addr, "status")  # one standby alone: it redirects
+    assert r.rc == 0, r.err
+    assert "closing connection: not the leader; the leader is " + c1.addr in c2.log()
+
+    c1.proc.kill()  # type: ignore[union-attr]
+    t0 = time.monotonic()
+    wait_for(lambda: c2.leads() or c3.leads(), 15, "a standby to lead")
+    took = time.monotonic() - t0
+    assert took < 2 * LEASE, took  # the leader's etcd lease is LEASE / 2
+    disks = vd(addrs, "disk", "ls")
+    assert [d["name"] for d in disks] == ["x"]  # type: ignore[union-attr]
+    new = c2 if c2.leads() else c3
+    other = c3 if new is c2 else c2
+    assert not other.leads()
+    r = run_vdctl("--controller", other.addr, "disk", "ls")
+    assert r.rc == 0, r.err
+
+
+def test_a_clean_stop_hands_over_at_once(group: list[Member], tmp_path: Path) -> None:
+    c1, c2, c3 = group
+    addrs = ",".join(m.addr for m in group)
+    vd(addrs, "container", "add", "c1", str(tmp_path / "c1.img"), "--size", "64M")
+    assert c1.stop() == 0
+    t0 = time.monotonic()
+    wait_for(lambda: c2.leads() or c3.leads(), 10, "a standby to lead")
+    assert time.monotonic() - t0 < 1.5  # resigned: no lease to wait out
+    assert [c["name"] for c in vd(addrs, "container", "ls")] == ["c1"]  # type: ignore
+    assert os.path.exists(tmp_path / "c1.img")
+
+
+def test_a_leader_paused_past_its_lease_steps_down_when_it_runs_again(
+        group: list[Member], tmp_path: Path) -> None:
+    """SIGSTOP the leader past its etcd lease: a standby takes over. SIGCONT: the old one
+    answers nothing more, closes its connections, steps down and names the new leader."""
+    c1, c2, c3 = group
+    addrs = ",".join(m.addr for m in group)
+    vd(addrs, "container", "add", "c1", str(tmp_path / "c1.img"), "--size", "64M")
+    c1.signal(signal.SIGSTOP)
+    wait_for(lambda: c2.leads() or c3.leads(), 15, "a standby to lead")
+    new = c2 if c2.leads() else c3
+    vd(addrs, "disk", "create", "y", "--size", "16M")  # written in the new term
+    c1.signal(signal.SIGCONT)
+    wait_for(lambda: "stepped down" in c1.log(), 10, "c1 to step down")
+    assert not c1.leads()
+    r = run_vdctl("--controller", c1.addr, "disk", "ls", "--format", "json")
+    assert r.rc == 0 and [d["name"] for d in json.loads(r.out)] == ["y"], r.err
+    assert f"not the leader; the leader is {new.addr}" in c1.log()
+
+
+def test_group_options_are_checked(tmp_path: Path) -> None:
+    base = [str(BIN / "virtfs-controller"), "--state-dir", str(tmp_path / "s")]
+    for args, why in ((["--etcd", "http://127.0.0.1:1"], "--etcd needs --listen"),
+                      (["--advertise", "unix:/x"], "need --etcd"),
+                      (["--etcd", "ftp://x", "--listen", f"unix:{tmp_path}/a.sock"],
+                       "etcd endpoint 'ftp://x'")):
+        p = subprocess.run([*base, *args], capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2 and why in p.stderr.strip().splitlines()[-1], p.stderr
