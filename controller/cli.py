@@ -74,7 +74,28 @@ class Cli:
 
     async def status(self) -> int:
         r = await self.c.call("status")
-        self.emit_json(r) if self.json else kv(r, self.out)
+        if self.json:
+            self.emit_json(r)
+            return 0
+        group = r.pop("group", None)
+        kv(r, self.out)
+        if group is not None:  # a controller group's leader (docs/ha.md)
+            self.out.write(f"group:          {group['name']} (etcd {group['etcd']})\n"
+                           f"leader:         {group['leader']} (term {group['term']})\n")
+            self._table([[str(m.get("id")), str(m.get("address")), str(m.get("role")),
+                          time.strftime("%Y-%m-%d %H:%M:%S",
+                                        time.localtime(float(m.get("since") or 0)))]
+                         for m in group["members"]],
+                        ["MEMBER", "ADDRESS", "ROLE", "SINCE"], self.out)
+        return 0
+
+    async def group_step_down(self) -> int:
+        r = await self.c.call("group.step_down", to=self.args.to)
+        if self.json:
+            self.emit_json(r)
+        else:
+            print(f"vdctl: {r['leader']} steps down for {r['to'] or 'any standby'}; clients "
+                  "go on to the new leader", file=sys.stderr)
         return 0
 
     async def check(self) -> int:

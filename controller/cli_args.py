@@ -240,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     verb(jv, "abort", "stop a job; segments it is moving go back where they were"
          ).add_argument("id", type=int)
 
+    gr = nouns.add_parser("group", help="a controller group on etcd (docs/ha.md)")
+    grv = gr.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verb(grv, "step-down", "the leader hands over to a standby (for maintenance): it "
+         "resigns, and clients go on to the new leader").add_argument(
+        "--to", metavar="MEMBER", help="the standby to lead next (its member id, as "
+        "vdctl status lists it; default: whichever standby wins)")
     ag = nouns.add_parser("agent", help="agents (virtfs-mount processes) the controller knows")
     agv = ag.add_subparsers(dest="verb", metavar="VERB", required=True)
     verb(agv, "ls", "list agents with their leases and open disks")

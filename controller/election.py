@@ -39,6 +39,7 @@ from .etcd import (
     EtcdUnavailable,
     KeyValue,
     LeaseNotFound,
+    Op,
     OpDelete,
     OpGet,
     OpPut,
@@ -343,16 +344,24 @@ class Election:
 
     # ------------------------------------------------------------ fencing
 
-    async def guarded_put(self, key: bytes | str, value: bytes | str, token: int) -> int:
-        """Write key = value only while the term named token leads: one txn that
-        compares the leader key's create_revision with token. Returns the write's
-        revision. Raises LeadershipLost (naming the leader now) when it is refused,
-        and ends our term if token is ours; EtcdError when etcd fails it."""
+    async def guarded_put(self, key: bytes | str, value: bytes | str, token: int, *,
+                          lease: int = 0) -> int:
+        """Write key = value (attached to lease, if given) only while the term named
+        token leads: one txn that compares the leader key's create_revision with token.
+        Returns the write's revision. Raises LeadershipLost (naming the leader now) when
+        it is refused, and ends our term if token is ours; EtcdError when etcd fails it."""
+        return await self._guarded(OpPut(key, value, lease), token)
+
+    async def guarded_delete(self, key: bytes | str, token: int) -> int:
+        """Delete key only while the term named token leads (as guarded_put)."""
+        return await self._guarded(OpDelete(key), token)
+
+    async def _guarded(self, op: Op, token: int) -> int:
         t = self.term
         if t is not None and t.token == token and t.lost is not None:
             raise LeadershipLost(f"term {token} ended: {t.lost}")
         r = await self.client.txn([Compare(self.key, "create_revision", "==", token)],
-                                  [OpPut(key, value)], [OpGet(self.key)])
+                                  [op], [OpGet(self.key)])
         if r.succeeded:
             return r.revision
         kv = _range_kv(r)

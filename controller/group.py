@@ -20,8 +20,10 @@ Pure wiring: the election, the service and the server are their own modules'.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -68,22 +70,39 @@ def member_name(advertise: str) -> str:
 
 
 class Member:
-    """A member's view of the group for the server: whether it leads, who does, and the
-    service to dispatch to while it leads."""
+    """A member of the group, for its server: whether it leads, who does, the service to
+    dispatch to while it leads, its record in the group's roster, and the group's own
+    ops (its part of ``status``, ``group.step_down``)."""
 
-    def __init__(self, advertise: str) -> None:
-        self.advertise = advertise
+    def __init__(self, election: Election, cfg: GroupConfig) -> None:
+        self.election = election
+        self.etcd = election.client
+        self.cfg = cfg
+        self.advertise = cfg.advertise
         self.leader: Leader | None = None  # who leads, as the last observation said
         self.dispatcher: Callable[[str, dict[str, Any], Any], Awaitable[Any]] | None = None
         self.term: GroupTerm | None = None  # ours, while we lead and serve
+        self.since = time.time()  # in its present role since (Unix time)
+        self.stepping_down = trio.Event()  # set by group.step_down: resign now
+        self._roster_changed = trio.Event()
+
+    @property
+    def role(self) -> str:
+        return "leader" if self.dispatcher is not None else "standby"
 
     def serving(self, term: GroupTerm,
                 dispatcher: Callable[[str, dict[str, Any], Any], Awaitable[Any]]) -> None:
         """We lead in term and serve through dispatcher from now on."""
         self.term, self.dispatcher = term, dispatcher
+        self._changed()
 
     def standby(self) -> None:
         self.term = self.dispatcher = None
+        self._changed()
+
+    def _changed(self) -> None:
+        self.since = time.time()
+        self._roster_changed.set()
 
     def leadership(self) -> tuple[bool, str | None]:
         """For Server(leader=...): (we lead and serve, the leader's address)."""
@@ -100,13 +119,131 @@ class Member:
         d, t = self.dispatcher, self.term
         if d is None or t is None or not t.leads():
             raise P.not_leader(self.leadership()[1])
-        return await d(op, args, conn)
+        if op == "group.step_down":
+            return await self.step_down(args.get("to"))
+        result = await d(op, args, conn)
+        if op == "status" and isinstance(result, dict):
+            result["group"] = await self.group_status()
+        return result
 
-    async def follow(self, election: Election) -> None:
+    # ------------------------------------------------------------ the roster
+    @property
+    def _members(self) -> str:
+        return self.cfg.prefix + "/members/"
+
+    async def roster(self) -> None:
+        """For ever: keep this member's record PREFIX/members/ID (JSON: id, address,
+        role, since) in etcd, on a lease of its own renewed every third of the TTL, so
+        it goes when the member dies; rewritten when the role changes."""
+        key = self._members + self.election.member_id
+        while True:
+            try:
+                lease = (await self.etcd.lease_grant(self.cfg.ttl)).id
+                while True:
+                    self._roster_changed = trio.Event()
+                    await self.etcd.put(key, json.dumps({
+                        "id": self.election.member_id, "address": self.advertise,
+                        "role": self.role, "since": round(self.since, 3)}), lease=lease)
+                    with trio.move_on_after(self.cfg.ttl / 3):
+                        await self._roster_changed.wait()
+                    await self.etcd.lease_keepalive(lease)
+            except EtcdError as e:
+                log.info("group roster: %s; again in 1 s", e)
+                await trio.sleep(1)
+
+    async def group_status(self) -> dict[str, Any]:
+        """What status shows of the group: its name, the leader and its term, and each
+        member's record (id, address, role, since)."""
+        r = await self.etcd.get_prefix(self._members)
+        members = []
+        for kv in r.kvs:
+            try:
+                m = json.loads(kv.value)
+            except ValueError:
+                continue
+            if isinstance(m, dict):
+                members.append(m)
+        members.sort(key=lambda m: str(m.get("id")))
+        leader = self.leader
+        return {"name": self.cfg.group, "etcd": self.cfg.etcd,
+                "leader": leader.id if leader else None,
+                "term": self.term.term.token if self.term else None,
+                "members": members}
+
+    # ------------------------------------------------------------ handing over
+    @property
+    def _handover(self) -> str:
+        return self.cfg.prefix + "/handover"
+
+    async def step_down(self, to: object) -> dict[str, Any]:
+        """group.step_down: resign so that another member leads (to: that member's id,
+        or None for any standby). The standbys other than `to` hold back their
+        campaigns while PREFIX/handover (written fenced by our token, on a lease of two
+        TTLs) names it. Raises RemoteError E_NOT_FOUND for an unknown member, E_INVALID
+        for ourselves or when no standby runs."""
+        status = await self.group_status()
+        standbys = [m["id"] for m in status["members"] if m.get("role") == "standby"]
+        if to is not None:
+            if to == self.election.member_id:
+                raise P.invalid(f"{to!r} leads already")
+            if to not in standbys:
+                raise P.not_found("standby member", str(to))
+        elif not standbys:
+            raise P.invalid("no standby member runs: nobody to hand over to")
+        assert self.term is not None
+        lease = (await self.etcd.lease_grant(2 * self.cfg.ttl)).id
+        await self.election.guarded_put(
+            self._handover, json.dumps({"from": self.election.member_id, "to": to}),
+            self.term.term.token, lease=lease)
+        log.warning("stepping down%s, as asked", f" for {to}" if to else "")
+        self.stepping_down.set()
+        return {"leader": self.election.member_id, "to": to, "standbys": standbys}
+
+    async def took_over(self, gt: GroupTerm) -> None:
+        """Just elected: a handover that named us (or anyone) is done; remove it."""
+        self.stepping_down = trio.Event()
+        try:
+            await self.election.guarded_delete(self._handover, gt.term.token)
+        except EtcdError as e:
+            log.info("group handover key: %s (it expires by itself)", e)
+
+    async def my_turn(self) -> tuple[bool, int]:
+        """Whether we may lead now: no handover (group.step_down) is under way, or it is
+        for us (it names us, or any member and we are not the one stepping down); and
+        the etcd revision this was read at."""
+        try:
+            r = await self.etcd.get(self._handover)
+        except EtcdError:
+            return True, 0  # etcd's own fence still holds; campaign() waits for etcd
+        if r.kv is None:
+            return True, r.revision
+        try:
+            h = json.loads(r.kv.value)
+            frm, to = h.get("from"), h.get("to")
+        except (ValueError, AttributeError):
+            return True, r.revision
+        me = self.election.member_id
+        return to == me or (to is None and frm != me), r.revision
+
+    async def wait_turn(self) -> None:
+        """Before a campaign: wait while a handover under way is not for us, until it
+        changes (the new leader removes it, or its lease of two TTLs runs out)."""
+        while True:
+            mine, rev = await self.my_turn()
+            if mine:
+                return
+            try:
+                async with self.etcd.watch(self._handover, start_revision=rev + 1) as w:
+                    await w.__anext__()  # any change: look again
+            except EtcdError as e:
+                log.info("waiting for a handover: %s", e)
+                await trio.sleep(1)
+
+    async def follow(self) -> None:
         """Keep self.leader current (an etcd watch on the leader key), for ever."""
         while True:
             try:
-                async with election.observe() as leaders:
+                async with self.election.observe() as leaders:
                     async for leader in leaders:
                         if leader != self.leader:
                             log.info("group leader: %s", leader or "none")
@@ -118,15 +255,16 @@ class Member:
 
 @asynccontextmanager
 async def open_group(cfg: GroupConfig) -> AsyncIterator[tuple[Election, Member]]:
-    """The etcd client, this member's Election and its Member (whose follow() runs in
-    the background) for the block's duration."""
+    """The etcd client, this member's Election and its Member (whose follow() and
+    roster() run in the background) for the block's duration."""
     member_id = cfg.member_id or member_name(cfg.advertise)
     async with open_etcd(cfg.etcd, security=cfg.etcd_security) as etcd, \
             open_election(etcd, cfg.prefix, member_id=member_id, address=cfg.advertise,
                           ttl=cfg.ttl) as election:
-        member = Member(cfg.advertise)
+        member = Member(election, cfg)
         async with trio.open_nursery() as n:
-            n.start_soon(member.follow, election)
+            n.start_soon(member.follow)
+            n.start_soon(member.roster)
             yield election, member
             n.cancel_scope.cancel()
 
@@ -154,23 +292,38 @@ LeaderBody = Callable[[GroupTerm], Awaitable[None]]
 
 async def lead_for_ever(election: Election, member: Member, serve: LeaderBody,
                         on_lost: Callable[[], int]) -> None:
-    """Campaign; while we lead, run serve(GroupTerm) (it calls member.serving once it
-    serves); when the term ends, go back to standby, call on_lost() (closes every
-    connection) and campaign again. Returns only if serve returns (a clean stop)."""
+    """For ever: wait our turn (Member.wait_turn), campaign, and while we lead run
+    serve(GroupTerm) (it calls member.serving once it serves). When the term ends, or
+    we step down (group.step_down: serve is cancelled, then we resign), go back to
+    standby, call on_lost() (it closes every connection) and start again. Cancelled
+    (a clean stop), it resigns on the way out (Election.lead)."""
     while True:
-        lost: LeadershipLost | None = None
+        await member.wait_turn()
+        why = "stepped down as asked"
         try:
             async with election.lead() as term:
+                if not (await member.my_turn())[0]:
+                    # a standby already waiting on the key won the race of a handover
+                    # for another member: give it back at once (lead() resigns)
+                    log.info("won term %d during a handover for another member; resigning",
+                             term.token)
+                    continue
                 log.info("this member leads group %s (term %d)", election.key, term.token)
+                gt = GroupTerm(election, term)
+                await member.took_over(gt)
                 try:
-                    await serve(GroupTerm(election, term))
+                    async with trio.open_nursery() as n:
+                        async def on_step_down() -> None:
+                            await member.stepping_down.wait()
+                            n.cancel_scope.cancel()
+                        n.start_soon(on_step_down)
+                        await serve(gt)
+                        n.cancel_scope.cancel()
                 finally:
                     member.standby()
-                return
         except LeadershipLost as e:
-            lost = e
+            why = str(e)
         member.standby()
-        n = on_lost()
-        log.warning("stepped down: %s; %d connection(s) closed; campaigning again as a "
-                    "standby", lost, n)
-
+        n_closed = on_lost()
+        log.warning("stepped down: %s; %d connection(s) closed; a standby now", why,
+                    n_closed)

@@ -391,6 +391,8 @@ def _op(name: str, *fields: Field, roles: frozenset[str] = ANY) -> None:
 
 
 _op("status")
+# a group's leader steps down for another member (to: its id, or any); controller/group.py
+_op("group.step_down", _f("to", str, type(None), required=False), roles=ADMIN)
 _op("container.add", NAME, _f("path", str), _f("size", int, type(None), required=False),
     _f("force", bool, required=False, default=False),
     _f("shared", bool, required=False, default=False), roles=ADMIN)

@@ -155,6 +155,12 @@ class Service:
             "checkpoints": self.journal.checkpoints,
         }
 
+    async def group_step_down(self, to: str | None = None) -> dict[str, object]:
+        """group.step_down at a controller that runs alone: there is no group (a group's
+        member answers it itself, controller/group.py)."""
+        raise P.invalid("this controller runs alone (no --etcd): there is no group and no "
+                        "leadership to hand over")
+
     async def check(self) -> dict[str, object]:
         """check: the invariants of the tables (consistency.check), problems listed."""
         problems = check(self.state)

@@ -148,6 +148,41 @@ def test_a_leader_paused_past_its_lease_steps_down_when_it_runs_again(
     assert f"not the leader; the leader is {new.addr}" in c1.log()
 
 
+def test_status_shows_the_group_and_step_down_hands_over(group: list[Member]) -> None:
+    c1, c2, c3 = group
+    addrs = ",".join(m.addr for m in (c2, c3, c1))
+
+    def members() -> dict[str, str]:
+        g = vd(addrs, "status")["group"]  # type: ignore[index]
+        return {m["id"]: m["role"] for m in g["members"]}
+
+    wait_for(lambda: members() == {"c1": "leader", "c2": "standby", "c3": "standby"}, 10,
+             "every member in the roster")
+    st = vd(addrs, "status")
+    assert st["group"]["leader"] == "c1" and st["group"]["name"] == "default"  # type: ignore
+    table = run_vdctl("--controller", addrs, "status").out
+    assert "leader:         c1 (term " in table and "MEMBER" in table, table
+
+    r = run_vdctl("--controller", addrs, "group", "step-down", "--to", "c3")
+    assert r.rc == 0 and "c1 steps down for c3" in r.err, r.err
+    wait_for(c3.leads, 10, "c3 to lead")
+    assert not c2.leads()
+    wait_for(lambda: members() == {"c1": "standby", "c2": "standby", "c3": "leader"}, 10,
+             "the roster to follow")
+    r = run_vdctl("--controller", addrs, "group", "step-down", "--to", "nobody")
+    assert r.rc == 1 and "no such standby member: 'nobody'" in r.err, r.err
+    r = run_vdctl("--controller", addrs, "group", "step-down", "--to", "c3")
+    assert r.rc == 1 and "'c3' leads already" in r.err, r.err
+    r = run_vdctl("--controller", addrs, "group", "step-down")  # any standby
+    assert r.rc == 0, r.err
+    wait_for(lambda: c1.leads() or c2.leads(), 10, "another standby to lead")
+
+
+def test_step_down_at_a_controller_that_runs_alone(controller) -> None:
+    r = run_vdctl("--state-dir", str(controller.state_dir), "group", "step-down")
+    assert r.rc == 1 and "runs alone (no --etcd)" in r.err, r.err
+
+
 def test_group_options_are_checked(tmp_path: Path) -> None:
     base = [str(BIN / "virtfs-controller"), "--state-dir", str(tmp_path / "s")]
     for args, why in ((["--etcd", "http://127.0.0.1:1"], "--etcd needs --listen"),
