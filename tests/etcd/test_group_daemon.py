@@ -18,6 +18,8 @@ import pytest
 from etcdrig import ETCD, SKIP_REASON, EtcdProc
 from rig import BIN, PROC_LOGS, run_vdctl, wait_for
 
+from controller.label import HEARTBEAT_INTERVAL
+
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
 
 LEASE = 4.0  # the agents' lease; the leader's etcd lease is half of it (2 s)
@@ -115,6 +117,11 @@ def test_standbys_name_the_leader_and_a_killed_leader_is_replaced(group: list[Me
     assert not other.leads()
     r = run_vdctl("--controller", other.addr, "disk", "ls")
     assert r.rc == 0, r.err
+    # the group owns its containers: the new leader beats c1's heartbeat as its own
+    # (one installation, one label), with no "contended" failure after a few beats
+    time.sleep(3 * HEARTBEAT_INTERVAL)
+    [c] = vd(addrs, "container", "ls")  # type: ignore[misc]
+    assert (c["state"], c["label"]) == ("ok", "ok"), c
 
 
 def test_a_clean_stop_hands_over_at_once(group: list[Member], tmp_path: Path) -> None:
