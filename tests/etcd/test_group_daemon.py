@@ -198,3 +198,87 @@ def test_group_options_are_checked(tmp_path: Path) -> None:
                        "etcd endpoint 'ftp://x'")):
         p = subprocess.run([*base, *args], capture_output=True, text=True, timeout=30)
         assert p.returncode == 2 and why in p.stderr.strip().splitlines()[-1], p.stderr
+
+
+# ---------------------------------------------------------------- failover under load
+
+FIO = ["--ioengine=psync", "--rw=randwrite", "--bs=4k", "--direct=1", "--verify=crc32c",
+       "--verify_fatal=1", "--randrepeat=1", "--fsync=1", "--fallocate=none",
+       "--output-format=json"]
+
+
+def _fio(path: Path, seed: int, cwd: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(["fio", "--name=v", f"--filename={path}", "--size=32M",
+                             f"--randseed={seed}", *FIO, *extra], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stall_ms(out: str) -> float:
+    """The longest write or fsync completion of a fio JSON report, ms."""
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return max(job["write"]["clat_ns"]["max"], job["sync"]["lat_ns"]["max"]) / 1e6
+
+
+def failover_rounds(group: list[Member], mount_factory, tmp_path: Path, rounds: int,
+                    seed: int) -> list[float]:
+    """Two agents each write a disk with fio --verify --fsync=1 (one disk migrating
+    between two containers) while the leader is killed (-9) at a random moment, then
+    restarted as a standby; each round fio must see no error, --verify_only must pass,
+    and vdctl check be clean. Returns each round's longest write stall (ms)."""
+    import random
+    rnd = random.Random(seed)
+    addrs = ",".join(m.addr for m in group)
+    vd(addrs, "container", "add", "a", str(tmp_path / "a.img"), "--size", "256M")
+    vd(addrs, "container", "add", "b", str(tmp_path / "b.img"), "--size", "256M")
+    vd(addrs, "disk", "create", "d1", "--size", "32M", "--thick", "--container", "a")
+    vd(addrs, "disk", "create", "d2", "--size", "192M", "--thick", "--container", "a")
+    m1 = mount_factory("m1", controller=addrs)
+    m2 = mount_factory("m2", controller=addrs)
+    work = tmp_path / "fio"
+    work.mkdir()
+    stalls: list[float] = []
+    moving: list[bool] = []  # whether d2 was migrating when the leader was killed
+    for i in range(rounds):
+        to = "b" if i % 2 == 0 else "a"
+        vd(addrs, "disk", "migrate", "d2", "--to", to, "--no-wait")
+        jobs = [_fio(m1.path / "d1", 100 + i, work, "--io_size=8M", "--verify_backlog=64"),
+                _fio(m2.path / "d2", 200 + i, work, "--io_size=8M", "--verify_backlog=64")]
+        time.sleep(rnd.uniform(0.5, 3.5))
+        leader = next(m for m in group if m.leads())
+        assert all(j.poll() is None for j in jobs), "fio ended before the kill"
+        moving.append(any(j["state"] == "running" for j in vd(addrs, "job", "ls")))  # type: ignore
+        leader.proc.kill()  # type: ignore[union-attr]
+        leader.proc.wait()  # type: ignore[union-attr]
+        others = [m for m in group if m is not leader]
+        wait_for(lambda others=others: any(m.leads() for m in others), 15,
+                 "a new leader")
+        leader.start()  # back as a standby
+        for j in jobs:
+            out, err = j.communicate(timeout=120)
+            assert j.returncode == 0, (i, err[-2000:], out[-2000:])
+            stalls.append(_stall_ms(out))
+        wait_for(lambda: all(j["state"] != "running" for j in vd(addrs, "job", "ls")),  # type: ignore
+                 60, "the migration to end")
+        r = run_vdctl("--controller", addrs, "check")
+        assert r.rc == 0, (i, r.out, r.err)
+    for k, (m, d) in enumerate(((m1, "d1"), (m2, "d2"))):
+        v = subprocess.run(["fio", "--name=v", f"--filename={m.path / d}", "--size=32M",
+                            f"--randseed={100 * (k + 1) + rounds - 1}", *FIO[:-1],
+                            "--verify_only", "--io_size=8M"],
+                           cwd=work, capture_output=True, text=True, timeout=300)
+        assert v.returncode == 0, v.stderr[-2000:]
+    print("migrating at the kill:", moving)
+    return stalls
+
+
+def test_failover_under_load(group: list[Member], mount_factory, tmp_path: Path) -> None:
+    stalls = failover_rounds(group, mount_factory, tmp_path, rounds=2, seed=1)
+    print("longest write stalls (ms):", stalls)
+    assert max(stalls) < LEASE * 1000, stalls
+
+
+@pytest.mark.slow
+def test_failover_under_load_twenty_times(group: list[Member], mount_factory,
+                                          tmp_path: Path) -> None:
+    stalls = failover_rounds(group, mount_factory, tmp_path, rounds=20, seed=2)
+    assert max(stalls) < LEASE * 1000, stalls
