@@ -42,6 +42,7 @@ from .frames import JournalCorrupt
 from .state import State
 from .tables import StateError
 
+RETRIES = 3  # recoveries tried when files vanish meanwhile
 START = "term.start"  # the op of a term file's first frame
 TERM_FILE = re.compile(r"journal\.(\d+)\.(\d+)")
 CHECKPOINT_FILE = re.compile(r"checkpoint\.(\d+)\.(\d+)")
@@ -104,6 +105,7 @@ class GroupRecovery:
     checkpoint: str | None = None  # the checkpoint file used
     cuts: dict[int, int] = field(default_factory=dict)  # term token -> its last counted seq
     ignored: int = 0  # frames past their term's cut
+    journal_bytes: int = 0  # size of the term files replayed (the checkpoint's trigger)
 
 
 def _listing(state_dir: str) -> tuple[dict[int, list[int]], list[tuple[int, int]]]:
@@ -188,6 +190,7 @@ def _replay_term(state_dir: str, t: int, ks: list[int], cut: int, rec: GroupReco
     for k in ks:
         path = os.path.join(state_dir, term_file(t, k))
         with open(path, "rb") as f:
+            rec.journal_bytes += os.fstat(f.fileno()).st_size
             n = 0
             for r in frames.FrameReader(f):
                 n += 1
@@ -216,6 +219,16 @@ def _replay_term(state_dir: str, t: int, ks: list[int], cut: int, rec: GroupReco
 async def recover_group(state_dir: str, client: EtcdClient, prefix: str) -> GroupRecovery:
     """Read the head from etcd, then recover_files in a worker thread. A leader calls it
     after its campaign won: no earlier term can move the head any more, so the head
-    read is final for them. Raises as read_head and recover_files do."""
+    read is final for them. Raises as read_head and recover_files do.
+
+    A file that vanishes while it is read (a deposed leader's checkpoint retiring the
+    files below it: they are then covered by its checkpoint) makes recovery start
+    again from the listing, up to RETRIES times."""
     head = await read_head(client, prefix)
-    return await trio.to_thread.run_sync(recover_files, state_dir, head)
+    for attempt in range(RETRIES):
+        try:
+            return await trio.to_thread.run_sync(recover_files, state_dir, head)
+        except FileNotFoundError:
+            if attempt == RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")

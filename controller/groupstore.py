@@ -174,10 +174,12 @@ async def open_group_journal(state_dir: str, election: Election, term: Term,
     """The Journal of term (a campaign of election's that won), and what recovery
     found: the state is recovered from the head in etcd, read now (after the win, so
     no earlier term can move it any more), and the term's file 0 is created with its
-    start frame. kw: Journal's journal_bytes and checkpoint_bytes. Raises EtcdError,
+    start frame. kw: Journal's checkpoint_bytes (and journal_bytes: by default the
+    size of the term files replayed, so a long chain is checkpointed soon). Raises EtcdError,
     JournalCorrupt and OSError as recovery and the file's creation do."""
     rec = await recover_group(state_dir, election.client, group_prefix(election))
     store = GroupStore(state_dir, election, term, rec.head)
+    kw.setdefault("journal_bytes", rec.journal_bytes)
     journal = await trio.to_thread.run_sync(
         lambda: Journal(state_dir, rec.state, store=store, **kw))
     return journal, rec
