@@ -18,6 +18,7 @@ import trio
 from etcdrig import EtcdProc
 from stateimage import image
 
+from controller import grouprecovery
 from controller.election import Election, LeadershipLost, open_election
 from controller.etcd import open_etcd
 from controller.frames import FrameReader, JournalCorrupt
@@ -233,3 +234,31 @@ async def test_checkpoints_retire_term_files_and_recovery_starts_from_them(
     assert image(again.state) == image(jb.state)
     assert (again.checkpoint, again.records) == (f"checkpoint.{tb.token}.19", 1)
     assert again.cuts == {tb.token: 20, ta.token: 16}
+
+
+async def test_recovery_starts_again_when_a_file_vanishes_meanwhile(
+        etcd: EtcdProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a stand-in for a deposed leader's checkpoint retiring files while they are read
+    real = grouprecovery.recover_files
+    calls: list[Head | None] = []
+
+    def flaky(state_dir: str, head: Head | None) -> grouprecovery.GroupRecovery:
+        calls.append(head)
+        if len(calls) == 1:
+            raise FileNotFoundError(f"{state_dir}/journal.1.0")
+        return real(state_dir, head)
+
+    monkeypatch.setattr(grouprecovery, "recover_files", flaky)
+    async with open_etcd(etcd.url) as client:
+        rec = await recover_group(str(tmp_path), client, PREFIX)
+        assert len(calls) == 2 and rec.head is None and rec.state.seq == 0
+
+        def gone(state_dir: str, head: Head | None) -> grouprecovery.GroupRecovery:
+            calls.append(head)
+            raise FileNotFoundError(f"{state_dir}/journal.1.0")
+
+        calls.clear()
+        monkeypatch.setattr(grouprecovery, "recover_files", gone)
+        with pytest.raises(FileNotFoundError):
+            await recover_group(str(tmp_path), client, PREFIX)
+        assert len(calls) == grouprecovery.RETRIES
