@@ -28,6 +28,7 @@ SECTIONS: dict[str, str] = {
     "imports": "bench.imports",
     "snapshots": "bench.snapshots",
     "diff": "bench.diff",
+    "journal_group": "bench.journalgroup",
 }
 
 

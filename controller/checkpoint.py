@@ -390,8 +390,8 @@ class CheckpointFile:
     Every method blocks (file I/O): call them from a worker thread on the loop.
     """
 
-    def __init__(self, state_dir: str):
-        self.path = os.path.join(state_dir, CHECKPOINT)
+    def __init__(self, state_dir: str, name: str = CHECKPOINT):
+        self.path = os.path.join(state_dir, name)
         self.tmp = self.path + ".tmp"
         self.bytes = 0
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -435,15 +435,16 @@ class CheckpointFile:
                 pass
 
 
-def write_checkpoint(state_dir: str, state: State) -> int:
-    """Write state as the checkpoint of state_dir, blocking until it is durable.
+def write_checkpoint(state_dir: str, state: State, name: str = CHECKPOINT) -> int:
+    """Write state as the checkpoint of state_dir (the file name: a group's are
+    named by term and seq, controller/groupstore.py), blocking until it is durable.
 
     Returns the file's size in bytes. For a live controller use the journal's
     background checkpoint instead: this encodes everything on the calling thread.
     """
     snap = Snapshot(state)
     try:
-        f = CheckpointFile(state_dir)
+        f = CheckpointFile(state_dir, name)
         try:
             f.write_some(checkpoint_frames(snap), 1 << 62)
             f.commit()
@@ -472,14 +473,14 @@ def _read_frames(f: IO[bytes], path: str) -> Iterator[object]:
     raise JournalCorrupt(at.format("damaged") + f" ({fault.kind})")
 
 
-def load_checkpoint(state_dir: str) -> State:
-    """The state in state_dir's checkpoint (an empty State if there is none).
+def load_checkpoint(state_dir: str, name: str = CHECKPOINT) -> State:
+    """The state in state_dir's checkpoint file name (an empty State if there is none).
 
     Reads format 2 (many frames) frame by frame, so the file is never in memory
     whole, and format 1 (one frame). Raises JournalCorrupt, naming the file, if it
     is damaged, truncated or does not describe a consistent state.
     """
-    path = os.path.join(state_dir, CHECKPOINT)
+    path = os.path.join(state_dir, name)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:

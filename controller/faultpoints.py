@@ -59,6 +59,8 @@ POINTS = frozenset({
     # controller/journal.py: a batch of records written, before / after its fdatasync
     "journal.before_fsync",
     "journal.after_fsync",
+    # controller/groupstore.py: a group's batch fdatasync'ed, before its head moves in etcd
+    "journal.before_head",
     # controller/service/placement.py: new space planned (nothing reserved yet),
     # zeroing it, and just before its record is queued
     "placement.plan",

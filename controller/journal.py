@@ -1,20 +1,25 @@
 """The live journal: group commit of records, and checkpoints that retire it.
 
-The state dir's files and how they are read back are described in ``recovery``
-(``journal``, ``journal.next``) and ``checkpoint``; frames in ``frames``.
+Where records become durable is the journal's store (``journalstore``): the local
+files of a single controller (``LocalStore``: ``journal``, ``journal.next``, read back
+by ``recovery``), or a group's term files plus the journal head in etcd
+(``groupstore``, read back by ``grouprecovery``). Frames are in ``frames``, the
+checkpoint's format in ``checkpoint``.
 
 Group commit: a record is encoded, then applied to the in-memory state and
-queued; one committer task writes every queued record with a single write +
-fdatasync (``Journal._make_durable``, the one durable point) and then wakes all
-their waiters. Replies go out only after that.
+queued; one committer task makes every queued record durable at once
+(``Journal._make_durable``, the one durable point: the store's ``make_durable``, a
+single write + fdatasync, and for a group the head's move in etcd) and then wakes
+all their waiters. Replies go out only after that.
 
 Checkpoints do not stop the event loop or the commits: the committer switches
-to ``journal.next`` and takes a copy-on-write snapshot of the state between two
-batches (O(disks + extent chunks)); the snapshot is then encoded and written
-by worker threads, 16 MiB per step, each step fdatasync'ed (so a journal
-commit never queues behind much dirty checkpoint data), while records keep
-being committed. Once the checkpoint is durable, ``journal.next`` is renamed
-over ``journal``.
+to a new journal file (``journal.next``, locally) and takes a copy-on-write
+snapshot of the state between two batches (O(disks + extent chunks)); the
+snapshot is then encoded and written by worker threads, 16 MiB per step, each
+step fdatasync'ed (so a journal commit never queues behind much dirty checkpoint
+data), while records keep being committed. Once the checkpoint is durable, the
+store retires the journal files it covers (locally: ``journal.next`` is renamed
+over ``journal``).
 """
 
 from __future__ import annotations
@@ -28,12 +33,10 @@ from functools import partial
 
 import trio
 
-from . import codec, faultpoints, frames
-from .checkpoint import CheckpointFile, Snapshot, checkpoint_frames, write_checkpoint
-from .frames import JournalCorrupt
-from .fsutil import fsync_dir, write_all
+from . import codec, frames
+from .checkpoint import CheckpointFile, Snapshot, checkpoint_frames
+from .journalstore import JournalStore, LocalStore
 from .records import Record
-from .recovery import JOURNAL, JOURNAL_NEXT
 from .state import State
 from .tables import StateError
 
@@ -64,20 +67,23 @@ class _CheckpointJob:
 
 
 class Journal:
-    """Append records with group commit; checkpoint and truncate when it grows."""
+    """Append records with group commit; checkpoint and truncate when it grows.
+
+    store: where records become durable (``journalstore``); by default the local
+    files of state_dir (``LocalStore``, which raises JournalCorrupt if a
+    ``journal.next`` is left over: recover() first). state must be what the
+    store's files recover to (its seq the last durable record's).
+    """
 
     def __init__(self, state_dir: str, state: State, *, journal_bytes: int = 0,
-                 checkpoint_bytes: int = CHECKPOINT_BYTES):
+                 checkpoint_bytes: int = CHECKPOINT_BYTES, store: JournalStore | None = None):
         self.state_dir = state_dir
         self.state = state
-        self.path = os.path.join(state_dir, JOURNAL)
-        self.next_path = os.path.join(state_dir, JOURNAL_NEXT)
-        if os.path.exists(self.next_path):
-            raise JournalCorrupt(f"{self.next_path}: left over from an interrupted checkpoint; "
-                                 "recover() the state dir (with repair) first")
+        self.store: JournalStore = store if store is not None else LocalStore(state_dir)
         self.checkpoint_bytes = checkpoint_bytes
         self.journal_bytes = journal_bytes
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = self.store.open_sync()
+        self._checkpoint_seq = 0  # the seq the running checkpoint covers
         self._old_fd: int | None = None  # the journal a running checkpoint retires
         self._pending = _Batch()
         self._inflight: _Batch | None = None
@@ -139,34 +145,26 @@ class Journal:
     async def _make_durable(self, batch: _Batch) -> int:
         """The durable point: every record of batch is durable once this returns.
 
-        Today: one write of the batch's frames to the journal file batch.fd and one
-        fdatasync, in a worker thread; returns the bytes written. The committer calls
-        nothing else to make records durable, so a replicated journal (the etcd
-        group, issue 14) plugs its head in here: a batch is acknowledged only once
-        this returns. Raises OSError (and whatever the fault points raise); the
-        committer then stops, and so does the controller.
+        The store's make_durable: one write of the batch's frames to the journal file
+        batch.fd and one fdatasync, in a worker thread, and for a group the move of
+        the journal's head in etcd, fenced by the term's token (``groupstore``);
+        returns the bytes written. The committer calls nothing else to make records
+        durable: a batch is acknowledged only once this returns. Raises OSError (and
+        whatever the fault points raise), or LeadershipLost for a group whose term
+        ended; the committer then stops, and so does the controller.
         """
-        return await trio.to_thread.run_sync(self._write, batch.fd, batch.frames)
-
-    @staticmethod
-    def _write(fd: int, batch_frames: list[bytes]) -> int:
-        data = b"".join(batch_frames)
-        write_all(fd, data)
-        faultpoints.hit("journal.before_fsync")
-        os.fdatasync(fd)
-        faultpoints.hit("journal.after_fsync")
-        return len(data)
+        return await self.store.make_durable(batch.fd, batch.frames, batch.last_seq)
 
     def checkpoint_now_sync(self) -> None:
         """Checkpoint with nothing in flight (used on clean shutdown and by tests).
 
         Blocks: it encodes and writes the whole state on the calling thread.
         """
-        n = write_checkpoint(self.state_dir, self.state)
+        n = self.store.write_checkpoint_sync(self.state)
+        self._checkpoint_seq = self.state.seq
         if self._old_fd is not None:  # a background checkpoint was interrupted
             self._retire_old_sync()
-        os.ftruncate(self._fd, 0)
-        os.fsync(self._fd)
+        self.store.reset_sync(self._fd, self.state.seq, self.durable_seq)
         self.journal_bytes = 0
         self.checkpoints += 1
         self.last_checkpoint_bytes = n
@@ -192,8 +190,10 @@ class Journal:
                         self.journal_bytes += n
                         self.on_commit(len(batch.frames), n, time.perf_counter() - t0)
                     except BaseException as e:
-                        batch.error = e
-                        batch.done.set()
+                        self._closed = True  # nothing queued now will be durable
+                        for b in (batch, self._pending):
+                            b.error = e
+                            b.done.set()
                         if not isinstance(e, trio.Cancelled):
                             log.critical("journal write failed: %s; the controller must stop",
                                          e)
@@ -223,13 +223,7 @@ class Journal:
         await self._finish_checkpoint(job)
 
     def _open_next_sync(self) -> int:
-        fd = os.open(self.next_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        try:
-            fsync_dir(self.state_dir)  # records acknowledged from it must survive a crash
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return self.store.open_next_sync()
 
     async def _start_checkpoint(self) -> _CheckpointJob:
         assert not self._checkpointing
@@ -244,6 +238,7 @@ class Journal:
         # written to the old journal (and the queued ones, which reach the new one
         # and are skipped on replay); every later record goes to the new journal.
         snap = Snapshot(self.state)
+        self._checkpoint_seq = snap.seq
         self._old_fd, self._fd = self._fd, new_fd
         self.journal_bytes = 0
         return _CheckpointJob(snap, self._old_fd)
@@ -252,7 +247,8 @@ class Journal:
         try:
             t0 = trio.current_time()
             try:
-                f = await trio.to_thread.run_sync(CheckpointFile, self.state_dir)
+                f = await trio.to_thread.run_sync(
+                    CheckpointFile, self.state_dir, self.store.checkpoint_name_for(job.snap.seq))
                 try:
                     frames = checkpoint_frames(job.snap)
                     while not await trio.to_thread.run_sync(
@@ -266,6 +262,9 @@ class Journal:
             inflight = self._inflight
             if inflight is not None and inflight.fd == job.old_fd:
                 await inflight.done.wait()  # (only when _checkpoint() raced a batch)
+            # the snapshot holds records queued but not yet durable: retire nothing
+            # before they are (for a group: before the head has passed them in this term)
+            await self.wait_durable(job.snap.seq)
             await trio.to_thread.run_sync(self._retire_old_sync)
             self.checkpoints += 1
             self.last_checkpoint_bytes = f.bytes
@@ -286,12 +285,10 @@ class Journal:
             self._checkpoint_done.set()
 
     def _retire_old_sync(self) -> None:
-        """The checkpoint is durable: ``journal.next`` becomes ``journal``."""
-        os.replace(self.next_path, self.path)
-        fsync_dir(self.state_dir)
-        if self._old_fd is not None:
-            os.close(self._old_fd)
-            self._old_fd = None
+        """The checkpoint is durable: the store drops the journal files it covers
+        (locally, ``journal.next`` becomes ``journal``) and closes the old one."""
+        old, self._old_fd = self._old_fd, None
+        self.store.retire_sync(old, self._checkpoint_seq, self.durable_seq)
 
     def close(self) -> None:
         """Close the journal files; record() refuses from now on. Blocks (close(2))."""
