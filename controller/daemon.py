@@ -22,9 +22,11 @@ from .client import single_leaf
 from .etcd import etcd_security, parse_endpoints
 from .frames import JournalCorrupt  # virtfs.mount's too
 from .group import DEFAULT_GROUP, GroupConfig, GroupTerm, lead_for_ever, open_group
+from .grouprecovery import GroupRecovery
+from .groupstore import open_group_journal
 from .journal import Journal
 from .metrics import ControllerMetrics
-from .recovery import recover
+from .recovery import Recovery, recover
 from .server import MAX_CONNECTIONS, TCP_NEEDS, Server, serve_listeners
 from .service import Service
 from .statedir import LOCK, default_socket, default_state_dir
@@ -87,17 +89,27 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
     """
     lock_fd = lock_state_dir(state_dir) if group is None else -1
     try:
-        rec = recover(state_dir)
-        if rec.truncated_at is not None:
-            log.warning("journal: torn tail at offset %d dropped (%d bytes)",
-                        rec.truncated_at, rec.dropped_bytes)
+        kw: dict[str, Any] = {}
+        if checkpoint_bytes is not None:
+            kw["checkpoint_bytes"] = checkpoint_bytes
+        rec: Recovery | GroupRecovery
+        if group is None:
+            local = recover(state_dir)
+            if local.truncated_at is not None:
+                log.warning("journal: torn tail at offset %d dropped (%d bytes)",
+                            local.truncated_at, local.dropped_bytes)
+            journal = Journal(state_dir, local.state, journal_bytes=local.journal_bytes, **kw)
+            rec = local
+        else:
+            # the head in etcd says what counts; this term writes files of its own
+            journal, rec = await open_group_journal(state_dir, group.election, group.term,
+                                                    **kw)
+            if rec.ignored:
+                log.warning("journal: %d frames past their term's head ignored (written "
+                            "by a deposed leader, never acknowledged)", rec.ignored)
         log.info("state dir %s: seq %d, %d records replayed, %d disks, %d containers",
                  state_dir, rec.state.seq, rec.records, len(rec.state.disks),
                  len(rec.state.containers))
-        kw: dict[str, Any] = {"journal_bytes": rec.journal_bytes}
-        if checkpoint_bytes is not None:
-            kw["checkpoint_bytes"] = checkpoint_bytes
-        journal = Journal(state_dir, rec.state, **kw)
         service = Service(rec.state, journal, state_dir, lease=lease)
         if group is not None:
             service.ctx.may_write = group.leads

@@ -323,7 +323,20 @@ async def lead_for_ever(election: Election, member: Member, serve: LeaderBody,
                     member.standby()
         except LeadershipLost as e:
             why = str(e)
+        except BaseExceptionGroup as eg:  # from the service's tasks (a fenced commit)
+            lost = eg.subgroup(LeadershipLost)
+            if lost is None or eg.subgroup(lambda x: not isinstance(
+                    x, LeadershipLost | trio.Cancelled | BaseExceptionGroup)) is not None:
+                raise
+            why = "; ".join(sorted({str(x) for x in _leaves(lost)}))
         member.standby()
         n_closed = on_lost()
         log.warning("stepped down: %s; %d connection(s) closed; a standby now", why,
                     n_closed)
+
+
+def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for x in eg.exceptions:
+        out.extend(_leaves(x) if isinstance(x, BaseExceptionGroup) else [x])
+    return out

@@ -35,6 +35,7 @@ import trio
 
 from . import codec, frames
 from .checkpoint import CheckpointFile, Snapshot, checkpoint_frames
+from .election import LeadershipLost
 from .journalstore import JournalStore, LocalStore
 from .records import Record
 from .state import State
@@ -194,7 +195,9 @@ class Journal:
                         for b in (batch, self._pending):
                             b.error = e
                             b.done.set()
-                        if not isinstance(e, trio.Cancelled):
+                        if isinstance(e, LeadershipLost):  # a group's deposed leader
+                            log.warning("journal: %s; nothing more is committed here", e)
+                        elif not isinstance(e, trio.Cancelled):
                             log.critical("journal write failed: %s; the controller must stop",
                                          e)
                         raise
