@@ -80,8 +80,11 @@ class Cli:
         group = r.pop("group", None)
         kv(r, self.out)
         if group is not None:  # a controller group's leader (docs/ha.md)
+            head = group.get("head") or {}
             self.out.write(f"group:          {group['name']} (etcd {group['etcd']})\n"
-                           f"leader:         {group['leader']} (term {group['term']})\n")
+                           f"leader:         {group['leader']} (term {group['term']})\n"
+                           f"journal head:   seq {head.get('seq', 0)} (moved by term "
+                           f"{head.get('term', '-')})\n")
             self._table([[str(m.get("id")), str(m.get("address")), str(m.get("role")),
                           time.strftime("%Y-%m-%d %H:%M:%S",
                                         time.localtime(float(m.get("since") or 0)))]

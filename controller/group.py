@@ -34,6 +34,7 @@ import trio
 from . import protocol as P
 from .election import DEFAULT_TTL, Election, Leader, LeadershipLost, Term, open_election
 from .etcd import EtcdError, EtcdSecurity, open_etcd
+from .grouprecovery import read_head
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,9 @@ class Member:
                 await trio.sleep(1)
 
     async def group_status(self) -> dict[str, Any]:
-        """What status shows of the group: its name, the leader and its term, and each
-        member's record (id, address, role, since)."""
+        """What status shows of the group: its name, the leader and its term, the
+        journal's durable head in etcd (the term that moved it last, and its seq), and
+        each member's record (id, address, role, since)."""
         r = await self.etcd.get_prefix(self._members)
         members = []
         for kv in r.kvs:
@@ -165,9 +167,11 @@ class Member:
                 members.append(m)
         members.sort(key=lambda m: str(m.get("id")))
         leader = self.leader
+        head = await read_head(self.etcd, self.cfg.prefix)
         return {"name": self.cfg.group, "etcd": self.cfg.etcd,
                 "leader": leader.id if leader else None,
                 "term": self.term.term.token if self.term else None,
+                "head": None if head is None else {"term": head.term, "seq": head.seq},
                 "members": members}
 
     # ------------------------------------------------------------ handing over

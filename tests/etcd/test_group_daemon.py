@@ -167,8 +167,10 @@ def test_status_shows_the_group_and_step_down_hands_over(group: list[Member]) ->
              "every member in the roster")
     st = vd(addrs, "status")
     assert st["group"]["leader"] == "c1" and st["group"]["name"] == "default"  # type: ignore
+    assert st["group"]["head"]["seq"] == st["seq"]  # type: ignore[index]
     table = run_vdctl("--controller", addrs, "status").out
     assert "leader:         c1 (term " in table and "MEMBER" in table, table
+    assert "journal head:   seq " in table, table
 
     r = run_vdctl("--controller", addrs, "group", "step-down", "--to", "c3")
     assert r.rc == 0 and "c1 steps down for c3" in r.err, r.err
