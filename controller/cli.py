@@ -85,11 +85,13 @@ class Cli:
                            f"leader:         {group['leader']} (term {group['term']})\n"
                            f"journal head:   seq {head.get('seq', 0)} (moved by term "
                            f"{head.get('term', '-')})\n")
+            at = head.get("seq", 0)
             self._table([[str(m.get("id")), str(m.get("address")), str(m.get("role")),
+                          "-" if m.get("seq") is None else str(at - int(m["seq"])),
                           time.strftime("%Y-%m-%d %H:%M:%S",
                                         time.localtime(float(m.get("since") or 0)))]
                          for m in group["members"]],
-                        ["MEMBER", "ADDRESS", "ROLE", "SINCE"], self.out)
+                        ["MEMBER", "ADDRESS", "ROLE", "LAG", "SINCE"], self.out)
         return 0
 
     async def group_step_down(self) -> int:

@@ -103,7 +103,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
         else:
             # the head in etcd says what counts; this term writes files of its own
             journal, rec = await open_group_journal(state_dir, group.election, group.term,
-                                                    **kw)
+                                                    await group.recovered(), **kw)
             if rec.ignored:
                 log.warning("journal: %d frames past their term's head ignored (written "
                             "by a deposed leader, never acknowledged)", rec.ignored)
@@ -176,6 +176,7 @@ async def _run_group(cfg: GroupConfig, state_dir: str, listen: list[str], lease:
     again if its term ends. A clean stop resigns, so another member takes over at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with open_group(cfg) as (election, member):
+            member.state_dir = state_dir
             server = Server(member.dispatch, security=security,
                             max_connections=max_connections, leader=member.leadership)
 

@@ -34,7 +34,9 @@ import trio
 from . import protocol as P
 from .election import DEFAULT_TTL, Election, Leader, LeadershipLost, Term, open_election
 from .etcd import EtcdError, EtcdSecurity, open_etcd
-from .grouprecovery import read_head
+from .grouprecovery import GroupRecovery, read_head
+from .standby import Standby
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class Member:
         self.term: GroupTerm | None = None  # ours, while we lead and serve
         self.since = time.time()  # in its present role since (Unix time)
         self.stepping_down = trio.Event()  # set by group.step_down: resign now
+        self.state_dir = ""  # the shared state dir (set by the daemon)
+        self.hot: Standby | None = None  # the hot standby's state, while a standby
         self._roster_changed = trio.Event()
 
     @property
@@ -142,9 +146,11 @@ class Member:
                 lease = (await self.etcd.lease_grant(self.cfg.ttl)).id
                 while True:
                     self._roster_changed = trio.Event()
+                    hot = self.hot if self.role == "standby" else None
                     await self.etcd.put(key, json.dumps({
                         "id": self.election.member_id, "address": self.advertise,
-                        "role": self.role, "since": round(self.since, 3)}), lease=lease)
+                        "role": self.role, "since": round(self.since, 3),
+                        "seq": hot.seq if hot is not None else None}), lease=lease)
                     with trio.move_on_after(self.cfg.ttl / 3):
                         await self._roster_changed.wait()
                     await self.etcd.lease_keepalive(lease)
@@ -280,6 +286,23 @@ class GroupTerm:
 
     election: Election
     term: Term
+    standby: Standby | None = None  # this member's hot state until now, if any
+
+    async def recovered(self) -> GroupRecovery | None:
+        """The hot standby's state brought to the head read now (after the win, so no
+        earlier term can move it any more), or None without a standby."""
+        if self.standby is None:
+            return None
+        head = await read_head(self.election.client, self.standby.prefix)
+        if head is None:
+            return GroupRecovery(State(), None)
+        hot = self.standby
+        was = hot.seq
+        rec = await hot.take(head)
+        log.info("hot standby: taking over at seq %d (it was at %d; %d records applied "
+                 "while standing by, %d full recoveries)", rec.state.seq, was, hot.applied,
+                 hot.full_recoveries)
+        return rec
 
     def leads(self) -> bool:
         """The term has not ended, by what we know (Term.check: etcd's word, or our own
@@ -304,27 +327,35 @@ async def lead_for_ever(election: Election, member: Member, serve: LeaderBody,
     while True:
         await member.wait_turn()
         why = "stepped down as asked"
+        hot = Standby(member.state_dir, election.client, member.cfg.prefix)
+        member.hot = hot
         try:
-            async with election.lead() as term:
-                if not (await member.my_turn())[0]:
-                    # a standby already waiting on the key won the race of a handover
-                    # for another member: give it back at once (lead() resigns)
-                    log.info("won term %d during a handover for another member; resigning",
+            async with trio.open_nursery() as tail:
+                hot_scope = trio.CancelScope()
+
+                tail.start_soon(_run_until, hot.run, hot_scope)  # hot until elected
+                async with election.lead() as term:
+                    hot_scope.cancel()
+                    if not (await member.my_turn())[0]:
+                        # a standby already waiting on the key won the race of a
+                        # handover for another member: give it back (lead() resigns)
+                        log.info("won term %d during a handover for another member; "
+                                 "resigning", term.token)
+                        continue
+                    log.info("this member leads group %s (term %d)", election.key,
                              term.token)
-                    continue
-                log.info("this member leads group %s (term %d)", election.key, term.token)
-                gt = GroupTerm(election, term)
-                await member.took_over(gt)
-                try:
-                    async with trio.open_nursery() as n:
-                        async def on_step_down() -> None:
-                            await member.stepping_down.wait()
+                    gt = GroupTerm(election, term, hot)
+                    await member.took_over(gt)
+                    try:
+                        async with trio.open_nursery() as n:
+                            async def on_step_down() -> None:
+                                await member.stepping_down.wait()
+                                n.cancel_scope.cancel()
+                            n.start_soon(on_step_down)
+                            await serve(gt)
                             n.cancel_scope.cancel()
-                        n.start_soon(on_step_down)
-                        await serve(gt)
-                        n.cancel_scope.cancel()
-                finally:
-                    member.standby()
+                    finally:
+                        member.standby()
         except LeadershipLost as e:
             why = str(e)
         except BaseExceptionGroup as eg:  # from the service's tasks (a fenced commit)
@@ -344,3 +375,9 @@ def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
     for x in eg.exceptions:
         out.extend(_leaves(x) if isinstance(x, BaseExceptionGroup) else [x])
     return out
+
+
+async def _run_until(fn: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+    """fn() until scope is cancelled."""
+    with scope:
+        await fn()

@@ -170,14 +170,19 @@ class GroupStore:
 
 
 async def open_group_journal(state_dir: str, election: Election, term: Term,
+                             recovered: GroupRecovery | None = None,
                              **kw: int) -> tuple[Journal, GroupRecovery]:
     """The Journal of term (a campaign of election's that won), and what recovery
     found: the state is recovered from the head in etcd, read now (after the win, so
     no earlier term can move it any more), and the term's file 0 is created with its
     start frame. kw: Journal's checkpoint_bytes (and journal_bytes: by default the
     size of the term files replayed, so a long chain is checkpointed soon). Raises EtcdError,
-    JournalCorrupt and OSError as recovery and the file's creation do."""
-    rec = await recover_group(state_dir, election.client, group_prefix(election))
+    JournalCorrupt and OSError as recovery and the file's creation do. recovered: the
+    state a hot standby brought to that head (controller/standby.py), used instead."""
+    if recovered is None:
+        rec = await recover_group(state_dir, election.client, group_prefix(election))
+    else:  # a hot standby's state, already brought to the head read after the win
+        rec = recovered
     store = GroupStore(state_dir, election, term, rec.head)
     kw.setdefault("journal_bytes", rec.journal_bytes)
     journal = await trio.to_thread.run_sync(
