@@ -105,11 +105,13 @@ def _plan(state: State, kind: str, src: int | None, dest: int | None, disks: lis
     """The plan over disks (and their snapshots) for extents with moves(e) true."""
     plan = JobPlan(kind, src, dest)
     # shared storage by (family, lun, offset - vstart): vstart ranges, merged below
-    spans: dict[tuple[int, int, int], list[tuple[int, int, str]]] = {}
+    # (a merged range is counted under its first table's owner: a snapshot's before a
+    # disk's or clone's that share it, so a snapshot's storage counts under its disk)
+    spans: dict[tuple[int, int, int], list[tuple[int, int, int, str]]] = {}
 
     def add(t: Disk, e: Extent, lo: int, hi: int) -> None:
         spans.setdefault((t.family, e.lun, e.offset - e.vstart), []).append(
-            (lo, hi, owner(t)))
+            (lo, hi, 0 if t.is_snapshot else 1, owner(t)))
 
     names = {d.name for d in disks}
     for d in disks:
@@ -131,9 +133,9 @@ def _plan(state: State, kind: str, src: int | None, dest: int | None, disks: lis
                 if moves(e):
                     add(s, e, e.vstart, e.vend)
     for (fam, lun, delta), rs in sorted(spans.items()):
-        rs.sort()
+        rs.sort(key=lambda r: (r[0], r[2]))
         merged: list[tuple[int, int, str]] = []
-        for lo, hi, who in rs:
+        for lo, hi, _pri, who in rs:
             lo = lo // BLOCK_SIZE * BLOCK_SIZE
             hi = -(-hi // BLOCK_SIZE) * BLOCK_SIZE
             if merged and lo <= merged[-1][1]:
