@@ -116,7 +116,9 @@ def _plan(state: State, kind: str, src: int | None, dest: int | None, disks: lis
     names = {d.name for d in disks}
     for d in disks:
         for e in d.extents:
-            if not moves(e):
+            # a move under way onto the drained container counts too (it must end)
+            onto_src = e.flags & MOVING and src is not None and d.alts[e.vstart].lun == src
+            if not moves(e) and not onto_src:
                 continue
             if e.flags & MOVING:  # a move under way is finished where it is
                 plan.live[d.name] = plan.live.get(d.name, 0) + e.length

@@ -194,8 +194,9 @@ class Jobs:
         stay = j.dst if j.kind == "migrate" else None
         for d in disks:
             for e in d.extents:
-                if j.kind == "drain" and e.lun != j.src:
-                    continue
+                if j.kind == "drain" and e.lun != j.src and not (
+                        e.flags & MOVING and d.alts[e.vstart].lun == j.src):
+                    continue  # (a move onto the container is finished, then moved off)
                 if e.flags & MOVING:
                     out.append((d, e.vstart))  # finish it (moving off src, or to dst)
                 elif e.lun != stay:
