@@ -54,6 +54,13 @@ class FreeSpace:
         i = bisect_right(self._starts, offset) - 1
         return i >= 0 and offset + length <= self._starts[i] + self._lens[i]
 
+    def is_used(self, offset: int, length: int) -> bool:
+        """No byte of [offset, offset + length) is free (all of it is allocated)."""
+        i = bisect_right(self._starts, offset) - 1
+        if i >= 0 and self._starts[i] + self._lens[i] > offset:
+            return False
+        return not (i + 1 < len(self._starts) and self._starts[i + 1] < offset + length)
+
     def take(self, offset: int, length: int) -> None:
         if length <= 0:
             raise AllocError(f"bad length {length}")

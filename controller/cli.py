@@ -314,12 +314,36 @@ class Cli:
         return 0
 
     async def disk_migrate(self) -> int:
+        if self.args.dry_run:
+            return self._plan(await self.c.call("disk.migrate", name=self.args.name,
+                                                 to=self.args.to, dry_run=True))
         return await self._follow(await self.c.call("disk.migrate", name=self.args.name,
                                                     to=self.args.to))
 
     async def container_drain(self) -> int:
+        if self.args.dry_run:
+            return self._plan(await self.c.call("container.drain", name=self.args.name,
+                                                 to=self.args.to, dry_run=True))
         return await self._follow(await self.c.call("container.drain", name=self.args.name,
                                                     to=self.args.to))
+
+    def _plan(self, plan: dict[str, Any]) -> int:
+        """Print a dry run's plan (controller/jobplan.py): a line per disk with its live
+        and shared (snapshot and clone storage) bytes, then the totals and where it goes."""
+        if self.json:
+            self.emit_json(plan)
+            return 0
+        rows = [[r["disk"], format_size(r["live"]), format_size(r["shared"])]
+                for r in plan["disks"]]
+        table(rows, ["DISK", "LIVE", "SHARED"], self.out)
+        to = plan["to"] or "wherever new space goes"
+        what = f"disk {plan['disks'][0]['disk']}" if plan["kind"] == "migrate" and rows \
+            else plan["from"] or "-"
+        self.out.write(f"would move {format_size(plan['total'])} "
+                       f"({format_size(plan['live'])} live data, "
+                       f"{format_size(plan['shared'])} snapshot and clone storage) of {what} to "
+                       f"{to}; nothing was changed\n")
+        return 0
 
     async def container_fail(self) -> int:
         r = await self.c.call("container.fail", name=self.args.name)

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--to", metavar="CONTAINER", help="move it all to this container "
                     "(default: wherever new space would go)")
     dr.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    dr.add_argument("-n", "--dry-run", action="store_true", help="print what would move "
+                    "(live data and snapshot/clone storage, per disk) and change nothing")
     verb(cv, "fail", "mark a container failed: I/O on its data fails at once with EIO"
          ).add_argument("name")
     rs_ = verb(cv, "restore", "clear a failed or suspect container: its data is used again")
@@ -181,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("name")
     mg.add_argument("--to", metavar="CONTAINER", required=True, help="target container")
     mg.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    mg.add_argument("-n", "--dry-run", action="store_true", help="print what would move "
+                    "(live data and snapshot/clone storage) and change nothing")
 
     rn = verb(dv, "rename", "rename a disk, in use or not (agents see the new name at "
               "once; snapshots follow it)")

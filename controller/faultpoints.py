@@ -73,6 +73,11 @@ POINTS = frozenset({
     "movement.commit",  # L1 punched, before the move.commit record
     "movement.abort",  # marked blocks copied back, before the move.abort record
     "movement.copier",  # each step of the copier, before it takes the disk's lock
+    # controller/service/relocation.py: shared storage moved whole
+    "relocate.copy",  # the bytes copied to the new place, before checking the record
+    "relocate.record",  # just before the storage.relocate record
+    "relocate.push",  # the record durable, before the agents get the new entries
+    "relocate.punch",  # agents acknowledged, before the old range is punched
     # controller/service/snapshots.py: writes frozen and moves settled, before the record
     "snapshot.create",
     # virtfs/blockio.py: the agent's container I/O

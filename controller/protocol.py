@@ -416,9 +416,11 @@ _op("disk.rename", NAME, _f("new", str), _f("replace", bool, required=False, def
 _op("disk.discard", NAME, _f("offset", int), _f("length", int))
 _op("check", roles=ADMIN)
 # movement (docs/movement.md)
-_op("disk.migrate", NAME, _f("to", str), roles=ADMIN)
+_op("disk.migrate", NAME, _f("to", str), _f("dry_run", bool, required=False, default=False),
+    roles=ADMIN)
 _op("disk.set", NAME, _f("limits", dict), roles=ADMIN)
-_op("container.drain", NAME, _f("to", str, type(None), required=False), roles=ADMIN)
+_op("container.drain", NAME, _f("to", str, type(None), required=False),
+    _f("dry_run", bool, required=False, default=False), roles=ADMIN)
 _op("container.fail", NAME, roles=ADMIN)
 _op("container.restore", NAME, _f("relabel", bool, required=False, default=False),
     roles=ADMIN)

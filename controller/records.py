@@ -48,12 +48,13 @@ from .records_pool import (
     ContainerShare,
     ControllerBoot,
 )
+from .records_storage import StorageRelocate
 from .tables import JOB_KINDS, JOB_STATES, QOS_KEYS, StateError
 
 # and the record classes below, and those of records_pool.py (containers, boots)
 __all__ = ["ContainerAdd", "ContainerFail", "ContainerLabel", "ContainerRestore",
            "ContainerRm", "ContainerShare", "ControllerBoot", "Piece", "Record", "Wire",
-           "decode", "record"]
+           "StorageRelocate", "decode", "record"]
 
 
 # ---------------------------------------------------------------- disks
@@ -471,7 +472,7 @@ RECORDS: tuple[type[Record], ...] = (
     DiskCreate, DiskMap, DiskTimes, DiskResize, DiskRm, DiskRename, DiskPlace, DiskQos,
     DiskUnmap,
     DiskClone, MoveStart, MoveMark, MoveCommit, MoveAbort, JobStart, JobAbort, JobEnd,
-    SnapCreate, SnapRm, SnapRollback, ControllerBoot,
+    SnapCreate, SnapRm, SnapRollback, ControllerBoot, StorageRelocate,
 )
 _BY_OP: dict[str, Callable[[Mapping[str, object]], Record]] = {
     c.OP: c.from_wire for c in RECORDS}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from . import records as R
-from . import sharing, state_moves
+from . import sharing, state_moves, state_relocate
 from .allocator import AllocError, FreeSpace
 from .extents import MAX_EXTENT, MOVING, Extent, ExtentError
 from .protocol import BLOCK_SIZE, LABEL_BYTES, is_snapshot_name, snapshot_name, split_snapshot_name
@@ -440,6 +440,7 @@ class State:
 # MoveStart, ...), which take the State first.
 _MOVES: dict[type[Record], Callable[..., None]] = {
     R.MoveStart: state_moves.move_start, R.MoveMark: state_moves.move_mark,
-    R.MoveCommit: state_moves.move_commit, R.MoveAbort: state_moves.move_abort}
+    R.MoveCommit: state_moves.move_commit, R.MoveAbort: state_moves.move_abort,
+    R.StorageRelocate: state_relocate.storage_relocate}
 _HANDLERS: dict[type[Record], Callable[..., None]] = {
     rec: _MOVES.get(rec) or getattr(State, "_" + rec.OP.replace(".", "_")) for rec in RECORDS}

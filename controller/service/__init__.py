@@ -63,6 +63,7 @@ from .labels import Labels
 from .movement import Movement
 from .placement import Placement
 from .qos import Qos
+from .relocation import Relocation
 from .sessions import Sessions
 from .snapshots import Snapshots
 
@@ -89,7 +90,8 @@ class Service:
         self.placement = Placement(self.ctx)
         self.coherence = Coherence(self.ctx)
         self.movement = Movement(self.ctx, self.placement, self.coherence)
-        self.jobs = Jobs(self.ctx, self.placement, self.movement)
+        self.relocation = Relocation(self.ctx, self.placement, self.coherence, self.movement)
+        self.jobs = Jobs(self.ctx, self.placement, self.movement, self.relocation)
         self.snapshots = Snapshots(self.ctx, self.placement, self.coherence, self.movement)
         self.labels = Labels(self.ctx, self.movement, self.placement)
         self.containers = Containers(self.ctx, self.movement, self.labels)
@@ -247,13 +249,15 @@ class Service:
         return await self.disks.disk_discard(name, offset, length, conn)
 
     # ------------------------------------------------------------ jobs
-    async def disk_migrate(self, name: str, to: str) -> dict[str, object]:
+    async def disk_migrate(self, name: str, to: str, dry_run: bool = False
+                           ) -> dict[str, object]:
         """disk.migrate: Jobs.disk_migrate."""
-        return await self.jobs.disk_migrate(name, to)
+        return await self.jobs.disk_migrate(name, to, dry_run)
 
-    async def container_drain(self, name: str, to: str | None) -> dict[str, object]:
+    async def container_drain(self, name: str, to: str | None, dry_run: bool = False
+                              ) -> dict[str, object]:
         """container.drain: Jobs.container_drain."""
-        return await self.jobs.container_drain(name, to)
+        return await self.jobs.container_drain(name, to, dry_run)
 
     async def job_ls(self) -> list[dict[str, object]]:
         """job.ls: Jobs.job_ls."""

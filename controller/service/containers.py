@@ -113,10 +113,15 @@ class Containers:
         """Remove an empty container nothing is pinned to and no job uses; E_BUSY else."""
         c = self.ctx.container(name)
         if c.used:
-            users = sorted({d.name for d, _ in self.state.lun_users(c.lun)})
+            users = {d.name: d.is_snapshot for d, _ in self.state.lun_users(c.lun)}
+            disks = sorted(n for n, snap in users.items() if not snap)
+            snaps = sorted(n for n, snap in users.items() if snap)
+            held = f"disks: {', '.join(disks) or '-'}"
+            if snaps:
+                held += f"; snapshots: {', '.join(snaps)}"
             raise P.RemoteError(
-                P.E_BUSY, f"container {name!r} holds {human(c.used)} of data (disks: "
-                f"{', '.join(users) or '-'}); remove or move them first")
+                P.E_BUSY, f"container {name!r} holds {human(c.used)} of data ({held}); "
+                "remove them or move them off (vdctl container drain)")
         for d in self.state.disks.values():
             if d.pin == c.lun:
                 raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is pinned to container {name!r}")

@@ -17,6 +17,7 @@ import trio
 
 from .. import protocol as P
 from ..extents import MOVING, Extent
+from ..jobplan import JobPlan, plan_drain, plan_migrate, split_shared
 from ..moves import move_units
 from ..records import DiskPlace, JobAbort, JobEnd, JobStart
 from ..state import Disk, Job
@@ -24,10 +25,12 @@ from ..units import human
 from .context import Context
 from .movement import MoveGone, Movement
 from .placement import Placement
+from .relocation import Relocation
 
 log = logging.getLogger(__name__)
 
 MOVES_IN_FLIGHT = 4
+STALL_LOOKS = 600  # looks (0.1 s apart) at shared storage that cannot move before failing
 
 
 @dataclass
@@ -47,8 +50,10 @@ class Jobs:
     Owns the running jobs' volatile progress (by job id).
     """
 
-    def __init__(self, ctx: Context, placement: Placement, movement: Movement):
+    def __init__(self, ctx: Context, placement: Placement, movement: Movement,
+                 relocation: Relocation):
         self.ctx = ctx
+        self.relocation = relocation
         self.state = ctx.state
         self.journal = ctx.journal
         self.agents = ctx.agents
@@ -95,9 +100,26 @@ class Jobs:
                     out.append((d, e.vstart, e.length))
         return out
 
+    def plan(self, j: Job) -> JobPlan:
+        """What job j still has to move (controller/jobplan.py, as its dry run shows)."""
+        if j.kind == "drain" and j.src is not None:
+            return plan_drain(self.state, j.src, j.dst)
+        if j.kind == "migrate" and j.disk is not None and j.dst is not None:
+            return plan_migrate(self.state, j.disk, j.dst)
+        return JobPlan(j.kind, j.src, j.dst)
+
     def remaining(self, j: Job) -> int:
-        """Bytes job j still has to move."""
-        return sum(n for _d, _v, n in self._units(j))
+        """Bytes job j still has to move: live data and shared storage (plan)."""
+        return self.plan(j).total
+
+    async def _relocate_some(self, j: Job) -> tuple[int, bool]:
+        """Relocate up to MOVES_IN_FLIGHT units of the shared storage job j moves, one
+        after another; (bytes moved, whether any unit is left)."""
+        units = self.plan(j).units
+        moved = 0
+        for u in units[:MOVES_IN_FLIGHT]:
+            moved += await self.relocation.relocate(u, j.dst)
+        return moved, bool(units)
 
     async def _run_job(self, jid: int) -> None:
         j = self.state.jobs[jid]
@@ -108,10 +130,19 @@ class Jobs:
         prog.aborting = prog.aborting or j.aborting  # asked before a restart
         try:
             await self.agents.wait_grace()
+            stalls = 0
             while not prog.aborting:
+                # shared storage first: it moves whole, and a disk's shared segments go
+                # with it (moving them block by block would copy them, not move them)
+                moved, shared_left = await self._relocate_some(j)
                 todo = self._next_units(j)
                 if not todo:
-                    break
+                    if not shared_left or stalls >= STALL_LOOKS:
+                        break
+                    stalls = 0 if moved else stalls + 1
+                    if not moved:
+                        await trio.sleep(0.1)  # a segment that maps it is being moved
+                    continue
                 # start the batch's moves in order (their new space then follows the
                 # disk's order and merges again), then copy them side by side
                 started: list[tuple[Disk, int]] = []
@@ -163,15 +194,18 @@ class Jobs:
         stay = j.dst if j.kind == "migrate" else None
         for d in disks:
             for e in d.extents:
-                if j.kind == "drain" and e.lun != j.src:
-                    continue
+                if j.kind == "drain" and e.lun != j.src and not (
+                        e.flags & MOVING and d.alts[e.vstart].lun == j.src):
+                    continue  # (a move onto the container is finished, then moved off)
                 if e.flags & MOVING:
                     out.append((d, e.vstart))  # finish it (moving off src, or to dst)
-                else:
-                    for u in move_units(d, e.vstart, e.vend, stay):
-                        out.append((d, u))
-                        if len(out) >= MOVES_IN_FLIGHT:
-                            return out
+                elif e.lun != stay:
+                    # only the disk's own parts: shared ones are relocated whole
+                    for lo, hi in split_shared(self.state, d, e)[1]:
+                        for u in move_units(d, lo, hi, stay):
+                            out.append((d, u))
+                            if len(out) >= MOVES_IN_FLIGHT:
+                                return out
                 if len(out) >= MOVES_IN_FLIGHT:
                     return out
         return out
@@ -238,8 +272,12 @@ class Jobs:
         self.ctx.spawn(self._run_job, jid)
         return self.job_dict(j)
 
-    async def disk_migrate(self, name: str, to: str) -> dict[str, object]:
-        """Start moving every extent of disk name to container `to` while it is in use.
+    async def disk_migrate(self, name: str, to: str, dry_run: bool = False
+                           ) -> dict[str, object]:
+        """Start moving every extent of disk name to container `to` while it is in use,
+        and the storage its snapshots map outside `to` (controller/jobplan.py:
+        plan_migrate; clones sharing it are switched with it). dry_run: journal
+        nothing, return the plan (JobPlan.to_dict) with "dry_run": true.
 
         New space for the disk goes to `to` from now on (its home; its pin too, if it
         had one), also for a disk with no data to move (the job then ends done at once).
@@ -257,22 +295,33 @@ class Jobs:
             if j.state == "running" and (j.disk == d.name or j.kind == "drain"):
                 raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) is moving data "
                                     "already; wait for it or abort it (vdctl job abort)")
-        todo = sum(e.length for e in d.extents if e.lun != c.lun or e.flags & MOVING)
-        if not todo and d.home == c.lun and d.pin in (None, c.lun):
+        plan = plan_migrate(self.state, d.name, c.lun)
+        if not plan.total and d.home == c.lun and d.pin in (None, c.lun):
             raise P.invalid(f"disk {name!r} is wholly on container {to!r} already"
                             if d.allocated else f"disk {name!r} holds no data, and its new "
                             f"space goes to container {to!r} already")
         # nothing to move but the placement (an empty thin disk): the job ends at once
         free = self.placement.plannable(c).free
-        if round_up_sum(d, c.lun) > free:
+        need = plan.total  # live data and shared storage, each counted once
+        if need > free:
             raise P.RemoteError(P.E_NO_SPACE, f"container {to!r} has {human(free)} free; "
-                                f"disk {name!r} needs {human(round_up_sum(d, c.lun))}")
+                                f"disk {name!r} needs {human(need)}")
+        if dry_run:
+            return {**plan.to_dict(self.state), "dry_run": True}
         placed = await self._place([(d, c.lun, c.lun if d.pin is not None else None)])
         return await self._start_job("migrate", d.name, None, c.lun, placed)
 
-    async def container_drain(self, name: str, to: str | None) -> dict[str, object]:
+    async def container_drain(self, name: str, to: str | None, dry_run: bool = False
+                              ) -> dict[str, object]:
         """Start moving everything off container name (to container `to`, or wherever
-        placement puts it); new allocations avoid it meanwhile."""
+        placement puts it): the disks' own data block by block, then the storage
+        snapshots and clones map, whole (controller/jobplan.py: plan_drain); new
+        allocations avoid it meanwhile. The job ends done only when no table maps
+        anything there. dry_run: journal nothing, return the plan (JobPlan.to_dict)
+        with "dry_run": true.
+
+        Raises RemoteError: E_NOT_FOUND, E_INVALID (into itself, nowhere to go),
+        E_IO (the target is failed), E_BUSY (a job runs), E_NO_SPACE."""
         c = self.ctx.container(name)
         dst = self.ctx.container(to).lun if to is not None else None
         if dst == c.lun:
@@ -292,7 +341,9 @@ class Jobs:
             [self.state.luns[dst]] if dst is not None else others))
         if c.used > room:
             raise P.RemoteError(P.E_NO_SPACE, f"container {name!r} holds {human(c.used)}; "
-                                f"only {room} are free elsewhere")
+                                f"only {human(room)} are free elsewhere")
+        if dry_run:
+            return {**plan_drain(self.state, c.lun, dst).to_dict(self.state), "dry_run": True}
         home = dst if dst is not None else others[0].lun
         placed = await self._place([  # pins and homes move off it
             (d, home, home if d.pin is not None else None)
@@ -345,11 +396,6 @@ class Jobs:
                 prog.batch.cancel()  # stop copying; the moves are rolled back
             await prog.done_event.wait()
         return self.job_dict(j)
-
-
-def round_up_sum(d: Disk, lun: int) -> int:
-    """Bytes of new space a migration of d to LUN lun needs (block-rounded)."""
-    return sum(-(-e.length // P.BLOCK_SIZE) * P.BLOCK_SIZE for e in d.extents if e.lun != lun)
 
 
 __all__ = ["Jobs", "MoveGone"]

@@ -62,6 +62,8 @@ WIRE: list[dict[str, Any]] = [
     {"op": "snap.rollback", "snap": "d@s"},
     {"op": "controller.boot", "boot": 2},
     {"op": "controller.boot", "boot": 1, "installation": "00112233445566778899aabbccddeeff"},
+    {"op": "storage.relocate", "family": 1, "vstart": 8192, "length": 4096, "lun": 1,
+     "offset": 0, "new_lun": 2, "new_offset": 40960},
 ]
 
 

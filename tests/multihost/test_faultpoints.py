@@ -90,8 +90,14 @@ def _param(point: str, action: str, when: int, phases: list[str], sees: str | No
                         id=f"{point}={action}@{when}")
 
 
+# points whose cases live in another module: relocation needs a snapshot family on a
+# draining container (tests/mount/test_drain_snapshots.py kills the controller at each)
+ELSEWHERE = {"relocate.copy", "relocate.record", "relocate.push", "relocate.punch"}
+
+
 def test_every_point_has_a_case():
-    assert {c[0] for c in CASES} == POINTS
+    assert {c[0] for c in CASES} | ELSEWHERE == POINTS
+    assert not {c[0] for c in CASES} & ELSEWHERE
 
 
 def test_spec_syntax_and_hit_windows():
