@@ -29,10 +29,11 @@ from .client import (
     open_controller,
     security_from_args,
 )
+from .progress import size_bar
 from .protocol import NO_LUN, state_names
 from .statedir import default_socket, default_state_dir
 from .transport import SecurityConfigError, parse_addr
-from .units import format_size
+from .units import format_rate, format_size, human, size_range
 
 JOB_POLL = 0.5  # seconds between progress polls
 
@@ -42,7 +43,7 @@ def qos_line(q: dict[str, int]) -> str:
     parts = []
     for k in ("iops", "bps", "read_iops", "read_bps", "write_iops", "write_bps"):
         if k in q:
-            v = format_size(q[k]) if k.endswith("bps") else str(q[k])
+            v = format_size(q[k], exact=True) if k.endswith("bps") else str(q[k])
             parts.append(f"{k.replace('_', '-')} {v}/s")
     return ", ".join(parts) or "none"
 
@@ -59,6 +60,19 @@ class Cli:
         self.c = client
         self.out = out
         self.json = getattr(args, "format", None) == "json"
+        self.bytes = bool(getattr(args, "bytes", False))
+
+    def sz(self, n: int, exact: bool = False) -> str:
+        """A size for a table cell: units.format_size, or the exact byte count with
+        --bytes (exact: never rounded, e.g. map offsets)."""
+        return str(n) if self.bytes else format_size(n, exact)
+
+    def said(self, n: int) -> str:
+        """A size inside a message: "300M", or "314572800 bytes" with --bytes."""
+        return f"{n} bytes" if self.bytes else format_size(n)
+
+    def _kv(self, r: dict[str, Any]) -> None:
+        kv(r, self.out, exact_bytes=self.bytes)
 
     def _table(self, rows: list[list[str]], headers: list[str], out: TextIO) -> None:
         table(rows, headers, out, headings=not getattr(self.args, "no_headings", False))
@@ -74,7 +88,7 @@ class Cli:
 
     async def status(self) -> int:
         r = await self.c.call("status")
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self._kv(r)
         return 0
 
     async def check(self) -> int:
@@ -110,15 +124,15 @@ class Cli:
         return 0
 
     def _container_out(self, r: dict[str, Any]) -> None:
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self._kv(r)
 
     async def container_ls(self) -> int:
         rows = await self.c.call("container.ls")
         if self.json:
             self.emit_json(rows)
             return 0
-        self._table([[r["name"], str(r["lun"]), format_size(r["size"]), format_size(r["used"]),
-                 format_size(r["free"]), pct(r["used"], r["size"]), r["state"],
+        self._table([[r["name"], str(r["lun"]), self.sz(r["size"]), self.sz(r["used"]),
+                 self.sz(r["free"]), pct(r["used"], r["size"]), r["state"],
                  str(r.get("label", "-")).split(" ", 1)[0].rstrip(":"),
                  str(r.get("errors") or "-"), r["path"]]
                 for r in rows],
@@ -132,9 +146,9 @@ class Cli:
         if self.json:
             self.emit_json(r)
             return 0
-        kv(r, self.out)
+        self._kv(r)
         for d in r["disks"]:
-            self.out.write(f"  disk {shown(d['name'])}: {d['bytes']} bytes\n")
+            self.out.write(f"  disk {shown(d['name'])}: {self.sz(d['bytes'])}\n")
         return 0
 
     async def container_rm(self) -> int:
@@ -147,12 +161,12 @@ class Cli:
 
     async def disk_create(self) -> int:
         a = self.args
-        if a.size == 0:
-            raise P.invalid("--size must be more than 0 bytes")
+        if not 0 < a.size <= P.MAX_DISK_SIZE:
+            raise P.invalid(f"--size must be {size_range(1, P.MAX_DISK_SIZE)}")
         r = await self.c.call("disk.create", name=a.name, size=a.size, thick=a.thick,
                               segment_size=a.segment_size, container=a.container)
         self.warn(r)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self._kv(r)
         return 0
 
     async def disk_ls(self) -> int:
@@ -160,10 +174,10 @@ class Cli:
         if self.json:
             self.emit_json(rows)
             return 0
-        self._table([[disk_shown(r), str(r["size"]), format_size(r["size"]), r["provisioning"],
-                 format_size(r["allocated"]), str(r["extents"]), r["container"] or "-"]
+        self._table([[disk_shown(r), self.sz(r["size"]), r["provisioning"],
+                 self.sz(r["allocated"]), str(r["extents"]), r["container"] or "-"]
                 for r in rows],
-               ["NAME", "BYTES", "SIZE", "TYPE", "ALLOCATED", "EXTENTS", "PINNED"], self.out)
+               ["NAME", "SIZE", "TYPE", "ALLOCATED", "EXTENTS", "PINNED"], self.out)
         return 0
 
     async def disk_rename(self) -> int:
@@ -192,9 +206,9 @@ class Cli:
         if self.json:
             self.emit_json(r)
             return
-        kv({**r, "qos": qos_line(r.get("qos") or {})}, self.out)
+        self._kv({**r, "qos": qos_line(r.get("qos") or {})})
         for p in r.get("placement", []):
-            self.out.write(f"  on {p['container']}: {p['bytes']} bytes\n")
+            self.out.write(f"  on {p['container']}: {self.sz(p['bytes'])}\n")
 
     async def disk_map(self) -> int:
         start: int | None = 0
@@ -218,9 +232,10 @@ class Cli:
                     self.out.write(("\n  " if first else ",\n  ") + json.dumps(row))
                 else:
                     st = ",".join(state_names(flags)) or "valid"
-                    self.out.write(f"{vstart:>16}  {length:>14}  "
+                    self.out.write(f"{self.sz(vstart, True):>16}  {self.sz(length, True):>14}  "
                                    f"{(luns.get(lun, '?') if mapped else '-'):<12}  "
-                                   f"{(offset if mapped else '-'):>16}  {st}\n")
+                                   f"{(self.sz(offset, True) if mapped else '-'):>16}  "
+                                   f"{st}\n")
                 first = False
             start = page["next"]
         if self.json:
@@ -234,18 +249,19 @@ class Cli:
             cur = (await self.c.call("disk.info", name=self.args.name))["size"]
             size = cur + amount if sign == "+" else cur - amount
             if size < 0:
-                raise P.invalid(f"cannot shrink {self.args.name!r} ({cur} bytes) by {amount}")
+                raise P.invalid(f"cannot shrink {self.args.name!r} ({human(cur)}) by "
+                                f"{human(amount)}")
         r = await self.c.call("disk.resize", name=self.args.name, size=size,
                               allow_shrink=self.args.allow_shrink)
         self.warn(r)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self._kv(r)
         return 0
 
     async def disk_rm(self) -> int:
         r = await self.c.call("disk.rm", name=self.args.name)
         if self.json:
             self.emit_json(r)
-        print(f"disk {shown(r['name'])} removed ({r['freed']} bytes freed)",
+        print(f"disk {shown(r['name'])} removed ({self.said(r['freed'])} freed)",
               file=sys.stderr)
         return 0
 
@@ -255,11 +271,8 @@ class Cli:
         if self.args.no_wait:
             self.emit_json(job) if self.json else self.out.write(f"{job['id']}\n")
             return 0
-        from tqdm import tqdm
-
         what = f"{job['kind']} {shown(job['disk']) if job['disk'] else job['from']}"
-        bar = tqdm(total=job.get("total") or 0, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=what, file=sys.stderr, disable=None, leave=True)
+        bar = size_bar(job.get("total") or 0, what)
         try:
             while True:
                 rows = {j["id"]: j for j in await self.c.call("job.ls")}
@@ -297,23 +310,23 @@ class Cli:
 
     async def container_fail(self) -> int:
         r = await self.c.call("container.fail", name=self.args.name)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self._kv(r)
         return 0
 
     async def container_restore(self) -> int:
         extra = {"relabel": True} if self.args.relabel else {}
         r = await self.c.call("container.restore", name=self.args.name, **extra)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self._kv(r)
         return 0
 
     async def disk_clone(self) -> int:
         r = await self.c.call("disk.clone", name=self.args.snap, new=self.args.new)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self._kv(r)
         return 0
 
     async def snap_create(self) -> int:
         r = await self.c.call("snap.create", name=self.args.name)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self._kv(r)
         return 0
 
     async def snap_ls(self) -> int:
@@ -323,7 +336,7 @@ class Cli:
             return 0
         self._table([[shown(r["name"]),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
-                      format_size(r["size"]), format_size(r["held"]),
+                      self.sz(r["size"]), self.sz(r["held"]),
                       ",".join(shown(c) for c in r["clones"]) or "-"] for r in rows],
                     ["NAME", "CREATED", "SIZE", "HELD", "CLONES"], self.out)
         return 0
@@ -332,14 +345,14 @@ class Cli:
         r = await self.c.call("snap.rm", name=self.args.name)
         if self.json:
             self.emit_json(r)
-        print(f"snapshot {shown(r['name'])} removed ({format_size(r['held'])} freed)",
+        print(f"snapshot {shown(r['name'])} removed ({self.said(r['held'])} freed)",
               file=sys.stderr)
         return 0
 
     async def snap_rollback(self) -> int:
         r = await self.c.call("snap.rollback", name=self.args.name, force=self.args.force)
         newer = r.pop("newer_snapshots", None) if not self.json else None
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self._kv(r)
         if newer:
             print(f"vdctl: {r['name']} rolled back to {self.args.name}; the newer snapshots "
                   f"{', '.join(newer)} are kept as they were (remove them with vdctl snap "
@@ -364,10 +377,10 @@ class Cli:
         def progress(j: dict[str, Any]) -> str:
             if j["state"] != "running" or j["total"] is None:
                 return "-"
-            return f"{j['progress']:.1f}% of {format_size(j['total'])}"
+            return f"{j['progress']:.1f}% of {self.sz(j['total'])}"
 
         def rate(j: dict[str, Any]) -> str:
-            return f"{format_size(j['rate'])}/s" if j.get("rate") else "-"
+            return format_rate(j["rate"]) if j.get("rate") else "-"
 
         self._table([[str(j["id"]), j["kind"], shown(j["disk"]) if j["disk"] else "-",
                  j["from"] or "-", j["to"] or "-", j["state"], progress(j), rate(j),
@@ -379,7 +392,7 @@ class Cli:
 
     async def job_abort(self) -> int:
         r = await self.c.call("job.abort", id=self.args.id)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self._kv(r)
         return 0
 
     async def agent_ls(self) -> int:

@@ -86,6 +86,9 @@ def _globals(parser: argparse.ArgumentParser, default: Any) -> None:
     add_security_options(g, default)
     g.add_argument("--format", choices=("table", "json"), default=default,
                    help="output format (default table)")
+    g.add_argument("--bytes", action="store_true", default=default,
+                   help="print sizes in tables and messages as exact byte counts (default: "
+                   "300M, 1.5G, ~1.3G when rounded; --format json always gives bytes)")
     g.add_argument("-H", "--no-headings", action="store_true", default=default,
                    help="print tables without their heading line (for scripts)")
 

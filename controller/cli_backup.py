@@ -22,6 +22,7 @@ from . import diff as DF
 from . import diffstream as S
 from . import protocol as P
 from .cli_format import shown
+from .progress import size_bar
 from .storage import punch_hole
 from .units import format_size
 
@@ -78,10 +79,7 @@ _ZEROS = bytes(S.MAX_DATA)
 
 
 def _progress(total: int, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                file=sys.stderr, disable=None, leave=True)
+    return size_bar(total, desc)
 
 
 async def _export(cli: Cli, w: S.StreamWriter, name: str, chs: list[DF.Change],
@@ -192,7 +190,8 @@ async def disk_export_diff(cli: Cli) -> int:
                 os.unlink(tmp)
     since = f" since {shown(frm)}" if frm else " (full)"
     print(f"exported {shown(to)}{since}: {format_size(w.data_bytes)} data, "
-          f"{format_size(w.zero_bytes)} zero in {w.records} records, {w.bytes} bytes",
+          f"{format_size(w.zero_bytes)} zero in {w.records} records, {format_size(w.bytes)} of "
+          "stream",
           file=sys.stderr)
     return 0
 

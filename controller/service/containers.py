@@ -45,7 +45,7 @@ class Containers:
         storage.check_container_path(path)
         least = P.LABEL_BYTES + P.BLOCK_SIZE
         if size is not None and size < least:
-            raise P.invalid(f"container size must be at least {least} bytes (a block for "
+            raise P.invalid(f"container size must be at least {human(least, True)} (a block for "
                             "its label and one for data)")
         # one add at a time: a concurrent add could probe the file while this one creates
         # it, or take the LUN this one's label names
@@ -57,8 +57,9 @@ class Containers:
                                                             size, taken)
             try:
                 if csize < least:
-                    raise P.invalid(f"{path!r} holds {csize} bytes, less than {least} (a "
-                                    "block for its label and one for data)")
+                    raise P.invalid(f"{path!r} holds {human(csize)}, less than "
+                                    f"{human(least, True)} (a block for its label and one "
+                                    "for data)")
                 if not created:
                     await self.labels.probe_new(path, force)
                 lun, cid = self.state.next_lun, label.new_id()

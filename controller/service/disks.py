@@ -8,7 +8,7 @@ from .. import protocol as P
 from ..recordbase import pieces_of
 from ..records import DiskCreate, DiskRename, DiskResize, DiskRm, DiskUnmap, Record
 from ..state import Disk, round_up
-from ..units import human
+from ..units import human, size_range
 from .coherence import Coherence
 from .context import Caller, Context
 from .movement import Movement
@@ -42,11 +42,11 @@ class Disks:
         if name in self.state.disks:
             raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
         if not 0 <= size <= P.MAX_DISK_SIZE:
-            raise P.invalid(f"disk size must be between 0 and {human(P.MAX_DISK_SIZE)}")
+            raise P.invalid(f"disk size must be {size_range(0, P.MAX_DISK_SIZE)}")
         seg = P.DEFAULT_SEGMENT_SIZE if segment_size is None else segment_size
         if seg % P.BLOCK_SIZE or not P.MIN_SEGMENT_SIZE <= seg <= P.MAX_SEGMENT_SIZE:
-            raise P.invalid(f"segment size must be a multiple of {P.BLOCK_SIZE} between "
-                            f"{human(P.MIN_SEGMENT_SIZE)} and {human(P.MAX_SEGMENT_SIZE)}")
+            raise P.invalid(f"segment size must be a multiple of {human(P.BLOCK_SIZE)} "
+                            f"{size_range(P.MIN_SEGMENT_SIZE, P.MAX_SEGMENT_SIZE)}")
         if segment_size is not None and 0 < size < seg:
             # a first write would need the whole segment: more space than the disk has
             raise P.invalid(f"segment size {human(seg)} is larger than the disk's size, "
@@ -162,7 +162,7 @@ class Disks:
         """
         d = self.ctx.disk(name)
         if not 0 <= size <= P.MAX_DISK_SIZE:
-            raise P.invalid(f"disk size must be between 0 and {human(P.MAX_DISK_SIZE)}")
+            raise P.invalid(f"disk size must be {size_range(0, P.MAX_DISK_SIZE)}")
         caller = getattr(conn, "agent", None)
         async with self.ctx.dlock(d):
             if self.state.disks.get(d.name) is not d:

@@ -292,7 +292,7 @@ class Jobs:
             [self.state.luns[dst]] if dst is not None else others))
         if c.used > room:
             raise P.RemoteError(P.E_NO_SPACE, f"container {name!r} holds {human(c.used)}; "
-                                f"only {room} are free elsewhere")
+                                f"only {human(room)} is free elsewhere")
         home = dst if dst is not None else others[0].lun
         placed = await self._place([  # pins and homes move off it
             (d, home, home if d.pin is not None else None)

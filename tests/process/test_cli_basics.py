@@ -49,7 +49,7 @@ def test_overcommit_is_a_warning(controller, tmp_path):
     r = vd(controller, "disk", "create", "small", "--size", "32M")
     assert "warning" not in r.err
     r = vd(controller, "disk", "create", "huge", "--size", "10G")  # thin: allowed
-    assert "vdctl: warning: disks now promise 10.0G" in r.err and "(66060288 bytes)" in r.err, r.err
+    assert "vdctl: warning: disks now promise ~10G" in r.err and "(66060288 bytes)" in r.err, r.err
     r = vd(controller, "disk", "resize", "small", "+1G")
     assert "warning" in r.err
     j = run_vdctl("--state-dir", str(controller.state_dir), "disk", "create", "j", "--size",
