@@ -9,6 +9,8 @@ JSON goes to stdout, notices to stderr. Exit 0 on success, 1 on an error
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -20,7 +22,7 @@ import trio
 
 from . import cli_backup
 from . import protocol as P
-from .cli_args import build_parser, rewrite_negative
+from .cli_args import build_parser, misplaced_options, rewrite_negative
 from .cli_format import disk_shown, kv, pct, shown, table
 from .client import (
     DEFAULT_TIMEOUT,
@@ -425,9 +427,24 @@ def controller_addr(args: argparse.Namespace) -> str:
     return default_socket(os.path.abspath(state_dir))
 
 
+def _parses(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
+    """Whether argv parses, quietly (no usage screen)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(
+                io.StringIO()):
+            parser.parse_args(rewrite_negative(argv))
+    except SystemExit:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    wrong = misplaced_options(parser, argv)
+    if wrong is not None and not _parses(parser, argv):
+        print(f"vdctl: error: {wrong}", file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(rewrite_negative(argv))
     except SystemExit as e:

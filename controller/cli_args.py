@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -252,3 +253,53 @@ def rewrite_negative(argv: list[str]) -> list[str]:
     """argv with negative sizes ("-1G") hidden from argparse, which would take them for
     options; size_arg and delta_arg undo it."""
     return [_NEG + a[1:] if re.fullmatch(r"-\d[\d.]*[A-Za-z]*", a) else a for a in argv]
+
+
+def _verb_parser(parser: argparse.ArgumentParser, words: list[str]
+                 ) -> argparse.ArgumentParser:
+    """The (sub)parser that words' NOUN VERB name (words: the non-option words, in
+    order; others, such as option values, are passed over)."""
+    p = parser
+    for w in words:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and w in subs[0].choices:
+            p = subs[0].choices[w]
+    return p
+
+
+def misplaced_options(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The one-line usage error for options given after "--" ("vdctl disk create -- -rf
+    --size 1M"), else None; vdctl gives it when argv does not parse (so a disk may
+    still be named "--thick": "vdctl disk create --size 1M -- --thick").
+
+    After "--" every word is a name (getopt's rule, which argparse follows), so such
+    a command fails with argparse's "--size is required" and a usage screen. The
+    message shows the command with the options moved before the "--". An option is
+    a word after "--" that the verb's parser knows (with its value, if it takes
+    one); anything else stays a name.
+    """
+    if "--" not in argv:
+        return None
+    cut = argv.index("--")
+    before, after = argv[:cut], argv[cut + 1:]
+    vp = _verb_parser(parser, [w for w in before if not w.startswith("-")])
+    opts = {s: a for a in vp._actions for s in a.option_strings}
+    moved: list[str] = []
+    names: list[str] = []
+    i = 0
+    while i < len(after):
+        w = after[i]
+        key = w.split("=", 1)[0]
+        a = opts.get(key)
+        if a is None or key in ("-h", "--help"):
+            names.append(w)
+            i += 1
+            continue
+        takes = a.nargs != 0 and "=" not in w
+        moved += after[i:i + 1 + int(takes)]
+        i += 1 + int(takes)
+    if not moved:
+        return None
+    fixed = " ".join(shlex.quote(w) for w in [*before, *moved, "--", *names])
+    return (f"options go before '--' (after it every word is a name): "
+            f"vdctl {fixed}")
