@@ -20,10 +20,10 @@ from typing import Any, TextIO
 
 import trio
 
-from . import cli_backup
+from . import cli_backup, cli_disks
 from . import protocol as P
 from .cli_args import build_parser, misplaced_options, rewrite_negative
-from .cli_format import disk_shown, kv, pct, shown, table
+from .cli_format import kv, pct, shown, table
 from .client import (
     DEFAULT_TIMEOUT,
     Client,
@@ -32,22 +32,12 @@ from .client import (
     security_from_args,
 )
 from .progress import size_bar
-from .protocol import NO_LUN, state_names
 from .statedir import default_socket, default_state_dir
 from .transport import SecurityConfigError, parse_addr
-from .units import format_rate, format_size, human, size_range
+from .units import format_rate, format_size
 
 JOB_POLL = 0.5  # seconds between progress polls
 
-
-def qos_line(q: dict[str, int]) -> str:
-    """A disk's QoS limits in one line: "iops 200/s, write-bps 10M/s" or "none"."""
-    parts = []
-    for k in ("iops", "bps", "read_iops", "read_bps", "write_iops", "write_bps"):
-        if k in q:
-            v = format_size(q[k], exact=True) if k.endswith("bps") else str(q[k])
-            parts.append(f"{k.replace('_', '-')} {v}/s")
-    return ", ".join(parts) or "none"
 
 
 class Cli:
@@ -162,110 +152,28 @@ class Cli:
         return 0
 
     async def disk_create(self) -> int:
-        a = self.args
-        if not 0 < a.size <= P.MAX_DISK_SIZE:
-            raise P.invalid(f"--size must be {size_range(1, P.MAX_DISK_SIZE)}")
-        r = await self.c.call("disk.create", name=a.name, size=a.size, thick=a.thick,
-                              segment_size=a.segment_size, container=a.container)
-        self.warn(r)
-        self.emit_json(r) if self.json else self._kv(r)
-        return 0
+        return await cli_disks.disk_create(self)
 
     async def disk_ls(self) -> int:
-        rows = await self.c.call("disk.ls")
-        if self.json:
-            self.emit_json(rows)
-            return 0
-        self._table([[disk_shown(r), self.sz(r["size"]), r["provisioning"],
-                 self.sz(r["allocated"]), str(r["extents"]), r["container"] or "-"]
-                for r in rows],
-               ["NAME", "SIZE", "TYPE", "ALLOCATED", "EXTENTS", "PINNED"], self.out)
-        return 0
+        return await cli_disks.disk_ls(self)
 
     async def disk_rename(self) -> int:
-        r = await self.c.call("disk.rename", name=self.args.name, new=self.args.new)
-        self._disk_out(r)
-        return 0
+        return await cli_disks.disk_rename(self)
 
     async def disk_set(self) -> int:
-        a = self.args
-        limits = {k: getattr(a, f"{k}_limit") for k in
-                  ("iops", "bps", "read_iops", "read_bps", "write_iops", "write_bps")
-                  if getattr(a, f"{k}_limit") is not None}
-        if not limits:
-            raise P.invalid("give at least one limit (--iops-limit, --bps-limit, "
-                            "--read-iops-limit, ...)")
-        r = await self.c.call("disk.set", name=a.name, limits=limits)
-        self._disk_out(r)
-        return 0
+        return await cli_disks.disk_set(self)
 
     async def disk_info(self) -> int:
-        r = await self.c.call("disk.info", name=self.args.name)
-        self._disk_out(r)
-        return 0
-
-    def _disk_out(self, r: dict[str, Any]) -> None:
-        if self.json:
-            self.emit_json(r)
-            return
-        self._kv({**r, "qos": qos_line(r.get("qos") or {})})
-        for p in r.get("placement", []):
-            self.out.write(f"  on {p['container']}: {self.sz(p['bytes'])}\n")
+        return await cli_disks.disk_info(self)
 
     async def disk_map(self) -> int:
-        start: int | None = 0
-        first = True
-        while start is not None:
-            page = await self.c.call("disk.map", name=self.args.name, start=start)
-            luns = {int(k): v for k, v in page["containers"].items()}
-            if first and self.json:
-                self.out.write(json.dumps({"name": page["name"], "size": page["size"],
-                                           "epoch": page["epoch"]})[:-1] + ', "entries": [')
-            elif first and not getattr(self.args, "no_headings", False):
-                self.out.write(f"{'VSTART':>16}  {'LENGTH':>14}  {'CONTAINER':<12}  "
-                               f"{'OFFSET':>16}  STATE\n")
-            for vstart, length, lun, offset, flags in page["rows"]:
-                mapped = lun != NO_LUN
-                if self.json:
-                    row = {"vstart": vstart, "length": length,
-                           "container": luns.get(lun) if mapped else None,
-                           "lun": lun if mapped else None, "offset": offset if mapped else None,
-                           "state": state_names(flags) or ["valid"]}
-                    self.out.write(("\n  " if first else ",\n  ") + json.dumps(row))
-                else:
-                    st = ",".join(state_names(flags)) or "valid"
-                    self.out.write(f"{self.sz(vstart, True):>16}  {self.sz(length, True):>14}  "
-                                   f"{(luns.get(lun, '?') if mapped else '-'):<12}  "
-                                   f"{(self.sz(offset, True) if mapped else '-'):>16}  "
-                                   f"{st}\n")
-                first = False
-            start = page["next"]
-        if self.json:
-            self.out.write("\n]}\n")
-        return 0
+        return await cli_disks.disk_map(self)
 
     async def disk_resize(self) -> int:
-        sign, amount = self.args.size
-        size = amount
-        if sign:
-            cur = (await self.c.call("disk.info", name=self.args.name))["size"]
-            size = cur + amount if sign == "+" else cur - amount
-            if size < 0:
-                raise P.invalid(f"cannot shrink {self.args.name!r} ({human(cur)}) by "
-                                f"{human(amount)}")
-        r = await self.c.call("disk.resize", name=self.args.name, size=size,
-                              allow_shrink=self.args.allow_shrink)
-        self.warn(r)
-        self.emit_json(r) if self.json else self._kv(r)
-        return 0
+        return await cli_disks.disk_resize(self)
 
     async def disk_rm(self) -> int:
-        r = await self.c.call("disk.rm", name=self.args.name)
-        if self.json:
-            self.emit_json(r)
-        print(f"disk {shown(r['name'])} removed ({self.said(r['freed'])} freed)",
-              file=sys.stderr)
-        return 0
+        return await cli_disks.disk_rm(self)
 
     async def _follow(self, job: dict[str, Any]) -> int:
         """--no-wait: print the job id. Else show its progress on stderr (percent,
@@ -322,9 +230,7 @@ class Cli:
         return 0
 
     async def disk_clone(self) -> int:
-        r = await self.c.call("disk.clone", name=self.args.snap, new=self.args.new)
-        self.emit_json(r) if self.json else self._kv(r)
-        return 0
+        return await cli_disks.disk_clone(self)
 
     async def snap_create(self) -> int:
         r = await self.c.call("snap.create", name=self.args.name)
