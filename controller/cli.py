@@ -63,6 +63,20 @@ class Cli:
         """A size inside a message: "300M", or "314572800 bytes" with --bytes."""
         return f"{n} bytes" if self.bytes else format_size(n)
 
+    def dry_arg(self) -> dict[str, bool]:
+        """The dry_run argument of an op, when -n/--dry-run was given (else nothing,
+        so a controller without it still serves the real op)."""
+        return {"dry_run": True} if getattr(self.args, "dry_run", False) else {}
+
+    def dry(self, r: dict[str, Any], line: str) -> int:
+        """A dry run's answer r: JSON as it came, else line ("dry run: ... would ...;
+        nothing was changed") on stdout. Exit status 0."""
+        if self.json:
+            self.emit_json(r)
+        else:
+            self.out.write(f"dry run: {line}; nothing was changed\n")
+        return 0
+
     def _kv(self, r: dict[str, Any]) -> None:
         kv(r, self.out, exact_bytes=self.bytes)
 
@@ -144,7 +158,10 @@ class Cli:
         return 0
 
     async def container_rm(self) -> int:
-        r = await self.c.call("container.rm", name=self.args.name)
+        r = await self.c.call("container.rm", name=self.args.name, **self.dry_arg())
+        if r.get("dry_run"):
+            return self.dry(r, f"container {r['name']} would be removed; {r['path']} would "
+                            "be left in place")
         if self.json:
             self.emit_json(r)
         print(f"container {r['name']} removed; {r['path']} was left in place",
@@ -250,7 +267,10 @@ class Cli:
         return 0
 
     async def snap_rm(self) -> int:
-        r = await self.c.call("snap.rm", name=self.args.name)
+        r = await self.c.call("snap.rm", name=self.args.name, **self.dry_arg())
+        if r.get("dry_run"):
+            return self.dry(r, f"snapshot {shown(r['name'])} would be removed: "
+                            f"{self.said(r['held'])} of storage freed")
         if self.json:
             self.emit_json(r)
         print(f"snapshot {shown(r['name'])} removed ({self.said(r['held'])} freed)",
@@ -258,7 +278,15 @@ class Cli:
         return 0
 
     async def snap_rollback(self) -> int:
-        r = await self.c.call("snap.rollback", name=self.args.name, force=self.args.force)
+        r = await self.c.call("snap.rollback", name=self.args.name, force=self.args.force,
+                              **self.dry_arg())
+        if r.get("dry_run"):
+            kept = ", ".join(shown(n) for n in r["newer_snapshots"])
+            return self.dry(r, f"{shown(r['name'])} would be rolled back to "
+                            f"{shown(self.args.name)}: size {self.said(r['old_size'])} -> "
+                            f"{self.said(r['size'])}, {self.said(r['freed'])} of storage "
+                            "freed, " + (f"newer snapshots kept: {kept}" if kept
+                                         else "no newer snapshots"))
         newer = r.pop("newer_snapshots", None) if not self.json else None
         self.emit_json(r) if self.json else self._kv(r)
         if newer:

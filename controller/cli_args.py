@@ -94,6 +94,13 @@ def _globals(parser: argparse.ArgumentParser, default: Any) -> None:
                    help="print tables without their heading line (for scripts)")
 
 
+def dry_run_option(vp: argparse.ArgumentParser) -> None:
+    """-n/--dry-run on a verb that changes or removes things (as zfs destroy -n)."""
+    vp.add_argument("-n", "--dry-run", action="store_true",
+                    help="print what would happen (bytes freed, what is cut off, "
+                    "snapshots kept) and change nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """vdctl's parser: NOUN VERB [args], global options before or after the verb."""
     p = argparse.ArgumentParser(
@@ -141,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="agents go back to the host page cache for it")
     verb(cv, "ls", "list containers with usage")
     verb(cv, "info", "show one container and the disks on it").add_argument("name")
-    verb(cv, "rm", "remove an empty container (the file itself is left in place)"
-         ).add_argument("name")
+    crm = verb(cv, "rm", "remove an empty container (the file itself is left in place)")
+    crm.add_argument("name")
+    dry_run_option(crm)
     dr = verb(cv, "drain", "move everything off a container, while disks are in use "
               "(new space avoids it meanwhile)")
     dr.add_argument("name")
@@ -178,8 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="new size, or a change of it (e.g. 20G, +1G, -512M)")
     rs.add_argument("--allow-shrink", action="store_true", help="permit shrinking (data past "
                     "the new end is discarded)")
-    verb(dv, "rm", "remove a disk and free its space (refused while an agent has it open)"
-         ).add_argument("name")
+    dry_run_option(rs)
+    drm = verb(dv, "rm", "remove a disk and free its space (refused while an agent has it "
+               "open)")
+    drm.add_argument("name")
+    dry_run_option(drm)
     mg = verb(dv, "migrate", "move a disk to another container while it is in use")
     mg.add_argument("name")
     mg.add_argument("--to", metavar="CONTAINER", required=True, help="target container")
@@ -216,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "its size)")
     im.add_argument("--mount", metavar="DIR", help="the virtfs mount to write through "
                     "(default: a mount on this host that the controller knows)")
+    dry_run_option(im)
 
     sn = nouns.add_parser("snap", help="snapshots of disks (NAME@SNAP, read-only)")
     sv = sn.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -223,13 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
          ).add_argument("name", metavar="NAME@SNAP")
     verb(sv, "ls", "list a disk's snapshots, or every disk's (created, size, bytes only "
          "the snapshot holds)").add_argument("name", metavar="NAME", nargs="?")
-    verb(sv, "rm", "remove a snapshot: frees what nothing else maps"
-         ).add_argument("name", metavar="NAME@SNAP")
+    srm = verb(sv, "rm", "remove a snapshot: frees what nothing else maps")
+    srm.add_argument("name", metavar="NAME@SNAP")
+    dry_run_option(srm)
     rb = verb(sv, "rollback", "make a disk's content the snapshot's (refused while the disk "
               "is open anywhere, unless --force)")
     rb.add_argument("name", metavar="NAME@SNAP")
     rb.add_argument("--force", action="store_true", help="roll back under the agents that "
                     "have the disk open (they see the snapshot's content at once)")
+    dry_run_option(rb)
 
     df = verb(sv, "diff", "list the byte ranges whose data differs between a snapshot and a "
               "later one (or the disk), from the tables: no data is read")

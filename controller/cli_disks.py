@@ -129,14 +129,34 @@ async def disk_resize(cli: Cli) -> int:
             raise P.invalid(f"cannot shrink {cli.args.name!r} ({human(cur)}) by "
                             f"{human(amount)}")
     r = await cli.c.call("disk.resize", name=cli.args.name, size=size,
-                          allow_shrink=cli.args.allow_shrink)
+                          allow_shrink=cli.args.allow_shrink, **cli.dry_arg())
+    if r.get("dry_run"):
+        return cli.dry(r, resize_line(cli, r))
     cli.warn(r)
     cli.emit_json(r) if cli.json else cli._kv(r)
     return 0
 
 
+def resize_line(cli: Cli, r: dict[str, Any]) -> str:
+    """What a disk.resize dry run's answer r says would happen, in one line."""
+    old, new = r["old_size"], r["size"]
+    name = shown(r["name"])
+    if new < old:
+        return (f"{name} would shrink from {cli.said(old)} to {cli.said(new)}: the "
+                f"{cli.said(old - new)} past the new end (bytes {new} to {old}) would be "
+                f"discarded, {cli.said(r['freed'])} of storage freed")
+    if new > old:
+        return f"{name} would grow from {cli.said(old)} to {cli.said(new)}, " + (
+            f"{cli.said(r['allocated'] - old)} allocated now" if r["provisioning"] == "thick"
+            else "thin (nothing allocated now)")
+    return f"{name} would stay at {cli.said(old)}"
+
+
 async def disk_rm(cli: Cli) -> int:
-    r = await cli.c.call("disk.rm", name=cli.args.name)
+    r = await cli.c.call("disk.rm", name=cli.args.name, **cli.dry_arg())
+    if r.get("dry_run"):
+        return cli.dry(r, f"disk {shown(r['name'])} would be removed: "
+                       f"{cli.said(r['freed'])} of storage freed")
     if cli.json:
         cli.emit_json(r)
     print(f"disk {shown(r['name'])} removed ({cli.said(r['freed'])} freed)",

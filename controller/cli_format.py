@@ -52,7 +52,7 @@ def disk_shown(r: dict[str, Any]) -> str:
 
 
 SIZE_KEYS = frozenset(("size", "used", "free", "allocated", "capacity", "segment_size",
-                       "journal_bytes", "usable", "freed", "held"))
+                       "journal_bytes", "usable", "freed", "held", "old_size"))
 
 
 def kv(d: dict[str, Any], out: TextIO, exact_bytes: bool = False) -> None:
