@@ -3,6 +3,7 @@ controller/codec.py (wire frames), controller/frames.py (journal frames)."""
 
 from __future__ import annotations
 
+import re
 import struct
 
 import msgpack
@@ -289,3 +290,23 @@ def test_find_frame_after_damage_streams(chunk):
         assert frames.find_frame_after(f, ends[k], chunk=chunk) == ends[k + 1], (k, chunk)
     assert frames.find_frame_after(f, ends[-2], chunk=chunk) is None
     assert frames.find_frame_after(io.BytesIO(data[:-1]), ends[-3], chunk=chunk) is None
+
+
+def test_progress_bar_prints_our_units():
+    """vdctl's bars (migrate, drain, export-diff, import-diff) count and rate in the
+    project's binary units: tqdm's unit_scale said "MB/s" for powers of 1024."""
+    import io
+
+    from controller.progress import BAR_FORMAT, SizeBar
+
+    f = io.StringIO()
+    bar = SizeBar(total=3 << 30, desc="migrate d", file=f, disable=False,
+                  bar_format=BAR_FORMAT, mininterval=0)
+    bar.n = 3 << 29
+    bar.refresh()
+    bar.close()
+    line = f.getvalue().rsplit("\r", 1)[-1]
+    assert "| 1.5G/3G [" in line and "/s]" in line, line
+    rate = line.rsplit(", ", 1)[1].split("]", 1)[0]
+    assert re.fullmatch(r"(\d+(\.\d)?[KMGTPE]?|\d+B)/s", rate) or rate == "?/s", line
+    assert "MB" not in line and "iB" not in line
