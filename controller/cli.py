@@ -77,10 +77,11 @@ class Cli:
             self.out.write(f"dry run: {line}; nothing was changed\n")
         return 0
 
-    def _kv(self, r: dict[str, Any]) -> None:
+    def kv_out(self, r: dict[str, Any]) -> None:
+        """r as key: value lines (cli_format.kv; sizes per --bytes)."""
         kv(r, self.out, exact_bytes=self.bytes)
 
-    def _table(self, rows: list[list[str]], headers: list[str], out: TextIO) -> None:
+    def table_out(self, rows: list[list[str]], headers: list[str], out: TextIO) -> None:
         table(rows, headers, out, headings=not getattr(self.args, "no_headings", False))
 
     def warn(self, r: Any) -> None:
@@ -94,7 +95,7 @@ class Cli:
 
     async def status(self) -> int:
         r = await self.c.call("status")
-        self.emit_json(r) if self.json else self._kv(r)
+        self.emit_json(r) if self.json else self.kv_out(r)
         return 0
 
     async def check(self) -> int:
@@ -130,14 +131,14 @@ class Cli:
         return 0
 
     def _container_out(self, r: dict[str, Any]) -> None:
-        self.emit_json(r) if self.json else self._kv(r)
+        self.emit_json(r) if self.json else self.kv_out(r)
 
     async def container_ls(self) -> int:
         rows = await self.c.call("container.ls")
         if self.json:
             self.emit_json(rows)
             return 0
-        self._table([[r["name"], str(r["lun"]), self.sz(r["size"]), self.sz(r["used"]),
+        self.table_out([[r["name"], str(r["lun"]), self.sz(r["size"]), self.sz(r["used"]),
                  self.sz(r["free"]), pct(r["used"], r["size"]), r["state"],
                  str(r.get("label", "-")).split(" ", 1)[0].rstrip(":"),
                  str(r.get("errors") or "-"), r["path"]]
@@ -152,7 +153,7 @@ class Cli:
         if self.json:
             self.emit_json(r)
             return 0
-        self._kv(r)
+        self.kv_out(r)
         for d in r["disks"]:
             self.out.write(f"  disk {shown(d['name'])}: {self.sz(d['bytes'])}\n")
         return 0
@@ -237,13 +238,13 @@ class Cli:
 
     async def container_fail(self) -> int:
         r = await self.c.call("container.fail", name=self.args.name)
-        self.emit_json(r) if self.json else self._kv(r)
+        self.emit_json(r) if self.json else self.kv_out(r)
         return 0
 
     async def container_restore(self) -> int:
         extra = {"relabel": True} if self.args.relabel else {}
         r = await self.c.call("container.restore", name=self.args.name, **extra)
-        self.emit_json(r) if self.json else self._kv(r)
+        self.emit_json(r) if self.json else self.kv_out(r)
         return 0
 
     async def disk_clone(self) -> int:
@@ -251,7 +252,7 @@ class Cli:
 
     async def snap_create(self) -> int:
         r = await self.c.call("snap.create", name=self.args.name)
-        self.emit_json(r) if self.json else self._kv(r)
+        self.emit_json(r) if self.json else self.kv_out(r)
         return 0
 
     async def snap_ls(self) -> int:
@@ -259,7 +260,7 @@ class Cli:
         if self.json:
             self.emit_json(rows)
             return 0
-        self._table([[shown(r["name"]),
+        self.table_out([[shown(r["name"]),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
                       self.sz(r["size"]), self.sz(r["held"]),
                       ",".join(shown(c) for c in r["clones"]) or "-"] for r in rows],
@@ -288,7 +289,7 @@ class Cli:
                             "freed, " + (f"newer snapshots kept: {kept}" if kept
                                          else "no newer snapshots"))
         newer = r.pop("newer_snapshots", None) if not self.json else None
-        self.emit_json(r) if self.json else self._kv(r)
+        self.emit_json(r) if self.json else self.kv_out(r)
         if newer:
             print(f"vdctl: {r['name']} rolled back to {self.args.name}; the newer snapshots "
                   f"{', '.join(newer)} are kept as they were (remove them with vdctl snap "
@@ -318,7 +319,7 @@ class Cli:
         def rate(j: dict[str, Any]) -> str:
             return format_rate(j["rate"]) if j.get("rate") else "-"
 
-        self._table([[str(j["id"]), j["kind"], shown(j["disk"]) if j["disk"] else "-",
+        self.table_out([[str(j["id"]), j["kind"], shown(j["disk"]) if j["disk"] else "-",
                  j["from"] or "-", j["to"] or "-", j["state"], progress(j), rate(j),
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["started"]))]
                 for j in rows],
@@ -328,7 +329,7 @@ class Cli:
 
     async def job_abort(self) -> int:
         r = await self.c.call("job.abort", id=self.args.id)
-        self.emit_json(r) if self.json else self._kv(r)
+        self.emit_json(r) if self.json else self.kv_out(r)
         return 0
 
     async def agent_ls(self) -> int:
@@ -336,7 +337,7 @@ class Cli:
         if self.json:
             self.emit_json(rows)
             return 0
-        self._table([[str(r["id"]), r["host"], r["mount"],
+        self.table_out([[str(r["id"]), r["host"], r["mount"],
                  "connected" if r["connected"] else "disconnected", f"{r['lease_left']:.1f}s",
                  ",".join(shown(d) for d in r["disks"]) or "-"]
                 for r in rows], ["ID", "HOST", "MOUNT", "STATE", "LEASE", "DISKS"], self.out)

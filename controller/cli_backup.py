@@ -24,7 +24,6 @@ from . import protocol as P
 from .cli_format import shown
 from .progress import size_bar
 from .storage import punch_hole
-from .units import format_size
 
 if TYPE_CHECKING:
     from .cli import Cli
@@ -64,11 +63,12 @@ async def snap_diff(cli: Cli) -> int:
     if cli.json:
         cli.emit_json([c.to_dict() for c in rows])
     else:
-        cli._table([[str(c.offset), str(c.length), "data" if c.data else "zero"] for c in rows],
-                   ["OFFSET", "LENGTH", "TYPE"], cli.out)
+        cli.table_out([[cli.sz(c.offset, True), cli.sz(c.length, True),
+                        "data" if c.data else "zero"] for c in rows],
+                      ["OFFSET", "LENGTH", "TYPE"], cli.out)
     data, zero = DF.changed_bytes(rows)
-    print(f"{shown(frm)} -> {shown(to)}: {len(rows)} ranges, {format_size(data)} data, "
-          f"{format_size(zero)} zero", file=sys.stderr)
+    print(f"{shown(frm)} -> {shown(to)}: {len(rows)} ranges, {cli.said(data)} data, "
+          f"{cli.said(zero)} zero", file=sys.stderr)
     return 0
 
 
@@ -189,8 +189,8 @@ async def disk_export_diff(cli: Cli) -> int:
             if tmp is not None:
                 os.unlink(tmp)
     since = f" since {shown(frm)}" if frm else " (full)"
-    print(f"exported {shown(to)}{since}: {format_size(w.data_bytes)} data, "
-          f"{format_size(w.zero_bytes)} zero in {w.records} records, {format_size(w.bytes)} of "
+    print(f"exported {shown(to)}{since}: {cli.said(w.data_bytes)} data, "
+          f"{cli.said(w.zero_bytes)} zero in {w.records} records, {cli.said(w.bytes)} of "
           "stream",
           file=sys.stderr)
     return 0
