@@ -317,7 +317,9 @@ class Cli:
             return f"{j['progress']:.1f}% of {self.sz(j['total'])}"
 
         def rate(j: dict[str, Any]) -> str:
-            return format_rate(j["rate"]) if j.get("rate") else "-"
+            if not j.get("rate"):
+                return "-"
+            return f"{round(j['rate'])}/s" if self.bytes else format_rate(j["rate"])
 
         self.table_out([[str(j["id"]), j["kind"], shown(j["disk"]) if j["disk"] else "-",
                  j["from"] or "-", j["to"] or "-", j["state"], progress(j), rate(j),

@@ -19,12 +19,14 @@ if TYPE_CHECKING:
     from .cli import Cli
 
 
-def qos_line(q: dict[str, int]) -> str:
-    """A disk's QoS limits in one line: "iops 200/s, write-bps 10M/s" or "none"."""
+def qos_line(q: dict[str, int], exact_bytes: bool = False) -> str:
+    """A disk's QoS limits in one line: "iops 200/s, write-bps 10M/s" or "none"
+    (exact_bytes, vdctl --bytes: "write-bps 10485760/s")."""
     parts = []
     for k in ("iops", "bps", "read_iops", "read_bps", "write_iops", "write_bps"):
         if k in q:
-            v = format_size(q[k], exact=True) if k.endswith("bps") else str(q[k])
+            v = format_size(q[k], exact=True) if k.endswith("bps") and not exact_bytes else (
+                str(q[k]))
             parts.append(f"{k.replace('_', '-')} {v}/s")
     return ", ".join(parts) or "none"
 
@@ -88,7 +90,7 @@ def disk_out(cli: Cli, r: dict[str, Any]) -> None:
     if cli.json:
         cli.emit_json(r)
         return
-    cli.kv_out({**r, "qos": qos_line(r.get("qos") or {})})
+    cli.kv_out({**r, "qos": qos_line(r.get("qos") or {}, cli.bytes)})
     for p in r.get("placement", []):
         cli.out.write(f"  on {p['container']}: {cli.sz(p['bytes'])}\n")
 
