@@ -13,6 +13,7 @@ from bisect import bisect_right
 from collections.abc import Iterator
 
 from .protocol import BLOCK_SIZE
+from .units import human
 
 
 class AllocError(ValueError):
@@ -123,7 +124,7 @@ class FreeSpace:
     def plan(self, length: int) -> list[tuple[int, int]]:
         """Pieces (offset, length) totalling length, biggest ranges first; NoSpace if short."""
         if length > self._free:
-            raise NoSpace(f"need {length} bytes, {self._free} free")
+            raise NoSpace(f"need {human(length)}, {human(self._free)} free")
         where = self.find_contiguous(length)
         if where is not None:
             return [(where, length)]

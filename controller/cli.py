@@ -9,6 +9,8 @@ JSON goes to stdout, notices to stderr. Exit 0 on success, 1 on an error
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -18,10 +20,10 @@ from typing import Any, TextIO
 
 import trio
 
-from . import cli_backup
+from . import cli_backup, cli_disks
 from . import protocol as P
-from .cli_args import build_parser, rewrite_negative
-from .cli_format import disk_shown, kv, pct, shown, table
+from .cli_args import build_parser, misplaced_options, rewrite_negative
+from .cli_format import kv, pct, shown, table
 from .client import (
     DEFAULT_TIMEOUT,
     Client,
@@ -29,22 +31,13 @@ from .client import (
     open_controller,
     security_from_args,
 )
-from .protocol import NO_LUN, state_names
+from .progress import size_bar
 from .statedir import default_socket, default_state_dir
 from .transport import SecurityConfigError, split_addrs
-from .units import format_size
+from .units import format_rate, format_size
 
 JOB_POLL = 0.5  # seconds between progress polls
 
-
-def qos_line(q: dict[str, int]) -> str:
-    """A disk's QoS limits in one line: "iops 200/s, write-bps 10M/s" or "none"."""
-    parts = []
-    for k in ("iops", "bps", "read_iops", "read_bps", "write_iops", "write_bps"):
-        if k in q:
-            v = format_size(q[k]) if k.endswith("bps") else str(q[k])
-            parts.append(f"{k.replace('_', '-')} {v}/s")
-    return ", ".join(parts) or "none"
 
 
 class Cli:
@@ -59,8 +52,36 @@ class Cli:
         self.c = client
         self.out = out
         self.json = getattr(args, "format", None) == "json"
+        self.bytes = bool(getattr(args, "bytes", False))
 
-    def _table(self, rows: list[list[str]], headers: list[str], out: TextIO) -> None:
+    def sz(self, n: int, exact: bool = False) -> str:
+        """A size for a table cell: units.format_size, or the exact byte count with
+        --bytes (exact: never rounded, e.g. map offsets)."""
+        return str(n) if self.bytes else format_size(n, exact)
+
+    def said(self, n: int) -> str:
+        """A size inside a message: "300M", or "314572800 bytes" with --bytes."""
+        return f"{n} bytes" if self.bytes else format_size(n)
+
+    def dry_arg(self) -> dict[str, bool]:
+        """The dry_run argument of an op, when -n/--dry-run was given (else nothing,
+        so a controller without it still serves the real op)."""
+        return {"dry_run": True} if getattr(self.args, "dry_run", False) else {}
+
+    def dry(self, r: dict[str, Any], line: str) -> int:
+        """A dry run's answer r: JSON as it came, else line ("dry run: ... would ...;
+        nothing was changed") on stdout. Exit status 0."""
+        if self.json:
+            self.emit_json(r)
+        else:
+            self.out.write(f"dry run: {line}; nothing was changed\n")
+        return 0
+
+    def kv_out(self, r: dict[str, Any]) -> None:
+        """r as key: value lines (cli_format.kv; sizes per --bytes)."""
+        kv(r, self.out, exact_bytes=self.bytes)
+
+    def table_out(self, rows: list[list[str]], headers: list[str], out: TextIO) -> None:
         table(rows, headers, out, headings=not getattr(self.args, "no_headings", False))
 
     def warn(self, r: Any) -> None:
@@ -78,7 +99,7 @@ class Cli:
             self.emit_json(r)
             return 0
         group = r.pop("group", None)
-        kv(r, self.out)
+        self.kv_out(r)
         if group is not None:  # a controller group's leader (docs/ha.md)
             head = group.get("head") or {}
             self.out.write(f"group:          {group['name']} (etcd {group['etcd']})\n"
@@ -86,7 +107,7 @@ class Cli:
                            f"journal head:   seq {head.get('seq', 0)} (moved by term "
                            f"{head.get('term', '-')})\n")
             at = head.get("seq", 0)
-            self._table([[str(m.get("id")), str(m.get("address")), str(m.get("role")),
+            self.table_out([[str(m.get("id")), str(m.get("address")), str(m.get("role")),
                           "-" if m.get("seq") is None else str(at - int(m["seq"])),
                           time.strftime("%Y-%m-%d %H:%M:%S",
                                         time.localtime(float(m.get("since") or 0)))]
@@ -136,15 +157,15 @@ class Cli:
         return 0
 
     def _container_out(self, r: dict[str, Any]) -> None:
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self.kv_out(r)
 
     async def container_ls(self) -> int:
         rows = await self.c.call("container.ls")
         if self.json:
             self.emit_json(rows)
             return 0
-        self._table([[r["name"], str(r["lun"]), format_size(r["size"]), format_size(r["used"]),
-                 format_size(r["free"]), pct(r["used"], r["size"]), r["state"],
+        self.table_out([[r["name"], str(r["lun"]), self.sz(r["size"]), self.sz(r["used"]),
+                 self.sz(r["free"]), pct(r["used"], r["size"]), r["state"],
                  str(r.get("label", "-")).split(" ", 1)[0].rstrip(":"),
                  str(r.get("errors") or "-"), r["path"]]
                 for r in rows],
@@ -158,13 +179,16 @@ class Cli:
         if self.json:
             self.emit_json(r)
             return 0
-        kv(r, self.out)
+        self.kv_out(r)
         for d in r["disks"]:
-            self.out.write(f"  disk {shown(d['name'])}: {d['bytes']} bytes\n")
+            self.out.write(f"  disk {shown(d['name'])}: {self.sz(d['bytes'])}\n")
         return 0
 
     async def container_rm(self) -> int:
-        r = await self.c.call("container.rm", name=self.args.name)
+        r = await self.c.call("container.rm", name=self.args.name, **self.dry_arg())
+        if r.get("dry_run"):
+            return self.dry(r, f"container {r['name']} would be removed; {r['path']} would "
+                            "be left in place")
         if self.json:
             self.emit_json(r)
         print(f"container {r['name']} removed; {r['path']} was left in place",
@@ -172,108 +196,28 @@ class Cli:
         return 0
 
     async def disk_create(self) -> int:
-        a = self.args
-        if a.size == 0:
-            raise P.invalid("--size must be more than 0 bytes")
-        r = await self.c.call("disk.create", name=a.name, size=a.size, thick=a.thick,
-                              segment_size=a.segment_size, container=a.container)
-        self.warn(r)
-        self.emit_json(r) if self.json else kv(r, self.out)
-        return 0
+        return await cli_disks.disk_create(self)
 
     async def disk_ls(self) -> int:
-        rows = await self.c.call("disk.ls")
-        if self.json:
-            self.emit_json(rows)
-            return 0
-        self._table([[disk_shown(r), str(r["size"]), format_size(r["size"]), r["provisioning"],
-                 format_size(r["allocated"]), str(r["extents"]), r["container"] or "-"]
-                for r in rows],
-               ["NAME", "BYTES", "SIZE", "TYPE", "ALLOCATED", "EXTENTS", "PINNED"], self.out)
-        return 0
+        return await cli_disks.disk_ls(self)
 
     async def disk_rename(self) -> int:
-        r = await self.c.call("disk.rename", name=self.args.name, new=self.args.new)
-        self._disk_out(r)
-        return 0
+        return await cli_disks.disk_rename(self)
 
     async def disk_set(self) -> int:
-        a = self.args
-        limits = {k: getattr(a, f"{k}_limit") for k in
-                  ("iops", "bps", "read_iops", "read_bps", "write_iops", "write_bps")
-                  if getattr(a, f"{k}_limit") is not None}
-        if not limits:
-            raise P.invalid("give at least one limit (--iops-limit, --bps-limit, "
-                            "--read-iops-limit, ...)")
-        r = await self.c.call("disk.set", name=a.name, limits=limits)
-        self._disk_out(r)
-        return 0
+        return await cli_disks.disk_set(self)
 
     async def disk_info(self) -> int:
-        r = await self.c.call("disk.info", name=self.args.name)
-        self._disk_out(r)
-        return 0
-
-    def _disk_out(self, r: dict[str, Any]) -> None:
-        if self.json:
-            self.emit_json(r)
-            return
-        kv({**r, "qos": qos_line(r.get("qos") or {})}, self.out)
-        for p in r.get("placement", []):
-            self.out.write(f"  on {p['container']}: {p['bytes']} bytes\n")
+        return await cli_disks.disk_info(self)
 
     async def disk_map(self) -> int:
-        start: int | None = 0
-        first = True
-        while start is not None:
-            page = await self.c.call("disk.map", name=self.args.name, start=start)
-            luns = {int(k): v for k, v in page["containers"].items()}
-            if first and self.json:
-                self.out.write(json.dumps({"name": page["name"], "size": page["size"],
-                                           "epoch": page["epoch"]})[:-1] + ', "entries": [')
-            elif first and not getattr(self.args, "no_headings", False):
-                self.out.write(f"{'VSTART':>16}  {'LENGTH':>14}  {'CONTAINER':<12}  "
-                               f"{'OFFSET':>16}  STATE\n")
-            for vstart, length, lun, offset, flags in page["rows"]:
-                mapped = lun != NO_LUN
-                if self.json:
-                    row = {"vstart": vstart, "length": length,
-                           "container": luns.get(lun) if mapped else None,
-                           "lun": lun if mapped else None, "offset": offset if mapped else None,
-                           "state": state_names(flags) or ["valid"]}
-                    self.out.write(("\n  " if first else ",\n  ") + json.dumps(row))
-                else:
-                    st = ",".join(state_names(flags)) or "valid"
-                    self.out.write(f"{vstart:>16}  {length:>14}  "
-                                   f"{(luns.get(lun, '?') if mapped else '-'):<12}  "
-                                   f"{(offset if mapped else '-'):>16}  {st}\n")
-                first = False
-            start = page["next"]
-        if self.json:
-            self.out.write("\n]}\n")
-        return 0
+        return await cli_disks.disk_map(self)
 
     async def disk_resize(self) -> int:
-        sign, amount = self.args.size
-        size = amount
-        if sign:
-            cur = (await self.c.call("disk.info", name=self.args.name))["size"]
-            size = cur + amount if sign == "+" else cur - amount
-            if size < 0:
-                raise P.invalid(f"cannot shrink {self.args.name!r} ({cur} bytes) by {amount}")
-        r = await self.c.call("disk.resize", name=self.args.name, size=size,
-                              allow_shrink=self.args.allow_shrink)
-        self.warn(r)
-        self.emit_json(r) if self.json else kv(r, self.out)
-        return 0
+        return await cli_disks.disk_resize(self)
 
     async def disk_rm(self) -> int:
-        r = await self.c.call("disk.rm", name=self.args.name)
-        if self.json:
-            self.emit_json(r)
-        print(f"disk {shown(r['name'])} removed ({r['freed']} bytes freed)",
-              file=sys.stderr)
-        return 0
+        return await cli_disks.disk_rm(self)
 
     async def _follow(self, job: dict[str, Any]) -> int:
         """--no-wait: print the job id. Else show its progress on stderr (percent,
@@ -281,11 +225,8 @@ class Cli:
         if self.args.no_wait:
             self.emit_json(job) if self.json else self.out.write(f"{job['id']}\n")
             return 0
-        from tqdm import tqdm
-
         what = f"{job['kind']} {shown(job['disk']) if job['disk'] else job['from']}"
-        bar = tqdm(total=job.get("total") or 0, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=what, file=sys.stderr, disable=None, leave=True)
+        bar = size_bar(job.get("total") or 0, what)
         try:
             while True:
                 rows = {j["id"]: j for j in await self.c.call("job.ls")}
@@ -347,23 +288,21 @@ class Cli:
 
     async def container_fail(self) -> int:
         r = await self.c.call("container.fail", name=self.args.name)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self.kv_out(r)
         return 0
 
     async def container_restore(self) -> int:
         extra = {"relabel": True} if self.args.relabel else {}
         r = await self.c.call("container.restore", name=self.args.name, **extra)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self.kv_out(r)
         return 0
 
     async def disk_clone(self) -> int:
-        r = await self.c.call("disk.clone", name=self.args.snap, new=self.args.new)
-        self.emit_json(r) if self.json else kv(r, self.out)
-        return 0
+        return await cli_disks.disk_clone(self)
 
     async def snap_create(self) -> int:
         r = await self.c.call("snap.create", name=self.args.name)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self.kv_out(r)
         return 0
 
     async def snap_ls(self) -> int:
@@ -371,25 +310,36 @@ class Cli:
         if self.json:
             self.emit_json(rows)
             return 0
-        self._table([[shown(r["name"]),
+        self.table_out([[shown(r["name"]),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
-                      format_size(r["size"]), format_size(r["held"]),
+                      self.sz(r["size"]), self.sz(r["held"]),
                       ",".join(shown(c) for c in r["clones"]) or "-"] for r in rows],
                     ["NAME", "CREATED", "SIZE", "HELD", "CLONES"], self.out)
         return 0
 
     async def snap_rm(self) -> int:
-        r = await self.c.call("snap.rm", name=self.args.name)
+        r = await self.c.call("snap.rm", name=self.args.name, **self.dry_arg())
+        if r.get("dry_run"):
+            return self.dry(r, f"snapshot {shown(r['name'])} would be removed: "
+                            f"{self.said(r['held'])} of storage freed")
         if self.json:
             self.emit_json(r)
-        print(f"snapshot {shown(r['name'])} removed ({format_size(r['held'])} freed)",
+        print(f"snapshot {shown(r['name'])} removed ({self.said(r['held'])} freed)",
               file=sys.stderr)
         return 0
 
     async def snap_rollback(self) -> int:
-        r = await self.c.call("snap.rollback", name=self.args.name, force=self.args.force)
+        r = await self.c.call("snap.rollback", name=self.args.name, force=self.args.force,
+                              **self.dry_arg())
+        if r.get("dry_run"):
+            kept = ", ".join(shown(n) for n in r["newer_snapshots"])
+            return self.dry(r, f"{shown(r['name'])} would be rolled back to "
+                            f"{shown(self.args.name)}: size {self.said(r['old_size'])} -> "
+                            f"{self.said(r['size'])}, {self.said(r['freed'])} of storage "
+                            "freed, " + (f"newer snapshots kept: {kept}" if kept
+                                         else "no newer snapshots"))
         newer = r.pop("newer_snapshots", None) if not self.json else None
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self.kv_out(r)
         if newer:
             print(f"vdctl: {r['name']} rolled back to {self.args.name}; the newer snapshots "
                   f"{', '.join(newer)} are kept as they were (remove them with vdctl snap "
@@ -414,12 +364,14 @@ class Cli:
         def progress(j: dict[str, Any]) -> str:
             if j["state"] != "running" or j["total"] is None:
                 return "-"
-            return f"{j['progress']:.1f}% of {format_size(j['total'])}"
+            return f"{j['progress']:.1f}% of {self.sz(j['total'])}"
 
         def rate(j: dict[str, Any]) -> str:
-            return f"{format_size(j['rate'])}/s" if j.get("rate") else "-"
+            if not j.get("rate"):
+                return "-"
+            return f"{round(j['rate'])}/s" if self.bytes else format_rate(j["rate"])
 
-        self._table([[str(j["id"]), j["kind"], shown(j["disk"]) if j["disk"] else "-",
+        self.table_out([[str(j["id"]), j["kind"], shown(j["disk"]) if j["disk"] else "-",
                  j["from"] or "-", j["to"] or "-", j["state"], progress(j), rate(j),
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["started"]))]
                 for j in rows],
@@ -429,7 +381,7 @@ class Cli:
 
     async def job_abort(self) -> int:
         r = await self.c.call("job.abort", id=self.args.id)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else self.kv_out(r)
         return 0
 
     async def agent_ls(self) -> int:
@@ -437,7 +389,7 @@ class Cli:
         if self.json:
             self.emit_json(rows)
             return 0
-        self._table([[str(r["id"]), r["host"], r["mount"],
+        self.table_out([[str(r["id"]), r["host"], r["mount"],
                  "connected" if r["connected"] else "disconnected", f"{r['lease_left']:.1f}s",
                  ",".join(shown(d) for d in r["disks"]) or "-"]
                 for r in rows], ["ID", "HOST", "MOUNT", "STATE", "LEASE", "DISKS"], self.out)
@@ -462,9 +414,24 @@ def controller_addr(args: argparse.Namespace) -> str:
     return default_socket(os.path.abspath(state_dir))
 
 
+def _parses(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
+    """Whether argv parses, quietly (no usage screen)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(
+                io.StringIO()):
+            parser.parse_args(rewrite_negative(argv))
+    except SystemExit:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    wrong = misplaced_options(parser, argv)
+    if wrong is not None and not _parses(parser, argv):
+        print(f"vdctl: error: {wrong}", file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(rewrite_negative(argv))
     except SystemExit as e:

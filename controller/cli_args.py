@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -87,8 +88,18 @@ def _globals(parser: argparse.ArgumentParser, default: Any) -> None:
     add_security_options(g, default)
     g.add_argument("--format", choices=("table", "json"), default=default,
                    help="output format (default table)")
+    g.add_argument("--bytes", action="store_true", default=default,
+                   help="print sizes in tables and messages as exact byte counts (default: "
+                   "300M, 1.5G, ~1.3G when rounded; --format json always gives bytes)")
     g.add_argument("-H", "--no-headings", action="store_true", default=default,
                    help="print tables without their heading line (for scripts)")
+
+
+def dry_run_option(vp: argparse.ArgumentParser) -> None:
+    """-n/--dry-run on a verb that changes or removes things (as zfs destroy -n)."""
+    vp.add_argument("-n", "--dry-run", action="store_true",
+                    help="print what would happen (bytes freed, what is cut off, "
+                    "snapshots kept) and change nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="agents go back to the host page cache for it")
     verb(cv, "ls", "list containers with usage")
     verb(cv, "info", "show one container and the disks on it").add_argument("name")
-    verb(cv, "rm", "remove an empty container (the file itself is left in place)"
-         ).add_argument("name")
+    crm = verb(cv, "rm", "remove an empty container (the file itself is left in place)")
+    crm.add_argument("name")
+    dry_run_option(crm)
     dr = verb(cv, "drain", "move everything off a container, while disks are in use "
               "(new space avoids it meanwhile)")
     dr.add_argument("name")
@@ -177,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="new size, or a change of it (e.g. 20G, +1G, -512M)")
     rs.add_argument("--allow-shrink", action="store_true", help="permit shrinking (data past "
                     "the new end is discarded)")
-    verb(dv, "rm", "remove a disk and free its space (refused while an agent has it open)"
-         ).add_argument("name")
+    dry_run_option(rs)
+    drm = verb(dv, "rm", "remove a disk and free its space (refused while an agent has it "
+               "open)")
+    drm.add_argument("name")
+    dry_run_option(drm)
     mg = verb(dv, "migrate", "move a disk to another container while it is in use")
     mg.add_argument("name")
     mg.add_argument("--to", metavar="CONTAINER", required=True, help="target container")
@@ -217,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "its size)")
     im.add_argument("--mount", metavar="DIR", help="the virtfs mount to write through "
                     "(default: a mount on this host that the controller knows)")
+    dry_run_option(im)
 
     sn = nouns.add_parser("snap", help="snapshots of disks (NAME@SNAP, read-only)")
     sv = sn.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -224,13 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
          ).add_argument("name", metavar="NAME@SNAP")
     verb(sv, "ls", "list a disk's snapshots, or every disk's (created, size, bytes only "
          "the snapshot holds)").add_argument("name", metavar="NAME", nargs="?")
-    verb(sv, "rm", "remove a snapshot: frees what nothing else maps"
-         ).add_argument("name", metavar="NAME@SNAP")
+    srm = verb(sv, "rm", "remove a snapshot: frees what nothing else maps")
+    srm.add_argument("name", metavar="NAME@SNAP")
+    dry_run_option(srm)
     rb = verb(sv, "rollback", "make a disk's content the snapshot's (refused while the disk "
               "is open anywhere, unless --force)")
     rb.add_argument("name", metavar="NAME@SNAP")
     rb.add_argument("--force", action="store_true", help="roll back under the agents that "
                     "have the disk open (they see the snapshot's content at once)")
+    dry_run_option(rb)
 
     df = verb(sv, "diff", "list the byte ranges whose data differs between a snapshot and a "
               "later one (or the disk), from the tables: no data is read")
@@ -260,3 +278,53 @@ def rewrite_negative(argv: list[str]) -> list[str]:
     """argv with negative sizes ("-1G") hidden from argparse, which would take them for
     options; size_arg and delta_arg undo it."""
     return [_NEG + a[1:] if re.fullmatch(r"-\d[\d.]*[A-Za-z]*", a) else a for a in argv]
+
+
+def _verb_parser(parser: argparse.ArgumentParser, words: list[str]
+                 ) -> argparse.ArgumentParser:
+    """The (sub)parser that words' NOUN VERB name (words: the non-option words, in
+    order; others, such as option values, are passed over)."""
+    p = parser
+    for w in words:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and w in subs[0].choices:
+            p = subs[0].choices[w]
+    return p
+
+
+def misplaced_options(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The one-line usage error for options given after "--" ("vdctl disk create -- -rf
+    --size 1M"), else None; vdctl gives it when argv does not parse (so a disk may
+    still be named "--thick": "vdctl disk create --size 1M -- --thick").
+
+    After "--" every word is a name (getopt's rule, which argparse follows), so such
+    a command fails with argparse's "--size is required" and a usage screen. The
+    message shows the command with the options moved before the "--". An option is
+    a word after "--" that the verb's parser knows (with its value, if it takes
+    one); anything else stays a name.
+    """
+    if "--" not in argv:
+        return None
+    cut = argv.index("--")
+    before, after = argv[:cut], argv[cut + 1:]
+    vp = _verb_parser(parser, [w for w in before if not w.startswith("-")])
+    opts = {s: a for a in vp._actions for s in a.option_strings}
+    moved: list[str] = []
+    names: list[str] = []
+    i = 0
+    while i < len(after):
+        w = after[i]
+        key = w.split("=", 1)[0]
+        a = opts.get(key)
+        if a is None or key in ("-h", "--help"):
+            names.append(w)
+            i += 1
+            continue
+        takes = a.nargs != 0 and "=" not in w
+        moved += after[i:i + 1 + int(takes)]
+        i += 1 + int(takes)
+    if not moved:
+        return None
+    fixed = " ".join(shlex.quote(w) for w in [*before, *moved, "--", *names])
+    return (f"options go before '--' (after it every word is a name): "
+            f"vdctl {fixed}")

@@ -22,8 +22,8 @@ from . import diff as DF
 from . import diffstream as S
 from . import protocol as P
 from .cli_format import shown
+from .progress import size_bar
 from .storage import punch_hole
-from .units import format_size
 
 if TYPE_CHECKING:
     from .cli import Cli
@@ -63,11 +63,12 @@ async def snap_diff(cli: Cli) -> int:
     if cli.json:
         cli.emit_json([c.to_dict() for c in rows])
     else:
-        cli._table([[str(c.offset), str(c.length), "data" if c.data else "zero"] for c in rows],
-                   ["OFFSET", "LENGTH", "TYPE"], cli.out)
+        cli.table_out([[cli.sz(c.offset, True), cli.sz(c.length, True),
+                        "data" if c.data else "zero"] for c in rows],
+                      ["OFFSET", "LENGTH", "TYPE"], cli.out)
     data, zero = DF.changed_bytes(rows)
-    print(f"{shown(frm)} -> {shown(to)}: {len(rows)} ranges, {format_size(data)} data, "
-          f"{format_size(zero)} zero", file=sys.stderr)
+    print(f"{shown(frm)} -> {shown(to)}: {len(rows)} ranges, {cli.said(data)} data, "
+          f"{cli.said(zero)} zero", file=sys.stderr)
     return 0
 
 
@@ -78,10 +79,7 @@ _ZEROS = bytes(S.MAX_DATA)
 
 
 def _progress(total: int, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                file=sys.stderr, disable=None, leave=True)
+    return size_bar(total, desc)
 
 
 async def _export(cli: Cli, w: S.StreamWriter, name: str, chs: list[DF.Change],
@@ -191,8 +189,9 @@ async def disk_export_diff(cli: Cli) -> int:
             if tmp is not None:
                 os.unlink(tmp)
     since = f" since {shown(frm)}" if frm else " (full)"
-    print(f"exported {shown(to)}{since}: {format_size(w.data_bytes)} data, "
-          f"{format_size(w.zero_bytes)} zero in {w.records} records, {w.bytes} bytes",
+    print(f"exported {shown(to)}{since}: {cli.said(w.data_bytes)} data, "
+          f"{cli.said(w.zero_bytes)} zero in {w.records} records, {cli.said(w.bytes)} of "
+          "stream",
           file=sys.stderr)
     return 0
 
@@ -200,27 +199,42 @@ async def disk_export_diff(cli: Cli) -> int:
 # ---------------------------------------------------------------- import-diff
 
 
-def _verified(file: str) -> tuple[Any, S.Header, int]:
-    """(a binary file holding the whole stream, positioned at 0, its header, its
-    records): FILE itself, or stdin ("-") spooled to an unnamed temp file ($TMPDIR),
-    read through once and checked. StreamError if it is damaged; OSError."""
+def _verified(file: str) -> tuple[Any, S.Header, S.StreamReader, int]:
+    """(a binary file holding the whole stream, positioned at 0, its header, the
+    reader that checked it (data_bytes, zero_bytes), its records): FILE itself, or
+    stdin ("-") spooled to an unnamed temp file ($TMPDIR), read through once and
+    checked. StreamError if it is damaged; OSError."""
     if file == "-":
         spool = tempfile.TemporaryFile()  # noqa: SIM115 - returned open
         try:
-            h, n = S.copy_verified(sys.stdin.buffer, spool)
+            r = S.tee_reader(sys.stdin.buffer, spool)
+            h, n = r.verify()
         except BaseException:
             spool.close()
             raise
         spool.seek(0)
-        return spool, h, n
+        return spool, h, r, n
     f = open(file, "rb")  # noqa: SIM115 - returned open
     try:
-        h, n = S.StreamReader(f).verify()
+        r = S.StreamReader(f)
+        h, n = r.verify()
     except BaseException:
         f.close()
         raise
     f.seek(0)
-    return f, h, n
+    return f, h, r, n
+
+
+def _import_plan(name: str, to: str, h: S.Header, checked: S.StreamReader, nrec: int,
+                 old_size: int) -> dict[str, Any]:
+    """What import-diff does to disk name, as it reports it (JSON) and its dry run
+    answers it: "name", "snapshot" (NAME@TO, created), "from_snap" (NAME@FROM or
+    None), "old_size" and "size" (bytes: the stream sets the disk's size),
+    "records", "data" and "zero" (bytes the data and zero records cover)."""
+    return {"name": name, "snapshot": to,
+            "from_snap": P.snapshot_name(name, h.from_snap) if h.from_snap else None,
+            "old_size": old_size, "size": h.size, "records": nrec,
+            "data": checked.data_bytes, "zero": checked.zero_bytes}
 
 
 def _apply(src: Any, path: str, bar: Any) -> int:
@@ -285,13 +299,13 @@ async def disk_import_diff(cli: Cli) -> int:
     name: str = a.name
     what = "stdin" if a.file == "-" else a.file
     try:
-        src, h, nrec = await trio.to_thread.run_sync(_verified, a.file)
+        src, h, checked, nrec = await trio.to_thread.run_sync(_verified, a.file)
     except S.StreamError as e:
         raise P.invalid(f"{what}: refused, nothing applied: {e}") from None
     except OSError as e:
         raise P.invalid(f"{what}: {e.strerror or e}") from None
     try:
-        await cli.c.call("disk.info", name=name)
+        old_size = (await cli.c.call("disk.info", name=name))["size"]
         snaps = await cli.c.call("snap.ls", name=name)
         newest = snaps[-1]["name"].partition(P.SNAP_SEP)[2] if snaps else None
         to = P.snapshot_name(name, h.to_snap)
@@ -308,6 +322,15 @@ async def disk_import_diff(cli: Cli) -> int:
                       f"{shown(P.snapshot_name(name, h.from_snap))}; where the stream does "
                       f"not write, it keeps those changes", file=sys.stderr)
         path = await _mount_of(cli, name)
+        plan = _import_plan(name, to, h, checked, nrec, old_size)
+        if a.dry_run:
+            cut = (f", {cli.said(old_size - h.size)} past the new end discarded"
+                   if h.size < old_size else "")
+            return cli.dry({**plan, "dry_run": True},
+                           f"{nrec} records would be applied to {shown(name)} through "
+                           f"{path}: {cli.said(plan['data'])} of data written, "
+                           f"{cli.said(plan['zero'])} zeroed; size {cli.said(old_size)} -> "
+                           f"{cli.said(h.size)}{cut}; snapshot {shown(to)} created")
         total = os.fstat(src.fileno()).st_size
         bar = _progress(total, f"import {shown(name)}")
         try:
@@ -322,7 +345,9 @@ async def disk_import_diff(cli: Cli) -> int:
     finally:
         src.close()
     await cli.c.call("snap.create", name=to)
-    print(f"imported {nrec} records ({format_size(done)}) into {shown(name)}; "
+    if cli.json:
+        cli.emit_json(plan)
+    print(f"imported {nrec} records ({cli.said(done)}) into {shown(name)}; "
           f"snapshot {shown(to)} created", file=sys.stderr)
     return 0
 

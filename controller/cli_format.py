@@ -51,9 +51,14 @@ def disk_shown(r: dict[str, Any]) -> str:
     return shown(r["name"])
 
 
-def kv(d: dict[str, Any], out: TextIO) -> None:
+SIZE_KEYS = frozenset(("size", "used", "free", "allocated", "capacity", "segment_size",
+                       "journal_bytes", "usable", "freed", "held", "old_size"))
+
+
+def kv(d: dict[str, Any], out: TextIO, exact_bytes: bool = False) -> None:
     """A reply's scalar fields as "key: value" lines: names shown, times local, sizes
-    also in units; lists and maps are left to the caller."""
+    (SIZE_KEYS) as "314572800 (300M)", or only the bytes with exact_bytes (vdctl
+    --bytes); lists and maps are left to the caller."""
     for k, v in d.items():
         if isinstance(v, list | dict):
             continue
@@ -68,9 +73,8 @@ def kv(d: dict[str, Any], out: TextIO) -> None:
             v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
         elif k == "uptime":
             v = f"{v} s"
-        if isinstance(v, int) and not isinstance(v, bool) and k in (
-                "size", "used", "free", "allocated", "capacity", "segment_size",
-                "journal_bytes"):
+        if isinstance(v, int) and not isinstance(v, bool) and k in SIZE_KEYS and (
+                not exact_bytes):
             v = f"{v} ({format_size(v)})"
         out.write(f"{k + ':':<15} {v}\n")
 

@@ -14,6 +14,7 @@ from .extents import MOVING
 from .protocol import BLOCK_SIZE
 from .state import State
 from .tables import round_up
+from .units import human
 
 
 @dataclass
@@ -127,7 +128,7 @@ def check(state: State) -> list[Problem]:
         if total_used + c.space.free < c.usable:
             probs.append(Problem(
                 "leak",
-                f"container {c.name!r}: {c.usable - total_used - c.space.free} bytes are "
+                f"container {c.name!r}: {human(c.usable - total_used - c.space.free)} is "
                 "neither free nor used by any disk",
             ))
         elif total_used + c.space.free > c.usable and not any(p.level == "error" for p in probs):

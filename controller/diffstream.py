@@ -127,6 +127,7 @@ class StreamReader:
         self.src = src
         self._hash = hashlib.sha256()
         self.bytes = 0  # read so far
+        self.data_bytes = self.zero_bytes = 0  # what the records read so far cover
         self._header: Header | None = None
 
     def _get(self, n: int, what: str) -> bytes:
@@ -204,6 +205,10 @@ class StreamReader:
             pos = offset + length
             count += 1
             data = self._get(length, "a data record") if tag == TAG_DATA else None
+            if data is None:
+                self.zero_bytes += length
+            else:
+                self.data_bytes += length
             yield Record(offset, length, data)
 
     def verify(self) -> tuple[Header, int]:
@@ -217,6 +222,11 @@ class StreamReader:
 def copy_verified(src: BinaryIO, dst: BinaryIO) -> tuple[Header, int]:
     """Copy a stream from src (a pipe) to dst (a file) while checking it; (header,
     records). StreamError if it is damaged (dst then holds what came before)."""
+    return tee_reader(src, dst).verify()
+
+
+def tee_reader(src: BinaryIO, dst: BinaryIO) -> StreamReader:
+    """A StreamReader of src that copies what it reads to dst (copy_verified's)."""
 
     class Tee:
         def read(self, n: int, /) -> bytes:
@@ -225,8 +235,8 @@ def copy_verified(src: BinaryIO, dst: BinaryIO) -> tuple[Header, int]:
                 dst.write(b)
             return b
 
-    return StreamReader(Tee()).verify()
+    return StreamReader(Tee())
 
 
 __all__ = ["MAGIC", "MAX_DATA", "VERSION", "Header", "Record", "StreamError", "StreamReader",
-           "StreamWriter", "copy_verified"]
+           "StreamWriter", "copy_verified", "tee_reader"]

@@ -399,7 +399,7 @@ _op("container.add", NAME, _f("path", str), _f("size", int, type(None), required
 _op("container.set", NAME, _f("shared", bool), roles=ADMIN)
 _op("container.ls")
 _op("container.info", NAME)
-_op("container.rm", NAME, roles=ADMIN)
+_op("container.rm", NAME, _f("dry_run", bool, required=False, default=False), roles=ADMIN)
 _op("disk.create", NAME, _f("size", int),
     _f("thick", bool, required=False, default=False),
     _f("segment_size", int, type(None), required=False),
@@ -410,8 +410,9 @@ _op("disk.map", NAME, _f("start", int, required=False, default=0),
     _f("limit", int, type(None), required=False))
 _op("disk.resize", NAME, _f("size", int),
     _f("allow_shrink", bool, required=False, default=False),
-    _f("grow_only", bool, required=False, default=False))
-_op("disk.rm", NAME)
+    _f("grow_only", bool, required=False, default=False),
+    _f("dry_run", bool, required=False, default=False))
+_op("disk.rm", NAME, _f("dry_run", bool, required=False, default=False))
 _op("disk.rename", NAME, _f("new", str), _f("replace", bool, required=False, default=False))
 _op("disk.discard", NAME, _f("offset", int), _f("length", int))
 _op("check", roles=ADMIN)
@@ -429,8 +430,9 @@ _op("job.abort", _f("id", int), roles=ADMIN)
 # snapshots and clones (names are DISK@SNAP)
 _op("snap.create", NAME, roles=ADMIN)
 _op("snap.ls", _f("name", str, type(None), required=False))
-_op("snap.rm", NAME, roles=ADMIN)
-_op("snap.rollback", NAME, _f("force", bool, required=False, default=False), roles=ADMIN)
+_op("snap.rm", NAME, _f("dry_run", bool, required=False, default=False), roles=ADMIN)
+_op("snap.rollback", NAME, _f("force", bool, required=False, default=False),
+    _f("dry_run", bool, required=False, default=False), roles=ADMIN)
 _op("disk.clone", NAME, _f("new", str), roles=ADMIN)
 # changed-block tracking and export (read-only; docs/export-diff.md)
 _op("snap.diff", NAME, _f("from_snap", str, type(None), required=False),

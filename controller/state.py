@@ -29,6 +29,7 @@ from .tables import (
     check_pieces,
     round_up,
 )
+from .units import human
 
 
 class State:
@@ -219,7 +220,7 @@ class State:
     def _container_rm(self, rec: R.ContainerRm) -> None:
         c = self.container(rec.name)
         if c.used:
-            raise StateError(f"container {c.name!r} still holds {c.used} bytes")
+            raise StateError(f"container {c.name!r} still holds {human(c.used)}")
         del self.containers[c.name]
         del self.luns[c.lun]
 

@@ -18,6 +18,7 @@ import struct
 
 from . import fsutil
 from . import protocol as P
+from .units import human
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -116,10 +117,10 @@ def open_container_path(path: str, size: int | None, taken: dict[str, str]) -> t
     if os.path.lexists(path):
         fsize, _blk = size_of(path)
         if size is not None and size > fsize:
-            raise P.invalid(f"{path!r} holds {fsize} bytes, less than --size {size}")
+            raise P.invalid(f"{path!r} holds {human(fsize)}, less than --size {human(size)}")
         csize = size if size is not None else fsize
         if csize < P.BLOCK_SIZE:
-            raise P.invalid(f"{path!r} is smaller than {P.BLOCK_SIZE} bytes")
+            raise P.invalid(f"{path!r} is smaller than {human(P.BLOCK_SIZE)}")
         return csize, False
     if size is None:
         raise P.RemoteError(P.E_NOT_FOUND, f"container path {path!r} does not exist (give "

@@ -37,7 +37,7 @@ from controller.daemon import (
 from controller.protocol import RemoteError
 from controller.statedir import default_socket, default_state_dir
 from controller.transport import ClientSecurity, SecurityConfigError, split_addrs
-from controller.units import SizeError, parse_size, seconds_arg
+from controller.units import SizeError, format_size, parse_size, seconds_arg
 
 from .agent import Session
 from .blockio import ContainerIO
@@ -78,10 +78,10 @@ async def _prepare_embedded(service: Any, state_dir: str, size: int, demo: bool)
         path, exists = _default_container_path(state_dir)
         info = await service.container_add(DEFAULT_CONTAINER, path, None if exists else size)
         print(f"virtfs-mount: created container {DEFAULT_CONTAINER!r} at {path} "
-              f"({info['size']} bytes, sparse)", file=sys.stderr)
+              f"({format_size(info['size'])}, sparse)", file=sys.stderr)
     if demo and DEMO_DISK not in service.state.disks:
         await service.disk_create(DEMO_DISK, DEMO_SIZE, False, None, None)
-        print(f"virtfs-mount: created thin disk {DEMO_DISK!r} ({DEMO_SIZE} bytes)",
+        print(f"virtfs-mount: created thin disk {DEMO_DISK!r} ({format_size(DEMO_SIZE)})",
               file=sys.stderr)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from controller.protocol import MAX_DISK_SIZE
+from controller.units import human
 
 from .agent import Session
 from .errors import DiskError, call
@@ -52,7 +53,8 @@ class Sizes:
         round trip per step, not per write; fsync and the last close trim it back.
         """
         if size > MAX_DISK_SIZE:
-            raise DiskError(errno.EFBIG, f"{od.name}: {size} bytes is past the largest disk")
+            raise DiskError(errno.EFBIG, f"{od.name}: {human(size)} is past the largest disk "
+                            f"({human(MAX_DISK_SIZE)})")
         async with od.grow.lock:
             if size <= od.size:
                 return

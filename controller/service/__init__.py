@@ -195,9 +195,9 @@ class Service:
         """container.info: Containers.container_info."""
         return await self.containers.container_info(name)
 
-    async def container_rm(self, name: str) -> dict[str, object]:
+    async def container_rm(self, name: str, dry_run: bool = False) -> dict[str, object]:
         """container.rm: Containers.container_rm."""
-        return await self.containers.container_rm(name)
+        return await self.containers.container_rm(name, dry_run)
 
     async def container_fail(self, name: str) -> dict[str, object]:
         """container.fail: Movement.container_fail."""
@@ -230,14 +230,16 @@ class Service:
         return await self.disks.disk_map(name, start, limit)
 
     async def disk_resize(self, name: str, size: int, allow_shrink: bool,
-                          grow_only: bool = False, conn: Caller | None = None
-                          ) -> dict[str, object]:
+                          grow_only: bool = False, dry_run: bool = False,
+                          conn: Caller | None = None) -> dict[str, object]:
         """disk.resize: Disks.disk_resize."""
-        return await self.disks.disk_resize(name, size, allow_shrink, grow_only, conn)
+        return await self.disks.disk_resize(name, size, allow_shrink, grow_only, conn,
+                                            dry_run=dry_run)
 
-    async def disk_rm(self, name: str, conn: Caller | None = None) -> dict[str, object]:
+    async def disk_rm(self, name: str, dry_run: bool = False, conn: Caller | None = None
+                      ) -> dict[str, object]:
         """disk.rm: Disks.disk_rm."""
-        return await self.disks.disk_rm(name, conn)
+        return await self.disks.disk_rm(name, conn, dry_run=dry_run)
 
     async def disk_rename(self, name: str, new: str, replace: bool) -> dict[str, object]:
         """disk.rename: Disks.disk_rename."""
@@ -276,13 +278,14 @@ class Service:
         """snap.ls: Snapshots.snap_ls."""
         return await self.snapshots.snap_ls(name)
 
-    async def snap_rm(self, name: str) -> dict[str, object]:
+    async def snap_rm(self, name: str, dry_run: bool = False) -> dict[str, object]:
         """snap.rm: Snapshots.snap_rm."""
-        return await self.snapshots.snap_rm(name)
+        return await self.snapshots.snap_rm(name, dry_run)
 
-    async def snap_rollback(self, name: str, force: bool) -> dict[str, object]:
+    async def snap_rollback(self, name: str, force: bool, dry_run: bool = False
+                            ) -> dict[str, object]:
         """snap.rollback: Snapshots.snap_rollback."""
-        return await self.snapshots.snap_rollback(name, force)
+        return await self.snapshots.snap_rollback(name, force, dry_run)
 
     async def disk_clone(self, name: str, new: str) -> dict[str, object]:
         """disk.clone: Snapshots.disk_clone."""

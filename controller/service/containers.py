@@ -45,7 +45,7 @@ class Containers:
         storage.check_container_path(path)
         least = P.LABEL_BYTES + P.BLOCK_SIZE
         if size is not None and size < least:
-            raise P.invalid(f"container size must be at least {least} bytes (a block for "
+            raise P.invalid(f"container size must be at least {human(least, True)} (a block for "
                             "its label and one for data)")
         # one add at a time: a concurrent add could probe the file while this one creates
         # it, or take the LUN this one's label names
@@ -57,8 +57,9 @@ class Containers:
                                                             size, taken)
             try:
                 if csize < least:
-                    raise P.invalid(f"{path!r} holds {csize} bytes, less than {least} (a "
-                                    "block for its label and one for data)")
+                    raise P.invalid(f"{path!r} holds {human(csize)}, less than "
+                                    f"{human(least, True)} (a block for its label and one "
+                                    "for data)")
                 if not created:
                     await self.labels.probe_new(path, force)
                 lun, cid = self.state.next_lun, label.new_id()
@@ -109,9 +110,27 @@ class Containers:
         info["free_ranges"] = len(c.space)
         return info
 
-    async def container_rm(self, name: str) -> dict[str, object]:
-        """Remove an empty container nothing is pinned to and no job uses; E_BUSY else."""
-        c = self.ctx.container(name)
+    async def container_rm(self, name: str, dry_run: bool = False) -> dict[str, object]:
+        """Remove an empty container nothing is pinned to and no job uses; E_BUSY else.
+        Answers its info; dry_run: the same checks and answer ("dry_run" true), nothing
+        removed (the label's wipe, whose failure the real op adds as a "warning", is
+        not tried)."""
+        info = self._rm_plan(self.ctx.container(name))
+        if dry_run:
+            return {**info, "dry_run": True}
+        async with self._adding:  # an add of the same path must not see the wipe late
+            c = self.ctx.container(name)
+            info = self._rm_plan(c)
+            await self.journal.commit(ContainerRm(name))
+            warning = await self.labels.wipe(c)
+        if warning is not None:
+            info["warning"] = warning
+        return info
+
+    def _rm_plan(self, c: Container) -> dict[str, object]:
+        """container.rm's answer for c (its info); E_BUSY if c holds data, a disk is
+        pinned to it or a job uses it. The real op and its dry run both use it."""
+        name = c.name
         if c.used:
             users = {d.name: d.is_snapshot for d, _ in self.state.lun_users(c.lun)}
             disks = sorted(n for n, snap in users.items() if not snap)
@@ -129,10 +148,4 @@ class Containers:
             if j.state == "running" and c.lun in (j.src, j.dst):
                 raise P.RemoteError(P.E_BUSY, f"job {j.id} ({j.kind}) uses container "
                                     f"{name!r}; wait for it or abort it")
-        info = c.to_dict()
-        async with self._adding:  # an add of the same path must not see the wipe late
-            await self.journal.commit(ContainerRm(name))
-            warning = await self.labels.wipe(c)
-        if warning is not None:
-            info["warning"] = warning
-        return info
+        return c.to_dict()

@@ -8,7 +8,7 @@ from .. import protocol as P
 from ..recordbase import pieces_of
 from ..records import DiskCreate, DiskRename, DiskResize, DiskRm, DiskUnmap, Record
 from ..state import Disk, round_up
-from ..units import human
+from ..units import human, size_range
 from .coherence import Coherence
 from .context import Caller, Context
 from .movement import Movement
@@ -42,11 +42,11 @@ class Disks:
         if name in self.state.disks:
             raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
         if not 0 <= size <= P.MAX_DISK_SIZE:
-            raise P.invalid(f"disk size must be between 0 and {human(P.MAX_DISK_SIZE)}")
+            raise P.invalid(f"disk size must be {size_range(0, P.MAX_DISK_SIZE)}")
         seg = P.DEFAULT_SEGMENT_SIZE if segment_size is None else segment_size
         if seg % P.BLOCK_SIZE or not P.MIN_SEGMENT_SIZE <= seg <= P.MAX_SEGMENT_SIZE:
-            raise P.invalid(f"segment size must be a multiple of {P.BLOCK_SIZE} between "
-                            f"{human(P.MIN_SEGMENT_SIZE)} and {human(P.MAX_SEGMENT_SIZE)}")
+            raise P.invalid(f"segment size must be a multiple of {human(P.BLOCK_SIZE)} "
+                            f"{size_range(P.MIN_SEGMENT_SIZE, P.MAX_SEGMENT_SIZE)}")
         if segment_size is not None and 0 < size < seg:
             # a first write would need the whole segment: more space than the disk has
             raise P.invalid(f"segment size {human(seg)} is larger than the disk's size, "
@@ -150,33 +150,67 @@ class Disks:
         return {"name": d.name, "size": d.size, "epoch": d.epoch, "containers": luns,
                 "rows": rows, "next": nxt}
 
+    def _resize_plan(self, d: Disk, size: int, allow_shrink: bool, grow_only: bool
+                     ) -> tuple[dict[str, object], list[tuple[str, int, int]]]:
+        """What resizing d to size (bytes) does, as disk.resize answers it beside the
+        disk's info, and the storage it gives back ((path, offset, length), placement.
+        physical). The figures: "old_size" and "size"; "freed", the bytes of storage a
+        shrink gives back (what no snapshot or clone shares); "discarded", the byte
+        range [new size, old size) a shrink cuts off, else None; "allocated", the
+        bytes the disk maps afterwards (a shrink drops what it maps past the new end,
+        rounded up to a block; a thick grow maps the new blocks). E_INVALID for a
+        shrink without allow_shrink. The real op and its dry run both use it."""
+        old = d.size
+        if grow_only:
+            size = max(size, old)
+        if size < old and not allow_shrink:
+            raise P.invalid(f"shrinking {d.name!r} from {human(old)} to {human(size)} "
+                            "discards data; pass --allow-shrink to do it")
+        allocated = d.allocated
+        freed: list[tuple[str, int, int]] = []
+        if size < old:
+            cut = round_up(size)
+            freed = self.placement.physical(d, cut, old)
+            allocated -= sum(min(e.vend, old) - max(e.vstart, cut)
+                             for e in d.extents.stored_in(cut, old))
+        elif size > old and d.thick:
+            allocated += max(0, size - round_up(old))
+        plan: dict[str, object] = {
+            "old_size": old, "size": size, "allocated": allocated,
+            "freed": sum(n for _path, _off, n in freed),
+            "discarded": [size, old] if size < old else None}
+        return plan, freed
+
     async def disk_resize(self, name: str, size: int, allow_shrink: bool,
-                          grow_only: bool = False, conn: Caller | None = None
-                          ) -> dict[str, object]:
+                          grow_only: bool = False, conn: Caller | None = None,
+                          dry_run: bool = False) -> dict[str, object]:
         """Set the disk's size (bytes); an agent caller gets its new entries in "update".
+        The answer: the disk's info and _resize_plan's figures (old_size, freed,
+        discarded).
 
         grow_only: make it at least size (a write past the end, fallocate): a disk that
         is already larger stays as it is, so two writers growing it at once (or an
         append racing an ftruncate) both succeed, as on a regular file. Without it, a
-        smaller size needs allow_shrink (else E_INVALID).
+        smaller size needs allow_shrink (else E_INVALID). dry_run: check and answer
+        the same, "dry_run" true, and change nothing (the info is the disk's now with
+        the plan's size and allocated; no overcommit warning).
         """
         d = self.ctx.disk(name)
         if not 0 <= size <= P.MAX_DISK_SIZE:
-            raise P.invalid(f"disk size must be between 0 and {human(P.MAX_DISK_SIZE)}")
+            raise P.invalid(f"disk size must be {size_range(0, P.MAX_DISK_SIZE)}")
+        if dry_run:
+            plan, _freed = self._resize_plan(d, size, allow_shrink, grow_only)
+            return {**self.ctx.disk_info(d), **plan, "dry_run": True}
         caller = getattr(conn, "agent", None)
         async with self.ctx.dlock(d):
             if self.state.disks.get(d.name) is not d:
                 raise P.not_found("disk", name)
             old = d.size
             lo = min(old, size) // P.BLOCK_SIZE * P.BLOCK_SIZE
-            if grow_only:
-                size = max(size, old)
-            if size < old and not allow_shrink:
-                raise P.invalid(f"shrinking {name!r} from {human(old)} to {human(size)} "
-                                "discards data; "
-                                "pass --allow-shrink to do it")
+            plan, _freed = self._resize_plan(d, size, allow_shrink, grow_only)
+            size = int(plan["size"])  # type: ignore[call-overload]
             if size == old:
-                info = self.ctx.disk_info(d)
+                info = {**self.ctx.disk_info(d), **plan}
                 if caller is not None:
                     info["update"] = {"start": lo, "end": d.size,
                                       **await self.coherence.answer(d, lo, d.size)}
@@ -185,8 +219,9 @@ class Disks:
                 await self.movement.copying_done(d, round_up(size), old)
                 async with self.coherence.restrict(d, size // P.BLOCK_SIZE * P.BLOCK_SIZE, old,
                                           exclude=None):
-                    await self.placement.release_space(
-                        self.placement.physical(d, round_up(size), old))
+                    # planned again: the moves that just ended changed the storage
+                    plan, freed = self._resize_plan(d, size, allow_shrink, grow_only)
+                    await self.placement.release_space(freed)
                     await self.journal.commit(DiskResize(d.name, size, []))
             else:
                 # the bytes past an unaligned old end (inside its last block) may hold
@@ -209,7 +244,7 @@ class Disks:
             # that grows write by write (cp into the mount) costs one round trip a write
             await self.coherence.push_update(d, lo, d.size, exclude=caller)
         await self.agents.notify({"push": "namespace", "changed": [d.name]}, exclude=caller)
-        info = self.ctx.disk_info(d)
+        info = {**self.ctx.disk_info(d), **plan, "allocated": d.allocated}
         if size > old:
             info = self._warn_overcommit(info, d)
         if caller is not None:
@@ -227,25 +262,38 @@ class Disks:
             raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there first")
 
-    async def disk_rm(self, name: str, conn: Caller | None = None) -> dict[str, object]:
+    def _rm_plan(self, d: Disk) -> tuple[dict[str, object], list[tuple[str, int, int]]]:
+        """disk.rm's answer for d (its info and "freed": bytes of storage given back,
+        what no other table of its family maps) and that storage ((path, offset,
+        length), placement.physical). E_BUSY if d may not be removed. The real op and
+        its dry run both use it."""
+        self._check_removable(d)
+        info = self.ctx.disk_info(d)
+        freed = self.placement.physical(d, 0, d.size)
+        info["freed"] = sum(n for _path, _off, n in freed)
+        return info, freed
+
+    async def disk_rm(self, name: str, conn: Caller | None = None, dry_run: bool = False
+                      ) -> dict[str, object]:
         """Remove a disk nobody has open and no snapshot refers to; its storage goes
         back to the host. Answers its info and "freed": the bytes of storage given
         back (what no other disk of its family maps: 0 for an untouched clone).
+        dry_run: the same checks and answer ("dry_run" true), nothing removed.
         Raises RemoteError E_NOT_FOUND, E_BUSY."""
         d = self.ctx.disk(name)
+        if dry_run:
+            return {**self._rm_plan(d)[0], "dry_run": True}
         self._check_removable(d)
         await self.agents.wait_grace()
         async with self.ctx.dlock(d):
             if self.state.disks.get(name) is not d:
                 raise P.not_found("disk", name)
             self._check_removable(d)
-            info = self.ctx.disk_info(d)
             with self.ctx.removal(d):  # from here on nobody may open it
                 await self.movement.copying_done(d)
-                freed = self.placement.physical(d, 0, d.size)
+                info, freed = self._rm_plan(d)
                 await self.placement.release_space(freed)
                 await self.journal.commit(DiskRm(name))
-            info["freed"] = sum(n for _path, _off, n in freed)
         self.ctx.forget_lock(d)
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info

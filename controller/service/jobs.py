@@ -341,7 +341,7 @@ class Jobs:
             [self.state.luns[dst]] if dst is not None else others))
         if c.used > room:
             raise P.RemoteError(P.E_NO_SPACE, f"container {name!r} holds {human(c.used)}; "
-                                f"only {human(room)} are free elsewhere")
+                                f"only {human(room)} is free elsewhere")
         if dry_run:
             return {**plan_drain(self.state, c.lun, dst).to_dict(self.state), "dry_run": True}
         home = dst if dst is not None else others[0].lun

@@ -90,35 +90,75 @@ class Snapshots:
                                                                   s.name))
                 if parent is None or s.parent == parent]
 
-    async def snap_rm(self, name: str) -> dict[str, object]:
-        """Remove a snapshot; frees exactly what no disk, clone or other snapshot maps."""
-        s = self.ctx.snapshot(name)
+    def _rm_plan(self, s: Disk) -> tuple[dict[str, object], list[tuple[str, int, int]]]:
+        """snap.rm's answer for snapshot s (its info and "held": the bytes of storage
+        removing it gives back, exactly what no disk, clone or other snapshot maps)
+        and that storage ((path, offset, length), placement.physical). E_BUSY if s has
+        clones or is open. The real op and its dry run both use it."""
         clones = sorted(t.name for t in self.state.disks.values() if t.origin == s.name)
         if clones:
-            raise P.RemoteError(P.E_BUSY, f"snapshot {name!r} has clones: "
+            raise P.RemoteError(P.E_BUSY, f"snapshot {s.name!r} has clones: "
                                 f"{', '.join(clones)}; remove them first")
-        info: dict[str, object] = {"name": s.name, "disk": s.parent, "created": s.ctime,
-                                "size": s.size, "allocated": s.allocated, "clones": []}
         users = self.agents.caching(s)
         if users:
-            raise P.RemoteError(P.E_BUSY, f"snapshot {name!r} is open on agent(s) "
+            raise P.RemoteError(P.E_BUSY, f"snapshot {s.name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there first")
+        freed = self.placement.physical(s, 0, s.size)  # exactly what only s maps
+        info: dict[str, object] = {"name": s.name, "disk": s.parent, "created": s.ctime,
+                                   "size": s.size, "allocated": s.allocated, "clones": [],
+                                   "held": sum(n for _path, _off, n in freed)}
+        return info, freed
+
+    async def snap_rm(self, name: str, dry_run: bool = False) -> dict[str, object]:
+        """Remove a snapshot; frees exactly what no disk, clone or other snapshot maps.
+        Answers _rm_plan's info; dry_run: the same ("dry_run" true), nothing removed.
+        Raises RemoteError E_NOT_FOUND, E_BUSY."""
+        s = self.ctx.snapshot(name)
+        info, _freed = self._rm_plan(s)
+        if dry_run:
+            return {**info, "dry_run": True}
         await self.agents.wait_grace()
         async with self.ctx.dlock(s):
             if self.state.snaps.get(name) is not s:
                 raise P.not_found("snapshot", name)
             with self.ctx.removal(s):
-                freed = self.placement.physical(s, 0, s.size)  # exactly what only s maps
-                info["held"] = sum(n for _path, _off, n in freed)
+                info, freed = self._rm_plan(s)
                 await self.placement.release_space(freed)
                 await self.journal.commit(SnapRm(name))
         await self.agents.notify({"push": "namespace", "removed": [name]})
         return info
 
-    async def snap_rollback(self, name: str, force: bool) -> dict[str, object]:
+    def _rollback_plan(self, s: Disk, d: Disk
+                       ) -> tuple[dict[str, object], list[tuple[str, int, int]]]:
+        """What rolling disk d back to its snapshot s does, as snap.rollback answers it
+        beside d's info: "old_size" and "size" (s's), "allocated" (s's: d's table
+        becomes a copy of s's), "freed" (the bytes of storage only d maps now, given
+        back), "newer_snapshots" (d's snapshots newer than s, kept as they are, oldest
+        first); and that storage ((path, offset, length)). The real op and its dry run
+        both use it."""
+        # storage only the disk holds now, and the snapshot does not map
+        # what only the disk maps goes; what the snapshot (or another
+        # table) maps at the same vstart stays: the disk's new table
+        freed = [r for e in d.extents if not e.flags & ZERO
+                 for r in self.placement.unshared(d, e)]
+        # unlike zfs rollback (which must destroy them: -r), the newer snapshots stay
+        # whole and usable, as rbd's and LVM's do; say which
+        newer = sorted((t for t in self.state.snaps.values()
+                        if t.parent == d.name and t.ctime > s.ctime),
+                       key=lambda t: (t.ctime, t.name))
+        plan: dict[str, object] = {
+            "old_size": d.size, "size": s.size, "allocated": s.allocated,
+            "freed": sum(n for _path, _off, n in freed),
+            "newer_snapshots": [t.name for t in newer]}
+        return plan, freed
+
+    async def snap_rollback(self, name: str, force: bool, dry_run: bool = False
+                            ) -> dict[str, object]:
         """The disk's content and size become the snapshot's. Refused while the disk is
         open at any agent, unless force (its agents then see the new content at once).
-        Snapshots newer than it are kept (the answer's "newer_snapshots" names them)."""
+        Snapshots newer than it are kept (the answer's "newer_snapshots" names them).
+        Answers the disk's info with _rollback_plan's figures; dry_run: the same checks
+        and figures ("dry_run" true; the info is the disk's now), nothing changed."""
         s = self.ctx.snapshot(name)
         assert s.parent is not None
         d = self.ctx.disk(s.parent)
@@ -127,6 +167,8 @@ class Snapshots:
             raise P.RemoteError(P.E_BUSY, f"disk {d.name!r} is open on agent(s) "
                                 f"{', '.join(a.name for a in users)}; close it there, or "
                                 "pass --force to roll it back under them")
+        if dry_run:
+            return {**self.ctx.disk_info(d), **self._rollback_plan(s, d)[0], "dry_run": True}
         old_size = d.size
         async with (self.coherence.restrict(d, 0, P.MAX_DISK_SIZE, exclude=None),
                     self.movement.settled(d, SNAP_WAIT), self.ctx.dlock(d)):
@@ -134,23 +176,12 @@ class Snapshots:
             if self.state.snaps.get(name) is not s or self.state.disks.get(
                     d.name) is not d:
                 raise P.RemoteError(P.E_BUSY, "the disk changed meanwhile; retry")
-            # storage only the disk holds now, and the snapshot does not map
-            # what only the disk maps goes; what the snapshot (or another
-            # table) maps at the same vstart stays: the disk's new table
-            freed = [r for e in d.extents if not e.flags & ZERO
-                     for r in self.placement.unshared(d, e)]
+            plan, freed = self._rollback_plan(s, d)
             await self.placement.release_space(freed)
             await self.journal.commit(SnapRollback(name))
         await self.coherence.push_update(d, 0, max(old_size, d.size))
         await self.agents.notify({"push": "namespace", "changed": [d.name]})
-        info = self.ctx.disk_info(d)
-        # unlike zfs rollback (which must destroy them: -r), the newer snapshots stay
-        # whole and usable, as rbd's and LVM's do; say which
-        info["newer_snapshots"] = sorted(
-            (t.name for t in self.state.snaps.values()
-             if t.parent == d.name and t.ctime > s.ctime), key=lambda n: (
-                self.state.snaps[n].ctime, n))
-        return info
+        return {**self.ctx.disk_info(d), **plan}
 
     async def disk_clone(self, name: str, new: str) -> dict[str, object]:
         """A writable thin disk NEW from snapshot NAME@SNAP, sharing its storage."""

@@ -3,6 +3,7 @@ controller/codec.py (wire frames), controller/frames.py (journal frames)."""
 
 from __future__ import annotations
 
+import re
 import struct
 
 import msgpack
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from controller import codec, frames
 from controller import protocol as P
-from controller.units import SizeError, format_size, parse_size
+from controller.units import SizeError, format_rate, format_size, human, parse_size, size_range
 
 # ---------------------------------------------------------------- sizes
 
@@ -58,6 +59,30 @@ def test_format_size():
     assert format_size(1024) == "1K"
     assert format_size(3 << 29) == "1.5G"
     assert format_size(10 << 40) == "10T"
+    assert format_size(300 << 20) == "300M"  # never "300.0M"
+    assert format_size(1280) == "1.25K"
+    assert format_size((300 << 20) + 4096) == "~300M"  # rounded, and says so
+    assert format_size((300 << 20) + 4096, exact=True) == "307204K"
+    assert format_size(12345) == "~12.1K"
+    assert format_size(1 << 60) == "1E"
+    with pytest.raises(ValueError):
+        format_size(-1)
+
+
+@given(st.integers(0, 1 << 62))
+def test_format_size_is_exact_or_marked(n):
+    text = format_size(n)
+    assert text.startswith("~") or parse_size(text) == n
+    assert ".0" not in text.split(".")[0] + text[-2:]  # no "300.0M"
+    assert parse_size(format_size(n, exact=True)) == n
+
+
+def test_human_rate_range():
+    assert human(1) == "1 byte" and human(512) == "512 bytes"
+    assert human(300 << 20) == "300M (314572800 bytes)"
+    assert format_rate(12.5 * 2**20) == "12.5M/s" and format_rate(300 << 20) == "300M/s"
+    assert format_rate(0) == "0B/s" and format_rate(100.4) == "100B/s"
+    assert size_range(4096, 1 << 40) == "between 4K and 1T (4096 to 1099511627776 bytes)"
 
 
 # ---------------------------------------------------------------- names
@@ -265,3 +290,23 @@ def test_find_frame_after_damage_streams(chunk):
         assert frames.find_frame_after(f, ends[k], chunk=chunk) == ends[k + 1], (k, chunk)
     assert frames.find_frame_after(f, ends[-2], chunk=chunk) is None
     assert frames.find_frame_after(io.BytesIO(data[:-1]), ends[-3], chunk=chunk) is None
+
+
+def test_progress_bar_prints_our_units():
+    """vdctl's bars (migrate, drain, export-diff, import-diff) count and rate in the
+    project's binary units: tqdm's unit_scale said "MB/s" for powers of 1024."""
+    import io
+
+    from controller.progress import BAR_FORMAT, SizeBar
+
+    f = io.StringIO()
+    bar = SizeBar(total=3 << 30, desc="migrate d", file=f, disable=False,
+                  bar_format=BAR_FORMAT, mininterval=0)
+    bar.n = 3 << 29
+    bar.refresh()
+    bar.close()
+    line = f.getvalue().rsplit("\r", 1)[-1]
+    assert "| 1.5G/3G [" in line and "/s]" in line, line
+    rate = line.rsplit(", ", 1)[1].split("]", 1)[0]
+    assert re.fullmatch(r"(\d+(\.\d)?[KMGTPE]?|\d+B)/s", rate) or rate == "?/s", line
+    assert "MB" not in line and "iB" not in line

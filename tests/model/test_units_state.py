@@ -504,8 +504,8 @@ def test_check_alternate_marked_free(healthy):
 def test_check_leak_is_not_an_error(healthy):
     healthy.containers["c1"].space.take(30 * B, 2 * B)
     probs = check(healthy)
-    assert probs == [Problem("leak", "container 'c1': 8192 bytes are neither free nor used "
-                                     "by any disk")]
+    assert probs == [Problem("leak", "container 'c1': 8K (8192 bytes) is neither free nor "
+                                     "used by any disk")]
 
 
 def test_check_free_list_larger_than_container(healthy):

@@ -61,8 +61,10 @@ def test_snap_diff_lists_what_changed(controller, mount_factory, tmp_path):
                                          "type": "data"}]
     r = vd(controller, "snap", "diff", "d@s1", "d@s2")
     assert r.out.split("\n")[0].split() == ["OFFSET", "LENGTH", "TYPE"]
-    assert r.out.split("\n")[2].split() == [str(5 * SEG), str(SEG), "zero"]
+    assert r.out.split("\n")[2].split() == ["20M", "4M", "zero"]  # exact, in units
     assert "3 ranges, 8M data, 4M zero" in r.err
+    r = vd(controller, "snap", "diff", "d@s1", "d@s2", "--bytes", "-H")
+    assert r.out.split("\n")[1].split() == [str(5 * SEG), str(SEG), "zero"]
     # refusals, one line each
     vd(controller, "disk", "create", "e", "--size", "1M")
     vd(controller, "snap", "create", "e@s1")

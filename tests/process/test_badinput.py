@@ -72,12 +72,13 @@ ERRORS_RC1 = [
     (["container", "add", "c9", "{tmp}/does-not-exist.img"], "does not exist"),
     (["container", "add", "c9", "{tmp}/no/such/dir/c.img", "--size", "2M"], "does not exist"),
     (["container", "add", "c9", "{tmp}/existing.img", "--size", "2M"], "less than --size"),
-    (["container", "add", "c9", "{tmp}/tiny.img", "--size", "100"], "at least 1052672"),
+    (["container", "add", "c9", "{tmp}/tiny.img", "--size", "100"],
+     "at least 1028K (1052672 bytes)"),
     (["container", "add", "c9", "{tmp}"], "neither a regular file"),
     (["disk", "create", "big", "--size", "200M", "--thick"], "free"),
     (["container", "rm", "c1"], "holds"),
-    (["disk", "create", "x", "--size", "0"], "more than 0"),
-    (["disk", "create", "x", "--size", "2E"], "between 0 and"),
+    (["disk", "create", "x", "--size", "0"], "--size must be between 1B and 1E"),
+    (["disk", "create", "x", "--size", "2E"], "--size must be between 1B and 1E"),
     (["disk", "create", "x", "--size", "1M", "--segment-size", "1000"], "segment size"),
     (["disk", "resize", "d", "-1"], "--allow-shrink"),
     (["disk", "resize", "d", "-1G", "--allow-shrink"], "cannot shrink"),
@@ -460,3 +461,22 @@ def test_virtfs_mount_refuses_a_pyfuse3_without_our_patches(tmp_path):
     assert r.returncode == 1, r
     assert r.stderr.count("\n") == 1 and "lacks virtfs's fallocate patch" in r.stderr, r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_names_after_double_dash(populated):
+    """A name starting with "-" goes after "--", options before it (README); the other
+    order is one line that shows the right command, and changes nothing."""
+    v = populated.vdctl
+    before = state_of(v)
+    r = v("disk", "create", "--", "-rf", "--size", "1M")
+    assert r.rc == 2 and len(r.err.splitlines()) == 1 and r.err.startswith(
+        "vdctl: error: options go before '--' (after it every word is a name): vdctl ")
+    assert r.err.rstrip().endswith(" disk create --size 1M -- -rf"), r.err
+    r = v("disk", "rm", "--", "-rf", "--format", "json")
+    assert r.rc == 2 and " disk rm --format json -- -rf\n" in r.err, r.err
+    assert state_of(v) == before
+    assert v("disk", "create", "--size", "1M", "--", "-rf").rc == 0
+    assert v("disk", "create", "--size", "1M", "--", "--thick").rc == 0  # a name too
+    names = [d["name"] for d in json.loads(v("disk", "ls", "--format", "json").out)]
+    assert "-rf" in names and "--thick" in names
+    assert v("disk", "rm", "--", "-rf").rc == 0

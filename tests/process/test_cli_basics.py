@@ -49,7 +49,7 @@ def test_overcommit_is_a_warning(controller, tmp_path):
     r = vd(controller, "disk", "create", "small", "--size", "32M")
     assert "warning" not in r.err
     r = vd(controller, "disk", "create", "huge", "--size", "10G")  # thin: allowed
-    assert "vdctl: warning: disks now promise 10.0G" in r.err and "(66060288 bytes)" in r.err, r.err
+    assert "vdctl: warning: disks now promise ~10G" in r.err and "(66060288 bytes)" in r.err, r.err
     r = vd(controller, "disk", "resize", "small", "+1G")
     assert "warning" in r.err
     j = run_vdctl("--state-dir", str(controller.state_dir), "disk", "create", "j", "--size",
@@ -162,3 +162,25 @@ def test_migrate_of_an_empty_thin_disk_moves_its_placement(controller, tmp_path)
     assert r.rc == 1 and r.err.strip() == (
         "vdctl: error: disk 'e' holds no data, and its new space goes to container 'c2' "
         "already"), r.err
+
+
+def test_bytes_flag_gives_exact_counts(controller, tmp_path):
+    """Sizes print one way (units.format_size: exact, or marked "~"); --bytes prints
+    exact byte counts in tables, key: value lines and messages; JSON is always bytes."""
+    add_container(controller, "c1", tmp_path / "c1.img", "64M")
+    vd(controller, "disk", "create", "d", "--size", "12345", "--thick")
+    vd(controller, "disk", "set", "d", "--write-bps-limit", "1.5M")
+    info = vd(controller, "disk", "info", "d").out
+    assert "size:           12345 (~12.1K)" in info and "write-bps 1.5M/s" in info, info
+    info = vd(controller, "disk", "info", "d", "--bytes").out
+    assert "size:           12345\n" in info and "write-bps 1572864/s" in info, info
+    assert "  on c1: ~12.1K\n" in vd(controller, "disk", "info", "d").out
+    assert "  on c1: 12345\n" in vd(controller, "disk", "info", "d", "--bytes").out
+    row = vd(controller, "disk", "ls", "-H", "--bytes").out.split()
+    assert row[:4] == ["d", "12345", "thick", "12345"], row
+    assert vd(controller, "disk", "ls", "--format", "json", "--bytes").json()[0]["size"] \
+        == 12345
+    r = vd(controller, "disk", "rm", "d", "--bytes")
+    assert r.err == "disk d removed (16384 bytes freed)\n", r.err  # whole blocks
+    vd(controller, "disk", "create", "e", "--size", "300M")
+    assert vd(controller, "disk", "ls", "-H").out.split()[:2] == ["e", "300M"]  # not 300.0M

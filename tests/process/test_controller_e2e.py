@@ -96,10 +96,13 @@ def test_lifecycle_restart_and_kill(controller, tmp_path):
         assert info["provisioning"] == ("thick" if name.startswith("thick") else "thin")
 
     table = ok(v("disk", "ls")).out.splitlines()
-    assert table[0].split()[:4] == ["NAME", "BYTES", "SIZE", "TYPE"]
+    assert table[0].split()[:4] == ["NAME", "SIZE", "TYPE", "ALLOCATED"]
     assert sorted(line.split()[0] for line in table[1:]) == sorted(sizes)
     row = next(line.split() for line in table if line.startswith("thick-odd "))
-    assert row[1] == "12345" and row[3] == "thick"
+    assert row[1:4] == ["~12.1K", "thick", "~12.1K"], row  # rounded, and marked so
+    exact = ok(v("disk", "ls", "--bytes")).out.splitlines()
+    row = next(line.split() for line in exact if line.startswith("thick-odd "))
+    assert row[1:4] == ["12345", "thick", "12345"], row
     listed = ok(v("disk", "ls", "--format", "json")).json()
     assert [d["name"] for d in listed] == sorted(sizes)
     ctable = ok(v("container", "ls")).out.splitlines()
