@@ -24,27 +24,16 @@ from rig import (
     dwrite,
     fio,
     open_direct,
-    run,
     vd,
     wait_for,
 )
+from test_snapshots import compare, fill
 
 B = 4096
 
 
 def containers(c: ControllerProc) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in vd(c, "container", "ls", "--format", "json").json()}
-
-
-def fill(path: Path, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.write(data)
-        os.fsync(f.fileno())
-
-
-def compare(a: Path, b: Path) -> None:
-    r = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)], check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def family(c: ControllerProc, m: Any, tmp: Path) -> tuple[dict[str, Path], int]:
