@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import trio
 
-from . import cli_backup
+from . import cli_backup, perms
 from . import protocol as P
 from .cli_args import build_parser, rewrite_negative
 from .cli_format import disk_shown, kv, pct, shown, table
@@ -45,6 +45,26 @@ def qos_line(q: dict[str, int]) -> str:
             v = format_size(q[k]) if k.endswith("bps") else str(q[k])
             parts.append(f"{k.replace('_', '-')} {v}/s")
     return ", ".join(parts) or "none"
+
+
+def perm_args(a: argparse.Namespace) -> tuple[int | None, int | None, int | None]:
+    """The uid, gid and mode of --owner, --group, --mode (None: not given); RemoteError
+    E_INVALID with one line for an unknown user or group or a bad mode."""
+    try:
+        return (None if a.owner is None else perms.parse_user(a.owner),
+                None if a.group is None else perms.parse_group(a.group),
+                None if a.mode is None else perms.parse_mode(a.mode))
+    except ValueError as e:
+        raise P.invalid(str(e)) from None
+
+
+def perms_shown(r: dict[str, Any]) -> dict[str, Any]:
+    """A disk's reply with its owner, group and mode as vdctl shows them: names with the
+    numbers, the mode in octal, the defaults said (docs/permissions.md)."""
+    owner, group, mode = r.get("owner"), r.get("group"), r.get("mode")
+    return {**r, "owner": "- (the mounting user)" if owner is None else perms.user_name(owner),
+            "group": "- (the mounting user's)" if group is None else perms.group_name(group),
+            "mode": "- (0644)" if mode is None else f"{mode:04o}"}
 
 
 class Cli:
@@ -149,10 +169,13 @@ class Cli:
         a = self.args
         if a.size == 0:
             raise P.invalid("--size must be more than 0 bytes")
+        uid, gid, mode = perm_args(a)
         r = await self.c.call("disk.create", name=a.name, size=a.size, thick=a.thick,
-                              segment_size=a.segment_size, container=a.container)
+                              segment_size=a.segment_size, container=a.container,
+                              **({"uid": uid, "gid": gid, "mode": mode}
+                                 if (uid, gid, mode) != (None, None, None) else {}))
         self.warn(r)
-        self.emit_json(r) if self.json else kv(r, self.out)
+        self.emit_json(r) if self.json else kv(perms_shown(r), self.out)
         return 0
 
     async def disk_ls(self) -> int:
@@ -176,10 +199,14 @@ class Cli:
         limits = {k: getattr(a, f"{k}_limit") for k in
                   ("iops", "bps", "read_iops", "read_bps", "write_iops", "write_bps")
                   if getattr(a, f"{k}_limit") is not None}
-        if not limits:
+        uid, gid, mode = perm_args(a)
+        if not limits and (uid, gid, mode) == (None, None, None):
             raise P.invalid("give at least one limit (--iops-limit, --bps-limit, "
-                            "--read-iops-limit, ...)")
-        r = await self.c.call("disk.set", name=a.name, limits=limits)
+                            "--read-iops-limit, ...) or --owner, --group, --mode")
+        if (uid, gid, mode) != (None, None, None):
+            r = await self.c.call("disk.perms", name=a.name, uid=uid, gid=gid, mode=mode)
+        if limits:
+            r = await self.c.call("disk.set", name=a.name, limits=limits)
         self._disk_out(r)
         return 0
 
@@ -192,7 +219,7 @@ class Cli:
         if self.json:
             self.emit_json(r)
             return
-        kv({**r, "qos": qos_line(r.get("qos") or {})}, self.out)
+        kv({**perms_shown(r), "qos": qos_line(r.get("qos") or {})}, self.out)
         for p in r.get("placement", []):
             self.out.write(f"  on {p['container']}: {p['bytes']} bytes\n")
 
