@@ -41,6 +41,17 @@ class DiskInfo:
     ctime: float
     mtime: float = 0.0
     stime: float = 0.0
+    # owner uid, group gid, mode; None: the mount's default (virtfs/perms.py)
+    owner: int | None = None
+    group: int | None = None
+    mode: int | None = None
+
+
+def listed(r: dict[str, Any]) -> DiskInfo:
+    """A disk.ls (or disk.info) row as listed (older controllers send no permissions)."""
+    return DiskInfo(r["name"], r["size"], r["allocated"], r["ctime"],
+                    r.get("mtime", r["ctime"]), r.get("changed", r["ctime"]),
+                    r.get("owner"), r.get("group"), r.get("mode"))
 
 
 class Namespace:
@@ -93,10 +104,7 @@ class Namespace:
             return
         # snapshots (NAME@SNAP) too: they show as read-only files
         rows = await call(self.session, "disk.ls", "list disks", snapshots=True)
-        self.listing = {r["name"]: DiskInfo(r["name"], r["size"], r["allocated"], r["ctime"],
-                                            r.get("mtime", r["ctime"]),
-                                            r.get("changed", r["ctime"]))
-                        for r in rows if former_name(r["name"]) is None}
+        self.listing = {r["name"]: listed(r) for r in rows if former_name(r["name"]) is None}
         self._listing_at = trio.current_time()
         for name in list(self.names):
             if name not in self.listing and name not in self.open:
@@ -119,12 +127,13 @@ class Namespace:
         if od is not None:
             base = self.listing.get(od.name)
             ctime = base.ctime if base else 0.0
+            perms = (base.owner, base.group, base.mode) if base else (None, None, None)
             if od.times.ours or base is None:
                 # written (or touched) here since it was opened: our times are newest
                 return DiskInfo(od.name, od.size, od.table.allocated, ctime,
-                                od.times.mtime or ctime, od.times.stime or ctime)
+                                od.times.mtime or ctime, od.times.stime or ctime, *perms)
             return DiskInfo(od.name, od.size, od.table.allocated, ctime, base.mtime,
-                            base.stime)
+                            base.stime, *perms)
         name = self.inodes.get(inode)
         if name is None:
             raise DiskError(errno.ENOENT)
@@ -156,6 +165,14 @@ class Namespace:
         self.stale()
         await self.refresh(force=True)
         return self.inode_of(name)
+
+    async def set_perms(self, name: str, uid: int | None, gid: int | None,
+                        mode: int | None) -> None:
+        """chmod, chown: disk.perms at the controller (which tells the other mounts),
+        and the answer into our listing at once. DiskError."""
+        r = await call(self.session, "disk.perms", f"change permissions of {name}",
+                       name=name, uid=uid, gid=gid, mode=mode)
+        self.listing[name] = listed(r)
 
     async def unlink(self, name: str) -> None:
         """Remove a disk; one open here or in another mount only hides its name until
