@@ -125,6 +125,24 @@ def test_allow_other_modes_owners_pushed_and_journaled(controller: Any, tmp_path
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, 0o640)
 
 
+def test_other_users_cannot_create_or_remove_disks(controller: Any, tmp_path: Path,
+                                                    open_mount: Any) -> None:
+    """The mount's directory is the mounting user's, 0755: other users open disks as
+    their modes allow, but create, rename and remove none (the admin does, with vdctl
+    or as the mounting user)."""
+    add_container(controller, "c1", tmp_path / "c1.img", "256M")
+    vd(controller, "disk", "create", "d", "--size", "1M", "--mode", "0666")
+    m = open_mount(controller, "m", ["--allow-other"])
+    st = os.stat(m.path)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o755)
+    for cmd in (["dd", "if=/dev/zero", f"of={m.path}/new", "bs=4k", "count=1"],
+                ["mv", f"{m.path}/d", f"{m.path}/e"], ["rm", "-f", f"{m.path}/d"]):
+        r = as_nobody(*cmd)
+        assert r.returncode != 0 and "Permission denied" in r.stderr, (cmd, r.stderr)
+    assert sorted(os.listdir(m.path)) == ["d"]
+    assert nobody_writes(m.path / "d")
+
+
 def test_without_allow_other_no_other_user_gets_in(controller: Any, tmp_path: Path,
                                                     open_mount: Any) -> None:
     """The oracle can fail: the same read as above, on a 0666 disk, is refused when the
