@@ -9,6 +9,7 @@ name and by inode), because lookup, listing and unlink depend on them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -246,8 +247,15 @@ class Namespace:
         self.inodes[ino] = name
 
     async def apply_namespace(self, msg: dict[str, Any]) -> None:
-        """A "namespace" push: disks were created, changed or removed elsewhere."""
+        """A "namespace" push: disks were created, changed or removed elsewhere; "perms":
+        [[name, owner, group, mode], ...], a disk's new permissions (disk.perms), taken
+        into the listing at once (an open disk's attributes come from it unreloaded)."""
         self.stale()
+        for name, owner, group, mode in msg.get("perms", []):
+            info = self.listing.get(name)
+            if info is not None:
+                self.listing[name] = dataclasses.replace(info, owner=owner, group=group,
+                                                         mode=mode)
         for name in msg.get("changed", []):
             ino = self.names.get(name)
             if ino is not None:  # e.g. a size set with vdctl: seen before we ack

@@ -44,6 +44,9 @@ class Perms:
                    d.mode if mode is None else mode)
             if new != (d.owner, d.group, d.mode):
                 await self.journal.commit(DiskPerms(d.name, *new))
-        await self.agents.notify({"push": "namespace", "changed": [d.name]},
+        # with the values: an agent that has the disk open shows them from its listing,
+        # which it does not reload for an open disk (virtfs/namespace.py)
+        await self.agents.notify({"push": "namespace", "changed": [d.name],
+                                  "perms": [[d.name, d.owner, d.group, d.mode]]},
                                  exclude=getattr(conn, "agent", None))
         return self.ctx.disk_info(d)
