@@ -28,6 +28,7 @@ from .bitmap import Bitmap
 from .extents import ExtentMap, ExtentSnapshot
 from .frames import JournalCorrupt
 from .fsutil import fsync_dir, write_all
+from .records_attrs import MAX_ID, MODE_BITS
 from .state import State
 from .tables import QOS_KEYS, Alt, Container, Disk, Job, StateError
 
@@ -75,7 +76,9 @@ def _disk_tail(d: Disk) -> dict[str, object]:
     """A table's lineage, and its times only when set (older checkpoints lack them)."""
     times = _fields(d, TIME_FIELDS) if d.mtime or d.stime else {}
     qos = {"qos": dict(d.qos)} if d.qos else {}  # (older checkpoints lack it)
-    return {**_fields(d, LINEAGE_FIELDS), **times, **qos}
+    perms = ({"perms": [d.owner, d.group, d.mode]}  # (and these, docs/permissions.md)
+             if (d.owner, d.group, d.mode) != (None, None, None) else {})
+    return {**_fields(d, LINEAGE_FIELDS), **times, **qos, **perms}
 
 
 def _alt_wire(vstart: int, a: Alt) -> AltRow:
@@ -127,6 +130,12 @@ def _disk(dw: dict[str, Any], extents: ExtentMap) -> Disk:
             k in QOS_KEYS and type(v) is int and v > 0 for k, v in qos.items()):
         raise StateError(f"checkpoint: disk {d.name!r} has bad QoS limits {qos!r}")
     d.qos = dict(qos)
+    perms = dw.get("perms", [None, None, None])
+    if not (isinstance(perms, list) and len(perms) == 3 and all(
+            v is None or (type(v) is int and 0 <= v <= hi)
+            for v, hi in zip(perms, (MAX_ID, MAX_ID, MODE_BITS), strict=True))):
+        raise StateError(f"checkpoint: disk {d.name!r} has bad permissions {perms!r}")
+    d.owner, d.group, d.mode = perms
     return d
 
 

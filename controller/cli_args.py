@@ -36,6 +36,17 @@ def limit_arg(parse: Callable[[str], int]) -> Callable[[str], int]:
     return limit
 
 
+def perm_options(p: argparse.ArgumentParser) -> None:
+    """--owner, --group and --mode of disk create and disk set (docs/permissions.md);
+    checked by the command (controller/perms.py), so a bad one is one line."""
+    p.add_argument("--owner", metavar="USER", help="the disk's owner: a user name or uid "
+                   "(default: whoever mounts it)")
+    p.add_argument("--group", metavar="GROUP", help="the disk's group: a group name or "
+                   "gid (default: the mounting user's)")
+    p.add_argument("--mode", metavar="MODE", help="the disk's permission bits, in octal "
+                   "as chmod takes them, e.g. 0640 (default 0644)")
+
+
 def size_arg(text: str) -> int:
     """A size argument in bytes (units.parse_size); ArgumentTypeError if it is not one."""
     if text.startswith(_NEG):  # undo the argv rewrite so the message shows what was typed
@@ -179,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--segment-size", type=size_arg, metavar="SIZE",
                     help="allocation unit for thin disks (default 4M, multiple of 4K)")
     cr.add_argument("--container", help="allocate only on this container")
+    perm_options(cr)
     verb(dv, "ls", "list disks")
     verb(dv, "info", "show one disk or snapshot (NAME@SNAP)").add_argument("name")
     verb(dv, "map", "show a disk's or snapshot's (NAME@SNAP) segment map: entries and "
@@ -206,8 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("name")
     rn.add_argument("new", metavar="NEWNAME")
     st = verb(dv, "set", "set a disk's QoS limits, enforced by every agent (0 or none "
-              "lifts a limit; docs/qos.md)")
+              "lifts a limit; docs/qos.md), and its owner, group and mode "
+              "(docs/permissions.md)")
     st.add_argument("name")
+    perm_options(st)
     for kind in ("", "read-", "write-"):
         what = {"": "all I/O", "read-": "reads", "write-": "writes"}[kind]
         st.add_argument(f"--{kind}iops-limit", type=limit_arg(int), metavar="N",

@@ -6,10 +6,12 @@ exit status, as cli.Cli's methods do; cli.Cli delegates to them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from . import perms
 from . import protocol as P
 from .cli_format import disk_shown, shown
 from .protocol import NO_LUN, state_names
@@ -31,15 +33,38 @@ def qos_line(q: dict[str, int], exact_bytes: bool = False) -> str:
     return ", ".join(parts) or "none"
 
 
+def perm_args(a: argparse.Namespace) -> tuple[int | None, int | None, int | None]:
+    """The uid, gid and mode of --owner, --group, --mode (None: not given); RemoteError
+    E_INVALID with one line for an unknown user or group or a bad mode."""
+    try:
+        return (None if a.owner is None else perms.parse_user(a.owner),
+                None if a.group is None else perms.parse_group(a.group),
+                None if a.mode is None else perms.parse_mode(a.mode))
+    except ValueError as e:
+        raise P.invalid(str(e)) from None
+
+
+def perms_shown(r: dict[str, Any]) -> dict[str, Any]:
+    """A disk's reply with its owner, group and mode as vdctl shows them: names with the
+    numbers, the mode in octal, the defaults said (docs/permissions.md)."""
+    owner, group, mode = r.get("owner"), r.get("group"), r.get("mode")
+    return {**r, "owner": "- (the mounting user)" if owner is None else perms.user_name(owner),
+            "group": "- (the mounting user's)" if group is None else perms.group_name(group),
+            "mode": "- (0644)" if mode is None else f"{mode:04o}"}
+
+
 async def disk_create(cli: Cli) -> int:
     """vdctl disk create NAME --size SIZE: sizes from 1 byte to 1 EiB."""
     a = cli.args
     if not 0 < a.size <= P.MAX_DISK_SIZE:
         raise P.invalid(f"--size must be {size_range(1, P.MAX_DISK_SIZE)}")
+    uid, gid, mode = perm_args(a)
     r = await cli.c.call("disk.create", name=a.name, size=a.size, thick=a.thick,
-                         segment_size=a.segment_size, container=a.container)
+                         segment_size=a.segment_size, container=a.container,
+                         **({"uid": uid, "gid": gid, "mode": mode}
+                            if (uid, gid, mode) != (None, None, None) else {}))
     cli.warn(r)
-    cli.emit_json(r) if cli.json else cli.kv_out(r)
+    cli.emit_json(r) if cli.json else cli.kv_out(perms_shown(r))
     return 0
 
 
@@ -64,15 +89,20 @@ async def disk_rename(cli: Cli) -> int:
 
 
 async def disk_set(cli: Cli) -> int:
-    """vdctl disk set NAME --*-limit ...: at least one limit."""
+    """vdctl disk set NAME [--*-limit ...] [--owner U] [--group G] [--mode M]: at least
+    one of them (permissions first, then limits: two calls)."""
     a = cli.args
     limits = {k: getattr(a, f"{k}_limit") for k in
               ("iops", "bps", "read_iops", "read_bps", "write_iops", "write_bps")
               if getattr(a, f"{k}_limit") is not None}
-    if not limits:
+    uid, gid, mode = perm_args(a)
+    if not limits and (uid, gid, mode) == (None, None, None):
         raise P.invalid("give at least one limit (--iops-limit, --bps-limit, "
-                        "--read-iops-limit, ...)")
-    r = await cli.c.call("disk.set", name=a.name, limits=limits)
+                        "--read-iops-limit, ...) or --owner, --group, --mode")
+    if (uid, gid, mode) != (None, None, None):
+        r = await cli.c.call("disk.perms", name=a.name, uid=uid, gid=gid, mode=mode)
+    if limits:
+        r = await cli.c.call("disk.set", name=a.name, limits=limits)
     disk_out(cli, r)
     return 0
 
@@ -90,7 +120,7 @@ def disk_out(cli: Cli, r: dict[str, Any]) -> None:
     if cli.json:
         cli.emit_json(r)
         return
-    cli.kv_out({**r, "qos": qos_line(r.get("qos") or {}, cli.bytes)})
+    cli.kv_out({**perms_shown(r), "qos": qos_line(r.get("qos") or {}, cli.bytes)})
     for p in r.get("placement", []):
         cli.out.write(f"  on {p['container']}: {cli.sz(p['bytes'])}\n")
 

@@ -403,7 +403,8 @@ _op("container.rm", NAME, _f("dry_run", bool, required=False, default=False), ro
 _op("disk.create", NAME, _f("size", int),
     _f("thick", bool, required=False, default=False),
     _f("segment_size", int, type(None), required=False),
-    _f("container", str, type(None), required=False))
+    _f("container", str, type(None), required=False),
+    *(_f(k, int, type(None), required=False) for k in ("uid", "gid", "mode")))
 _op("disk.ls", _f("snapshots", bool, required=False, default=False))
 _op("disk.info", NAME)
 _op("disk.map", NAME, _f("start", int, required=False, default=0),
@@ -420,6 +421,9 @@ _op("check", roles=ADMIN)
 _op("disk.migrate", NAME, _f("to", str), _f("dry_run", bool, required=False, default=False),
     roles=ADMIN)
 _op("disk.set", NAME, _f("limits", dict), roles=ADMIN)
+# a disk's owner, group and mode (docs/permissions.md): each left out (None) is kept;
+# agents send chmod and chown through a mount
+_op("disk.perms", NAME, *(_f(k, int, type(None), required=False) for k in ("uid", "gid", "mode")))
 _op("container.drain", NAME, _f("to", str, type(None), required=False),
     _f("dry_run", bool, required=False, default=False), roles=ADMIN)
 _op("container.fail", NAME, roles=ADMIN)
@@ -462,7 +466,7 @@ CONN_OPS = frozenset({"agent.register", "agent.heartbeat", "agent.bye", "disk.op
                       "disk.table",
                       "disk.fault", "disk.allocate", "disk.trim", "disk.times",
                       "disk.unlink",
-                      "disk.discard", "disk.rm", "disk.resize"})
+                      "disk.discard", "disk.rm", "disk.resize", "disk.perms"})
 
 
 def validate_args(op: str, args: object) -> dict[str, Any]:

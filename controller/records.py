@@ -39,6 +39,7 @@ from .recordbase import (
     record,
     wire_pieces,
 )
+from .records_attrs import DiskPerms
 from .records_pool import (
     ContainerAdd,
     ContainerFail,
@@ -51,10 +52,11 @@ from .records_pool import (
 from .records_storage import StorageRelocate
 from .tables import JOB_KINDS, JOB_STATES, QOS_KEYS, StateError
 
-# and the record classes below, and those of records_pool.py (containers, boots)
+# and the record classes below, those of records_pool.py (containers, boots) and of
+# records_attrs.py (a disk's owner, group and mode)
 __all__ = ["ContainerAdd", "ContainerFail", "ContainerLabel", "ContainerRestore",
-           "ContainerRm", "ContainerShare", "ControllerBoot", "Piece", "Record", "Wire",
-           "StorageRelocate", "decode", "record"]
+           "ContainerRm", "ContainerShare", "ControllerBoot", "DiskPerms", "Piece", "Record",
+           "StorageRelocate", "Wire", "decode", "record"]
 
 
 # ---------------------------------------------------------------- disks
@@ -472,7 +474,7 @@ RECORDS: tuple[type[Record], ...] = (
     DiskCreate, DiskMap, DiskTimes, DiskResize, DiskRm, DiskRename, DiskPlace, DiskQos,
     DiskUnmap,
     DiskClone, MoveStart, MoveMark, MoveCommit, MoveAbort, JobStart, JobAbort, JobEnd,
-    SnapCreate, SnapRm, SnapRollback, ControllerBoot, StorageRelocate,
+    SnapCreate, SnapRm, SnapRollback, ControllerBoot, StorageRelocate, DiskPerms,
 )
 _BY_OP: dict[str, Callable[[Mapping[str, object]], Record]] = {
     c.OP: c.from_wire for c in RECORDS}

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from . import perms, sharing, state_moves, state_relocate
 from . import records as R
-from . import sharing, state_moves, state_relocate
 from .allocator import AllocError, FreeSpace
 from .extents import MAX_EXTENT, MOVING, Extent, ExtentError
 from .protocol import BLOCK_SIZE, LABEL_BYTES, is_snapshot_name, snapshot_name, split_snapshot_name
@@ -372,6 +372,7 @@ class State:
         self.snaps[full] = Disk(full, d.size, d.segment_size, d.thick, d.pin, d.home,
                                 rec.ctime, d.extents.clone(), family=d.family,
                                 parent=d.name)
+        perms.inherit(d, self.snaps[full])
         d.epoch += 1  # its storage is shared now: writes must copy first
 
     def _snap_rm(self, rec: R.SnapRm) -> None:
@@ -397,6 +398,7 @@ class State:
         self.disks[new] = Disk(new, s.size, s.segment_size, s.thick, s.pin, s.home,
                                rec.ctime, s.extents.clone(), family=s.family,
                                origin=s.name)
+        perms.inherit(s, self.disks[new])
 
     def _snap_rollback(self, rec: R.SnapRollback) -> None:
         """The disk's content (and size) becomes its snapshot's; what only the disk held
@@ -438,10 +440,11 @@ class State:
 # The handler of each record type: State._disk_create for DiskCreate (op "disk.create"),
 # and so on; each takes its record type (tests/model/test_units_records.py checks).
 # The move records' handlers are functions of state_moves.py (move_start for
-# MoveStart, ...), which take the State first.
+# MoveStart, ...), and disk.perms's is perms.disk_perms; they take the State first.
 _MOVES: dict[type[Record], Callable[..., None]] = {
     R.MoveStart: state_moves.move_start, R.MoveMark: state_moves.move_mark,
     R.MoveCommit: state_moves.move_commit, R.MoveAbort: state_moves.move_abort,
-    R.StorageRelocate: state_relocate.storage_relocate}
+    R.StorageRelocate: state_relocate.storage_relocate,
+    R.DiskPerms: perms.disk_perms}  # (a disk's owner, group and mode: perms.py)
 _HANDLERS: dict[type[Record], Callable[..., None]] = {
     rec: _MOVES.get(rec) or getattr(State, "_" + rec.OP.replace(".", "_")) for rec in RECORDS}

@@ -193,6 +193,11 @@ class Disk:
     # QoS limits (disk.qos records; docs/qos.md): QOS_KEYS -> ops/s or bytes/s; agents
     # enforce them. Empty: unlimited
     qos: dict[str, int] = field(default_factory=dict)
+    # owner uid, group gid and mode (disk.perms records; docs/permissions.md): None
+    # until set, and a mount then shows its own uid, gid and 0644 (controller/perms.py)
+    owner: int | None = None
+    group: int | None = None
+    mode: int | None = None
 
     @property
     def allocated(self) -> int:
@@ -220,6 +225,9 @@ class Disk:
             "deleted": former_name(self.name),
             "origin": self.origin,
             "qos": dict(self.qos),
+            "owner": self.owner,
+            "group": self.group,
+            "mode": self.mode,
         }
 
 

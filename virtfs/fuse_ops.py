@@ -29,6 +29,7 @@ from controller.protocol import (
     is_snapshot_name,
 )
 
+from . import perms
 from .disks import Volumes
 from .errors import DiskError
 from .namespace import ROOT_INODE
@@ -155,6 +156,9 @@ class Operations(pyfuse3.Operations):
             return self._attr(ROOT_INODE, ctime=self.started)
         info = await self.v.ns.info(inode)
         a = self._attr(inode, info.size, info.allocated, info.ctime)
+        who = perms.shown(info.owner, info.group, info.mode, self._is_snapshot(inode),
+                          (self.uid, self.gid))
+        a.st_mode, a.st_uid, a.st_gid = stat.S_IFREG | who.mode, who.uid, who.gid
         a.st_mtime_ns = a.st_atime_ns = int((info.mtime or info.ctime) * 1e9)
         a.st_ctime_ns = int((info.stime or info.ctime) * 1e9)
         return a
@@ -205,8 +209,29 @@ class Operations(pyfuse3.Operations):
             # utimensat (touch, rsync -a): mtime is kept (atime is not: it shows mtime)
             await self.v.set_times(inode, attr.st_mtime_ns / 1e9 if fields.update_mtime
                                    else None)
-        # mode and owner are fixed properties of a disk: accepted, not stored
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            await self._set_perms(inode, attr, fields, ctx)
         return await self._disk_attr(inode)
+
+    async def _set_perms(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any,
+                         ctx: Any) -> None:
+        """chmod, chown, chgrp: checked as chmod(2) and chown(2) do (virtfs/perms.py),
+        then kept at the controller (disk.perms), which tells the other mounts."""
+        if self._is_snapshot(inode):
+            raise DiskError(errno.EROFS, "snapshots are read-only")
+        cur = await self._disk_attr(inode)
+        uid = attr.st_uid if fields.update_uid else None
+        gid = attr.st_gid if fields.update_gid else None
+        mode = attr.st_mode & perms.MODE_BITS if fields.update_mode else None
+        groups = perms.caller_groups(ctx.pid, ctx.gid) if gid is not None else set()
+        perms.check_change(ctx.uid, groups,
+                           perms.Owner(cur.st_uid, cur.st_gid, stat.S_IMODE(cur.st_mode)),
+                           uid, gid, mode)
+        name = self.v.ns.inodes.get(inode)
+        if name is None:
+            raise DiskError(errno.ENOENT)
+        od = self.v.ns.by_inode.get(inode)
+        await self.v.ns.set_perms(od.name if od is not None else name, uid, gid, mode)
 
     @handler
     async def opendir(self, inode: int, ctx: Any) -> int:

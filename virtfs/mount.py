@@ -194,7 +194,11 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
                       file=sys.stderr, flush=True)
             ops = Operations(volumes, nursery)
             options = set(pyfuse3.default_options)
-            options |= {"fsname=virtfs", "subtype=virtfs"}
+            # the kernel checks each disk's mode, owner and group (docs/permissions.md):
+            # pyfuse3's default, said here so that no change of it can drop it
+            options |= {"fsname=virtfs", "subtype=virtfs", "default_permissions"}
+            if args.allow_other:
+                options.add("allow_other")
             if args.debug_fuse:
                 options.add("debug")
             _warn_if_not_empty(mountpoint)
@@ -305,6 +309,21 @@ async def _goodbye(volumes: Volumes, io: ContainerIO) -> None:
         log.info("agent.bye: %s", e)
 
 
+FUSE_CONF = "/etc/fuse.conf"
+
+
+def user_allow_other(path: str = FUSE_CONF) -> bool:
+    """Whether fuse.conf (fuse(8)) lets users other than root mount with allow_other:
+    a line "user_allow_other" (comments after '#' and blanks ignored). fusermount3
+    reads the same file and refuses the mount otherwise, with a message that names
+    neither the option nor the file's line. False if the file cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="virtfs-mount",
@@ -340,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md;"
                    " PORT 0 picks a free port, printed on stderr); with an embedded "
                    "controller, its metrics too")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users (e.g. qemu running as libvirt-qemu) open disks, as "
+                   "each disk's owner, group and mode allow (docs/permissions.md); a user "
+                   "other than root needs user_allow_other in /etc/fuse.conf")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
@@ -377,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, SecurityConfigError) as e:
             print(f"virtfs-mount: error: {e}", file=sys.stderr)
             return 2
+    if args.allow_other and os.geteuid() != 0 and not user_allow_other():
+        print(f"virtfs-mount: --allow-other needs 'user_allow_other' in {FUSE_CONF} for a "
+              "user other than root (fuse(8)); add it, or mount as root", file=sys.stderr)
+        return 1
     if not os.path.isdir(args.mountpoint):
         print(f"virtfs-mount: {args.mountpoint} is not a directory", file=sys.stderr)
         return 1

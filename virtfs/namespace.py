@@ -9,6 +9,7 @@ name and by inode), because lookup, listing and unlink depend on them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,17 @@ class DiskInfo:
     ctime: float
     mtime: float = 0.0
     stime: float = 0.0
+    # owner uid, group gid, mode; None: the mount's default (virtfs/perms.py)
+    owner: int | None = None
+    group: int | None = None
+    mode: int | None = None
+
+
+def listed(r: dict[str, Any]) -> DiskInfo:
+    """A disk.ls (or disk.info) row as listed (older controllers send no permissions)."""
+    return DiskInfo(r["name"], r["size"], r["allocated"], r["ctime"],
+                    r.get("mtime", r["ctime"]), r.get("changed", r["ctime"]),
+                    r.get("owner"), r.get("group"), r.get("mode"))
 
 
 class Namespace:
@@ -93,10 +105,7 @@ class Namespace:
             return
         # snapshots (NAME@SNAP) too: they show as read-only files
         rows = await call(self.session, "disk.ls", "list disks", snapshots=True)
-        self.listing = {r["name"]: DiskInfo(r["name"], r["size"], r["allocated"], r["ctime"],
-                                            r.get("mtime", r["ctime"]),
-                                            r.get("changed", r["ctime"]))
-                        for r in rows if former_name(r["name"]) is None}
+        self.listing = {r["name"]: listed(r) for r in rows if former_name(r["name"]) is None}
         self._listing_at = trio.current_time()
         for name in list(self.names):
             if name not in self.listing and name not in self.open:
@@ -119,12 +128,13 @@ class Namespace:
         if od is not None:
             base = self.listing.get(od.name)
             ctime = base.ctime if base else 0.0
+            perms = (base.owner, base.group, base.mode) if base else (None, None, None)
             if od.times.ours or base is None:
                 # written (or touched) here since it was opened: our times are newest
                 return DiskInfo(od.name, od.size, od.table.allocated, ctime,
-                                od.times.mtime or ctime, od.times.stime or ctime)
+                                od.times.mtime or ctime, od.times.stime or ctime, *perms)
             return DiskInfo(od.name, od.size, od.table.allocated, ctime, base.mtime,
-                            base.stime)
+                            base.stime, *perms)
         name = self.inodes.get(inode)
         if name is None:
             raise DiskError(errno.ENOENT)
@@ -156,6 +166,14 @@ class Namespace:
         self.stale()
         await self.refresh(force=True)
         return self.inode_of(name)
+
+    async def set_perms(self, name: str, uid: int | None, gid: int | None,
+                        mode: int | None) -> None:
+        """chmod, chown: disk.perms at the controller (which tells the other mounts),
+        and the answer into our listing at once. DiskError."""
+        r = await call(self.session, "disk.perms", f"change permissions of {name}",
+                       name=name, uid=uid, gid=gid, mode=mode)
+        self.listing[name] = listed(r)
 
     async def unlink(self, name: str) -> None:
         """Remove a disk; one open here or in another mount only hides its name until
@@ -229,8 +247,15 @@ class Namespace:
         self.inodes[ino] = name
 
     async def apply_namespace(self, msg: dict[str, Any]) -> None:
-        """A "namespace" push: disks were created, changed or removed elsewhere."""
+        """A "namespace" push: disks were created, changed or removed elsewhere; "perms":
+        [[name, owner, group, mode], ...], a disk's new permissions (disk.perms), taken
+        into the listing at once (an open disk's attributes come from it unreloaded)."""
         self.stale()
+        for name, owner, group, mode in msg.get("perms", []):
+            info = self.listing.get(name)
+            if info is not None:
+                self.listing[name] = dataclasses.replace(info, owner=owner, group=group,
+                                                         mode=mode)
         for name in msg.get("changed", []):
             ino = self.names.get(name)
             if ino is not None:  # e.g. a size set with vdctl: seen before we ack

@@ -28,13 +28,15 @@ its ``__init__``:
 - ``sessions``: ``Sessions``, agent registration, heartbeats, acks
 - ``faults``: ``Faults``, an agent's tables and its faults
 - ``files``: ``Files``, allocation ahead of writes, trim, times, unlink, close
+- ``qos``, ``perms``: ``Qos``, ``Perms``, a disk's QoS limits and its owner, group and
+  mode (set by vdctl, or by chmod and chown through a mount)
 - ``backup``: ``Backup``, changed ranges between snapshots (snap.diff) and reads of
   a snapshot's bytes (snap.read), for export-diff; read-only
 
 Each part uses only parts built before it (``Service.__init__``): placement
 and coherence use the context alone; movement uses both; jobs and snapshots
 use movement; disks and faults use snapshots; files uses faults and disks;
-containers and sessions use movement; backup uses the context alone.
+containers and sessions use movement; qos, perms and backup use the context alone.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from .files import Files
 from .jobs import Jobs
 from .labels import Labels
 from .movement import Movement
+from .perms import Perms
 from .placement import Placement
 from .qos import Qos
 from .relocation import Relocation
@@ -99,6 +102,7 @@ class Service:
                            self.snapshots)
         self.sessions = Sessions(self.ctx, self.movement)
         self.qos = Qos(self.ctx)
+        self.perms = Perms(self.ctx)
         self.faults = Faults(self.ctx, self.placement, self.coherence, self.movement,
                              self.snapshots)
         self.files = Files(self.ctx, self.coherence, self.faults, self.disks)
@@ -213,9 +217,18 @@ class Service:
         return await self.qos.disk_set(name, limits)
 
     async def disk_create(self, name: str, size: int, thick: bool, segment_size: int | None,
-                          container: str | None) -> dict[str, object]:
+                          container: str | None, uid: int | None = None,
+                          gid: int | None = None, mode: int | None = None
+                          ) -> dict[str, object]:
         """disk.create: Disks.disk_create."""
-        return await self.disks.disk_create(name, size, thick, segment_size, container)
+        return await self.disks.disk_create(name, size, thick, segment_size, container,
+                                            uid, gid, mode)
+
+    async def disk_perms(self, name: str, uid: int | None = None, gid: int | None = None,
+                         mode: int | None = None, conn: Caller | None = None
+                         ) -> dict[str, object]:
+        """disk.perms: Perms.disk_perms."""
+        return await self.perms.disk_perms(name, uid, gid, mode, conn)
 
     async def disk_ls(self, snapshots: bool = False) -> list[dict[str, object]]:
         """disk.ls: Disks.disk_ls."""

@@ -7,11 +7,13 @@ import time
 from .. import protocol as P
 from ..recordbase import pieces_of
 from ..records import DiskCreate, DiskRename, DiskResize, DiskRm, DiskUnmap, Record
+from ..records_attrs import DiskPerms
 from ..state import Disk, round_up
 from ..units import human, size_range
 from .coherence import Coherence
 from .context import Caller, Context
 from .movement import Movement
+from .perms import check_perms
 from .placement import Placement
 from .snapshots import Snapshots
 
@@ -34,11 +36,15 @@ class Disks:
         self.snapshots = snapshots
 
     async def disk_create(self, name: str, size: int, thick: bool, segment_size: int | None,
-                          container: str | None) -> dict[str, object]:
+                          container: str | None, uid: int | None = None,
+                          gid: int | None = None, mode: int | None = None
+                          ) -> dict[str, object]:
         """Create disk name of size bytes (thick: all of it allocated now; segment_size:
-        the allocation unit; container: pinned there). Raises RemoteError E_EXISTS,
-        E_INVALID, E_NOT_FOUND, E_NO_SPACE, E_IO."""
+        the allocation unit; container: pinned there; uid, gid, mode: its owner, group
+        and mode, None: the mount's default, docs/permissions.md). Raises RemoteError
+        E_EXISTS, E_INVALID, E_NOT_FOUND, E_NO_SPACE, E_IO."""
         P.check_name(name, "disk name")
+        check_perms(uid, gid, mode)
         if name in self.state.disks:
             raise P.RemoteError(P.E_EXISTS, f"disk {name!r} already exists")
         if not 0 <= size <= P.MAX_DISK_SIZE:
@@ -72,6 +78,9 @@ class Disks:
             seq = await self.placement.allocate([(0, size)], pin, home, create, preallocate=True)
         else:
             seq = self._record(create([]))
+        if (uid, gid, mode) != (None, None, None):
+            # in the same step as the create: no one sees the disk with other perms
+            seq = self._record(DiskPerms(name, uid, gid, mode))
         await self.journal.wait_durable(seq)
         await self.agents.notify({"push": "namespace"})
         d = self.state.disks[name]
