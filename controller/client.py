@@ -251,9 +251,11 @@ async def open_controller(addr: str, *, role: str = "admin", name: str = "",
     handshake too) or one cuts us off, naming each address's error; Refused (a
     ConnectionLost; code unauthorized on a wrong token) if one turned us away and no
     other let us in; trio.TooSlowError if hello gets no answer within timeout (per
-    address).
+    address; at most GROUP_HELLO_TIMEOUT when addr lists several).
     """
     addrs = split_addrs(addr)
+    if len(addrs) > 1:  # a group: a member that hangs (paused) must not hold us long
+        timeout = min(timeout, GROUP_HELLO_TIMEOUT)
     tried: list[str] = []
     failures: list[tuple[str, ConnectionLost]] = []
     queue = list(addrs)
@@ -287,6 +289,9 @@ async def open_controller(addr: str, *, role: str = "admin", name: str = "",
 
 
 MAX_REDIRECTS = 8  # "the leader is X" followed at most this often per open_controller
+# s: connect + hello at each address of a group's list (a healthy controller answers hello
+# in milliseconds; a paused or partitioned one would hold a client its whole timeout)
+GROUP_HELLO_TIMEOUT = 5.0
 
 
 class NotLeader(ConnectionLost):

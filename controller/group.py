@@ -120,13 +120,24 @@ class Member:
         request is checked against the term first (GroupTerm.leads: etcd's word, or our
         own count of the lease), so a leader that was paused past its lease answers
         nothing, not even a heartbeat that would renew an agent's lease, from the moment
-        it runs again (its term's end then closes every connection)."""
+        it runs again (its term's end then closes every connection). An op that fails
+        because the term ended under it is answered not_leader too (agents then retry at
+        the new leader, virtfs/agent.py)."""
         d, t = self.dispatcher, self.term
         if d is None or t is None or not t.leads():
             raise P.not_leader(self.leadership()[1])
         if op == "group.step_down":
             return await self.step_down(args.get("to"))
-        result = await d(op, args, conn)
+        try:
+            result = await d(op, args, conn)
+        except Exception as e:
+            if self.term is t and t.leads():
+                raise
+            # the term ended while op was under way (its commit was cancelled or fenced):
+            # nothing of it counts here; the client asks the new leader (agents retry)
+            log.info("%s: the term ended meanwhile (%s); answered not_leader", op,
+                     type(e).__name__)
+            raise P.not_leader(self.leadership()[1]) from None
         if op == "status" and isinstance(result, dict):
             result["group"] = await self.group_status()
         return result

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from controller.client import Client, ConnectionLost, Refused, open_controller
-from controller.protocol import RemoteError
+from controller.protocol import E_NOT_LEADER, RemoteError
 from controller.transport import ClientSecurity
 
 from .outage import OutageLog
@@ -215,6 +215,16 @@ class Session:
             except ConnectionLost:
                 if not retry or trio.current_time() >= deadline:
                     raise ControllerUnavailable(f"lost the controller during {op}") from None
+                await trio.sleep(0.05)
+            except RemoteError as e:
+                if e.code != E_NOT_LEADER:
+                    raise
+                # a group's leader whose term ended while it worked on op (docs/ha.md):
+                # nothing of op counts there; drop the link and ask the new leader
+                if not retry or trio.current_time() >= deadline:
+                    raise ControllerUnavailable(f"the leader changed during {op}") from None
+                if client is self.client:
+                    await client.stream.aclose()
                 await trio.sleep(0.05)
             except trio.TooSlowError:
                 raise ControllerUnavailable(f"the controller did not answer {op} in time"

@@ -19,6 +19,7 @@ import pytest
 from etcdrig import ETCD, SKIP_REASON, EtcdProc
 from rig import BIN, PROC_LOGS, run_vdctl, wait_for
 
+from controller.grouprecovery import Head, recover_files
 from controller.label import HEARTBEAT_INTERVAL
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
@@ -29,14 +30,15 @@ LEASE = 4.0  # the agents' lease; the leader's etcd lease is half of it (2 s)
 class Member:
     """One virtfs-controller --etcd process."""
 
-    def __init__(self, tmp: Path, name: str, state: Path, etcd: EtcdProc) -> None:
+    def __init__(self, tmp: Path, name: str, state: Path, etcd: EtcdProc | str) -> None:
         self.name = name
         self.sock = tmp / f"{name}.sock"
         self.addr = f"unix:{self.sock}"
         self.log_path = tmp / f"{name}.log"
         PROC_LOGS.append(self.log_path)
         self.cmd = [str(BIN / "virtfs-controller"), "--state-dir", str(state), "--listen",
-                    self.addr, "--etcd", etcd.url, "--lease", str(LEASE), "--member-id", name]
+                    self.addr, "--etcd", etcd if isinstance(etcd, str) else etcd.url,
+                    "--lease", str(LEASE), "--member-id", name]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Member:
@@ -173,15 +175,29 @@ def test_a_leader_paused_past_its_lease_steps_down_when_it_runs_again(
     c1, c2, c3 = group
     addrs = ",".join(m.addr for m in group)
     vd(addrs, "container", "add", "c1", str(tmp_path / "c1.img"), "--size", "64M")
+    state = tmp_path / "state"
     c1.signal(signal.SIGSTOP)
     wait_for(lambda: c2.leads() or c3.leads(), 15, "a standby to lead")
     new = c2 if c2.leads() else c3
     vd(addrs, "disk", "create", "y", "--size", "16M")  # written in the new term
+    old_files = {p.name: p.stat().st_size for p in state.glob("journal.*")}
     c1.signal(signal.SIGCONT)
     wait_for(lambda: "stepped down" in c1.log(), 10, "c1 to step down")
     assert not c1.leads()
+    # split brain: the deposed leader wrote nothing after its term ended; the head is
+    # the new term's, and recovery from it gives exactly the new leader's tables
+    vd(addrs, "disk", "create", "z", "--size", "16M")
+    now = {p.name: p.stat().st_size for p in state.glob("journal.*")}
+    st = vd(addrs, "status")
+    head = st["group"]["head"]  # type: ignore[index]
+    c1_term = int(re.findall(r"leading group default \(term (\d+)\)", c1.log())[0])
+    assert head["term"] != c1_term
+    assert {k: v for k, v in now.items() if k.startswith(f"journal.{c1_term}.")} == {
+        k: v for k, v in old_files.items() if k.startswith(f"journal.{c1_term}.")}
+    rec = recover_files(str(state), Head(head["term"], head["seq"]))
+    assert sorted(rec.state.disks) == ["y", "z"]
     r = run_vdctl("--controller", c1.addr, "disk", "ls", "--format", "json")
-    assert r.rc == 0 and [d["name"] for d in json.loads(r.out)] == ["y"], r.err
+    assert r.rc == 0 and [d["name"] for d in json.loads(r.out)] == ["y", "z"], r.err
     assert f"not the leader; the leader is {new.addr}" in c1.log()
 
 
@@ -314,3 +330,51 @@ def test_failover_under_load_twenty_times(group: list[Member], mount_factory,
                                           tmp_path: Path) -> None:
     stalls = failover_rounds(group, mount_factory, tmp_path, rounds=20, seed=2)
     assert max(stalls) < LEASE * 1000, stalls
+
+
+def test_quorum_lost_and_back(tmp_path: Path, etcd3: list[EtcdProc], mount_factory) -> None:
+    """Three etcd members. One killed: the group goes on. Two: the leader's term ends
+    and it says so in one line; agents keep writing mapped blocks within their lease.
+    One back: a leader is elected by itself and serves everything written before."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    urls = ",".join(e.url for e in etcd3)
+    members = [Member(tmp_path, f"c{i}", state, urls) for i in (1, 2)]
+    try:
+        members[0].start()
+        wait_for(members[0].leads, 15, "c1 to lead")
+        members[1].start()
+        addrs = ",".join(m.addr for m in members)
+        vd(addrs, "container", "add", "c1", str(tmp_path / "c1.img"), "--size", "64M")
+        vd(addrs, "disk", "create", "x", "--size", "16M", "--thick")
+        m = mount_factory("m", controller=addrs)
+        x = m.path / "x"
+        data = [os.urandom(4096) for _ in range(3)]
+
+        def write(i: int) -> None:
+            fd = os.open(x, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data[i], i * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        write(0)
+        etcd3[2].kill()  # one of three: the group goes on
+        vd(addrs, "disk", "create", "y", "--size", "4M")
+        etcd3[1].kill()  # two of three: no quorum
+        write(1)  # mapped blocks, within the agent's lease: no controller needed
+        wait_for(lambda: "stepped down" in members[0].log(), 20, "the leader to step down")
+        line = next(x for x in members[0].log().splitlines() if "stepped down" in x)
+        assert "term" in line and "ended" in line, line
+        assert not any(mm.leads() for mm in members)
+        etcd3[1].start()  # quorum back: a leader by itself
+        wait_for(lambda: any(mm.leads() for mm in members), 30, "a new leader")
+        write(2)
+        assert sorted(d["name"] for d in vd(addrs, "disk", "ls")) == ["x", "y"]  # type: ignore
+        with open(x, "rb") as f:
+            assert f.read(3 * 4096) == b"".join(data)
+        assert run_vdctl("--controller", addrs, "check").rc == 0
+    finally:
+        for mm in members:
+            mm.stop()
