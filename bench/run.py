@@ -29,6 +29,7 @@ SECTIONS: dict[str, str] = {
     "snapshots": "bench.snapshots",
     "diff": "bench.diff",
     "journal_group": "bench.journalgroup",
+    "failover": "bench.failover",
 }
 
 

@@ -24,7 +24,7 @@ from controller.label import HEARTBEAT_INTERVAL
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
 
-LEASE = 4.0  # the agents' lease; the leader's etcd lease is half of it (2 s)
+LEASE = 4.0  # the agents' lease; the leader's etcd lease is the default --etcd-ttl (2 s)
 
 
 class Member:
@@ -243,7 +243,10 @@ def test_group_options_are_checked(tmp_path: Path) -> None:
     for args, why in ((["--etcd", "http://127.0.0.1:1"], "--etcd needs --listen"),
                       (["--advertise", "unix:/x"], "need --etcd"),
                       (["--etcd", "ftp://x", "--listen", f"unix:{tmp_path}/a.sock"],
-                       "etcd endpoint 'ftp://x'")):
+                       "etcd endpoint 'ftp://x'"),
+                      (["--etcd", "http://127.0.0.1:1", "--listen", f"unix:{tmp_path}/a.sock",
+                        "--etcd-ttl", "1"], "--etcd-ttl must be at least 2"),
+                      (["--etcd-ttl", "5"], "need --etcd")):
         p = subprocess.run([*base, *args], capture_output=True, text=True, timeout=30)
         assert p.returncode == 2 and why in p.stderr.strip().splitlines()[-1], p.stderr
 
