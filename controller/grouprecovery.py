@@ -108,7 +108,7 @@ class GroupRecovery:
     journal_bytes: int = 0  # size of the term files replayed (the checkpoint's trigger)
 
 
-def _listing(state_dir: str) -> tuple[dict[int, list[int]], list[tuple[int, int]]]:
+def listing(state_dir: str) -> tuple[dict[int, list[int]], list[tuple[int, int]]]:
     """({token: sorted file numbers}, [(token, seq) of checkpoints])."""
     terms: dict[int, list[int]] = {}
     ckpts: list[tuple[int, int]] = []
@@ -133,7 +133,7 @@ def read_start(path: str) -> dict[str, int]:
     return {k: first[k] for k in ("term", "prev_term", "prev_head")}
 
 
-def _cuts(state_dir: str, head: Head, terms: dict[int, list[int]]) -> dict[int, int]:
+def chain_cuts(state_dir: str, head: Head, terms: dict[int, list[int]]) -> dict[int, int]:
     """Each term of the chain ending at head, with the last seq that counts in it."""
     cuts = {head.term: head.seq}
     t = head.term
@@ -159,8 +159,8 @@ def recover_files(state_dir: str, head: Head | None) -> GroupRecovery:
     """
     if head is None:  # no commit ever counted: nothing in the files does
         return GroupRecovery(State(), None)
-    terms, ckpts = _listing(state_dir)
-    cuts = _cuts(state_dir, head, terms)
+    terms, ckpts = listing(state_dir)
+    cuts = chain_cuts(state_dir, head, terms)
     good = [(seq, t) for t, seq in ckpts if t in cuts and seq <= cuts[t]]
     name = None
     state = State()

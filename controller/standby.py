@@ -31,9 +31,9 @@ from .grouprecovery import (
     START,
     GroupRecovery,
     Head,
-    _cuts,
-    _listing,
+    chain_cuts,
     head_key,
+    listing,
     recover_files,
     term_file,
 )
@@ -56,6 +56,7 @@ class Standby:
         self.prefix = prefix
         self.rec: GroupRecovery | None = None  # None: not recovered yet (or given up)
         self._pos: dict[tuple[int, int], int] = {}  # (term, file k) -> next frame's offset
+        self._cuts: dict[int, int] = {}  # the chain's cuts at the last head applied
         self._lock = trio.Lock()  # one catch-up at a time; take() waits for it
         self.full_recoveries = 0
         self.applied = 0  # records applied by catch-ups (not full recoveries)
@@ -98,6 +99,7 @@ class Standby:
                 log.info("hot standby: %s; recovering the state again", e)
         self.rec = recover_files(self.state_dir, head)
         self._pos = {}
+        self._cuts = dict(self.rec.cuts)
         self.full_recoveries += 1
 
     def _tail_sync(self, head: Head) -> None:
@@ -106,8 +108,15 @@ class Standby:
         files do not give exactly those records (the caller recovers in full)."""
         assert self.rec is not None
         state = self.rec.state
-        terms, _ckpts = _listing(self.state_dir)
-        cuts = _cuts(self.state_dir, head, terms)
+        terms, _ckpts = listing(self.state_dir)
+        last = self.rec.head
+        if last is not None and last.term == head.term and self._cuts:
+            # the same term moved its head: the chain before it is as it was (no start
+            # frames to read again); only this term's cut grows
+            cuts = {**self._cuts, head.term: head.seq}
+        else:
+            cuts = chain_cuts(self.state_dir, head, terms)
+        self._cuts = cuts
         for t in sorted(cuts):
             cut = cuts[t]
             if cut <= state.seq:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
 
 _SUFFIX = {"": 0, "B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
@@ -108,8 +110,6 @@ def seconds_arg(text: str) -> float:
 
     Raises argparse.ArgumentTypeError (one line, the value named) otherwise.
     """
-    import argparse
-    import math
     try:
         v = float(text)
     except ValueError:
