@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from tests.etcdrig import ETCD, EtcdProc
-from tests.rig import BIN, MountProc, run_vdctl, wait_for
+from tests.etcdrig import ETCD, EtcdProc, GroupMember
+from tests.rig import MountProc, run_vdctl, wait_for
 
 from .report import Report, Section, Workload, less_than, percentile
 
@@ -35,46 +33,13 @@ TITLE = "controller group failover: kill -9 of the leader to the first write ser
 SEG = 4 << 20
 
 
-class _Member:
-    def __init__(self, base: Path, name: str, state: Path, etcd: str, ttl: int) -> None:
-        self.name = name
-        self.addr = f"unix:{base / f'{name}.sock'}"
-        self.log = base / f"{name}.log"
-        self.cmd = [str(BIN / "virtfs-controller"), "--state-dir", str(state), "--listen",
-                    self.addr, "--etcd", etcd, "--etcd-ttl", str(ttl), "--member-id", name,
-                    "--group", f"bench-ttl-{ttl}"]  # each state dir its own group
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT)
-
-    def leads(self) -> bool:
-        text = self.log.read_text(errors="replace").split("stepped down")[-1]
-        return self.proc is not None and self.proc.poll() is None and "leading group" in text
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        with open(self.log, "ab") as out:  # a fresh log section for leads()
-            out.write(b"\n--- killed: stepped down ---\n")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def _trials(report: Report, base: Path, etcd: EtcdProc, ttl: int, n: int) -> list[float]:
     state = base / f"state-{ttl}"
     state.mkdir(mode=0o700)
-    members = [_Member(base, f"t{ttl}c{i}", state, etcd.url, ttl) for i in (1, 2, 3)]
+    members = [GroupMember(base / f"t{ttl}c{i}.sock", base / f"t{ttl}c{i}.log", f"t{ttl}c{i}",
+                           state, etcd.url, ["--etcd-ttl", str(ttl),
+                                             "--group", f"bench-ttl-{ttl}"])  # a group each
+               for i in (1, 2, 3)]
     addrs = ",".join(m.addr for m in members)
     mount = MountProc(base / f"mnt-{ttl}", base / "mnt-state", base / f"mnt-{ttl}.log",
                       controller=addrs)

@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -173,3 +174,69 @@ def etcd_cluster(base: Path, n: int = 3) -> list[EtcdProc]:
             m.stop()
         raise
     return members
+
+
+class GroupMember:
+    """One ``virtfs-controller --etcd`` member of a controller group (docs/ha.md), for
+    tests and the bench: listening on unix:SOCK, its output in log_path.
+
+    ``leads()`` reads the log after the member's last step-down (a kill counts as one,
+    so a member restarted as a standby is not taken for the leader it was)."""
+
+    def __init__(self, sock: Path, log_path: Path, name: str, state: Path, etcd: str,
+                 extra: list[str] | None = None) -> None:
+        self.name = name
+        self.sock = sock
+        self.addr = f"unix:{sock}"
+        self.log_path = log_path
+        self.cmd = [str(Path(sys.executable).parent / "virtfs-controller"), "--state-dir",
+                    str(state), "--listen", self.addr, "--etcd", etcd, "--member-id", name,
+                    *(extra or [])]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15) -> GroupMember:
+        """Start it and wait until it listens; RuntimeError with the log if it exits."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not self.sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} is not listening:\n{self.log()[-3000:]}")
+            time.sleep(0.02)
+        return self
+
+    def leads(self) -> bool:
+        alive = self.proc is not None and self.proc.poll() is None
+        return alive and "leading group" in self.log().split("stepped down")[-1]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """kill -9 and reap it; the log marks it, as a step-down."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        with open(self.log_path, "ab") as log:
+            log.write(b"--- killed (-9): stepped down ---\n")
+
+    def stop(self) -> int | None:
+        """SIGTERM (a clean stop resigns), SIGKILL after 20 s; its exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc

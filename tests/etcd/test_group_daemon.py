@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from etcdrig import ETCD, SKIP_REASON, EtcdProc
+from etcdrig import ETCD, SKIP_REASON, EtcdProc, GroupMember
 from rig import BIN, PROC_LOGS, run_vdctl, wait_for
 
 from controller.grouprecovery import Head, recover_files
@@ -27,53 +27,14 @@ pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
 LEASE = 4.0  # the agents' lease; the leader's etcd lease is the default --etcd-ttl (2 s)
 
 
-class Member:
-    """One virtfs-controller --etcd process."""
+class Member(GroupMember):
+    """A group member of these tests: its log checked for tracebacks (rig.PROC_LOGS)."""
 
     def __init__(self, tmp: Path, name: str, state: Path, etcd: EtcdProc | str) -> None:
-        self.name = name
-        self.sock = tmp / f"{name}.sock"
-        self.addr = f"unix:{self.sock}"
-        self.log_path = tmp / f"{name}.log"
+        super().__init__(tmp / f"{name}.sock", tmp / f"{name}.log", name, state,
+                         etcd if isinstance(etcd, str) else etcd.url,
+                         ["--lease", str(LEASE)])
         PROC_LOGS.append(self.log_path)
-        self.cmd = [str(BIN / "virtfs-controller"), "--state-dir", str(state), "--listen",
-                    self.addr, "--etcd", etcd if isinstance(etcd, str) else etcd.url,
-                    "--lease", str(LEASE), "--member-id", name]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Member:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        wait_for(lambda: self.sock.exists() or self.proc.poll() is not None, 15,
-                 f"{self.name} to listen")
-        assert self.proc.poll() is None, self.log()
-        return self
-
-    def leads(self) -> bool:
-        return "leading group default (term" in self.log().split("stepped down")[-1]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        rc = self.proc.returncode
-        self.proc = None
-        return rc
 
 
 @pytest.fixture
@@ -108,7 +69,7 @@ def test_standbys_name_the_leader_and_a_killed_leader_is_replaced(group: list[Me
     assert r.rc == 0, r.err
     assert "closing connection: not the leader; the leader is " + c1.addr in c2.log()
 
-    c1.proc.kill()  # type: ignore[union-attr]
+    c1.kill()
     t0 = time.monotonic()
     wait_for(lambda: c2.leads() or c3.leads(), 15, "a standby to lead")
     took = time.monotonic() - t0
@@ -144,7 +105,7 @@ def test_standbys_are_hot(group: list[Member], tmp_path: Path) -> None:
                 if m["role"] == "standby" and m["seq"] != head]
 
     wait_for(lambda: not lagging(), 10, "the standbys to reach the head")
-    c1.proc.kill()  # type: ignore[union-attr]
+    c1.kill()
     wait_for(lambda: c2.leads() or c3.leads(), 15, "a standby to lead")
     new = c2 if c2.leads() else c3
     wait_for(lambda: "hot standby: taking over at seq" in new.log(), 10, "the takeover")
@@ -298,8 +259,7 @@ def failover_rounds(group: list[Member], mount_factory, tmp_path: Path, rounds: 
         leader = next(m for m in group if m.leads())
         assert all(j.poll() is None for j in jobs), "fio ended before the kill"
         moving.append(any(j["state"] == "running" for j in vd(addrs, "job", "ls")))  # type: ignore
-        leader.proc.kill()  # type: ignore[union-attr]
-        leader.proc.wait()  # type: ignore[union-attr]
+        leader.kill()
         others = [m for m in group if m is not leader]
         wait_for(lambda others=others: any(m.leads() for m in others), 15,
                  "a new leader")
