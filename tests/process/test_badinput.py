@@ -12,11 +12,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from rig import ControllerProc
+from rig import PROC_LOGS, ControllerProc
 
 from controller import codec
 
@@ -31,15 +32,49 @@ def state_of(v) -> dict[str, str]:
     return out
 
 
-@pytest.fixture
-def populated(controller, tmp_path):
-    v = controller.vdctl
-    assert v("container", "add", "c1", str(tmp_path / "c1.img"), "--size", "64M").rc == 0
-    assert v("container", "add", "c2", str(tmp_path / "c2.img"), "--size", "32M").rc == 0
+def populate(c: ControllerProc, d: Path) -> ControllerProc:
+    """Two containers and two disks (one thick) in c, their files in d."""
+    v = c.vdctl
+    assert v("container", "add", "c1", str(d / "c1.img"), "--size", "64M").rc == 0
+    assert v("container", "add", "c2", str(d / "c2.img"), "--size", "32M").rc == 0
     assert v("disk", "create", "d", "--size", "12345", "--thick").rc == 0
     assert v("disk", "create", "thin", "--size", "1G").rc == 0
-    (tmp_path / "existing.img").write_bytes(b"\0" * 8192)
-    return controller
+    (d / "existing.img").write_bytes(b"\0" * 8192)
+    return c
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControllerProc, Path]]:
+    """One populated controller for the module's tests that change nothing (each
+    checks that with state_of): the 70-odd bad inputs need no controller each."""
+    d = tmp_path_factory.mktemp("badinput")
+    c = ControllerProc(d / "state", d / "controller.log")
+    c.start()
+    try:
+        yield populate(c, d), d
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def populated(shared: tuple[ControllerProc, Path]) -> ControllerProc:
+    """The module's shared controller (see shared); its log is checked after each test
+    that uses it (conftest's check_logs)."""
+    c, _ = shared
+    PROC_LOGS.append(c.log_path)
+    return c
+
+
+@pytest.fixture
+def tmp(shared: tuple[ControllerProc, Path]) -> Path:
+    """The shared controller's directory: its containers' files, the {tmp} of the cases."""
+    return shared[1]
+
+
+@pytest.fixture
+def fresh(controller: ControllerProc, tmp_path: Path) -> ControllerProc:
+    """A populated controller of its own, for a test that changes its state."""
+    return populate(controller, tmp_path)
 
 
 # ---------------------------------------------------------------- vdctl
@@ -88,9 +123,9 @@ ERRORS_RC1 = [
 
 @pytest.mark.parametrize("args,msg", ERRORS_RC1,
                          ids=lambda x: repr(x)[:40] if isinstance(x, list) else None)
-def test_vdctl_errors(populated, tmp_path, args, msg):
+def test_vdctl_errors(populated, tmp, args, msg):
     v = populated.vdctl
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    args = [a.replace("{tmp}", str(tmp)) for a in args]
     before = state_of(v)
     r = v(*args)
     assert r.rc == 1, (r.rc, r.out, r.err)
@@ -100,7 +135,7 @@ def test_vdctl_errors(populated, tmp_path, args, msg):
     assert "Traceback" not in r.err and r.out == ""
     assert state_of(v) == before
     assert v("check").rc == 0
-    assert not (tmp_path / "ab.img").exists() and not (tmp_path / "dd.img").exists()
+    assert not (tmp / "ab.img").exists() and not (tmp / "dd.img").exists()
 
 
 USAGE_RC2 = [
@@ -124,9 +159,9 @@ USAGE_RC2 = [
 
 
 @pytest.mark.parametrize("args", USAGE_RC2, ids=lambda a: " ".join(a)[:40] or "empty")
-def test_vdctl_usage_errors(populated, tmp_path, args):
+def test_vdctl_usage_errors(populated, tmp, args):
     v = populated.vdctl
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    args = [a.replace("{tmp}", str(tmp)) for a in args]
     before = state_of(v)
     r = v(*args)
     assert r.rc == 2, (r.rc, r.err)
@@ -134,11 +169,11 @@ def test_vdctl_usage_errors(populated, tmp_path, args):
     assert last.startswith("vdctl") and "error:" in last and "Traceback" not in r.err
     assert "neg:" not in r.err
     assert state_of(v) == before
-    assert not (tmp_path / "c9.img").exists()
+    assert not (tmp / "c9.img").exists()
 
 
-def test_thick_fits_when_pinned_and_fails_when_not(populated):
-    v = populated.vdctl
+def test_thick_fits_when_pinned_and_fails_when_not(fresh):
+    v = fresh.vdctl
     assert v("disk", "create", "p", "--size", "20M", "--thick", "--container", "c2").rc == 0
     r = v("disk", "create", "q", "--size", "20M", "--thick", "--container", "c2")
     assert r.rc == 1 and "container 'c2'" in r.err
@@ -323,25 +358,25 @@ def test_requests_before_a_valid_hello_are_refused(populated, first):
     assert state_of(populated.vdctl) == before
 
 
-def test_stalled_frames_do_not_block_others(populated):
+def test_stalled_frames_do_not_block_others(fresh):
     """A half-sent frame and a silent client hold only their own connections, which the
     server closes after its deadline."""
-    stalled = Raw(populated.sock, timeout=20)
+    stalled = Raw(fresh.sock, timeout=20)
     stalled.hello()
     stalled.send_raw(struct.pack(">I", 100) + b"\x81\xa2id")  # 4+4 of 104 bytes
-    header_only = Raw(populated.sock, timeout=20)
+    header_only = Raw(fresh.sock, timeout=20)
     header_only.hello()
     header_only.send_raw(b"\x00\x00")  # half a length prefix
-    silent = Raw(populated.sock, timeout=20)  # never says hello
+    silent = Raw(fresh.sock, timeout=20)  # never says hello
     t0 = time.monotonic()
     for _ in range(3):
-        still_serving(populated)
-    assert populated.vdctl("disk", "create", "more", "--size", "1M", "--thick").rc == 0
+        still_serving(fresh)
+    assert fresh.vdctl("disk", "create", "more", "--size", "1M", "--thick").rc == 0
     assert time.monotonic() - t0 < 5, "other clients were held up"
     for conn in (stalled, header_only, silent):
         assert conn.closed(), "a stalled connection was never closed"
     assert time.monotonic() - t0 < 20
-    still_serving(populated)
+    still_serving(fresh)
 
 
 def test_many_bad_clients_then_good_one(populated):
@@ -408,10 +443,10 @@ def replies_of(hexdata: str) -> list[dict[str, Any]]:
     return out
 
 
-def test_socket_permissions(controller):
-    assert stat.S_IMODE(os.stat(controller.sock).st_mode) == 0o600
-    assert stat.S_ISSOCK(os.stat(controller.sock).st_mode)
-    assert stat.S_IMODE(os.stat(controller.sock.parent).st_mode) == 0o700
+def test_socket_permissions(populated):
+    assert stat.S_IMODE(os.stat(populated.sock).st_mode) == 0o600
+    assert stat.S_ISSOCK(os.stat(populated.sock).st_mode)
+    assert stat.S_IMODE(os.stat(populated.sock.parent).st_mode) == 0o700
 
 
 def test_other_user_cannot_run_an_op(populated):
@@ -463,10 +498,10 @@ def test_virtfs_mount_refuses_a_pyfuse3_without_our_patches(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_names_after_double_dash(populated):
+def test_names_after_double_dash(fresh):
     """A name starting with "-" goes after "--", options before it (README); the other
     order is one line that shows the right command, and changes nothing."""
-    v = populated.vdctl
+    v = fresh.vdctl
     before = state_of(v)
     r = v("disk", "create", "--", "-rf", "--size", "1M")
     assert r.rc == 2 and len(r.err.splitlines()) == 1 and r.err.startswith(
