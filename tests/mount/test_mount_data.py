@@ -40,10 +40,10 @@ def disk_info(m, name):
 
 @pytest.mark.parametrize("direct", ["0", "1"])
 def test_fio_verify_randwrite_thin(embedded, direct):
-    vd(embedded, "disk", "create", "d", "--size", "256M")
-    fio(embedded.path / "d", "--size=256M", "--do_verify=1", f"--direct={direct}", *FIO_VERIFY)
+    vd(embedded, "disk", "create", "d", "--size", "96M")
+    fio(embedded.path / "d", "--size=96M", "--do_verify=1", f"--direct={direct}", *FIO_VERIFY)
     # the disk was thin: fio's writes allocated it, and the table says so
-    assert disk_info(embedded, "d")["allocated"] == 256 << 20
+    assert disk_info(embedded, "d")["allocated"] == 96 << 20
 
 
 def test_fio_verify_catches_corruption(embedded, tmp_path):

@@ -19,7 +19,7 @@ from torture import (
 )
 
 SEED = int(os.environ.get("VIRTFS_TORTURE_SEED", "20261129"))
-OPS = int(os.environ.get("VIRTFS_TORTURE_OPS", "1500"))
+OPS = int(os.environ.get("VIRTFS_TORTURE_OPS", "800"))
 
 
 def test_torture_short_run(tmp_path):

@@ -45,7 +45,7 @@ def test_codec_unpack_raises_only_codec_error(data):
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.binary(max_size=64) | st.builds(codec.wire_frame, values), max_size=6),
        st.integers(1, 50))
 def test_frame_reader_fuzz(chunks, step):
@@ -68,7 +68,7 @@ def test_frame_reader_fuzz(chunks, step):
     trio.run(main)
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.sampled_from(sorted(P.OPS)), st.one_of(
     values,
     st.dictionaries(st.sampled_from(["name", "size", "path", "new", "offset", "length", "to",
