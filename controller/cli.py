@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import trio
 
-from . import cli_backup, cli_disks
+from . import cli_disks
 from . import protocol as P
 from .cli_args import build_parser, misplaced_options, rewrite_negative
 from .cli_format import kv, pct, shown, table
@@ -31,7 +31,6 @@ from .client import (
     open_controller,
     security_from_args,
 )
-from .progress import size_bar
 from .statedir import default_socket, default_state_dir
 from .transport import SecurityConfigError, split_addrs
 from .units import format_rate, format_size
@@ -226,6 +225,8 @@ class Cli:
             self.emit_json(job) if self.json else self.out.write(f"{job['id']}\n")
             return 0
         what = f"{job['kind']} {shown(job['disk']) if job['disk'] else job['from']}"
+        from .progress import size_bar  # tqdm: imported by the verbs that show a bar
+
         bar = size_bar(job.get("total") or 0, what)
         try:
             while True:
@@ -347,12 +348,18 @@ class Cli:
         return 0
 
     async def snap_diff(self) -> int:
+        from . import cli_backup  # (with tqdm: a bar) imported by its three verbs only
+
         return await cli_backup.snap_diff(self)
 
     async def disk_export_diff(self) -> int:
+        from . import cli_backup  # (with tqdm: a bar) imported by its three verbs only
+
         return await cli_backup.disk_export_diff(self)
 
     async def disk_import_diff(self) -> int:
+        from . import cli_backup  # (with tqdm: a bar) imported by its three verbs only
+
         return await cli_backup.disk_import_diff(self)
 
     async def job_ls(self) -> int:
