@@ -18,8 +18,9 @@ Syntax: a comma-separated list of ``NAME=ACTION[@WHEN]``:
   ``raise:KEY``, at a point whose hits carry a key (KEYED_POINTS: ``fuse.handler``,
   keyed by the FUSE handler's name): only hits with that key count and raise;
   ``hold:FILE``, at a point a trio task awaits (HOLD_POINTS: ``movement.copier``) or
-  a worker thread hits (THREAD_HOLD_POINTS: ``storage.copy_chunk``): while FILE exists
-  the hit waits (polling every HOLD_POLL seconds; a thread sleeps), then goes on.
+  a worker thread hits (THREAD_HOLD_POINTS: ``storage.copy_chunk``, ``storage.release``):
+  while FILE exists the hit waits (polling every HOLD_POLL seconds; a thread sleeps),
+  then goes on.
 - WHEN ``N`` (default 1): only the N-th hit of that point fires (1-based);
   ``N+``: the N-th and every later hit; ``N-M``: hits N to M. WHEN follows the
   last ``@``, so a FILE may hold ``@`` only if WHEN is given; it may not hold ``,``.
@@ -76,9 +77,10 @@ POINTS = frozenset({
     "movement.commit",  # L1 punched, before the move.commit record
     "movement.abort",  # marked blocks copied back, before the move.abort record
     "movement.copier",  # each step of the copier, before it takes the disk's lock
-    # controller/storage.py: each chunk of a copy between containers (worker thread),
-    # before its write-gate check (writegate.gate)
+    # controller/storage.py, in worker threads, each before its write-gate check
+    # (writegate.gate): each chunk of a copy between containers; each punch of freed space
     "storage.copy_chunk",
+    "storage.release",
     # controller/service/relocation.py: shared storage moved whole
     "relocate.copy",  # the bytes copied to the new place, before checking the record
     "relocate.record",  # just before the storage.relocate record
@@ -93,7 +95,7 @@ POINTS = frozenset({
     "fuse.handler",
 })
 KEYED_POINTS = frozenset({"fuse.handler"})  # hits carry a key: raise:KEY picks them
-THREAD_HOLD_POINTS = frozenset({"storage.copy_chunk"})  # hit in a worker thread: hold:FILE
+THREAD_HOLD_POINTS = frozenset({"storage.copy_chunk", "storage.release"})  # worker threads
 HOLD_POINTS = frozenset({"movement.copier"}) | THREAD_HOLD_POINTS  # hold:FILE works there
 
 ACTIONS = ("eio", "enospc", "crash", "raise", "hold")

@@ -229,12 +229,14 @@ def release_ranges(path: str, ranges: list[tuple[int, int]],
     """Return freed space to the host: punch holes in a file container (devices: nothing).
 
     A late punch into space another leader has handed out again would destroy data, so
-    each punch asks may_write first. Raises OSError (Fenced)."""
+    each punch asks may_write first (the fault point ``storage.release`` is hit just
+    before). Raises OSError (Fenced)."""
     fd = os.open(path, os.O_RDWR)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return
         for offset, length in ranges:
+            faultpoints.hit("storage.release")
             gate(may_write, f"a punch at {offset}", path)
             punch_hole(fd, offset, length)
     finally:

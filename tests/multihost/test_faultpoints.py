@@ -93,11 +93,11 @@ def _param(point: str, action: str, when: int, phases: list[str], sees: str | No
 # points whose cases live in another module: relocation needs a snapshot family on a
 # draining container (tests/mount/test_drain_snapshots.py kills the controller at each);
 # the group journal's head move needs etcd (tests/etcd/test_termlog.py kills a writer
-# between a batch's fdatasync and its head move); the copy thread's hold needs a group
-# whose leader is paused mid-copy (tests/etcd/test_group_fence.py; tests/inproc/
-# test_storage_gate.py holds a copy in-process)
+# between a batch's fdatasync and its head move); the worker threads' holds need a group
+# whose leader is paused mid-copy or before a punch (tests/etcd/test_group_fence.py;
+# tests/inproc/test_storage_gate.py holds a copy in-process)
 ELSEWHERE = {"relocate.copy", "relocate.record", "relocate.push", "relocate.punch",
-             "journal.before_head", "storage.copy_chunk"}
+             "journal.before_head", "storage.copy_chunk", "storage.release"}
 
 
 def test_every_point_has_a_case():
