@@ -361,6 +361,11 @@ class Labels:
         stale = L.STALE_BEATS * L.HEARTBEAT_INTERVAL
         while True:
             now = trio.current_time()
+            if not self.ctx.may_write():
+                # a group's deposed leader (its term ended while it was paused: its own
+                # beats stopped with it) neither beats nor fails containers for it
+                await trio.sleep(L.HEARTBEAT_INTERVAL)
+                continue
             for c in list(self.state.containers.values()):
                 if c.uuid is None or c.lun in self.problems:
                     continue
