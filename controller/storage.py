@@ -7,10 +7,10 @@ get BLKZEROOUT, or zeros written where that is not supported.
 
 Every function here that writes a container takes ``may_write`` (a
 controller/writegate.py WriteGate) and asks it right before each write, fallocate,
-punch or BLKZEROOUT (``gate``), in the
-worker thread doing the I/O: a group's leader whose term ended while it was paused
-mid-copy writes nothing more once it runs again (docs/ha.md, "Split brain"). The
-default, ``unfenced``, is a controller that runs alone.
+punch or BLKZEROOUT (``gate``), in the worker thread doing the I/O: a group's leader
+whose term ended while it was paused mid-copy writes nothing more once it runs again
+(docs/ha.md, "Split brain"). The default, ``unfenced``, is a controller that runs
+alone.
 """
 
 from __future__ import annotations
