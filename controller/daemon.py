@@ -117,7 +117,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
                  len(rec.state.containers))
         service = Service(rec.state, journal, state_dir, lease=lease)
         if group is not None:
-            service.ctx.may_write = group.leads
+            service.ctx.may_write = group.may_write
         cm = ControllerMetrics(metrics, service) if metrics is not None else None
         if cm is not None:
             service.serve = cm.wrap(service.dispatch)

@@ -91,6 +91,9 @@ class Term:
         self.expires = expires  # trio.current_time() by which the lease may be gone
         self.lost: str | None = None
         self._lost = trio.Event()
+        # the run's clock, for in_force() in worker threads (trio.current_time() needs
+        # the trio thread); SystemClock reads CLOCK_MONOTONIC, which runs during SIGSTOP
+        self._clock = trio.lowlevel.current_clock()
 
     def lose(self, reason: str) -> None:
         """End the term (first reason wins); wakes wait_lost()."""
@@ -106,6 +109,14 @@ class Term:
             self.lose(f"no keep-alive answered within the lease's {self.ttl} s")
         if self.lost is not None:
             raise LeadershipLost(f"term {self.token} ended: {self.lost}")
+
+    def in_force(self) -> bool:
+        """Whether the term still holds by what we know: not ended, and its lease not
+        past by our own clock (as check()). Read-only and safe from any thread: a worker
+        thread asks it before each container write (writegate.gate); it changes nothing
+        (the trio side's check() and keep-alive end the term) and only reads the clock.
+        A leader resumed after a pause (SIGSTOP) past its lease gets False at once."""
+        return self.lost is None and self._clock.current_time() < self.expires
 
     async def wait_lost(self) -> str:
         """Wait until the term ends; returns why."""

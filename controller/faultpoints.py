@@ -17,15 +17,18 @@ Syntax: a comma-separated list of ``NAME=ACTION[@WHEN]``:
   ``raise``: the hit raises ``RuntimeError``, as a bug there would;
   ``raise:KEY``, at a point whose hits carry a key (KEYED_POINTS: ``fuse.handler``,
   keyed by the FUSE handler's name): only hits with that key count and raise;
-  ``hold:FILE``, at a point a trio task awaits (HOLD_POINTS: ``movement.copier``):
-  while FILE exists the hit waits (polling every HOLD_POLL seconds), then goes on.
+  ``hold:FILE``, at a point a trio task awaits (HOLD_POINTS: ``movement.copier``) or
+  a worker thread hits (THREAD_HOLD_POINTS: ``storage.copy_chunk``, ``storage.release``):
+  while FILE exists the hit waits (polling every HOLD_POLL seconds; a thread sleeps),
+  then goes on.
 - WHEN ``N`` (default 1): only the N-th hit of that point fires (1-based);
   ``N+``: the N-th and every later hit; ``N-M``: hits N to M. WHEN follows the
   last ``@``, so a FILE may hold ``@`` only if WHEN is given; it may not hold ``,``.
 
 Test hooks are fault points too: ``movement.copier=hold:FILE@1+`` keeps moves half
-done while FILE exists, ``fuse.handler=raise:statfs@1+`` makes every statfs fail
-with an unexpected exception.
+done while FILE exists, ``storage.copy_chunk=hold:FILE@2`` parks the second chunk's
+copy in its worker thread, right before its write is gated (writegate.gate),
+``fuse.handler=raise:statfs@1+`` makes every statfs fail with an unexpected exception.
 
 Names are listed in POINTS (docs/reliability.md says what each one tests); an
 unknown name or a malformed entry is refused at import with ``ValueError``, so a
@@ -46,6 +49,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import trio
@@ -73,6 +77,10 @@ POINTS = frozenset({
     "movement.commit",  # L1 punched, before the move.commit record
     "movement.abort",  # marked blocks copied back, before the move.abort record
     "movement.copier",  # each step of the copier, before it takes the disk's lock
+    # controller/storage.py, in worker threads, each before its write-gate check
+    # (writegate.gate): each chunk of a copy between containers; each punch of freed space
+    "storage.copy_chunk",
+    "storage.release",
     # controller/service/relocation.py: shared storage moved whole
     "relocate.copy",  # the bytes copied to the new place, before checking the record
     "relocate.record",  # just before the storage.relocate record
@@ -87,7 +95,8 @@ POINTS = frozenset({
     "fuse.handler",
 })
 KEYED_POINTS = frozenset({"fuse.handler"})  # hits carry a key: raise:KEY picks them
-HOLD_POINTS = frozenset({"movement.copier"})  # hit_async in a trio task: hold:FILE
+THREAD_HOLD_POINTS = frozenset({"storage.copy_chunk", "storage.release"})  # worker threads
+HOLD_POINTS = frozenset({"movement.copier"}) | THREAD_HOLD_POINTS  # hold:FILE works there
 
 ACTIONS = ("eio", "enospc", "crash", "raise", "hold")
 HOLD_POLL = 0.05  # seconds between looks at a hold's file
@@ -197,7 +206,11 @@ def _on(name: str, key: str | None = None) -> None:
     if fired is None:
         return
     a, n = fired
-    if a.action == "hold":  # (only hit_async holds; parse keeps hold to such points)
+    if a.action == "hold":  # (parse keeps hold to HOLD_POINTS)
+        if name in THREAD_HOLD_POINTS and a.arg is not None and os.path.exists(a.arg):
+            log.warning("fault point %s: %s (hit %d)", name, a.spec, n)
+            while os.path.exists(a.arg):  # a worker thread: blocking is its job here
+                time.sleep(HOLD_POLL)
         return
     log.warning("fault point %s: %s (hit %d)", name, a.spec, n)
     if a.action == "crash":

@@ -317,12 +317,19 @@ class GroupTerm:
 
     def leads(self) -> bool:
         """The term has not ended, by what we know (Term.check: etcd's word, or our own
-        count of the lease); False means: write nothing more."""
+        count of the lease); False means: write nothing more. Call it from trio only
+        (it ends the term when the lease has run out); worker threads use may_write."""
         try:
             self.term.check()
         except LeadershipLost:
             return False
         return True
+
+    def may_write(self) -> bool:
+        """The service's writegate.WriteGate (Context.may_write): whether the term still
+        holds (Term.in_force). Read-only and safe from worker threads, which ask it
+        right before each container write (docs/ha.md, "Split brain")."""
+        return self.term.in_force()
 
 
 LeaderBody = Callable[[GroupTerm], Awaitable[None]]

@@ -47,6 +47,7 @@ import zlib
 from dataclasses import dataclass
 
 from .protocol import BLOCK_SIZE
+from .writegate import WriteGate, gate, unfenced
 
 SECTOR = 512
 MAGIC = b"VIRTFSCL"
@@ -217,9 +218,10 @@ def read_sectors_fd(fd: int) -> tuple[bytes, bytes]:
     return data[:SECTOR], data[SECTOR:]
 
 
-def _write(path: str, data: bytes, offset: int) -> None:
+def _write(path: str, data: bytes, offset: int, may_write: WriteGate) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
+        gate(may_write, f"the label block at {offset}", path)
         n = os.pwritev(fd, [data], offset, os.RWF_DSYNC)
         if n != len(data):
             raise OSError(errno.EIO, f"short write of the label on {path}")
@@ -227,23 +229,25 @@ def _write(path: str, data: bytes, offset: int) -> None:
         os.close(fd)
 
 
-def write_label(path: str, label: Label, beat: Beat) -> None:
+def write_label(path: str, label: Label, beat: Beat, may_write: WriteGate = unfenced) -> None:
     """Write label, a first heartbeat and zeros over the rest of the first 4 KiB,
     durably (RWF_DSYNC); the rest of the reserved MiB is left as it is (thin on the
-    host). OSError on failure."""
+    host). OSError on failure (writegate.Fenced if may_write says no, before the write)."""
     block = (encode(label) + encode_beat(beat)).ljust(BLOCK_SIZE, b"\0")
-    _write(path, block, 0)
+    _write(path, block, 0, may_write)
 
 
-def write_beat(path: str, beat: Beat) -> None:
-    """Rewrite the heartbeat sector only, durably (RWF_DSYNC). OSError on failure."""
-    _write(path, encode_beat(beat), SECTOR)
+def write_beat(path: str, beat: Beat, may_write: WriteGate = unfenced) -> None:
+    """Rewrite the heartbeat sector only, durably (RWF_DSYNC). OSError on failure
+    (writegate.Fenced if may_write says no, before the write)."""
+    _write(path, encode_beat(beat), SECTOR, may_write)
 
 
-def wipe(path: str) -> None:
+def wipe(path: str, may_write: WriteGate = unfenced) -> None:
     """Zero the first 4 KiB (label and heartbeat: a removed container may join another
-    installation without --force, as pvremove allows). OSError on failure."""
-    _write(path, bytes(BLOCK_SIZE), 0)
+    installation without --force, as pvremove allows). OSError on failure (writegate.Fenced
+    if may_write says no, before the write)."""
+    _write(path, bytes(BLOCK_SIZE), 0, may_write)
 
 
 def signatures(path: str) -> list[str]:
@@ -281,9 +285,10 @@ def signatures(path: str) -> list[str]:
     return out
 
 
-def wipe_signatures(path: str) -> None:
+def wipe_signatures(path: str, may_write: WriteGate = unfenced) -> None:
     """Erase every signature blkid knows on path (``wipefs -a``), as ``pvcreate -ff``
-    does; OSError if wipefs fails."""
+    does; OSError if wipefs fails (writegate.Fenced if may_write says no before it runs)."""
+    gate(may_write, "wipefs", path)
     r = subprocess.run(["wipefs", "-a", "-q", path], capture_output=True, text=True)
     if r.returncode != 0:
         raise OSError(errno.EIO, f"wipefs {path}: {r.stderr.strip()}")

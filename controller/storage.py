@@ -4,6 +4,13 @@ The controller does no data-path I/O, only: probe or create a container,
 and zero space before handing it out, so a new segment never shows a former
 disk's data. Files get holes punched (thin on the host too); block devices
 get BLKZEROOUT, or zeros written where that is not supported.
+
+Every function here that writes a container takes ``may_write`` (a
+controller/writegate.py WriteGate) and asks it right before each write, fallocate,
+punch or BLKZEROOUT (``gate``), in the worker thread doing the I/O: a group's leader
+whose term ended while it was paused mid-copy writes nothing more once it runs again
+(docs/ha.md, "Split brain"). The default, ``unfenced``, is a controller that runs
+alone.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ import os
 import stat
 import struct
 
-from . import fsutil
+from . import faultpoints, fsutil
 from . import protocol as P
 from .units import human
+from .writegate import WriteGate, gate, unfenced
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -103,11 +111,13 @@ def refuse_virtfs_mount(path: str) -> None:
                         "a container must lie outside every virtfs mount")
 
 
-def open_container_path(path: str, size: int | None, taken: dict[str, str]) -> tuple[int, bool]:
+def open_container_path(path: str, size: int | None, taken: dict[str, str],
+                        may_write: WriteGate = unfenced) -> tuple[int, bool]:
     """Probe (or create, sparse) a container's file; (size to use, created).
 
     Raises RemoteError: E_EXISTS (already a container), E_INVALID (too small, not a file
-    or device, inside a virtfs mount), E_NOT_FOUND, E_IO.
+    or device, inside a virtfs mount), E_NOT_FOUND, E_IO (also: may_write says no before
+    the file is created).
     """
     refuse_virtfs_mount(path)
     real = os.path.realpath(path)
@@ -129,6 +139,7 @@ def open_container_path(path: str, size: int | None, taken: dict[str, str]) -> t
     if not os.path.isdir(parent):
         raise P.RemoteError(P.E_NOT_FOUND, f"directory {parent!r} does not exist")
     try:
+        gate(may_write, "a new container file", path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
         raise P.RemoteError(P.E_IO, f"cannot create {path!r}: {e.strerror}") from None
@@ -143,7 +154,8 @@ def open_container_path(path: str, size: int | None, taken: dict[str, str]) -> t
     return size, True
 
 
-def zero_ranges(path: str, ranges: list[tuple[int, int]], preallocate: bool = False) -> None:
+def zero_ranges(path: str, ranges: list[tuple[int, int]], preallocate: bool = False,
+                may_write: WriteGate = unfenced) -> None:
     """Make [offset, offset+length) (block-aligned bytes) read as zeros, durably.
 
     In a file container the range becomes a hole (thin on the host too), or with
@@ -151,7 +163,7 @@ def zero_ranges(path: str, ranges: list[tuple[int, int]], preallocate: bool = Fa
     disk never meets ENOSPC from the host and its first writes allocate nothing; a block
     device gets BLKZEROOUT. Durability costs one 4 KiB O_DSYNC write (see ``_settle``),
     never an fdatasync of the whole container, which would also write back every agent's
-    dirty data in it. Raises OSError.
+    dirty data in it. Raises OSError (Fenced before any write may_write refuses).
     """
     if not ranges:
         return
@@ -159,6 +171,7 @@ def zero_ranges(path: str, ranges: list[tuple[int, int]], preallocate: bool = Fa
     try:
         is_blk = stat.S_ISBLK(os.fstat(fd).st_mode)
         for offset, length in ranges:
+            gate(may_write, f"zeroing at {offset}", path)
             if is_blk:
                 try:
                     fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
@@ -176,13 +189,13 @@ def zero_ranges(path: str, ranges: list[tuple[int, int]], preallocate: bool = Fa
                 except OSError as e:
                     if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                         raise
-            _write_zeros(fd, offset, length)  # durable by itself (RWF_DSYNC)
-        _settle(fd, ranges[0][0])
+            _write_zeros(fd, offset, length, may_write)  # durable by itself (RWF_DSYNC)
+        _settle(fd, ranges[0][0], may_write)
     finally:
         os.close(fd)
 
 
-def _settle(fd: int, offset: int) -> None:
+def _settle(fd: int, offset: int, may_write: WriteGate) -> None:
     """Make earlier punches, zero-range and BLKZEROOUT calls on fd durable, cheaply.
 
     One 4 KiB write of zeros with RWF_DSYNC at offset (inside a range just zeroed) is a
@@ -194,38 +207,48 @@ def _settle(fd: int, offset: int) -> None:
     also write back every dirty page of the whole container.
     """
     zeros = bytes(P.BLOCK_SIZE)
+    gate(may_write, f"settling zeroed space at {offset}")
     n = os.pwritev(fd, [zeros], offset, os.RWF_DSYNC)
     if n != len(zeros):
         raise OSError(errno.EIO, f"short write while settling zeroed space at {offset}")
 
 
-def _write_zeros(fd: int, offset: int, length: int) -> None:
+def _write_zeros(fd: int, offset: int, length: int, may_write: WriteGate) -> None:
     """Write zeros over [offset, offset+length), each write durable (RWF_DSYNC)."""
     zeros = bytes(min(_ZERO_CHUNK, length))
     end = offset + length
     while offset < end:
+        gate(may_write, f"zeros at {offset}")
         n = os.pwritev(fd, [memoryview(zeros)[: min(len(zeros), end - offset)]], offset,
                        os.RWF_DSYNC)
         offset += n
 
 
-def release_ranges(path: str, ranges: list[tuple[int, int]]) -> None:
-    """Return freed space to the host: punch holes in a file container (devices: nothing)."""
+def release_ranges(path: str, ranges: list[tuple[int, int]],
+                   may_write: WriteGate = unfenced) -> None:
+    """Return freed space to the host: punch holes in a file container (devices: nothing).
+
+    A late punch into space another leader has handed out again would destroy data, so
+    each punch asks may_write first (the fault point ``storage.release`` is hit just
+    before). Raises OSError (Fenced)."""
     fd = os.open(path, os.O_RDWR)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return
         for offset, length in ranges:
+            faultpoints.hit("storage.release")
+            gate(may_write, f"a punch at {offset}", path)
             punch_hole(fd, offset, length)
     finally:
         os.close(fd)
 
 
-def zero_bytes(path: str, offset: int, length: int) -> None:
-    """Write zeros over a small, possibly unaligned range, durably (that range only)."""
+def zero_bytes(path: str, offset: int, length: int, may_write: WriteGate = unfenced) -> None:
+    """Write zeros over a small, possibly unaligned range, durably (that range only);
+    OSError (Fenced)."""
     fd = os.open(path, os.O_RDWR)
     try:
-        _write_zeros(fd, offset, length)
+        _write_zeros(fd, offset, length, may_write)
     finally:
         os.close(fd)
 
@@ -234,7 +257,8 @@ _SYNC_RANGE = 0x1 | 0x2 | 0x4  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTE
 _COPY_CHUNK = 4 << 20
 
 
-def copy_ranges(copies: list[tuple[str, int, str, int, int]]) -> None:
+def copy_ranges(copies: list[tuple[str, int, str, int, int]],
+                may_write: WriteGate = unfenced) -> None:
     """Copy (src path, src offset, dst path, dst offset, length) ranges, durably.
 
     For moving a segment's blocks between containers (docs/movement.md): the copy
@@ -244,7 +268,11 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]]) -> None:
     settled with one 4 KiB RWF_DSYNC rewrite of its first block (as in zero_ranges),
     which commits the file system's journal or flushes the device's cache: never an
     fdatasync of the whole container, which would write back other agents' dirty data.
-    Raises OSError (EIO on a short read: the table says the source holds the bytes).
+    may_write is asked before each chunk (_COPY_CHUNK bytes at most) and before the
+    settling write, so a copy whose controller may no longer write stops between chunks
+    (the fault point ``storage.copy_chunk`` is hit just before that check).
+    Raises OSError (EIO on a short read: the table says the source holds the bytes;
+    Fenced where may_write said no).
     """
     fds: dict[tuple[str, int], int] = {}
 
@@ -263,6 +291,8 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]]) -> None:
             while done < length:
                 n = min(_COPY_CHUNK, length - done)
                 got = 0
+                faultpoints.hit("storage.copy_chunk")
+                gate(may_write, f"a copy at {doff + done}", dst)
                 if use_cfr:
                     try:
                         got = os.copy_file_range(sfd, dfd, n, soff + done, doff + done)
@@ -277,6 +307,7 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]]) -> None:
                         raise OSError(errno.EIO, f"short read of {src} at {soff + done}")
                     view = memoryview(data)
                     pos = doff + done
+                    gate(may_write, f"a copy at {pos}", dst)  # the pread may have waited
                     while view:
                         w = os.pwrite(dfd, view, pos)
                         view, pos = view[w:], pos + w
@@ -284,6 +315,7 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]]) -> None:
                 done += got
             sync_file_range(dfd, doff, length, _SYNC_RANGE)
             first = os.pread(dfd, min(length, P.BLOCK_SIZE), doff)
+            gate(may_write, f"settling a copy at {doff}", dst)
             os.pwritev(dfd, [first], doff, os.RWF_DSYNC)
     finally:
         for f in fds.values():

@@ -54,7 +54,7 @@ class Containers:
                 raise P.RemoteError(P.E_EXISTS, f"container {name!r} already exists")
             taken = {c.path: c.name for c in self.state.containers.values()}
             csize, created = await trio.to_thread.run_sync(storage.open_container_path, path,
-                                                            size, taken)
+                                                            size, taken, self.ctx.may_write)
             try:
                 if csize < least:
                     raise P.invalid(f"{path!r} holds {human(csize)}, less than "

@@ -17,6 +17,7 @@ from ..agents import Agent, AgentRegistry
 from ..journal import Journal
 from ..records import Record
 from ..state import Container, Disk, State, StateError
+from ..writegate import WriteGate, unfenced
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,11 @@ class Context:
         self._removing: set[int] = set()
         # the nursery of the service's background tasks (jobs, moves), while Jobs.run runs
         self._background: trio.Nursery | None = None
-        # whether this controller may still write containers (copies, heartbeats): always
-        # when it runs alone; a group's leader only while its term lasts (controller/group.py)
-        self.may_write: Callable[[], bool] = lambda: True
+        # whether this controller may still write containers (copies, zeroing, punches,
+        # heartbeats): always when it runs alone; a group's leader only while its term
+        # lasts (GroupTerm.may_write). A writegate.WriteGate: read-only, thread-safe; the
+        # worker threads doing the I/O ask it before each write (writegate.gate)
+        self.may_write: WriteGate = unfenced
 
     # ------------------------------------------------------------ recording
     def record(self, rec: Record) -> int:

@@ -25,6 +25,7 @@ from ..agents import LEASE_MARGIN
 from ..extents import MOVING, Extent
 from ..records import ContainerLabel
 from ..state import Container
+from ..writegate import Fenced
 from .context import Context
 from .movement import MoveGone, Movement
 from .placement import Placement
@@ -147,7 +148,7 @@ class Labels:
                             "overwrite it (add it with --force to wipe it)")
         if sigs:
             try:
-                await trio.to_thread.run_sync(L.wipe_signatures, path)
+                await trio.to_thread.run_sync(L.wipe_signatures, path, self.ctx.may_write)
             except OSError as e:
                 raise P.RemoteError(P.E_IO, str(e)) from None
             log.warning("container path %s: wiped %s (--force)", path, ", ".join(sigs))
@@ -180,7 +181,8 @@ class Labels:
     async def write_new(self, path: str, lab: L.Label) -> None:
         """Write a new container's label and first beat; E_IO on failure."""
         try:
-            await trio.to_thread.run_sync(L.write_label, path, lab, self.beat())
+            await trio.to_thread.run_sync(L.write_label, path, lab, self.beat(),
+                                          self.ctx.may_write)
         except OSError as e:
             raise P.RemoteError(P.E_IO, f"cannot write the label of {path!r}: "
                                 f"{e.strerror}") from None
@@ -198,7 +200,7 @@ class Labels:
             why = self._judge(s0, c)
             if why is not None:
                 return f"its label was left alone: {why}"
-            await trio.to_thread.run_sync(L.wipe, c.path)
+            await trio.to_thread.run_sync(L.wipe, c.path, self.ctx.may_write)
         except OSError as e:
             return f"could not erase its label: {e}"
         finally:
@@ -359,6 +361,11 @@ class Labels:
         stale = L.STALE_BEATS * L.HEARTBEAT_INTERVAL
         while True:
             now = trio.current_time()
+            if not self.ctx.may_write():
+                # a group's deposed leader (its term ended while it was paused: its own
+                # beats stopped with it) neither beats nor fails containers for it
+                await trio.sleep(L.HEARTBEAT_INTERVAL)
+                continue
             for c in list(self.state.containers.values()):
                 if c.uuid is None or c.lun in self.problems:
                     continue
@@ -381,7 +388,7 @@ class Labels:
             why = await trio.to_thread.run_sync(self._check_and_beat, c, self.beat(),
                                                 self._wrote.get(c.lun))
         except OSError as e:
-            if c.lun not in self.problems:
+            if c.lun not in self.problems and not isinstance(e, Fenced):
                 log.warning("container %s (%s): heartbeat failed: %s", c.name, c.path,
                             e.strerror)
             return
@@ -411,6 +418,6 @@ class Labels:
                        and seen.installation == self.state.installation else "someone")
                 return (f"contended: {who} wrote its heartbeat sector (a second controller "
                         "with this state dir's identity: a copied state dir?)")
-        L.write_beat(c.path, beat)
+        L.write_beat(c.path, beat, self.ctx.may_write)  # asked again right before it
         self._wrote[c.lun] = beat.counter
         return None

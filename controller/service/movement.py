@@ -108,15 +108,15 @@ class Movement:
                 for c in cs]
 
     async def copy(self, cs: list[M.Copy]) -> None:
-        """Copy cs between containers, durably; RemoteError E_IO or E_NO_SPACE."""
+        """Copy cs between containers, durably; RemoteError E_IO or E_NO_SPACE (E_IO
+        also when this controller may no longer write: the copying thread asks
+        ctx.may_write before each chunk, writegate.gate)."""
         if not cs:
             return
-        if not self.ctx.may_write():
-            raise P.RemoteError(P.E_IO, "this controller no longer leads its group: "
-                                "no copy between containers")
         try:
             faultpoints.hit("movement.copy")
-            await trio.to_thread.run_sync(storage.copy_ranges, self._paths(cs))
+            await trio.to_thread.run_sync(storage.copy_ranges, self._paths(cs),
+                                          self.ctx.may_write)
         except OSError as e:
             code = P.E_NO_SPACE if e.errno == errno.ENOSPC else P.E_IO
             raise P.RemoteError(code, f"copy between containers failed: {e}") from None

@@ -201,7 +201,8 @@ class Placement:
             path = self.state.luns[lun].path
             try:
                 faultpoints.hit("placement.zero")
-                await trio.to_thread.run_sync(storage.zero_ranges, path, ranges, preallocate)
+                await trio.to_thread.run_sync(storage.zero_ranges, path, ranges, preallocate,
+                                              self.ctx.may_write)
             except OSError as e:
                 code = P.E_NO_SPACE if e.errno == errno.ENOSPC else P.E_IO
                 raise P.RemoteError(code, f"cannot prepare space on {path}: {e}") from None
@@ -222,7 +223,8 @@ class Placement:
             where.append((self.state.luns[a.lun].path, a.offset + rel))
         try:
             for path, off in where:
-                await trio.to_thread.run_sync(storage.zero_bytes, path, off, n)
+                await trio.to_thread.run_sync(storage.zero_bytes, path, off, n,
+                                              self.ctx.may_write)
         except OSError as err:
             raise P.RemoteError(P.E_IO, f"cannot zero the tail of {d.name!r}: {err}") from None
 
@@ -262,13 +264,16 @@ class Placement:
         is closed everywhere, or the range restricted): once the free is recorded the
         space may be allocated and written again, and a late punch would destroy that.
         A crash between the punch and the record leaves zeros where data was being
-        discarded anyway.
+        discarded anyway. A group's deposed leader punches nothing (each punch asks
+        ctx.may_write in the thread that makes it): the next leader may have handed
+        that space out again.
         """
         by_path: dict[str, list[tuple[int, int]]] = {}
         for path, off, n in freed:
             by_path.setdefault(path, []).append((off, n))
         for path, ranges in by_path.items():
             try:
-                await trio.to_thread.run_sync(storage.release_ranges, path, ranges)
+                await trio.to_thread.run_sync(storage.release_ranges, path, ranges,
+                                              self.ctx.may_write)
             except OSError as e:
                 log.warning("could not punch freed space in %s: %s", path, e)

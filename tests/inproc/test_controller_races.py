@@ -19,6 +19,7 @@ from controller import storage
 from controller.client import open_controller
 from controller.daemon import open_controller_service
 from controller.protocol import E_BUSY, E_INVALID, LABEL_BYTES, RemoteError
+from controller.writegate import WriteGate, unfenced
 
 SEG = 4 << 20
 
@@ -27,9 +28,10 @@ SEG = 4 << 20
 def slow_punch(monkeypatch):
     orig = storage.release_ranges
 
-    def slow(path: str, ranges: list[tuple[int, int]]) -> None:
+    def slow(path: str, ranges: list[tuple[int, int]],
+             may_write: WriteGate = unfenced) -> None:
         time.sleep(0.3)
-        orig(path, ranges)
+        orig(path, ranges, may_write)
 
     monkeypatch.setattr(storage, "release_ranges", slow)
 
@@ -209,10 +211,11 @@ def slow_thick_zeroing(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     release = threading.Event()
     orig = storage.zero_ranges
 
-    def zero(path: str, ranges: list[tuple[int, int]], preallocate: bool = False) -> None:
+    def zero(path: str, ranges: list[tuple[int, int]], preallocate: bool = False,
+             may_write: WriteGate = unfenced) -> None:
         if preallocate:
             release.wait(30)
-        orig(path, ranges, preallocate)
+        orig(path, ranges, preallocate, may_write)
 
     monkeypatch.setattr(storage, "zero_ranges", zero)
     return release

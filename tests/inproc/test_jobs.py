@@ -15,6 +15,7 @@ from controller import storage
 from controller.daemon import open_controller_service
 from controller.protocol import E_BUSY, RemoteError
 from controller.service import jobs as J
+from controller.writegate import unfenced
 
 MB = 1 << 20
 
@@ -30,7 +31,7 @@ def _leaves(e: BaseException):
 async def test_failed_copy_fails_the_job_not_the_controller(tmp_path, monkeypatch):
     state = str(tmp_path / "s")
 
-    def broken(copies):
+    def broken(copies, may_write=unfenced):
         raise OSError(errno.EIO, "Input/output error (injected)")
     monkeypatch.setattr(storage, "copy_ranges", broken)
     crashed = None

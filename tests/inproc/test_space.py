@@ -12,6 +12,7 @@ from simagent import BS, SEG, agent_ctx
 from controller import storage
 from controller.daemon import open_controller_service
 from controller.protocol import LABEL_BYTES, ZERO, RemoteError
+from controller.writegate import unfenced
 
 MB = 1 << 20
 
@@ -31,10 +32,10 @@ async def test_every_piece_of_a_moves_new_space_is_reserved(
     orig = storage.zero_ranges
     slow = {"on": False}
 
-    def zero(path, ranges, preallocate=False):
+    def zero(path, ranges, preallocate=False, may_write=unfenced):
         if slow["on"]:
             time.sleep(0.5)
-        orig(path, ranges, preallocate)
+        orig(path, ranges, preallocate, may_write)
     monkeypatch.setattr(storage, "zero_ranges", zero)
     async with open_controller_service(state, lease=1.0) as svc:
         await svc.container_add("c1", str(tmp_path / "c1.img"), 64 * MB)
@@ -75,9 +76,9 @@ async def test_shrink_while_a_copier_step_is_in_flight(tmp_path, monkeypatch):
     state = str(tmp_path / "s")
     orig = storage.copy_ranges
 
-    def slow(copies):
+    def slow(copies, may_write=unfenced):
         time.sleep(1.0)
-        orig(copies)
+        orig(copies, may_write)
     monkeypatch.setattr(storage, "copy_ranges", slow)
     died = None
     try:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # import nothing else from the controller ("controller" itself: __version__)
 CLIENT_SIDE = {"controller", "controller.protocol", "controller.codec", "controller.client",
                "controller.transport", "controller.label"}
-LEAVES = {"controller.faultpoints", "controller.fsutil", "controller.units",
+LEAVES = {"controller.faultpoints", "controller.fsutil", "controller.units", "controller.writegate",
           "controller.statedir", "controller.metrics_http", "controller.tlsfiles",
           "controller.sdnotify"}
 VIRTFS_MAY = CLIENT_SIDE | LEAVES

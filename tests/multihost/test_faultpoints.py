@@ -93,9 +93,11 @@ def _param(point: str, action: str, when: int, phases: list[str], sees: str | No
 # points whose cases live in another module: relocation needs a snapshot family on a
 # draining container (tests/mount/test_drain_snapshots.py kills the controller at each);
 # the group journal's head move needs etcd (tests/etcd/test_termlog.py kills a writer
-# between a batch's fdatasync and its head move)
+# between a batch's fdatasync and its head move); the worker threads' holds need a group
+# whose leader is paused mid-copy or before a punch (tests/etcd/test_group_fence.py;
+# tests/inproc/test_storage_gate.py holds a copy in-process)
 ELSEWHERE = {"relocate.copy", "relocate.record", "relocate.push", "relocate.punch",
-             "journal.before_head"}
+             "journal.before_head", "storage.copy_chunk", "storage.release"}
 
 
 def test_every_point_has_a_case():
@@ -140,7 +142,7 @@ async def test_raise_and_hold_actions(tmp_path):
         "fuse.handler": ("raise:statfs", 2, float("inf")),
         "movement.copier": (f"hold:{hold}", 1, float("inf")),
         "blockio.write": ("raise", 1, 1)}
-    for bad in ("blockio.sync=hold:/x",  # hold only where a trio task awaits the hit
+    for bad in ("blockio.sync=hold:/x",  # hold only where a task or thread can wait
                 "movement.copier=hold", "movement.copier=hold:",  # hold needs a file
                 "blockio.sync=raise:x",  # blockio.sync's hits carry no key
                 "fuse.handler=raise:", "blockio.sync=eio:x", "blockio.sync=crash:x"):
