@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -18,6 +19,8 @@ from rig import BIN, ControllerProc, run_vdctl
 
 from controller import protocol as P
 from controller.client import ConnectionLost, open_controller
+from controller.election import Leader
+from controller.group import GroupConfig, Member
 from controller.server import Server, serve_listeners
 
 
@@ -103,3 +106,18 @@ def test_a_bad_address_list_is_refused_with_its_reason(bad: str, tmp_path: Path)
     p = subprocess.run([str(BIN / "virtfs-mount"), str(mnt), "--controller", bad],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "bad address" in p.stderr.strip().splitlines()[-1], p.stderr
+
+
+def test_a_standby_never_names_itself_as_the_leader() -> None:
+    """A member whose term ended may still see its own term on the leader key (cut off
+    from etcd, it hears of no change): it says no leader is known rather than sending
+    clients back to itself (seen in tests/multihost/test_group_netns.py)."""
+    me, other = "tcp://10.0.0.1:7800", "tcp://10.0.0.2:7800"
+    m = Member(SimpleNamespace(client=None),  # type: ignore[arg-type]
+               GroupConfig(etcd="http://127.0.0.1:1", advertise=me))
+    assert m.leadership() == (False, None)
+    m.leader = Leader("c1", me, 3, 7)
+    assert m.leadership() == (False, None)
+    m.leader = Leader("c2", other, 66, 8)
+    assert m.leadership() == (False, other)
+
