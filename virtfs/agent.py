@@ -17,7 +17,7 @@ import trio
 
 from controller.client import Client, ConnectionLost, Refused, open_controller
 from controller.protocol import E_NOT_LEADER, RemoteError
-from controller.transport import ClientSecurity
+from controller.transport import ClientSecurity, split_addrs
 
 from .outage import OutageLog
 
@@ -55,6 +55,7 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self.outages = OutageLog(f"the controller at {addr}")  # when to say it is away
         self.last_error = ""  # why the last attempt failed (for the mount's messages)
+        self.lost_addr: str | None = None  # the address whose connection we lost last
 
     def lease_valid(self) -> bool:
         return trio.current_time() < self.lease_until
@@ -123,7 +124,8 @@ class Session:
             assert self._nursery is not None
             self._nursery.start_soon(self._handle_push, msg)
 
-        async with open_controller(self.addr, role="agent", name=f"agent@{socket.gethostname()}",
+        async with open_controller(self.addrs_to_try(), role="agent",
+                                   name=f"agent@{socket.gethostname()}",
                                    on_push=push, timeout=5.0,
                                    security=self.security) as client:
             self._ack_client = client  # pushes may arrive (and need acks) during a reload
@@ -147,22 +149,40 @@ class Session:
             self._up.set()
             if task_status is not None:
                 task_status.started()
-            while True:
-                # wake early when the connection drops, to reconnect at once rather than
-                # at the next heartbeat (calls meanwhile would fail against the dead link)
-                with trio.move_on_after(self.lease / 3):
-                    await client.closed_event.wait()
-                if client.closed:
-                    raise ConnectionLost(client.close_reason or "connection lost")
-                sent = trio.current_time()
-                hb = await client.call("agent.heartbeat", timeout=self.lease / 2)
-                self._renew(sent)
-                if hb.get("epochs"):
-                    # handled like a push, in the background: a slow table reload must
-                    # never hold up the next heartbeat (the lease would run out)
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._handle_push,
-                                             {"push": "epochs", "epochs": hb["epochs"]})
+            try:
+                await self._heartbeats(client)
+            finally:
+                self.lost_addr = client.addr
+
+    def addrs_to_try(self) -> str:
+        """The addresses to (re)connect to, in order: a group's list (docs/ha.md) with
+        the member whose connection we lost last moved to the end. A leader cut off
+        from the network answers neither a heartbeat nor a connect, and trying it first
+        would cost a hello timeout (5 s) before the new leader, past a short lease."""
+        addrs = split_addrs(self.addr)
+        if self.lost_addr in addrs and len(addrs) > 1:
+            addrs.remove(self.lost_addr)
+            addrs.append(self.lost_addr)
+        return ",".join(addrs)
+
+    async def _heartbeats(self, client: Client) -> None:
+        """Renew the lease for ever; raises when the connection is lost."""
+        while True:
+            # wake early when the connection drops, to reconnect at once rather than
+            # at the next heartbeat (calls meanwhile would fail against the dead link)
+            with trio.move_on_after(self.lease / 3):
+                await client.closed_event.wait()
+            if client.closed:
+                raise ConnectionLost(client.close_reason or "connection lost")
+            sent = trio.current_time()
+            hb = await client.call("agent.heartbeat", timeout=self.lease / 2)
+            self._renew(sent)
+            if hb.get("epochs"):
+                # handled like a push, in the background: a slow table reload must
+                # never hold up the next heartbeat (the lease would run out)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._handle_push,
+                                         {"push": "epochs", "epochs": hb["epochs"]})
 
     async def _handle_push(self, msg: dict[str, Any]) -> None:
         try:

@@ -22,6 +22,7 @@ from controller.client import ConnectionLost, open_controller
 from controller.election import Leader
 from controller.group import GroupConfig, Member
 from controller.server import Server, serve_listeners
+from virtfs.agent import Session
 
 
 @asynccontextmanager
@@ -121,3 +122,17 @@ def test_a_standby_never_names_itself_as_the_leader() -> None:
     m.leader = Leader("c2", other, 66, 8)
     assert m.leadership() == (False, other)
 
+
+def test_an_agent_tries_the_member_it_lost_last_at_the_end() -> None:
+    """A leader cut off from the network answers no connect either: an agent that lost
+    it tries the others first (docs/ha.md), not after a hello timeout on it."""
+    a, b, c = "tcp://10.0.0.1:7800", "tcp://10.0.0.2:7800", "tcp://10.0.0.3:7800"
+    s = Session(f"{a},{b},{c}", "/m")
+    assert s.addrs_to_try() == f"{a},{b},{c}"
+    s.lost_addr = a
+    assert s.addrs_to_try() == f"{b},{c},{a}"
+    s.lost_addr = "tcp://10.0.0.9:7800"  # a leader a standby named, not in the list
+    assert s.addrs_to_try() == f"{a},{b},{c}"
+    one = Session(a, "/m")
+    one.lost_addr = a
+    assert one.addrs_to_try() == a
