@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from controller.client import Client, ConnectionLost, Refused, open_controller
+from controller.client import Client, ConnectionLost, NoLeader, Refused, open_controller
 from controller.protocol import E_NOT_LEADER, RemoteError
 from controller.transport import ClientSecurity, split_addrs
 
@@ -56,6 +56,8 @@ class Session:
         self.outages = OutageLog(f"the controller at {addr}")  # when to say it is away
         self.last_error = ""  # why the last attempt failed (for the mount's messages)
         self.lost_addr: str | None = None  # the address whose connection we lost last
+        self.lost_at = -1.0  # when (trio's clock); skip_lost: leave lost_addr out for now
+        self.skip_lost = False
 
     def lease_valid(self) -> bool:
         return trio.current_time() < self.lease_until
@@ -92,6 +94,8 @@ class Session:
             except (ConnectionLost, OSError, trio.TooSlowError, RemoteError) as e:
                 refusals = 0
                 self._outage(e)
+                if self.skip_lost and not (isinstance(e, NoLeader) and e.answered):
+                    self.skip_lost = False  # no other member answered: try it too
             except Exception:
                 # a bug, not an outage: say so loudly, but keep the mount's session
                 log.exception("session with the controller at %s failed; reconnecting",
@@ -152,17 +156,22 @@ class Session:
             try:
                 await self._heartbeats(client)
             finally:
-                self.lost_addr = client.addr
+                self.lost_addr, self.lost_at, self.skip_lost = (
+                    client.addr, trio.current_time(), True)
 
     def addrs_to_try(self) -> str:
         """The addresses to (re)connect to, in order: a group's list (docs/ha.md) with
-        the member whose connection we lost last moved to the end. A leader cut off
-        from the network answers neither a heartbeat nor a connect, and trying it first
-        would cost a hello timeout (5 s) before the new leader, past a short lease."""
+        the member whose connection we lost last moved to the end, or left out while
+        skip_lost says so (the others answer, within a lease of the loss). A leader cut
+        off from the network answers neither a heartbeat nor a connect: each attempt
+        that tried it would cost a hello timeout (5 s) before the new leader, past a
+        short lease. If it still leads, the others name it, and the client goes there
+        all the same."""
         addrs = split_addrs(self.addr)
         if self.lost_addr in addrs and len(addrs) > 1:
             addrs.remove(self.lost_addr)
-            addrs.append(self.lost_addr)
+            if not (self.skip_lost and trio.current_time() < self.lost_at + self.lease):
+                addrs.append(self.lost_addr)
         return ",".join(addrs)
 
     async def _heartbeats(self, client: Client) -> None:

@@ -18,7 +18,7 @@ import trio
 from rig import BIN, ControllerProc, run_vdctl
 
 from controller import protocol as P
-from controller.client import ConnectionLost, open_controller
+from controller.client import ConnectionLost, NoLeader, open_controller
 from controller.election import Leader
 from controller.group import GroupConfig, Member
 from controller.server import Server, serve_listeners
@@ -62,6 +62,11 @@ async def test_a_client_goes_on_to_the_leader_a_standby_names(controller: Contro
         assert msg.startswith("no leader among the controllers: "), msg
         assert gone in msg and "No such file or directory" in msg, msg
         assert f"{s2}: not the leader, and no leader is elected yet" in msg, msg
+        assert isinstance(ei.value, NoLeader) and ei.value.answered  # s2 answered
+        with pytest.raises(NoLeader) as nl:
+            async with open_controller(f"{gone},{gone}x"):
+                pass
+        assert not nl.value.answered
 
 
 async def test_a_standby_answers_hello_with_the_leaders_address(tmp_path: Path) -> None:
@@ -123,16 +128,22 @@ def test_a_standby_never_names_itself_as_the_leader() -> None:
     assert m.leadership() == (False, other)
 
 
-def test_an_agent_tries_the_member_it_lost_last_at_the_end() -> None:
+async def test_an_agent_tries_the_member_it_lost_last_at_the_end() -> None:
     """A leader cut off from the network answers no connect either: an agent that lost
-    it tries the others first (docs/ha.md), not after a hello timeout on it."""
+    it leaves it out while the others answer, for a lease at most, then tries it last
+    (docs/ha.md); never a hello timeout on it before the new leader."""
     a, b, c = "tcp://10.0.0.1:7800", "tcp://10.0.0.2:7800", "tcp://10.0.0.3:7800"
     s = Session(f"{a},{b},{c}", "/m")
+    s.lease = 6.0
     assert s.addrs_to_try() == f"{a},{b},{c}"
-    s.lost_addr = a
+    s.lost_addr, s.lost_at, s.skip_lost = a, trio.current_time(), True
+    assert s.addrs_to_try() == f"{b},{c}"
+    s.skip_lost = False  # no other member answered
+    assert s.addrs_to_try() == f"{b},{c},{a}"
+    s.skip_lost, s.lost_at = True, trio.current_time() - 6.0  # a lease ago
     assert s.addrs_to_try() == f"{b},{c},{a}"
     s.lost_addr = "tcp://10.0.0.9:7800"  # a leader a standby named, not in the list
     assert s.addrs_to_try() == f"{a},{b},{c}"
     one = Session(a, "/m")
-    one.lost_addr = a
+    one.lost_addr, one.lost_at, one.skip_lost = a, trio.current_time(), True
     assert one.addrs_to_try() == a
