@@ -310,7 +310,18 @@ def _no_leader(failures: list[tuple[str, ConnectionLost]]) -> ConnectionLost:
             return e
     text = "; ".join(e.message if a in e.message else f"{a}: {e.message}"
                      for a, e in failures)
-    return ConnectionLost(f"no leader among the controllers: {text}")
+    return NoLeader(f"no leader among the controllers: {text}",
+                    answered=any(isinstance(e, NotLeader) for _a, e in failures))
+
+
+class NoLeader(ConnectionLost):
+    """No address of a group served (open_controller); answered: whether a member
+    answered hello ("not the leader"), so the group is there, only without a leader
+    yet (or one we did not reach)."""
+
+    def __init__(self, message: str, *, answered: bool) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 @asynccontextmanager

@@ -110,10 +110,16 @@ class Member:
         self._roster_changed.set()
 
     def leadership(self) -> tuple[bool, str | None]:
-        """For Server(leader=...): (we lead and serve, the leader's address)."""
+        """For Server(leader=...): (we lead and serve, the leader's address).
+
+        A member that does not lead never names itself: after its term ended, its
+        watch of the leader key may still show its own term (cut off from etcd, it
+        hears of no change), and "the leader is <me>" would send clients in a loop."""
         if self.dispatcher is not None and self.term is not None and self.term.leads():
             return True, self.advertise
-        return False, (self.leader.address or None) if self.leader is not None else None
+        if self.leader is None or self.leader.address == self.advertise:
+            return False, None
+        return False, self.leader.address or None
 
     async def dispatch(self, op: str, args: dict[str, Any], conn: Any) -> Any:
         """The server's dispatch: the service's while we lead, else not_leader. Each

@@ -158,7 +158,8 @@ def check_logs(request: pytest.FixtureRequest):
 class Pki:
     """A test CA with certificates made by openssl (docs/security.md's recipe).
 
-    server: CN and SANs 127.0.0.1, ::1 and the multi-host test's 10.77.1.1, 10.77.2.1;
+    server: CN and SANs 127.0.0.1, ::1 and the multi-host tests' 10.77.1.1, 10.77.2.1 and
+    10.77.3.1 (the controllers' addresses in their network namespaces);
     client: signed by ca; rogue_*: a client certificate from another CA;
     token: a 0600 file with a 64-hex-digit token.
     """
@@ -207,7 +208,8 @@ def make_pki(d: Path) -> Pki:
         _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
                  f"/CN={ca}", *_addext(CA_EXT), "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
                  cwd=d)
-    for name, ca, san in (("srv", "ca", "IP:127.0.0.1,IP:::1,IP:10.77.1.1,IP:10.77.2.1"),
+    for name, ca, san in (("srv", "ca", "IP:127.0.0.1,IP:::1,IP:10.77.1.1,IP:10.77.2.1,"
+                                 "IP:10.77.3.1"),
                           ("client", "ca", "DNS:agent"), ("rogue", "rogue-ca", "DNS:agent")):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj",
                  f"/CN={'127.0.0.1' if name == 'srv' else name}", "-addext",

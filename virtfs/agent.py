@@ -15,9 +15,9 @@ from typing import Any
 
 import trio
 
-from controller.client import Client, ConnectionLost, Refused, open_controller
+from controller.client import Client, ConnectionLost, NoLeader, Refused, open_controller
 from controller.protocol import E_NOT_LEADER, RemoteError
-from controller.transport import ClientSecurity
+from controller.transport import ClientSecurity, split_addrs
 
 from .outage import OutageLog
 
@@ -55,6 +55,9 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self.outages = OutageLog(f"the controller at {addr}")  # when to say it is away
         self.last_error = ""  # why the last attempt failed (for the mount's messages)
+        self.lost_addr: str | None = None  # the address whose connection we lost last
+        self.lost_at = -1.0  # when (trio's clock); skip_lost: leave lost_addr out for now
+        self.skip_lost = False
 
     def lease_valid(self) -> bool:
         return trio.current_time() < self.lease_until
@@ -91,6 +94,8 @@ class Session:
             except (ConnectionLost, OSError, trio.TooSlowError, RemoteError) as e:
                 refusals = 0
                 self._outage(e)
+                if self.skip_lost and not (isinstance(e, NoLeader) and e.answered):
+                    self.skip_lost = False  # no other member answered: try it too
             except Exception:
                 # a bug, not an outage: say so loudly, but keep the mount's session
                 log.exception("session with the controller at %s failed; reconnecting",
@@ -123,7 +128,8 @@ class Session:
             assert self._nursery is not None
             self._nursery.start_soon(self._handle_push, msg)
 
-        async with open_controller(self.addr, role="agent", name=f"agent@{socket.gethostname()}",
+        async with open_controller(self.addrs_to_try(), role="agent",
+                                   name=f"agent@{socket.gethostname()}",
                                    on_push=push, timeout=5.0,
                                    security=self.security) as client:
             self._ack_client = client  # pushes may arrive (and need acks) during a reload
@@ -147,22 +153,45 @@ class Session:
             self._up.set()
             if task_status is not None:
                 task_status.started()
-            while True:
-                # wake early when the connection drops, to reconnect at once rather than
-                # at the next heartbeat (calls meanwhile would fail against the dead link)
-                with trio.move_on_after(self.lease / 3):
-                    await client.closed_event.wait()
-                if client.closed:
-                    raise ConnectionLost(client.close_reason or "connection lost")
-                sent = trio.current_time()
-                hb = await client.call("agent.heartbeat", timeout=self.lease / 2)
-                self._renew(sent)
-                if hb.get("epochs"):
-                    # handled like a push, in the background: a slow table reload must
-                    # never hold up the next heartbeat (the lease would run out)
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._handle_push,
-                                             {"push": "epochs", "epochs": hb["epochs"]})
+            try:
+                await self._heartbeats(client)
+            finally:
+                self.lost_addr, self.lost_at, self.skip_lost = (
+                    client.addr, trio.current_time(), True)
+
+    def addrs_to_try(self) -> str:
+        """The addresses to (re)connect to, in order: a group's list (docs/ha.md) with
+        the member whose connection we lost last moved to the end, or left out while
+        skip_lost says so (the others answer, within a lease of the loss). A leader cut
+        off from the network answers neither a heartbeat nor a connect: each attempt
+        that tried it would cost a hello timeout (5 s) before the new leader, past a
+        short lease. If it still leads, the others name it, and the client goes there
+        all the same."""
+        addrs = split_addrs(self.addr)
+        if self.lost_addr in addrs and len(addrs) > 1:
+            addrs.remove(self.lost_addr)
+            if not (self.skip_lost and trio.current_time() < self.lost_at + self.lease):
+                addrs.append(self.lost_addr)
+        return ",".join(addrs)
+
+    async def _heartbeats(self, client: Client) -> None:
+        """Renew the lease for ever; raises when the connection is lost."""
+        while True:
+            # wake early when the connection drops, to reconnect at once rather than
+            # at the next heartbeat (calls meanwhile would fail against the dead link)
+            with trio.move_on_after(self.lease / 3):
+                await client.closed_event.wait()
+            if client.closed:
+                raise ConnectionLost(client.close_reason or "connection lost")
+            sent = trio.current_time()
+            hb = await client.call("agent.heartbeat", timeout=self.lease / 2)
+            self._renew(sent)
+            if hb.get("epochs"):
+                # handled like a push, in the background: a slow table reload must
+                # never hold up the next heartbeat (the lease would run out)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._handle_push,
+                                         {"push": "epochs", "epochs": hb["epochs"]})
 
     async def _handle_push(self, msg: dict[str, Any]) -> None:
         try:

@@ -11,14 +11,18 @@ import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
 from rig import BIN, ControllerProc, run_vdctl
 
 from controller import protocol as P
-from controller.client import ConnectionLost, open_controller
+from controller.client import ConnectionLost, NoLeader, open_controller
+from controller.election import Leader
+from controller.group import GroupConfig, Member
 from controller.server import Server, serve_listeners
+from virtfs.agent import Session
 
 
 @asynccontextmanager
@@ -58,6 +62,11 @@ async def test_a_client_goes_on_to_the_leader_a_standby_names(controller: Contro
         assert msg.startswith("no leader among the controllers: "), msg
         assert gone in msg and "No such file or directory" in msg, msg
         assert f"{s2}: not the leader, and no leader is elected yet" in msg, msg
+        assert isinstance(ei.value, NoLeader) and ei.value.answered  # s2 answered
+        with pytest.raises(NoLeader) as nl:
+            async with open_controller(f"{gone},{gone}x"):
+                pass
+        assert not nl.value.answered
 
 
 async def test_a_standby_answers_hello_with_the_leaders_address(tmp_path: Path) -> None:
@@ -103,3 +112,38 @@ def test_a_bad_address_list_is_refused_with_its_reason(bad: str, tmp_path: Path)
     p = subprocess.run([str(BIN / "virtfs-mount"), str(mnt), "--controller", bad],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "bad address" in p.stderr.strip().splitlines()[-1], p.stderr
+
+
+def test_a_standby_never_names_itself_as_the_leader() -> None:
+    """A member whose term ended may still see its own term on the leader key (cut off
+    from etcd, it hears of no change): it says no leader is known rather than sending
+    clients back to itself (seen in tests/multihost/test_group_netns.py)."""
+    me, other = "tcp://10.0.0.1:7800", "tcp://10.0.0.2:7800"
+    m = Member(SimpleNamespace(client=None),  # type: ignore[arg-type]
+               GroupConfig(etcd="http://127.0.0.1:1", advertise=me))
+    assert m.leadership() == (False, None)
+    m.leader = Leader("c1", me, 3, 7)
+    assert m.leadership() == (False, None)
+    m.leader = Leader("c2", other, 66, 8)
+    assert m.leadership() == (False, other)
+
+
+async def test_an_agent_tries_the_member_it_lost_last_at_the_end() -> None:
+    """A leader cut off from the network answers no connect either: an agent that lost
+    it leaves it out while the others answer, for a lease at most, then tries it last
+    (docs/ha.md); never a hello timeout on it before the new leader."""
+    a, b, c = "tcp://10.0.0.1:7800", "tcp://10.0.0.2:7800", "tcp://10.0.0.3:7800"
+    s = Session(f"{a},{b},{c}", "/m")
+    s.lease = 6.0
+    assert s.addrs_to_try() == f"{a},{b},{c}"
+    s.lost_addr, s.lost_at, s.skip_lost = a, trio.current_time(), True
+    assert s.addrs_to_try() == f"{b},{c}"
+    s.skip_lost = False  # no other member answered
+    assert s.addrs_to_try() == f"{b},{c},{a}"
+    s.skip_lost, s.lost_at = True, trio.current_time() - 6.0  # a lease ago
+    assert s.addrs_to_try() == f"{b},{c},{a}"
+    s.lost_addr = "tcp://10.0.0.9:7800"  # a leader a standby named, not in the list
+    assert s.addrs_to_try() == f"{a},{b},{c}"
+    one = Session(a, "/m")
+    one.lost_addr, one.lost_at, one.skip_lost = a, trio.current_time(), True
+    assert one.addrs_to_try() == a
