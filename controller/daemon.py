@@ -22,6 +22,7 @@ from .client import single_leaf
 from .etcd import etcd_security, parse_endpoints
 from .frames import JournalCorrupt  # virtfs.mount's too
 from .group import DEFAULT_GROUP, GroupConfig, GroupTerm, lead_for_ever, open_group
+from .groupmetrics import GroupMetrics
 from .grouprecovery import GroupRecovery
 from .groupstore import open_group_journal
 from .journal import Journal
@@ -140,6 +141,8 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
                 if journal.durable_seq == rec.state.seq:
                     journal.checkpoint_now_sync()
         finally:
+            if cm is not None:
+                cm.close()  # a group member's registry outlives the term
             journal.close()
             for addr in addrs:
                 if addr.startswith("unix:"):
@@ -175,19 +178,26 @@ async def _run(state_dir: str, listen: list[str], lease: float,
 
 
 async def _run_group(cfg: GroupConfig, state_dir: str, listen: list[str], lease: float,
-                     security: ServerSecurity | None, max_connections: int) -> None:
+                     security: ServerSecurity | None, max_connections: int,
+                     metrics: str | None = None) -> None:
     """A member of a controller group (controller/group.py) until SIGINT/SIGTERM/SIGHUP:
     a standby that answers not_leader until elected, then the leader, and a standby
-    again if its term ends. A clean stop resigns, so another member takes over at once."""
+    again if its term ends. A clean stop resigns, so another member takes over at once.
+    metrics: HOST:PORT to serve the member's metrics at for its whole life (its own,
+    controller/groupmetrics.py, and its service's while it leads)."""
+    registry = metrics_http.new_registry() if metrics is not None else None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with open_group(cfg) as (election, member):
             member.state_dir = state_dir
             server = Server(member.dispatch, security=security,
                             max_connections=max_connections, leader=member.leadership)
+            gm = GroupMetrics(registry, member) if registry is not None else None
 
             async def serve(gt: GroupTerm) -> None:
-                async with open_controller_service(state_dir, lease=lease, group=gt) as svc:
-                    member.serving(gt, svc.serve)
+                async with open_controller_service(state_dir, lease=lease, group=gt,
+                                                   metrics=registry) as svc:
+                    journal = svc.journal
+                    member.serving(gt, svc.serve, lambda: journal.durable_seq)
                     status = (f"leading group {cfg.group} (term {gt.term.token}), serving "
                               f"{', '.join(listen)}")
                     print(f"virtfs-controller: {status}", file=sys.stderr, flush=True)
@@ -196,6 +206,11 @@ async def _run_group(cfg: GroupConfig, state_dir: str, listen: list[str], lease:
 
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_listeners, server, listen)
+                if metrics is not None and registry is not None and gm is not None:
+                    nursery.start_soon(gm.run)
+                    host, port = metrics_http.serve(metrics, registry)
+                    print(f"virtfs-controller: metrics at http://{host}:{port}/metrics",
+                          file=sys.stderr, flush=True)
                 standby = (f"member {election.member_id} of group {cfg.group} (etcd "
                            f"{cfg.etcd}), listening on {', '.join(listen)}; a standby "
                            "until elected")
@@ -296,8 +311,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.listen:
             p.error("--etcd needs --listen (each member of a group listens where its own "
                     "--listen says)")
-        if args.metrics is not None:
-            p.error("--metrics is not available with --etcd yet")
         advertise = args.advertise or listen[0]
         try:
             parse_addr(advertise)
@@ -342,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(str(e))
         if group is not None:
             trio.run(_run_group, group, state_dir, listen, args.lease, security,
-                     args.max_connections)
+                     args.max_connections, args.metrics)
         else:
             trio.run(_run, state_dir, listen, args.lease, security, args.max_connections,
                      args.metrics)
