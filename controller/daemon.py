@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import logging
 import os
 import signal
@@ -17,6 +15,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import __version__, metrics_http, sdnotify
+from .adoption import refuse_group_dir
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
 from .etcd import etcd_security, parse_endpoints
@@ -30,7 +29,7 @@ from .metrics import ControllerMetrics
 from .recovery import Recovery, recover
 from .server import MAX_CONNECTIONS, TCP_NEEDS, Server, serve_listeners
 from .service import Service
-from .statedir import LOCK, default_socket, default_state_dir
+from .statedir import StateDirBusy, default_socket, default_state_dir, lock_state_dir
 from .transport import SecurityConfigError, ServerSecurity, parse_addr, server_security
 
 log = logging.getLogger("virtfs.controller")
@@ -39,39 +38,6 @@ log = logging.getLogger("virtfs.controller")
 # 2.6 s with it (p99 of 20, bench.run failover), inside the agents' 10 s lease; 5.6 s
 # with 5 s
 DEFAULT_ETCD_TTL = 2
-
-
-class StateDirBusy(Exception):
-    pass
-
-
-def lock_state_dir(state_dir: str) -> int:
-    """An exclusive flock on STATE_DIR/lock, held for the process's life. Absolute path.
-
-    Makes the dir (0700) if it is missing, and an existing one 0700 (with a warning)
-    if group or others had any access. Raises StateDirBusy, OSError."""
-    if os.path.exists(state_dir) and not os.path.isdir(state_dir):
-        raise StateDirBusy(f"state dir {state_dir} exists and is not a directory")
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    mode = os.stat(state_dir).st_mode & 0o777
-    if mode & 0o077:
-        # the journal says where every disk's data lies, and the socket takes admin
-        # requests from whoever can reach it: owner only, as a new state dir is made
-        os.chmod(state_dir, 0o700)
-        log.warning("state dir %s was mode %04o; made it 0700 (owner only)", state_dir, mode)
-    fd = os.open(os.path.join(state_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise StateDirBusy(f"state dir {state_dir} is in use by another controller "
-                               f"(pid {holder})") from None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 @asynccontextmanager
@@ -90,8 +56,10 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
     metrics: a registry to add the controller's metrics to (the caller serves it).
     group: the leader of a controller group serves in this term (controller/group.py):
     no listeners of its own (the member's server dispatches to Service.dispatch), no
-    state dir lock (the term's token fences, docs/ha.md), and once the term has
-    ended nothing more is written at the stop (no checkpoint, the agents' marker kept).
+    state dir lock (the term's token fences, docs/ha.md; only the first term takes it
+    while it adopts a standalone's journal, controller/adoption.py), and once the term
+    has ended nothing more is written at the stop (no checkpoint, the agents' marker
+    kept). Without group, StateDirBusy if state_dir holds a group's files.
     """
     lock_fd = lock_state_dir(state_dir) if group is None else -1
     try:
@@ -100,6 +68,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
             kw["checkpoint_bytes"] = checkpoint_bytes
         rec: Recovery | GroupRecovery
         if group is None:
+            refuse_group_dir(state_dir)  # a group's state is past what its files say
             local = recover(state_dir)
             if local.truncated_at is not None:
                 log.warning("journal: torn tail at offset %d dropped (%d bytes)",
