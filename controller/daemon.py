@@ -159,7 +159,8 @@ async def _run_group(cfg: GroupConfig, state_dir: str, listen: list[str], lease:
         async with open_group(cfg) as (election, member):
             member.state_dir = state_dir
             server = Server(member.dispatch, security=security,
-                            max_connections=max_connections, leader=member.leadership)
+                            max_connections=max_connections, leader=member.leadership,
+                            term=member.term_token)
             gm = GroupMetrics(registry, member) if registry is not None else None
 
             async def serve(gt: GroupTerm) -> None:

@@ -114,6 +114,10 @@ class Member:
         self.since = time.time()
         self._roster_changed.set()
 
+    def term_token(self) -> int:
+        """For Server(term=...): the token of the term we serve in, 0 while a standby."""
+        return self.term.term.token if self.term is not None else 0
+
     def leadership(self) -> tuple[bool, str | None]:
         """For Server(leader=...): (we lead and serve, the leader's address)."""
         if self.dispatcher is not None and self.term is not None and self.term.leads():

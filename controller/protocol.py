@@ -5,6 +5,9 @@ A frame is a 4-byte big-endian length and a msgpack map. Requests are
 "result": ...}`` or ``{"id": int, "ok": false, "error": {"code", "message"}}``.
 The first request on a connection must be ``hello`` with ``PROTOCOL_VERSION``.
 The server may also send unsolicited ``{"push": str, ...}`` frames to agents.
+A group's leader adds ``"term": TOKEN`` to every reply and push (absent, or 0, from a
+controller that runs alone); agents refuse frames of a lower term than they have seen
+(client.TermFloor, docs/ha.md "Agents check the term").
 Table entries and their compact wire form are in ``rows`` (re-exported here).
 """
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from controller.client import Client, ConnectionLost, Refused, open_controller
+from controller.client import Client, ConnectionLost, Refused, TermFloor, open_controller
 from controller.protocol import E_NOT_LEADER, RemoteError
 from controller.transport import ClientSecurity
 
@@ -55,6 +55,9 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self.outages = OutageLog(f"the controller at {addr}")  # when to say it is away
         self.last_error = ""  # why the last attempt failed (for the mount's messages)
+        # the highest leader term seen, across reconnections: replies and pushes of an
+        # older term (a deposed leader's) are refused (docs/ha.md)
+        self.terms = TermFloor()
 
     def lease_valid(self) -> bool:
         return trio.current_time() < self.lease_until
@@ -125,7 +128,7 @@ class Session:
 
         async with open_controller(self.addr, role="agent", name=f"agent@{socket.gethostname()}",
                                    on_push=push, timeout=5.0,
-                                   security=self.security) as client:
+                                   security=self.security, terms=self.terms) as client:
             self._ack_client = client  # pushes may arrive (and need acks) during a reload
             sent = trio.current_time()
             reg = await client.call("agent.register", name=f"{socket.gethostname()}:{self.mount}",
