@@ -11,6 +11,7 @@ TLS contexts are in ``transport`` (shared with the server).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import ssl
@@ -34,6 +35,8 @@ from .transport import (
     split_addrs,
     split_host_port,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -89,10 +92,47 @@ class Refused(ConnectionLost):
         P.RemoteError.__init__(self, code, message)
 
 
+class TermFloor:
+    """The highest leader term a client has seen in a reply or push, kept across its
+    reconnections (an agent's Session holds one; docs/ha.md "Agents check the term").
+
+    A group's leader stamps every reply and push with its term's token (``"term"``,
+    controller/server.py); tokens grow with each new term. A frame stamped with a
+    term below the highest seen comes from a leader that has been replaced: the client
+    refuses it, and the connection it came on (its caller reconnects and retries, as
+    after not_leader). A frame with no term (0: a controller that runs alone, or a
+    standby's not_leader) is taken as before.
+    """
+
+    def __init__(self) -> None:
+        self.highest = 0
+        self.refused = 0  # frames refused
+
+    def admit(self, term: object) -> bool:
+        """Whether a frame stamped term (None: no stamp) may be acted on; a higher term
+        raises the floor. False for a term below it, or one that is not an int >= 0."""
+        if term is None:
+            term = 0
+        if not isinstance(term, int) or isinstance(term, bool) or term < 0:
+            self.refused += 1
+            return False
+        if term == 0:
+            return True
+        if term < self.highest:
+            self.refused += 1
+            return False
+        self.highest = term
+        return True
+
+
 class Client:
-    def __init__(self, stream: trio.abc.Stream, on_push: Callable[[dict[str, Any]], Any] | None):
+    def __init__(self, stream: trio.abc.Stream, on_push: Callable[[dict[str, Any]], Any] | None,
+                 terms: TermFloor | None = None):
+        """terms: refuse frames of an older leader term than it has seen (agents);
+        None: no check (vdctl)."""
         self.stream = stream
         self.on_push = on_push
+        self.terms = terms
         self._next_id = 1
         self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._send_lock = trio.Lock()
@@ -118,6 +158,15 @@ class Client:
                     break
                 if not isinstance(msg, dict):
                     continue
+                if self.terms is not None and not self.terms.admit(msg.get("term")):
+                    # a deposed leader's: act on none of it, and leave this link (every
+                    # waiting call gets ConnectionLost; the caller reconnects and retries)
+                    self.close_reason = (f"a reply or push of leader term "
+                                         f"{msg.get('term')!r}, older than term "
+                                         f"{self.terms.highest} seen: not the leader")
+                    log.warning("controller at %s: %s; reconnecting", self.addr or "?",
+                                self.close_reason)
+                    break
                 if "push" in msg:
                     if self.on_push is not None:
                         await self.on_push(msg)
@@ -239,7 +288,8 @@ def single_leaf(eg: BaseExceptionGroup) -> BaseException | None:
 async def open_controller(addr: str, *, role: str = "admin", name: str = "",
                           on_push: Callable[[dict[str, Any]], Any] | None = None,
                           timeout: float = DEFAULT_TIMEOUT,
-                          security: ClientSecurity | None = None) -> AsyncIterator[Client]:
+                          security: ClientSecurity | None = None,
+                          terms: TermFloor | None = None) -> AsyncIterator[Client]:
     """A Client connected to the controller at addr and past hello (as role), for the
     block's duration; its ``addr`` is the address it reached.
 
@@ -247,6 +297,8 @@ async def open_controller(addr: str, *, role: str = "admin", name: str = "",
     are tried in order; a controller that does not lead its group answers hello with
     E_NOT_LEADER naming the leader, which is tried next (at most MAX_REDIRECTS times).
     security: required for tcp:// (its token goes in hello); ignored for unix:.
+    terms: the caller's TermFloor (an agent's): frames of an older leader term are
+    refused, hello's answer too (that address then counts as not serving).
     Raises ConnectionLost if no controller can be reached (a slow connect or TLS
     handshake too) or one cuts us off, naming each address's error; Refused (a
     ConnectionLost; code unauthorized on a wrong token) if one turned us away and no
@@ -267,7 +319,7 @@ async def open_controller(addr: str, *, role: str = "admin", name: str = "",
         try:
             client = await stack.enter_async_context(
                 _open_one(a, role=role, name=name, on_push=on_push, timeout=timeout,
-                          security=security))
+                          security=security, terms=terms))
         except NotLeader as e:
             failures.append((a, e))
             if e.leader and e.leader not in tried and redirects < MAX_REDIRECTS:
@@ -327,7 +379,8 @@ class NoLeader(ConnectionLost):
 @asynccontextmanager
 async def _open_one(addr: str, *, role: str, name: str,
                     on_push: Callable[[dict[str, Any]], Any] | None, timeout: float,
-                    security: ClientSecurity | None) -> AsyncIterator[Client]:
+                    security: ClientSecurity | None,
+                    terms: TermFloor | None = None) -> AsyncIterator[Client]:
     """open_controller for one address; NotLeader if it does not lead its group."""
     try:
         with trio.fail_after(timeout):
@@ -335,7 +388,7 @@ async def _open_one(addr: str, *, role: str, name: str,
     except (OSError, trio.TooSlowError) as e:
         raise ConnectionLost(f"cannot connect to the controller at {addr}: "
                              f"{getattr(e, 'strerror', None) or e}") from None
-    client = Client(stream, on_push)
+    client = Client(stream, on_push, terms)
     client.addr = addr
     try:
         async with trio.open_nursery() as nursery:

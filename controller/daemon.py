@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import logging
 import os
 import signal
@@ -17,11 +15,13 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import __version__, metrics_http, sdnotify
+from .adoption import refuse_group_dir
 from .agents import DEFAULT_LEASE
 from .client import single_leaf
 from .etcd import etcd_security, parse_endpoints
 from .frames import JournalCorrupt  # virtfs.mount's too
 from .group import DEFAULT_GROUP, GroupConfig, GroupTerm, lead_for_ever, open_group
+from .groupmetrics import GroupMetrics
 from .grouprecovery import GroupRecovery
 from .groupstore import open_group_journal
 from .journal import Journal
@@ -29,7 +29,7 @@ from .metrics import ControllerMetrics
 from .recovery import Recovery, recover
 from .server import MAX_CONNECTIONS, TCP_NEEDS, Server, serve_listeners
 from .service import Service
-from .statedir import LOCK, default_socket, default_state_dir
+from .statedir import StateDirBusy, default_socket, default_state_dir, lock_state_dir
 from .transport import SecurityConfigError, ServerSecurity, parse_addr, server_security
 
 log = logging.getLogger("virtfs.controller")
@@ -38,39 +38,6 @@ log = logging.getLogger("virtfs.controller")
 # 2.6 s with it (p99 of 20, bench.run failover), inside the agents' 10 s lease; 5.6 s
 # with 5 s
 DEFAULT_ETCD_TTL = 2
-
-
-class StateDirBusy(Exception):
-    pass
-
-
-def lock_state_dir(state_dir: str) -> int:
-    """An exclusive flock on STATE_DIR/lock, held for the process's life. Absolute path.
-
-    Makes the dir (0700) if it is missing, and an existing one 0700 (with a warning)
-    if group or others had any access. Raises StateDirBusy, OSError."""
-    if os.path.exists(state_dir) and not os.path.isdir(state_dir):
-        raise StateDirBusy(f"state dir {state_dir} exists and is not a directory")
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    mode = os.stat(state_dir).st_mode & 0o777
-    if mode & 0o077:
-        # the journal says where every disk's data lies, and the socket takes admin
-        # requests from whoever can reach it: owner only, as a new state dir is made
-        os.chmod(state_dir, 0o700)
-        log.warning("state dir %s was mode %04o; made it 0700 (owner only)", state_dir, mode)
-    fd = os.open(os.path.join(state_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise StateDirBusy(f"state dir {state_dir} is in use by another controller "
-                               f"(pid {holder})") from None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 @asynccontextmanager
@@ -89,8 +56,10 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
     metrics: a registry to add the controller's metrics to (the caller serves it).
     group: the leader of a controller group serves in this term (controller/group.py):
     no listeners of its own (the member's server dispatches to Service.dispatch), no
-    state dir lock (the term's token fences, docs/ha.md), and once the term has
-    ended nothing more is written at the stop (no checkpoint, the agents' marker kept).
+    state dir lock (the term's token fences, docs/ha.md; only the first term takes it
+    while it adopts a standalone's journal, controller/adoption.py), and once the term
+    has ended nothing more is written at the stop (no checkpoint, the agents' marker
+    kept). Without group, StateDirBusy if state_dir holds a group's files.
     """
     lock_fd = lock_state_dir(state_dir) if group is None else -1
     try:
@@ -99,6 +68,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
             kw["checkpoint_bytes"] = checkpoint_bytes
         rec: Recovery | GroupRecovery
         if group is None:
+            refuse_group_dir(state_dir)  # a group's state is past what its files say
             local = recover(state_dir)
             if local.truncated_at is not None:
                 log.warning("journal: torn tail at offset %d dropped (%d bytes)",
@@ -140,6 +110,8 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
                 if journal.durable_seq == rec.state.seq:
                     journal.checkpoint_now_sync()
         finally:
+            if cm is not None:
+                cm.close()  # a group member's registry outlives the term
             journal.close()
             for addr in addrs:
                 if addr.startswith("unix:"):
@@ -175,19 +147,27 @@ async def _run(state_dir: str, listen: list[str], lease: float,
 
 
 async def _run_group(cfg: GroupConfig, state_dir: str, listen: list[str], lease: float,
-                     security: ServerSecurity | None, max_connections: int) -> None:
+                     security: ServerSecurity | None, max_connections: int,
+                     metrics: str | None = None) -> None:
     """A member of a controller group (controller/group.py) until SIGINT/SIGTERM/SIGHUP:
     a standby that answers not_leader until elected, then the leader, and a standby
-    again if its term ends. A clean stop resigns, so another member takes over at once."""
+    again if its term ends. A clean stop resigns, so another member takes over at once.
+    metrics: HOST:PORT to serve the member's metrics at for its whole life (its own,
+    controller/groupmetrics.py, and its service's while it leads)."""
+    registry = metrics_http.new_registry() if metrics is not None else None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with open_group(cfg) as (election, member):
             member.state_dir = state_dir
             server = Server(member.dispatch, security=security,
-                            max_connections=max_connections, leader=member.leadership)
+                            max_connections=max_connections, leader=member.leadership,
+                            term=member.term_token)
+            gm = GroupMetrics(registry, member) if registry is not None else None
 
             async def serve(gt: GroupTerm) -> None:
-                async with open_controller_service(state_dir, lease=lease, group=gt) as svc:
-                    member.serving(gt, svc.serve)
+                async with open_controller_service(state_dir, lease=lease, group=gt,
+                                                   metrics=registry) as svc:
+                    journal = svc.journal
+                    member.serving(gt, svc.serve, lambda: journal.durable_seq)
                     status = (f"leading group {cfg.group} (term {gt.term.token}), serving "
                               f"{', '.join(listen)}")
                     print(f"virtfs-controller: {status}", file=sys.stderr, flush=True)
@@ -196,6 +176,11 @@ async def _run_group(cfg: GroupConfig, state_dir: str, listen: list[str], lease:
 
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_listeners, server, listen)
+                if metrics is not None and registry is not None and gm is not None:
+                    nursery.start_soon(gm.run)
+                    host, port = metrics_http.serve(metrics, registry)
+                    print(f"virtfs-controller: metrics at http://{host}:{port}/metrics",
+                          file=sys.stderr, flush=True)
                 standby = (f"member {election.member_id} of group {cfg.group} (etcd "
                            f"{cfg.etcd}), listening on {', '.join(listen)}; a standby "
                            "until elected")
@@ -296,8 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.listen:
             p.error("--etcd needs --listen (each member of a group listens where its own "
                     "--listen says)")
-        if args.metrics is not None:
-            p.error("--metrics is not available with --etcd yet")
         advertise = args.advertise or listen[0]
         try:
             parse_addr(advertise)
@@ -342,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(str(e))
         if group is not None:
             trio.run(_run_group, group, state_dir, listen, args.lease, security,
-                     args.max_connections)
+                     args.max_connections, args.metrics)
         else:
             trio.run(_run, state_dir, listen, args.lease, security, args.max_connections,
                      args.metrics)

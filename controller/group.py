@@ -89,6 +89,9 @@ class Member:
         self.stepping_down = trio.Event()  # set by group.step_down: resign now
         self.state_dir = ""  # the shared state dir (set by the daemon)
         self.hot: Standby | None = None  # the hot standby's state, while a standby
+        self.durable_seq: Callable[[], int] | None = None  # the leader's journal's
+        self.elections_won = 0  # terms this member has led (for its metrics)
+        self.step_downs = 0  # terms of its that ended (lost, fenced or handed over)
         self._roster_changed = trio.Event()
 
     @property
@@ -96,18 +99,24 @@ class Member:
         return "leader" if self.dispatcher is not None else "standby"
 
     def serving(self, term: GroupTerm,
-                dispatcher: Callable[[str, dict[str, Any], Any], Awaitable[Any]]) -> None:
-        """We lead in term and serve through dispatcher from now on."""
-        self.term, self.dispatcher = term, dispatcher
+                dispatcher: Callable[[str, dict[str, Any], Any], Awaitable[Any]],
+                durable_seq: Callable[[], int] | None = None) -> None:
+        """We lead in term and serve through dispatcher from now on; durable_seq: the
+        last seq our journal has made durable (the head's, for the metrics)."""
+        self.term, self.dispatcher, self.durable_seq = term, dispatcher, durable_seq
         self._changed()
 
     def standby(self) -> None:
-        self.term = self.dispatcher = None
+        self.term = self.dispatcher = self.durable_seq = None
         self._changed()
 
     def _changed(self) -> None:
         self.since = time.time()
         self._roster_changed.set()
+
+    def term_token(self) -> int:
+        """For Server(term=...): the token of the term we serve in, 0 while a standby."""
+        return self.term.term.token if self.term is not None else 0
 
     def leadership(self) -> tuple[bool, str | None]:
         """For Server(leader=...): (we lead and serve, the leader's address).
@@ -368,6 +377,7 @@ async def lead_for_ever(election: Election, member: Member, serve: LeaderBody,
                         continue
                     log.info("this member leads group %s (term %d)", election.key,
                              term.token)
+                    member.elections_won += 1
                     gt = GroupTerm(election, term, hot)
                     await member.took_over(gt)
                     try:
@@ -389,6 +399,7 @@ async def lead_for_ever(election: Election, member: Member, serve: LeaderBody,
                 raise
             why = "; ".join(sorted({str(x) for x in _leaves(lost)}))
         member.standby()
+        member.step_downs += 1
         n_closed = on_lost()
         log.warning("stepped down: %s; %d connection(s) closed; a standby now", why,
                     n_closed)

@@ -26,6 +26,7 @@ import os
 import trio
 
 from . import faultpoints, frames
+from .adoption import adopt_local_sync, local_files
 from .checkpoint import write_checkpoint
 from .election import Election, Term
 from .etcd import EtcdUnavailable
@@ -44,6 +45,7 @@ from .grouprecovery import (
 from .journal import Journal
 from .journalstore import write_all_sync
 from .state import State
+from .statedir import lock_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,14 @@ class GroupStore:
         repeat) until our own count of the lease says the term may be over."""
         n = await trio.to_thread.run_sync(write_all_sync, fd, batch_frames)
         faultpoints.hit("journal.before_head")
-        value = Head(self.token, last_seq).encode()
+        await self.move_head(last_seq)
+        return n
+
+    async def move_head(self, seq: int) -> None:
+        """Move the head to (token, seq) with a txn fenced by the token; while etcd
+        does not answer, retry (the txn is safe to repeat) until our own count of the
+        lease says the term may be over. Raises LeadershipLost, EtcdError."""
+        value = Head(self.token, seq).encode()
         warned = False
         while True:
             try:
@@ -121,11 +130,10 @@ class GroupStore:
             except EtcdUnavailable as e:
                 self.term.check()  # LeadershipLost once the lease may be gone
                 if not warned:
-                    log.warning("journal head move to seq %d: %s; retrying", last_seq, e)
+                    log.warning("journal head move to seq %d: %s; retrying", seq, e)
                     warned = True
                 await trio.sleep(RETRY_S)
         self.head_moves += 1
-        return n
 
     def checkpoint_name_for(self, seq: int) -> str:
         return checkpoint_file(self.token, seq)
@@ -178,13 +186,41 @@ async def open_group_journal(state_dir: str, election: Election, term: Term,
     start frame. kw: Journal's checkpoint_bytes (and journal_bytes: by default the
     size of the term files replayed, so a long chain is checkpointed soon). Raises EtcdError,
     JournalCorrupt and OSError as recovery and the file's creation do. recovered: the
-    state a hot standby brought to that head (controller/standby.py), used instead."""
+    state a hot standby brought to that head (controller/standby.py), used instead.
+
+    The group's first term (no head yet) on a state dir with a standalone controller's
+    journal adopts it (controller/adoption.py): under the state dir's flock (so
+    StateDirBusy while a standalone controller runs on it), its state becomes this
+    term's checkpoint, and the head moves to it before anything is served."""
     if recovered is None:
         rec = await recover_group(state_dir, election.client, group_prefix(election))
     else:  # a hot standby's state, already brought to the head read after the win
         rec = recovered
+    if rec.head is None and local_files(state_dir):
+        return await _adopt(state_dir, election, term, **kw)
     store = GroupStore(state_dir, election, term, rec.head)
     kw.setdefault("journal_bytes", rec.journal_bytes)
     journal = await trio.to_thread.run_sync(
         lambda: Journal(state_dir, rec.state, store=store, **kw))
+    return journal, rec
+
+
+async def _adopt(state_dir: str, election: Election, term: Term,
+                 **kw: int) -> tuple[Journal, GroupRecovery]:
+    """open_group_journal for a first term that adopts a standalone's journal."""
+    lock_fd = await trio.to_thread.run_sync(lock_state_dir, state_dir)
+    try:
+        rec = await trio.to_thread.run_sync(adopt_local_sync, state_dir, term.token)
+        store = GroupStore(state_dir, election, term, None)  # the chain starts here
+        journal = await trio.to_thread.run_sync(
+            lambda: Journal(state_dir, rec.state, store=store, **kw))
+        try:
+            await store.move_head(rec.state.seq)
+        except BaseException:
+            journal.close()
+            raise
+        rec.head = Head(term.token, rec.state.seq)
+        rec.cuts = {term.token: rec.state.seq}
+    finally:
+        os.close(lock_fd)
     return journal, rec

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.registry import Collector
 
 from . import protocol as P
 from .metrics_http import LATENCY_BUCKETS, REFRESH, Gauges, Snapshot
@@ -25,9 +26,15 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
 class ControllerMetrics:
-    """The controller's metrics in registry, for service."""
+    """The controller's metrics in registry, for service.
+
+    A group member's registry outlives its terms: each term's service registers its
+    own ControllerMetrics and ``close()`` takes them out again when the term ends, so
+    the next term registers the same names without a duplicate-collector error (its
+    counters start again from 0: a reset, which Prometheus's ``rate()`` allows for)."""
 
     def __init__(self, registry: CollectorRegistry, service: Service):
+        self.registry = registry
         self.service = service
         self.ops = Counter("virtfs_controller_ops", "Requests answered, by operation and "
                            "outcome (ok or the error code)", ["op", "code"],
@@ -49,9 +56,18 @@ class ControllerMetrics:
                                         "checkpoints written", registry=registry)
         self.snapshot = Snapshot(self._gauges)
         registry.register(self.snapshot)
+        self._collectors: list[Collector] = [
+            self.ops, self.op_seconds, self.commit_seconds, self.commit_records,
+            self.commit_bytes, self.checkpoint_seconds, self.checkpoint_bytes, self.snapshot]
         j = service.journal
         j.on_commit = self._committed
         j.on_checkpoint = self._checkpointed
+
+    def close(self) -> None:
+        """Take every metric of this service out of the registry (the term ended)."""
+        for c in self._collectors:
+            self.registry.unregister(c)
+        self._collectors = []
 
     def _committed(self, records: int, nbytes: int, seconds: float) -> None:
         self.commit_seconds.observe(seconds)

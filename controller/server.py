@@ -89,7 +89,14 @@ class Connection:
         if self._scope is not None:
             self._scope.cancel()
 
-    async def send(self, msg: dict[str, Any]) -> None:
+    async def send(self, msg: dict[str, Any], term: int | None = None) -> None:
+        """Send one reply or push. A group's leader stamps it with its term token
+        (``"term"``: term, or the term it serves in now when None; none while it does not
+        lead, nor at a controller that runs alone), so agents refuse an older term's
+        (controller/client.py TermFloor, docs/ha.md)."""
+        t = self.server.term_now() if term is None else term
+        if t:
+            msg = {**msg, "term": t}
         data = codec.wire_frame(msg)
         async with self.send_lock:
             if self.closed:
@@ -106,8 +113,8 @@ class Connection:
                          self.peer or "a peer", SEND_TIMEOUT)
                 self.abort()
 
-    async def reply_error(self, rid: Any, err: P.RemoteError) -> None:
-        await self.send({"id": rid, "ok": False, "error": err.to_wire()})
+    async def reply_error(self, rid: Any, err: P.RemoteError, term: int | None = None) -> None:
+        await self.send({"id": rid, "ok": False, "error": err.to_wire()}, term)
 
     async def serve(self) -> None:
         reader = FrameReader(self.stream, HELLO_MAX_FRAME)  # raised after the hello
@@ -186,6 +193,7 @@ class Connection:
 
     async def handle(self, msg: dict[str, Any], limiter: trio.Semaphore | None) -> None:
         rid, op = msg["id"], msg["op"]
+        term = self.server.term_now()  # the reply carries the term it was served in
         try:
             spec = P.OPS.get(op)
             if spec is None:
@@ -194,12 +202,13 @@ class Connection:
                 raise P.RemoteError(P.E_UNAUTHORIZED, f"{op} is not allowed for {self.role}s")
             args = P.validate_args(op, msg.get("args"))
             result = await self.dispatch(op, args, self)
-            await self.send({"id": rid, "ok": True, "result": result})
+            await self.send({"id": rid, "ok": True, "result": result}, term)
         except P.RemoteError as e:
-            await self.reply_error(rid, e)
+            await self.reply_error(rid, e, term)
         except Exception as e:
             log.exception("internal error in %s", op)
-            await self.reply_error(rid, P.RemoteError(P.E_INTERNAL, f"internal error: {e!r}"))
+            await self.reply_error(rid, P.RemoteError(P.E_INTERNAL, f"internal error: {e!r}"),
+                                   term)
         finally:
             if limiter is not None:
                 limiter.release()
@@ -234,13 +243,18 @@ class Server:
     client address or None); hello at a controller that does not lead is answered
     E_NOT_LEADER naming the leader, and the connection closed (docs/ha.md). None: it
     runs alone and always serves.
+    term: for a controller of a group, () -> the token of the term it leads in now (0
+    while it does not lead): every reply and push carries it as ``"term"`` (a reply,
+    the term its request was taken in). None: no term is sent (it runs alone).
     """
 
     def __init__(self, dispatch: Dispatch, *, security: ServerSecurity | None = None,
                  max_connections: int = MAX_CONNECTIONS,
-                 leader: Callable[[], tuple[bool, str | None]] | None = None):
+                 leader: Callable[[], tuple[bool, str | None]] | None = None,
+                 term: Callable[[], int] | None = None):
         self.dispatch = dispatch
         self.leader = leader
+        self.term = term
         self.open: set[Connection] = set()  # connections being served
         self.security = security
         self.max_connections = max_connections
@@ -256,6 +270,10 @@ class Server:
         for c in conns:
             c.abort()
         return len(conns)
+
+    def term_now(self) -> int:
+        """The term token replies and pushes carry now; 0: none."""
+        return self.term() if self.term is not None else 0
 
     def not_leader(self) -> P.RemoteError | None:
         """None if this controller serves (it runs alone, or leads its group); else the

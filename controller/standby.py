@@ -60,6 +60,7 @@ class Standby:
         self._lock = trio.Lock()  # one catch-up at a time; take() waits for it
         self.full_recoveries = 0
         self.applied = 0  # records applied by catch-ups (not full recoveries)
+        self.head: Head | None = None  # the newest head seen (the lag is its seq less seq)
 
     @property
     def seq(self) -> int:
@@ -84,6 +85,8 @@ class Standby:
     async def catch_up(self, head: Head) -> None:
         """Apply the records up to head (a full recovery first, or again after any
         surprise)."""
+        if self.head is None or (head.term, head.seq) > (self.head.term, self.head.seq):
+            self.head = head
         async with self._lock:
             if self.rec is not None and self.rec.state.seq >= head.seq and (
                     self.rec.head is not None and self.rec.head.term == head.term):

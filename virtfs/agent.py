@@ -15,7 +15,14 @@ from typing import Any
 
 import trio
 
-from controller.client import Client, ConnectionLost, NoLeader, Refused, open_controller
+from controller.client import (
+    Client,
+    ConnectionLost,
+    NoLeader,
+    Refused,
+    TermFloor,
+    open_controller,
+)
 from controller.protocol import E_NOT_LEADER, RemoteError
 from controller.transport import ClientSecurity, split_addrs
 
@@ -58,6 +65,9 @@ class Session:
         self.lost_addr: str | None = None  # the address whose connection we lost last
         self.lost_at = -1.0  # when (trio's clock); skip_lost: leave lost_addr out for now
         self.skip_lost = False
+        # the highest leader term seen, across reconnections: replies and pushes of an
+        # older term (a deposed leader's) are refused (docs/ha.md)
+        self.terms = TermFloor()
 
     def lease_valid(self) -> bool:
         return trio.current_time() < self.lease_until
@@ -131,7 +141,7 @@ class Session:
         async with open_controller(self.addrs_to_try(), role="agent",
                                    name=f"agent@{socket.gethostname()}",
                                    on_push=push, timeout=5.0,
-                                   security=self.security) as client:
+                                   security=self.security, terms=self.terms) as client:
             self._ack_client = client  # pushes may arrive (and need acks) during a reload
             sent = trio.current_time()
             reg = await client.call("agent.register", name=f"{socket.gethostname()}:{self.mount}",

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # what virtfs/ may import: the client side of the protocol, and leaf modules that
 # import nothing else from the controller ("controller" itself: __version__)
-CLIENT_SIDE = {"controller", "controller.protocol", "controller.codec", "controller.client",
+CLIENT_SIDE = {"controller", "controller.protocol", "controller.rows", "controller.codec",
+               "controller.client",
                "controller.transport", "controller.label"}
 LEAVES = {"controller.faultpoints", "controller.fsutil", "controller.units", "controller.writegate",
           "controller.statedir", "controller.metrics_http", "controller.tlsfiles",
