@@ -167,6 +167,7 @@ def test_a_leader_paused_mid_copy_writes_nothing_after_its_term(
     assert r.rc == 0, (r.out, r.err)
 
 
+@pytest.mark.slow  # the oracle failing once: make soak
 @pytest.mark.parametrize("pair", ["unfenced"], indirect=True)
 def test_the_oracle_sees_the_late_copy_of_an_unfenced_leader(
         pair: tuple[Member, Member, Path], mount_factory, tmp_path: Path) -> None:
@@ -236,6 +237,7 @@ def test_a_leader_paused_before_a_punch_punches_nothing_after_its_term(
     assert r.rc == 0, (r.out, r.err)
 
 
+@pytest.mark.slow  # the oracle failing once: make soak
 @pytest.mark.parametrize("punch_pair", ["unfenced"], indirect=True)
 def test_the_oracle_sees_the_late_punch_of_an_unfenced_leader(
         punch_pair: tuple[Member, Member, Path], mount_factory, tmp_path: Path) -> None:
