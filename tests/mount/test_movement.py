@@ -170,19 +170,20 @@ def test_controller_kill9_mid_move_resumes(held, controller, mount_factory, tmp_
     controller.stop()
     controller.start(["--lease", "3"])
     two_containers(controller, tmp_path)
-    vd(controller, "disk", "create", "d", "--size", "128M", "--container", "c1")
+    vd(controller, "disk", "create", "d", "--size", "64M", "--container", "c1")
     m = agent(mount_factory, controller)
-    fill(m.path / "d", os.urandom(128 << 20))
+    fill(m.path / "d", os.urandom(64 << 20))
     vd(controller, "disk", "migrate", "d", "--to", "c2", "--no-wait")
     wait_for(lambda: any("nowrite" in e["state"] for e in entries(controller, "d")), 10,
              "moves to start")
     work = tmp_path / "fio"
     work.mkdir()
     p = subprocess.Popen(["fio", "--name=v", f"--filename={m.path / 'd'}", *FIO_VERIFY,
-                          "--do_verify=1", "--randseed=11", "--direct=1", "--size=128M"],
+                          "--do_verify=1", "--randseed=11", "--direct=1", "--size=64M"],
                          cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         time.sleep(1.5)
+        assert p.poll() is None, "fio ended before the kill"
         controller.kill()
         held.unlink()
         monkeypatch.delenv(FAULTS_ENV)
@@ -197,7 +198,7 @@ def test_controller_kill9_mid_move_resumes(held, controller, mount_factory, tmp_
     wait_for(lambda: jobs(controller)[-1]["state"] == "done", 60, "the resumed job")
     assert on(controller, "d") == {"c2"}
     assert containers(controller)["c1"]["used"] == 0
-    fio(m.path / "d", *FIO_VERIFY, "--randseed=11", "--direct=1", "--size=128M",
+    fio(m.path / "d", *FIO_VERIFY, "--randseed=11", "--direct=1", "--size=64M",
         "--verify_only")
     check_clean(controller)
 
