@@ -32,6 +32,7 @@ SECTIONS: dict[str, str] = {
     "failover": "bench.failover",
     "group_ops": "bench.groupops",
     "standby_lag": "bench.standbylag",
+    "failover_scale": "bench.failoverscale",
 }
 
 
