@@ -144,13 +144,15 @@ async def _build_group(url: str, state_dir: str, tib: int, journal_bytes: int
     state = fast_pool(tib, os.path.join(state_dir, "c0.img"))
     build_s = time.perf_counter() - t0
     async with open_etcd(url) as client, open_election(
-            client, "/virtfs/" + GROUP, member_id="builder", address="", ttl=10) as e:
+            client, "/virtfs/" + GROUP, member_id="builder", address="", ttl=60) as e:
         term = await e.campaign()
         journal, _ = await open_group_journal(state_dir, e, term,
                                               recovered=GroupRecovery(state, None),
                                               checkpoint_bytes=1 << 62)
         t0 = time.perf_counter()
-        journal.checkpoint_now_sync()  # checkpoint.TOKEN.SEQ: durable before the head
+        # checkpoint.TOKEN.SEQ, durable before the head names it (a worker thread: the
+        # term's keep-alives go on meanwhile)
+        await trio.to_thread.run_sync(journal.checkpoint_now_sync)
         ck_s = time.perf_counter() - t0
         await e.guarded_put(head_key(group_prefix(e)), Head(term.token, state.seq).encode(),
                             term.token)
