@@ -205,6 +205,29 @@ def _all_hot(addrs: str, members: int) -> bool:
 
 
 TAKEOVER = re.compile(r"hot standby: taking over at seq (\d+) \(it was at (\d+)")
+STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
+ELECTED = re.compile(STAMP + r"controller\.group INFO: this member leads group", re.M)
+SERVING = re.compile(STAMP + r"virtfs\.controller INFO: state dir .*: seq \d+", re.M)
+AGENT = re.compile(STAMP + r"controller\.agents INFO: agent \d+ .* registered", re.M)
+
+
+def _stamp(s: str) -> float:
+    return time.mktime(time.strptime(s[:19], "%Y-%m-%d %H:%M:%S")) + int(s[20:]) / 1000
+
+
+def takeovers(log: str) -> list[tuple[float, float]]:
+    """From a member's log: for each term it won, the seconds from its election to
+    its service opened on the state (the log line naming the state's seq), and to
+    the first agent registered with it after that (nan if none)."""
+    out = []
+    for e in ELECTED.finditer(log):
+        t0 = _stamp(e[1])
+        s = SERVING.search(log, e.end())
+        if s is None:
+            continue
+        a = AGENT.search(log, s.end())
+        out.append((_stamp(s[1]) - t0, _stamp(a[1]) - t0 if a else float("nan")))
+    return out
 
 
 def run(report: Report, section: Section) -> None:
@@ -275,6 +298,13 @@ def run(report: Report, section: Section) -> None:
         w.add("failover max", vals[-1], "s", less_than(5.0))
         w.add("a restarted standby: start to hot (p50)", percentile(sorted(hot[1:]), 50)
               if len(hot) > 1 else float("nan"), "s")
+        # the takeovers after a kill (not the first leader's: it recovered in full)
+        steps = sorted((x for mem in members for x in takeovers(mem.log())),
+                       key=lambda x: x[0])[:-1] if members else []
+        if steps:
+            w.add("takeover: elected to serving, max", max(x[0] for x in steps) * 1e3, "ms")
+            w.add("takeover: elected to the agent registered, max",
+                  max(x[1] for x in steps), "s")
         took = [m for mem in members for m in TAKEOVER.finditer(mem.log())]
         if took:
             w.note("takeovers: " + "; ".join(f"at seq {a}, the standby was at {b_}"
