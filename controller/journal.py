@@ -90,7 +90,6 @@ class Journal:
         self._checkpoint_seq = 0  # the seq the running checkpoint covers
         self._old_fd: int | None = None  # the journal a running checkpoint retires
         self._pending = _Batch()
-        self._writing: _Batch | None = None  # being written + fdatasync'ed now
         self._wakeup = trio.Event()
         self._synced = trio.Event()  # set when synced_seq grows (wakes the publisher)
         self._advanced = trio.Event()  # set (and replaced) when durable_seq grows or on error
@@ -196,7 +195,6 @@ class Journal:
                     if not batch.frames:
                         continue
                     batch.fd = self._fd
-                    self._writing = batch
                     try:
                         t0 = time.perf_counter()
                         n = await trio.to_thread.run_sync(
@@ -204,7 +202,6 @@ class Journal:
                     except BaseException as e:
                         self._fail(e)
                         raise
-                    self._writing = None
                     self.journal_bytes += n
                     self.commits += 1
                     self.on_commit(len(batch.frames), n, time.perf_counter() - t0)
