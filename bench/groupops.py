@@ -29,7 +29,7 @@ import trio
 
 from controller.client import open_controller
 from tests.etcdrig import ETCD, EtcdProc, GroupMember
-from tests.rig import wait_for
+from tests.rig import cpu_seconds, wait_for
 
 from .controller import GiB, _commit_level, _pct, controller_proc
 from .report import Report, Section, Workload, more_than
@@ -57,9 +57,13 @@ async def add_container(addr: str, path: Path) -> None:
         await c.call("container.add", name="c0", path=str(path), size=64 * GiB)
 
 
-def measure(addr: str, clients: int, seconds: float, tag: str) -> dict[str, Any]:
-    """One round of create+rm by clients connections for seconds at addr."""
+def measure(addr: str, clients: int, seconds: float, tag: str,
+            pids: tuple[int, ...] = ()) -> dict[str, Any]:
+    """One round of create+rm by clients connections for seconds at addr; with the
+    CPU seconds each of pids used meanwhile (``cpu``)."""
+    cpu0 = [cpu_seconds(p) for p in pids]
     r = trio.run(_commit_level, addr, clients, seconds, "create+rm", tag)
+    r["cpu"] = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
     r["rate"] = r["ops"] / r["elapsed"]
     return r
 
@@ -84,12 +88,16 @@ def run(report: Report, section: Section) -> None:
             leader = start_leader(base, etcd)
             trio.run(add_container, local.addr, base / "local-c0.img")
             trio.run(add_container, leader.addr, base / "group-c0.img")
+            assert leader.proc is not None
+            leader_pid = leader.proc.pid
             for n in LEVELS:
                 res: dict[str, list[dict[str, Any]]] = {"local": [], "group": []}
                 for k in range(rounds):
-                    for mode, addr in (("local", local.addr), ("group", leader.addr)):
+                    for mode, addr, pids in (
+                            ("local", local.addr, (local.pid,)),
+                            ("group", leader.addr, (leader_pid, etcd.pid))):
                         report.progress(f"group_ops: {n} clients, {mode}, round {k + 1}")
-                        res[mode].append(measure(addr, n, seconds, f"{mode[0]}{n}r{k}"))
+                        res[mode].append(measure(addr, n, seconds, f"{mode[0]}{n}r{k}", pids))
                 rate = {}
                 for mode in ("local", "group"):
                     rs = res[mode]
@@ -101,6 +109,11 @@ def run(report: Report, section: Section) -> None:
                           f"{_pct(lat, 50) * 1e3:.2f} / {_pct(lat, 99) * 1e3:.2f}", "ms")
                     w.add(f"{n} clients, {mode}: batches per op",
                           sum(r["commits"] for r in rs) / ops, "")
+                    w.add(f"{n} clients, {mode}: controller CPU per op",
+                          sum(r["cpu"][0] for r in rs) / ops * 1e6, "us")
+                    if mode == "group":
+                        w.add(f"{n} clients, group: etcd CPU per op",
+                              sum(r["cpu"][1] for r in rs) / ops * 1e6, "us")
                 w.add(f"{n} clients: group / local", rate["group"] / rate["local"], "x",
                       more_than(0.5))
     finally:
