@@ -30,6 +30,9 @@ SECTIONS: dict[str, str] = {
     "diff": "bench.diff",
     "journal_group": "bench.journalgroup",
     "failover": "bench.failover",
+    "group_ops": "bench.groupops",
+    "standby_lag": "bench.standbylag",
+    "failover_scale": "bench.failoverscale",
 }
 
 

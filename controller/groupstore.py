@@ -9,9 +9,12 @@ records is durable, and may be acknowledged, only once
    the term's token) has moved the head key ``PREFIX/journal/head`` to
    ``{"term": TOKEN, "seq": LAST}``.
 
-When etcd refuses the move, the term has ended: ``make_durable`` raises
-LeadershipLost, the batch's waiters get an error and nothing in it is acknowledged;
-its frames, already in the file, lie past the term's cut and recovery ignores them.
+The Journal pipelines the two: while one head move is in flight, the next batches
+are written and fdatasync'ed, and the next move covers all of them (one txn for
+several batches); a batch is acknowledged only once a move that covers it returns.
+When etcd refuses a move, the term has ended: ``publish`` raises LeadershipLost, and
+nothing after the last move that returned is acknowledged; the frames already in the
+file lie past the term's cut and recovery ignores them.
 docs/ha.md ("The journal in a group") has the argument.
 
 ``open_group_journal`` is how a leader gets its Journal: after its campaign has won,
@@ -62,7 +65,7 @@ class GroupStore:
 
     election, term: the campaign that won (term.token names the files); start: the
     head when the term began (None in a new group), as recovery read it after the
-    campaign. Methods raise OSError as file I/O does; make_durable also raises
+    campaign. Methods raise OSError as file I/O does; publish also raises
     LeadershipLost (the term ended) and EtcdError (etcd refused the txn otherwise).
     """
 
@@ -108,14 +111,19 @@ class GroupStore:
         self.k += 1
         return fd
 
-    async def make_durable(self, fd: int, batch_frames: list[bytes], last_seq: int) -> int:
-        """fdatasync the frames, then move the head to (token, last_seq) with a txn
-        fenced by the token. While etcd does not answer, retries (the txn is safe to
-        repeat) until our own count of the lease says the term may be over."""
-        n = await trio.to_thread.run_sync(write_all_sync, fd, batch_frames)
+    publishes = True
+
+    def write_sync(self, fd: int, batch_frames: list[bytes]) -> int:
+        """Append the frames to the term's file fd and fdatasync them."""
+        return write_all_sync(fd, batch_frames)
+
+    async def publish(self, last_seq: int) -> None:
+        """Move the head to (token, last_seq) with a txn fenced by the token (the
+        Journal calls it only once every frame up to last_seq is fdatasync'ed). While
+        etcd does not answer, retries (the txn is safe to repeat) until our own count of
+        the lease says the term may be over: LeadershipLost, as when etcd refuses."""
         faultpoints.hit("journal.before_head")
         await self.move_head(last_seq)
-        return n
 
     async def move_head(self, seq: int) -> None:
         """Move the head to (token, seq) with a txn fenced by the token; while etcd

@@ -7,10 +7,15 @@ by ``recovery``), or a group's term files plus the journal head in etcd
 checkpoint's format in ``checkpoint``.
 
 Group commit: a record is encoded, then applied to the in-memory state and
-queued; one committer task makes every queued record durable at once
-(``Journal._make_durable``, the one durable point: the store's ``make_durable``, a
-single write + fdatasync, and for a group the head's move in etcd) and then wakes
-all their waiters. Replies go out only after that.
+queued; one committer task writes every queued record at once (the store's
+``write_sync``: a single write + fdatasync, in a worker thread). Locally that is the
+durable point, and the committer then wakes all their waiters. In a group a record is
+durable only once the store's ``publish`` has also moved the journal's head in etcd
+past it; a second task, the publisher, does that, so the head move of one batch
+overlaps the write + fdatasync of the next ones, and one move covers every batch
+fdatasync'ed before it started. ``durable_seq`` only grows, in seq order, and only
+past records whose frames are fdatasync'ed and (in a group) covered by a move that
+returned; waiters are woken then. Replies go out only after that.
 
 Checkpoints do not stop the event loop or the commits: the committer switches
 to a new journal file (``journal.next``, locally) and takes a copy-on-write
@@ -56,8 +61,6 @@ CHECKPOINT_STEP_BYTES = 16 << 20
 class _Batch:
     frames: list[bytes] = field(default_factory=list)
     last_seq: int = 0
-    done: trio.Event = field(default_factory=trio.Event)
-    error: BaseException | None = None
     fd: int = -1  # the journal file it is written to
 
 
@@ -87,13 +90,17 @@ class Journal:
         self._checkpoint_seq = 0  # the seq the running checkpoint covers
         self._old_fd: int | None = None  # the journal a running checkpoint retires
         self._pending = _Batch()
-        self._inflight: _Batch | None = None
         self._wakeup = trio.Event()
+        self._synced = trio.Event()  # set when synced_seq grows (wakes the publisher)
+        self._advanced = trio.Event()  # set (and replaced) when durable_seq grows or on error
+        self._error: BaseException | None = None  # what stopped the committer
         self._closed = False
         self._checkpointing = False
         self._checkpoint_done: trio.Event | None = None
-        self.durable_seq = state.seq
+        self.durable_seq = state.seq  # acknowledged: fdatasync'ed (and published)
+        self.synced_seq = state.seq  # fdatasync'ed
         self.commits = 0  # fsyncs done, for the benchmark and status
+        self.publishes = 0  # the store's publish calls (a group's head moves)
         self.checkpoints = 0
         # metrics hooks (controller/metrics.py): a group commit's records, bytes and
         # seconds; a background checkpoint's bytes and seconds
@@ -132,29 +139,30 @@ class Journal:
         return seq
 
     async def wait_durable(self, seq: int) -> None:
-        """Wait until record seq (and everything before it) is on disk."""
+        """Wait until record seq (and everything before it) is durable: fdatasync'ed
+        and, in a group, covered by a head move. RuntimeError (caused by what stopped
+        the committer) if it never will be."""
         while seq > self.durable_seq:
-            inflight = self._inflight
-            if inflight is not None and seq <= inflight.last_seq:
-                batch = inflight  # being written right now
-            else:
-                batch = self._pending
-            await batch.done.wait()
-            if batch.error is not None:
-                raise RuntimeError("journal write failed") from batch.error
+            if self._error is not None:
+                raise RuntimeError("journal write failed") from self._error
+            await self._advanced.wait()
 
-    async def _make_durable(self, batch: _Batch) -> int:
-        """The durable point: every record of batch is durable once this returns.
+    def _advance(self, seq: int) -> None:
+        """Records up to seq are durable: wake their waiters."""
+        self.durable_seq = seq
+        self._advanced.set()
+        self._advanced = trio.Event()
 
-        The store's make_durable: one write of the batch's frames to the journal file
-        batch.fd and one fdatasync, in a worker thread, and for a group the move of
-        the journal's head in etcd, fenced by the term's token (``groupstore``);
-        returns the bytes written. The committer calls nothing else to make records
-        durable: a batch is acknowledged only once this returns. Raises OSError (and
-        whatever the fault points raise), or LeadershipLost for a group whose term
-        ended; the committer then stops, and so does the controller.
-        """
-        return await self.store.make_durable(batch.fd, batch.frames, batch.last_seq)
+    def _fail(self, e: BaseException) -> None:
+        """The committer stops: no record after durable_seq will ever be acknowledged."""
+        if self._error is None:
+            self._error = e
+            if isinstance(e, LeadershipLost):  # a group's deposed leader
+                log.warning("journal: %s; nothing more is committed here", e)
+            elif not isinstance(e, trio.Cancelled):
+                log.critical("journal write failed: %s; the controller must stop", e)
+        self._closed = True  # nothing queued now will be durable
+        self._advanced.set()
 
     def checkpoint_now_sync(self) -> None:
         """Checkpoint with nothing in flight (used on clean shutdown and by tests).
@@ -172,46 +180,67 @@ class Journal:
 
     async def run(self, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The committer task (checkpoints run beside it, in its own nursery)."""
+        """The committer task (the publisher, for a store that publishes, and
+        checkpoints run beside it, in its own nursery). Raises what stopped it (an
+        OSError, LeadershipLost, ...), in an exception group."""
         try:
             async with trio.open_nursery() as nursery:
+                if self.store.publishes:
+                    nursery.start_soon(self._publisher)
                 task_status.started()
                 while True:
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
                     batch, self._pending = self._pending, _Batch()
                     if not batch.frames:
-                        batch.done.set()
                         continue
                     batch.fd = self._fd
-                    self._inflight = batch
                     try:
                         t0 = time.perf_counter()
-                        n = await self._make_durable(batch)
-                        self.journal_bytes += n
-                        self.on_commit(len(batch.frames), n, time.perf_counter() - t0)
+                        n = await trio.to_thread.run_sync(
+                            self.store.write_sync, batch.fd, batch.frames)
                     except BaseException as e:
-                        self._closed = True  # nothing queued now will be durable
-                        for b in (batch, self._pending):
-                            b.error = e
-                            b.done.set()
-                        if isinstance(e, LeadershipLost):  # a group's deposed leader
-                            log.warning("journal: %s; nothing more is committed here", e)
-                        elif not isinstance(e, trio.Cancelled):
-                            log.critical("journal write failed: %s; the controller must stop",
-                                         e)
+                        self._fail(e)
                         raise
-                    self.durable_seq = batch.last_seq
-                    self._inflight = None
+                    self.journal_bytes += n
                     self.commits += 1
-                    batch.done.set()
+                    self.on_commit(len(batch.frames), n, time.perf_counter() - t0)
+                    self.synced_seq = batch.last_seq
+                    if self.store.publishes:
+                        self._synced.set()  # the publisher acknowledges it
+                    else:
+                        self._advance(batch.last_seq)
                     if self.journal_bytes >= self.checkpoint_bytes and not self._checkpointing:
                         # between two batches: the snapshot and the switch of journal
                         # files happen with no write in flight
                         job = await self._start_checkpoint()
                         nursery.start_soon(self._finish_checkpoint, job)
+        except BaseException as e:
+            if self._error is None:  # stopped from outside (cancelled): no log
+                self._error = e
+            self._advanced.set()
+            raise
         finally:
             self._closed = True
+
+    async def _publisher(self) -> None:
+        """A group's second stage: publish (move the head to) the last fdatasync'ed seq,
+        one move at a time, each covering every batch fdatasync'ed before it started,
+        and only then acknowledge them. A refused move (LeadershipLost) stops the
+        committer: nothing after the last move that returned is acknowledged."""
+        while True:
+            await self._synced.wait()
+            self._synced = trio.Event()
+            target = self.synced_seq  # every frame up to it is fdatasync'ed
+            if target <= self.durable_seq:
+                continue
+            try:
+                await self.store.publish(target)
+            except BaseException as e:
+                self._fail(e)
+                raise
+            self.publishes += 1
+            self._advance(target)
 
     async def _checkpoint(self) -> None:
         """Write a checkpoint of the state as it is now and retire the journal before it.
@@ -262,11 +291,10 @@ class Journal:
                     f.abort()  # no-op after commit; quick otherwise
             finally:
                 job.snap.release()
-            inflight = self._inflight
-            if inflight is not None and inflight.fd == job.old_fd:
-                await inflight.done.wait()  # (only when _checkpoint() raced a batch)
             # the snapshot holds records queued but not yet durable: retire nothing
-            # before they are (for a group: before the head has passed them in this term)
+            # before they are (for a group: before the head has passed them in this
+            # term). This also waits for a batch still being written to the old file
+            # (when _checkpoint() raced one): its records are in the snapshot.
             await self.wait_durable(job.snap.seq)
             await trio.to_thread.run_sync(self._retire_old_sync)
             self.checkpoints += 1

@@ -19,8 +19,6 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-import trio
-
 from . import faultpoints
 from .checkpoint import CHECKPOINT, write_checkpoint
 from .frames import JournalCorrupt
@@ -41,10 +39,20 @@ class JournalStore(Protocol):
         It must be durable in the directory before a record in it is acknowledged."""
         ...
 
-    async def make_durable(self, fd: int, batch_frames: list[bytes], last_seq: int) -> int:
-        """Make a batch durable: its frames appended to fd, and whatever else this store
-        needs before the records up to last_seq may be acknowledged. Returns the bytes
-        written. Raises OSError (or the store's own errors); the committer then stops."""
+    #: whether a batch, once written, must also be published (``publish``) before it
+    #: may be acknowledged: False locally, True for a group (the head in etcd)
+    publishes: bool
+
+    def write_sync(self, fd: int, batch_frames: list[bytes]) -> int:
+        """Append a batch's frames to fd and fdatasync it (blocks: a worker thread runs
+        it); the bytes written. Raises OSError (and whatever the fault points raise)."""
+        ...
+
+    async def publish(self, last_seq: int) -> None:
+        """Whatever else this store needs before the records up to last_seq (all of
+        them written by write_sync already) may be acknowledged. Called in seq order,
+        never with a seq whose frames are not durable. Raises the store's own errors
+        (for a group, LeadershipLost); the committer then stops."""
         ...
 
     def checkpoint_name_for(self, seq: int) -> str:
@@ -102,8 +110,13 @@ class LocalStore:
             raise
         return fd
 
-    async def make_durable(self, fd: int, batch_frames: list[bytes], last_seq: int) -> int:
-        return await trio.to_thread.run_sync(write_all_sync, fd, batch_frames)
+    publishes = False
+
+    def write_sync(self, fd: int, batch_frames: list[bytes]) -> int:
+        return write_all_sync(fd, batch_frames)
+
+    async def publish(self, last_seq: int) -> None:
+        """Nothing: locally a batch is durable once fdatasync'ed."""
 
     def checkpoint_name_for(self, seq: int) -> str:
         return CHECKPOINT

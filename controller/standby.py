@@ -10,8 +10,10 @@ The standby reads each term file from where it stopped (a byte offset per file),
 move costs what it adds. It never applies a frame past a head: a term's cut (where the
 next term started) is that term's final head, so nothing it applied can be undone by
 a failover. Anything unexpected (a file retired under it by a checkpoint, a gap, a
-frame that does not apply) makes it start again from a full recovery; it never
-raises into its caller for that.
+frame that does not apply) makes it start again from a full recovery; a file that
+vanishes under a full recovery (at 100 TiB one takes tens of seconds, and the
+leader's first checkpoint retires the files it reads) makes it read the head again
+and start over. It never raises into its caller for that.
 
 Blocking work (file reads, applies) runs in a worker thread; the state is handed
 over only when it is not being worked on (``Standby.take``).
@@ -78,7 +80,9 @@ class Standby:
                     async for ev in w:
                         if ev.type == "PUT":
                             await self.catch_up(Head.decode(ev.kv.value))
-            except (EtcdError, JournalCorrupt) as e:
+            except (EtcdError, JournalCorrupt, OSError) as e:
+                # OSError: a file vanished under a full recovery (the leader's checkpoint
+                # retired it); the head read again names that checkpoint's files
                 log.warning("hot standby: %s; again in 1 s", e)
                 await trio.sleep(1)
 

@@ -1,20 +1,23 @@
 """A hot standby (controller/standby.py) against a real etcd member and real files: it
 follows the head as a leader commits, across a new term (never applying a deposed
 term's frames past its cut), and recovers in full when a checkpoint retires the files
-it was reading; its state equals a full recovery at every head."""
+it was reading (and starts a full recovery again when a file vanishes under it); its
+state equals a full recovery at every head."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import pytest
 import trio
 from etcdrig import EtcdProc
 from stateimage import image
 from test_termlog import PREFIX, container, disk, member, running
 
+from controller import standby
 from controller.election import Election
-from controller.grouprecovery import read_head, recover_files
+from controller.grouprecovery import GroupRecovery, Head, read_head, recover_files
 from controller.groupstore import GroupStore, open_group_journal
 from controller.standby import Standby
 
@@ -73,3 +76,34 @@ async def test_a_standby_follows_the_head_across_terms_and_checkpoints(
                 assert "c2" in taken.state.disks and "ghost" not in taken.state.disks
         n.cancel_scope.cancel()
 
+
+
+async def test_a_file_retired_under_a_full_recovery_makes_the_standby_start_again(
+        etcd: EtcdProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = str(tmp_path / "state")
+    os.mkdir(d)
+    real = standby.recover_files
+    tries: list[int] = []
+
+    def vanishing(state_dir: str, head: Head | None) -> GroupRecovery:
+        # the first full recovery finds a file gone, as when the leader's checkpoint
+        # retires it meanwhile (that took a standby member down at 100 TiB)
+        tries.append(head.seq if head else 0)
+        if len(tries) == 1:
+            raise FileNotFoundError(2, "No such file or directory", f"{d}/journal.1.0")
+        return real(state_dir, head)
+
+    monkeypatch.setattr(standby, "recover_files", vanishing)
+    async with member(etcd.url, "a") as ea, member(etcd.url, "s") as es, \
+            trio.open_nursery() as n:
+        ta = await ea.campaign()
+        ja, _ = await open_group_journal(d, ea, ta)
+        async with running(ja):
+            await ja.commit(container())
+            await ja.commit(disk("a0"))
+            sb = Standby(d, es.client, PREFIX)
+            n.start_soon(sb.run)
+            await at_head(sb, es, d)
+        n.cancel_scope.cancel()
+    assert len(tries) == 2 and sb.full_recoveries == 1
+    assert sorted(sb.rec.state.disks) == ["a0"]  # type: ignore[union-attr]
