@@ -776,15 +776,13 @@ async def _scale_checkpoint(state: State, state_dir: str, nseg: int, seg: int,
             "ck_extra_rss": hwm - rss0}
 
 
-async def _scale_fill_journal(state: State, state_dir: str, nseg: int, seg: int,
-                              names: list[str], nbytes: int) -> dict[str, Any]:
-    """Grow the journal after the checkpoint to nbytes of realistic records (discards
-    and new thin allocations, group-committed): the most a restart replays."""
-    rnd = random.Random(13)
-    j = Journal(state_dir, state, checkpoint_bytes=1 << 62)
+async def churn(j: Journal, state: State, names: list[str], nseg: int, seg: int,
+                nbytes: int, rnd: random.Random) -> int:
+    """Run j's committer and record discards and new thin allocations of one seg-byte
+    segment of a random disk of names (nseg segments each; LUN 1's space), 2,000 at a
+    time group-committed, until j's journal holds nbytes; the records written."""
     space = state.luns[1].space
     records = 0
-    t0 = time.perf_counter()
     async with trio.open_nursery() as nursery:
         await nursery.start(j.run)
         while j.journal_bytes < nbytes:
@@ -797,6 +795,16 @@ async def _scale_fill_journal(state: State, state_dir: str, nseg: int, seg: int,
                 records += 2
             await j.wait_durable(state.seq)
         nursery.cancel_scope.cancel()
+    return records
+
+
+async def _scale_fill_journal(state: State, state_dir: str, nseg: int, seg: int,
+                              names: list[str], nbytes: int) -> dict[str, Any]:
+    """Grow the journal after the checkpoint to nbytes of realistic records (discards
+    and new thin allocations, group-committed): the most a restart replays."""
+    j = Journal(state_dir, state, checkpoint_bytes=1 << 62)
+    t0 = time.perf_counter()
+    records = await churn(j, state, names, nseg, seg, nbytes, random.Random(13))
     j.close()
     return {"fill_records": records, "fill_s": time.perf_counter() - t0,
             "journal_bytes": j.journal_bytes}

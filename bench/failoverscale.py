@@ -50,12 +50,12 @@ from controller.grouprecovery import GroupRecovery, Head, head_key
 from controller.groupstore import group_prefix, open_group_journal
 from controller.journal import CHECKPOINT_BYTES
 from controller.protocol import DEFAULT_SEGMENT_SIZE
-from controller.records import ContainerAdd, DiskCreate, DiskMap, DiskUnmap
+from controller.records import ContainerAdd, DiskCreate, DiskMap
 from controller.state import State
 from tests.etcdrig import ETCD, EtcdProc, GroupMember
 from tests.rig import MountProc, run_vdctl, wait_for
 
-from .controller import SCALE_AIM_TIB, _env
+from .controller import SCALE_AIM_TIB, _env, churn
 from .report import Report, Section, Workload, less_than, percentile
 
 TITLE = "controller group failover with a 100 TiB state (hot standbys)"
@@ -156,23 +156,8 @@ async def _build_group(url: str, state_dir: str, tib: int, journal_bytes: int
         ck_s = time.perf_counter() - t0
         await e.guarded_put(head_key(group_prefix(e)), Head(term.token, state.seq).encode(),
                             term.token)
-        rnd = random.Random(13)
-        names = sorted(state.disks)
-        nseg = TiB // SEG
-        space = state.luns[1].space
-        records = 0
-        async with trio.open_nursery() as nursery:
-            await nursery.start(journal.run)
-            while journal.journal_bytes < journal_bytes:
-                for _ in range(2000):
-                    g = rnd.randrange(len(names) * nseg)
-                    name, vstart = names[g // nseg], g % nseg * SEG
-                    journal.record(DiskUnmap(name, vstart, vstart + SEG))
-                    off = space.find_contiguous(SEG)
-                    journal.record(DiskMap(name, [(vstart, SEG, 1, off)]))
-                    records += 2
-                await journal.wait_durable(state.seq)
-            nursery.cancel_scope.cancel()
+        records = await churn(journal, state, sorted(state.disks), TiB // SEG, SEG,
+                              journal_bytes, random.Random(13))
         journal.close()
         await e.resign()
     return {"build_s": build_s, "ck_s": ck_s, "ck_bytes": journal.last_checkpoint_bytes,

@@ -18,7 +18,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 ETCD = shutil.which("etcd")
 SKIP_REASON = "etcd is not installed (scripts/sysdeps.sh installs Debian's etcd-server)"
@@ -246,3 +249,27 @@ class GroupMember:
         rc = self.proc.returncode
         self.proc = None
         return rc
+
+
+M = TypeVar("M", bound=GroupMember)
+
+
+@contextmanager
+def started_group(members: list[M], timeout: float = 15) -> Iterator[list[M]]:
+    """Start members[0], wait until it leads, then the others (standbys); stop them all
+    at the end of the block. RuntimeError if the first does not lead within timeout s."""
+    try:
+        members[0].start()
+        deadline = time.monotonic() + timeout
+        while not members[0].leads():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{members[0].name} does not lead:\n"
+                                   f"{members[0].log()[-3000:]}")
+            time.sleep(0.02)
+        for m in members[1:]:
+            m.start()
+        yield members
+    finally:
+        for m in members:
+            m.stop()
+

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from etcdrig import ETCD, SKIP_REASON, EtcdProc, GroupMember
+from etcdrig import ETCD, SKIP_REASON, EtcdProc, GroupMember, started_group
 from rig import BIN, PROC_LOGS, run_vdctl, wait_for
 
 from controller.grouprecovery import Head, recover_files
@@ -41,16 +41,8 @@ class Member(GroupMember):
 def group(tmp_path: Path, etcd: EtcdProc) -> Iterator[list[Member]]:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    members = [Member(tmp_path, f"c{i}", state, etcd) for i in (1, 2, 3)]
-    try:
-        members[0].start()
-        wait_for(members[0].leads, 15, "c1 to lead")
-        for m in members[1:]:
-            m.start()
-        yield members
-    finally:
-        for m in members:
-            m.stop()
+    with started_group([Member(tmp_path, f"c{i}", state, etcd) for i in (1, 2, 3)]) as g:
+        yield g
 
 
 def vd(addrs: str, *args: str) -> object:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from etcdrig import ETCD, SKIP_REASON, EtcdProc, GroupMember
+from etcdrig import ETCD, SKIP_REASON, EtcdProc, GroupMember, started_group
 from prometheus_client.parser import text_string_to_metric_families
 from rig import PROC_LOGS, run_vdctl, wait_for
 
@@ -58,15 +58,8 @@ def names(samples: Samples) -> set[str]:
 def pair(tmp_path: Path, etcd: EtcdProc) -> Iterator[list[MetricsMember]]:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    members = [MetricsMember(tmp_path, f"c{i}", state, etcd) for i in (1, 2)]
-    try:
-        members[0].start()
-        wait_for(members[0].leads, 15, "c1 to lead")
-        members[1].start()
-        yield members
-    finally:
-        for m in members:
-            m.stop()
+    with started_group([MetricsMember(tmp_path, f"c{i}", state, etcd) for i in (1, 2)]) as g:
+        yield g
 
 
 def vd(addrs: str, *args: str) -> object:

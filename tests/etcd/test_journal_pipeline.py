@@ -8,17 +8,17 @@ next term recovers none of it."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
+import termrig
 import trio
 from etcdrig import EtcdProc
 from stateimage import image
+from termrig import running
 
-from controller.election import Election, LeadershipLost, Term, open_election
-from controller.etcd import open_etcd
+from controller.election import Election, LeadershipLost, Term
 from controller.frames import FrameReader
 from controller.grouprecovery import Head, read_head, recover_files, recover_group, term_file
 from controller.groupstore import GroupStore, open_group_journal
@@ -59,29 +59,8 @@ class GatedStore(GroupStore):
         self.moved = last_seq
 
 
-@asynccontextmanager
-async def member(url: str, name: str) -> AsyncIterator[Election]:
-    async with open_etcd(url) as client, open_election(
-            client, PREFIX, member_id=name, address=f"unix:/{name}", ttl=TTL) as e:
-        yield e
-
-
-@asynccontextmanager
-async def running(journal: Journal) -> AsyncIterator[list[BaseException]]:
-    """The committer in the block; the list gets the LeadershipLost that stopped it."""
-    stopped: list[BaseException] = []
-
-    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            await journal.run(task_status=task_status)
-        except* LeadershipLost as eg:
-            stopped.extend(eg.exceptions)
-
-    async with trio.open_nursery() as n:
-        await n.start(run)
-        yield stopped
-        n.cancel_scope.cancel()
-    journal.close()
+def member(url: str, name: str) -> AbstractAsyncContextManager[Election]:
+    return termrig.member(url, name, PREFIX, TTL)
 
 
 def seqs_in(path: str) -> list[object]:

@@ -9,17 +9,18 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
+import termrig
 import trio
 from etcdrig import EtcdProc
 from stateimage import image
+from termrig import running
 
 from controller import grouprecovery
-from controller.election import Election, LeadershipLost, open_election
+from controller.election import Election, LeadershipLost
 from controller.etcd import open_etcd
 from controller.frames import FrameReader, JournalCorrupt
 from controller.grouprecovery import (
@@ -54,30 +55,8 @@ def seqs_in(path: str) -> list[object]:
         return [r.get("seq") if isinstance(r, dict) else r for r in FrameReader(f)]
 
 
-@asynccontextmanager
-async def member(url: str, name: str) -> AsyncIterator[Election]:
-    async with open_etcd(url) as client, open_election(
-            client, PREFIX, member_id=name, address=f"unix:/{name}", ttl=TTL) as e:
-        yield e
-
-
-@asynccontextmanager
-async def running(journal: Journal) -> AsyncIterator[list[BaseException]]:
-    """Run journal's committer in the block; the list gets the LeadershipLost that
-    stopped it, if one did. Closes the journal after."""
-    stopped: list[BaseException] = []
-
-    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            await journal.run(task_status=task_status)
-        except* LeadershipLost as eg:
-            stopped.extend(eg.exceptions)
-
-    async with trio.open_nursery() as n:
-        await n.start(run)
-        yield stopped
-        n.cancel_scope.cancel()
-    journal.close()
+def member(url: str, name: str) -> AbstractAsyncContextManager[Election]:
+    return termrig.member(url, name, PREFIX, TTL)
 
 
 async def test_commits_and_a_new_term_recover_exactly_the_committed_records(
