@@ -55,17 +55,11 @@ def _trials(report: Report, base: Path, etcd: EtcdProc, ttl: int, n: int) -> lis
             assert r.rc == 0, r.err
         mount.start()
         fd = os.open(mount.path / "x", os.O_WRONLY | os.O_DIRECT)
-        buf = bytearray(4096)
         try:
             time.sleep(2 * ttl + 1)  # the standbys are up and hot
             for i in range(n):
-                leader = next(m for m in members if m.leads())
-                buf[:8] = i.to_bytes(8, "little")
-                leader.kill()
-                t0 = time.perf_counter()
-                os.pwrite(fd, memoryview(buf), (i + 1) * 64 * SEG)  # a fresh segment
-                os.fsync(fd)
-                out.append(time.perf_counter() - t0)
+                leader, took = trial(members, fd, i)
+                out.append(took)
                 report.progress(f"failover (etcd ttl {ttl} s): trial {i + 1}/{n}: "
                                 f"{out[-1]:.2f} s")
                 leader.start()
@@ -77,6 +71,20 @@ def _trials(report: Report, base: Path, etcd: EtcdProc, ttl: int, n: int) -> lis
         for m in members:
             m.stop()
     return out
+
+
+def trial(members: list[GroupMember], fd: int, i: int) -> tuple[GroupMember, float]:
+    """Trial i: kill -9 the leader, then write 4 KiB (O_DIRECT fd) to a fresh segment
+    (i + 1) * 64 segments in, and fsync: (the killed leader, seconds from the kill to
+    the fsync's return)."""
+    leader = next(m for m in members if m.leads())
+    buf = bytearray(4096)
+    buf[:8] = i.to_bytes(8, "little")
+    leader.kill()
+    t0 = time.perf_counter()
+    os.pwrite(fd, memoryview(buf), (i + 1) * 64 * SEG)
+    os.fsync(fd)
+    return leader, time.perf_counter() - t0
 
 
 def run(report: Report, section: Section) -> None:

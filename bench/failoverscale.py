@@ -56,6 +56,7 @@ from tests.etcdrig import ETCD, EtcdProc, GroupMember
 from tests.rig import MountProc, run_vdctl, wait_for
 
 from .controller import SCALE_AIM_TIB, _env, churn
+from .failover import trial
 from .report import Report, Section, Workload, less_than, percentile
 
 TITLE = "controller group failover with a 100 TiB state (hot standbys)"
@@ -259,7 +260,6 @@ def run(report: Report, section: Section) -> None:
         mount = MountProc(base / "mnt", base / "mnt-state", base / "mnt.log", controller=addrs)
         mount.start()
         fd = os.open(mount.path / "x", os.O_WRONLY | os.O_DIRECT)
-        buf = bytearray(4096)
         out: list[float] = []
         hot: list[float] = []
         try:
@@ -267,13 +267,8 @@ def run(report: Report, section: Section) -> None:
                 t0 = time.perf_counter()
                 wait_for(lambda: _all_hot(addrs, len(members)), 900, "hot standbys")
                 hot.append(time.perf_counter() - t0)
-                leader = next(m for m in members if m.leads())
-                buf[:8] = i.to_bytes(8, "little")
-                leader.kill()
-                t0 = time.perf_counter()
-                os.pwrite(fd, memoryview(buf), (i + 1) * 64 * SEG)  # a fresh segment
-                os.fsync(fd)
-                out.append(time.perf_counter() - t0)
+                leader, took = trial(members, fd, i)
+                out.append(took)
                 report.progress(f"failover_scale: trial {i + 1}/{n}: {out[-1]:.2f} s")
                 leader.start()
         finally:
