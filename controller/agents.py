@@ -160,6 +160,8 @@ class AgentRegistry:
         a.current = True
         if self.pending is not None and a.token in self.pending:
             self.pending.discard(a.token)
+            log.info("agent %d (%s) of the previous run is back and current (%d not back "
+                     "yet)", a.id, a.name, len(self.pending))
             self._check_settled()
 
     async def enroll(self, name: str, host: str, mount: str, send: Sender,
