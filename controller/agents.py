@@ -214,7 +214,8 @@ class AgentRegistry:
             fsync_dir(os.path.dirname(self.marker))
 
     def shutdown(self) -> None:
-        """On a clean stop: if no agent is left, the next start needs no grace period."""
+        """On a clean stop: if no agent is left, the next start needs no grace period
+        (the marker goes, and every roster entry). Blocking: small unlinks."""
         self.expire()
         if (self.marker is not None and not self.agents
                 and (self.settled.is_set() or self.grace_until <= trio.current_time())):
@@ -222,6 +223,11 @@ class AgentRegistry:
                 os.unlink(self.marker)
             except FileNotFoundError:
                 pass
+            if self.roster is not None:
+                try:  # no entry of a session gone may pass for one of the next run's
+                    self.roster.clear()
+                except OSError as e:
+                    log.info("agents' roster %s: %s", self.roster.path, e)
 
     def register(self, name: str, host: str, mount: str, send: Sender,
                  kick: Callable[[], None] | None = None) -> Agent:

@@ -97,3 +97,13 @@ class Roster:
             os.unlink(os.path.join(self.path, token))
         except FileNotFoundError:
             pass
+
+    def clear(self) -> None:
+        """Unlist every entry (a clean stop with no agent left). Fenced or OSError."""
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if valid_token(name):
+                self.remove(name)
