@@ -148,9 +148,8 @@ def test_grace_ends_when_every_agent_is_back(held, controller, mount_factory, tm
         controller.kill()
         t0 = time.perf_counter()
         controller.start(["--lease", str(LEASE)], wait=False)
-        took = timed_write(m.fd, 2, 0xA2, model)  # unmarked: waits for the grace, if any
+        timed_write(m.fd, 2, 0xA2, model)  # unmarked: waits for the grace, if any
         since_start = time.perf_counter() - t0
-        assert took == pytest.approx(since_start, abs=0.05)
         print(f"write to an unmarked block served {since_start:.2f} s after the restart")
         assert since_start < 1.5, controller.log_path.read_text()[-3000:]
         controller.wait_ready()
