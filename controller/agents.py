@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from typing import Any
 import trio
 
 from .fsutil import fsync_dir
+from .roster import Roster
 from .tables import Disk
+from .writegate import WriteGate, unfenced
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ class Agent:
     # racing an open) can neither lose an open nor merge two disks' opens
     opens: dict[int, OpenRef] = field(default_factory=dict)
     kick: Callable[[], None] | None = None  # close its connection
+    # its session's entry in the roster (controller/roster.py): the agent's token, or
+    # one the controller drew for an agent that sent none ("" without a roster)
+    token: str = ""
+    current: bool = False  # heartbeat after registering: every table it has is ours
 
     @property
     def connected(self) -> bool:
@@ -57,19 +64,146 @@ class Agent:
 
 
 class AgentRegistry:
-    def __init__(self, lease: float = DEFAULT_LEASE, marker: str | None = None):
+    """The agents with a lease, and the grace after a start (docs/fencing.md).
+
+    lease: seconds; marker: a file that exists while agents may hold leases; roster:
+    the directory of controller/roster.py (None: no roster, the whole lease is always
+    waited out after a start that finds the marker).
+    """
+
+    def __init__(self, lease: float = DEFAULT_LEASE, marker: str | None = None,
+                 roster: str | None = None):
         self.lease = lease
         # marker: a file that exists while agents may hold leases. A controller that
         # starts and finds it must wait out those leases before freeing storage.
         self.marker = marker
+        self.roster = Roster(roster) if roster is not None else None
         self.agents: dict[int, Agent] = {}
         self._next_id = 1
         self._next_pid = 1
         self._acks: dict[int, trio.Event] = {}
         # After a controller start, agents of the previous incarnation may still
-        # hold leases we know nothing of; nothing is freed before this passes.
-        stale = marker is not None and os.path.exists(marker)
-        self.grace_until = trio.current_time() + (lease + LEASE_MARGIN if stale else 0.0)
+        # hold leases we know nothing of; nothing is freed before this passes
+        # (the deadline), unless every one of them is back and current (settled).
+        self.stale = marker is not None and os.path.exists(marker)
+        self.grace_until = trio.current_time() + (lease + LEASE_MARGIN if self.stale else 0.0)
+        self.started = trio.current_time()
+        # the previous run's roster tokens not yet back and current; None: unknown
+        self.pending: set[str] | None = None
+        self.settled = trio.Event()
+        if not self.stale:
+            self.settled.set()
+        self._roster_lock = trio.Lock()
+        self.spawn: Callable[..., None] | None = None  # Context.spawn, for removals
+
+    @property
+    def may_write(self) -> WriteGate:
+        return self.roster.may_write if self.roster is not None else unfenced
+
+    @may_write.setter
+    def may_write(self, gate: WriteGate) -> None:
+        if self.roster is not None:
+            self.roster.may_write = gate
+
+    def load_roster(self, boot: int) -> None:
+        """After a start that found the marker: the previous run's sessions, from the
+        roster if it is that run's (boot: the journal's last boot number, before this
+        start journals its own). Blocking (small reads), before anything is served."""
+        if not self.stale or self.roster is None:
+            return
+        tokens = self.roster.load(boot)
+        if tokens is None:
+            log.info("no roster of the previous run's agents: their leases are waited out "
+                     "in full")
+            return
+        self.pending = tokens
+        log.info("%d agent session(s) of the previous run may hold a lease", len(tokens))
+        self._check_settled()
+
+    async def begin(self, boot: int) -> None:
+        """Make the roster this run's (boot: its boot number), after its boot is
+        journaled and before any agent registers. On failure the roster is left to a
+        run before: the next start then waits out every lease in full."""
+        if self.roster is None:
+            return
+        try:
+            async with self._roster_lock:
+                await trio.to_thread.run_sync(self.roster.set_boot, boot)
+        except OSError as e:
+            log.warning("agents' roster %s: %s; a start after this run will wait out "
+                        "its agents' leases in full", self.roster.path, e)
+
+    async def run(self) -> None:
+        """For the service's life: once the grace deadline passed, unlist the previous
+        run's sessions that did not come back (their leases have run out)."""
+        await trio.sleep_until(self.grace_until)
+        left = self.pending or set()
+        self.pending = set()
+        self.settled.set()
+        for token in sorted(left):
+            await self._unlist(token)
+
+    def _check_settled(self) -> None:
+        if self.pending is not None and not self.pending and not self.settled.is_set():
+            self.settled.set()
+            early = self.grace_until - trio.current_time()
+            if early > 0:
+                log.info("every agent of the previous run is back and current after %.2f s: "
+                         "the grace ends %.1f s before its deadline",
+                         trio.current_time() - self.started, early)
+
+    def current(self, a: Agent) -> None:
+        """a heartbeats: its session reloaded every table it had open before (the agent
+        heartbeats only after that, virtfs/agent.py), so no push of ours can miss it."""
+        if a.current:
+            return
+        a.current = True
+        if self.pending is not None and a.token in self.pending:
+            self.pending.discard(a.token)
+            log.info("agent %d (%s) of the previous run is back and current (%d not back "
+                     "yet)", a.id, a.name, len(self.pending))
+            self._check_settled()
+
+    async def enroll(self, name: str, host: str, mount: str, send: Sender,
+                     kick: Callable[[], None] | None = None, token: str = "") -> Agent:
+        """register(), with the marker made and the session listed in the roster first,
+        durably (token: the agent's; "" for an agent that sends none: one is drawn that
+        never comes back, so a start after this run waits its lease out in full).
+        OSError (Fenced in a deposed leader) if that cannot be written."""
+        if self.roster is not None and not token:
+            token = secrets.token_hex(16)
+        async with self._roster_lock:
+            await trio.to_thread.run_sync(self._enlist, token)
+            # no checkpoint between here and the registration: an unlisting queued for
+            # an earlier session of this token sees this one (_unlist)
+        a = self.register(name, host, mount, send, kick=kick)
+        a.token = token
+        return a
+
+    def _enlist(self, token: str) -> None:
+        self.mark()
+        if self.roster is not None:
+            self.roster.add(token)
+
+    def _forget(self, a: Agent) -> None:
+        """a no longer holds a lease: unlist its session in the background."""
+        if a.token and self.roster is not None and self.spawn is not None:
+            try:
+                self.spawn(self._unlist, a.token)
+            except RuntimeError:
+                pass  # the service stops: the entry stays, the next start waits longer
+
+    async def _unlist(self, token: str) -> None:
+        """Remove token's entry unless an agent with a lease still has it."""
+        if self.roster is None:
+            return
+        async with self._roster_lock:
+            if any(a.token == token for a in self.agents.values()):
+                return
+            try:
+                await trio.to_thread.run_sync(self.roster.remove, token)
+            except OSError as e:
+                log.info("agents' roster: %s stays listed: %s", token, e)
 
     def mark(self) -> None:
         """Create the marker durably (blocking: run it in a thread, before register)."""
@@ -80,13 +214,20 @@ class AgentRegistry:
             fsync_dir(os.path.dirname(self.marker))
 
     def shutdown(self) -> None:
-        """On a clean stop: if no agent is left, the next start needs no grace period."""
+        """On a clean stop: if no agent is left, the next start needs no grace period
+        (the marker goes, and every roster entry). Blocking: small unlinks."""
         self.expire()
-        if self.marker is not None and not self.agents and self.grace_until <= trio.current_time():
+        if (self.marker is not None and not self.agents
+                and (self.settled.is_set() or self.grace_until <= trio.current_time())):
             try:
                 os.unlink(self.marker)
             except FileNotFoundError:
                 pass
+            if self.roster is not None:
+                try:  # no entry of a session gone may pass for one of the next run's
+                    self.roster.clear()
+                except OSError as e:
+                    log.info("agents' roster %s: %s", self.roster.path, e)
 
     def register(self, name: str, host: str, mount: str, send: Sender,
                  kick: Callable[[], None] | None = None) -> Agent:
@@ -115,12 +256,14 @@ class AgentRegistry:
         with a stale table that no longer receives pushes.
         """
         self.agents.pop(a.id, None)
+        self._forget(a)
         kick, a.kick, a.send = a.kick, None, None
         if kick is not None:
             kick()
 
     def remove(self, a: Agent) -> None:
         self.agents.pop(a.id, None)
+        self._forget(a)
         log.info("agent %d (%s) signed off", a.id, a.name)
 
     def expire(self) -> None:
@@ -160,10 +303,18 @@ class AgentRegistry:
         return True
 
     async def wait_grace(self) -> None:
+        """Wait until no agent of the previous run can write where a push of ours would
+        forbid it: every session in its roster is back and current (settled), or the
+        deadline (lease + margin after the start) passed (docs/fencing.md)."""
+        if self.settled.is_set():
+            return
         delay = self.grace_until - trio.current_time()
         if delay > 0:
-            log.info("waiting %.1f s for leases of a previous controller's agents", delay)
-            await trio.sleep(delay)
+            waiting = "" if self.pending is None else f" ({len(self.pending)} not back yet)"
+            log.info("waiting up to %.1f s for leases of a previous controller's agents%s",
+                     delay, waiting)
+            with trio.move_on_at(self.grace_until):
+                await self.settled.wait()
 
     async def notify(self, msg: dict[str, Any], timeout: float = 2.0,
                      exclude: Agent | None = None) -> None:

@@ -274,7 +274,10 @@ _op("snap.diff", NAME, _f("from_snap", str, type(None), required=False),
 _op("snap.read", NAME, _f("offset", int), _f("length", int), roles=ADMIN)
 _op("agent.ls")
 # agent-only: the data path's control plane
-_op("agent.register", _f("name", str), _f("host", str), _f("mount", str), roles=AGENT)
+# token: the agent process's session token (controller/roster.py); "" from agents that
+# send none, which keep a whole lease of grace after a controller restart
+_op("agent.register", _f("name", str), _f("host", str), _f("mount", str),
+    _f("token", str, required=False, default=""), roles=AGENT)
 _op("agent.heartbeat", roles=AGENT)
 _op("agent.bye", roles=AGENT)
 _op("agent.ack", _f("pid", int), roles=AGENT)

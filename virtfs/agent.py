@@ -9,6 +9,7 @@ controller is away wait (up to their deadline) for the session to come back.
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,7 +24,7 @@ from controller.client import (
     TermFloor,
     open_controller,
 )
-from controller.protocol import E_NOT_LEADER, RemoteError
+from controller.protocol import E_INVALID, E_NOT_LEADER, RemoteError
 from controller.transport import ClientSecurity, split_addrs
 
 from .outage import OutageLog
@@ -68,6 +69,10 @@ class Session:
         # the highest leader term seen, across reconnections: replies and pushes of an
         # older term (a deposed leader's) are refused (docs/ha.md)
         self.terms = TermFloor()
+        # this process's session token, sent at every registration: a controller that
+        # restarts knows from its roster whether every session holding one of its
+        # leases is back, and then ends its grace early (docs/fencing.md)
+        self.token: str | None = secrets.token_hex(16)
 
     def lease_valid(self) -> bool:
         return trio.current_time() < self.lease_until
@@ -144,8 +149,7 @@ class Session:
                                    security=self.security, terms=self.terms) as client:
             self._ack_client = client  # pushes may arrive (and need acks) during a reload
             sent = trio.current_time()
-            reg = await client.call("agent.register", name=f"{socket.gethostname()}:{self.mount}",
-                                    host=socket.gethostname(), mount=self.mount)
+            reg = await self._register(client)
             self.agent_id = reg["agent_id"]
             self.lease = float(reg["lease"])
             first = self.reconnects == 0
@@ -164,7 +168,9 @@ class Session:
             if task_status is not None:
                 task_status.started()
             try:
-                await self._heartbeats(client)
+                # after a reload, heartbeat at once: that tells the controller every
+                # table we use is its own (it may end a restart's grace on it)
+                await self._heartbeats(client, now=not first)
             finally:
                 self.lost_addr, self.lost_at, self.skip_lost = (
                     client.addr, trio.current_time(), True)
@@ -184,13 +190,30 @@ class Session:
                 addrs.append(self.lost_addr)
         return ",".join(addrs)
 
-    async def _heartbeats(self, client: Client) -> None:
-        """Renew the lease for ever; raises when the connection is lost."""
+    async def _register(self, client: Client) -> Any:
+        """agent.register, with the token unless the controller is of a version without
+        (it refuses the argument: then never again with it)."""
+        args: dict[str, Any] = {"name": f"{socket.gethostname()}:{self.mount}",
+                                "host": socket.gethostname(), "mount": self.mount}
+        if self.token is not None:
+            try:
+                return await client.call("agent.register", token=self.token, **args)
+            except RemoteError as e:
+                if e.code != E_INVALID or "token" not in str(e):
+                    raise
+                log.info("the controller at %s takes no session token", client.addr)
+                self.token = None
+        return await client.call("agent.register", **args)
+
+    async def _heartbeats(self, client: Client, now: bool = False) -> None:
+        """Renew the lease for ever (the first heartbeat at once if now); raises when
+        the connection is lost."""
         while True:
             # wake early when the connection drops, to reconnect at once rather than
             # at the next heartbeat (calls meanwhile would fail against the dead link)
-            with trio.move_on_after(self.lease / 3):
+            with trio.move_on_after(0 if now else self.lease / 3):
                 await client.closed_event.wait()
+            now = False
             if client.closed:
                 raise ConnectionLost(client.close_reason or "connection lost")
             sent = trio.current_time()

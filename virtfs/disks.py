@@ -155,8 +155,12 @@ class Volumes:
         self.ns.stale()
 
     async def reload_all(self, client: Client) -> None:
-        """After reconnecting: a new registration, so re-open and reload every open disk."""
-        for name, od in list(self.ns.open.items()):
+        """After reconnecting: a new registration, so re-open and reload every open disk,
+        then wait for the I/O begun under the tables before (Inflight.settle). The session
+        heartbeats only after this: from then on every entry we use, and every write
+        still in flight, is under the controller's own tables (docs/fencing.md)."""
+        opened = list(self.ns.open.items())
+        for name, od in opened:
             try:
                 t = await client.call("disk.open", name=name)
                 od.handle = t.get("handle")
@@ -165,6 +169,8 @@ class Volumes:
                 log.error("disk %s cannot be reopened after reconnecting: %s", name, e)
                 od.table.restrict(0, od.table.size)
             self.kernel.invalidate(od.inode)
+        for _name, od in opened:
+            await od.inflight.settle()
 
     # ------------------------------------------------------------ pushes
     async def handle_push(self, msg: dict[str, Any]) -> None:

@@ -310,6 +310,15 @@ class Inflight:
     def busy(self, start: int, end: int) -> bool:
         return any(lo < end and start < hi for lo, hi in self._ops.values())
 
+    async def settle(self) -> None:
+        """Wait until every I/O begun before this call has ended (later ones are not
+        waited for, so a busy disk cannot starve it)."""
+        mark = self._next
+        while any(op < mark for op in self._ops):
+            if self._changed is None:
+                self._changed = trio.Event()
+            await self._changed.wait()
+
     async def drain(self, start: int, end: int) -> None:
         while self.busy(start, end):
             if self._changed is None:

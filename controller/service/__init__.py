@@ -79,7 +79,7 @@ class Service:
     """The controller's service: one method per op, each delegating to a part.
 
     state: the tables as recovered; journal: open for records; state_dir: where
-    the state lives (agents.live goes there); lease: the agents' lease (seconds).
+    the state lives (agents.live and agents.roster go there); lease: the agents' lease (seconds).
     """
 
     def __init__(self, state: State, journal: Journal, state_dir: str, *,
@@ -88,8 +88,13 @@ class Service:
         self.journal = journal
         self.state_dir = state_dir
         self.started = time.time()
-        self.agents = AgentRegistry(lease, os.path.join(state_dir, "agents.live"))
+        self.agents = AgentRegistry(lease, os.path.join(state_dir, "agents.live"),
+                                    os.path.join(state_dir, "agents.roster"))
+        self.agents.load_roster(state.boot)  # the previous run's sessions (before start())
         self.ctx = Context(state, journal, self.agents)
+        # roster writes ask the controller's write gate (set later for a group's leader)
+        self.agents.may_write = lambda: self.ctx.may_write()
+        self.agents.spawn = self.ctx.spawn
         self.placement = Placement(self.ctx)
         self.coherence = Coherence(self.ctx)
         self.movement = Movement(self.ctx, self.placement, self.coherence)
@@ -112,9 +117,11 @@ class Service:
             self.dispatch)
 
     async def start(self) -> None:
-        """Journal this start before anything is answered (Coherence.start), then check
-        every container's label (Labels.check_all)."""
+        """Journal this start before anything is answered (Coherence.start), make the
+        agents' roster this run's (AgentRegistry.begin), then check every container's
+        label (Labels.check_all)."""
         await self.coherence.start()
+        await self.agents.begin(self.state.boot)
         await self.labels.check_all()
 
     async def run_jobs(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -125,6 +132,7 @@ class Service:
         async with trio.open_nursery() as n:
             await n.start(self.jobs.run)
             self.ctx.spawn(self.labels.run)
+            self.ctx.spawn(self.agents.run)
             self.ctx.spawn(self.files.reap_deleted)
             task_status.started()
 
@@ -314,10 +322,10 @@ class Service:
         return await self.backup.snap_read(name, offset, length)
 
     # ------------------------------------------------------------ agents
-    async def agent_register(self, name: str, host: str, mount: str, conn: Caller
-                             ) -> dict[str, object]:
+    async def agent_register(self, name: str, host: str, mount: str, conn: Caller,
+                             token: str = "") -> dict[str, object]:
         """agent.register: Sessions.agent_register."""
-        return await self.sessions.agent_register(name, host, mount, conn)
+        return await self.sessions.agent_register(name, host, mount, conn, token)
 
     async def agent_heartbeat(self, conn: Caller) -> dict[str, object]:
         """agent.heartbeat: Sessions.agent_heartbeat."""

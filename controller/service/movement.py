@@ -20,9 +20,9 @@ One segment's move, step by step (docs/movement.md has the diagram):
    back L2 -> L1, record ``move.abort``, which frees L2.
 
 Every step is a record through the one apply, so a restarted controller
-resumes from the persisted bitmap; it waits out the previous agents' leases
-first (``agents.wait_grace``), since one of them may not have acknowledged
-step 1's push.
+resumes from the persisted bitmap; it waits first (``agents.wait_grace``) until
+every previous agent is back with reloaded tables or its lease has run out, since
+one of them may not have acknowledged step 1's push.
 
 New space for a move goes through placement's one path (``Placement.place``),
 as a thin fault's does. Container fail and restore are here too: they change

@@ -20,8 +20,8 @@ meanwhile):
 A crash before 3 leaves the state as it was (the new space was only reserved): the job
 plans the unit again. A crash after 3 leaves the unit relocated; the old range is free
 (unpunched: new space is zeroed before use anyway) and the restarted controller waits
-out the old agents' leases (``agents.wait_grace``) before any job step, so no agent of
-the old incarnation still reads it when it is reused.
+(``agents.wait_grace``) before any job step until every agent of the old incarnation
+has reloaded its tables or lost its lease, so none still reads it when it is reused.
 """
 
 from __future__ import annotations

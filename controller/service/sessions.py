@@ -6,9 +6,8 @@ import logging
 import time
 from typing import Any
 
-import trio
-
 from .. import protocol as P
+from ..roster import valid_token
 from .context import Caller, Context
 from .movement import Movement
 
@@ -24,20 +23,29 @@ class Sessions:
         self.agents = ctx.agents
         self.movement = movement
 
-    async def agent_register(self, name: str, host: str, mount: str, conn: Caller
-                             ) -> dict[str, object]:
+    async def agent_register(self, name: str, host: str, mount: str, conn: Caller,
+                             token: str = "") -> dict[str, object]:
         """Register the agent on conn; its id and lease (seconds). Pushes go out on
-        conn; the agent is forgotten (its lease waited out) when conn closes."""
+        conn; the agent is forgotten (its lease waited out) when conn closes. token:
+        the agent process's session token ("": an agent that sends none), listed in the
+        roster durably before the answer (AgentRegistry.enroll); E_INVALID if it is not
+        16-64 lower-case hex digits, E_IO if the roster cannot be written."""
         if conn.agent is not None:
             raise P.RemoteError(P.E_PROTOCOL, "already registered")
+        if token and not valid_token(token):
+            raise P.RemoteError(P.E_INVALID, "agent.register: token must be 16 to 64 "
+                                             "lower-case hex digits")
 
         async def send(msg: dict[str, Any]) -> None:
             await conn.send(msg)
             if conn.closed:
                 raise ConnectionError("connection closed")
 
-        await trio.to_thread.run_sync(self.agents.mark)
-        agent = self.agents.register(name, host, mount, send, kick=conn.abort)
+        try:
+            agent = await self.agents.enroll(name, host, mount, send, kick=conn.abort,
+                                             token=token)
+        except OSError as e:
+            raise P.RemoteError(P.E_IO, f"cannot list the agent in the roster: {e}") from e
         conn.agent = agent
         conn.on_close.append(lambda: self.agents.disconnected(agent))
         return {"agent_id": agent.id, "lease": self.agents.lease}
@@ -46,6 +54,7 @@ class Sessions:
         """Renew the caller's lease; the epoch of every disk it has open (None: gone)."""
         a = self.ctx.agent(conn)
         self.agents.renew(a)
+        self.agents.current(a)  # it heartbeats only once its tables are reloaded
         epochs: dict[str, int | None] = {}
         for ref in a.opens.values():
             d = ref.disk
