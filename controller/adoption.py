@@ -75,10 +75,7 @@ def adopt_local_sync(state_dir: str, token: int) -> GroupRecovery:
     The returned GroupRecovery has head None: the term's start frame must say
     (0, 0) (the chain starts at the checkpoint), and the caller moves the head to
     (token, state.seq) once the term's file 0 exists."""
-    local = recover(state_dir)  # repair: what a standalone's restart would do
-    if local.truncated_at is not None:
-        log.warning("journal: torn tail at offset %d dropped (%d bytes)",
-                    local.truncated_at, local.dropped_bytes)
+    local = recover(state_dir)  # repair (it logs a torn tail): as a standalone's restart
     state = local.state
     name = checkpoint_file(token, state.seq)
     src = os.path.join(state_dir, CHECKPOINT)

@@ -68,16 +68,17 @@ class AgentRegistry:
 
     lease: seconds; marker: a file that exists while agents may hold leases; roster:
     the directory of controller/roster.py (None: no roster, the whole lease is always
-    waited out after a start that finds the marker).
+    waited out after a start that finds the marker); may_write: the controller's
+    write gate, asked before each roster write (controller/writegate.py).
     """
 
     def __init__(self, lease: float = DEFAULT_LEASE, marker: str | None = None,
-                 roster: str | None = None):
+                 roster: str | None = None, may_write: WriteGate = unfenced):
         self.lease = lease
         # marker: a file that exists while agents may hold leases. A controller that
         # starts and finds it must wait out those leases before freeing storage.
         self.marker = marker
-        self.roster = Roster(roster) if roster is not None else None
+        self.roster = Roster(roster, may_write) if roster is not None else None
         self.agents: dict[int, Agent] = {}
         self._next_id = 1
         self._next_pid = 1
@@ -95,15 +96,6 @@ class AgentRegistry:
             self.settled.set()
         self._roster_lock = trio.Lock()
         self.spawn: Callable[..., None] | None = None  # Context.spawn, for removals
-
-    @property
-    def may_write(self) -> WriteGate:
-        return self.roster.may_write if self.roster is not None else unfenced
-
-    @may_write.setter
-    def may_write(self, gate: WriteGate) -> None:
-        if self.roster is not None:
-            self.roster.may_write = gate
 
     def load_roster(self, boot: int) -> None:
         """After a start that found the marker: the previous run's sessions, from the

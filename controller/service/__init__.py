@@ -88,12 +88,12 @@ class Service:
         self.journal = journal
         self.state_dir = state_dir
         self.started = time.time()
+        # roster writes ask the controller's write gate (a group's leader sets it later)
         self.agents = AgentRegistry(lease, os.path.join(state_dir, "agents.live"),
-                                    os.path.join(state_dir, "agents.roster"))
+                                    os.path.join(state_dir, "agents.roster"),
+                                    may_write=lambda: self.ctx.may_write())
         self.agents.load_roster(state.boot)  # the previous run's sessions (before start())
         self.ctx = Context(state, journal, self.agents)
-        # roster writes ask the controller's write gate (set later for a group's leader)
-        self.agents.may_write = lambda: self.ctx.may_write()
         self.agents.spawn = self.ctx.spawn
         self.placement = Placement(self.ctx)
         self.coherence = Coherence(self.ctx)
