@@ -106,14 +106,22 @@ async def _export(cli: Cli, w: S.StreamWriter, name: str, chs: list[DF.Change],
     for i in range(0, len(pieces), READS_IN_FLIGHT):
         batch = pieces[i:i + READS_IN_FLIGHT]
         got: dict[int, bytes] = {}
+        failed: dict[int, P.RemoteError] = {}
 
-        async def read(off: int, n: int, got: dict[int, bytes] = got) -> None:
-            got[off] = (await cli.c.call("snap.read", name=name, offset=off, length=n))["data"]
+        async def read(off: int, n: int, got: dict[int, bytes] = got,
+                       failed: dict[int, P.RemoteError] = failed) -> None:
+            try:
+                got[off] = (await cli.c.call("snap.read", name=name, offset=off,
+                                             length=n))["data"]
+            except P.RemoteError as e:  # kept, so that several failed reads say one line
+                failed[off] = e
 
         async with trio.open_nursery() as nursery:
             for off, n in batch:
                 if n > 0:
                     nursery.start_soon(read, off, n)
+        if failed:
+            raise failed[min(failed)]  # the first in the stream's order
         for off, n in batch:
             if n < 0:
                 put_zero(off, -n)

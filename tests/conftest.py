@@ -84,6 +84,43 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# ---------------------------------------------------------------- serial tests
+
+# `make test` runs the suite in two phases: every test not marked serial on two pytest-xdist
+# workers (most of a test's time is spent waiting on processes, leases and sockets, so two
+# share the 2 cores well), then the serial ones alone. A test is serial when it bounds a
+# time (a lease, a stall, a failover, a rate), measures memory, or loads the machine so that
+# a neighbour's bounds would slip. Listed here: node ids under tests/ ("dir/", a module, or
+# "module::test" with or without its parameters); a test may also carry @pytest.mark.serial.
+SERIAL = (
+    "etcd/",                        # leases, elections, failover times
+    "multihost/",                   # network namespaces, fault timeouts, the torture run
+    # the loop stalls < 100 ms during a checkpoint
+    "inproc/test_checkpoint.py::test_loop_keeps_serving_and_commits_go_on_during_a_big_",
+    "inproc/test_controller_races.py::test_acks_are_not_stuck_behind_a_burst_of_faults",
+    "mount/test_qos.py",            # fio within 10% of a rate limit
+    "mount/test_restart_grace.py",  # a write served within 1.5 s of a restart
+    "mount/test_movement.py::test_container_fail_and_restore",  # EIO within 1 s
+    "mount/test_fencing.py",        # leases run out on time
+    "mount/test_mount_agents.py",   # an outage logged at growing intervals
+    "mount/test_snapshots.py::test_snapshot_is_isolated_from_later_writes",  # < 5 s
+    "process/test_hostile.py::test_slowloris_tls",
+    "process/test_hostile.py::test_memory_does_not_grow_under_hostile_clients",
+    "process/test_badinput.py::test_stalled_frames_do_not_block_others",  # < 5 s
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests of SERIAL's modules serial (see above)."""
+    root = Path(__file__).parent
+    for item in items:
+        rel = item.path.relative_to(root).as_posix()
+        node = f"{rel}::{item.name}"
+        if any(node.startswith(s if s.endswith("/") or "::" in s else s + "::")
+               for s in SERIAL):
+            item.add_marker(pytest.mark.serial)
+
+
 def log_problems(path: Path, allow: re.Pattern[str] | None = None) -> list[str]:
     """The unexpected tracebacks in a log file, each as its first ~30 lines.
 

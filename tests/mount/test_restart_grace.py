@@ -151,7 +151,10 @@ def test_grace_ends_when_every_agent_is_back(held, controller, mount_factory, tm
         timed_write(m.fd, 2, 0xA2, model)  # unmarked: waits for the grace, if any
         since_start = time.perf_counter() - t0
         print(f"write to an unmarked block served {since_start:.2f} s after the restart")
-        assert since_start < 1.5, controller.log_path.read_text()[-3000:]
+        # without the early end it waits the grace's LEASE + MARGIN from the start; the
+        # bound leaves room for a slow start of the controller on a loaded machine (one
+        # took 0.9 s to listen), and the log says the grace ended early
+        assert since_start < LEASE / 2, controller.log_path.read_text()[-3000:]
         controller.wait_ready()
         assert "grace ends" in controller.log_path.read_text()
         timed_write(m.fd, 3, 0xA3, model)
