@@ -10,9 +10,11 @@ One segment's move, step by step (docs/movement.md has the diagram):
    copies those blocks L1 -> L2 (durably), records ``move.mark``, pushes the
    new entries to the *other* agents (drained, acknowledged: none may read
    those blocks from L1 any more), then answers the writer, who writes at L2.
-3. copier: copies the next run of unmarked blocks, durably, and marks them.
-   A write fault on blocks being copied waits for that copy, so a copy never
-   overwrites a block a host wrote meanwhile.
+3. copier: copies a batch of unmarked blocks in steps, flushes the batch once,
+   marks it in one record, then publishes it (pushed at L2 to every agent,
+   drained, then writable, so later writes there need no fault). A write fault
+   on blocks being copied waits for that step, so a copy never overwrites a
+   block a host wrote meanwhile.
 4. commit: every block is marked: push entries that are plainly at L2 to every
    agent (draining reads in flight on L1), punch L1, record ``move.commit``,
    which frees L1.
