@@ -260,7 +260,7 @@ class Cli:
             return self._plan(await self.c.call("disk.migrate", name=self.args.name,
                                                  to=self.args.to, dry_run=True))
         return await self._follow(await self.c.call("disk.migrate", name=self.args.name,
-                                                    to=self.args.to))
+                                                    to=self.args.to, rate=self.args.rate))
 
     async def container_drain(self) -> int:
         if self.args.dry_run:
@@ -378,11 +378,18 @@ class Cli:
                 return "-"
             return f"{round(j['rate'])}/s" if self.bytes else format_rate(j["rate"])
 
+        def limit(j: dict[str, Any]) -> str:
+            if not j.get("rate_limit"):
+                return "-"
+            r = j["rate_limit"]
+            return f"{r}/s" if self.bytes else format_rate(r)
+
         self.table_out([[str(j["id"]), j["kind"], shown(j["disk"]) if j["disk"] else "-",
-                 j["from"] or "-", j["to"] or "-", j["state"], progress(j), rate(j),
+                 j["from"] or "-", j["to"] or "-", j["state"], progress(j), rate(j), limit(j),
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["started"]))]
                 for j in rows],
-               ["ID", "KIND", "DISK", "FROM", "TO", "STATE", "PROGRESS", "RATE", "STARTED"],
+               ["ID", "KIND", "DISK", "FROM", "TO", "STATE", "PROGRESS", "RATE", "LIMIT",
+                "STARTED"],
                self.out)
         return 0
 

@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--no-wait", action="store_true", help="print the job id and return")
     mg.add_argument("-n", "--dry-run", action="store_true", help="print what would move "
                     "(live data and snapshot/clone storage) and change nothing")
+    mg.add_argument("--rate", type=size_arg, metavar="SIZE", help="limit the copy to SIZE "
+                    "bytes per second (50M; 0: no limit; default: the controller's "
+                    "--copy-rate)")
 
     rn = verb(dv, "rename", "rename a disk, in use or not (agents see the new name at "
               "once; snapshots follow it)")

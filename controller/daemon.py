@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from . import __version__, metrics_http, sdnotify
 from .adoption import refuse_group_dir
 from .agents import DEFAULT_LEASE
+from .cli_args import size_arg
 from .client import single_leaf
 from .etcd import etcd_security, parse_endpoints
 from .frames import JournalCorrupt  # virtfs.mount's too
@@ -48,6 +49,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
                                   max_connections: int = MAX_CONNECTIONS,
                                   metrics: CollectorRegistry | None = None,
                                   group: GroupTerm | None = None,
+                                  copy_rate: int = 0,
                                   ) -> AsyncIterator[Service]:
     """Run a controller (journal committer + listeners) for the block's duration.
 
@@ -85,7 +87,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
         log.info("state dir %s: seq %d, %d records replayed, %d disks, %d containers",
                  state_dir, rec.state.seq, rec.records, len(rec.state.disks),
                  len(rec.state.containers))
-        service = Service(rec.state, journal, state_dir, lease=lease)
+        service = Service(rec.state, journal, state_dir, lease=lease, copy_rate=copy_rate)
         if group is not None:
             service.ctx.may_write = group.may_write
         cm = ControllerMetrics(metrics, service) if metrics is not None else None
@@ -126,12 +128,13 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
 
 async def _run(state_dir: str, listen: list[str], lease: float,
                security: ServerSecurity | None = None,
-               max_connections: int = MAX_CONNECTIONS, metrics: str | None = None) -> None:
+               max_connections: int = MAX_CONNECTIONS, metrics: str | None = None,
+               copy_rate: int = 0) -> None:
     registry = metrics_http.new_registry() if metrics is not None else None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with open_controller_service(state_dir, listen, lease=lease, security=security,
                                            max_connections=max_connections,
-                                           metrics=registry):
+                                           metrics=registry, copy_rate=copy_rate):
             if metrics is not None and registry is not None:
                 host, port = metrics_http.serve(metrics, registry)
                 print(f"virtfs-controller: metrics at http://{host}:{port}/metrics",
@@ -148,7 +151,7 @@ async def _run(state_dir: str, listen: list[str], lease: float,
 
 async def _run_group(cfg: GroupConfig, state_dir: str, listen: list[str], lease: float,
                      security: ServerSecurity | None, max_connections: int,
-                     metrics: str | None = None) -> None:
+                     metrics: str | None = None, copy_rate: int = 0) -> None:
     """A member of a controller group (controller/group.py) until SIGINT/SIGTERM/SIGHUP:
     a standby that answers not_leader until elected, then the leader, and a standby
     again if its term ends. A clean stop resigns, so another member takes over at once.
@@ -165,7 +168,8 @@ async def _run_group(cfg: GroupConfig, state_dir: str, listen: list[str], lease:
 
             async def serve(gt: GroupTerm) -> None:
                 async with open_controller_service(state_dir, lease=lease, group=gt,
-                                                   metrics=registry) as svc:
+                                                   metrics=registry,
+                                                   copy_rate=copy_rate) as svc:
                     journal = svc.journal
                     member.serving(gt, svc.serve, lambda: journal.durable_seq)
                     status = (f"leading group {cfg.group} (term {gt.term.token}), serving "
@@ -229,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lease", type=float, default=DEFAULT_LEASE, metavar="SECONDS",
                    help=f"agent lease (default {DEFAULT_LEASE:.0f} s): how long an agent that "
                    "lost the controller keeps using its cached entries")
+    p.add_argument("--copy-rate", type=size_arg, default=0, metavar="SIZE",
+                   help="the default limit of a migration's or drain's copy, bytes per "
+                   "second (50M; default 0: none); vdctl disk migrate --rate overrides it")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics "
                    "(docs/metrics.md; PORT 0 picks a free port, printed on stderr)")
@@ -325,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(str(e))
         if group is not None:
             trio.run(_run_group, group, state_dir, listen, args.lease, security,
-                     args.max_connections, args.metrics)
+                     args.max_connections, args.metrics, args.copy_rate)
         else:
             trio.run(_run, state_dir, listen, args.lease, security, args.max_connections,
-                     args.metrics)
+                     args.metrics, args.copy_rate)
     except (StateDirBusy, JournalCorrupt, OSError, ValueError) as e:
         print(f"virtfs-controller: {e}", file=sys.stderr)
         return 1

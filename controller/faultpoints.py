@@ -73,7 +73,9 @@ POINTS = frozenset({
     # controller/service/movement.py: a move's steps
     "movement.start",  # L2 zeroed, before the move.start records
     "movement.copy",  # a copy between containers (faults, copier, abort's copy back)
-    "movement.mark",  # the copier copied a run, before its move.mark record
+    "movement.settle",  # the copier copied a batch, before its one flush
+    "movement.mark",  # the copier's batch is durable, before its move.mark record
+    "movement.publish",  # a batch marked (durably), before its push to agents
     "movement.commit",  # L1 punched, before the move.commit record
     "movement.abort",  # marked blocks copied back, before the move.abort record
     "movement.copier",  # each step of the copier, before it takes the disk's lock

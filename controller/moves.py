@@ -7,10 +7,11 @@ an ``Alt`` (tables.py): the alternate location L2 and a bitmap, one bit per
 reaches an agent: agents get entries, split as finely as the bitmap requires:
 
 - marked blocks: entries at L2, ``nowrite`` (reads go to L2, where the data is;
-  a write faults), except in the answer to a write fault for the blocks it
-  writes: those come plainly writable, after every other agent that has the
-  disk open got them at L2 (drained, acknowledged). So a block is only ever
-  written at L2 while no agent can still read it at L1;
+  a write faults), except blocks *published*: in the answer to a write fault for
+  the blocks it writes, and everywhere for blocks the copier pushed at L2 to
+  every agent (drained, acknowledged) after marking them. Those come plainly
+  writable: every agent that has the disk open got them at L2 first. So a block
+  is only ever written at L2 while no agent can still read it at L1;
 - unmarked blocks: ``nowrite`` entries at L1, so reads go straight to L1 and
   never wait, and a write faults, so the controller copies those blocks to L2
   and marks them before the write lands at L2.
@@ -21,27 +22,34 @@ the job runner (service/jobs.py) act on these plans.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from .bitmap import Bitmap
 from .extents import MOVING, NOWRITE, Extent
 from .protocol import BLOCK_SIZE
 from .tables import Alt, Disk
 
-# what the copier copies and marks in one step: 4 MiB (a default segment). Each step ends
-# in two flushes (the copy settled, the mark committed): 4 MiB steps moved an idle disk
-# at 413 MiB/s against 293 with 1 MiB steps (bench movement, 5 of 6 runs faster)
+# what the copier copies in one step, holding write faults on those blocks off: 4 MiB
+# (a default segment)
 COPY_CHUNK_BLOCKS = 1024
+# what the copier makes durable with one flush, marks in one record and pushes to agents
+# in one push: up to 64 MiB of one move (steps of COPY_CHUNK_BLOCKS), or what it copied
+# in COPY_BATCH_SECONDS (a slow or rate-limited copy still publishes as it goes)
+COPY_BATCH_BLOCKS = 16384
+COPY_BATCH_SECONDS = 0.25
 
 
 def agent_entries(e: Extent, a: Alt, start: int, end: int,
-                  writable: tuple[int, int] | None = None) -> Iterator[Extent]:
+                  writable: tuple[int, int] | None = None,
+                  published: Bitmap | None = None) -> Iterator[Extent]:
     """The entries an agent gets for moving extent e (alternate a) within [start, end).
 
     Marked runs map to the alternate location, nowrite but inside writable (vstart
-    bytes: published to every other agent, see the module's docstring); unmarked runs
-    stay at e's location as nowrite entries. Other state bits of e (never MOVING) are
-    kept.
+    bytes: published to every other agent, see the module's docstring) and for the
+    blocks set in published (a bitmap like a's: blocks every agent was told at L2, a
+    subset of the marked ones); unmarked runs stay at e's location as nowrite entries.
+    Other state bits of e (never MOVING) are kept.
     """
     lo, hi = max(start, e.vstart), min(end, e.vend)
     flags = e.flags & ~MOVING
@@ -54,25 +62,43 @@ def agent_entries(e: Extent, a: Alt, start: int, end: int,
         if not marked:
             yield Extent(vs, ve - vs, e.lun, e.offset + rel, flags | NOWRITE)
             continue
-        wlo, whi = writable if writable is not None else (ve, ve)
-        for plo, phi, w in ((vs, max(vs, min(ve, wlo)), False),
-                            (max(vs, wlo), min(ve, whi), True),
-                            (max(vs, min(ve, whi)), ve, False)):
-            if phi > plo:
-                yield Extent(plo, phi - plo, a.lun, a.offset + (plo - e.vstart),
-                             flags if w else flags | NOWRITE)
+        pieces = [(vs, ve, False)]
+        if published is not None:
+            pieces = [(max(vs, e.vstart + pb * BLOCK_SIZE),
+                       min(ve, e.vstart + (pb + pn) * BLOCK_SIZE), pub)
+                      for pb, pn, pub in published.runs(b, b + n)]
+            tail = e.vstart + min(b + n, published.nblocks) * BLOCK_SIZE
+            if tail < ve:  # (a bitmap shorter than a's: never published)
+                pieces.append((max(vs, tail), ve, False))
+        for pvs, pve, pub in pieces:
+            if pve <= pvs:
+                continue
+            if pub:
+                yield Extent(pvs, pve - pvs, a.lun, a.offset + (pvs - e.vstart), flags)
+                continue
+            wlo, whi = writable if writable is not None else (pve, pve)
+            for plo, phi, w in ((pvs, max(pvs, min(pve, wlo)), False),
+                                (max(pvs, wlo), min(pve, whi), True),
+                                (max(pvs, min(pve, whi)), pve, False)):
+                if phi > plo:
+                    yield Extent(plo, phi - plo, a.lun, a.offset + (plo - e.vstart),
+                                 flags if w else flags | NOWRITE)
 
 
 def expand(d: Disk, entries: Iterator[Extent],
-           writable: tuple[int, int] | None = None) -> Iterator[Extent]:
+           writable: tuple[int, int] | None = None,
+           published: Callable[[int, Alt], Bitmap | None] | None = None
+           ) -> Iterator[Extent]:
     """Entries of d (from ExtentMap.entries) with moving extents split per block run;
-    marked blocks inside writable come writable (agent_entries)."""
+    marked blocks inside writable, or published (published(vstart, alt): the move's
+    published blocks, or None), come writable (agent_entries)."""
     for e in entries:
         if e.flags & MOVING:
             stored = d.extents.find(e.vstart)
             assert stored is not None and stored.flags & MOVING
             a = d.alts[stored.vstart]
-            yield from agent_entries(stored, a, e.vstart, e.vend, writable)
+            pub = published(stored.vstart, a) if published is not None else None
+            yield from agent_entries(stored, a, e.vstart, e.vend, writable, pub)
         else:
             yield e
 
@@ -89,10 +115,11 @@ def unmarked_runs(a: Alt, first: int, last: int) -> list[tuple[int, int]]:
     return [(b, n) for b, n, marked in a.bitmap.runs(first, last) if not marked]
 
 
-def next_copy(a: Alt, limit: int = COPY_CHUNK_BLOCKS) -> tuple[int, int] | None:
-    """The copier's next step: the first unmarked run, at most limit blocks; None when
-    every block is marked (the move may commit)."""
-    for b, n, marked in a.bitmap.runs():
+def next_copy(a: Alt, limit: int = COPY_CHUNK_BLOCKS, start: int = 0
+              ) -> tuple[int, int] | None:
+    """The copier's next step: the first unmarked run from block start on, at most limit
+    blocks; None when every block from start on is marked."""
+    for b, n, marked in a.bitmap.runs(start):
         if not marked:
             return b, min(n, limit)
     return None

@@ -248,7 +248,7 @@ _op("disk.discard", NAME, _f("offset", int), _f("length", int))
 _op("check", roles=ADMIN)
 # movement (docs/movement.md)
 _op("disk.migrate", NAME, _f("to", str), _f("dry_run", bool, required=False, default=False),
-    roles=ADMIN)
+    _f("rate", int, type(None), required=False), roles=ADMIN)
 _op("disk.set", NAME, _f("limits", dict), roles=ADMIN)
 # a disk's owner, group and mode (docs/permissions.md): each left out (None) is kept;
 # agents send chmod and chown through a mount

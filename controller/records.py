@@ -343,7 +343,8 @@ class JobStart(Record):
     """A background job (kind "migrate": disk to LUN dst; "drain": everything off LUN
     src, to dst or wherever placement puts it) starts at time started. placed: the
     (disk, home, pin) the job's disk.place records changed, as they were before: an
-    abort puts them back (absent in journals written before aborts did)."""
+    abort puts them back (absent in journals written before aborts did). rate: the
+    copier's limit in bytes/s, 0 for none (absent in journals written before it)."""
 
     OP: ClassVar[str] = "job.start"
     id: int
@@ -353,12 +354,15 @@ class JobStart(Record):
     dst: int | None
     started: float
     placed: tuple[tuple[str, int, int | None], ...] = ()
+    rate: int = 0
 
     def to_wire(self) -> Wire:
         out: Wire = {"op": self.OP, "id": self.id, "kind": self.kind, "disk": self.disk,
                      "src": self.src, "dst": self.dst, "started": self.started}
         if self.placed:
             out["placed"] = [list(p) for p in self.placed]
+        if self.rate:
+            out["rate"] = self.rate
         return out
 
     @classmethod
@@ -368,7 +372,8 @@ class JobStart(Record):
             raise StateError(f"bad job.start {jid!r} {kind!r}")
         return cls(jid, kind, get_opt_str(d, "disk"), get_opt_int(d, "src"),
                    get_opt_int(d, "dst"), get_time(d, "started"),
-                   placements(d.get("placed", [])))
+                   placements(d.get("placed", [])),
+                   get_int(d, "rate", 0) if "rate" in d else 0)
 
 
 def placements(w: object) -> tuple[tuple[str, int, int | None], ...]:

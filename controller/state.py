@@ -339,7 +339,8 @@ class State:
         for lun in (src, dst, *(x for _n, home, pin in rec.placed for x in (home, pin))):
             if lun is not None and lun not in self.luns:
                 raise StateError(f"job.start: unknown LUN {lun!r}")
-        self.jobs[jid] = Job(jid, kind, disk, src, dst, rec.started, placed=list(rec.placed))
+        self.jobs[jid] = Job(jid, kind, disk, src, dst, rec.started, placed=list(rec.placed),
+                             rate=rec.rate)
         self.next_job = jid + 1
 
     def _job_abort(self, rec: R.JobAbort) -> None:

@@ -133,23 +133,29 @@ class Job:
     # (disk, home, pin) before the job placed the disk's new space elsewhere: an abort
     # puts them back (records.JobStart.placed)
     placed: list[tuple[str, int, int | None]] = field(default_factory=list)
+    rate: int = 0  # the copier's limit, bytes/s (0: none; records.JobStart.rate)
 
     def to_wire(self) -> list[object]:
-        """The job as a list; placed only when there are any (so a checkpoint without
-        them is written byte for byte as before they existed)."""
+        """The job as a list; placed only when there are any, rate only when set (so a
+        checkpoint without them is written byte for byte as before they existed)."""
         out: list[object] = [self.id, self.kind, self.disk, self.src, self.dst, self.started,
                              self.state, self.ended, self.message, self.aborting]
-        if self.placed:
+        if self.placed or self.rate:
             out.append([list(p) for p in self.placed])
+        if self.rate:
+            out.append(self.rate)
         return out
 
     @classmethod
     def from_wire(cls, w: object) -> Job:
         """A job from to_wire()'s list (9 items before aborts were journaled, 10 before
-        placements were)."""
-        if not isinstance(w, list) or len(w) not in (9, 10, 11):
+        placements were, 11 before rates were)."""
+        if not isinstance(w, list) or len(w) not in (9, 10, 11, 12):
             raise StateError(f"bad job {w!r}")
-        placed = w[10] if len(w) == 11 else []
+        placed = w[10] if len(w) >= 11 else []
+        rate = w[11] if len(w) == 12 else 0
+        if type(rate) is not int or rate < 0:
+            raise StateError(f"bad job rate {rate!r}")
         if not isinstance(placed, list) or not all(
                 isinstance(p, list) and len(p) == 3 and type(p[0]) is str
                 and type(p[1]) is int and (p[2] is None or type(p[2]) is int)
@@ -157,6 +163,7 @@ class Job:
             raise StateError(f"bad job placements {placed!r}")
         job = cls(*w[:10])
         job.placed = [(p[0], p[1], p[2]) for p in placed]
+        job.rate = rate
         return job
 
 

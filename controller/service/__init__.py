@@ -83,7 +83,7 @@ class Service:
     """
 
     def __init__(self, state: State, journal: Journal, state_dir: str, *,
-                 lease: float = DEFAULT_LEASE):
+                 lease: float = DEFAULT_LEASE, copy_rate: int = 0):
         self.state = state
         self.journal = journal
         self.state_dir = state_dir
@@ -99,7 +99,7 @@ class Service:
         self.coherence = Coherence(self.ctx)
         self.movement = Movement(self.ctx, self.placement, self.coherence)
         self.relocation = Relocation(self.ctx, self.placement, self.coherence, self.movement)
-        self.jobs = Jobs(self.ctx, self.placement, self.movement, self.relocation)
+        self.jobs = Jobs(self.ctx, self.placement, self.movement, self.relocation, copy_rate)
         self.snapshots = Snapshots(self.ctx, self.placement, self.coherence, self.movement)
         self.labels = Labels(self.ctx, self.movement, self.placement)
         self.containers = Containers(self.ctx, self.movement, self.labels)
@@ -272,10 +272,11 @@ class Service:
         return await self.disks.disk_discard(name, offset, length, conn)
 
     # ------------------------------------------------------------ jobs
-    async def disk_migrate(self, name: str, to: str, dry_run: bool = False
+    async def disk_migrate(self, name: str, to: str, dry_run: bool = False,
+                           rate: int | None = None
                            ) -> dict[str, object]:
         """disk.migrate: Jobs.disk_migrate."""
-        return await self.jobs.disk_migrate(name, to, dry_run)
+        return await self.jobs.disk_migrate(name, to, dry_run, rate)
 
     async def container_drain(self, name: str, to: str | None, dry_run: bool = False
                               ) -> dict[str, object]:

@@ -11,10 +11,12 @@ import trio
 from .. import label
 from .. import protocol as P
 from ..agents import Agent
+from ..bitmap import Bitmap
 from ..extents import ERROR, INVALID, NOWRITE, ZERO, Extent
 from ..moves import expand
 from ..records import ControllerBoot
 from ..state import Disk
+from ..tables import Alt
 from .context import Context
 
 # A whole-table answer (disk.open, disk.table) of a disk with at least this many
@@ -45,6 +47,10 @@ class Coherence:
         self.agents = ctx.agents
         self._restricted: dict[int, list[tuple[int, int]]] = {}
         self._frozen: dict[int, list[tuple[int, int]]] = {}
+        # (disk uid, move vstart) -> (the move's Alt, its published blocks); an entry
+        # whose Alt is not the move's current one (committed, aborted, cut, a new move
+        # at the same place) counts for nothing
+        self._published: dict[tuple[int, int], tuple[Alt, Bitmap]] = {}
         self._restriction_lifted = trio.Event()
         # stamps every table answer and push ("v"), so an agent can tell an answer that was
         # overtaken by a later change (it then faults again instead of using it). Never
@@ -80,7 +86,8 @@ class Coherence:
         and entries on a failed container in state `error`."""
         entries: Iterator[Extent] = d.extents.entries(start, end)
         if d.alts:
-            entries = expand(d, entries, writable)
+            entries = expand(d, entries, writable,
+                             lambda vs, a: self.published(d, vs, a))
         if d.is_snapshot:  # read-only: every entry
             entries = (e._replace(flags=e.flags | NOWRITE) for e in entries)
         elif len(self.state.family(d.family)) > 1:
@@ -90,6 +97,35 @@ class Coherence:
             entries = (e._replace(flags=e.flags | ERROR) if e.lun in failed else e
                        for e in entries)
         return entries
+
+    # ------------------------------------------------------------ published blocks
+    def published(self, d: Disk, vstart: int, a: Alt) -> Bitmap | None:
+        """The published blocks of d's move at vstart (alternate a), or None."""
+        got = self._published.get((d.uid, vstart))
+        if got is None or got[0] is not a:
+            return None
+        return got[1]
+
+    def publish(self, d: Disk, vstart: int, a: Alt, runs: list[tuple[int, int]]) -> int:
+        """Blocks runs ((first, count)) of d's move at vstart (alternate a) are writable at
+        L2 in every answer and push from now on. Call only once they are marked
+        (durably) and every agent that has d open acknowledged a push giving them at L2
+        (drained): docs/movement.md, "published". Returns the bytes newly published."""
+        got = self._published.get((d.uid, vstart))
+        if got is None or got[0] is not a:
+            got = (a, Bitmap(a.bitmap.nblocks))
+            self._published[(d.uid, vstart)] = got
+        bm = got[1]
+        new = 0
+        for b, n in runs:
+            n = min(n, bm.nblocks - b)
+            if n > 0:
+                new += bm.set_range(b, n)
+        return new * P.BLOCK_SIZE
+
+    def unpublish(self, d: Disk, vstart: int) -> None:
+        """Forget the published blocks of d's move at vstart (it ended)."""
+        self._published.pop((d.uid, vstart), None)
 
     def _shared_nowrite(self, d: Disk, entries: Iterator[Extent]) -> Iterator[Extent]:
         """Entries whose storage a snapshot or clone shares turn nowrite (a write there

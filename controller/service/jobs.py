@@ -23,7 +23,7 @@ from ..records import DiskPlace, JobAbort, JobEnd, JobStart
 from ..state import Disk, Job
 from ..units import human
 from .context import Context
-from .movement import MoveGone, Movement
+from .movement import MoveGone, Movement, Pacer
 from .placement import Placement
 from .relocation import Relocation
 
@@ -42,16 +42,19 @@ class _Progress:
     aborting: bool = False
     done_event: trio.Event = field(default_factory=trio.Event)
     batch: trio.CancelScope | None = None  # the moves in flight, cancelled by an abort
+    pace: Pacer = field(default_factory=Pacer)  # the job's rate limit, for all its moves
 
 
 class Jobs:
     """Migrate and drain jobs, run in the service's background nursery.
 
-    Owns the running jobs' volatile progress (by job id).
+    Owns the running jobs' volatile progress (by job id) and the default rate limit of
+    new jobs' copies (copy_rate, bytes/s, 0: none; the controller's --copy-rate).
     """
 
     def __init__(self, ctx: Context, placement: Placement, movement: Movement,
-                 relocation: Relocation):
+                 relocation: Relocation, copy_rate: int = 0):
+        self.copy_rate = copy_rate
         self.ctx = ctx
         self.relocation = relocation
         self.state = ctx.state
@@ -125,6 +128,7 @@ class Jobs:
         j = self.state.jobs[jid]
         prog = self._progress.setdefault(jid, _Progress(self.remaining(j),
                                                          trio.current_time()))
+        prog.pace.rate = j.rate  # journaled with the job: a restart keeps it
         state: str | None = None  # None: journal no end (cancelled: it resumes later)
         message = ""
         prog.aborting = prog.aborting or j.aborting  # asked before a restart
@@ -156,7 +160,7 @@ class Jobs:
                         prog.batch.cancel()
                     async with trio.open_nursery() as n:
                         for d, vs in started:
-                            n.start_soon(self.movement.run_move, d, vs)
+                            n.start_soon(self.movement.run_move, d, vs, prog.pace)
                 prog.batch = None
             if prog.aborting:
                 await self._roll_back(j)
@@ -262,18 +266,18 @@ class Jobs:
                 await self.journal.commit(DiskPlace(name, home, pin))
 
     async def _start_job(self, kind: str, disk: str | None, src: int | None,
-                         dst: int | None, placed: tuple[tuple[str, int, int | None], ...] = ()
-                         ) -> dict[str, object]:
+                         dst: int | None, placed: tuple[tuple[str, int, int | None], ...] = (),
+                         rate: int = 0) -> dict[str, object]:
         jid = self.state.next_job
         await self.journal.commit(JobStart(jid, kind, disk, src, dst, round(time.time(), 3),
-                                           placed))
+                                           placed, rate))
         j = self.state.jobs[jid]
         self._progress[jid] = _Progress(self.remaining(j), trio.current_time())
         self.ctx.spawn(self._run_job, jid)
         return self.job_dict(j)
 
-    async def disk_migrate(self, name: str, to: str, dry_run: bool = False
-                           ) -> dict[str, object]:
+    async def disk_migrate(self, name: str, to: str, dry_run: bool = False,
+                           rate: int | None = None) -> dict[str, object]:
         """Start moving every extent of disk name to container `to` while it is in use,
         and the storage its snapshots map outside `to` (controller/jobplan.py:
         plan_migrate; clones sharing it are switched with it). dry_run: journal
@@ -281,9 +285,13 @@ class Jobs:
 
         New space for the disk goes to `to` from now on (its home; its pin too, if it
         had one), also for a disk with no data to move (the job then ends done at once).
+        rate: the copy's limit in bytes/s (0: none; None: the controller's copy_rate),
+        journaled with the job (job.start), so it holds after a restart.
         Raises RemoteError: E_NOT_FOUND, E_INVALID (already wholly there and placed there),
         E_BUSY (a job already moves it), E_IO (the target is failed), E_NO_SPACE.
         """
+        if rate is not None and rate < 0:
+            raise P.invalid(f"rate must be 0 (no limit) or more bytes per second, not {rate}")
         d = self.ctx.disk(name)
         c = self.ctx.container(to)
         if c.failed:
@@ -309,7 +317,8 @@ class Jobs:
         if dry_run:
             return {**plan.to_dict(self.state), "dry_run": True}
         placed = await self._place([(d, c.lun, c.lun if d.pin is not None else None)])
-        return await self._start_job("migrate", d.name, None, c.lun, placed)
+        return await self._start_job("migrate", d.name, None, c.lun, placed,
+                                     self.copy_rate if rate is None else rate)
 
     async def container_drain(self, name: str, to: str | None, dry_run: bool = False
                               ) -> dict[str, object]:
@@ -348,7 +357,7 @@ class Jobs:
         placed = await self._place([  # pins and homes move off it
             (d, home, home if d.pin is not None else None)
             for d in self.state.disks.values() if d.pin == c.lun or d.home == c.lun])
-        return await self._start_job("drain", None, c.lun, dst, placed)
+        return await self._start_job("drain", None, c.lun, dst, placed, self.copy_rate)
 
     def job_dict(self, j: Job) -> dict[str, object]:
         """A job as vdctl shows it: ids, containers, state, and a running job's progress
@@ -360,6 +369,7 @@ class Jobs:
             "from": luns[j.src].name if j.src in luns else None,
             "to": luns[j.dst].name if j.dst in luns else None,
             "state": j.state, "started": j.started, "ended": j.ended, "message": j.message,
+            "rate_limit": j.rate or None,  # bytes/s; None: no limit
         }
         if j.state == "running" and prog is not None:
             left = self.remaining(j)

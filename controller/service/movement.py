@@ -10,9 +10,11 @@ One segment's move, step by step (docs/movement.md has the diagram):
    copies those blocks L1 -> L2 (durably), records ``move.mark``, pushes the
    new entries to the *other* agents (drained, acknowledged: none may read
    those blocks from L1 any more), then answers the writer, who writes at L2.
-3. copier: copies the next run of unmarked blocks, durably, and marks them.
-   A write fault on blocks being copied waits for that copy, so a copy never
-   overwrites a block a host wrote meanwhile.
+3. copier: copies a batch of unmarked blocks in steps, flushes the batch once,
+   marks it in one record, then publishes it (pushed at L2 to every agent,
+   drained, then writable, so later writes there need no fault). A write fault
+   on blocks being copied waits for that step, so a copy never overwrites a
+   block a host wrote meanwhile.
 4. commit: every block is marked: push entries that are plainly at L2 to every
    agent (draining reads in flight on L1), punch L1, record ``move.commit``,
    which frees L1.
@@ -55,6 +57,23 @@ from .placement import Placement
 log = logging.getLogger(__name__)
 
 
+class Pacer:
+    """A copier's rate limit, shared by the moves of one job: take(n) returns once n more
+    bytes fit under rate bytes/s since the pacer's first step (no credit is saved up
+    while copying runs slower). rate 0: no limit."""
+
+    def __init__(self, rate: int = 0):
+        self.rate = rate
+        self._next = 0.0  # trio clock: when the bytes taken so far fit the rate
+
+    async def take(self, n: int) -> None:
+        """Wait until n more bytes (already copied) fit the rate."""
+        if self.rate <= 0:
+            return
+        self._next = max(trio.current_time(), self._next) + n / self.rate
+        await trio.sleep_until(self._next)
+
+
 class MoveGone(Exception):
     """The segment is no longer moving (committed, aborted, discarded or removed)."""
 
@@ -89,6 +108,7 @@ class Movement:
         self._move_runners: dict[tuple[int, int], trio.Event] = {}
         self._no_new_moves: set[int] = set()
         self._suspect: dict[int, tuple[int, str | None]] = {}
+        self.published_bytes = 0  # bytes the copier published (a counter, volatile)
 
     # ------------------------------------------------------------ lookups
     def move_of(self, d: Disk, vstart: int) -> tuple[Extent, Alt]:
@@ -107,16 +127,22 @@ class Movement:
         return [(lu[c.src_lun].path, c.src_offset, lu[c.dst_lun].path, c.dst_offset, c.length)
                 for c in cs]
 
-    async def copy(self, cs: list[M.Copy]) -> None:
-        """Copy cs between containers, durably; RemoteError E_IO or E_NO_SPACE (E_IO
-        also when this controller may no longer write: the copying thread asks
-        ctx.may_write before each chunk, writegate.gate)."""
+    async def copy(self, cs: list[M.Copy], durable: bool = True,
+                   background: bool = False) -> None:
+        """Copy cs between containers, durably unless not durable (storage.copy_ranges);
+        background: in a thread at the copier's low priority (storage.low_priority).
+        RemoteError E_IO or E_NO_SPACE (E_IO also when this controller may no longer
+        write: the copying thread asks ctx.may_write before each chunk, writegate.gate)."""
         if not cs:
             return
         try:
             faultpoints.hit("movement.copy")
-            await trio.to_thread.run_sync(storage.copy_ranges, self._paths(cs),
-                                          self.ctx.may_write)
+            if background:
+                await trio.to_thread.run_sync(storage.low_priority, storage.copy_ranges,
+                                              self._paths(cs), self.ctx.may_write, durable)
+            else:
+                await trio.to_thread.run_sync(storage.copy_ranges, self._paths(cs),
+                                              self.ctx.may_write, durable)
         except OSError as e:
             code = P.E_NO_SPACE if e.errno == errno.ENOSPC else P.E_IO
             raise P.RemoteError(code, f"copy between containers failed: {e}") from None
@@ -210,37 +236,117 @@ class Movement:
         return True
 
     # ------------------------------------------------------------ 3. copier
-    async def copy_step(self, d: Disk, vstart: int) -> bool:
-        """Copy and mark the next run of unmarked blocks; False when none is left."""
+    async def copy_step(self, d: Disk, vstart: int, pace: Pacer | None = None) -> bool:
+        """Copy, make durable and mark the next batch of unmarked blocks, then publish
+        them; False when none is left.
+
+        A batch is up to moves.COPY_BATCH_BLOCKS blocks (or what is copied in
+        moves.COPY_BATCH_SECONDS), copied in steps of
+        moves.COPY_CHUNK_BLOCKS (write faults on a step's blocks wait for it; each step
+        is paced by pace, at the copier's low priority), then made durable with one
+        flush (_settle), marked in one record, and published (_publish)."""
         await faultpoints.hit_async("movement.copier")  # tests hold moves half done here
+        runs: list[tuple[int, int]] = []
+        total = pos = 0
+        until = trio.current_time() + M.COPY_BATCH_SECONDS
+        while total < M.COPY_BATCH_BLOCKS and (not runs or trio.current_time() < until):
+            async with self.ctx.dlock(d):
+                e, a = self.move_of(d, vstart)
+                self._check_luns(d, e, a)
+                nxt = M.next_copy(a, min(M.COPY_CHUNK_BLOCKS, M.COPY_BATCH_BLOCKS - total),
+                                  pos)
+                if nxt is None:
+                    break
+                step = _Copying(*nxt)
+                cs = M.copies(e, a, [nxt])
+                self._copying[(d.uid, vstart)] = step
+            try:
+                # faults on these blocks wait; others go on. Not durable yet: a write
+                # fault that gets in before the batch is marked copies its blocks again,
+                # durably, and marks them itself
+                await self.copy(cs, durable=False, background=True)
+            finally:
+                # wake waiters before taking the lock again: a discard or rm holding the
+                # lock waits for this copy to end (never to be marked)
+                del self._copying[(d.uid, vstart)]
+                step.done.set()
+            runs.append(nxt)
+            total += nxt[1]
+            pos = nxt[0] + nxt[1]
+            if pace is not None:
+                await pace.take(nxt[1] * P.BLOCK_SIZE)
+        if not runs:
+            return False
+        if not await self._settle(d, vstart, runs):
+            return True  # write faults marked every block of the batch themselves
         async with self.ctx.dlock(d):
             e, a = self.move_of(d, vstart)
-            if self.state.luns[a.lun].failed or self.state.luns[e.lun].failed:
-                raise P.RemoteError(P.E_IO, f"disk {d.name!r} at {vstart}: a container of "
-                                    "its move is failed")
-            nxt = M.next_copy(a)
-            if nxt is None:
-                return False
-            step = _Copying(*nxt)
-            cs = M.copies(e, a, [nxt])
-            self._copying[(d.uid, vstart)] = step
-        try:
-            await self.copy(cs)  # faults on these blocks wait; others go on
-        finally:
-            # wake waiters before taking the lock again: a discard or rm holding the lock
-            # waits for this copy to end (never to be marked), and a write fault that
-            # gets in first copies and marks the blocks itself
-            del self._copying[(d.uid, vstart)]
-            step.done.set()
-        async with self.ctx.dlock(d):
-            e, a = self.move_of(d, vstart)
-            count = min(step.count, a.bitmap.nblocks - step.first)  # a shrink may cut it
-            if count <= 0:
+            n = a.bitmap.nblocks  # a shrink may cut the batch
+            runs = [(b, min(c, n - b)) for b, c in runs if b < n]
+            if not runs:
                 return True
             faultpoints.hit("movement.mark")
-            seq = self._record(MoveMark(d.name, vstart, [(step.first, count)]))
+            seq = self._record(MoveMark(d.name, vstart, runs))
         await self.journal.wait_durable(seq)
+        await self._publish(d, vstart, runs)
         return True
+
+    def _check_luns(self, d: Disk, e: Extent, a: Alt) -> None:
+        if self.state.luns[a.lun].failed or self.state.luns[e.lun].failed:
+            raise P.RemoteError(P.E_IO, f"disk {d.name!r} at {e.vstart}: a container of "
+                                "its move is failed")
+
+    async def _settle(self, d: Disk, vstart: int, runs: list[tuple[int, int]]) -> bool:
+        """Make the copies of runs (copied with durable=False) durable with one flush:
+        storage.settle_ranges, whose settling write rewrites a block of the batch that
+        is still unmarked, held like a copy step meanwhile (so no write can land there:
+        an unmarked block is written by nobody, and a fault on it waits). False if every
+        block of runs is marked already (write faults copied and marked them: nothing
+        left to settle or mark)."""
+        async with self.ctx.dlock(d):
+            e, a = self.move_of(d, vstart)
+            n = a.bitmap.nblocks
+            left = [r for b, c in runs if b < n for r in M.unmarked_runs(a, b, min(b + c, n))]
+            if not left:
+                return False
+            hold = _Copying(left[0][0], 1)
+            ranges = [(c.dst_offset, c.length)
+                      for c in M.copies(e, a, [(b, min(c, n - b)) for b, c in runs if b < n])]
+            path = self.state.luns[a.lun].path
+            at = a.offset + hold.first * P.BLOCK_SIZE
+            self._copying[(d.uid, vstart)] = hold
+        try:
+            faultpoints.hit("movement.settle")
+            await trio.to_thread.run_sync(storage.low_priority, storage.settle_ranges, path,
+                                          ranges, at, self.ctx.may_write)
+        except OSError as err:
+            raise P.RemoteError(P.E_IO, f"flushing copies between containers failed: "
+                                f"{err}") from None
+        finally:
+            del self._copying[(d.uid, vstart)]
+            hold.done.set()
+        return True
+
+    async def _publish(self, d: Disk, vstart: int, runs: list[tuple[int, int]]) -> None:
+        """Marked runs of d's move at vstart become writable at L2 for every agent, so a
+        later write there needs no fault (docs/movement.md, "published"): first every
+        agent that has d open gets them at L2, nowrite, drained and acknowledged (none
+        reads them at L1 any more), then they are published and pushed writable. Not
+        when the move is wholly marked: its commit pushes plain L2 entries next."""
+        async with self.ctx.dlock(d):
+            try:
+                e, a = self.move_of(d, vstart)
+            except MoveGone:
+                return
+            if a.bitmap.all_set():
+                return
+            lo = e.vstart + min(b for b, _ in runs) * P.BLOCK_SIZE
+            hi = min(e.vend, e.vstart + max(b + c for b, c in runs) * P.BLOCK_SIZE)
+            faultpoints.hit("movement.publish")
+            await self.coherence.push_update(d, lo, hi, drain=True)
+            e, a = self.move_of(d, vstart)
+            self.published_bytes += self.coherence.publish(d, vstart, a, runs)
+            await self.coherence.push_update(d, lo, hi)
 
     # ------------------------------------------------------------ 4. commit / 5. abort
     async def _commit_move(self, d: Disk, vstart: int) -> None:
@@ -256,6 +362,7 @@ class Movement:
             await self.placement.release_space(self.placement.unshared(d, e))
             faultpoints.hit("movement.commit")
             await self.journal.commit(MoveCommit(d.name, vstart))
+            self.coherence.unpublish(d, vstart)
         await self.coherence.push_update(d, e.vstart, e.vend)
 
     async def abort_move(self, d: Disk, vstart: int) -> None:
@@ -272,13 +379,15 @@ class Movement:
                 # the record frees L2 (so a crash never finds marked blocks pointing at
                 # a punched L2); it stays reserved, in the same step, until punched
                 seq = self._record(MoveAbort(d.name, vstart))
+                self.coherence.unpublish(d, vstart)
                 with self.placement.reserved([(lun, *rng)]):
                     await self.journal.wait_durable(seq)
                     await self.placement.release_space([(self.state.luns[lun].path, *rng)])
             await self.coherence.push_update(d, e.vstart, e.vend)
 
-    async def run_move(self, d: Disk, vstart: int) -> None:
-        """Copy a started move to the end and commit it (one runner per move)."""
+    async def run_move(self, d: Disk, vstart: int, pace: Pacer | None = None) -> None:
+        """Copy a started move to the end and commit it (one runner per move); pace:
+        its job's rate limit (None: as fast as it goes)."""
         key = (d.uid, vstart)
         running = self._move_runners.get(key)
         if running is not None:
@@ -287,7 +396,7 @@ class Movement:
         done = self._move_runners[key] = trio.Event()
         try:
             await self.agents.wait_grace()
-            while await self.copy_step(d, vstart):
+            while await self.copy_step(d, vstart, pace):
                 pass
             await self._commit_move(d, vstart)
         except MoveGone as e:

@@ -152,3 +152,48 @@ async def test_crash_between_abort_punch_and_record_keeps_marked_blocks(tmp_path
         other = read_file(lun_path, e.offset + 2 * BS, BS)
     assert other == pattern(0x11, BS)
     assert got == pattern(0x22, BS), f"block 1 after restart: {got[:4]!r} (host wrote 0x22)"
+
+
+async def test_copier_publishes_its_marked_blocks_writable_at_l2_to_every_agent(
+        tmp_path, monkeypatch):
+    """The copier's marks reach agents as it goes: after a batch (here 256 blocks of a
+    1024-block segment) both agents may write its blocks at L2 with no fault, and read
+    each other's writes there; an agent that opens the disk later gets them writable
+    too; blocks not copied yet stay nowrite at L1. Fails without the push (the agents'
+    entries stay nowrite L1) and without the published set (the later open gets nowrite)."""
+    import controller.moves as M
+
+    monkeypatch.setattr(M, "COPY_BATCH_BLOCKS", 256)
+    monkeypatch.setattr(M, "COPY_CHUNK_BLOCKS", 128)
+    state = str(tmp_path / "s")
+    addr = f"unix:{state}/controller.sock"
+    async with open_controller_service(state, lease=3.0) as svc:
+        d, c2 = await _setup(tmp_path, svc)
+        async with trio.open_nursery() as n:
+            async with agent_ctx(addr, "A", n) as A, agent_ctx(addr, "B", n) as B:
+                await A.open("d")
+                await B.open("d")
+                A.pwrite("d", 0, pattern(0x11, SEG))
+                assert await _start(svc, d, c2) == [0]
+                assert await svc.movement.copy_step(d, 0)  # blocks 0..255, one batch
+                assert d.alts[0].bitmap.count() == 256
+                for ag in (A, B):
+                    assert ag.can_write("d", 0, 256 * BS), ag.entry("d", 5 * BS)
+                    assert ag.entry("d", 5 * BS).lun == c2
+                    assert not ag.can_write("d", 256 * BS, BS), ag.entry("d", 256 * BS)
+                A.pwrite("d", 5 * BS, pattern(0x22, BS))
+                assert B.pread("d", 5 * BS, BS) == pattern(0x22, BS)
+                async with agent_ctx(addr, "C", n) as C:
+                    await C.open("d")
+                    assert C.can_write("d", 0, 256 * BS), C.entry("d", 5 * BS)
+                    assert C.pread("d", 5 * BS, BS) == pattern(0x22, BS)
+                assert svc.movement.published_bytes == 256 * BS
+                while await svc.movement.copy_step(d, 0):
+                    pass
+                await svc.movement._commit_move(d, 0)
+                assert not d.alts
+                got = B.pread("d", 0, SEG)
+                n.cancel_scope.cancel()
+        want = bytearray(pattern(0x11, SEG))
+        want[5 * BS : 6 * BS] = pattern(0x22, BS)
+        assert got == bytes(want)

@@ -64,6 +64,7 @@ CASES = [
     ("snapshot.create", "eio", 1, ["write", "snap"], "vdctl"),
     ("movement.start", "crash", 1, ["write", "migrate"], None),
     ("movement.copy", "eio", 1, ["write", "migrate"], "job"),
+    ("movement.settle", "crash", 1, ["write", "migrate"], None),
     ("movement.mark", "crash", 2, ["write", "migrate"], None),
     ("movement.commit", "crash", 1, ["write", "migrate"], None),
     ("movement.abort", "crash", 1, ["write", "abort"], None),
@@ -96,7 +97,9 @@ def _param(point: str, action: str, when: int, phases: list[str], sees: str | No
 # between a batch's fdatasync and its head move); the worker threads' holds need a group
 # whose leader is paused mid-copy or before a punch (tests/etcd/test_group_fence.py;
 # tests/inproc/test_storage_gate.py holds a copy in-process)
+# the copier's publish needs a segment larger than a batch (tests/mount/test_copier_push.py)
 ELSEWHERE = {"relocate.copy", "relocate.record", "relocate.push", "relocate.punch",
+             "movement.publish",
              "journal.before_head", "storage.copy_chunk", "storage.release"}
 
 
