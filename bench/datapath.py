@@ -17,7 +17,7 @@ interleaved (raw, virtfs, qemu for one workload, then the next), each
 ``--time_based`` for a few seconds with ``--ioengine=psync``: 1 MiB sequential
 write and read (buffered), 4 KiB random read and write (``--direct=1``), at
 numjobs 1 and 4, and 16 for the random ones (``--group_reporting``; each job works on its own
-quarter of the file). Backing data stays in the host page cache
+slice of the file). Backing data stays in the host page cache
 (``--invalidate=0``: the raw file, the virtfs container and the qemu raw file
 are all warm after the layout pass), while the FUSE files' own page cache is
 dropped (``POSIX_FADV_DONTNEED``) before each run, so a buffered read starts
