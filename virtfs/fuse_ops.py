@@ -355,15 +355,26 @@ class Operations(pyfuse3.Operations):
             log.warning("closing %s after a failed open took too long", od.name)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        # the fast path (datapath.py) first: no await, nothing to raise
+        # the fast path (datapath.py) first: no await; it returns None for anything
+        # it does not serve, and raises only on a bug (then it is turned off)
         data = self.v.data
         if data.fast:
             h = self.handles.get(fh)
             if h is not None:
-                got = data.fast_read(h[0], off, size)
+                try:
+                    got = data.fast_read(h[0], off, size)
+                except Exception:
+                    self._fast_failed("read")
+                    got = None
                 if got is not None:
                     return got
         return await self.slow_read(fh, off, size)
+
+    def _fast_failed(self, what: str) -> None:
+        """An unexpected error in the fast path (a bug): log it, and serve every later
+        request through the general path (pyfuse3 would tear the mount down)."""
+        log.exception("unexpected error in the fast path (%s); it is off from now on", what)
+        self.v.data.fast = False
 
     @handler
     async def slow_read(self, fh: int, off: int, size: int) -> bytes:
@@ -374,7 +385,11 @@ class Operations(pyfuse3.Operations):
         if data.fast:
             h = self.handles.get(fh)
             if h is not None and h[1]:
-                n = data.fast_write(h[0], off, buf)
+                try:
+                    n = data.fast_write(h[0], off, buf)
+                except Exception:
+                    self._fast_failed("write")
+                    n = None
                 if n is not None:
                     return n
         return await self.slow_write(fh, off, buf)

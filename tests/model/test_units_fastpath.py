@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -129,3 +130,37 @@ def test_the_switch(monkeypatch):
     monkeypatch.setenv("VIRTFS_FASTPATH", "1")
     monkeypatch.setenv("VIRTFS_FAULTS", "blockio.write=eio@1")
     assert not fast_path_wanted()
+
+
+class BrokenFast:
+    """A data path whose fast path has a bug; its general path answers."""
+
+    def __init__(self) -> None:
+        self.fast = True
+
+    def fast_read(self, od: object, off: int, size: int) -> bytes:
+        raise ZeroDivisionError("a bug")
+
+    fast_write = fast_read
+
+    async def read(self, od: object, off: int, size: int) -> bytes:
+        return b"general"
+
+    async def write(self, od: object, off: int, buf: bytes) -> int:
+        return len(buf)
+
+
+def test_a_bug_in_the_fast_path_turns_it_off_and_the_request_is_served(caplog):
+    import trio
+
+    from virtfs.fuse_ops import Operations
+
+    ops = Operations.__new__(Operations)  # only what read and write use
+    ops.v = cast(Any, SimpleNamespace(data=BrokenFast()))
+    ops.handles = {1: (cast(OpenDisk, None), True)}
+    assert trio.run(ops.read, 1, 0, 7) == b"general"
+    assert not ops.v.data.fast
+    assert "fast path (read); it is off" in caplog.text
+    ops.v.data.fast = True
+    assert trio.run(ops.write, 1, 0, b"abc") == 3
+    assert not ops.v.data.fast
