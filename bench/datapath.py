@@ -16,8 +16,8 @@ file (so reads hit written data everywhere), then the workloads run
 interleaved (raw, virtfs, qemu for one workload, then the next), each
 ``--time_based`` for a few seconds with ``--ioengine=psync``: 1 MiB sequential
 write and read (buffered), 4 KiB random read and write (``--direct=1``), at
-numjobs 1 and 4 (``--group_reporting``; with 4 jobs each job works on its own
-quarter of the file). Backing data stays in the host page cache
+numjobs 1 and 4, and 16 for the random ones (``--group_reporting``; each job works on its own
+slice of the file). Backing data stays in the host page cache
 (``--invalidate=0``: the raw file, the virtfs container and the qemu raw file
 are all warm after the layout pass), while the FUSE files' own page cache is
 dropped (``POSIX_FADV_DONTNEED``) before each run, so a buffered read starts
@@ -64,6 +64,7 @@ class Job:
     rw: str
     bs: str
     direct: bool
+    numjobs: tuple[int, ...] = (1, 4)
 
     @property
     def sequential(self) -> bool:
@@ -77,10 +78,9 @@ class Job:
 JOBS = [
     Job("seqwrite", "seq write 1M, buffered", "write", "1M", False),
     Job("seqread", "seq read 1M, buffered", "read", "1M", False),
-    Job("randread", "rand read 4K, direct", "randread", "4k", True),
-    Job("randwrite", "rand write 4K, direct", "randwrite", "4k", True),
+    Job("randread", "rand read 4K, direct", "randread", "4k", True, (1, 4, 16)),
+    Job("randwrite", "rand write 4K, direct", "randwrite", "4k", True, (1, 4, 16)),
 ]
-NUMJOBS = [1, 4]
 
 
 @dataclass
@@ -106,9 +106,11 @@ class Target:
 class Result:
     mib_s: float
     iops: float
+    p50_us: float
     p99_us: float
     daemon_cpu: float | None  # share of one core the serving daemon used
     seconds: float
+    cpu_per_io_us: float | None = None  # the serving daemon's CPU time per I/O
 
 
 # ---------------------------------------------------------------- helpers
@@ -202,7 +204,8 @@ def _fio(cwd: Path, target: Target, name: str, rw: str, bs: str, *, size: int,
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False,
                        timeout=(runtime or 0) + 600)
     seconds = time.perf_counter() - t0
-    cpu = (cpu_seconds(target.pid) - cpu0) / seconds if target.pid else None
+    used = cpu_seconds(target.pid) - cpu0 if target.pid else None
+    cpu = None if used is None else used / seconds
     if r.returncode != 0:
         tail = target.log.read_text(errors="replace")[-2000:] if target.log else ""
         raise RuntimeError(f"fio {name} on {target.name} failed ({r.returncode}):\n"
@@ -212,8 +215,11 @@ def _fio(cwd: Path, target: Target, name: str, rw: str, bs: str, *, size: int,
     job = data["jobs"][0]
     d = job["write" if "write" in rw else "read"]
     pct = d["clat_ns"].get("percentile", {})
+    ios = d.get("total_ios") or 0
     return Result(mib_s=d["bw_bytes"] / MiB, iops=d["iops"],
-                  p99_us=pct.get("99.000000", 0) / 1e3, daemon_cpu=cpu, seconds=seconds)
+                  p50_us=pct.get("50.000000", 0) / 1e3, p99_us=pct.get("99.000000", 0) / 1e3,
+                  daemon_cpu=cpu, seconds=seconds,
+                  cpu_per_io_us=None if used is None or not ios else used / ios * 1e6)
 
 
 def _ratio(a: Result | None, b: Result | None) -> float | None:
@@ -329,7 +335,7 @@ def run(report: Report, section: Section) -> None:
 
         t_w = time.perf_counter()
         for job in JOBS:
-            for nj in NUMJOBS:
+            for nj in job.numjobs:
                 for t in targets:
                     report.progress(f"datapath: {job.key} x{nj} on {t.name} ({runtime:g} s)")
                     results[(job.key, nj, t.name)] = _fio(
@@ -339,24 +345,30 @@ def run(report: Report, section: Section) -> None:
         names = [t.name for t in targets]
 
     # ---- figures (JSON) and the side-by-side table
-    head = ["workload", "jobs", "target", "MiB/s", "IOPS", "p99 clat", "daemon CPU",
-            "virtfs/raw", "vs aim", "virtfs/qemu", "vs aim"]
+    head = ["workload", "jobs", "target", "MiB/s", "IOPS", "p50 clat", "p99 clat",
+            "daemon CPU", "CPU/IO", "virtfs/raw", "vs aim", "virtfs/qemu", "vs aim"]
     rows = [head]
     misses: list[str] = []
     for job in JOBS:
-        for nj in NUMJOBS:
+        for nj in job.numjobs:
             label = f"{job.title}, x{nj}"
             virt = results.get((job.key, nj, "virtfs"))
             for k, name in enumerate(names):
                 r = results[(job.key, nj, name)]
                 w.add(f"{label}: {name} MiB/s", round(r.mib_s, 2), "MiB/s")
                 w.add(f"{label}: {name} IOPS", round(r.iops, 1), "IOPS")
+                w.add(f"{label}: {name} p50 clat", round(r.p50_us, 1), "us")
                 w.add(f"{label}: {name} p99 clat", round(r.p99_us, 1), "us")
                 if r.daemon_cpu is not None:
                     w.add(f"{label}: {name} daemon CPU", round(r.daemon_cpu * 100, 1), "% core")
+                if r.cpu_per_io_us is not None:
+                    w.add(f"{label}: {name} daemon CPU per I/O", round(r.cpu_per_io_us, 1),
+                          "us")
                 cells = [job.title if k == 0 else "", str(nj) if k == 0 else "", name,
-                         fmt(r.mib_s), fmt(r.iops), f"{fmt(r.p99_us)} us",
+                         fmt(r.mib_s), fmt(r.iops), f"{fmt(r.p50_us)} us",
+                         f"{fmt(r.p99_us)} us",
                          "-" if r.daemon_cpu is None else f"{r.daemon_cpu * 100:.0f}%",
+                         "-" if r.cpu_per_io_us is None else f"{fmt(r.cpu_per_io_us)} us",
                          "", "", "", ""]
                 if name == "virtfs":
                     vr = _ratio(virt, results.get((job.key, nj, "raw")))
@@ -364,10 +376,10 @@ def run(report: Report, section: Section) -> None:
                     if vr is not None:
                         aim = more_than(AIM_VS_RAW_SEQ) if job.sequential else None
                         f = w.add(f"{label}: virtfs/raw", round(vr, 3), "x", aim)
-                        cells[7] = f"{vr:.2f}x"
+                        cells[9] = f"{vr:.2f}x"
                         if aim is not None:
                             ratio = f.ratio() or 0.0
-                            cells[8] = f"{ratio:.2f}x" + ("" if ratio >= 1 else " MISS")
+                            cells[10] = f"{ratio:.2f}x" + ("" if ratio >= 1 else " MISS")
                             if ratio < 1:
                                 misses.append(f"{label}: virtfs/raw {vr:.2f} < "
                                               f"{AIM_VS_RAW_SEQ}")
@@ -375,12 +387,12 @@ def run(report: Report, section: Section) -> None:
                         f = w.add(f"{label}: virtfs/qemu", round(vq, 3), "x",
                                   more_than(AIM_VS_QEMU))
                         ratio = f.ratio() or 0.0
-                        cells[9] = f"{vq:.2f}x"
-                        cells[10] = f"{ratio:.2f}x" + ("" if ratio >= 1 else " MISS")
+                        cells[11] = f"{vq:.2f}x"
+                        cells[12] = f"{ratio:.2f}x" + ("" if ratio >= 1 else " MISS")
                         if ratio < 1:
                             misses.append(f"{label}: virtfs/qemu {vq:.2f} < {AIM_VS_QEMU}")
                 rows.append(cells)
-    w.table = _table(rows, "<><>>>>>>>>")
+    w.table = _table(rows, "<><>>>>>>>>>>")
     w.note(f"aims: virtfs/qemu >= {AIM_VS_QEMU:.1f} on every workload; virtfs/raw >= "
            f"{AIM_VS_RAW_SEQ} on the sequential ones (ratios of MiB/s; 'vs aim' > 1.00x "
            "meets it)")
@@ -391,7 +403,8 @@ def run(report: Report, section: Section) -> None:
            "dropped before each run (fio --invalidate=0, then POSIX_FADV_DONTNEED on the FUSE "
            "file); a buffered run longer than one pass re-reads cached pages on all targets")
     w.note("daemon CPU: virtfs-mount / qemu-storage-daemon CPU time over the run's wall time "
-           "(100% = one core busy)")
+           "(100% = one core busy); CPU/IO: that CPU time (utime+stime from /proc/PID/stat, "
+           "before and after) over the run's I/O count")
     if qemu_note:
         w.note(qemu_note)
     w.note(f"aims missed: {len(misses)}" + (f" ({'; '.join(misses)})" if misses else ""))

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
+from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import trio
 
-from controller.protocol import ERROR, INVALID, ZERO
+from controller import faultpoints
+from controller.protocol import ERROR, INVALID, NOWRITE, ZERO
 
 from .agent import Session
 from .ahead import Ahead
@@ -37,6 +40,17 @@ from .tables import Tables
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+FAST_ENV = "VIRTFS_FASTPATH"  # "0": no fast path (tests cover both paths)
+_NOT_READ = ZERO | INVALID | ERROR  # flags a fast read passes by (NOWRITE reads direct)
+_NOT_WRITE = _NOT_READ | NOWRITE
+
+
+def fast_path_wanted(option: bool = True) -> bool:
+    """Whether the fast path serves plain reads and writes: the mount option (option),
+    unless $VIRTFS_FASTPATH is "0" or a fault point is armed (fault points sit on the
+    general path: a test that arms one means it to be hit)."""
+    return (option and os.environ.get(FAST_ENV, "1") != "0"
+            and not os.environ.get(faultpoints.ENV))
 
 
 class DataPath:
@@ -51,6 +65,7 @@ class DataPath:
         self.session = session
         self.io = io
         self.metrics: AgentMetrics | None = None
+        self.fast = fast_path_wanted()  # DataPath.fast_read, fast_write (mount.py may clear)
         self.tables = Tables(session, io, kernel)
         self.faults = Faults(session, self.tables, kernel, fault_timeout=fault_timeout,
                              on_resize=on_resize)
@@ -98,6 +113,85 @@ class DataPath:
         elif writer is None or not await self.ahead.allocate_ahead(od, e, pos, *writer,
                                                                    deadline):
             await self.faults.wait(od, pos, end - pos, write, deadline)
+
+    # ------------------------------------------------------------ the fast path
+    def plain(self, od: OpenDisk, offset: int, end: int, write: bool) -> tuple[int, int, int]:
+        """The fast path's one table lookup: (fd, container offset, LUN) if [offset, end)
+        (offset < end <= the disk's size) lies in one entry that this I/O may use
+        without a fault (read: valid or nowrite; write: valid), its container is open
+        and buffered (not O_DIRECT), and the lease is valid; else (-1, 0, 0).
+
+        Reads the live table (od.table), so every restriction, drain or lease loss
+        already applied is seen (docs/fencing.md: no container I/O without a valid
+        lease). Call it and do the I/O with no await in between. Never raises.
+        """
+        if not self.session.lease_valid():
+            return -1, 0, 0
+        t = od.table
+        vs = t._vs
+        i = bisect_right(vs, offset) - 1
+        n = len(vs)
+        if i < 0 or end > (vs[i + 1] if i + 1 < n else t.size):
+            return -1, 0, 0
+        if t._fl[i] & (_NOT_WRITE if write else _NOT_READ):
+            return -1, 0, 0
+        lun = t._lu[i]
+        io = self.io
+        fd = io._fds.get(lun, -1)
+        if fd < 0 or lun in io._direct:
+            return -1, 0, 0
+        return fd, t._of[i] + offset - vs[i], lun
+
+    def fast_read(self, od: OpenDisk, offset: int, length: int) -> bytes | None:
+        """length bytes at offset through the fast path, or None: not a plain read (past
+        the end, more than one entry, QoS, a fault or lease wait needed, a short or
+        failed read: the general path does it again and reports what failed)."""
+        end = offset + length
+        if od.qos is not None or end > od.size:
+            return None
+        fd, coff, _ = self.plain(od, offset, end, False)
+        if fd < 0:
+            return None
+        m = self.metrics
+        t0 = time.perf_counter() if m is not None else 0.0
+        try:
+            data = os.pread(fd, length, coff)
+        except OSError:
+            return None
+        if len(data) != length:
+            return None
+        if m is not None:
+            m.disk(od.name).read(length, time.perf_counter() - t0)
+        return data
+
+    def fast_write(self, od: OpenDisk, offset: int, data: bytes) -> int | None:
+        """Write data at offset through the fast path: len(data), or None if it is not a
+        plain write (past the end, more than one entry, QoS, a fault, lease wait or
+        growth needed, a failed write: the general path does it again, and reports)."""
+        target = offset + len(data)
+        if od.qos is not None or target > od.size or not data:
+            return None
+        fd, coff, lun = self.plain(od, offset, target, True)
+        if fd < 0:
+            return None
+        m = self.metrics
+        t0 = time.perf_counter() if m is not None else 0.0
+        try:
+            self.io.pwrite_fd(fd, lun, coff, data, od.inode)
+        except OSError:
+            return None
+        self._wrote(od, offset, target)
+        if m is not None:
+            m.disk(od.name).write(len(data), time.perf_counter() - t0)
+        return len(data)
+
+    def _wrote(self, od: OpenDisk, offset: int, target: int) -> None:
+        """[offset, target) was written (not a discard's zeroing): the times, the run."""
+        od.touch()
+        if not od.times.timer.running:
+            self.sizes.times_later(od)
+        od.run.wrote(offset, target)
+        self.ahead.prefetch(od, target)
 
     def set_metrics(self, metrics: AgentMetrics) -> None:
         """Count reads, writes and faults in metrics (virtfs-mount --metrics)."""
@@ -182,12 +276,12 @@ class DataPath:
                 await self.sizes.grow(od, target, ahead=True)
                 continue
             if pos >= target:
-                od.touch()
-                if not od.times.timer.running:
-                    self.sizes.times_later(od)
-                if not skip_zero:
-                    od.run.wrote(offset, target)
-                    self.ahead.prefetch(od, target)
+                if skip_zero:
+                    od.touch()
+                    if not od.times.timer.running:
+                        self.sizes.times_later(od)
+                else:
+                    self._wrote(od, offset, target)
                 return len(view)
             pos, e, usable = self._walk(od, pos, target, True, visit, skip_zero)
             if e is not None:

@@ -49,7 +49,7 @@ PS = ParamSpec("PS")
 
 
 def handler(fn: Callable[PS, Coroutine[Any, Any, T]]) -> Callable[PS, Coroutine[Any, Any, T]]:
-    name = fn.__name__
+    name = fn.__name__.removeprefix("slow_")  # slow_read is "read" (fuse.handler=raise:read)
 
     @functools.wraps(fn)
     async def wrapper(*args: PS.args, **kwargs: PS.kwargs) -> T:
@@ -354,12 +354,48 @@ class Operations(pyfuse3.Operations):
         if scope.cancelled_caught:
             log.warning("closing %s after a failed open took too long", od.name)
 
-    @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.v.data.read(self._handle(fh), off, size)
+        # the fast path (datapath.py) first: no await; it returns None for anything
+        # it does not serve, and raises only on a bug (then it is turned off)
+        data = self.v.data
+        if data.fast:
+            h = self.handles.get(fh)
+            if h is not None:
+                try:
+                    got = data.fast_read(h[0], off, size)
+                except Exception:
+                    self._fast_failed("read")
+                    got = None
+                if got is not None:
+                    return got
+        return await self.slow_read(fh, off, size)
+
+    def _fast_failed(self, what: str) -> None:
+        """An unexpected error in the fast path (a bug): log it, and serve every later
+        request through the general path (pyfuse3 would tear the mount down)."""
+        log.exception("unexpected error in the fast path (%s); it is off from now on", what)
+        self.v.data.fast = False
 
     @handler
+    async def slow_read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.v.data.read(self._handle(fh), off, size)
+
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        data = self.v.data
+        if data.fast:
+            h = self.handles.get(fh)
+            if h is not None and h[1]:
+                try:
+                    n = data.fast_write(h[0], off, buf)
+                except Exception:
+                    self._fast_failed("write")
+                    n = None
+                if n is not None:
+                    return n
+        return await self.slow_write(fh, off, buf)
+
+    @handler
+    async def slow_write(self, fh: int, off: int, buf: bytes) -> int:
         return await self.v.data.write(self._handle(fh, write=True), off, buf)
 
     @handler

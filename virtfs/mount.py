@@ -41,6 +41,7 @@ from controller.units import SizeError, format_size, parse_size, seconds_arg
 
 from .agent import Session
 from .blockio import ContainerIO
+from .datapath import fast_path_wanted
 from .disks import Volumes
 from .fuse_ops import Operations
 from .metrics import AgentMetrics
@@ -52,6 +53,7 @@ DEFAULT_CONTAINER_SIZE = "64G"
 DEMO_DISK = "demo"
 DEMO_SIZE = 1 << 30
 CONNECT_TIMEOUT = 30.0
+MAX_BACKGROUND = 64  # FUSE background requests in flight (--max-background)
 
 
 class MountError(Exception):
@@ -182,6 +184,7 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
                                  else f"the controller at {addr}: {e.message}") from None
             io = ContainerIO(mountpoint)
             volumes = Volumes(session, io, fault_timeout=args.fault_timeout)
+            volumes.data.fast = fast_path_wanted(not args.no_fast_path)
             if registry is not None:
                 am = AgentMetrics(registry, session, io)
                 volumes.data.set_metrics(am)
@@ -211,6 +214,8 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
             async def read_ahead() -> None:
                 await ops.initialized.wait()  # INIT caps read-ahead; raise it after
                 await trio.to_thread.run_sync(set_read_ahead, mountpoint, args.read_ahead_kb)
+                await trio.to_thread.run_sync(set_max_background, mountpoint,
+                                              args.max_background)
 
             nursery.start_soon(read_ahead)
             print(f"virtfs-mount: {mountpoint} mounted (controller {addr})", file=sys.stderr,
@@ -291,6 +296,30 @@ def set_read_ahead(mountpoint: str, kb: int) -> None:
         log.debug("cannot set read-ahead of %s: %s", mountpoint, e)
 
 
+def set_max_background(mountpoint: str, n: int) -> None:
+    """Let the kernel keep up to n background requests (read-ahead, async I/O) in flight
+    on the mount (default 12), and set its congestion threshold to 3/4 of that.
+
+    The FUSE connection is /sys/fs/fuse/connections/MINOR/ (the mount's device, found
+    through /proc/self/mountinfo, as set_read_ahead). Best effort: it needs root and
+    the fusectl file system; n <= 0 leaves the kernel's values.
+    """
+    if n <= 0:
+        return
+    try:
+        m = fsutil.mount_at(mountpoint)
+        if m is None:
+            raise OSError(f"nothing mounted at {mountpoint}")
+        conn = f"/sys/fs/fuse/connections/{m.minor}"
+        # raise max_background first: the kernel caps the threshold at it
+        with open(f"{conn}/max_background", "w") as f:
+            f.write(str(n))
+        with open(f"{conn}/congestion_threshold", "w") as f:
+            f.write(str(max(1, n * 3 // 4)))
+    except OSError as e:
+        log.debug("cannot set max_background of %s: %s", mountpoint, e)
+
+
 async def _goodbye(volumes: Volumes, io: ContainerIO) -> None:
     """Sync, close what is still open, and release our lease at the controller."""
     try:
@@ -355,6 +384,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="agent lease of the embedded controller (default 10)")
     p.add_argument("--read-ahead-kb", type=int, default=1024, metavar="KB",
                    help="kernel read-ahead for the mount (default 1024; needs root)")
+    p.add_argument("--max-background", type=int, default=MAX_BACKGROUND, metavar="N",
+                   help="FUSE requests the kernel keeps in flight in the background "
+                   f"(read-ahead, async I/O; default {MAX_BACKGROUND}, the kernel's 12; "
+                   "needs root; 0 keeps the kernel's)")
+    p.add_argument("--no-fast-path", action="store_true",
+                   help="serve every read and write through the general data path (the "
+                   "fast path for plain entries is off; also VIRTFS_FASTPATH=0)")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md;"
                    " PORT 0 picks a free port, printed on stderr); with an embedded "
@@ -387,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--fault-timeout must be more than 0 seconds")
     if args.read_ahead_kb < 0:
         p.error("--read-ahead-kb must not be negative")
+    if not 0 <= args.max_background <= 65535:
+        p.error("--max-background must be between 0 and 65535")
     if args.metrics is not None:
         try:
             metrics_http.parse_addr(args.metrics)

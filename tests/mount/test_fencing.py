@@ -23,12 +23,16 @@ LEASE = 2.0
 MARGIN = 0.5  # controller/agents.py LEASE_MARGIN
 
 
-def test_agent_past_its_lease_does_no_container_io(controller, mount_factory, tmp_path):
+@pytest.mark.parametrize("fast", ["1", "0"], ids=["fast-path", "general-path"])
+def test_agent_past_its_lease_does_no_container_io(controller, mount_factory, tmp_path, fast):
+    """On the data path's fast path (a plain valid entry: virtfs/datapath.py) and, with
+    VIRTFS_FASTPATH=0, on the general path."""
     controller.stop()
     controller.start(["--lease", str(LEASE)])
     add_container(controller, "c1", tmp_path / "c1.img", "64M")
     vd(controller, "disk", "create", "d", "--size", "8M")
-    m = agent(mount_factory, controller, args=["--fault-timeout", "30"])
+    m = agent(mount_factory, controller, args=["--fault-timeout", "30"],
+              env={"VIRTFS_FASTPATH": fast})
     fd = open_direct(m.path / "d")
     try:
         dwrite(fd, 0, b"A" * BLOCK)  # allocated and mapped: a plain valid entry

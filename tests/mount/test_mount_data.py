@@ -38,12 +38,16 @@ def disk_info(m, name):
     return vd(m, "disk", "info", name, "--format", "json").json()
 
 
-@pytest.mark.parametrize("direct", ["0", "1"])
-def test_fio_verify_randwrite_thin(embedded, direct):
-    vd(embedded, "disk", "create", "d", "--size", "96M")
-    fio(embedded.path / "d", "--size=96M", "--do_verify=1", f"--direct={direct}", *FIO_VERIFY)
+@pytest.mark.parametrize(("direct", "fast"), [("0", "1"), ("1", "1"), ("1", "0")],
+                         ids=["buffered", "direct", "direct-general-path"])
+def test_fio_verify_randwrite_thin(mount_factory, direct, fast):
+    """fast "0": every request through the general data path (VIRTFS_FASTPATH=0)."""
+    m = mount_factory("mnt", args=["--default-container-size", "4G"],
+                      env={"VIRTFS_FASTPATH": fast})
+    vd(m, "disk", "create", "d", "--size", "96M")
+    fio(m.path / "d", "--size=96M", "--do_verify=1", f"--direct={direct}", *FIO_VERIFY)
     # the disk was thin: fio's writes allocated it, and the table says so
-    assert disk_info(embedded, "d")["allocated"] == 96 << 20
+    assert disk_info(m, "d")["allocated"] == 96 << 20
 
 
 def test_fio_verify_catches_corruption(embedded, tmp_path):

@@ -24,7 +24,8 @@ def test_vdctl_bad_controller_address_is_a_usage_error(addr):
 @pytest.mark.parametrize("args", [["--controller", "tcp://1.2.3.4:5"],
                                   ["--controller", "/tmp/x.sock"],
                                   ["--lease", "0"], ["--fault-timeout", "-1"],
-                                  ["--read-ahead-kb", "-5"],
+                                  ["--read-ahead-kb", "-5"], ["--max-background", "-1"],
+                                  ["--max-background", "70000"],
                                   ["--default-container-size", "0"]])
 def test_mount_bad_options_are_usage_errors(tmp_path, args):
     mnt = tmp_path / "m"
