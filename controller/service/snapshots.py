@@ -239,7 +239,11 @@ class Snapshots:
                         d.family, unit.vstart, unit.vend, unit.lun, unit.offset, skip=d):
                     continue
                 try:
-                    started = await self.movement.start_move(d, unit, None, cow=True)
+                    # one commit for move.start and the write's move.mark: the answer
+                    # waits for move.start to be durable (Coherence.answer), the mark
+                    # goes lazily (Movement.prepare_moving_write; docs/movement.md)
+                    started = await self.movement.start_move(d, unit, None, cow=True,
+                                                             durable=False)
                 except MoveGone:
                     continue
                 for vs in started:
