@@ -135,7 +135,8 @@ class Movement:
 
     # ------------------------------------------------------------ 1. start
     async def start_move(self, d: Disk, unit: Extent, dst: int | None,
-                         cow: bool = False, durable: bool = True) -> list[int]:
+                         cow: bool = False, durable: bool = True,
+                         push: bool = True) -> list[int]:
         """Start moving unit (a piece of one stored extent) to LUN dst (None: wherever
         placement puts new space; never the unit's own container, unless cow: a
         copy-on-write gives a shared segment new space wherever the disk allocates).
@@ -143,7 +144,9 @@ class Movement:
         space). Hold d's lock. durable=False (a write fault): the ``move.start``
         records are pushed (a restriction only: L1 turns nowrite) without waiting for
         them to be durable; the caller must before it answers anyone with the new
-        space writable (docs/movement.md, "Durable at fsync").
+        space writable (docs/movement.md, "Durable at fsync"). push=False: no push
+        (the caller knows every agent has the unit nowrite at L1 already: storage a
+        snapshot or clone shares all of, Snapshots.copy_on_write).
 
         Raises RemoteError E_NO_SPACE if the target has no room.
         """
@@ -191,7 +194,8 @@ class Movement:
         if durable:
             await self.journal.wait_durable(seq)
         # every agent now stops writing L1 there (drained, acknowledged)
-        await self.coherence.push_update(d, unit.vstart, unit.vend, drain=True)
+        if push:
+            await self.coherence.push_update(d, unit.vstart, unit.vend, drain=True)
         return started
 
     # ------------------------------------------------------------ 2. write faults
