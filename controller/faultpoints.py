@@ -79,6 +79,11 @@ POINTS = frozenset({
     "movement.commit",  # L1 punched, before the move.commit record
     "movement.abort",  # marked blocks copied back, before the move.abort record
     "movement.copier",  # each step of the copier, before it takes the disk's lock
+    # a write fault's lazy copies being settled, in the journal's worker thread, before
+    # the batch holding their move.mark is written (hold:FILE stalls every commit)
+    "movement.lazy_settle",
+    # controller/service/faults.py: disk.sync made its record durable, before it answers
+    "faults.synced",
     # controller/storage.py, in worker threads, each before its write-gate check
     # (writegate.gate): each chunk of a copy between containers; each punch of freed space
     "storage.copy_chunk",
@@ -97,7 +102,8 @@ POINTS = frozenset({
     "fuse.handler",
 })
 KEYED_POINTS = frozenset({"fuse.handler"})  # hits carry a key: raise:KEY picks them
-THREAD_HOLD_POINTS = frozenset({"storage.copy_chunk", "storage.release"})  # worker threads
+THREAD_HOLD_POINTS = frozenset({"storage.copy_chunk", "storage.release",
+                                "movement.lazy_settle"})  # worker threads
 HOLD_POINTS = frozenset({"movement.copier"}) | THREAD_HOLD_POINTS  # hold:FILE works there
 
 ACTIONS = ("eio", "enospc", "crash", "raise", "hold")

@@ -62,6 +62,10 @@ class _Batch:
     frames: list[bytes] = field(default_factory=list)
     last_seq: int = 0
     fd: int = -1  # the journal file it is written to
+    # blocking calls made (in the worker thread) before the frames are written: what
+    # a record of the batch depends on (a write fault's copies, settled) is durable
+    # before the record can be
+    before: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +103,10 @@ class Journal:
         self._checkpoint_done: trio.Event | None = None
         self.durable_seq = state.seq  # acknowledged: fdatasync'ed (and published)
         self.synced_seq = state.seq  # fdatasync'ed
+        # the last record queued without a before call (strict) and with one (lazy: a
+        # write fault's mark, answered before it is durable; docs/movement.md)
+        self.strict_seq = state.seq
+        self.lazy_seq = 0
         self.commits = 0  # fsyncs done, for the benchmark and status
         self.publishes = 0  # the store's publish calls (a group's head moves)
         self.checkpoints = 0
@@ -108,9 +116,12 @@ class Journal:
         self.on_checkpoint: Callable[[int, float], None] = lambda b, t: None
         self.last_checkpoint_bytes = 0
 
-    def record(self, rec: Record) -> int:
+    def record(self, rec: Record, before: Callable[[], None] | None = None) -> int:
         """Encode rec.to_wire() (with its new seq), apply rec to the state and queue
-        it; its seq.
+        it; its seq. before: a blocking call the committer makes in its worker thread
+        ahead of writing the batch that holds rec (flushing what rec depends on, so rec
+        is never durable without it); if it raises, the batch is not written and the
+        committer stops as on a failed write (docs/movement.md, "Durable at fsync").
 
         Never blocks. Raises StateError, with nothing applied or queued, if the
         state refuses rec or if rec cannot be encoded (CodecError as its cause:
@@ -129,6 +140,11 @@ class Journal:
         self.state.apply(rec, seq)  # raises StateError with nothing changed
         self._pending.frames.append(frame)
         self._pending.last_seq = seq
+        if before is None:
+            self.strict_seq = seq
+        else:
+            self._pending.before.append(before)
+            self.lazy_seq = seq
         self._wakeup.set()
         return seq
 
@@ -197,8 +213,7 @@ class Journal:
                     batch.fd = self._fd
                     try:
                         t0 = time.perf_counter()
-                        n = await trio.to_thread.run_sync(
-                            self.store.write_sync, batch.fd, batch.frames)
+                        n = await trio.to_thread.run_sync(self._write_batch, batch)
                     except BaseException as e:
                         self._fail(e)
                         raise
@@ -222,6 +237,12 @@ class Journal:
             raise
         finally:
             self._closed = True
+
+    def _write_batch(self, batch: _Batch) -> int:
+        """In a worker thread: the batch's before calls, then its frames, fdatasync'ed."""
+        for fn in batch.before:
+            fn()
+        return self.store.write_sync(batch.fd, batch.frames)
 
     async def _publisher(self) -> None:
         """A group's second stage: publish (move the head to) the last fdatasync'ed seq,
@@ -286,6 +307,10 @@ class Journal:
                     while not await trio.to_thread.run_sync(
                             partial(f.write_some, frames, CHECKPOINT_STEP_BYTES, sync=True)):
                         pass
+                    # a queued record may depend on a batch's before call (a write
+                    # fault's copies, settled): the checkpoint holding it takes effect
+                    # only once that batch is written, so never ahead of the flush
+                    await self.wait_durable(job.snap.seq)
                     await trio.to_thread.run_sync(f.commit)
                 finally:
                     f.abort()  # no-op after commit; quick otherwise

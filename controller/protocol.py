@@ -287,6 +287,8 @@ _op("disk.table", NAME, roles=AGENT)
 _op("disk.fault", NAME, _f("offset", int), _f("length", int), _f("write", bool), roles=AGENT)
 _op("disk.allocate", NAME, _f("offset", int), _f("length", int), _f("reserve", bool),
     _f("least", int, type(None), required=False), roles=AGENT)
+# an fsync's wait for the write faults it owes (the "sync" [boot, seq] of their answers)
+_op("disk.sync", NAME, _f("boot", int), _f("seq", int), roles=AGENT)
 _op("disk.trim", NAME, _f("size", int), _f("expect", int), roles=AGENT)
 _op("disk.times", NAME, _f("mtime", float, int), _f("stime", float, int), roles=AGENT)
 _op("disk.unlink", NAME, roles=AGENT)
@@ -296,7 +298,7 @@ _op("io.error", NAME, _f("lun", int), _f("offset", int), _f("message", str), rol
 CONN_OPS = frozenset({"agent.register", "agent.heartbeat", "agent.bye", "disk.open",
                       "disk.close",
                       "disk.table",
-                      "disk.fault", "disk.allocate", "disk.trim", "disk.times",
+                      "disk.fault", "disk.sync", "disk.allocate", "disk.trim", "disk.times",
                       "disk.unlink",
                       "disk.discard", "disk.rm", "disk.resize", "disk.perms"})
 

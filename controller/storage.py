@@ -301,8 +301,11 @@ _COPY_CHUNK = 4 << 20
 
 def copy_ranges(copies: list[tuple[str, int, str, int, int]],
                 may_write: WriteGate = unfenced, durable: bool = True) -> None:
-    """Copy (src path, src offset, dst path, dst offset, length) ranges, durably (but
-    with durable=False: then settle_range makes them durable later, many at once).
+    """Copy (src path, src offset, dst path, dst offset, length) ranges, durably
+    (durable=False: written only, in the page cache; ``settle_ranges`` over the
+    destinations makes them durable later, as a write fault's copies are before
+    their mark may be: docs/movement.md, "Durable at fsync"; the copier settles a
+    batch with ``settle_held``).
 
     For moving a segment's blocks between containers (docs/movement.md): the copy
     must be on stable storage before its blocks are marked as living at the new place.
@@ -356,19 +359,54 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]],
                         view, pos = view[w:], pos + w
                     got = len(data)
                 done += got
-            if not durable:
-                continue
-            sync_file_range(dfd, doff, length, _SYNC_RANGE)
-            first = os.pread(dfd, min(length, P.BLOCK_SIZE), doff)
-            gate(may_write, f"settling a copy at {doff}", dst)
-            os.pwritev(dfd, [first], doff, os.RWF_DSYNC)
+            if durable:
+                _settle_one(dfd, dst, [(doff, length)], may_write)
     finally:
         for f in fds.values():
             os.close(f)
 
 
-def settle_ranges(path: str, ranges: list[tuple[int, int]], at: int,
-                  may_write: WriteGate = unfenced) -> None:
+def _settle_one(fd: int, path: str, ranges: list[tuple[int, int]],
+                may_write: WriteGate, at: int | None = None) -> None:
+    """Write back ranges of one open file (sync_file_range over each only), then one
+    RWF_DSYNC rewrite of the block at byte offset at (default: the first range's first
+    block; what is there is read and written back as it is): it commits the file
+    system's journal or flushes the device's cache for all of them at once. Nobody may
+    write that block meanwhile."""
+    for off, length in ranges:
+        sync_file_range(fd, off, length, _SYNC_RANGE)
+    if at is None:
+        off, length = ranges[0]
+        first = os.pread(fd, min(length, P.BLOCK_SIZE), off)
+    else:
+        off = at
+        first = os.pread(fd, P.BLOCK_SIZE, at)
+    gate(may_write, f"settling copies at {off}", path)
+    os.pwritev(fd, [first], off, os.RWF_DSYNC)
+
+
+def settle_ranges(ranges: list[tuple[str, int, int]]) -> None:
+    """Make (path, offset, length) ranges written earlier (copy_ranges with
+    durable=False) durable: one fdatasync per file, for any number of its ranges.
+
+    Not copy_ranges' settling rewrite of a block: these ranges were answered to their
+    writer before they are settled, so its write may be landing there now, and a
+    rewrite of what was read before it would undo it. The fdatasync also writes back
+    other dirty data of the container in this host's page cache (the writer's own
+    fsync writes it back anyway). No write gate: an fdatasync writes nothing new.
+    Raises OSError.
+    """
+    paths = sorted({path for path, _off, length in ranges if length > 0})
+    for path in paths:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+
+def settle_held(path: str, ranges: list[tuple[int, int]], at: int,
+                may_write: WriteGate = unfenced) -> None:
     """Make ranges ((offset, length) bytes) of the container at path durable, copied
     there earlier with copy_ranges(durable=False): each is written back with
     sync_file_range, then one 4 KiB RWF_DSYNC rewrite of the block at byte offset at
@@ -382,10 +420,6 @@ def settle_ranges(path: str, ranges: list[tuple[int, int]], at: int,
     said no)."""
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        for off, length in ranges:
-            sync_file_range(fd, off, length, _SYNC_RANGE)
-        block = os.pread(fd, P.BLOCK_SIZE, at)
-        gate(may_write, f"settling copies at {at}", path)
-        os.pwritev(fd, [block], at, os.RWF_DSYNC)
+        _settle_one(fd, path, ranges, may_write, at)
     finally:
         os.close(fd)

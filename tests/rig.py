@@ -20,11 +20,13 @@ import io
 import json
 import mmap
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -546,3 +548,55 @@ def timed_writes(path: Path, offsets: Sequence[int], data: bytes | None = None) 
         os.close(fd)
         buf.close()
     return out
+
+
+class FsyncWriter:
+    """Random 4 KiB O_DIRECT writes to path at blocks (4 KiB block numbers), each
+    followed by fsync, in a thread (``thread.start()``, ``stop.set()``): durable
+    (block -> the bytes its last fsync that returned 0 covered) and maybe (block -> the
+    writes after that, whose fsync failed or had not returned). Stops at the first
+    error (a failed fsync fails every later one at this agent)."""
+
+    def __init__(self, path: Path, blocks: list[int], trust_writes: bool = False):
+        self.path, self.blocks = path, blocks
+        self.trust_writes = trust_writes  # the broken oracle: a write counts as durable
+        self.durable: dict[int, bytes] = {}
+        self.maybe: dict[int, list[bytes]] = {}
+        self.errors: list[OSError] = []
+        self.writes = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        fd = open_direct(self.path)
+        rnd = random.Random(7)
+        try:
+            while not self.stop.is_set():
+                b = rnd.choice(self.blocks)
+                data = rnd.randbytes(BLOCK)
+                self.maybe.setdefault(b, []).append(data)
+                try:
+                    dwrite(fd, b * BLOCK, data)
+                    if self.trust_writes:
+                        self._durable(b, data)
+                    os.fsync(fd)
+                except OSError as e:
+                    self.errors.append(e)
+                    return
+                self._durable(b, data)
+                self.writes += 1
+        finally:
+            os.close(fd)
+
+    def _durable(self, b: int, data: bytes) -> None:
+        self.durable[b] = data
+        self.maybe.pop(b, None)
+
+    def check(self, path: Path, base: bytes) -> None:
+        """Every block reads as its last durable bytes (the base if none) or one of the
+        writes after them; AssertionError naming the first that does not."""
+        for b in sorted({*self.durable, *self.maybe}):
+            got = read_direct(path, b * BLOCK, BLOCK)
+            ok = [self.durable.get(b, base[b * BLOCK : (b + 1) * BLOCK]),
+                  *self.maybe.get(b, [])]
+            assert got in ok, f"block {b}: lost an fsynced write (or read older bytes)"

@@ -329,9 +329,12 @@ class DataPath:
     async def fsync(self, od: OpenDisk) -> None:
         """Make every write to od durable, through whichever handle it came (fdatasync).
 
-        Pays the disk's sync debts (blockio). DiskError(EIO) if a container the disk
-        wrote to failed a sync, now or since the agent started; reported to the controller.
+        Pays the disk's sync debts (blockio), then what its write faults owe at the
+        controller (Faults.owed_sync). DiskError(EIO) if a container the disk wrote to
+        failed a sync, now or since the agent started (reported to the controller), or
+        the controller lost a write fault's record.
         """
+        owed = bool(self.faults.owed.get(od.inode))
         try:
             await self.io.sync(od.inode)
         except ContainerError as e:
@@ -339,6 +342,8 @@ class DataPath:
             raise DiskError(errno.EIO, f"fsync of {od.name}: {e.message}") from None
         except OSError as e:
             raise DiskError(errno.EIO, f"fsync of {od.name}: {e}") from None
+        if owed:
+            await self.faults.owed_sync(od)
 
     def seek(self, od: OpenDisk, offset: int, data: bool) -> int:
         """lseek SEEK_DATA/SEEK_HOLE from the table: zero entries are holes, every other

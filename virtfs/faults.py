@@ -38,6 +38,10 @@ class Faults:
         self.fault_timeout = fault_timeout  # seconds an I/O waits for usable entries
         self.on_resize = on_resize  # allocation changed the pool's figures (listing stale)
         self.metrics: AgentMetrics | None = None  # virtfs-mount --metrics
+        # disk key (inode) -> controller start -> the highest seq of a write fault's
+        # answer ("sync"): its move.mark is not durable yet; the disk's next fsync makes
+        # it so (owed_sync, disk.sync; docs/movement.md, "Durable at fsync")
+        self.owed: dict[int, dict[int, int]] = {}
 
     async def fault(self, od: OpenDisk, offset: int, length: int, write: bool,
                     deadline: float) -> None:
@@ -65,6 +69,11 @@ class Faults:
                     await trio.sleep(0.05)  # a change on the range outlasted the fault: again
                     return
                 raise remote_error(e, f"fault on {od.name} at {offset}") from None
+            owe = r.get("sync")
+            if owe:  # before the entries are used: the write they allow owes this seq
+                boot, seq = int(owe[0]), int(owe[1])
+                debts = self.owed.setdefault(od.inode, {})
+                debts[boot] = max(debts.get(boot, 0), seq)
             u = TableUpdate.answer(r)
             before = od.table.allocated
             self.tables.apply_update(od.table, u)
@@ -75,6 +84,28 @@ class Faults:
         finally:
             del od.faults[key]
             ev.set()
+
+    async def owed_sync(self, od: OpenDisk) -> None:
+        """The fsync of od's part at the controller: every write fault's record the
+        disk owes (self.owed, taken now) made durable with its copies (``disk.sync``,
+        one call per controller start). A record the controller lost (it restarted
+        before making it durable) fails this fsync, and every later one of this disk at
+        this agent: the writes it allowed may read back older (never claim more).
+        DiskError(EIO)."""
+        debts = dict(self.owed.get(od.inode, {}))
+        for boot, seq in sorted(debts.items()):
+            try:
+                await self.session.call("disk.sync", timeout=self.fault_timeout,
+                                        name=od.name, boot=boot, seq=seq)
+            except (ControllerUnavailable, ConnectionLost) as e:
+                raise DiskError(errno.EIO, f"fsync of {od.name}: {e}") from None
+            except RemoteError as e:
+                raise DiskError(errno.EIO, f"fsync of {od.name}: {e.message}") from None
+            mine = self.owed.get(od.inode, {})
+            if mine.get(boot, 0) <= seq:  # no later fault raised it meanwhile
+                mine.pop(boot, None)
+                if not mine:
+                    self.owed.pop(od.inode, None)
 
     def usable(self, e: Entry, write: bool) -> bool:
         """Whether e may be used for this I/O now (its state, and the lease)."""

@@ -362,6 +362,10 @@ class Service:
         """disk.fault: Faults.disk_fault."""
         return await self.faults.disk_fault(name, offset, length, write, conn)
 
+    async def disk_sync(self, name: str, boot: int, seq: int, conn: Caller) -> None:
+        """disk.sync: Faults.disk_sync."""
+        await self.faults.disk_sync(name, boot, seq, conn)
+
     async def disk_close(self, name: str, handle: int | None, conn: Caller) -> None:
         """disk.close: Files.disk_close."""
         await self.files.disk_close(name, handle, conn)

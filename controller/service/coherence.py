@@ -57,6 +57,9 @@ class Coherence:
         # from a clock (one stepped back would make every answer look stale): each start
         # journals a new boot number (see start()) and counts up from boot << VERSION_BITS.
         self.version = ctx.state.boot << VERSION_BITS
+        # the seq of this start's "controller.boot" record: every record of the previous
+        # start that survived it has a smaller seq (Faults.disk_sync)
+        self.boot_seq = 0
 
     async def start(self) -> None:
         """Journal this start (a "controller.boot" record) before anything is answered.
@@ -66,7 +69,8 @@ class Coherence:
         """
         # the first start with labels chooses the installation's id (docs/labels.md)
         installation = None if self.state.installation is not None else label.new_id()
-        await self.journal.commit(ControllerBoot(self.state.boot + 1, installation))
+        self.boot_seq = await self.journal.commit(ControllerBoot(self.state.boot + 1,
+                                                                 installation))
         self.version = self.state.boot << VERSION_BITS
 
     def bump(self) -> int:
@@ -197,10 +201,13 @@ class Coherence:
 
     async def answer(self, d: Disk, start: int, end: int,
                      writable: tuple[int, int] | None = None) -> dict[str, object]:
-        """Entries for an agent, never more permissive than what is durable."""
+        """Entries for an agent, never more permissive than what is durable, but for
+        lazy marks (a write fault's ``move.mark``, answered before it is durable: the
+        blocks it marks are writable only for that fault's writer, who owes its seq
+        to its next fsync; docs/movement.md, "Durable at fsync")."""
         # a mapping recorded by another request is visible in memory before its group
         # commit: wait until everything recorded so far is on disk, then answer
-        await self.journal.wait_durable(self.state.seq)
+        await self.journal.wait_durable(self.journal.strict_seq)
         out = self._table(d)
         end = min(end, d.size)
         if (start == 0 and end == d.size and len(d.extents) >= COMPACT_MIN_EXTENTS

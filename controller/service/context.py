@@ -73,12 +73,13 @@ class Context:
         self.may_write: WriteGate = unfenced
 
     # ------------------------------------------------------------ recording
-    def record(self, rec: Record) -> int:
+    def record(self, rec: Record, before: Callable[[], None] | None = None) -> int:
         """Apply and journal rec in this step of the event loop; its seq (not yet
-        durable: wait for it). A record the state refuses is a planning bug: the
-        request is refused (RemoteError E_INTERNAL) and nothing changes."""
+        durable: wait for it). before: Journal.record's (a flush rec depends on). A
+        record the state refuses is a planning bug: the request is refused
+        (RemoteError E_INTERNAL) and nothing changes."""
         try:
-            return self.journal.record(rec)
+            return self.journal.record(rec, before)
         except StateError as e:  # a planning bug: refuse the request, change nothing
             log.error("refused %s: %s", rec.OP, e)
             raise P.RemoteError(P.E_INTERNAL, f"internal error: {e}") from None

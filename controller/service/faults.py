@@ -7,6 +7,7 @@ takes new space through placement's one path (``Placement.allocate``).
 
 from __future__ import annotations
 
+from .. import faultpoints
 from .. import protocol as P
 from ..agents import Agent
 from ..extents import ZERO
@@ -72,6 +73,7 @@ class Faults:
         lo = offset // seg * seg
         if write and d.is_snapshot:
             raise P.RemoteError(P.E_READONLY, f"{name!r} is a read-only snapshot")
+        owed = 0  # the seq of a lazy move.mark this writer's next fsync must make durable
         while write:
             async with self.ctx.dlock(d):
                 if self.state.disks.get(d.name) is not d:
@@ -81,8 +83,11 @@ class Faults:
                 # storage a snapshot or clone shares: copy on write (a move to new space)
                 await self.snapshots.copy_on_write(d, offset, min(offset + length, hi))
                 # segments being moved: copy and mark the blocks this write touches
-                if await self.movement.prepare_moving_write(
-                        d, offset, min(offset + length, hi), exclude=conn.agent):
+                # (written and recorded, not flushed: durable at the writer's fsync)
+                got = await self.movement.prepare_moving_write(
+                    d, offset, min(offset + length, hi), exclude=conn.agent, lazy=True)
+                if got is not None:
+                    owed = got
                     break
             await self.movement.copying_done(d, offset, offset + length)  # the copier is there
         hi = min(round_up(offset + length, seg), d.size)
@@ -90,7 +95,34 @@ class Faults:
         # them at their new place now (pushed above); everything else as usual
         writable = (offset // P.BLOCK_SIZE * P.BLOCK_SIZE,
                     min(round_up(offset + length, P.BLOCK_SIZE), hi)) if write else None
-        return await self.coherence.answer(d, lo, hi, writable)
+        out = await self.coherence.answer(d, lo, hi, writable)
+        if owed:
+            out["sync"] = [self.state.boot, owed]  # disk.sync takes it at the next fsync
+        return out
+
+    async def disk_sync(self, name: str, boot: int, seq: int, conn: Caller) -> None:
+        """Make record seq of controller start boot durable, with the copies it depends
+        on (an agent's fsync after a write fault answered with "sync": [boot, seq];
+        docs/movement.md, "Durable at fsync"). Returns once it is; RemoteError E_IO if
+        it never will be: a record of the previous start that did not survive it (its
+        seq is not below this start's "controller.boot" record), or of an older or
+        unknown start (which this controller cannot tell apart: never claim more), or
+        the journal stopped. name: the agent's disk, for messages only."""
+        self.ctx.agent(conn)
+        if boot == self.state.boot:
+            if seq > self.state.seq:
+                raise P.invalid(f"{name!r}: seq {seq} is past the journal's {self.state.seq}")
+            try:
+                await self.journal.wait_durable(seq)
+            except RuntimeError as e:
+                raise P.RemoteError(P.E_IO, f"{name!r}: the journal stopped: {e}") from None
+            faultpoints.hit("faults.synced")
+            return
+        if boot == self.state.boot - 1 and 0 < seq < self.coherence.boot_seq:
+            return  # the record survived the restart (recovered, so durable)
+        raise P.RemoteError(P.E_IO, f"{name!r}: a write fault's record (start {boot}, seq "
+                            f"{seq}) was lost in a controller restart; writes since may "
+                            "be lost")
 
     async def map_zeros(self, d: Disk, lo: int, hi: int, exclude: Agent | None,
                         preallocate: bool = False, least: int | None = None) -> int:

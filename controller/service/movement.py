@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -129,7 +129,8 @@ class Movement:
 
     async def copy(self, cs: list[M.Copy], durable: bool = True,
                    background: bool = False) -> None:
-        """Copy cs between containers, durably unless not durable (storage.copy_ranges);
+        """Copy cs between containers, durably (durable=False: written, not flushed; a
+        write fault's record settles them, _settler, and the copier its batch, _settle);
         background: in a thread at the copier's low priority (storage.low_priority).
         RemoteError E_IO or E_NO_SPACE (E_IO also when this controller may no longer
         write: the copying thread asks ctx.may_write before each chunk, writegate.gate)."""
@@ -147,14 +148,31 @@ class Movement:
             code = P.E_NO_SPACE if e.errno == errno.ENOSPC else P.E_IO
             raise P.RemoteError(code, f"copy between containers failed: {e}") from None
 
+    def _settler(self, cs: list[M.Copy]) -> Callable[[], None]:
+        """A blocking call that makes copies written with durable=False durable (the
+        journal makes it, in its worker thread, before the batch holding the record
+        that marks them: Journal.record's before)."""
+        ranges = [(dst, doff, n) for _s, _so, dst, doff, n in self._paths(cs)]
+
+        def settle() -> None:
+            faultpoints.hit("movement.lazy_settle")
+            storage.settle_ranges(ranges)
+        return settle
+
     # ------------------------------------------------------------ 1. start
     async def start_move(self, d: Disk, unit: Extent, dst: int | None,
-                         cow: bool = False) -> list[int]:
+                         cow: bool = False, durable: bool = True,
+                         push: bool = True) -> list[int]:
         """Start moving unit (a piece of one stored extent) to LUN dst (None: wherever
         placement puts new space; never the unit's own container, unless cow: a
         copy-on-write gives a shared segment new space wherever the disk allocates).
         Returns the vstarts of the moves started (one per contiguous piece of new
-        space). Hold d's lock.
+        space). Hold d's lock. durable=False (a write fault): the ``move.start``
+        records are pushed (a restriction only: L1 turns nowrite) without waiting for
+        them to be durable; the caller must before it answers anyone with the new
+        space writable (docs/movement.md, "Durable at fsync"). push=False: no push
+        (the caller knows every agent has the unit nowrite at L1 already: storage a
+        snapshot or clone shares all of, Snapshots.copy_on_write).
 
         Raises RemoteError E_NO_SPACE if the target has no room.
         """
@@ -199,41 +217,60 @@ class Movement:
             return seq
 
         seq = await self.placement.place([[0, n, c.lun, off] for off, n in plan], record)
-        await self.journal.wait_durable(seq)
+        if durable:
+            await self.journal.wait_durable(seq)
         # every agent now stops writing L1 there (drained, acknowledged)
-        await self.coherence.push_update(d, unit.vstart, unit.vend, drain=True)
+        if push:
+            await self.coherence.push_update(d, unit.vstart, unit.vend, drain=True)
         return started
 
     # ------------------------------------------------------------ 2. write faults
     async def prepare_moving_write(self, d: Disk, start: int, end: int,
-                                   exclude: Agent | None) -> bool:
+                                   exclude: Agent | None, lazy: bool = False) -> int | None:
         """A write to [start, end) meets moving segments: copy and mark the blocks it
-        touches, and remap them at every other agent. Hold d's lock. Returns False if
-        the caller must wait for the copier (copying_done) and call again."""
+        touches, and remap them at every other agent. Hold d's lock. Returns None if
+        the caller must wait for the copier (copying_done) and call again, else the
+        seq of the last ``move.mark`` recorded (0: none).
+
+        lazy (docs/movement.md, "Durable at fsync"): the copies are written, not
+        flushed, and the marks recorded, not waited for; the journal settles the copies
+        before it writes the batch that holds their mark, so a mark is never durable
+        without its copies. The writer gets the seq and the agent's next fsync asks for
+        it (``disk.sync``). Without lazy, copies and marks are durable on return."""
         touched = [e for e in d.extents.stored_in(start, end) if e.flags & MOVING]
         if not touched:
-            return True
+            return 0
         await self.agents.wait_grace()
         for e in touched:
             first, last = M.blocks_of(e, start, end)
             busy = self._copying.get((d.uid, e.vstart))
             if busy is not None and busy.first < last and first < busy.first + busy.count:
-                return False
+                return None
+        seq = 0
         for e in touched:
             a = d.alts[e.vstart]
             first, last = M.blocks_of(e, start, end)
             runs = M.unmarked_runs(a, first, last)
             if not runs:
                 continue
-            await self.copy(M.copies(e, a, runs))
-            seq = self._record(MoveMark(d.name, e.vstart, [(r[0], r[1]) for r in runs]))
-            await self.journal.wait_durable(seq)
+            cs = M.copies(e, a, runs)
+            await self.copy(cs, durable=not lazy)
+            mark = MoveMark(d.name, e.vstart, [(r[0], r[1]) for r in runs])
+            if lazy:
+                seq = self._record(mark, self._settler(cs))
+            else:
+                seq = self._record(mark)
+                await self.journal.wait_durable(seq)
         # the written blocks, whole: every other agent reads them at L2 from now on
         # (drained, acknowledged) before the writer is answered with them writable
         lo = max(min(e.vstart for e in touched), start // P.BLOCK_SIZE * P.BLOCK_SIZE)
         hi = min(max(e.vend for e in touched), round_up(end, P.BLOCK_SIZE))
         await self.coherence.push_update(d, lo, hi, exclude=exclude, drain=True)
-        return True
+        if lazy and self.journal.lazy_seq > self.journal.durable_seq:
+            # blocks another fault marked, lazily, come writable too: that mark must be
+            # durable before this writer's fsync returns
+            seq = max(seq, self.journal.lazy_seq)
+        return seq
 
     # ------------------------------------------------------------ 3. copier
     async def copy_step(self, d: Disk, vstart: int, pace: Pacer | None = None) -> bool:
@@ -298,7 +335,7 @@ class Movement:
 
     async def _settle(self, d: Disk, vstart: int, runs: list[tuple[int, int]]) -> bool:
         """Make the copies of runs (copied with durable=False) durable with one flush:
-        storage.settle_ranges, whose settling write rewrites a block of the batch that
+        storage.settle_held, whose settling write rewrites a block of the batch that
         is still unmarked, held like a copy step meanwhile (so no write can land there:
         an unmarked block is written by nobody, and a fault on it waits). False if every
         block of runs is marked already (write faults copied and marked them: nothing
@@ -317,7 +354,7 @@ class Movement:
             self._copying[(d.uid, vstart)] = hold
         try:
             faultpoints.hit("movement.settle")
-            await trio.to_thread.run_sync(storage.low_priority, storage.settle_ranges, path,
+            await trio.to_thread.run_sync(storage.low_priority, storage.settle_held, path,
                                           ranges, at, self.ctx.may_write)
         except OSError as err:
             raise P.RemoteError(P.E_IO, f"flushing copies between containers failed: "

@@ -235,15 +235,34 @@ class Snapshots:
             lo, hi = shared[0][0] // seg * seg, -(-shared[-1][1] // seg) * seg
             for unit in list(move_units(d, lo, hi, None)):
                 cur = d.extents.find(unit.vstart)
-                if cur is None or cur.flags & MOVING or not self.state.referenced(
-                        d.family, unit.vstart, unit.vend, unit.lun, unit.offset, skip=d):
+                parts = [] if cur is None or cur.flags & MOVING else self.state.referenced(
+                    d.family, unit.vstart, unit.vend, unit.lun, unit.offset, skip=d)
+                if not parts:
                     continue
                 try:
-                    started = await self.movement.start_move(d, unit, None, cow=True)
+                    # one commit for move.start and the write's move.mark: the answer
+                    # waits for move.start to be durable (Coherence.answer), the mark
+                    # goes lazily (Movement.prepare_moving_write; docs/movement.md).
+                    # Storage shared all through is nowrite at L1 at every agent already
+                    # (the snapshot's freeze, Coherence.entries): move.start changes
+                    # nothing they hold, so it is not pushed
+                    started = await self.movement.start_move(
+                        d, unit, None, cow=True, durable=False,
+                        push=not _covers(parts, unit.vstart, unit.vend))
                 except MoveGone:
                     continue
                 for vs in started:
                     self.movement.spawn_move(d, vs)
         log.debug("copy-on-write of %s [%d, %d)", d.name, start, end)
+
+def _covers(parts: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether the ranges parts (sorted) cover [lo, hi) without a gap."""
+    pos = lo
+    for a, b in parts:
+        if a > pos:
+            return False
+        pos = max(pos, b)
+    return pos >= hi
+
 
 __all__ = ["Snapshots"]

@@ -96,11 +96,14 @@ def _param(point: str, action: str, when: int, phases: list[str], sees: str | No
 # the group journal's head move needs etcd (tests/etcd/test_termlog.py kills a writer
 # between a batch's fdatasync and its head move); the worker threads' holds need a group
 # whose leader is paused mid-copy or before a punch (tests/etcd/test_group_fence.py;
-# tests/inproc/test_storage_gate.py holds a copy in-process)
-# the copier's publish needs a segment larger than a batch (tests/mount/test_copier_push.py)
+# tests/inproc/test_storage_gate.py holds a copy in-process); the copier's publish needs
+# a segment larger than a batch (tests/mount/test_copier_push.py); a write fault's lazy
+# mark needs a snapshot and a held flush or a crash after disk.sync's wait
+# (tests/mount/test_fastwrite.py)
 ELSEWHERE = {"relocate.copy", "relocate.record", "relocate.push", "relocate.punch",
              "movement.publish",
-             "journal.before_head", "storage.copy_chunk", "storage.release"}
+             "journal.before_head", "storage.copy_chunk", "storage.release",
+             "movement.lazy_settle", "faults.synced"}
 
 
 def test_every_point_has_a_case():
