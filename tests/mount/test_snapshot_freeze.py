@@ -31,8 +31,8 @@ def _metrics_port(log: Path) -> int:
 def _nowrite_faults(port: int, disk: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    m = re.search(r'^virtfs_agent_faults_total\{disk="%s",reason="nowrite"\} (\S+)$' % disk,
-                  text, re.M)
+    line = 'virtfs_agent_faults_total{disk="' + disk + '",reason="nowrite"} '
+    m = re.search("^" + re.escape(line) + r"(\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
 
