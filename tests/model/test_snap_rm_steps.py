@@ -119,3 +119,37 @@ def test_release_many_is_release_of_each(seed: int) -> None:
         c.take(0, 4096 * 100)
         c.release_many([(0, 8192), (4096, 4096)])  # overlapping one another
     assert list(b.ranges()) == before
+
+
+def test_clone_and_rollback_of_a_snapshot_being_removed_are_refused(tmp_path) -> None:
+    """While snap rm works (its plan lets the loop go), a clone of the snapshot or a
+    rollback to it would share what the removal frees: refused, busy, nothing done."""
+    from typing import Any, cast
+
+    import trio
+
+    from controller import protocol as P
+    from controller.service import Service
+
+    state, _rnd, seq = _state(5, 64)
+    state.apply(SnapCreate("d", "s", 1.0), seq + 1)
+    s = state.snaps["d@s"]
+
+    class Journal:
+        async def wait_durable(self, seq: int) -> None:
+            return None
+
+        async def commit(self, rec: object) -> None:
+            raise AssertionError(f"nothing may be recorded: {rec}")
+
+    async def check() -> None:
+        svc = Service(state, cast(Any, Journal()), str(tmp_path))
+        with svc.ctx.removal(s):
+            for call in (svc.snapshots.disk_clone("d@s", "c"),
+                         svc.snapshots.snap_rollback("d@s", force=True)):
+                with pytest.raises(P.RemoteError, match="being removed") as e:
+                    await call
+                assert e.value.code == P.E_BUSY
+        assert "c" not in state.disks and "d@s" in state.snaps
+
+    trio.run(check)
