@@ -249,6 +249,17 @@ class ExtentMap:
         return (cols[0] == c.vs.tobytes() and cols[1] == c.ln.tobytes() and cols[2] == lu
                 and cols[3] == c.of.tobytes())
 
+    def chunk_spans(self, held_by: Sequence[ExtentMap] = ()
+                    ) -> Iterator[tuple[int, int, bool]]:
+        """(start, end, held) for each chunk in order: the range its extents span
+        (the first vstart, the last vend) and whether one of held_by maps exactly those
+        extents there (the same chunk object, or equal columns: as batches())."""
+        held = {id(c) for m in held_by for c in m._chunks}
+        for c in self._chunks:
+            if c.vs:
+                yield (c.vs[0], c.vs[-1] + c.ln[-1],
+                       id(c) in held or any(m._same(c) for m in held_by))
+
     def batches(self, max_extents: int, held_by: Sequence[ExtentMap] = ()
                 ) -> Iterator[list[Extent]]:
         """The stored extents in vstart order, in lists of whole chunks of at least
