@@ -109,6 +109,39 @@ class FreeSpace:
             self._lens.insert(i, length)
         self._free += length
 
+    def release_many(self, ranges: list[tuple[int, int]]) -> None:
+        """release(offset, length) of each of ranges, in one merge with the free list:
+        O(n log n + free ranges), not an array insert each (a snapshot of 262,144
+        extents removed). Raises AllocError, and changes nothing, if a range is bad,
+        already (partly) free, or overlaps another of ranges."""
+        limit = self.size - self.size % BLOCK_SIZE
+        new = sorted(ranges)
+        starts, lens = self._starts, self._lens
+        out_s, out_l = array("q"), array("q")
+        i = j = total = 0
+        m, k = len(starts), len(new)
+        while i < m or j < k:
+            if j >= k or (i < m and starts[i] < new[j][0]):
+                off, n = starts[i], lens[i]
+                i += 1
+            else:
+                off, n = new[j]
+                j += 1
+                if n <= 0 or off < 0 or off + n > limit:
+                    raise AllocError(f"bad range {off}+{n}")
+                total += n
+            if out_s:
+                end = out_s[-1] + out_l[-1]
+                if end > off:
+                    raise AllocError(f"range {off}+{n} is already (partly) free")
+                if end == off:
+                    out_l[-1] += n
+                    continue
+            out_s.append(off)
+            out_l.append(n)
+        self._starts, self._lens = out_s, out_l
+        self._free += total
+
     def find_contiguous(self, length: int) -> int | None:
         """Next fit: from the cursor to the end, then from the start."""
         starts, lens = self._starts, self._lens

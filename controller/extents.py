@@ -18,7 +18,7 @@ from __future__ import annotations
 import operator
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 # Entry states are bit flags (protocol.py); ZERO only appears on synthesised gap entries.
 # (ERROR, INVALID, NOWRITE: for the importers that take the flags from here)
@@ -167,6 +167,22 @@ class ExtentMap:
             yield e
             ci, i = self._next(ci, i)
 
+    def stored_list(self, start: int, end: int) -> list[Extent]:
+        """list(stored_in(start, end)), made a chunk slice at a time (C speed)."""
+        out: list[Extent] = []
+        if end <= start or not self._chunks:
+            return out
+        ci = max(bisect_right(self._firsts, start) - 1, 0)
+        for c in self._chunks[ci:]:
+            if c.vs[0] >= end:
+                break
+            a = max(bisect_right(c.vs, start) - 1, 0)
+            b = bisect_left(c.vs, end)
+            out.extend(map(Extent, c.vs[a:b], c.ln[a:b], c.lu[a:b], c.of[a:b], c.fl[a:b]))
+        if out and out[0].vend <= start:
+            del out[0]
+        return out
+
     def entries(self, start: int, end: int) -> Iterator[Extent]:
         """Entries covering [start, end) exactly: stored extents clipped, gaps as zero."""
         pos = start
@@ -222,6 +238,50 @@ class ExtentMap:
         nci, ni = self._next(ci, i)
         gap_end = self._chunks[nci].vs[ni] if nci >= 0 else end
         return Extent(gap_start, min(gap_end, end) - gap_start, NO_LUN, 0, ZERO)
+
+    def _same(self, c: _Chunk) -> bool:
+        """Whether this map stores exactly chunk c's extents over the range c spans
+        (vstart, length, LUN, offset alike; flags aside)."""
+        if not c.vs:
+            return True
+        cols = self.columns(c.vs[0], c.vs[-1] + c.ln[-1])
+        lu = c.lu.tobytes() if _LU_IS_Q else array("q", c.lu).tobytes()
+        return (cols[0] == c.vs.tobytes() and cols[1] == c.ln.tobytes() and cols[2] == lu
+                and cols[3] == c.of.tobytes())
+
+    def chunk_spans(self, held_by: Sequence[ExtentMap] = ()
+                    ) -> Iterator[tuple[int, int, bool]]:
+        """(start, end, held) for each chunk in order: the range its extents span
+        (the first vstart, the last vend) and whether one of held_by maps exactly those
+        extents there (the same chunk object, or equal columns: as batches())."""
+        held = {id(c) for m in held_by for c in m._chunks}
+        for c in self._chunks:
+            if c.vs:
+                yield (c.vs[0], c.vs[-1] + c.ln[-1],
+                       id(c) in held or any(m._same(c) for m in held_by))
+
+    def batches(self, max_extents: int, held_by: Sequence[ExtentMap] = ()
+                ) -> Iterator[list[Extent]]:
+        """The stored extents in vstart order, in lists of whole chunks of at least
+        max_extents (the last may be shorter), leaving out every chunk whose extents
+        one of held_by maps as they are (the same vstart, length, LUN and offset; flags
+        aside): the same chunk object (shared since a clone() and changed by neither,
+        docs/snapshots.md) in O(1), a copy of it compared column by column at C speed.
+
+        Which chunks are left out is decided at the call, in O(chunks); the map must
+        not change while the batches are read (hold its disk's lock).
+        """
+        held = {id(c) for m in held_by for c in m._chunks}
+        own = [c for c in self._chunks
+               if id(c) not in held and not any(m._same(c) for m in held_by)]
+        batch: list[Extent] = []
+        for c in own:
+            batch.extend(map(Extent, c.vs, c.ln, c.lu, c.of, c.fl))
+            if len(batch) >= max_extents:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     # ------------------------------------------------------------ mutation
     def _own(self, ci: int) -> _Chunk:

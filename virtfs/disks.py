@@ -174,7 +174,7 @@ class Volumes:
 
     # ------------------------------------------------------------ pushes
     async def handle_push(self, msg: dict[str, Any]) -> None:
-        """Apply one controller push (update, rename, namespace, epochs)."""
+        """Apply one controller push (update, freeze, rename, namespace, epochs)."""
         kind = msg.get("push")
         if kind == "update":
             self.data.tables.note_push(msg["disk"], msg.get("v"))
@@ -185,6 +185,11 @@ class Volumes:
             info = self.ns.listing.get(od.name)
             if info is not None:
                 info.size = od.size
+        elif kind == "freeze":
+            self.data.tables.note_push(msg["disk"], msg.get("v"))
+            od = self.ns.open.get(msg["disk"])
+            if od is not None:
+                await self.data.tables.apply_freeze(od, msg)
         elif kind == "rename":
             old, new, handle = msg["disk"], msg["new"], msg.get("handle")
             if handle is not None and old not in self.ns.open:

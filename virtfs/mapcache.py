@@ -6,10 +6,17 @@ replaced piecewise by fault replies and controller pushes, and wholesale on
 reload. Rows arrive as a list of [vstart, length, lun, offset, flags] (small
 answers) or in the compact form of ``protocol.encode_rows`` (whole tables).
 
-The entries are parallel arrays (vstart, lun, offset, flags: 21 bytes an entry;
-an entry ends where the next one starts), so a fragmented 1 TiB disk (262,144
-entries) takes about 5.3 MiB and loads at C speed; ``Entry`` objects are made
-only for what ``pieces()`` and iteration hand out. Pure logic, no I/O.
+The entries are parallel arrays (vstart, lun, offset, flags, fence generation:
+25 bytes an entry; an entry ends where the next one starts), so a fragmented
+1 TiB disk (262,144 entries) takes about 6.3 MiB and loads at C speed; ``Entry``
+objects are made only for what ``pieces()`` and iteration hand out. Pure logic,
+no I/O.
+
+A "freeze" push (a snapshot being taken, docs/snapshots.md) makes every entry
+held nowrite in O(1): ``fence()`` bumps the table's generation, and an entry
+whose generation is older reads as nowrite. Entries installed later by an answer
+at least as new as the freeze carry the new generation and are as sent (the
+controller's rows already say nowrite where writes must still fault).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from controller.protocol import (
     INVALID,
     MAX_ROW_OFFSET,
     NO_LUN,
+    NOWRITE,
     ZERO,
     Entry,
     RowColumns,
@@ -117,6 +125,9 @@ class DiskTable:
         self._lu = array("i")
         self._of = array("q")
         self._fl = array("B")
+        # fence generation of each entry; one older than self.gen reads as nowrite
+        self._gen = array("I")
+        self.gen = 0
         self._alloc = 0  # bytes in entries without ZERO (st_blocks: read on every stat)
         self.load(size, epoch, rows, version, force=True)
 
@@ -142,16 +153,30 @@ class DiskTable:
         if version is not None:
             self.version = version if force else max(self.version, version)
         self._vs, self._lu, self._of, self._fl = cols.vstart, cols.lun, cols.offset, cols.flags
+        self._gen = array("I", [self.gen]) * len(self._vs)
         self._alloc = _allocated(self._vs, self._fl, size)
         for lo, hi in cols.invalid:
             self.restrict(lo, hi)
         return True
 
     def __iter__(self) -> Iterator[Entry]:
-        """The entries in order, made as they are read (do not change the table meanwhile)."""
+        """The entries in order, made as they are read (do not change the table meanwhile);
+        an entry from before the last fence() is nowrite."""
         vs = self._vs
         lengths = map(operator.sub, chain(islice(vs, 1, None), (self.size,)), vs)
-        return map(Entry, vs, lengths, self._lu, self._of, self._fl)
+        gen = self.gen
+        flags = map(lambda f, g: f if g == gen else f | NOWRITE, self._fl, self._gen)
+        return map(Entry, vs, lengths, self._lu, self._of, flags)
+
+    def fence(self, version: int | None) -> None:
+        """Make every entry held now nowrite, in O(1) (a "freeze" push: a snapshot is
+        being taken). Entries installed afterwards by replace/load carry the new
+        generation and are as sent. version: the push's stamp ("v"); the table's
+        version rises to it, so an answer older than the freeze is not applied (it only
+        restricts: DiskTable.replace) and cannot make an entry writable again."""
+        self.gen += 1
+        if type(version) is int:
+            self.version = max(self.version, version)
 
     def __len__(self) -> int:
         return len(self._vs)
@@ -177,7 +202,7 @@ class DiskTable:
         out: list[Entry] = []
         if offset >= end:
             return out
-        vs, lu = self._vs, self._lu
+        vs, lu, gen, cur = self._vs, self._lu, self._gen, self.gen
         n = len(vs)
         i = max(bisect_right(vs, offset) - 1, 0)
         while i < n and offset < end:
@@ -187,8 +212,9 @@ class DiskTable:
                 lo = v if v > offset else offset
                 hi = vend if vend < end else end
                 lun = lu[i]
+                fl = self._fl[i] if gen[i] == cur else self._fl[i] | NOWRITE  # fence()
                 out.append(Entry(lo, hi - lo, lun,
-                                 self._of[i] + (lo - v) if lun != NO_LUN else 0, self._fl[i]))
+                                 self._of[i] + (lo - v) if lun != NO_LUN else 0, fl))
                 offset = hi
             i += 1
         return out
@@ -221,6 +247,7 @@ class DiskTable:
         self._lu.insert(i + 1, lun)
         self._of.insert(i + 1, off)
         self._fl.insert(i + 1, self._fl[i])
+        self._gen.insert(i + 1, self._gen[i])
 
     def _range(self, start: int, end: int) -> tuple[int, int]:
         """Indexes [i, j) of the entries making up [start, end), split at both ends."""
@@ -235,13 +262,14 @@ class DiskTable:
             self._split(size)
             i = bisect_right(self._vs, size - 1) if size else 0
             self._alloc -= self._bytes(i, len(self._vs))
-            for a in (self._vs, self._lu, self._of, self._fl):
+            for a in (self._vs, self._lu, self._of, self._fl, self._gen):
                 del a[i:]
         elif size > self.size:
             self._vs.append(self.size)
             self._lu.append(NO_LUN)
             self._of.append(0)
             self._fl.append(ZERO)
+            self._gen.append(self.gen)
         self.size = size
 
     def replace(self, start: int, end: int, rows: Rows, size: int | None = None,
@@ -272,6 +300,7 @@ class DiskTable:
             self._lu[i:j] = cols.lun
             self._of[i:j] = cols.offset
             self._fl[i:j] = cols.flags
+            self._gen[i:j] = array("I", [self.gen]) * len(cols.flags)
         if epoch is not None:
             self.epoch = epoch
         for lo, hi in cols.invalid:

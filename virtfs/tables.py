@@ -176,6 +176,17 @@ class Tables:
             await od.inflight.drain(u.start, u.end)
         self.kernel.invalidate(od.inode)
 
+    async def apply_freeze(self, od: OpenDisk, msg: dict[str, Any]) -> None:
+        """A "freeze" push ({"push": "freeze", "disk", "epoch", "v", "drain"}): every
+        entry of od held now turns nowrite in O(1) (DiskTable.fence; a snapshot is being
+        taken, docs/snapshots.md), then the I/O begun before it is waited for (a write
+        begun after it faults), so the ack means no write goes on under the old entries.
+        Never raises."""
+        od.table.fence(msg.get("v"))
+        self.kernel.invalidate(od.inode)
+        if msg.get("drain"):
+            await od.inflight.settle()
+
     async def reload(self, od: OpenDisk, timeout: float | None = None) -> None:
         """Fetch and install a fresh copy of od's table (timeout: seconds, default the
         session's call timeout). Raises DiskError, TableError."""

@@ -152,6 +152,10 @@ class Context:
         """Drop the lock of a disk that is gone."""
         self._disk_locks.pop(d.uid, None)
 
+    def removing(self, d: Disk) -> bool:
+        """Whether d is being removed (inside removal(d))."""
+        return d.uid in self._removing
+
     @contextlib.contextmanager
     def removal(self, d: Disk) -> Iterator[None]:
         """For the block, d is being removed: nobody may open it, fetch its table or

@@ -237,6 +237,16 @@ class Placement:
         for e, shared in zip(mapped, self.state.referenced_all(d.family, mapped, skip=d),
                              strict=True):
             out += self.unshared(d, e, shared)
+        return out + self.alt_physical(d, start, end, entries)
+
+    def alt_physical(self, d: Disk, start: int, end: int,
+                     entries: list[Extent] | None = None) -> list[tuple[str, int, int]]:
+        """(container path, offset, length) of the alternate locations of d's segments
+        being moved in [start, end) (service/movement.py), block-rounded (entries:
+        d.extents.entries(start, end), if the caller has them)."""
+        out = []
+        if entries is None:
+            entries = list(d.extents.entries(start, end)) if d.alts else []
         for e in entries:
             if e.flags & MOVING:  # and its alternate location (service/movement.py)
                 stored = d.extents.find(e.vstart)
