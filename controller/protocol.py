@@ -35,7 +35,11 @@ from .rows import (  # noqa: F401
     state_names,
 )
 
-PROTOCOL_VERSION = 1
+# 2: agents must apply the "freeze" push (a snapshot's O(1) write fence) and call
+# disk.sync for a write fault's "sync" debt at fsync; an agent of version 1 would do
+# neither (its writes would land in the snapshot, its fsync would claim too much), so
+# the hello refuses it: controllers and agents are upgraded together
+PROTOCOL_VERSION = 2
 
 BLOCK_SIZE = 4096
 # a labelled container's first MiB: its label, and the alignment of its data (as LVM's

@@ -118,7 +118,8 @@ class DataPath:
     def plain(self, od: OpenDisk, offset: int, end: int, write: bool) -> tuple[int, int, int]:
         """The fast path's one table lookup: (fd, container offset, LUN) if [offset, end)
         (offset < end <= the disk's size) lies in one entry that this I/O may use
-        without a fault (read: valid or nowrite; write: valid), its container is open
+        without a fault (read: valid or nowrite; write: valid, and not held since a
+        freeze, which makes it nowrite: DiskTable.fence), its container is open
         and buffered (not O_DIRECT), and the lease is valid; else (-1, 0, 0).
 
         Reads the live table (od.table), so every restriction, drain or lease loss
@@ -134,6 +135,8 @@ class DataPath:
         if i < 0 or end > (vs[i + 1] if i + 1 < n else t.size):
             return -1, 0, 0
         if t._fl[i] & (_NOT_WRITE if write else _NOT_READ):
+            return -1, 0, 0
+        if write and t._gen[i] != t.gen:  # held since a freeze: nowrite (DiskTable.fence)
             return -1, 0, 0
         lun = t._lu[i]
         io = self.io

@@ -113,6 +113,22 @@ def test_a_restriction_stops_the_fast_path_at_once(rig):
     assert data.fast_read(od, 0, 1) is None
 
 
+def test_a_freeze_stops_fast_writes_at_once_and_reads_go_on(rig):
+    """A "freeze" push (a snapshot being taken) fences the table in O(1) (DiskTable.fence):
+    every entry held then is nowrite, so a fast write must fall to the general path
+    (which faults, and copies on write) while reads stay fast; an entry installed after
+    the freeze is as sent."""
+    data, od, _, fd = rig
+    assert data.fast_write(od, 0, b"a") == 1
+    od.table.fence(None)
+    before = container(fd, 8, 1)
+    assert data.fast_write(od, 8, b"b") is None
+    assert container(fd, 8, 1) == before  # nothing reached the container
+    assert data.fast_read(od, 0, 4096) == container(fd, 0, 4096)
+    od.table.replace(0, SEG, [[0, SEG, LUN, 0, 0]])  # newer than the freeze
+    assert data.fast_write(od, 8, b"b") == 1
+
+
 def test_a_fast_write_owes_a_sync_and_counts_as_a_write(rig):
     data, od, _, fd = rig
     assert data.fast_write(od, 10, b"hello") == 5

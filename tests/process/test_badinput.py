@@ -21,7 +21,7 @@ from rig import PROC_LOGS, ControllerProc
 
 from controller import codec
 
-HELLO = {"id": 1, "op": "hello", "args": {"version": 1, "role": "admin"}}
+HELLO = {"id": 1, "op": "hello", "args": {"version": 2, "role": "admin"}}
 
 
 def state_of(v) -> dict[str, str]:
@@ -331,7 +331,7 @@ def test_unknown_op_gets_an_error_reply(populated):
     r = c.recv()
     assert r is not None and r["id"] == 2 and not r["ok"]
     assert r["error"]["code"] == "unsupported"
-    c.send({"id": 3, "op": "hello", "args": {"version": 1, "role": "admin"}})
+    c.send({"id": 3, "op": "hello", "args": {"version": 2, "role": "admin"}})
     r = c.recv()
     assert r is not None and r["id"] == 3 and not r["ok"]  # hello twice is not an op
     c.close()
@@ -342,7 +342,7 @@ def test_unknown_op_gets_an_error_reply(populated):
     {"id": 1, "op": "status", "args": {}},
     {"id": 1, "op": "disk.rm", "args": {"name": "d"}},
     {"id": 1, "op": "hello", "args": {"version": 99, "role": "admin"}},
-    {"id": 1, "op": "hello", "args": {"version": 1, "role": "root"}},
+    {"id": 1, "op": "hello", "args": {"version": 2, "role": "root"}},
     {"id": 1, "op": "hello", "args": None},
 ], ids=["status", "disk.rm", "version", "role", "no-args"])
 def test_requests_before_a_valid_hello_are_refused(populated, first):

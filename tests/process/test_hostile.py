@@ -118,7 +118,7 @@ def test_log_check_finds_tracebacks(tmp_path):
 
 # ---------------------------------------------------------------- hostile clients
 
-HELLO = {"version": 1, "role": "admin"}
+HELLO = {"version": 2, "role": "admin"}
 
 
 class Peer:
@@ -349,7 +349,7 @@ def test_tls_refusals_leave_the_server_serving(ctl):
         assert p.until_closed() is not None
         p.close()
         p = Peer(ctl, "tcp")
-        r = p.call(1, "hello", {"version": 1, "role": "admin"})  # no token at all
+        r = p.call(1, "hello", {"version": 2, "role": "admin"})  # no token at all
         assert r is not None and not r["ok"] and r["error"]["code"] == "unauthorized"
         p.close()
     ctl.serving("tcp")
@@ -462,7 +462,7 @@ def test_ack_flood_from_a_peer_that_reads_nothing(ctl, kind):
     thousands and reads no reply is cut off (MAX_UNLIMITED_INFLIGHT), not queued
     without end, and the others are served meanwhile."""
     p = Peer(ctl, kind, timeout=30)
-    p.send({"id": 1, "op": "hello", "args": {"version": 1, "role": "agent",
+    p.send({"id": 1, "op": "hello", "args": {"version": 2, "role": "agent",
                                              **({"token": ctl.token} if kind == "tcp"
                                                 else {})}})
     frame = b"".join(codec.wire_frame({"id": 2 + i, "op": "agent.ack", "args": {"pid": i}})

@@ -189,7 +189,7 @@ def hello(sock_path: Path) -> dict:
         s.settimeout(10)
         s.connect(str(sock_path))
         s.sendall(codec.wire_frame({"id": 1, "op": "hello",
-                                    "args": {"version": 1, "role": "admin"}}))
+                                    "args": {"version": 2, "role": "admin"}}))
         head = s.recv(4)
         return codec.unpack(s.recv(codec.wire_length(head, max_size=1 << 20)),
                             max_size=1 << 20)

@@ -249,7 +249,7 @@ def _hello_unix(path: Path) -> socket.socket:
     s.settimeout(10)
     s.connect(str(path))
     s.sendall(codec.wire_frame({"id": 1, "op": "hello",
-                                "args": {"version": 1, "role": "admin"}}))
+                                "args": {"version": 2, "role": "admin"}}))
     return s
 
 
