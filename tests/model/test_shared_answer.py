@@ -29,6 +29,8 @@ def _norm(t: DiskTable) -> list[P.Entry]:
 
 
 class _Durable:
+    strict_seq = 0  # Journal.strict_seq: what answers wait for
+
     async def wait_durable(self, seq: int) -> None:
         return None
 

@@ -539,6 +539,8 @@ def test_extent_columns_match_entries(maps: list[tuple[int, int]], size: int) ->
 
 
 class _Durable:
+    strict_seq = 0  # Journal.strict_seq: what answers wait for
+
     async def wait_durable(self, seq: int) -> None:
         return None
 
