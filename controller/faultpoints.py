@@ -71,7 +71,7 @@ POINTS = frozenset({
     "placement.zero",
     "placement.record",
     # controller/service/movement.py: a move's steps
-    "movement.start",  # L2 zeroed, before the move.start records
+    "movement.start",  # L2 planned and reserved, before the move.start records
     "movement.copy",  # a copy between containers (faults, copier, abort's copy back)
     "movement.settle",  # the copier copied a batch, before its one flush
     "movement.mark",  # the copier's batch is durable, before its move.mark record

@@ -196,7 +196,7 @@ class Movement:
         if c.failed:
             raise P.RemoteError(P.E_IO, f"container {c.name!r} is failed")
         # every piece of new space is reserved now, in the step that planned it: later
-        # plans (a thin fault elsewhere) go around all of it while it is zeroed
+        # plans (a thin fault elsewhere) go around all of it until it is recorded
         plan = sp.plan(need)  # contiguous pieces of the target's free space
         started: list[int] = []
 
@@ -216,7 +216,13 @@ class Movement:
                 pos += length
             return seq
 
-        seq = await self.placement.place([[0, n, c.lun, off] for off, n in plan], record)
+        # L2 is not zeroed: no block of it is read before it is copied or written (an
+        # unmarked block is read at L1; a mark follows its copy; an abort copies marked
+        # blocks back and frees L2; a commit needs every block marked), so whatever a
+        # freed range held there never shows. That keeps a punch and a durable write
+        # (a BLKZEROOUT of the segment on a block device) off a first write's path.
+        seq = await self.placement.place([[0, n, c.lun, off] for off, n in plan], record,
+                                         zero=False)
         if durable:
             await self.journal.wait_durable(seq)
         # every agent now stops writing L1 there (drained, acknowledged)

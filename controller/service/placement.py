@@ -172,17 +172,20 @@ class Placement:
         return await self.place(pieces, record, preallocate)
 
     async def place(self, pieces: list[list[int]], record: Callable[[list[list[int]]], int],
-                    preallocate: bool = False) -> int:
+                    preallocate: bool = False, zero: bool = True) -> int:
         """The one path new space takes: reserve pieces [vstart, length, lun, offset]
         (planned in this loop step), zero them outside any lock (preallocate: reserve
-        them in the container's file system too), then record(pieces) in one step with
-        dropping the reservation; returns what record returns (a seq).
+        them in the container's file system too; zero=False: not at all, for a move's
+        alternate location, which is never read before it is copied: movement.py
+        start_move), then record(pieces) in one step with dropping the reservation;
+        returns what record returns (a seq).
 
         Raises RemoteError E_NO_SPACE, E_IO (zeroing failed), E_BUSY (the container
         changed meanwhile), or whatever record raises.
         """
         with self.reserved([(lun, off, round_up(n)) for _v, n, lun, off in pieces]):
-            await self._zero(pieces, preallocate)
+            if zero:
+                await self._zero(pieces, preallocate)
             self._check_still_free(pieces)
             return record(pieces)
 
