@@ -50,6 +50,7 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
                                   metrics: CollectorRegistry | None = None,
                                   group: GroupTerm | None = None,
                                   copy_rate: int = 0,
+                                  lazy_marks: bool = False,
                                   ) -> AsyncIterator[Service]:
     """Run a controller (journal committer + listeners) for the block's duration.
 
@@ -87,7 +88,8 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
         log.info("state dir %s: seq %d, %d records replayed, %d disks, %d containers",
                  state_dir, rec.state.seq, rec.records, len(rec.state.disks),
                  len(rec.state.containers))
-        service = Service(rec.state, journal, state_dir, lease=lease, copy_rate=copy_rate)
+        service = Service(rec.state, journal, state_dir, lease=lease, copy_rate=copy_rate,
+                          lazy_marks=lazy_marks)
         if group is not None:
             service.ctx.may_write = group.may_write
         cm = ControllerMetrics(metrics, service) if metrics is not None else None
@@ -129,12 +131,13 @@ async def open_controller_service(state_dir: str, listen: list[str] | None = Non
 async def _run(state_dir: str, listen: list[str], lease: float,
                security: ServerSecurity | None = None,
                max_connections: int = MAX_CONNECTIONS, metrics: str | None = None,
-               copy_rate: int = 0) -> None:
+               copy_rate: int = 0, lazy_marks: bool = False) -> None:
     registry = metrics_http.new_registry() if metrics is not None else None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with open_controller_service(state_dir, listen, lease=lease, security=security,
                                            max_connections=max_connections,
-                                           metrics=registry, copy_rate=copy_rate):
+                                           metrics=registry, copy_rate=copy_rate,
+                                           lazy_marks=lazy_marks):
             if metrics is not None and registry is not None:
                 host, port = metrics_http.serve(metrics, registry)
                 print(f"virtfs-controller: metrics at http://{host}:{port}/metrics",
@@ -151,7 +154,8 @@ async def _run(state_dir: str, listen: list[str], lease: float,
 
 async def _run_group(cfg: GroupConfig, state_dir: str, listen: list[str], lease: float,
                      security: ServerSecurity | None, max_connections: int,
-                     metrics: str | None = None, copy_rate: int = 0) -> None:
+                     metrics: str | None = None, copy_rate: int = 0,
+                     lazy_marks: bool = False) -> None:
     """A member of a controller group (controller/group.py) until SIGINT/SIGTERM/SIGHUP:
     a standby that answers not_leader until elected, then the leader, and a standby
     again if its term ends. A clean stop resigns, so another member takes over at once.
@@ -169,7 +173,8 @@ async def _run_group(cfg: GroupConfig, state_dir: str, listen: list[str], lease:
             async def serve(gt: GroupTerm) -> None:
                 async with open_controller_service(state_dir, lease=lease, group=gt,
                                                    metrics=registry,
-                                                   copy_rate=copy_rate) as svc:
+                                                   copy_rate=copy_rate,
+                                                   lazy_marks=lazy_marks) as svc:
                     journal = svc.journal
                     member.serving(gt, svc.serve, lambda: journal.durable_seq)
                     status = (f"leading group {cfg.group} (term {gt.term.token}), serving "
@@ -236,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copy-rate", type=size_arg, default=0, metavar="SIZE",
                    help="the default limit of a migration's or drain's copy, bytes per "
                    "second (50M; default 0: none); vdctl disk migrate --rate overrides it")
+    p.add_argument("--lazy-marks", action="store_true",
+                   help="answer a first write to a moving or shared segment before its copy "
+                   "and mark are flushed: the writer's fsync flushes them, and fails with "
+                   "EIO if a controller crash lost them (docs/movement.md, \"Durable at "
+                   "fsync\"); default: flushed before the answer")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics "
                    "(docs/metrics.md; PORT 0 picks a free port, printed on stderr)")
@@ -332,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(str(e))
         if group is not None:
             trio.run(_run_group, group, state_dir, listen, args.lease, security,
-                     args.max_connections, args.metrics, args.copy_rate)
+                     args.max_connections, args.metrics, args.copy_rate, args.lazy_marks)
         else:
             trio.run(_run, state_dir, listen, args.lease, security, args.max_connections,
-                     args.metrics, args.copy_rate)
+                     args.metrics, args.copy_rate, args.lazy_marks)
     except (StateDirBusy, JournalCorrupt, OSError, ValueError) as e:
         print(f"virtfs-controller: {e}", file=sys.stderr)
         return 1

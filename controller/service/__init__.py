@@ -79,11 +79,13 @@ class Service:
     """The controller's service: one method per op, each delegating to a part.
 
     state: the tables as recovered; journal: open for records; state_dir: where
-    the state lives (agents.live and agents.roster go there); lease: the agents' lease (seconds).
+    the state lives (agents.live and agents.roster go there); lease: the agents' lease (seconds);
+    copy_rate: jobs' default copy limit (bytes/s, 0: none); lazy_marks: answer first
+    writes to moving or shared segments before their marks are durable (Faults).
     """
 
     def __init__(self, state: State, journal: Journal, state_dir: str, *,
-                 lease: float = DEFAULT_LEASE, copy_rate: int = 0):
+                 lease: float = DEFAULT_LEASE, copy_rate: int = 0, lazy_marks: bool = False):
         self.state = state
         self.journal = journal
         self.state_dir = state_dir
@@ -109,7 +111,7 @@ class Service:
         self.qos = Qos(self.ctx)
         self.perms = Perms(self.ctx)
         self.faults = Faults(self.ctx, self.placement, self.coherence, self.movement,
-                             self.snapshots)
+                             self.snapshots, lazy_marks)
         self.files = Files(self.ctx, self.coherence, self.faults, self.disks)
         self.backup = Backup(self.ctx)
         # what a server calls: dispatch, or dispatch wrapped by the metrics' timing

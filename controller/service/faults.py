@@ -25,8 +25,13 @@ class Faults:
     """An agent's tables and its faults."""
 
     def __init__(self, ctx: Context, placement: Placement, coherence: Coherence,
-                 movement: Movement, snapshots: Snapshots):
+                 movement: Movement, snapshots: Snapshots, lazy_marks: bool = False):
         self.ctx = ctx
+        # answer a write fault on a moving or shared segment before its copies and marks
+        # are durable (virtfs-controller --lazy-marks; docs/movement.md, "Durable at
+        # fsync"); off: they are made durable first, in a group commit shared with
+        # other faults, and a controller crash never fails a writer's fsync
+        self.lazy_marks = lazy_marks
         self.state = ctx.state
         self.journal = ctx.journal
         self.agents = ctx.agents
@@ -83,13 +88,20 @@ class Faults:
                 # storage a snapshot or clone shares: copy on write (a move to new space)
                 await self.snapshots.copy_on_write(d, offset, min(offset + length, hi))
                 # segments being moved: copy and mark the blocks this write touches
-                # (written and recorded, not flushed: durable at the writer's fsync)
+                # (written and recorded, not flushed: durable below, or with
+                # lazy_marks at the writer's fsync)
                 got = await self.movement.prepare_moving_write(
                     d, offset, min(offset + length, hi), exclude=conn.agent, lazy=True)
                 if got is not None:
                     owed = got
                     break
             await self.movement.copying_done(d, offset, offset + length)  # the copier is there
+        if owed and not self.lazy_marks:
+            # outside the disk's lock: concurrent faults share the flush of the copies
+            # and the journal's fdatasync (the journal settles the copies before it
+            # writes the batch holding their marks)
+            await self.journal.wait_durable(owed)
+            owed = 0
         hi = min(round_up(offset + length, seg), d.size)
         # the written blocks of moving segments come writable: every other agent has
         # them at their new place now (pushed above); everything else as usual

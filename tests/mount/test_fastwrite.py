@@ -44,10 +44,14 @@ B = 4096
 SIZE = 16 << 20  # 4 segments
 
 
+# the mode these tests are about (the default makes marks durable before the answer)
+LAZY = ["--lease", "3", "--lazy-marks"]
+
+
 def _controller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str) -> ControllerProc:
     monkeypatch.setenv(FAULTS_ENV, spec)
     c = ControllerProc(tmp_path / "state", tmp_path / "controller.log")
-    c.start(["--lease", "3"])
+    c.start(LAZY)
     return c
 
 
@@ -58,7 +62,7 @@ def _restart(c: ControllerProc, monkeypatch: pytest.MonkeyPatch, *holds: Path) -
     for h in holds:
         h.unlink(missing_ok=True)
     monkeypatch.delenv(FAULTS_ENV, raising=False)
-    c.start(["--lease", "3"])
+    c.start(LAZY)
 
 
 def _snapshotted_disk(c: ControllerProc, m_path: Path, tmp_path: Path) -> bytes:
@@ -125,6 +129,55 @@ def test_fsync_after_a_restart_that_lost_the_mark_fails_eio(tmp_path, monkeypatc
             c, "disk", "map", "d", "--format", "json").json()["entries"]
             if e["vstart"] < 3 * SEG), 20, "the copies to finish")
         w.check(m.path / "d", base)
+        check_clean(c)
+    finally:
+        c.stop()
+
+
+def test_by_default_a_crash_before_the_flush_fails_no_fsync(tmp_path, monkeypatch,
+                                                           mount_factory):
+    """Without --lazy-marks the same crash is invisible to the writer: its write is not
+    answered while the flush is held (the answer waits for the mark's group commit), so
+    after kill -9 the agent faults again at the restarted controller, the write lands,
+    and its fsync returns 0; the data reads back and everything is clean."""
+    hold, settle = tmp_path / "hold-copier", tmp_path / "hold-settle"
+    hold.touch()
+    monkeypatch.setenv(FAULTS_ENV, f"{hold_copier(hold)},movement.lazy_settle=hold:{settle}@1+")
+    c = ControllerProc(tmp_path / "state", tmp_path / "controller.log")
+    c.start(["--lease", "3"])
+    try:
+        m = agent(mount_factory, c)
+        base = _snapshotted_disk(c, m.path, tmp_path)
+        fd = open_direct(m.path / "d")
+        try:
+            settle.touch()
+            data = os.urandom(B)
+            res: list[object] = []
+
+            def write_and_fsync() -> None:
+                try:
+                    dwrite(fd, 2 * SEG + 3 * B, data)
+                    res.append("written")
+                    os.fsync(fd)
+                    res.append(0)
+                except OSError as e:
+                    res.append(e.errno)
+            t = threading.Thread(target=write_and_fsync, daemon=True)
+            t.start()
+            time.sleep(0.5)
+            assert not res, "the write was answered while its mark's flush was held"
+            if c.proc is not None:
+                c.kill()
+            hold.unlink()
+            settle.unlink()
+            monkeypatch.delenv(FAULTS_ENV)
+            c.start(["--lease", "3"])
+            t.join(30)
+            assert res == ["written", 0], res
+        finally:
+            os.close(fd)
+        assert dread_path(m.path / "d", 2 * SEG + 3 * B, B) == data
+        assert dread_path(m.path / "d", 0, 2 * SEG) == base[:2 * SEG]
         check_clean(c)
     finally:
         c.stop()
