@@ -148,19 +148,20 @@ class DataPath:
     def fast_read(self, od: OpenDisk, offset: int, length: int) -> bytes | None:
         """length bytes at offset through the fast path, or None: not a plain read (past
         the end, more than one entry, QoS, a fault or lease wait needed, a short or
-        failed read: the general path does it again and reports what failed)."""
+        short read: the general path does it again). A failed read is logged, reported
+        to the controller and raised as DiskError(EIO), as on the general path (_io)."""
         end = offset + length
         if od.qos is not None or end > od.size:
             return None
-        fd, coff, _ = self.plain(od, offset, end, False)
+        fd, coff, lun = self.plain(od, offset, end, False)
         if fd < 0:
             return None
         m = self.metrics
         t0 = time.perf_counter() if m is not None else 0.0
         try:
             data = os.pread(fd, length, coff)
-        except OSError:
-            return None
+        except OSError as err:
+            raise self._io_error(od, "read", lun, coff, err) from None
         if len(data) != length:
             return None
         if m is not None:
@@ -170,7 +171,8 @@ class DataPath:
     def fast_write(self, od: OpenDisk, offset: int, data: bytes) -> int | None:
         """Write data at offset through the fast path: len(data), or None if it is not a
         plain write (past the end, more than one entry, QoS, a fault, lease wait or
-        growth needed, a failed write: the general path does it again, and reports)."""
+        growth needed). A failed write is logged, reported to the controller and raised
+        as DiskError (ENOSPC, EDQUOT as they are, else EIO), as on the general path."""
         target = offset + len(data)
         if od.qos is not None or target > od.size or not data:
             return None
@@ -181,8 +183,8 @@ class DataPath:
         t0 = time.perf_counter() if m is not None else 0.0
         try:
             self.io.pwrite_fd(fd, lun, coff, data, od.inode)
-        except OSError:
-            return None
+        except OSError as err:
+            raise self._io_error(od, "write", lun, coff, err) from None
         self._wrote(od, offset, target)
         if m is not None:
             m.disk(od.name).write(len(data), time.perf_counter() - t0)
@@ -299,13 +301,19 @@ class DataPath:
         try:
             return fn(*args)
         except OSError as err:
-            log.error("%s on %s (LUN %d offset %d) failed: %s", what, od.name, e.lun, e.offset,
-                      err)
-            self._report(od, e.lun, e.offset, f"{what}: {err}")
-            code = err.errno if err.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
-            raise DiskError(code, str(err)) from None
+            raise self._io_error(od, what, e.lun, e.offset, err) from None
         finally:
             od.inflight.end(op)
+
+    def _io_error(self, od: OpenDisk, what: str, lun: int, offset: int,
+                  err: OSError) -> DiskError:
+        """A container I/O of od's at (lun, offset) failed with err: logged, reported to
+        the controller (io.error), and the DiskError for the caller (ENOSPC, EDQUOT as
+        they are, else EIO)."""
+        log.error("%s on %s (LUN %d offset %d) failed: %s", what, od.name, lun, offset, err)
+        self._report(od, lun, offset, f"{what}: {err}")
+        code = err.errno if err.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
+        return DiskError(code, str(err))
 
     async def _open(self, od: OpenDisk, e: Entry) -> None:
         """Open e's container (in a worker thread); DiskError(EIO) if it cannot."""

@@ -363,6 +363,9 @@ class Operations(pyfuse3.Operations):
             if h is not None:
                 try:
                     got = data.fast_read(h[0], off, size)
+                except DiskError as e:  # a failed container read: as the general path
+                    log.warning("read: %s", e)
+                    raise pyfuse3.FUSEError(e.errno) from None
                 except Exception:
                     self._fast_failed("read")
                     got = None
@@ -387,6 +390,9 @@ class Operations(pyfuse3.Operations):
             if h is not None and h[1]:
                 try:
                     n = data.fast_write(h[0], off, buf)
+                except DiskError as e:  # a failed container write: as the general path
+                    log.warning("write: %s", e)
+                    raise pyfuse3.FUSEError(e.errno) from None
                 except Exception:
                     self._fast_failed("write")
                     n = None
