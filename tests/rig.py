@@ -476,6 +476,29 @@ FIO_VERIFY = ["--bs=4k", "--rw=randwrite", "--ioengine=psync", "--verify=crc32c"
               "--verify_fatal=1", "--fallocate=none", "--randrepeat=1"]
 
 
+def agent_killed_under_fio(m: Any, job: list[str], tmp_path: Path, after: float) -> Path:
+    """Run fio job (a command: fio --name=... --filename=... in m, fixed --randseed)
+    writing with an fsync after each write and saving its verify state, kill -9 the agent
+    m after `after` seconds (fio must still run then), and wait for fio. Returns fio's
+    work dir, holding the verify state for a later `--verify_only --verify_state_load=1`
+    run of the same job (through a new agent: replace m's path in it)."""
+    work = tmp_path / "fio"
+    work.mkdir()
+    with open(tmp_path / "fio-write.log", "wb") as log:
+        p = subprocess.Popen([*job, "--do_verify=0", "--fsync=1", "--verify_state_save=1"],
+                             cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(after)
+        assert p.poll() is None, "fio finished before the crash"
+        m.kill9()
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return work
+
+
 def prefill(path: Path, size: int, cwd: Path, timeout: float = 900) -> None:
     """Write size bytes of random data to path in 1 MiB writes, then fsync (on a thin
     disk: every segment allocated); fio runs in cwd."""

@@ -355,49 +355,40 @@ class Operations(pyfuse3.Operations):
             log.warning("closing %s after a failed open took too long", od.name)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        # the fast path (datapath.py) first: no await; it returns None for anything
-        # it does not serve, and raises only on a bug (then it is turned off)
-        data = self.v.data
-        if data.fast:
-            h = self.handles.get(fh)
-            if h is not None:
-                try:
-                    got = data.fast_read(h[0], off, size)
-                except DiskError as e:  # a failed container read: as the general path
-                    log.warning("read: %s", e)
-                    raise pyfuse3.FUSEError(e.errno) from None
-                except Exception:
-                    self._fast_failed("read")
-                    got = None
-                if got is not None:
-                    return got
+        # the fast path (datapath.py) first: no await; None for anything it does not serve
+        h = self.handles.get(fh) if self.v.data.fast else None
+        if h is not None:
+            got = self._fast("read", self.v.data.fast_read, h[0], off, size)
+            if got is not None:
+                return got  # type: ignore[no-any-return]
         return await self.slow_read(fh, off, size)
 
-    def _fast_failed(self, what: str) -> None:
-        """An unexpected error in the fast path (a bug): log it, and serve every later
-        request through the general path (pyfuse3 would tear the mount down)."""
-        log.exception("unexpected error in the fast path (%s); it is off from now on", what)
-        self.v.data.fast = False
+    def _fast(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args), the fast path's read or write: its answer, or None for the general
+        path. A failed container I/O (DiskError) is the caller's error, as on the
+        general path (handler); any other exception is a bug: it is logged, and every
+        later request goes through the general path (pyfuse3 would tear the mount down)."""
+        try:
+            return fn(*args)
+        except DiskError as e:
+            log.warning("%s: %s", what, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            log.exception("unexpected error in the fast path (%s); it is off from now on",
+                          what)
+            self.v.data.fast = False
+            return None
 
     @handler
     async def slow_read(self, fh: int, off: int, size: int) -> bytes:
         return await self.v.data.read(self._handle(fh), off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        data = self.v.data
-        if data.fast:
-            h = self.handles.get(fh)
-            if h is not None and h[1]:
-                try:
-                    n = data.fast_write(h[0], off, buf)
-                except DiskError as e:  # a failed container write: as the general path
-                    log.warning("write: %s", e)
-                    raise pyfuse3.FUSEError(e.errno) from None
-                except Exception:
-                    self._fast_failed("write")
-                    n = None
-                if n is not None:
-                    return n
+        h = self.handles.get(fh) if self.v.data.fast else None
+        if h is not None and h[1]:
+            n = self._fast("write", self.v.data.fast_write, h[0], off, buf)
+            if n is not None:
+                return n  # type: ignore[no-any-return]
         return await self.slow_write(fh, off, buf)
 
     @handler

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from rig import (
     FsyncWriter,
     add_container,
     agent,
+    agent_killed_under_fio,
     check_clean,
     dwrite,
     hold_copier,
@@ -270,20 +270,7 @@ def test_agent_kill9_after_first_writes_keeps_fsynced_writes(controller, mount_f
     _snapshotted_disk(controller, m.path, tmp_path)
     job = ["fio", "--name=crash", f"--filename={m.path / 'd'}", f"--size={SIZE}",
            *FIO_VERIFY, "--randseed=99", "--randrepeat=1", "--direct=1"]
-    work = tmp_path / "fio"
-    work.mkdir()
-    with open(tmp_path / "fio-write.log", "wb") as log:
-        p = subprocess.Popen([*job, "--do_verify=0", "--fsync=1", "--verify_state_save=1"],
-                             cwd=work, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        time.sleep(2.0)
-        assert p.poll() is None, "fio finished before the crash"
-        m.kill9()
-        p.wait(30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    work = agent_killed_under_fio(m, job, tmp_path, 2.0)
     agent(mount_factory, controller, "again")
     again = tmp_path / "again" / "d"
     r = run([*[a.replace(str(m.path / "d"), str(again)) for a in job], "--verify_only",

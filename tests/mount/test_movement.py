@@ -24,6 +24,7 @@ from rig import (
     FsyncWriter,
     add_container,
     agent,
+    agent_killed_under_fio,
     check_clean,
     disk_info,
     dwrite,
@@ -211,20 +212,7 @@ def test_agent_kill9_mid_move_keeps_fsynced_writes(held, controller, mount_facto
              "moves to start")
     job = ["fio", "--name=crash", f"--filename={m.path / 'd'}", "--size=64M", *FIO_VERIFY,
            "--randseed=99", "--direct=1"]
-    work = tmp_path / "fio"
-    work.mkdir()
-    with open(tmp_path / "fio-write.log", "wb") as log:
-        p = subprocess.Popen([*job, "--do_verify=0", "--fsync=1", "--verify_state_save=1"],
-                             cwd=work, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        time.sleep(2.5)
-        assert p.poll() is None, "fio finished before the crash"
-        m.kill9()
-        p.wait(30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    work = agent_killed_under_fio(m, job, tmp_path, 2.5)
     held.unlink()
     wait_for(lambda: jobs(controller)[-1]["state"] == "done", 60, "the job to finish")
     agent(mount_factory, controller, "again")
