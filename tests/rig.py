@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -474,6 +476,41 @@ def fio(filename: Path, *args: str, check: bool = True, cwd: Path | None = None,
 
 FIO_VERIFY = ["--bs=4k", "--rw=randwrite", "--ioengine=psync", "--verify=crc32c",
               "--verify_fatal=1", "--fallocate=none", "--randrepeat=1"]
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metrics_port(log: Path, who: str = "") -> int:
+    """The port a daemon started with --metrics HOST:0 serves on, from its log line
+    "WHO: metrics at http://HOST:PORT/metrics" (who: virtfs-mount, virtfs-controller;
+    empty: either); waits up to 15 s for it."""
+    found: list[int] = []
+
+    def seen() -> bool:
+        m = re.search(rf"{who}: metrics at http://[^:]+:(\d+)/metrics", log.read_text())
+        if m:
+            found.append(int(m.group(1)))
+        return bool(m)
+    wait_for(seen, 15, f"{who or 'the daemon'}'s metrics address")
+    return found[0]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample on 127.0.0.1:port/metrics (a real HTTP GET, parsed by
+    prometheus-client): {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    """One sample of a scrape (0 when absent: a counter not yet incremented)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def agent_killed_under_fio(m: Any, job: list[str], tmp_path: Path, after: float) -> Path:

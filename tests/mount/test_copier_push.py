@@ -7,15 +7,12 @@ of the copier's batches (a 4 MiB segment is one batch, committed at once)."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from rig import (
     FAULTS_ENV,
     FIO_VERIFY,
@@ -24,35 +21,14 @@ from rig import (
     agent,
     check_clean,
     fio,
+    metrics_port,
+    sample,
+    scrape,
     vd,
     wait_for,
 )
 
 MiB = 1 << 20
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def port_in(log: Path, who: str) -> int:
-    found: list[int] = []
-
-    def seen() -> bool:
-        m = re.search(rf"{who}: metrics at http://[^:]+:(\d+)/metrics", log.read_text())
-        if m:
-            found.append(int(m.group(1)))
-        return bool(m)
-    wait_for(seen, 15, f"{who}'s metrics address")
-    return found[0]
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def get(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def jobs(c: ControllerProc) -> list[dict[str, Any]]:
@@ -85,7 +61,7 @@ def test_copier_publishes_as_it_goes_so_writes_to_copied_blocks_do_not_fault(
     copier's pushes nearly every write there faults (the whole segment is nowrite until
     the commit); with them only writes ahead of the copier do (about half)."""
     m = one_segment_disk(controller, mount_factory, tmp_path, metrics=True)
-    port = port_in(m.log_path, "virtfs-mount")
+    port = metrics_port(m.log_path, "virtfs-mount")
     work = tmp_path / "fio"
     work.mkdir()
     p = subprocess.Popen(["fio", "--name=w", f"--filename={m.path / 'd'}", "--bs=4k",
@@ -106,10 +82,10 @@ def test_copier_publishes_as_it_goes_so_writes_to_copied_blocks_do_not_fault(
     finally:
         p.kill()
         p.wait()
-    writes = (get(a1, "virtfs_agent_io_seconds_count", disk="d", op="write")
-              - get(a0, "virtfs_agent_io_seconds_count", disk="d", op="write"))
-    faults = (get(a1, "virtfs_agent_faults_total", disk="d", reason="nowrite")
-              - get(a0, "virtfs_agent_faults_total", disk="d", reason="nowrite"))
+    writes = (sample(a1, "virtfs_agent_io_seconds_count", disk="d", op="write")
+              - sample(a0, "virtfs_agent_io_seconds_count", disk="d", op="write"))
+    faults = (sample(a1, "virtfs_agent_faults_total", disk="d", reason="nowrite")
+              - sample(a0, "virtfs_agent_faults_total", disk="d", reason="nowrite"))
     print(f"{faults:.0f} of {writes:.0f} writes during the migration faulted")
     assert writes >= 40, f"only {writes} writes during the migration"
     assert faults < 0.85 * writes, f"{faults} of {writes} writes faulted"

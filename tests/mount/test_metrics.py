@@ -4,38 +4,22 @@ while fio writes through a real mount; the figures move with fio's I/O."""
 from __future__ import annotations
 
 import json
-import re
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-from rig import BIN, ControllerProc, MountProc, add_container, agent, fio, run, vd, wait_for
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def port_in(log: Path, who: str) -> int:
-    found: list[int] = []
-
-    def seen() -> bool:
-        m = re.search(rf"{who}: metrics at http://[^:]+:(\d+)/metrics", log.read_text())
-        if m:
-            found.append(int(m.group(1)))
-        return bool(m)
-    wait_for(seen, 15, f"{who}'s metrics address")
-    return found[0]
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        assert r.status == 200
-        text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def get(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+from rig import (
+    BIN,
+    ControllerProc,
+    MountProc,
+    add_container,
+    agent,
+    fio,
+    metrics_port,
+    run,
+    sample,
+    scrape,
+    vd,
+    wait_for,
+)
 
 
 def test_metrics_move_with_fio(tmp_path):
@@ -50,12 +34,12 @@ def test_metrics_move_with_fio(tmp_path):
 def run_with(c: ControllerProc, tmp_path: Path) -> None:
     add_container(c, "c1", tmp_path / "c1.img", "256M")
     vd(c, "disk", "create", "d", "--size", "64M")
-    cport = port_in(c.log_path, "virtfs-controller")
+    cport = metrics_port(c.log_path, "virtfs-controller")
     m = MountProc(tmp_path / "m", c.state_dir, tmp_path / "m.log", controller=f"unix:{c.sock}",
                   args=["--metrics", "127.0.0.1:0"])
     m.start()
     try:
-        aport = port_in(m.log_path, "virtfs-mount")
+        aport = metrics_port(m.log_path, "virtfs-mount")
         a0, c0 = scrape(aport), scrape(cport)
         n = 2048  # 8 MiB of 4 KiB O_DIRECT writes, then fio's verify reads them back
         out = fio(m.path / "d", "--bs=4k", "--rw=randwrite", "--ioengine=psync",
@@ -66,38 +50,38 @@ def run_with(c: ControllerProc, tmp_path: Path) -> None:
         assert job["write"]["total_ios"] == n
         info = json.loads(vd(c, "disk", "info", "d", "--format", "json").out)
         # (gauges are rebuilt once a second)
-        wait_for(lambda: get(scrape(cport), "virtfs_disk_allocated_bytes", disk="d")
+        wait_for(lambda: sample(scrape(cport), "virtfs_disk_allocated_bytes", disk="d")
                  == info["allocated"], 5, "the gauges to catch up")
         a1, c1 = scrape(aport), scrape(cport)
         d = {"disk": "d", "op": "write"}
-        assert get(a1, "virtfs_agent_io_total", **d) - get(a0, "virtfs_agent_io_total", **d) \
+        assert sample(a1, "virtfs_agent_io_total", **d) - sample(a0, "virtfs_agent_io_total", **d) \
             == n
-        assert get(a1, "virtfs_agent_io_bytes_total", **d) == n * 4096
-        assert get(a1, "virtfs_agent_io_seconds_count", **d) == n
+        assert sample(a1, "virtfs_agent_io_bytes_total", **d) == n * 4096
+        assert sample(a1, "virtfs_agent_io_seconds_count", **d) == n
         r = {"disk": "d", "op": "read"}
         reads = job["read"]["total_ios"]  # fio's verify pass
         assert reads > 0
-        assert get(a1, "virtfs_agent_io_total", **r) - get(a0, "virtfs_agent_io_total", **r) \
+        assert sample(a1, "virtfs_agent_io_total", **r) - sample(a0, "virtfs_agent_io_total", **r) \
             == reads
-        assert get(a1, "virtfs_agent_faults_total", disk="d", reason="allocate") >= 1
-        assert get(a1, "virtfs_agent_fault_seconds_count", disk="d") >= 1
-        assert get(a1, "virtfs_agent_lease_valid") == 1
-        assert get(a1, "virtfs_agent_lease_remaining_seconds") > 0
+        assert sample(a1, "virtfs_agent_faults_total", disk="d", reason="allocate") >= 1
+        assert sample(a1, "virtfs_agent_fault_seconds_count", disk="d") >= 1
+        assert sample(a1, "virtfs_agent_lease_valid") == 1
+        assert sample(a1, "virtfs_agent_lease_remaining_seconds") > 0
         # the controller: the faults fio caused, the journal they went through, the pool
         ok = {"op": "disk.fault", "code": "ok"}
-        assert get(c1, "virtfs_controller_ops_total", **ok) > get(
+        assert sample(c1, "virtfs_controller_ops_total", **ok) > sample(
             c0, "virtfs_controller_ops_total", **ok)
-        assert get(c1, "virtfs_journal_commit_seconds_count") > get(
+        assert sample(c1, "virtfs_journal_commit_seconds_count") > sample(
             c0, "virtfs_journal_commit_seconds_count")
-        assert get(c1, "virtfs_disk_allocated_bytes", disk="d") == info["allocated"] > 0
+        assert sample(c1, "virtfs_disk_allocated_bytes", disk="d") == info["allocated"] > 0
         [c1info] = json.loads(vd(c, "container", "ls", "--format", "json").out)
-        assert get(c1, "virtfs_container_used_bytes", container="c1") == c1info["used"]
-        assert get(c1, "virtfs_container_size_bytes", container="c1") == 256 << 20
+        assert sample(c1, "virtfs_container_used_bytes", container="c1") == c1info["used"]
+        assert sample(c1, "virtfs_container_size_bytes", container="c1") == 256 << 20
         leases = [v for (name, labels), v in c1.items()
                   if name == "virtfs_agent_lease_remaining_seconds"
                   and ("mount", str(m.path)) in labels]
         assert len(leases) == 1 and leases[0] > 0, leases
-        assert get(c1, "process_cpu_seconds_total") > 0
+        assert sample(c1, "process_cpu_seconds_total") > 0
     finally:
         m.close()
 
@@ -114,12 +98,12 @@ def test_agent_metrics_through_the_mount_factory(mount_factory, controller, tmp_
     add_container(controller, "c1", tmp_path / "c1.img", "64M")
     vd(controller, "disk", "create", "d", "--size", "8M")
     m = agent(mount_factory, controller, args=["--metrics", "127.0.0.1:0"])
-    port = port_in(m.log_path, "virtfs-mount")
+    port = metrics_port(m.log_path, "virtfs-mount")
     with open(m.path / "d", "r+b") as f:
         f.write(b"x" * 65536)
         f.flush()
         f.seek(0)
         assert f.read(5) == b"xxxxx"
     s = scrape(port)
-    assert get(s, "virtfs_agent_io_bytes_total", disk="d", op="write") >= 65536
+    assert sample(s, "virtfs_agent_io_bytes_total", disk="d", op="write") >= 65536
     assert not any(k[0].startswith("virtfs_controller") for k in s)

@@ -6,34 +6,28 @@ the old bytes (cmp through the mount), the disk has the new ones at both agents.
 from __future__ import annotations
 
 import os
-import re
 import time
-import urllib.request
-from pathlib import Path
 
-from rig import SEG, add_container, agent, check_clean, dread, dwrite, open_direct, vd, wait_for
+from rig import (
+    SEG,
+    add_container,
+    agent,
+    check_clean,
+    dread,
+    dwrite,
+    metrics_port,
+    open_direct,
+    sample,
+    scrape,
+    vd,
+)
 
 B = 4096
 
 
-def _metrics_port(log: Path) -> int:
-    found: list[int] = []
-
-    def seen() -> bool:
-        m = re.search(r"metrics at http://[^:]+:(\d+)/metrics", log.read_text())
-        if m:
-            found.append(int(m.group(1)))
-        return bool(m)
-    wait_for(seen, 15, "the agent's metrics address")
-    return found[0]
-
-
-def _nowrite_faults(port: int, disk: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    line = 'virtfs_agent_faults_total{disk="' + disk + '",reason="nowrite"} '
-    m = re.search("^" + re.escape(line) + r"(\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+def nowrite_faults(port: int) -> float:
+    """The agent's write faults on disk d's nowrite entries so far (its metrics)."""
+    return sample(scrape(port), "virtfs_agent_faults_total", disk="d", reason="nowrite")
 
 
 def test_first_write_after_snap_create_faults_at_each_agent(controller, mount_factory,
@@ -43,7 +37,7 @@ def test_first_write_after_snap_create_faults_at_each_agent(controller, mount_fa
     args = ["--metrics", "127.0.0.1:0"]
     ma = agent(mount_factory, controller, "a", args=args)
     mb = agent(mount_factory, controller, "b", args=args)
-    pa, pb = _metrics_port(ma.log_path), _metrics_port(mb.log_path)
+    pa, pb = metrics_port(ma.log_path), metrics_port(mb.log_path)
     base = os.urandom(16 << 20)
     fd = open_direct(ma.path / "d")
     try:
@@ -55,14 +49,14 @@ def test_first_write_after_snap_create_faults_at_each_agent(controller, mount_fa
         # both agents hold the whole table, writable: a write now does not fault
         dwrite(fa, SEG + 3 * B, base[SEG + 3 * B : SEG + 4 * B])
         dwrite(fb, 2 * SEG + 3 * B, base[2 * SEG + 3 * B : 2 * SEG + 4 * B])
-        before = _nowrite_faults(pa, "d"), _nowrite_faults(pb, "d")
+        before = nowrite_faults(pa), nowrite_faults(pb)
         t0 = time.monotonic()
         vd(controller, "snap", "create", "d@s")
         assert time.monotonic() - t0 < 5
         new_a, new_b = os.urandom(B), os.urandom(B)
         dwrite(fa, SEG + 5 * B, new_a)  # agent a: segment 1
         dwrite(fb, 2 * SEG + 7 * B, new_b)  # agent b: segment 2
-        after = _nowrite_faults(pa, "d"), _nowrite_faults(pb, "d")
+        after = nowrite_faults(pa), nowrite_faults(pb)
         assert after[0] > before[0] and after[1] > before[1], (before, after)
         # each agent reads the other's new block (pushed when the copy-on-write moved it)
         assert dread(fb, SEG + 5 * B, B) == new_a
