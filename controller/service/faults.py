@@ -88,20 +88,17 @@ class Faults:
                 # storage a snapshot or clone shares: copy on write (a move to new space)
                 await self.snapshots.copy_on_write(d, offset, min(offset + length, hi))
                 # segments being moved: copy and mark the blocks this write touches
-                # (written and recorded, not flushed: durable below, or with
-                # lazy_marks at the writer's fsync)
+                # (durably; with lazy_marks written and recorded, not flushed: durable
+                # at the writer's fsync)
                 got = await self.movement.prepare_moving_write(
-                    d, offset, min(offset + length, hi), exclude=conn.agent, lazy=True)
+                    d, offset, min(offset + length, hi), exclude=conn.agent,
+                    lazy=self.lazy_marks)
                 if got is not None:
                     owed = got
                     break
             await self.movement.copying_done(d, offset, offset + length)  # the copier is there
-        if owed and not self.lazy_marks:
-            # outside the disk's lock: concurrent faults share the flush of the copies
-            # and the journal's fdatasync (the journal settles the copies before it
-            # writes the batch holding their marks)
-            await self.journal.wait_durable(owed)
-            owed = 0
+        if not self.lazy_marks:
+            owed = 0  # the marks are durable already: the writer's fsync owes nothing
         hi = min(round_up(offset + length, seg), d.size)
         # the written blocks of moving segments come writable: every other agent has
         # them at their new place now (pushed above); everything else as usual

@@ -260,9 +260,13 @@ class Movement:
             if not runs:
                 continue
             cs = M.copies(e, a, runs)
-            await self.copy(cs, durable=not lazy)
+            # never lazily into a container shared between hosts: the other agents read
+            # it with O_DIRECT, so the copy must be on the device before the push below
+            # gives them L2 (docs/fencing.md)
+            lazy_here = lazy and not self.state.luns[a.lun].shared
+            await self.copy(cs, durable=not lazy_here)
             mark = MoveMark(d.name, e.vstart, [(r[0], r[1]) for r in runs])
-            if lazy:
+            if lazy_here:
                 seq = self._record(mark, self._settler(cs))
             else:
                 seq = self._record(mark)
