@@ -18,6 +18,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,24 @@ def _restart(c: ControllerProc, monkeypatch: pytest.MonkeyPatch, *holds: Path) -
     c.start(LAZY)
 
 
+def _background(steps: list[tuple[Callable[[], object], object]]
+                ) -> tuple[threading.Thread, list[object]]:
+    """Run each step's call in turn in a daemon thread, started now; the list gets each
+    step's label once its call returned, or the errno of an OSError that ends the run."""
+    res: list[object] = []
+
+    def run() -> None:
+        try:
+            for fn, label in steps:
+                fn()
+                res.append(label)
+        except OSError as e:
+            res.append(e.errno)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, res
+
+
 def _snapshotted_disk(c: ControllerProc, m_path: Path, tmp_path: Path) -> bytes:
     """Disk d, filled with random bytes (fsynced), and a snapshot d@s: every segment is
     shared, so each first write to one copies on write. The bytes."""
@@ -103,16 +122,7 @@ def test_fsync_after_a_restart_that_lost_the_mark_fails_eio(tmp_path, monkeypatc
             data = os.urandom(B)
             dwrite(fd, 2 * SEG + 3 * B, data)  # answered: the mark is not durable
             w.maybe[2 * SEG // B + 3] = [data]
-            res: list[object] = []
-
-            def fsync() -> None:
-                try:
-                    os.fsync(fd)
-                    res.append(0)
-                except OSError as e:
-                    res.append(e.errno)
-            t = threading.Thread(target=fsync, daemon=True)
-            t.start()
+            t, res = _background([(lambda: os.fsync(fd), 0)])
             time.sleep(0.5)
             assert not res, "the fsync returned while the mark's flush was held"
             _restart(c, monkeypatch, hold, settle)
@@ -152,18 +162,8 @@ def test_by_default_a_controller_crash_in_a_write_fault_fails_no_fsync(
         fd = open_direct(m.path / "d")
         try:
             data = os.urandom(B)
-            res: list[object] = []
-
-            def write_and_fsync() -> None:
-                try:
-                    dwrite(fd, 2 * SEG + 3 * B, data)
-                    res.append("written")
-                    os.fsync(fd)
-                    res.append(0)
-                except OSError as e:
-                    res.append(e.errno)
-            t = threading.Thread(target=write_and_fsync, daemon=True)
-            t.start()
+            t, res = _background([(lambda: dwrite(fd, 2 * SEG + 3 * B, data), "written"),
+                                  (lambda: os.fsync(fd), 0)])
             assert c.proc is not None
             c.proc.wait(20)  # the fault point's crash, in the write's fault
             assert not res, "the write was answered by a controller that crashed in it"
@@ -192,19 +192,10 @@ def test_controller_crash_after_the_flush_before_the_fsync_returns(tmp_path, mon
         m = agent(mount_factory, c)
         base = _snapshotted_disk(c, m.path, tmp_path)
         fd = open_direct(m.path / "d")
-        res: list[object] = []
         data = os.urandom(B)
         try:
             dwrite(fd, SEG + 5 * B, data)
-
-            def fsync() -> None:
-                try:
-                    os.fsync(fd)
-                    res.append(0)
-                except OSError as e:
-                    res.append(e.errno)
-            t = threading.Thread(target=fsync, daemon=True)
-            t.start()
+            t, res = _background([(lambda: os.fsync(fd), 0)])
             assert c.proc is not None
             c.proc.wait(10)  # it crashed at faults.synced
             assert not res
