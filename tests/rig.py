@@ -427,18 +427,20 @@ class Rig:
 
 @contextmanager
 def open_rig(tmp: Path, containers: Sequence[tuple[str, int]] = (), *,
-             env: dict[str, str] | None = None, mount_timeout: float = 60) -> Iterator[Rig]:
+             env: dict[str, str] | None = None, mount_timeout: float = 60,
+             ctl_args: Sequence[str] = ()) -> Iterator[Rig]:
     """A virtfs-controller on tmp/state (which may hold a prebuilt state), the containers
     given as (name, size in bytes) added as sparse files tmp/NAME.img, one agent mounted
-    on tmp/mnt. env: the processes' environment (default: this one's). Everything is
-    unmounted and stopped on exit, the agent first."""
+    on tmp/mnt. env: the processes' environment (default: this one's); ctl_args: more
+    virtfs-controller arguments. Everything is unmounted and stopped on exit, the agent
+    first."""
     with ExitStack() as stack:
         state, mnt = tmp / "state", tmp / "mnt"
         state.mkdir(mode=0o700, exist_ok=True)
         mnt.mkdir(exist_ok=True)
         ctl = ControllerProc(state, tmp / "controller.log", env=env, cwd=tmp)
         rig = Rig(tmp, state, mnt, ctl, [ctl.log_path])
-        ctl.start(wait=False)
+        ctl.start(list(ctl_args), wait=False)
         stack.callback(ctl.stop, 120)
         ctl.wait_listening(120)
         wait_for(lambda: ctl.vdctl("status").rc == 0, 30, "the controller to answer", 0.1)
