@@ -78,7 +78,8 @@ def _disk_tail(d: Disk) -> dict[str, object]:
     qos = {"qos": dict(d.qos)} if d.qos else {}  # (older checkpoints lack it)
     perms = ({"perms": [d.owner, d.group, d.mode]}  # (and these, docs/permissions.md)
              if (d.owner, d.group, d.mode) != (None, None, None) else {})
-    return {**_fields(d, LINEAGE_FIELDS), **times, **qos, **perms}
+    removing = {"removing": True} if d.removing else {}  # (a snapshot: R.SnapTrim)
+    return {**_fields(d, LINEAGE_FIELDS), **times, **qos, **perms, **removing}
 
 
 def _alt_wire(vstart: int, a: Alt) -> AltRow:
@@ -136,6 +137,10 @@ def _disk(dw: dict[str, Any], extents: ExtentMap) -> Disk:
             for v, hi in zip(perms, (MAX_ID, MAX_ID, MODE_BITS), strict=True))):
         raise StateError(f"checkpoint: disk {d.name!r} has bad permissions {perms!r}")
     d.owner, d.group, d.mode = perms
+    removing = dw.get("removing", False)
+    if type(removing) is not bool:
+        raise StateError(f"checkpoint: disk {d.name!r} has a bad removing {removing!r}")
+    d.removing = removing
     return d
 
 

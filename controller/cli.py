@@ -311,7 +311,8 @@ class Cli:
         if self.json:
             self.emit_json(rows)
             return 0
-        self.table_out([[shown(r["name"]),
+        # a snapshot whose removal a crash cut short: the controller finishes it
+        self.table_out([[shown(r["name"]) + (" (removing)" if r.get("removing") else ""),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])),
                       self.sz(r["size"]), self.sz(r["held"]),
                       ",".join(shown(c) for c in r["clones"]) or "-"] for r in rows],

@@ -283,6 +283,36 @@ class ExtentMap:
         if batch:
             yield batch
 
+    def own_spans(self, max_extents: int, held_by: Sequence[ExtentMap] = ()
+                  ) -> list[tuple[int, int]]:
+        """[(start, end)] (bytes, in order): ranges that together hold every stored
+        extent of the chunks batches() does not leave out, and nothing of the chunks it
+        does (neighbouring chunks of this map's own joined), each range holding whole
+        chunks and at most max_extents extents unless one chunk has more. In
+        O(chunks); what a range covers holds as long as the map does not change there.
+        For removing a table in steps of bounded work (Snapshots.snap_rm)."""
+        held = {id(c) for m in held_by for c in m._chunks}
+        out: list[tuple[int, int]] = []
+        cur: list[int] | None = None  # [start, end, extents] of the range being built
+        for c in self._chunks:
+            if not c.vs:
+                continue
+            if id(c) in held or any(m._same(c) for m in held_by):
+                if cur is not None:
+                    out.append((cur[0], cur[1]))
+                    cur = None
+                continue
+            n, end = len(c.vs), c.vs[-1] + c.ln[-1]
+            if cur is not None and cur[2] + n <= max_extents:
+                cur[1], cur[2] = end, cur[2] + n
+                continue
+            if cur is not None:
+                out.append((cur[0], cur[1]))
+            cur = [c.vs[0], end, n]
+        if cur is not None:
+            out.append((cur[0], cur[1]))
+        return out
+
     # ------------------------------------------------------------ mutation
     def _own(self, ci: int) -> _Chunk:
         """Chunk ci, copied first if an open snapshot may share it."""

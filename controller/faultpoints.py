@@ -95,6 +95,7 @@ POINTS = frozenset({
     "relocate.punch",  # agents acknowledged, before the old range is punched
     # controller/service/snapshots.py: writes frozen and moves settled, before the record
     "snapshot.create",
+    "snapshot.trim",  # snap rm: a step's storage punched, before its snap.trim record
     # virtfs/blockio.py: the agent's container I/O
     "blockio.write",  # before each pwrite to a container
     "blockio.sync",  # before each fdatasync of a container

@@ -460,6 +460,29 @@ class SnapRm(Named):
 
 
 @record
+class SnapTrim(Record):
+    """Snapshot name ("DISK@SNAP") is being removed (from its first snap.trim on, for
+    good: nobody may open, clone or roll back to it, and the controller finishes the
+    removal, after a restart too): its extents in [start, end) (bytes; start
+    block-aligned, end block-aligned or its size) go, and what no other table of its
+    family maps is freed. ``snap rm`` removes a snapshot in such steps of a bounded
+    number of extents, then the snap.rm record drops what is left (docs/snapshots.md).
+    An empty range (start == end) only marks it."""
+
+    OP: ClassVar[str] = "snap.trim"
+    name: str
+    start: int
+    end: int
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP, "name": self.name, "start": self.start, "end": self.end}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, object]) -> Self:
+        return cls(get_str(d, "name"), get_int(d, "start"), get_int(d, "end"))
+
+
+@record
 class SnapRollback(Record):
     """The disk of snapshot snap ("DISK@SNAP") takes the snapshot's content and size."""
 
@@ -479,7 +502,7 @@ RECORDS: tuple[type[Record], ...] = (
     DiskCreate, DiskMap, DiskTimes, DiskResize, DiskRm, DiskRename, DiskPlace, DiskQos,
     DiskUnmap,
     DiskClone, MoveStart, MoveMark, MoveCommit, MoveAbort, JobStart, JobAbort, JobEnd,
-    SnapCreate, SnapRm, SnapRollback, ControllerBoot, StorageRelocate, DiskPerms,
+    SnapCreate, SnapRm, SnapTrim, SnapRollback, ControllerBoot, StorageRelocate, DiskPerms,
 )
 _BY_OP: dict[str, Callable[[Mapping[str, object]], Record]] = {
     c.OP: c.from_wire for c in RECORDS}

@@ -389,12 +389,33 @@ class State:
         # what another table holds as the same extent chunk frees nothing: O(chunks)
         self.release_unshared(s.family, sharing.own_pieces(s, self.family(s.family)))
 
+    def _snap_trim(self, rec: R.SnapTrim) -> None:
+        """A snapshot being removed: marked so for good, and its extents in [start, end)
+        dropped, freeing what no other table of its family maps (R.SnapTrim)."""
+        s = self.snaps.get(rec.name)
+        if s is None:
+            raise StateError(f"no such snapshot: {rec.name!r}")
+        users = sorted(t.name for t in (*self.disks.values(), *self.snaps.values())
+                       if t.origin == s.name)
+        if users:
+            raise StateError(f"snapshot {s.name!r} has clones: {', '.join(users)}")
+        start, end = rec.start, rec.end
+        if not (0 <= start <= end <= s.size):
+            raise StateError(f"trim range {start}..{end} outside snapshot {s.name!r}")
+        if end % BLOCK_SIZE and end != s.size:
+            raise StateError(f"unaligned trim end {end} inside snapshot {s.name!r}")
+        if end > start:
+            self._unmap(s, start, end)  # checks the start, moving segments; frees
+        s.removing = True
+
     def _disk_clone(self, rec: R.DiskClone) -> None:
         """A writable disk from a snapshot, sharing its storage."""
         s = self.snaps.get(rec.snap)
         new = rec.new
         if s is None:
             raise StateError(f"no such snapshot: {rec.snap!r}")
+        if s.removing:
+            raise StateError(f"snapshot {rec.snap!r} is being removed")
         if new in self.disks:
             raise StateError(f"cannot clone to {new!r}")
         self.disks[new] = Disk(new, s.size, s.segment_size, s.thick, s.pin, s.home,
@@ -408,6 +429,8 @@ class State:
         s = self.snaps.get(rec.snap)
         if s is None or s.parent is None:
             raise StateError(f"no such snapshot: {rec.snap!r}")
+        if s.removing:
+            raise StateError(f"snapshot {rec.snap!r} is being removed")
         d = self.disk(s.parent)
         if d.alts:
             raise StateError(f"disk {d.name!r} has segments being moved")

@@ -193,6 +193,9 @@ class Disk:
     family: int = 0
     origin: str | None = None
     parent: str | None = None  # set on snapshots only (read-only tables)
+    # a snapshot whose removal began (snap.trim records): it is never opened, cloned or
+    # rolled back to again, and the controller finishes removing it (docs/snapshots.md)
+    removing: bool = False
     # times kept by the agents (disk.times records; 0.0: not set, the creation time
     # stands): the last change of the content or size, and of the content or metadata
     mtime: float = 0.0

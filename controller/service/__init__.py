@@ -129,13 +129,15 @@ class Service:
     async def run_jobs(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                        ) -> None:
         """Run (and resume) jobs and moves (Jobs.run), the labels' heartbeat and
-        relocations (Labels.run), and the removal of unlinked disks whose last agent
-        died (Files.reap_deleted), for the service's life."""
+        relocations (Labels.run), the removal of unlinked disks whose last agent
+        died (Files.reap_deleted), and of snapshots a crash left half removed
+        (Snapshots.resume_rm), for the service's life."""
         async with trio.open_nursery() as n:
             await n.start(self.jobs.run)
             self.ctx.spawn(self.labels.run)
             self.ctx.spawn(self.agents.run)
             self.ctx.spawn(self.files.reap_deleted)
+            self.ctx.spawn(self.snapshots.resume_rm)
             task_status.started()
 
     async def dispatch(self, op: str, args: dict[str, object], conn: Caller | None = None

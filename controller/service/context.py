@@ -115,9 +115,10 @@ class Context:
 
     def live_disk(self, name: str) -> Disk:
         """A disk, or a snapshot ("DISK@SNAP", read-only), for an agent's open or fault;
-        RemoteError E_NOT_FOUND if none or being removed."""
+        RemoteError E_NOT_FOUND if none or being removed (now, or a snapshot since a
+        snap.trim record)."""
         d = self.state.snaps.get(name) if P.is_snapshot_name(name) else self.state.disks.get(name)
-        if d is None or d.uid in self._removing:
+        if d is None or d.uid in self._removing or d.removing:
             raise P.not_found("disk", name)
         return d
 

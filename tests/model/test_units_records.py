@@ -61,6 +61,7 @@ WIRE: list[dict[str, Any]] = [
     {"op": "job.end", "id": 3, "state": "done", "message": "", "ended": 7.125},
     {"op": "snap.create", "name": "d", "snap": "s", "ctime": 8.0},
     {"op": "snap.rm", "name": "d@s"},
+    {"op": "snap.trim", "name": "d@s", "start": 0, "end": 4096},
     {"op": "snap.rollback", "snap": "d@s"},
     {"op": "controller.boot", "boot": 2},
     {"op": "controller.boot", "boot": 1, "installation": "00112233445566778899aabbccddeeff"},
