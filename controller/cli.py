@@ -267,7 +267,7 @@ class Cli:
             return self._plan(await self.c.call("container.drain", name=self.args.name,
                                                  to=self.args.to, dry_run=True))
         return await self._follow(await self.c.call("container.drain", name=self.args.name,
-                                                    to=self.args.to))
+                                                    to=self.args.to, rate=self.args.rate))
 
     def _plan(self, plan: dict[str, Any]) -> int:
         """Print a dry run's plan (controller/jobplan.py): a line per disk with its live

@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--no-wait", action="store_true", help="print the job id and return")
     dr.add_argument("-n", "--dry-run", action="store_true", help="print what would move "
                     "(live data and snapshot/clone storage, per disk) and change nothing")
+    dr.add_argument("--rate", type=size_arg, metavar="SIZE", help="limit the copy to SIZE "
+                    "bytes per second (50M; 0: no limit; default: the controller's "
+                    "--copy-rate)")
     verb(cv, "fail", "mark a container failed: I/O on its data fails at once with EIO"
          ).add_argument("name")
     rs_ = verb(cv, "restore", "clear a failed or suspect container: its data is used again")

@@ -258,7 +258,8 @@ _op("disk.set", NAME, _f("limits", dict), roles=ADMIN)
 # agents send chmod and chown through a mount
 _op("disk.perms", NAME, *(_f(k, int, type(None), required=False) for k in ("uid", "gid", "mode")))
 _op("container.drain", NAME, _f("to", str, type(None), required=False),
-    _f("dry_run", bool, required=False, default=False), roles=ADMIN)
+    _f("dry_run", bool, required=False, default=False),
+    _f("rate", int, type(None), required=False), roles=ADMIN)
 _op("container.fail", NAME, roles=ADMIN)
 _op("container.restore", NAME, _f("relabel", bool, required=False, default=False),
     roles=ADMIN)

@@ -282,10 +282,10 @@ class Service:
         """disk.migrate: Jobs.disk_migrate."""
         return await self.jobs.disk_migrate(name, to, dry_run, rate)
 
-    async def container_drain(self, name: str, to: str | None, dry_run: bool = False
-                              ) -> dict[str, object]:
+    async def container_drain(self, name: str, to: str | None, dry_run: bool = False,
+                              rate: int | None = None) -> dict[str, object]:
         """container.drain: Jobs.container_drain."""
-        return await self.jobs.container_drain(name, to, dry_run)
+        return await self.jobs.container_drain(name, to, dry_run, rate)
 
     async def job_ls(self) -> list[dict[str, object]]:
         """job.ls: Jobs.job_ls."""

@@ -115,13 +115,16 @@ class Jobs:
         """Bytes job j still has to move: live data and shared storage (plan)."""
         return self.plan(j).total
 
-    async def _relocate_some(self, j: Job) -> tuple[int, bool]:
+    async def _relocate_some(self, j: Job, pace: Pacer) -> tuple[int, bool]:
         """Relocate up to MOVES_IN_FLIGHT units of the shared storage job j moves, one
-        after another; (bytes moved, whether any unit is left)."""
+        after another, each paced by the job's rate limit (pace) once copied; (bytes
+        moved, whether any unit is left)."""
         units = self.plan(j).units
         moved = 0
         for u in units[:MOVES_IN_FLIGHT]:
-            moved += await self.relocation.relocate(u, j.dst)
+            n = await self.relocation.relocate(u, j.dst)
+            moved += n
+            await pace.take(n)
         return moved, bool(units)
 
     async def _run_job(self, jid: int) -> None:
@@ -138,7 +141,7 @@ class Jobs:
             while not prog.aborting:
                 # shared storage first: it moves whole, and a disk's shared segments go
                 # with it (moving them block by block would copy them, not move them)
-                moved, shared_left = await self._relocate_some(j)
+                moved, shared_left = await self._relocate_some(j, prog.pace)
                 todo = self._next_units(j)
                 if not todo:
                     if not shared_left or stalls >= STALL_LOOKS:
@@ -290,8 +293,7 @@ class Jobs:
         Raises RemoteError: E_NOT_FOUND, E_INVALID (already wholly there and placed there),
         E_BUSY (a job already moves it), E_IO (the target is failed), E_NO_SPACE.
         """
-        if rate is not None and rate < 0:
-            raise P.invalid(f"rate must be 0 (no limit) or more bytes per second, not {rate}")
+        _check_rate(rate)
         d = self.ctx.disk(name)
         c = self.ctx.container(to)
         if c.failed:
@@ -320,17 +322,19 @@ class Jobs:
         return await self._start_job("migrate", d.name, None, c.lun, placed,
                                      self.copy_rate if rate is None else rate)
 
-    async def container_drain(self, name: str, to: str | None, dry_run: bool = False
-                              ) -> dict[str, object]:
+    async def container_drain(self, name: str, to: str | None, dry_run: bool = False,
+                              rate: int | None = None) -> dict[str, object]:
         """Start moving everything off container name (to container `to`, or wherever
         placement puts it): the disks' own data block by block, then the storage
         snapshots and clones map, whole (controller/jobplan.py: plan_drain); new
         allocations avoid it meanwhile. The job ends done only when no table maps
         anything there. dry_run: journal nothing, return the plan (JobPlan.to_dict)
-        with "dry_run": true.
+        with "dry_run": true. rate: as disk_migrate's, for both the block-by-block
+        moves and the relocation of shared storage.
 
-        Raises RemoteError: E_NOT_FOUND, E_INVALID (into itself, nowhere to go),
-        E_IO (the target is failed), E_BUSY (a job runs), E_NO_SPACE."""
+        Raises RemoteError: E_NOT_FOUND, E_INVALID (into itself, nowhere to go, a
+        negative rate), E_IO (the target is failed), E_BUSY (a job runs), E_NO_SPACE."""
+        _check_rate(rate)
         c = self.ctx.container(name)
         dst = self.ctx.container(to).lun if to is not None else None
         if dst == c.lun:
@@ -357,7 +361,8 @@ class Jobs:
         placed = await self._place([  # pins and homes move off it
             (d, home, home if d.pin is not None else None)
             for d in self.state.disks.values() if d.pin == c.lun or d.home == c.lun])
-        return await self._start_job("drain", None, c.lun, dst, placed, self.copy_rate)
+        return await self._start_job("drain", None, c.lun, dst, placed,
+                                     self.copy_rate if rate is None else rate)
 
     def job_dict(self, j: Job) -> dict[str, object]:
         """A job as vdctl shows it: ids, containers, state, and a running job's progress
@@ -406,6 +411,12 @@ class Jobs:
                 prog.batch.cancel()  # stop copying; the moves are rolled back
             await prog.done_event.wait()
         return self.job_dict(j)
+
+
+def _check_rate(rate: int | None) -> None:
+    """E_INVALID for a negative copy rate (bytes/s; 0: no limit; None: the default)."""
+    if rate is not None and rate < 0:
+        raise P.invalid(f"rate must be 0 (no limit) or more bytes per second, not {rate}")
 
 
 __all__ = ["Jobs", "MoveGone"]

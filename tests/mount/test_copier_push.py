@@ -119,6 +119,25 @@ def test_migrate_rate_is_kept_and_survives_a_restart(controller, tmp_path):
     check_clean(controller)
 
 
+def test_drain_rate_limits_the_relocation_of_shared_storage(controller, tmp_path):
+    """container drain --rate 32M of a container holding a 64 MiB thick disk that its
+    snapshot shares whole: the relocation of the shared storage (not the copier's
+    moves) is paced too, so it takes about 2 s, and job ls shows the limit."""
+    add_container(controller, "c1", tmp_path / "c1.img", "256M")
+    add_container(controller, "c2", tmp_path / "c2.img", "256M")
+    vd(controller, "disk", "create", "d", "--size", "64M", "--thick", "--container", "c1")
+    vd(controller, "snap", "create", "d@s")
+    t0 = time.monotonic()
+    r = vd(controller, "container", "drain", "c1", "--to", "c2", "--rate", "32M")
+    took = time.monotonic() - t0
+    assert "done" in r.err and on(controller, "d") == {"c2"} and on(controller, "d@s") == {"c2"}
+    assert took >= 1.5, f"64 MiB at 32 MiB/s took {took:.2f} s"
+    assert jobs(controller)[-1]["rate_limit"] == 32 * MiB
+    r = controller.vdctl("container", "drain", "c2", "--rate", "-1")
+    assert r.rc != 0 and "rate" in r.err
+    check_clean(controller)
+
+
 @pytest.mark.parametrize("spec", ["movement.publish=crash@1", "movement.copier=crash@3"],
                          ids=["mark-then-crash-before-push", "push-then-crash-before-batch"])
 def test_controller_crash_around_the_copiers_push(controller, mount_factory, tmp_path,
