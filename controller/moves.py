@@ -125,6 +125,10 @@ def next_copy(a: Alt, limit: int = COPY_CHUNK_BLOCKS, start: int = 0
     return None
 
 
+class MoveGone(Exception):
+    """The segment is no longer moving (committed, aborted, discarded or removed)."""
+
+
 @dataclass(frozen=True)
 class Copy:
     """Bytes to copy from one location to another (container LUNs, byte offsets)."""
