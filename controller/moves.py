@@ -30,9 +30,14 @@ from .extents import MOVING, NOWRITE, Extent
 from .protocol import BLOCK_SIZE
 from .tables import Alt, Disk
 
-# what the copier copies in one step, holding write faults on those blocks off: 4 MiB
-# (a default segment)
-COPY_CHUNK_BLOCKS = 1024
+# what the copier copies in one step, holding write faults on those blocks off: 256 KiB,
+# so a write fault that meets a step waits for at most 256 KiB of copy (a whole 4 MiB
+# segment per step made a first write wait milliseconds: docs/movement.md, "Where a
+# first write's time goes"); the batch's one flush and one mark stay per batch
+COPY_CHUNK_BLOCKS = 64
+# copier batches that copy and flush at once, controller-wide (service/copier.py): more
+# moves (64 copies on write after 64 first writes) queue rather than flood the disk
+COPY_CONCURRENT = 2
 # what the copier makes durable with one flush, marks in one record and pushes to agents
 # in one push: up to 64 MiB of one move (steps of COPY_CHUNK_BLOCKS), or what it copied
 # in COPY_BATCH_SECONDS (a slow or rate-limited copy still publishes as it goes)

@@ -80,6 +80,13 @@ class Copier:
         self._copying: dict[tuple[int, int], _Copying] = {}
         self._move_runners: dict[tuple[int, int], trio.Event] = {}
         self.published_bytes = 0  # bytes the copier published (a counter, volatile)
+        # batches copying or flushing at once, over every move of this controller
+        # (moves.COPY_CONCURRENT): the rest queue, holding nothing a write fault waits for
+        self.batches = trio.CapacityLimiter(M.COPY_CONCURRENT)
+        # the copier's worker threads (copies, flushes): a limiter of their own, never
+        # trio's default one, which write faults' copies, placement's zeroing and the
+        # journal's commits share (a flood of copier threads made them queue)
+        self.threads = trio.CapacityLimiter(M.COPY_CONCURRENT + 1)
 
     def busy(self, d: Disk, vstart: int, first: int, last: int) -> bool:
         """Whether a copier step of d's move at vstart holds any of blocks [first, last)
@@ -96,8 +103,33 @@ class Copier:
         moves.COPY_BATCH_SECONDS), copied in steps of
         moves.COPY_CHUNK_BLOCKS (write faults on a step's blocks wait for it; each step
         is paced by pace, at the copier's low priority), then made durable with one
-        flush (_settle), marked in one record, and published (_publish)."""
+        flush (_settle), marked in one record, and published (_publish). The copy and
+        the flush wait their turn among every move's (Copier.batches: at most
+        moves.COPY_CONCURRENT at once); the mark and the publish do not."""
         await faultpoints.hit_async("movement.copier")  # tests hold moves half done here
+        async with self.batches:  # (a queued batch holds no blocks: faults do not wait)
+            runs = await self._copy_batch(d, vstart, pace)
+        if runs is None:
+            return True  # write faults marked every block of the batch themselves
+        if not runs:
+            return False
+        async with self.ctx.dlock(d):
+            e, a = self.movement.move_of(d, vstart)
+            n = a.bitmap.nblocks  # a shrink may cut the batch
+            runs = [(b, min(c, n - b)) for b, c in runs if b < n]
+            if not runs:
+                return True
+            faultpoints.hit("movement.mark")
+            seq = self._record(MoveMark(d.name, vstart, runs))
+        await self.journal.wait_durable(seq)
+        await self._publish(d, vstart, runs)
+        return True
+
+    async def _copy_batch(self, d: Disk, vstart: int, pace: Pacer | None
+                          ) -> list[tuple[int, int]] | None:
+        """copy_step's I/O: copy the next batch step by step and flush it once; the runs
+        copied ([] if none was left), or None if write faults marked them all meanwhile
+        (nothing left to flush or mark)."""
         runs: list[tuple[int, int]] = []
         total = pos = 0
         until = trio.current_time() + M.COPY_BATCH_SECONDS
@@ -128,20 +160,10 @@ class Copier:
             if pace is not None:
                 await pace.take(nxt[1] * P.BLOCK_SIZE)
         if not runs:
-            return False
+            return []
         if not await self._settle(d, vstart, runs):
-            return True  # write faults marked every block of the batch themselves
-        async with self.ctx.dlock(d):
-            e, a = self.movement.move_of(d, vstart)
-            n = a.bitmap.nblocks  # a shrink may cut the batch
-            runs = [(b, min(c, n - b)) for b, c in runs if b < n]
-            if not runs:
-                return True
-            faultpoints.hit("movement.mark")
-            seq = self._record(MoveMark(d.name, vstart, runs))
-        await self.journal.wait_durable(seq)
-        await self._publish(d, vstart, runs)
-        return True
+            return None
+        return runs
 
     async def _settle(self, d: Disk, vstart: int, runs: list[tuple[int, int]]) -> bool:
         """Make the copies of runs (copied with durable=False) durable with one flush:
@@ -165,7 +187,8 @@ class Copier:
         try:
             faultpoints.hit("movement.settle")
             await trio.to_thread.run_sync(storage.low_priority, storage.settle_held, path,
-                                          ranges, at, self.ctx.may_write)
+                                          ranges, at, self.ctx.may_write,
+                                          limiter=self.threads)
         except OSError as err:
             raise P.RemoteError(P.E_IO, f"flushing copies between containers failed: "
                                 f"{err}") from None
@@ -179,7 +202,13 @@ class Copier:
         later write there needs no fault (docs/movement.md, "published"): first every
         agent that has d open gets them at L2, nowrite, drained and acknowledged (none
         reads them at L1 any more), then they are published and pushed writable. Not
-        when the move is wholly marked: its commit pushes plain L2 entries next."""
+        when the move is wholly marked: its commit pushes plain L2 entries next.
+
+        Neither push holds d's lock (a write fault on d does not wait for an agent's
+        round trip): the runs are marked durably, and a mark is never undone while its
+        move lasts, so every entry any agent gets for them from now on is at L2; the
+        drained push retires the older ones. Only the publish itself, a change in
+        memory, happens under the lock, and only if the move is still the same one."""
         async with self.ctx.dlock(d):
             try:
                 e, a = self.movement.move_of(d, vstart)
@@ -189,28 +218,54 @@ class Copier:
                 return
             lo = e.vstart + min(b for b, _ in runs) * P.BLOCK_SIZE
             hi = min(e.vend, e.vstart + max(b + c for b, c in runs) * P.BLOCK_SIZE)
-            faultpoints.hit("movement.publish")
-            await self.coherence.push_update(d, lo, hi, drain=True)
-            e, a = self.movement.move_of(d, vstart)
+        faultpoints.hit("movement.publish")
+        await self.coherence.push_update(d, lo, hi, drain=True)
+        async with self.ctx.dlock(d):
+            try:
+                e, a2 = self.movement.move_of(d, vstart)
+            except MoveGone:
+                return
+            if a2 is not a:
+                return  # another move at vstart since: it publishes its own
             self.published_bytes += self.coherence.publish(d, vstart, a, runs)
-            await self.coherence.push_update(d, lo, hi)
+        await self.coherence.push_update(d, lo, hi)
 
     # ------------------------------------------------------------ 4. commit / 5. abort
     async def _commit_move(self, d: Disk, vstart: int) -> None:
+        """Commit d's move at vstart, every block marked: every agent drops reads in
+        flight on L1 (a drained push of the entries, all at L2 already), then
+        ``move.commit`` is recorded (it frees L1) with L1 held reserved, and once it is
+        durable L1 is punched and the reservation dropped; last, the plain L2 entries
+        are pushed. MoveGone if blocks are left to copy or the move is gone.
+
+        d's lock is held only to check and record (docs/movement.md, "Commit"): the
+        drained push needs no lock, since once every block is marked no agent gets an
+        entry at L1 for the move (marks are never undone while it lasts; the record
+        checks it is the same move, still wholly marked); the wait for the commit to be
+        durable and the punch need none, since L1 stays reserved (no plan hands it out)
+        until it is punched, and every answer waits for the commit to be durable
+        (Coherence.answer)."""
         async with self.ctx.dlock(d):
             e, a = self.movement.move_of(d, vstart)
             if not a.bitmap.all_set():
                 raise MoveGone(f"disk {d.name!r} at {vstart}: blocks left to copy")
-            # every entry there is at L2 already: make every agent drop reads in flight
-            # on L1 before L1 may be reused
-            await self.coherence.push_update(d, e.vstart, e.vend, drain=True)
-            e, a = self.movement.move_of(d, vstart)
+        # every entry there is at L2 already: make every agent drop reads in flight
+        # on L1 before L1 may be reused
+        await self.coherence.push_update(d, e.vstart, e.vend, drain=True)
+        async with self.ctx.dlock(d):
+            e, a2 = self.movement.move_of(d, vstart)
+            if a2 is not a or not a.bitmap.all_set():
+                raise MoveGone(f"disk {d.name!r} at {vstart}: the move changed")
             # L1 goes back to the host, but for what a snapshot or clone still maps
-            await self.placement.release_space(self.placement.unshared(d, e))
+            freed = self.placement.unshared(d, e)
             faultpoints.hit("movement.commit")
-            await self.journal.commit(MoveCommit(d.name, vstart))
+            seq = self._record(MoveCommit(d.name, vstart))
             self.coherence.unpublish(d, vstart)
-        await self.coherence.push_update(d, e.vstart, e.vend)
+        with self.placement.reserved([(e.lun, off, n) for _p, off, n in freed]):
+            await self.journal.wait_durable(seq)
+            await self.coherence.push_update(d, e.vstart, e.vend)
+            faultpoints.hit("movement.punch")
+            await self.placement.release_space(freed)
 
     async def abort_move(self, d: Disk, vstart: int) -> None:
         """Roll a move back: its blocks marked at L2 return to L1; L2 is freed."""

@@ -109,7 +109,8 @@ class Movement:
                    background: bool = False) -> None:
         """Copy cs between containers, durably (durable=False: written, not flushed; a
         write fault's record settles them, _settler, and the copier its batch, _settle);
-        background: in a thread at the copier's low priority (storage.low_priority).
+        background: in a thread at the copier's low priority (storage.low_priority), on
+        the copier's own thread limiter (Copier.threads).
         RemoteError E_IO or E_NO_SPACE (E_IO also when this controller may no longer
         write: the copying thread asks ctx.may_write before each chunk, writegate.gate)."""
         if not cs:
@@ -118,7 +119,8 @@ class Movement:
             faultpoints.hit("movement.copy")
             if background:
                 await trio.to_thread.run_sync(storage.low_priority, storage.copy_ranges,
-                                              self._paths(cs), self.ctx.may_write, durable)
+                                              self._paths(cs), self.ctx.may_write, durable,
+                                              limiter=self.copier.threads)
             else:
                 await trio.to_thread.run_sync(storage.copy_ranges, self._paths(cs),
                                               self.ctx.may_write, durable)
