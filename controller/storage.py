@@ -297,6 +297,12 @@ def zero_bytes(path: str, offset: int, length: int, may_write: WriteGate = unfen
 
 _SYNC_RANGE = 0x1 | 0x2 | 0x4  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
 _COPY_CHUNK = 4 << 20
+# a durable copy of a range up to this size is written with RWF_DSYNC at once (one write
+# that is its own flush), not written, written back (sync_file_range) and settled with a
+# rewrite of its first block (the same block written twice, two device round trips): a
+# write fault's copy of the blocks it touches. 4 KiB, measured on the 2-core VM under
+# load (load average 11): 423 us p50 against 932 us
+_DSYNC_COPY_MAX = 256 << 10
 
 
 def copy_ranges(copies: list[tuple[str, int, str, int, int]],
@@ -309,7 +315,9 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]],
 
     For moving a segment's blocks between containers (docs/movement.md): the copy
     must be on stable storage before its blocks are marked as living at the new place.
-    Each destination range is written (copy_file_range between regular files, else
+    A durable range of at most _DSYNC_COPY_MAX bytes (a write fault's blocks) is read
+    and written with RWF_DSYNC, its own flush (_copy_dsync). Any other destination
+    range is written (copy_file_range between regular files, else
     pread/pwrite), written back with sync_file_range over that range only, and then
     settled with one 4 KiB RWF_DSYNC rewrite of its first block (as in zero_ranges),
     which commits the file system's journal or flushes the device's cache: never an
@@ -331,6 +339,9 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]],
     try:
         for src, soff, dst, doff, length in copies:
             sfd, dfd = fd(src, os.O_RDONLY), fd(dst, os.O_RDWR)
+            if durable and 0 < length <= _DSYNC_COPY_MAX:
+                _copy_dsync(sfd, src, soff, dfd, dst, doff, length, may_write)
+                continue
             done = 0
             use_cfr = stat.S_ISREG(os.fstat(sfd).st_mode) and stat.S_ISREG(
                 os.fstat(dfd).st_mode)
@@ -364,6 +375,27 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]],
     finally:
         for f in fds.values():
             os.close(f)
+
+
+def _copy_dsync(sfd: int, src: str, soff: int, dfd: int, dst: str, doff: int,
+                length: int, may_write: WriteGate) -> None:
+    """Copy one small range durably: read it, then write it with RWF_DSYNC (the write
+    is its own range-limited flush: it writes back and waits for exactly these bytes,
+    then commits the file system's journal or flushes the device's cache). OSError
+    (EIO on a short read; Fenced)."""
+    faultpoints.hit("storage.copy_chunk")
+    data = os.pread(sfd, length, soff)
+    while len(data) < length:
+        more = os.pread(sfd, length - len(data), soff + len(data))
+        if not more:
+            raise OSError(errno.EIO, f"short read of {src} at {soff + len(data)}")
+        data += more
+    view = memoryview(data)
+    pos = doff
+    while view:
+        gate(may_write, f"a copy at {pos}", dst)
+        w = os.pwritev(dfd, [view], pos, os.RWF_DSYNC)
+        view, pos = view[w:], pos + w
 
 
 def _settle_one(fd: int, path: str, ranges: list[tuple[int, int]],

@@ -243,3 +243,43 @@ async def test_commit_keeps_l1_out_of_every_plan_until_it_is_punched(tmp_path, m
                 n.cancel_scope.cancel()
     assert e_off is None or not (l1 <= e_off < l1 + SEG), f"disk e placed at {e_off}: L1"
     assert got in (None, pattern(0x77, SEG))
+
+
+def test_a_small_durable_copy_is_one_dsync_write(tmp_path, monkeypatch):
+    """A write fault's durable copy (at most 256 KiB) is read and written with RWF_DSYNC:
+    no write-back of the range and no settling rewrite of its first block (the same block
+    written twice). The bytes land; a fenced controller writes nothing; a short source
+    read is EIO. Fails with the former path (sync_file_range, then a rewrite)."""
+    import errno
+    import os
+
+    import pytest
+
+    from controller.writegate import Fenced
+
+    src, dst = tmp_path / "a.img", tmp_path / "b.img"
+    src.write_bytes(pattern(0x5A, 64 * BS))
+    dst.write_bytes(bytes(64 * BS))
+    calls: list[int] = []
+    real = os.pwritev
+
+    def pwritev(fd, bufs, off, flags=0):
+        calls.append(flags)
+        return real(fd, bufs, off, flags)
+    monkeypatch.setattr(os, "pwritev", pwritev)
+
+    def no_sync_range(*a):
+        raise AssertionError("sync_file_range on a small durable copy")
+    monkeypatch.setattr(storage, "sync_file_range", no_sync_range)
+    storage.copy_ranges([(str(src), 3 * BS, str(dst), 10 * BS, 2 * BS)])
+    assert calls == [os.RWF_DSYNC]
+    got = dst.read_bytes()
+    assert got[10 * BS:12 * BS] == pattern(0x5A, 64 * BS)[3 * BS:5 * BS]
+    assert got[:10 * BS] == bytes(10 * BS) and got[12 * BS:] == bytes(52 * BS)
+
+    with pytest.raises(Fenced):
+        storage.copy_ranges([(str(src), 0, str(dst), 0, BS)], lambda: False)
+    assert dst.read_bytes()[:BS] == bytes(BS)
+    with pytest.raises(OSError) as ei:
+        storage.copy_ranges([(str(src), 63 * BS, str(dst), 0, 2 * BS)])
+    assert ei.value.errno == errno.EIO
