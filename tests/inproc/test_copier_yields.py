@@ -97,7 +97,7 @@ async def test_a_write_fault_waits_for_one_small_step_not_the_whole_segment(
     block of the same segment outside that step is answered at once, and the block is
     marked and written at L2; one inside the step waits for it. Fails with steps of a whole
     segment (moves.COPY_CHUNK_BLOCKS = 1024): both faults wait for the held copy."""
-    assert M.COPY_CHUNK_BLOCKS * BS <= 256 << 10
+    assert M.COPY_CHUNK_BLOCKS * BS <= 1 << 20
     release, count = _held_copies(monkeypatch)
     state = str(tmp_path / "s")
     addr = f"unix:{state}/controller.sock"
@@ -113,7 +113,7 @@ async def test_a_write_fault_waits_for_one_small_step_not_the_whole_segment(
                 with trio.fail_after(10):
                     while count[0] < 1:
                         await trio.sleep(0.01)
-                far = 500 * BS  # outside the held step (blocks 0..63)
+                far = 500 * BS  # outside the held step (blocks 0..255)
                 with trio.fail_after(5):
                     await A.fault("d", far, BS, True)
                 assert d.alts[0].bitmap.test(500) and not d.alts[0].bitmap.test(5)
