@@ -140,6 +140,38 @@ async def test_a_write_fault_waits_for_one_small_step_not_the_whole_segment(
     assert got == bytes(want)
 
 
+async def _slow_drains(n, B):
+    """Make B hold its acknowledgement of drained pushes until the returned go is set;
+    held is set when one arrives."""
+    go, held = trio.Event(), trio.Event()
+    plain = B.on_push
+
+    async def slow(msg):
+        if not msg.get("drain"):
+            await plain(msg)
+            return
+        held.set()
+
+        async def later() -> None:
+            await go.wait()
+            await plain(msg)
+        n.start_soon(later)
+    B.client.on_push = slow  # (its client calls it for every push)
+    return go, held
+
+
+async def _answered_meanwhile(A, held, offset) -> bool:
+    """Whether A's write fault at offset is answered within 2 s once held is set."""
+    with trio.fail_after(5):
+        await held.wait()
+    try:
+        with trio.fail_after(2):
+            await A.fault("d", offset, BS, True)
+        return True
+    except trio.TooSlowError:
+        return False
+
+
 async def test_commit_holds_the_disk_lock_for_no_agent_round_trip(tmp_path):
     """While a commit's drained push waits for a slow agent's acknowledgement, a write
     fault elsewhere on the same disk is answered. Fails with the push under the disk's
@@ -157,37 +189,43 @@ async def test_commit_holds_the_disk_lock_for_no_agent_round_trip(tmp_path):
                 assert await _start(svc, d, 0, c2) == [0]
                 while await svc.movement.copier.copy_step(d, 0):
                     pass
-                # B holds its acknowledgement of drained pushes until told
-                go = trio.Event()
-                held = trio.Event()
-                plain = B.on_push
-
-                async def slow(msg):
-                    if not msg.get("drain"):
-                        await plain(msg)
-                        return
-                    held.set()
-
-                    async def later() -> None:
-                        await go.wait()
-                        await plain(msg)
-                    n.start_soon(later)
-                B.client.on_push = slow  # (its client calls it for every push)
+                go, held = await _slow_drains(n, B)
                 n.start_soon(svc.movement.copier._commit_move, d, 0)
-                with trio.fail_after(5):
-                    await held.wait()
-                try:
-                    with trio.fail_after(2):
-                        await A.fault("d", SEG, BS, True)  # the other segment
-                    answered = True
-                except trio.TooSlowError:
-                    answered = False
+                answered = await _answered_meanwhile(A, held, SEG)  # the other segment
                 go.set()
                 with trio.fail_after(10):
                     while d.alts:
                         await trio.sleep(0.01)
                 n.cancel_scope.cancel()
     assert answered, "a write fault waited for the commit's drained push"
+
+
+async def test_publish_holds_the_disk_lock_for_no_agent_round_trip(tmp_path, monkeypatch):
+    """While the copier's publish of a batch waits for a slow agent's acknowledgement of
+    its drained push, a write fault elsewhere on the same disk is answered; the batch is
+    published once the agent acknowledges. Fails with the push under the disk's lock."""
+    monkeypatch.setattr(M, "COPY_BATCH_BLOCKS", 256)
+    monkeypatch.setattr(M, "COPY_CHUNK_BLOCKS", 128)
+    state = str(tmp_path / "s")
+    addr = f"unix:{state}/controller.sock"
+    async with open_controller_service(state, lease=3.0) as svc:
+        d, c2 = await _setup(tmp_path, svc, 2 * SEG)
+        async with trio.open_nursery() as n:
+            async with agent_ctx(addr, "A", n) as A, agent_ctx(addr, "B", n) as B:
+                await A.open("d")
+                await B.open("d")
+                await A.fault("d", 0, SEG, True)
+                A.pwrite("d", 0, pattern(0x11, SEG))
+                assert await _start(svc, d, 0, c2) == [0]
+                go, held = await _slow_drains(n, B)
+                n.start_soon(svc.movement.copier.copy_step, d, 0)  # one batch, published
+                answered = await _answered_meanwhile(A, held, SEG)
+                go.set()
+                with trio.fail_after(10):
+                    while svc.movement.copier.published_bytes < 256 * BS:
+                        await trio.sleep(0.01)
+                n.cancel_scope.cancel()
+    assert answered, "a write fault waited for the publish's drained push"
 
 
 async def test_commit_keeps_l1_out_of_every_plan_until_it_is_punched(tmp_path, monkeypatch):
