@@ -296,6 +296,7 @@ def zero_bytes(path: str, offset: int, length: int, may_write: WriteGate = unfen
 
 
 _SYNC_RANGE = 0x1 | 0x2 | 0x4  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
+_SYNC_WRITE = 0x2  # SYNC_FILE_RANGE_WRITE: start write-back, wait for nothing
 _COPY_CHUNK = 4 << 20
 # a durable copy of a range up to this size is written with RWF_DSYNC at once (one write
 # that is its own flush), not written, written back (sync_file_range) and settled with a
@@ -306,9 +307,11 @@ _DSYNC_COPY_MAX = 256 << 10
 
 
 def copy_ranges(copies: list[tuple[str, int, str, int, int]],
-                may_write: WriteGate = unfenced, durable: bool = True) -> None:
+                may_write: WriteGate = unfenced, durable: bool = True,
+                writeback: bool = False) -> None:
     """Copy (src path, src offset, dst path, dst offset, length) ranges, durably
-    (durable=False: written only, in the page cache; ``settle_ranges`` over the
+    (durable=False: written only, in the page cache, write-back started if writeback
+    (the copier's copies: sync_file_range WRITE per chunk, no wait); ``settle_ranges`` over the
     destinations makes them durable later, as a write fault's copies are before
     their mark may be: docs/movement.md, "Durable at fsync"; the copier settles a
     batch with ``settle_held``).
@@ -369,6 +372,11 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]],
                         w = os.pwrite(dfd, view, pos)
                         view, pos = view[w:], pos + w
                     got = len(data)
+                if writeback and not durable:
+                    # start writing the chunk back now (not waiting for it): the batch's
+                    # one flush then finds little dirty, and neither does any fdatasync
+                    # of the container meanwhile (a lazy mark's, an agent's fsync)
+                    sync_file_range(dfd, doff + done, got, _SYNC_WRITE)
                 done += got
             if durable:
                 _settle_one(dfd, dst, [(doff, length)], may_write)

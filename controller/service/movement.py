@@ -120,7 +120,7 @@ class Movement:
             if background:
                 await trio.to_thread.run_sync(storage.low_priority, storage.copy_ranges,
                                               self._paths(cs), self.ctx.may_write, durable,
-                                              limiter=self.copier.threads)
+                                              True, limiter=self.copier.threads)
             else:
                 await trio.to_thread.run_sync(storage.copy_ranges, self._paths(cs),
                                               self.ctx.may_write, durable)

@@ -33,19 +33,21 @@ async def _start(svc, d, vstart, dst):
 
 def _held_copies(monkeypatch):
     """Make the copier's copies (background: at low priority) wait for the returned
-    event, counting how many run at once (returned list: [now, most])."""
+    event, counting how many run at once (returned list: [now, most, then each copy's
+    writeback argument])."""
     release = threading.Event()
     count = [0, 0]
     lock = threading.Lock()
     orig = storage.copy_ranges
 
-    def held(copies, may_write=storage.unfenced, durable=True):
+    def held(copies, may_write=storage.unfenced, durable=True, writeback=False):
         with lock:
             count[0] += 1
             count[1] = max(count[1], count[0])
+            count.append(writeback)
         try:
             release.wait(20)
-            return orig(copies, may_write, durable)
+            return orig(copies, may_write, durable, writeback)
         finally:
             with lock:
                 count[0] -= 1
@@ -62,8 +64,9 @@ async def test_copier_batches_are_bounded_controller_wide_and_use_their_own_thre
         tmp_path, monkeypatch):
     """Four moves run at once, but at most moves.COPY_CONCURRENT batches copy at a time,
     and their worker threads never take trio's default limiter (write faults' copies and
-    the journal's commits use that one). Fails with the moves copying unbounded (4 at once)
-    or in default threads (the default limiter has tokens borrowed)."""
+    the journal's commits use that one); each copy starts its write-back. Fails with the
+    moves copying unbounded (4 at once), in default threads (the default limiter has
+    tokens borrowed), or without the write-back."""
     release, count = _held_copies(monkeypatch)
     state = str(tmp_path / "s")
     async with open_controller_service(state, lease=3.0) as svc:
@@ -89,6 +92,7 @@ async def test_copier_batches_are_bounded_controller_wide_and_use_their_own_thre
     assert busy == M.COPY_CONCURRENT, f"{busy} copier batches copied at once"
     assert count[1] == M.COPY_CONCURRENT
     assert in_default == 0, f"{in_default} copier threads took trio's default limiter"
+    assert count[2:] and all(count[2:]), "the copier's copies did not start write-back"
 
 
 async def test_a_write_fault_waits_for_one_small_step_not_the_whole_segment(
@@ -321,3 +325,29 @@ def test_a_small_durable_copy_is_one_dsync_write(tmp_path, monkeypatch):
     with pytest.raises(OSError) as ei:
         storage.copy_ranges([(str(src), 63 * BS, str(dst), 0, 2 * BS)])
     assert ei.value.errno == errno.EIO
+
+
+def test_the_copiers_copies_start_write_back_as_they_go(tmp_path, monkeypatch):
+    """copy_ranges(durable=False, writeback=True) (the copier's steps) starts write-back of
+    each chunk it wrote (sync_file_range WRITE, waiting for nothing), so the batch's one
+    flush, and any fdatasync of the container meanwhile (a lazy mark's, an agent's
+    fsync), finds little dirty; without writeback (a lazy write fault's copy) it starts
+    none. Fails without the write-back."""
+    src, dst = tmp_path / "a.img", tmp_path / "b.img"
+    src.write_bytes(pattern(0x3C, 512 * BS))
+    dst.write_bytes(bytes(512 * BS))
+    seen: list[tuple[int, int, int]] = []
+    real = storage.sync_file_range
+
+    def record(fd, off, n, flags):
+        seen.append((off, n, flags))
+        real(fd, off, n, flags)
+    monkeypatch.setattr(storage, "sync_file_range", record)
+    storage.copy_ranges([(str(src), 0, str(dst), 0, 512 * BS)], durable=False,
+                        writeback=True)
+    assert seen and all(f == storage._SYNC_WRITE for _o, _n, f in seen)
+    assert sum(n for _o, n, _f in seen) == 512 * BS
+    assert dst.read_bytes() == src.read_bytes()
+    seen.clear()
+    storage.copy_ranges([(str(src), 0, str(dst), 0, 512 * BS)], durable=False)
+    assert seen == []
