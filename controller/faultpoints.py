@@ -76,7 +76,8 @@ POINTS = frozenset({
     "movement.settle",  # the copier copied a batch, before its one flush
     "movement.mark",  # the copier's batch is durable, before its move.mark record
     "movement.publish",  # a batch marked (durably), before its push to agents
-    "movement.commit",  # L1 punched, before the move.commit record
+    "movement.commit",  # every block marked, L1 drained, before the move.commit record
+    "movement.punch",  # move.commit durable (L1 free, held reserved), before L1's punch
     "movement.abort",  # marked blocks copied back, before the move.abort record
     "movement.copier",  # each step of the copier, before it takes the disk's lock
     # a write fault's lazy copies being settled, in the journal's worker thread, before

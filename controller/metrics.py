@@ -131,7 +131,7 @@ class ControllerMetrics:
              per_job("done")),
             ("virtfs_copier_published_bytes", "Bytes of moving segments the copier made "
              "writable at the new location for every agent, since this controller started",
-             [], [([], float(svc.movement.published_bytes))]),
+             [], [([], float(svc.movement.copier.published_bytes))]),
             ("virtfs_agents_connected", "Agents connected now", [],
              [([], float(sum(a.connected for a in agents)))]),
             ("virtfs_agent_lease_remaining_seconds", "Seconds left on each agent's lease",

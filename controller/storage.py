@@ -296,20 +296,31 @@ def zero_bytes(path: str, offset: int, length: int, may_write: WriteGate = unfen
 
 
 _SYNC_RANGE = 0x1 | 0x2 | 0x4  # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
+_SYNC_WRITE = 0x2  # SYNC_FILE_RANGE_WRITE: start write-back, wait for nothing
 _COPY_CHUNK = 4 << 20
+# a durable copy of a range up to this size is written with RWF_DSYNC at once (one write
+# that is its own flush), not written, written back (sync_file_range) and settled with a
+# rewrite of its first block (the same block written twice, two device round trips): a
+# write fault's copy of the blocks it touches. 4 KiB, measured on the 2-core VM under
+# load (load average 11): 423 us p50 against 932 us
+_DSYNC_COPY_MAX = 256 << 10
 
 
 def copy_ranges(copies: list[tuple[str, int, str, int, int]],
-                may_write: WriteGate = unfenced, durable: bool = True) -> None:
+                may_write: WriteGate = unfenced, durable: bool = True,
+                writeback: bool = False) -> None:
     """Copy (src path, src offset, dst path, dst offset, length) ranges, durably
-    (durable=False: written only, in the page cache; ``settle_ranges`` over the
+    (durable=False: written only, in the page cache, write-back started if writeback
+    (the copier's copies: sync_file_range WRITE per chunk, no wait); ``settle_ranges`` over the
     destinations makes them durable later, as a write fault's copies are before
     their mark may be: docs/movement.md, "Durable at fsync"; the copier settles a
     batch with ``settle_held``).
 
     For moving a segment's blocks between containers (docs/movement.md): the copy
     must be on stable storage before its blocks are marked as living at the new place.
-    Each destination range is written (copy_file_range between regular files, else
+    A durable range of at most _DSYNC_COPY_MAX bytes (a write fault's blocks) is read
+    and written with RWF_DSYNC, its own flush (_copy_dsync). Any other destination
+    range is written (copy_file_range between regular files, else
     pread/pwrite), written back with sync_file_range over that range only, and then
     settled with one 4 KiB RWF_DSYNC rewrite of its first block (as in zero_ranges),
     which commits the file system's journal or flushes the device's cache: never an
@@ -331,6 +342,9 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]],
     try:
         for src, soff, dst, doff, length in copies:
             sfd, dfd = fd(src, os.O_RDONLY), fd(dst, os.O_RDWR)
+            if durable and 0 < length <= _DSYNC_COPY_MAX:
+                _copy_dsync(sfd, src, soff, dfd, dst, doff, length, may_write)
+                continue
             done = 0
             use_cfr = stat.S_ISREG(os.fstat(sfd).st_mode) and stat.S_ISREG(
                 os.fstat(dfd).st_mode)
@@ -358,12 +372,38 @@ def copy_ranges(copies: list[tuple[str, int, str, int, int]],
                         w = os.pwrite(dfd, view, pos)
                         view, pos = view[w:], pos + w
                     got = len(data)
+                if writeback and not durable:
+                    # start writing the chunk back now (not waiting for it): the batch's
+                    # one flush then finds little dirty, and neither does any fdatasync
+                    # of the container meanwhile (a lazy mark's, an agent's fsync)
+                    sync_file_range(dfd, doff + done, got, _SYNC_WRITE)
                 done += got
             if durable:
                 _settle_one(dfd, dst, [(doff, length)], may_write)
     finally:
         for f in fds.values():
             os.close(f)
+
+
+def _copy_dsync(sfd: int, src: str, soff: int, dfd: int, dst: str, doff: int,
+                length: int, may_write: WriteGate) -> None:
+    """Copy one small range durably: read it, then write it with RWF_DSYNC (the write
+    is its own range-limited flush: it writes back and waits for exactly these bytes,
+    then commits the file system's journal or flushes the device's cache). OSError
+    (EIO on a short read; Fenced)."""
+    faultpoints.hit("storage.copy_chunk")
+    data = os.pread(sfd, length, soff)
+    while len(data) < length:
+        more = os.pread(sfd, length - len(data), soff + len(data))
+        if not more:
+            raise OSError(errno.EIO, f"short read of {src} at {soff + len(data)}")
+        data += more
+    view = memoryview(data)
+    pos = doff
+    while view:
+        gate(may_write, f"a copy at {pos}", dst)
+        w = os.pwritev(dfd, [view], pos, os.RWF_DSYNC)
+        view, pos = view[w:], pos + w
 
 
 def _settle_one(fd: int, path: str, ranges: list[tuple[int, int]],

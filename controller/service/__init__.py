@@ -17,9 +17,9 @@ its ``__init__``:
   the reservations; ``place``, the one path new space takes
 - ``coherence``: ``Coherence``, the rows agents get, restrict/freeze -> drain
   -> ack, pushes; the restricted and frozen ranges and the version stamp
-- ``movement``: ``Movement``, one segment's move (start, write faults, copier,
-  commit, abort), container fail/restore; the copier steps, the moves' runners,
-  the suspect containers
+- ``movement``: ``Movement``, one segment's move (start, write faults), container
+  fail/restore, the suspect containers; it owns ``copier`` (``copier.Copier``: the
+  copier's steps, commit, abort, the moves' runners)
 - ``jobs``: ``Jobs``, migrate and drain jobs that run moves in the background;
   their progress
 - ``snapshots``: ``Snapshots``, snapshots, clones, rollback; copy-on-write

@@ -23,7 +23,8 @@ from ..records import DiskPlace, JobAbort, JobEnd, JobStart
 from ..state import Disk, Job
 from ..units import human
 from .context import Context
-from .movement import MoveGone, Movement, Pacer
+from .copier import Pacer
+from .movement import MoveGone, Movement
 from .placement import Placement
 from .relocation import Relocation
 

@@ -21,6 +21,10 @@ One segment's move, step by step (docs/movement.md has the diagram):
 5. abort: restrict the segment at every agent (drained), copy marked blocks
    back L2 -> L1, record ``move.abort``, which frees L2.
 
+Steps 1 and 2 are here; 3 to 5 are the copier's (service/copier.py: ``Copier``,
+owned by ``Movement`` as ``movement.copier``; the other services call them through
+``spawn_move``, ``run_move``, ``abort_move`` and ``copying_done`` here).
+
 Every step is a record through the one apply, so a restarted controller
 resumes from the persisted bitmap; it waits first (``agents.wait_grace``) until
 every previous agent is back with reloaded tables or its lease has run out, since
@@ -37,7 +41,7 @@ import errno
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -46,45 +50,20 @@ from .. import moves as M
 from .. import protocol as P
 from ..agents import Agent
 from ..extents import MOVING, Extent
-from ..records import ContainerFail, ContainerRestore, MoveAbort, MoveCommit, MoveMark, MoveStart
+from ..moves import MoveGone
+from ..records import ContainerFail, ContainerRestore, MoveMark, MoveStart
 from ..state import Container, Disk, round_up
 from ..tables import Alt
 from ..units import human
 from .coherence import Coherence
 from .context import Context
+from .copier import Copier
 from .placement import Placement
 
+if TYPE_CHECKING:
+    from .copier import Pacer
+
 log = logging.getLogger(__name__)
-
-
-class Pacer:
-    """A copier's rate limit, shared by the moves of one job: take(n) returns once n more
-    bytes fit under rate bytes/s since the pacer's first step (no credit is saved up
-    while copying runs slower). rate 0: no limit."""
-
-    def __init__(self, rate: int = 0):
-        self.rate = rate
-        self._next = 0.0  # trio clock: when the bytes taken so far fit the rate
-
-    async def take(self, n: int) -> None:
-        """Wait until n more bytes (already copied) fit the rate."""
-        if self.rate <= 0:
-            return
-        self._next = max(trio.current_time(), self._next) + n / self.rate
-        await trio.sleep_until(self._next)
-
-
-class MoveGone(Exception):
-    """The segment is no longer moving (committed, aborted, discarded or removed)."""
-
-
-@dataclass
-class _Copying:
-    """Blocks of one move that the copier is copying right now (write faults wait)."""
-
-    first: int
-    count: int
-    done: trio.Event = field(default_factory=trio.Event)
 
 
 class Movement:
@@ -104,11 +83,10 @@ class Movement:
         self._record = ctx.record
         self.placement = placement
         self.coherence = coherence
-        self._copying: dict[tuple[int, int], _Copying] = {}
-        self._move_runners: dict[tuple[int, int], trio.Event] = {}
         self._no_new_moves: set[int] = set()
         self._suspect: dict[int, tuple[int, str | None]] = {}
-        self.published_bytes = 0  # bytes the copier published (a counter, volatile)
+        # steps 3-5 (copier, commit, abort): service/copier.py
+        self.copier = Copier(self)
 
     # ------------------------------------------------------------ lookups
     def move_of(self, d: Disk, vstart: int) -> tuple[Extent, Alt]:
@@ -131,7 +109,8 @@ class Movement:
                    background: bool = False) -> None:
         """Copy cs between containers, durably (durable=False: written, not flushed; a
         write fault's record settles them, _settler, and the copier its batch, _settle);
-        background: in a thread at the copier's low priority (storage.low_priority).
+        background: in a thread at the copier's low priority (storage.low_priority), on
+        the copier's own thread limiter (Copier.threads).
         RemoteError E_IO or E_NO_SPACE (E_IO also when this controller may no longer
         write: the copying thread asks ctx.may_write before each chunk, writegate.gate)."""
         if not cs:
@@ -140,7 +119,8 @@ class Movement:
             faultpoints.hit("movement.copy")
             if background:
                 await trio.to_thread.run_sync(storage.low_priority, storage.copy_ranges,
-                                              self._paths(cs), self.ctx.may_write, durable)
+                                              self._paths(cs), self.ctx.may_write, durable,
+                                              True, limiter=self.copier.threads)
             else:
                 await trio.to_thread.run_sync(storage.copy_ranges, self._paths(cs),
                                               self.ctx.may_write, durable)
@@ -249,8 +229,7 @@ class Movement:
         await self.agents.wait_grace()
         for e in touched:
             first, last = M.blocks_of(e, start, end)
-            busy = self._copying.get((d.uid, e.vstart))
-            if busy is not None and busy.first < last and first < busy.first + busy.count:
+            if self.copier.busy(d, e.vstart, first, last):
                 return None
         seq = 0
         for e in touched:
@@ -282,198 +261,29 @@ class Movement:
             seq = max(seq, self.journal.lazy_seq)
         return seq
 
-    # ------------------------------------------------------------ 3. copier
-    async def copy_step(self, d: Disk, vstart: int, pace: Pacer | None = None) -> bool:
-        """Copy, make durable and mark the next batch of unmarked blocks, then publish
-        them; False when none is left.
-
-        A batch is up to moves.COPY_BATCH_BLOCKS blocks (or what is copied in
-        moves.COPY_BATCH_SECONDS), copied in steps of
-        moves.COPY_CHUNK_BLOCKS (write faults on a step's blocks wait for it; each step
-        is paced by pace, at the copier's low priority), then made durable with one
-        flush (_settle), marked in one record, and published (_publish)."""
-        await faultpoints.hit_async("movement.copier")  # tests hold moves half done here
-        runs: list[tuple[int, int]] = []
-        total = pos = 0
-        until = trio.current_time() + M.COPY_BATCH_SECONDS
-        while total < M.COPY_BATCH_BLOCKS and (not runs or trio.current_time() < until):
-            async with self.ctx.dlock(d):
-                e, a = self.move_of(d, vstart)
-                self._check_luns(d, e, a)
-                nxt = M.next_copy(a, min(M.COPY_CHUNK_BLOCKS, M.COPY_BATCH_BLOCKS - total),
-                                  pos)
-                if nxt is None:
-                    break
-                step = _Copying(*nxt)
-                cs = M.copies(e, a, [nxt])
-                self._copying[(d.uid, vstart)] = step
-            try:
-                # faults on these blocks wait; others go on. Not durable yet: a write
-                # fault that gets in before the batch is marked copies its blocks again,
-                # durably, and marks them itself
-                await self.copy(cs, durable=False, background=True)
-            finally:
-                # wake waiters before taking the lock again: a discard or rm holding the
-                # lock waits for this copy to end (never to be marked)
-                del self._copying[(d.uid, vstart)]
-                step.done.set()
-            runs.append(nxt)
-            total += nxt[1]
-            pos = nxt[0] + nxt[1]
-            if pace is not None:
-                await pace.take(nxt[1] * P.BLOCK_SIZE)
-        if not runs:
-            return False
-        if not await self._settle(d, vstart, runs):
-            return True  # write faults marked every block of the batch themselves
-        async with self.ctx.dlock(d):
-            e, a = self.move_of(d, vstart)
-            n = a.bitmap.nblocks  # a shrink may cut the batch
-            runs = [(b, min(c, n - b)) for b, c in runs if b < n]
-            if not runs:
-                return True
-            faultpoints.hit("movement.mark")
-            seq = self._record(MoveMark(d.name, vstart, runs))
-        await self.journal.wait_durable(seq)
-        await self._publish(d, vstart, runs)
-        return True
-
-    def _check_luns(self, d: Disk, e: Extent, a: Alt) -> None:
-        if self.state.luns[a.lun].failed or self.state.luns[e.lun].failed:
-            raise P.RemoteError(P.E_IO, f"disk {d.name!r} at {e.vstart}: a container of "
-                                "its move is failed")
-
-    async def _settle(self, d: Disk, vstart: int, runs: list[tuple[int, int]]) -> bool:
-        """Make the copies of runs (copied with durable=False) durable with one flush:
-        storage.settle_held, whose settling write rewrites a block of the batch that
-        is still unmarked, held like a copy step meanwhile (so no write can land there:
-        an unmarked block is written by nobody, and a fault on it waits). False if every
-        block of runs is marked already (write faults copied and marked them: nothing
-        left to settle or mark)."""
-        async with self.ctx.dlock(d):
-            e, a = self.move_of(d, vstart)
-            n = a.bitmap.nblocks
-            left = [r for b, c in runs if b < n for r in M.unmarked_runs(a, b, min(b + c, n))]
-            if not left:
-                return False
-            hold = _Copying(left[0][0], 1)
-            ranges = [(c.dst_offset, c.length)
-                      for c in M.copies(e, a, [(b, min(c, n - b)) for b, c in runs if b < n])]
-            path = self.state.luns[a.lun].path
-            at = a.offset + hold.first * P.BLOCK_SIZE
-            self._copying[(d.uid, vstart)] = hold
-        try:
-            faultpoints.hit("movement.settle")
-            await trio.to_thread.run_sync(storage.low_priority, storage.settle_held, path,
-                                          ranges, at, self.ctx.may_write)
-        except OSError as err:
-            raise P.RemoteError(P.E_IO, f"flushing copies between containers failed: "
-                                f"{err}") from None
-        finally:
-            del self._copying[(d.uid, vstart)]
-            hold.done.set()
-        return True
-
-    async def _publish(self, d: Disk, vstart: int, runs: list[tuple[int, int]]) -> None:
-        """Marked runs of d's move at vstart become writable at L2 for every agent, so a
-        later write there needs no fault (docs/movement.md, "published"): first every
-        agent that has d open gets them at L2, nowrite, drained and acknowledged (none
-        reads them at L1 any more), then they are published and pushed writable. Not
-        when the move is wholly marked: its commit pushes plain L2 entries next."""
-        async with self.ctx.dlock(d):
-            try:
-                e, a = self.move_of(d, vstart)
-            except MoveGone:
-                return
-            if a.bitmap.all_set():
-                return
-            lo = e.vstart + min(b for b, _ in runs) * P.BLOCK_SIZE
-            hi = min(e.vend, e.vstart + max(b + c for b, c in runs) * P.BLOCK_SIZE)
-            faultpoints.hit("movement.publish")
-            await self.coherence.push_update(d, lo, hi, drain=True)
-            e, a = self.move_of(d, vstart)
-            self.published_bytes += self.coherence.publish(d, vstart, a, runs)
-            await self.coherence.push_update(d, lo, hi)
-
-    # ------------------------------------------------------------ 4. commit / 5. abort
-    async def _commit_move(self, d: Disk, vstart: int) -> None:
-        async with self.ctx.dlock(d):
-            e, a = self.move_of(d, vstart)
-            if not a.bitmap.all_set():
-                raise MoveGone(f"disk {d.name!r} at {vstart}: blocks left to copy")
-            # every entry there is at L2 already: make every agent drop reads in flight
-            # on L1 before L1 may be reused
-            await self.coherence.push_update(d, e.vstart, e.vend, drain=True)
-            e, a = self.move_of(d, vstart)
-            # L1 goes back to the host, but for what a snapshot or clone still maps
-            await self.placement.release_space(self.placement.unshared(d, e))
-            faultpoints.hit("movement.commit")
-            await self.journal.commit(MoveCommit(d.name, vstart))
-            self.coherence.unpublish(d, vstart)
-        await self.coherence.push_update(d, e.vstart, e.vend)
-
-    async def abort_move(self, d: Disk, vstart: int) -> None:
-        """Roll a move back: its blocks marked at L2 return to L1; L2 is freed."""
-        async with self.ctx.dlock(d):
-            e, a = self.move_of(d, vstart)
-            await self.copying_done(d, e.vstart, e.vend)
-            async with self.coherence.restrict(d, e.vstart, e.vend, exclude=None):
-                e, a = self.move_of(d, vstart)
-                back = [(b, n) for b, n, marked in a.bitmap.runs() if marked]
-                await self.copy(M.copies(e, a, back, back=True))  # durable first
-                lun, rng = a.lun, (a.offset, a.bitmap.nblocks * P.BLOCK_SIZE)
-                faultpoints.hit("movement.abort")
-                # the record frees L2 (so a crash never finds marked blocks pointing at
-                # a punched L2); it stays reserved, in the same step, until punched
-                seq = self._record(MoveAbort(d.name, vstart))
-                self.coherence.unpublish(d, vstart)
-                with self.placement.reserved([(lun, *rng)]):
-                    await self.journal.wait_durable(seq)
-                    await self.placement.release_space([(self.state.luns[lun].path, *rng)])
-            await self.coherence.push_update(d, e.vstart, e.vend)
+    # ------------------------------------------------------------ 3-5: the copier
+    def spawn_move(self, d: Disk, vstart: int) -> None:
+        """Run a move in the background (Copier.spawn_move)."""
+        self.copier.spawn_move(d, vstart)
 
     async def run_move(self, d: Disk, vstart: int, pace: Pacer | None = None) -> None:
-        """Copy a started move to the end and commit it (one runner per move); pace:
-        its job's rate limit (None: as fast as it goes)."""
-        key = (d.uid, vstart)
-        running = self._move_runners.get(key)
-        if running is not None:
-            await running.wait()  # someone runs it already: wait for the end
-            return
-        done = self._move_runners[key] = trio.Event()
-        try:
-            await self.agents.wait_grace()
-            while await self.copy_step(d, vstart, pace):
-                pass
-            await self._commit_move(d, vstart)
-        except MoveGone as e:
-            log.info("move ended early: %s", e)
-        finally:
-            del self._move_runners[key]
-            done.set()
+        """Copy a started move to the end and commit it (Copier.run_move)."""
+        await self.copier.run_move(d, vstart, pace)
 
-    def spawn_move(self, d: Disk, vstart: int) -> None:
-        """Run a move in the background; a failure is logged (the move stays, and
-        resumes at the next start), never raised into the service's nursery."""
-        async def run() -> None:
-            try:
-                await self.run_move(d, vstart)
-            except (P.RemoteError, OSError) as e:
-                log.error("move of %s at %d stopped: %s", d.name, vstart,
-                          getattr(e, "message", e))
-        self.ctx.spawn(run)
+    async def abort_move(self, d: Disk, vstart: int) -> None:
+        """Roll a move back (Copier.abort_move)."""
+        await self.copier.abort_move(d, vstart)
 
     async def copying_done(self, d: Disk, start: int = 0, end: int = P.MAX_DISK_SIZE
                            ) -> None:
-        """Wait until no copier step overlaps [start, end) of d: call it, holding d's lock,
-        before freeing storage there, or a late copy could land in space given to
-        someone else."""
-        for (uid, vs), c in list(self._copying.items()):
-            e = d.extents.find(vs)
-            if uid == d.uid and e is not None:
-                lo = e.vstart + c.first * P.BLOCK_SIZE
-                if lo < end and start < lo + c.count * P.BLOCK_SIZE:
-                    await c.done.wait()
+        """Wait until no copier step overlaps [start, end) of d (Copier.copying_done)."""
+        await self.copier.copying_done(d, start, end)
+
+    def check_luns(self, d: Disk, e: Extent, a: Alt) -> None:
+        """RemoteError E_IO if a container of d's move at e (alternate a) is failed."""
+        if self.state.luns[a.lun].failed or self.state.luns[e.lun].failed:
+            raise P.RemoteError(P.E_IO, f"disk {d.name!r} at {e.vstart}: a container of "
+                                "its move is failed")
 
     # ------------------------------------------------------------ holding moves back
     def may_start(self, d: Disk) -> bool:

@@ -31,7 +31,7 @@ def _leaves(e: BaseException):
 async def test_failed_copy_fails_the_job_not_the_controller(tmp_path, monkeypatch):
     state = str(tmp_path / "s")
 
-    def broken(copies, may_write=unfenced, durable=True):
+    def broken(copies, may_write=unfenced, durable=True, writeback=False):
         raise OSError(errno.EIO, "Input/output error (injected)")
     monkeypatch.setattr(storage, "copy_ranges", broken)
     crashed = None

@@ -33,7 +33,7 @@ async def test_copier_marked_blocks_are_written_only_after_other_agents_remap_th
                 await B.open("d")
                 A.pwrite("d", 0, pattern(0x11, SEG))          # old data, at L1
                 assert await _start(svc, d, c2) == [0]         # pushed nowrite L1, acked
-                assert await svc.movement.copy_step(d, 0)       # copier: blocks 0..255 marked
+                assert await svc.movement.copier.copy_step(d, 0)  # copier: blocks 0..255 marked
                 # A writes block 300: a fault; its answer covers the whole segment window
                 await A.fault("d", 300 * BS, BS, True)
                 A.pwrite("d", 300 * BS, pattern(0x33, BS))
@@ -175,7 +175,7 @@ async def test_copier_publishes_its_marked_blocks_writable_at_l2_to_every_agent(
                 await B.open("d")
                 A.pwrite("d", 0, pattern(0x11, SEG))
                 assert await _start(svc, d, c2) == [0]
-                assert await svc.movement.copy_step(d, 0)  # blocks 0..255, one batch
+                assert await svc.movement.copier.copy_step(d, 0)  # blocks 0..255, one batch
                 assert d.alts[0].bitmap.count() == 256
                 for ag in (A, B):
                     assert ag.can_write("d", 0, 256 * BS), ag.entry("d", 5 * BS)
@@ -187,10 +187,10 @@ async def test_copier_publishes_its_marked_blocks_writable_at_l2_to_every_agent(
                     await C.open("d")
                     assert C.can_write("d", 0, 256 * BS), C.entry("d", 5 * BS)
                     assert C.pread("d", 5 * BS, BS) == pattern(0x22, BS)
-                assert svc.movement.published_bytes == 256 * BS
-                while await svc.movement.copy_step(d, 0):
+                assert svc.movement.copier.published_bytes == 256 * BS
+                while await svc.movement.copier.copy_step(d, 0):
                     pass
-                await svc.movement._commit_move(d, 0)
+                await svc.movement.copier._commit_move(d, 0)
                 assert not d.alts
                 got = B.pread("d", 0, SEG)
                 n.cancel_scope.cancel()

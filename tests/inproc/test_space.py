@@ -76,9 +76,9 @@ async def test_shrink_while_a_copier_step_is_in_flight(tmp_path, monkeypatch):
     state = str(tmp_path / "s")
     orig = storage.copy_ranges
 
-    def slow(copies, may_write=unfenced, durable=True):
+    def slow(copies, may_write=unfenced, durable=True, writeback=False):
         time.sleep(1.0)
-        orig(copies, may_write, durable)
+        orig(copies, may_write, durable, writeback)
     monkeypatch.setattr(storage, "copy_ranges", slow)
     died = None
     try:

@@ -67,6 +67,7 @@ CASES = [
     ("movement.settle", "crash", 1, ["write", "migrate"], None),
     ("movement.mark", "crash", 2, ["write", "migrate"], None),
     ("movement.commit", "crash", 1, ["write", "migrate"], None),
+    ("movement.punch", "crash", 1, ["write", "migrate"], None),
     ("movement.abort", "crash", 1, ["write", "abort"], None),
     ("movement.copier", "eio", 1, ["write", "migrate"], "job"),
     ("blockio.write", "eio", 3, ["write"], "writer"),
