@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 
 import trio
 
@@ -82,6 +83,9 @@ class ContainerIO:
         # disk key -> LUN -> the LUN's write count at the disk's last write there
         self._debts: dict[int, dict[int, int]] = {}
         self._poisoned: dict[int, str] = {}  # LUN -> why its sync failed
+        # called before an fd is retired or closed and after one is opened: the C fast
+        # path's tables hold fds (virtfs/cfast.py)
+        self.on_change: Callable[[], None] | None = None
 
     def set_shared(self, shared: set[int]) -> None:
         """The LUNs shared between hosts (docs/fencing.md): their I/O is O_DIRECT. A LUN
@@ -93,6 +97,8 @@ class ContainerIO:
 
     def _retire(self, lun: int) -> None:
         """Close lun's fd now, or keep it until a sync has covered its writes."""
+        if lun in self._fds and self.on_change is not None:
+            self.on_change()
         fd = self._fds.pop(lun, None)
         if fd is not None:
             self._direct.discard(lun)
@@ -164,6 +170,8 @@ class ContainerIO:
             self._fds[lun] = fd
             if direct:
                 self._direct.add(lun)
+            if self.on_change is not None:
+                self.on_change()  # (the C tables can use it once they are rebuilt)
 
     def _open_checked(self, lun: int, path: str, want: tuple[str, str] | None,
                       direct: bool = False) -> int:
@@ -373,6 +381,8 @@ class ContainerIO:
 
     def close(self) -> None:
         """Close every fd (without syncing)."""
+        if self.on_change is not None:
+            self.on_change()
         for lun in list(self._fds):
             os.close(self._fds.pop(lun))
         self._direct.clear()

@@ -1,0 +1,262 @@
+"""The C fast path of reads: worker threads that serve plain FUSE reads without Python.
+
+``virtfs-mount --fast-threads N`` (N >= 1; 0, the default, is off) starts N pthreads
+of the C extension ``virtfs._fastio`` (virtfs/_fastio.c) that read the mount's
+/dev/fuse fd themselves. A FUSE_READ of an open handle whose range lies in one
+entry of the disk's C table is answered there: one pread on the container, one
+writev of the reply, with the GIL released. Every other request (and every read
+the C table does not cover) is handed over raw to the trio side: ``CFast.run``
+feeds it to libfuse (``pyfuse3.process_raw``, third_party/pyfuse3/fastpath.patch)
+and runs the handler's coroutine in the nursery, as pyfuse3's own loop would;
+pyfuse3's loop itself does not read (``pyfuse3.main(reader=False)``).
+
+The C table of a disk is the image of what ``DataPath.plain`` would answer for a
+read (docs/fencing.md: no container I/O without a valid lease):
+
+- the entries neither zero, invalid nor failed whose container is open and not
+  O_DIRECT (shared), ending at the disk's size, on a disk without QoS and not
+  grown ahead (its local end of file is the table's size);
+- the lease deadline, in CLOCK_MONOTONIC ns, one for the agent: set at each
+  renewal (Session.on_renew), never later than the trio-clock ``lease_until``.
+
+Every change that can narrow it empties the disk's C table synchronously before
+it returns (``CFast.dirty``: the C write lock waits for any read in flight), so
+before the change is acknowledged: a table change (DiskTable.on_change: load,
+replace, restrict, resize, fence), a change of the local end of file or the QoS
+(OpenDisk.changed), a container fd retired, closed or opened (ContainerIO.on_change:
+every disk), the last handle of a disk closed. The table is rebuilt (in C, from the
+table's columns) when a read of the disk reaches Python while it is empty.
+
+Writes are not served in C (this round): they go the Python path.
+The C reads' counts and latencies are folded into the metrics every 50 ms
+(--metrics). If the extension is missing or the pyfuse3 lacks the patch, the
+agent says so once and runs the Python path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import pyfuse3
+import trio
+
+from controller.metrics_http import LATENCY_BUCKETS
+from controller.protocol import ERROR, INVALID, ZERO
+
+from .agent import Session
+from .blockio import ContainerIO
+from .metrics import AgentMetrics
+from .opendisk import OpenDisk
+
+log = logging.getLogger(__name__)
+
+_fastio: Any
+try:
+    from . import _fastio
+except ImportError as _err:  # not built (optional extension): the Python path
+    _fastio = None
+    _IMPORT_ERROR = str(_err)
+else:
+    _IMPORT_ERROR = ""
+
+THREADS_ENV = "VIRTFS_FAST_THREADS"  # the default of --fast-threads (tests cover both)
+FUSE_READ = 15  # linux/fuse.h
+_NOT_READ = ZERO | INVALID | ERROR  # as DataPath.plain for reads
+LEASE_MARGIN = 0.002  # seconds the C deadline stays short of the lease (clock reads)
+FOLD_EVERY = 0.05  # seconds between folds of the C counters into the metrics
+_HEADER = struct.Struct("=IIQ")  # fuse_in_header: len, opcode, unique (then more)
+_READ_FH = struct.Struct("=Q")  # fuse_read_in.fh, at offset 40
+
+
+def unavailable() -> str | None:
+    """Why the C fast path cannot run here (the extension or the pyfuse3 patch is
+    missing), or None."""
+    if _fastio is None:
+        return f"virtfs._fastio is not built ({_IMPORT_ERROR})"
+    if not hasattr(pyfuse3, "process_raw") or not hasattr(pyfuse3, "get_session_fd"):
+        return "the pyfuse3 lacks virtfs's fastpath.patch (third_party/pyfuse3/README.md)"
+    return None
+
+
+def stats() -> tuple[int, int]:
+    """(FUSE reads served in C, requests handed over to Python) since the process
+    started; (0, 0) without the extension."""
+    return (0, 0) if _fastio is None else _fastio.stats()
+
+
+class CFast:
+    """The Python half of the C fast path of one mount (one per process: the C side
+    keeps module-level state).
+
+    threads: C reader threads (>= 1). Use: ``attach`` each part's hooks, ``start``
+    after pyfuse3.init, ``bind``/``unbind`` FUSE handles, ``run`` in the nursery, and
+    ``stop`` before pyfuse3.close (it joins the threads; the fd must stay open).
+    """
+
+    def __init__(self, session: Session, io: ContainerIO, threads: int):
+        self.session = session
+        self.io = io
+        self.threads = threads
+        self.metrics: AgentMetrics | None = None
+        self._ods: dict[int, OpenDisk] = {}  # C slot -> the open disk it images
+        self._fh: dict[int, OpenDisk] = {}  # bound FUSE handle -> its disk
+        self._dirty: set[int] = set()  # slots emptied since their last publish
+        self._wake = -1
+        self.running = False
+
+    # ------------------------------------------------------------ the hooks
+    def attach(self, od: OpenDisk) -> int:
+        """od's C slot (made on first use); its table's changes empty it from now on."""
+        assert _fastio is not None
+        slot = od.cslot
+        if slot < 0 or self._ods.get(slot) is not od:
+            slot = od.cslot = _fastio.new_disk()
+            self._ods[slot] = od
+            self._dirty.add(slot)
+            od.table.on_change = lambda: self.dirty(od)
+        return slot
+
+    def dirty(self, od: OpenDisk) -> None:
+        """od's C table may be wider than DataPath.plain now: empty it (no C read uses
+        the old one when this returns); rebuilt at od's next read in Python."""
+        slot = od.cslot
+        if slot >= 0 and self._ods.get(slot) is od and _fastio is not None:
+            _fastio.invalidate(slot)
+            self._dirty.add(slot)
+
+    def dirty_all(self) -> None:
+        """Every disk's C table: dirty (a container fd opened, retired or closed)."""
+        for od in list(self._ods.values()):
+            self.dirty(od)
+
+    def bind(self, fh: int, od: OpenDisk) -> None:
+        """FUSE handle fh reads od."""
+        if _fastio is None:
+            return
+        slot = self.attach(od)
+        self._fh[fh] = od
+        _fastio.bind(fh, slot)
+
+    def unbind(self, fh: int) -> None:
+        """fh is released: no C read of it from now on; the disk's last handle empties
+        and forgets its slot."""
+        od = self._fh.pop(fh, None)
+        if od is None or _fastio is None:
+            return
+        _fastio.unbind(fh)
+        if od not in self._fh.values():
+            self.dirty(od)
+            self._fold(od.cslot, od)
+            self._ods.pop(od.cslot, None)
+            self._dirty.discard(od.cslot)
+            od.table.on_change = None
+
+    def renewed(self) -> None:
+        """The lease was renewed: its deadline, in CLOCK_MONOTONIC ns, for the C reads."""
+        if _fastio is None:
+            return
+        left = self.session.lease_until - trio.current_time() - LEASE_MARGIN
+        _fastio.set_lease(int((time.monotonic() + left) * 1e9) if left > 0 else 0)
+
+    def publish(self, od: OpenDisk) -> int:
+        """Rebuild od's C table from what DataPath.plain would serve a read from now;
+        returns its entries (0: none, e.g. QoS or grown ahead)."""
+        assert _fastio is not None
+        slot = od.cslot
+        self._dirty.discard(slot)
+        t = od.table
+        if od.qos is not None or od.size != t.size:
+            _fastio.invalidate(slot)
+            return 0
+        io = self.io
+        luns = [lun for lun in io._fds if lun not in io._direct]
+        return int(_fastio.publish(slot, t._vs, t._lu, t._of, t._fl, t.size, luns,
+                                   [io._fds[lun] for lun in luns], _NOT_READ))
+
+    # ------------------------------------------------------------ the threads
+    def start(self) -> None:
+        """Start the C readers on the session's fd (after pyfuse3.init). OSError."""
+        assert _fastio is not None
+        self.session.on_renew = self.renewed
+        self.io.on_change = self.dirty_all
+        self.renewed()
+        try:
+            self._wake = _fastio.start(pyfuse3.get_session_fd(), self.threads,
+                                       [round(b * 1e9) for b in LATENCY_BUCKETS])
+        except BaseException:
+            _fastio.stop()
+            self.session.on_renew = None
+            self.io.on_change = None
+            raise
+        self.running = True
+
+    def stop(self) -> None:
+        """Stop and join the C readers (idempotent); the requests still queued are
+        dropped (the session is ending)."""
+        if _fastio is not None and self.running:
+            self.running = False
+            trio.lowlevel.notify_closing(self._wake)  # run() waits on it: closed next
+            _fastio.stop()
+            self.session.on_renew = None
+            self.io.on_change = None
+            _fastio.set_lease(0)
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Hand the requests the C readers pass over to libfuse, each handler's
+        coroutine in nursery; ends the FUSE main loop (pyfuse3.terminate) when the
+        readers see the session end (unmounted)."""
+        assert _fastio is not None
+        while self.running:
+            try:
+                await trio.lowlevel.wait_readable(self._wake)
+            except (trio.ClosedResourceError, OSError):
+                return
+            try:
+                os.read(self._wake, 8)
+            except BlockingIOError:
+                pass
+            requests, ended = _fastio.take()
+            for raw in requests:
+                self._one(raw, nursery)
+            if ended:
+                if ended != errno.ENODEV:
+                    log.error("the C fast path's readers stopped: %s", os.strerror(ended))
+                pyfuse3.terminate()
+                return
+
+    def _one(self, raw: bytes, nursery: trio.Nursery) -> None:
+        if len(raw) >= 48 and _HEADER.unpack_from(raw)[1] == FUSE_READ:
+            od = self._fh.get(_READ_FH.unpack_from(raw, 40)[0])
+            if od is not None and od.cslot in self._dirty:
+                self.publish(od)  # a read in Python: the table may serve the next ones
+        coro = pyfuse3.process_raw(raw)
+        if coro is not None:
+            nursery.start_soon(_await, coro)
+
+    async def fold_timer(self) -> None:
+        """Fold the C counters into the metrics every FOLD_EVERY seconds."""
+        while True:
+            await trio.sleep(FOLD_EVERY)
+            self.fold()
+
+    def fold(self) -> None:
+        """Add what the C reads served since the last fold to each disk's metrics."""
+        for slot, od in list(self._ods.items()):
+            self._fold(slot, od)
+
+    def _fold(self, slot: int, od: OpenDisk) -> None:
+        if _fastio is None or slot < 0:
+            return
+        ops, nbytes, ns, buckets = _fastio.counters(slot)
+        if ops and self.metrics is not None:
+            self.metrics.disk(od.name).read_many(ops, nbytes, ns / 1e9, buckets)
+
+
+async def _await(coro: Coroutine[Any, Any, None]) -> None:
+    await coro
