@@ -230,10 +230,8 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
                                 "serves every request", e)
                     cf.stop()
                     cf = ops.cfast = None
-            if cf is not None:
-                nursery.start_soon(cf.run, nursery)
-                if cf.metrics is not None:
-                    nursery.start_soon(cf.fold_timer)
+            if cf is not None and cf.metrics is not None:
+                nursery.start_soon(cf.fold_timer)
 
             async def read_ahead() -> None:
                 await ops.initialized.wait()  # INIT caps read-ahead; raise it after
@@ -251,7 +249,17 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
 
             nursery.start_soon(ready)
             try:
-                await pyfuse3.main(reader=cf is None)
+                if cf is None:
+                    await pyfuse3.main()
+                else:
+                    # the handlers of the requests handed over run in this nursery, so
+                    # that, as in pyfuse3's loop, all have answered before close()
+                    async with trio.open_nursery() as requests:
+                        requests.start_soon(cf.run, requests)
+                        try:
+                            await pyfuse3.main(reader=False)
+                        finally:
+                            cf.stop()
             finally:
                 if cf is not None:
                     cf.stop()  # joins its threads: before the fd closes
