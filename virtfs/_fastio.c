@@ -1,21 +1,25 @@
-/* virtfs._fastio: the C fast path of the agent's READ requests (virtfs/cfast.py).
+/* virtfs._fastio: the C fast path of the agent's READ and WRITE requests (cfast.py).
  *
  * N worker pthreads each poll() and read() the mount's /dev/fuse fd (the session's
  * own fd, set O_NONBLOCK: a thread that loses the race gets EAGAIN and polls again)
  * into a buffer of their own, and parse the fuse_in_header themselves. A FUSE_READ
- * whose file handle is bound to a disk, whose range lies in one published entry, and
- * that comes while the lease deadline has not passed, is served here with no Python
- * at all: one pread() on the container fd under the disk's read lock, one writev()
- * of the fuse_out_header and the data. Everything else (any other opcode, a miss, a
- * failed or short pread) is handed over unchanged: the raw request is queued and an
- * eventfd is signalled; the trio side takes the queue (take()) and feeds each
- * request to libfuse (pyfuse3.process_raw), as pyfuse3's own loop would.
+ * (or FUSE_WRITE, of a handle opened for writing) whose file handle is bound to a
+ * disk, whose range lies in one published entry that allows it, and that comes while
+ * the lease deadline has not passed, is served here with no Python at all: one
+ * pread()/pwrite() on the container fd under the disk's read lock, one writev() of
+ * the reply. Everything else (any other opcode, a miss, a failed or short I/O) is
+ * handed over unchanged: the raw request is queued and an eventfd is signalled; the
+ * trio side takes the queue (take()) and feeds each request to libfuse
+ * (pyfuse3.process_raw), as pyfuse3's own loop would.
  *
  * The table is fed by Python (publish/invalidate) and is, per disk, a sorted array
- * of (virtual start, virtual end, container fd, container offset) of the entries
- * DataPath.plain would serve a read from. publish() and invalidate() take the disk's
- * write lock, so when they return no read still uses the old entries (a read holds
- * the read lock across its pread). The rwlocks prefer writers.
+ * of (virtual start, virtual end, container fd, container offset, LUN, may read, may
+ * write) of the entries DataPath.plain would serve. publish() and invalidate() take
+ * the disk's write lock, so when they return no I/O still uses the old entries (an
+ * I/O holds the read lock across its pread/pwrite). The rwlocks prefer writers.
+ * What Python does per write besides the pwrite (the sync debt, the times, the
+ * metrics) is counted here (atomics, the debt before the pwrite, all before the
+ * reply) and folded into Python by counters().
  *
  * Source of the wire format: linux/fuse.h (fuse_in_header, fuse_read_in,
  * fuse_out_header); the rule that a reply goes to the fd that read the request: the
@@ -42,19 +46,26 @@
 #define DATA_BUF (16u << 20)              /* the largest read served here */
 #define NBUCKETS 32
 
+#define MAXLUN 256 /* writes to LUNs from here on go through Python */
+
 struct ent {
     int64_t vstart, vend, coff;
-    int fd;
+    int fd, lun;
+    int may_read, may_write;
+};
+
+struct counts { /* served here, not yet folded into Python (metrics) */
+    atomic_ullong ops, bytes, ns;
+    atomic_ullong buckets[NBUCKETS + 1];
 };
 
 struct disk {
     pthread_rwlock_t lock;
     struct ent *ents;
     size_t n;
-    int used;
-    /* served here, not yet folded into Python's metrics */
-    atomic_ullong ops, bytes, ns;
-    atomic_ullong buckets[NBUCKETS + 1];
+    struct counts r, w;
+    atomic_ullong written[MAXLUN]; /* writes per LUN (fsync debts), not yet folded */
+    atomic_llong lo, hi, last_lo, last_hi; /* writes' extent, and the last one's */
 };
 
 struct req {
@@ -68,6 +79,7 @@ static struct disk **disks;
 static size_t ndisks;
 static uint64_t *fh_keys; /* fh -> disk index, as parallel arrays (few handles) */
 static size_t *fh_disks;
+static char *fh_writable;
 static size_t nfh, capfh;
 
 static atomic_llong lease_ns; /* CLOCK_MONOTONIC deadline of the lease */
@@ -75,12 +87,14 @@ static uint64_t bucket_ns[NBUCKETS];
 static size_t nbounds;
 
 static int fuse_fd = -1, wake_fd = -1, stop_fd = -1;
+static int writes; /* serve writes too */
 static atomic_int stopping, ended;
 static pthread_t *threads;
 static size_t nthreads;
 static pthread_mutex_t q_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct req *q_head, *q_tail;
-static atomic_ullong n_served, n_handed;
+static atomic_ullong n_served, n_written, n_handed;
+static atomic_int pending; /* served I/O not yet folded */
 
 static int64_t now_ns(void)
 {
@@ -128,17 +142,100 @@ static void hand_over(const char *buf, size_t n)
     wake();
 }
 
-static struct disk *disk_of(uint64_t fh)
+static struct disk *disk_of(uint64_t fh, int write)
 {
     struct disk *d = NULL;
     pthread_rwlock_rdlock(&map_lock);
     for (size_t i = 0; i < nfh; i++)
         if (fh_keys[i] == fh) {
-            d = disks[fh_disks[i]];
+            if (!write || fh_writable[i])
+                d = disks[fh_disks[i]];
             break;
         }
     pthread_rwlock_unlock(&map_lock);
     return d; /* disks are never freed while the threads run */
+}
+
+static void count(struct counts *c, uint64_t nbytes, int64_t t0)
+{
+    uint64_t dt = (uint64_t)(now_ns() - t0);
+    atomic_fetch_add(&c->ops, 1);
+    atomic_fetch_add(&c->bytes, nbytes);
+    atomic_fetch_add(&c->ns, dt);
+    size_t b = 0;
+    while (b < nbounds && dt > bucket_ns[b])
+        b++;
+    atomic_fetch_add(&c->buckets[b], 1);
+}
+
+/* the entry of d holding [off, end) whole, or NULL (read lock held) */
+static struct ent *find(struct disk *d, int64_t off, int64_t end)
+{
+    if (!d->n)
+        return NULL;
+    size_t lo = 0, hi = d->n; /* the last entry with vstart <= off */
+    while (hi - lo > 1) {
+        size_t mid = (lo + hi) / 2;
+        if (d->ents[mid].vstart <= off)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    struct ent *e = &d->ents[lo];
+    return e->vstart <= off && end <= e->vend ? e : NULL;
+}
+
+static void atomic_min(atomic_llong *a, int64_t v)
+{
+    long long cur = atomic_load(a);
+    while (v < cur && !atomic_compare_exchange_weak(a, &cur, v))
+        ;
+}
+
+static void atomic_max(atomic_llong *a, int64_t v)
+{
+    long long cur = atomic_load(a);
+    while (v > cur && !atomic_compare_exchange_weak(a, &cur, v))
+        ;
+}
+
+/* 1: served (answered); 0: hand it over. The write's debt is counted before the
+ * pwrite (a write that fails half-way may have landed in part: blockio.pwrite). */
+static int serve_write(const struct fuse_in_header *h, const struct fuse_write_in *in,
+                       const char *data, size_t avail)
+{
+    if (in->size == 0 || in->size != avail || in->offset > (uint64_t)INT64_MAX - in->size)
+        return 0;
+    struct disk *d = disk_of(in->fh, 1);
+    if (d == NULL)
+        return 0;
+    int64_t off = (int64_t)in->offset, end = off + in->size;
+    int64_t t0 = now_ns();
+    ssize_t put = -1;
+    pthread_rwlock_rdlock(&d->lock);
+    struct ent *e = t0 < atomic_load(&lease_ns) ? find(d, off, end) : NULL;
+    if (e != NULL && e->may_write) {
+        atomic_fetch_add(&d->written[e->lun], 1);
+        atomic_store(&pending, 1);
+        put = pwrite(e->fd, data, in->size, e->coff + (off - e->vstart));
+    }
+    pthread_rwlock_unlock(&d->lock);
+    if (put != (ssize_t)in->size)
+        return 0; /* a miss, an error or a short write: Python does it (again) */
+    atomic_min(&d->lo, off);
+    atomic_max(&d->hi, end);
+    atomic_store(&d->last_lo, off);
+    atomic_store(&d->last_hi, end);
+    count(&d->w, in->size, t0);
+    atomic_fetch_add(&n_written, 1);
+    struct fuse_out_header out = {
+        .len = (uint32_t)(sizeof out + sizeof(struct fuse_write_out)), .error = 0,
+        .unique = h->unique};
+    struct fuse_write_out wo = {.size = in->size, .padding = 0};
+    struct iovec iov[2] = {{&out, sizeof out}, {&wo, sizeof wo}};
+    ssize_t w = writev(fuse_fd, iov, 2);
+    (void)w;
+    return 1;
 }
 
 /* 1: served (answered); 0: hand it over */
@@ -147,26 +244,16 @@ static int serve_read(const struct fuse_in_header *h, const struct fuse_read_in 
 {
     if (in->size == 0 || in->size > DATA_BUF || in->offset > (uint64_t)INT64_MAX - in->size)
         return 0;
-    struct disk *d = disk_of(in->fh);
+    struct disk *d = disk_of(in->fh, 0);
     if (d == NULL)
         return 0;
     int64_t off = (int64_t)in->offset, end = off + in->size;
     int64_t t0 = now_ns();
     ssize_t got = -1;
     pthread_rwlock_rdlock(&d->lock);
-    if (d->n && t0 < atomic_load(&lease_ns)) {
-        size_t lo = 0, hi = d->n; /* the last entry with vstart <= off */
-        while (hi - lo > 1) {
-            size_t mid = (lo + hi) / 2;
-            if (d->ents[mid].vstart <= off)
-                lo = mid;
-            else
-                hi = mid;
-        }
-        struct ent *e = &d->ents[lo];
-        if (e->vstart <= off && end <= e->vend)
-            got = pread(e->fd, data, in->size, e->coff + (off - e->vstart));
-    }
+    struct ent *e = t0 < atomic_load(&lease_ns) ? find(d, off, end) : NULL;
+    if (e != NULL && e->may_read)
+        got = pread(e->fd, data, in->size, e->coff + (off - e->vstart));
     pthread_rwlock_unlock(&d->lock);
     if (got != (ssize_t)in->size)
         return 0; /* a miss, an error or a short read: Python does it again */
@@ -175,14 +262,8 @@ static int serve_read(const struct fuse_in_header *h, const struct fuse_read_in 
     struct iovec iov[2] = {{&out, sizeof out}, {data, in->size}};
     ssize_t w = writev(fuse_fd, iov, 2);
     (void)w; /* ENOENT: the request was interrupted meanwhile; nothing to do */
-    uint64_t dt = (uint64_t)(now_ns() - t0);
-    atomic_fetch_add(&d->ops, 1);
-    atomic_fetch_add(&d->bytes, in->size);
-    atomic_fetch_add(&d->ns, dt);
-    size_t b = 0;
-    while (b < nbounds && dt > bucket_ns[b])
-        b++;
-    atomic_fetch_add(&d->buckets[b], 1);
+    count(&d->r, in->size, t0);
+    atomic_store(&pending, 1);
     atomic_fetch_add(&n_served, 1);
     return 1;
 }
@@ -227,6 +308,11 @@ static void *worker(void *arg)
         if ((size_t)n >= sizeof *h + sizeof(struct fuse_read_in) && h->opcode == FUSE_READ &&
             serve_read(h, (const struct fuse_read_in *)(buf + sizeof *h), data))
             continue;
+        size_t wh = sizeof *h + sizeof(struct fuse_write_in);
+        if (writes && (size_t)n >= wh && h->opcode == FUSE_WRITE && h->total_extlen == 0 &&
+            serve_write(h, (const struct fuse_write_in *)(buf + sizeof *h), buf + wh,
+                        (size_t)n - wh))
+            continue;
         hand_over(buf, (size_t)n);
     }
     free(buf);
@@ -238,9 +324,9 @@ static void *worker(void *arg)
 
 static PyObject *py_start(PyObject *self, PyObject *args)
 {
-    int fd, n;
+    int fd, n, w;
     PyObject *bounds;
-    if (!PyArg_ParseTuple(args, "iiO", &fd, &n, &bounds))
+    if (!PyArg_ParseTuple(args, "iiOp", &fd, &n, &bounds, &w))
         return NULL;
     if (threads != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the fast path runs already");
@@ -277,6 +363,7 @@ static PyObject *py_start(PyObject *self, PyObject *args)
     if (wake_fd < 0 || stop_fd < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     fuse_fd = fd;
+    writes = w;
     atomic_store(&stopping, 0);
     atomic_store(&ended, 0);
     threads = calloc((size_t)n, sizeof *threads);
@@ -364,7 +451,8 @@ static PyObject *py_new_disk(PyObject *self, PyObject *unused)
     if (d == NULL)
         return PyErr_NoMemory();
     init_rwlock(&d->lock);
-    d->used = 1;
+    atomic_store(&d->lo, INT64_MAX);
+    atomic_store(&d->hi, -1);
     struct disk **nd;
     Py_BEGIN_ALLOW_THREADS
     pthread_rwlock_wrlock(&map_lock);
@@ -407,19 +495,21 @@ static void set_entries(struct disk *d, struct ent *ents, size_t n)
     free(old);
 }
 
-/* publish(disk, vstart 'q', lun 'i', offset 'q', flags 'B', size, luns, fds, mask):
- * the entries i with flags & mask == 0 whose LUN is in luns (open, buffered: its fd
- * at the same index of fds) become the disk's table, ending at the next vstart (the
- * last at size); the old table is gone when this returns. Returns the count. */
+/* publish(disk, vstart 'q', lun 'i', offset 'q', flags 'B', gen 'I', cur_gen, size,
+ * luns, fds, read_mask, write_mask): the entries i whose LUN is in luns (open,
+ * buffered: its fd at the same index of fds) and that may be read (flags & read_mask
+ * == 0) or written (flags & write_mask == 0 and gen[i] == cur_gen: DiskTable.fence)
+ * become the disk's table, ending at the next vstart (the last at size); the old
+ * table is gone when this returns. Returns the count. */
 static PyObject *py_publish(PyObject *self, PyObject *args)
 {
     Py_ssize_t k;
-    Py_buffer vs, lu, of, fl;
+    Py_buffer vs, lu, of, fl, gn;
     long long size;
+    unsigned int cur, rmask, wmask;
     PyObject *luns, *fds;
-    unsigned int mask;
-    if (!PyArg_ParseTuple(args, "ny*y*y*y*LOOI", &k, &vs, &lu, &of, &fl, &size, &luns, &fds,
-                          &mask))
+    if (!PyArg_ParseTuple(args, "ny*y*y*y*y*ILOOII", &k, &vs, &lu, &of, &fl, &gn, &cur, &size,
+                          &luns, &fds, &rmask, &wmask))
         return NULL;
     PyObject *ret = NULL, *ls = NULL, *fs = NULL;
     struct ent *ents = NULL;
@@ -429,7 +519,7 @@ static PyObject *py_publish(PyObject *self, PyObject *args)
     if (d == NULL)
         goto out;
     if (vs.len % 8 || lu.len != (Py_ssize_t)(n * 4) || of.len != (Py_ssize_t)(n * 8) ||
-        fl.len != (Py_ssize_t)n) {
+        fl.len != (Py_ssize_t)n || gn.len != (Py_ssize_t)(n * 4)) {
         PyErr_SetString(PyExc_ValueError, "the columns do not match");
         goto out;
     }
@@ -458,9 +548,12 @@ static PyObject *py_publish(PyObject *self, PyObject *args)
     const int64_t *v = vs.buf, *o = of.buf;
     const int32_t *l = lu.buf;
     const uint8_t *f = fl.buf;
+    const uint32_t *g = gn.buf;
     size_t m = 0;
     for (size_t i = 0; i < n; i++) {
-        if (f[i] & mask)
+        int r = !(f[i] & rmask);
+        int w = !(f[i] & wmask) && g[i] == cur && l[i] >= 0 && l[i] < MAXLUN;
+        if (!r && !w)
             continue;
         int fd = -1;
         for (Py_ssize_t j = 0; j < nl; j++)
@@ -475,7 +568,8 @@ static PyObject *py_publish(PyObject *self, PyObject *args)
             end = size;
         if (v[i] >= end)
             continue;
-        ents[m++] = (struct ent){.vstart = v[i], .vend = end, .coff = o[i], .fd = fd};
+        ents[m++] = (struct ent){.vstart = v[i], .vend = end, .coff = o[i], .fd = fd,
+                                 .lun = l[i], .may_read = r, .may_write = w};
     }
     set_entries(d, ents, m);
     ents = NULL;
@@ -490,6 +584,7 @@ out:
     PyBuffer_Release(&lu);
     PyBuffer_Release(&of);
     PyBuffer_Release(&fl);
+    PyBuffer_Release(&gn);
     return ret;
 }
 
@@ -511,7 +606,8 @@ static PyObject *py_bind(PyObject *self, PyObject *args)
 {
     unsigned long long fh;
     Py_ssize_t k;
-    if (!PyArg_ParseTuple(args, "Kn", &fh, &k))
+    int writable;
+    if (!PyArg_ParseTuple(args, "Knp", &fh, &k, &writable))
         return NULL;
     if (get_disk(k) == NULL)
         return NULL;
@@ -530,7 +626,10 @@ static PyObject *py_bind(PyObject *self, PyObject *args)
             size_t *nd = nk ? realloc(fh_disks, cap * sizeof *nd) : NULL;
             if (nd)
                 fh_disks = nd;
-            if (!nk || !nd) {
+            char *nw = nd ? realloc(fh_writable, cap) : NULL;
+            if (nw)
+                fh_writable = nw;
+            if (!nk || !nd || !nw) {
                 pthread_rwlock_unlock(&map_lock);
                 return PyErr_NoMemory();
             }
@@ -540,6 +639,7 @@ static PyObject *py_bind(PyObject *self, PyObject *args)
     }
     fh_keys[i] = fh;
     fh_disks[i] = (size_t)k;
+    fh_writable[i] = (char)writable;
     pthread_rwlock_unlock(&map_lock);
     Py_RETURN_NONE;
 }
@@ -556,6 +656,7 @@ static PyObject *py_unbind(PyObject *self, PyObject *args)
         if (fh_keys[i] == fh) {
             fh_keys[i] = fh_keys[nfh - 1];
             fh_disks[i] = fh_disks[nfh - 1];
+            fh_writable[i] = fh_writable[nfh - 1];
             nfh--;
             break;
         }
@@ -563,7 +664,23 @@ static PyObject *py_unbind(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* counters(disk) -> (ops, bytes, ns, [per latency bucket]) served since the last call */
+static PyObject *take_counts(struct counts *c)
+{
+    PyObject *b = PyList_New((Py_ssize_t)nbounds + 1);
+    if (b == NULL)
+        return NULL;
+    for (size_t i = 0; i <= nbounds; i++)
+        PyList_SET_ITEM(b, (Py_ssize_t)i,
+                        PyLong_FromUnsignedLongLong(atomic_exchange(&c->buckets[i], 0)));
+    unsigned long long ops = atomic_exchange(&c->ops, 0);
+    unsigned long long bytes = atomic_exchange(&c->bytes, 0);
+    unsigned long long ns = atomic_exchange(&c->ns, 0);
+    return Py_BuildValue("(KKKN)", ops, bytes, ns, b);
+}
+
+/* counters(disk) -> ((ops, bytes, ns, [per latency bucket]) of the reads, the same of
+ * the writes, [(lun, writes)], the writes' extent (lo, hi: hi < 0 without writes), the
+ * last write's (lo, hi)), all since the last call */
 static PyObject *py_counters(PyObject *self, PyObject *args)
 {
     Py_ssize_t k;
@@ -572,28 +689,43 @@ static PyObject *py_counters(PyObject *self, PyObject *args)
     struct disk *d = get_disk(k);
     if (d == NULL)
         return NULL;
-    PyObject *b = PyList_New((Py_ssize_t)nbounds + 1);
-    if (b == NULL)
+    PyObject *luns = PyList_New(0);
+    for (int i = 0; luns && i < MAXLUN; i++) {
+        unsigned long long n = atomic_exchange(&d->written[i], 0);
+        if (n) {
+            PyObject *t = Py_BuildValue("(iK)", i, n);
+            if (t == NULL || PyList_Append(luns, t) < 0)
+                Py_CLEAR(luns);
+            Py_XDECREF(t);
+        }
+    }
+    if (luns == NULL)
         return NULL;
-    for (size_t i = 0; i <= nbounds; i++)
-        PyList_SET_ITEM(b, (Py_ssize_t)i,
-                        PyLong_FromUnsignedLongLong(atomic_exchange(&d->buckets[i], 0)));
-    unsigned long long ops = atomic_exchange(&d->ops, 0);
-    unsigned long long bytes = atomic_exchange(&d->bytes, 0);
-    unsigned long long ns = atomic_exchange(&d->ns, 0);
-    return Py_BuildValue("(KKKN)", ops, bytes, ns, b);
+    long long lo = atomic_exchange(&d->lo, INT64_MAX), hi = atomic_exchange(&d->hi, -1);
+    return Py_BuildValue("(NNN(LL)(LL))", take_counts(&d->r), take_counts(&d->w), luns, lo,
+                         hi, (long long)atomic_load(&d->last_lo),
+                         (long long)atomic_load(&d->last_hi));
 }
 
-/* stats() -> (reads served here, requests handed over) since the module was loaded */
+/* pending() -> whether any I/O was served here since the last call */
+static PyObject *py_pending(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(atomic_exchange(&pending, 0));
+}
+
+/* stats() -> (reads served here, writes served here, requests handed over) since the
+ * module was loaded */
 static PyObject *py_stats(PyObject *self, PyObject *unused)
 {
-    return Py_BuildValue("(KK)", (unsigned long long)atomic_load(&n_served),
+    return Py_BuildValue("(KKK)", (unsigned long long)atomic_load(&n_served),
+                         (unsigned long long)atomic_load(&n_written),
                          (unsigned long long)atomic_load(&n_handed));
 }
 
 static PyMethodDef methods[] = {
     {"start", py_start, METH_VARARGS,
-     "start(fd, threads, bucket_bounds_ns) -> eventfd: O_NONBLOCK on fd, start the readers"},
+     "start(fd, threads, bucket_bounds_ns, writes) -> eventfd: O_NONBLOCK on fd, start the "
+     "readers (writes: serve FUSE_WRITE too)"},
     {"stop", py_stop, METH_NOARGS, "stop() : stop and join the readers (idempotent)"},
     {"take", py_take, METH_NOARGS, "take() -> (raw requests handed over, ended errno or 0)"},
     {"set_lease", py_set_lease, METH_VARARGS, "set_lease(deadline_ns CLOCK_MONOTONIC)"},
@@ -603,8 +735,10 @@ static PyMethodDef methods[] = {
     {"invalidate", py_invalidate, METH_VARARGS, "invalidate(slot)"},
     {"bind", py_bind, METH_VARARGS, "bind(fh, slot)"},
     {"unbind", py_unbind, METH_VARARGS, "unbind(fh)"},
-    {"counters", py_counters, METH_VARARGS, "counters(slot) -> (ops, bytes, ns, buckets)"},
-    {"stats", py_stats, METH_NOARGS, "stats() -> (served, handed over)"},
+    {"counters", py_counters, METH_VARARGS,
+     "counters(slot) -> (reads, writes, [(lun, writes)], (lo, hi), (last lo, last hi))"},
+    {"pending", py_pending, METH_NOARGS, "pending() -> any I/O served since the last call"},
+    {"stats", py_stats, METH_NOARGS, "stats() -> (reads served, writes served, handed over)"},
     {NULL, NULL, 0, NULL},
 };
 

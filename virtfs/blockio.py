@@ -86,6 +86,13 @@ class ContainerIO:
         # called before an fd is retired or closed and after one is opened: the C fast
         # path's tables hold fds (virtfs/cfast.py)
         self.on_change: Callable[[], None] | None = None
+        # called before the sync debts are read or changed here (sync, unsynced, retire,
+        # forget): the C fast path adds the debts of the writes it served (cfast.py)
+        self.before_debts: Callable[[], None] | None = None
+
+    def _fold(self) -> None:
+        if self.before_debts is not None:
+            self.before_debts()
 
     def set_shared(self, shared: set[int]) -> None:
         """The LUNs shared between hosts (docs/fencing.md): their I/O is O_DIRECT. A LUN
@@ -99,6 +106,7 @@ class ContainerIO:
         """Close lun's fd now, or keep it until a sync has covered its writes."""
         if lun in self._fds and self.on_change is not None:
             self.on_change()
+        self._fold()
         fd = self._fds.pop(lun, None)
         if fd is not None:
             self._direct.discard(lun)
@@ -301,6 +309,7 @@ class ContainerIO:
     # ------------------------------------------------------------ sync debts
     def forget_disk(self, disk: int) -> None:
         """The disk key leaves the namespace: its debts go to ORPHAN (every sync pays them)."""
+        self._fold()
         debts = self._debts.pop(disk, None)
         if debts and disk != ORPHAN:
             orphan = self._debts.setdefault(ORPHAN, {})
@@ -314,6 +323,7 @@ class ContainerIO:
 
     def unsynced(self) -> dict[int, int]:
         """LUN -> writes on it that no finished fdatasync covers yet (the sync debt)."""
+        self._fold()
         return {lun: n - self._synced.get(lun, 0) for lun, n in self._written.items()
                 if n > self._synced.get(lun, 0)}
 
@@ -328,6 +338,7 @@ class ContainerIO:
         its fdatasync, now or earlier (a poisoned container keeps failing every sync
         that owes it writes).
         """
+        self._fold()
         own: dict[int, int] = {}
         for k in (list(self._debts) if disk is None else [disk]):
             for lun, n in self._debts.get(k, {}).items():

@@ -170,7 +170,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         self.handles[fh] = (od, writable)
         if self.cfast is not None:
-            self.cfast.bind(fh, od)
+            self.cfast.bind(fh, od, writable)
         return fh
 
     def _handle(self, fh: int, write: bool = False) -> OpenDisk:

@@ -21,6 +21,22 @@ from .blockio import ContainerIO
 FAULT_REASONS = ("lease", "allocate", "nowrite", "restricted", "error")
 
 
+def _observe_many(h: Any, ops: int, seconds: float, buckets: list[int]) -> None:
+    """Add ops observations of histogram child h at once: seconds in all, buckets[i] in
+    bucket i (prometheus_client's own per-bucket counts; one observe() per op of the
+    mean if this prometheus_client keeps them otherwise)."""
+    counts = getattr(h, "_buckets", None)
+    total = getattr(h, "_sum", None)
+    if counts is None or total is None or len(counts) != len(buckets):
+        for _ in range(ops):
+            h.observe(seconds / ops)
+        return
+    total.inc(seconds)
+    for i, n in enumerate(buckets):
+        if n:
+            counts[i].inc(n)
+
+
 class DiskMetrics:
     """One disk's children of the agent's I/O metrics (looked up once per disk)."""
 
@@ -46,16 +62,13 @@ class DiskMetrics:
         last: above them all), as the histogram's observe() would have counted them."""
         self.read_ops.inc(ops)
         self.read_bytes.inc(nbytes)
-        h: Any = self.read_seconds
-        counts = getattr(h, "_buckets", None)
-        if counts is None or len(counts) != len(buckets):  # (another prometheus_client)
-            for _ in range(ops):
-                h.observe(seconds / ops)
-            return
-        h._sum.inc(seconds)
-        for i, n in enumerate(buckets):
-            if n:
-                counts[i].inc(n)
+        _observe_many(self.read_seconds, ops, seconds, buckets)
+
+    def write_many(self, ops: int, nbytes: int, seconds: float, buckets: list[int]) -> None:
+        """ops writes served by the C fast path: as read_many."""
+        self.write_ops.inc(ops)
+        self.write_bytes.inc(nbytes)
+        _observe_many(self.write_seconds, ops, seconds, buckets)
 
     def write(self, nbytes: int, seconds: float) -> None:
         """A write of nbytes served in seconds."""

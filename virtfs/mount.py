@@ -206,7 +206,8 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
                     log.warning("--fast-threads %d: %s; Python serves every request",
                                 args.fast_threads, why)
                 else:
-                    cf = ops.cfast = CFast(session, io, args.fast_threads)
+                    cf = ops.cfast = CFast(volumes.data, args.fast_threads,
+                                           writes=os.environ.get(cfast.WRITES_ENV) != "0")
                     cf.metrics = volumes.data.metrics
             options = set(pyfuse3.default_options)
             # the kernel checks each disk's mode, owner and group (docs/permissions.md):
@@ -230,7 +231,7 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
                                 "serves every request", e)
                     cf.stop()
                     cf = ops.cfast = None
-            if cf is not None and cf.metrics is not None:
+            if cf is not None:
                 nursery.start_soon(cf.fold_timer)
 
             async def read_ahead() -> None:
@@ -263,9 +264,10 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
             finally:
                 if cf is not None:
                     cf.stop()  # joins its threads: before the fd closes
-                    served, handed = cfast.stats()
-                    print(f"virtfs-mount: the C fast path served {served} reads; "
-                          f"{handed} requests went to Python", file=sys.stderr, flush=True)
+                    reads, writes, handed = cfast.stats()
+                    print(f"virtfs-mount: the C fast path served {reads} reads and {writes} "
+                          f"writes; {handed} requests went to Python", file=sys.stderr,
+                          flush=True)
                 stopper.closing()
                 sdnotify.notify("STOPPING=1", f"STATUS=unmounting {mountpoint}")
                 pyfuse3.close(unmount=True)
@@ -429,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve every read and write through the general data path (the "
                    "fast path for plain entries is off; also VIRTFS_FASTPATH=0)")
     p.add_argument("--fast-threads", type=int, default=None, metavar="N",
-                   help="C threads that read FUSE requests and serve plain reads without "
+                   help="C threads that read FUSE requests and serve plain reads and "
+                   "writes without "
                    f"Python (virtfs/cfast.py; default ${cfast.THREADS_ENV} or {FAST_THREADS}:"
                    " off, pyfuse3's loop reads every request)")
     p.add_argument("--metrics", metavar="HOST:PORT",
