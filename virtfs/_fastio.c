@@ -707,6 +707,33 @@ static PyObject *py_counters(PyObject *self, PyObject *args)
                          (long long)atomic_load(&d->last_hi));
 }
 
+/* entries(disk) -> [(vstart, vend, fd, coff, lun, may_read, may_write)] (tests) */
+static PyObject *py_entries(PyObject *self, PyObject *args)
+{
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "n", &k))
+        return NULL;
+    struct disk *d = get_disk(k);
+    if (d == NULL)
+        return NULL;
+    PyObject *list = PyList_New(0);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_rdlock(&d->lock);
+    Py_END_ALLOW_THREADS
+    for (size_t i = 0; list && i < d->n; i++) {
+        struct ent *e = &d->ents[i];
+        PyObject *t = Py_BuildValue("(LLiLiOO)", (long long)e->vstart, (long long)e->vend, e->fd,
+                                    (long long)e->coff, e->lun,
+                                    e->may_read ? Py_True : Py_False,
+                                    e->may_write ? Py_True : Py_False);
+        if (t == NULL || PyList_Append(list, t) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(t);
+    }
+    pthread_rwlock_unlock(&d->lock);
+    return list;
+}
+
 /* pending() -> whether any I/O was served here since the last call */
 static PyObject *py_pending(PyObject *self, PyObject *unused)
 {
@@ -737,6 +764,7 @@ static PyMethodDef methods[] = {
     {"unbind", py_unbind, METH_VARARGS, "unbind(fh)"},
     {"counters", py_counters, METH_VARARGS,
      "counters(slot) -> (reads, writes, [(lun, writes)], (lo, hi), (last lo, last hi))"},
+    {"entries", py_entries, METH_VARARGS, "entries(slot) -> the disk's table (tests)"},
     {"pending", py_pending, METH_NOARGS, "pending() -> any I/O served since the last call"},
     {"stats", py_stats, METH_NOARGS, "stats() -> (reads served, writes served, handed over)"},
     {NULL, NULL, 0, NULL},
