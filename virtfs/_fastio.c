@@ -142,6 +142,10 @@ static void hand_over(const char *buf, size_t n)
     wake();
 }
 
+/* fh's disk, read-locked (the caller unlocks it), or NULL. The disk is locked before
+ * the map is let go, so once unbind() and invalidate() have returned no I/O that found
+ * the disk through fh is left (a slot can then serve another disk). Disks are never
+ * freed while the threads run. */
 static struct disk *disk_of(uint64_t fh, int write)
 {
     struct disk *d = NULL;
@@ -152,8 +156,10 @@ static struct disk *disk_of(uint64_t fh, int write)
                 d = disks[fh_disks[i]];
             break;
         }
+    if (d != NULL)
+        pthread_rwlock_rdlock(&d->lock);
     pthread_rwlock_unlock(&map_lock);
-    return d; /* disks are never freed while the threads run */
+    return d;
 }
 
 static void count(struct counts *c, uint64_t nbytes, int64_t t0)
@@ -212,21 +218,23 @@ static int serve_write(const struct fuse_in_header *h, const struct fuse_write_i
     int64_t off = (int64_t)in->offset, end = off + in->size;
     int64_t t0 = now_ns();
     ssize_t put = -1;
-    pthread_rwlock_rdlock(&d->lock);
     struct ent *e = t0 < atomic_load(&lease_ns) ? find(d, off, end) : NULL;
     if (e != NULL && e->may_write) {
         atomic_fetch_add(&d->written[e->lun], 1);
         atomic_store(&pending, 1);
         put = pwrite(e->fd, data, in->size, e->coff + (off - e->vstart));
     }
+    if (put == (ssize_t)in->size) { /* counted under the lock: the slot is still d's */
+        atomic_min(&d->lo, off);
+        atomic_max(&d->hi, end);
+        atomic_store(&d->last_lo, off);
+        atomic_store(&d->last_hi, end);
+        count(&d->w, in->size, t0);
+        atomic_store(&pending, 1); /* (again: a fold may have run since the first) */
+    }
     pthread_rwlock_unlock(&d->lock);
     if (put != (ssize_t)in->size)
         return 0; /* a miss, an error or a short write: Python does it (again) */
-    atomic_min(&d->lo, off);
-    atomic_max(&d->hi, end);
-    atomic_store(&d->last_lo, off);
-    atomic_store(&d->last_hi, end);
-    count(&d->w, in->size, t0);
     atomic_fetch_add(&n_written, 1);
     struct fuse_out_header out = {
         .len = (uint32_t)(sizeof out + sizeof(struct fuse_write_out)), .error = 0,
@@ -250,10 +258,13 @@ static int serve_read(const struct fuse_in_header *h, const struct fuse_read_in 
     int64_t off = (int64_t)in->offset, end = off + in->size;
     int64_t t0 = now_ns();
     ssize_t got = -1;
-    pthread_rwlock_rdlock(&d->lock);
     struct ent *e = t0 < atomic_load(&lease_ns) ? find(d, off, end) : NULL;
     if (e != NULL && e->may_read)
         got = pread(e->fd, data, in->size, e->coff + (off - e->vstart));
+    if (got == (ssize_t)in->size) {
+        count(&d->r, in->size, t0); /* under the lock: the slot is still d's */
+        atomic_store(&pending, 1);
+    }
     pthread_rwlock_unlock(&d->lock);
     if (got != (ssize_t)in->size)
         return 0; /* a miss, an error or a short read: Python does it again */
@@ -262,8 +273,6 @@ static int serve_read(const struct fuse_in_header *h, const struct fuse_read_in 
     struct iovec iov[2] = {{&out, sizeof out}, {data, in->size}};
     ssize_t w = writev(fuse_fd, iov, 2);
     (void)w; /* ENOENT: the request was interrupted meanwhile; nothing to do */
-    count(&d->r, in->size, t0);
-    atomic_store(&pending, 1);
     atomic_fetch_add(&n_served, 1);
     return 1;
 }

@@ -116,6 +116,7 @@ class CFast:
         self._ods: dict[int, OpenDisk] = {}  # C slot -> the open disk it images
         self._fh: dict[int, OpenDisk] = {}  # bound FUSE handle -> its disk
         self._dirty: set[int] = set()  # slots emptied since their last publish
+        self._free: list[int] = []  # slots of closed disks (empty, counters folded)
         self._wake = -1
         self.running = False
 
@@ -125,7 +126,7 @@ class CFast:
         assert _fastio is not None
         slot = od.cslot
         if slot < 0 or self._ods.get(slot) is not od:
-            slot = od.cslot = _fastio.new_disk()
+            slot = od.cslot = self._free.pop() if self._free else _fastio.new_disk()
             self._ods[slot] = od
             self._dirty.add(slot)
             od.table.on_change = lambda: self.dirty(od)
@@ -160,10 +161,12 @@ class CFast:
             return
         _fastio.unbind(fh)
         if od not in self._fh.values():
-            self.dirty(od)
+            self.dirty(od)  # (and every I/O that found it through a handle is over)
             self._fold(od.cslot, od)
             self._ods.pop(od.cslot, None)
             self._dirty.discard(od.cslot)
+            self._free.append(od.cslot)
+            od.cslot = -1
             od.table.on_change = None
 
     def renewed(self) -> None:

@@ -83,13 +83,15 @@ def test_qos_grown_ahead_and_retired_fds_empty_it(cf):
     assert c.publish(od) == 0  # nothing open to serve from
 
 
-def test_last_handle_released_empties_it(cf):
+def test_last_handle_released_empties_it_and_frees_its_slot(cf):
     c, data, od = cf
     c.bind(6, od, False)
     c.publish(od)
     c.unbind(6)
     assert table(c, od)  # one handle left
+    slot = od.cslot
     c.unbind(5)
-    assert table(c, od) == []
-    assert od.table.on_change is None
-    c.bind(5, od, True)  # (for the fixture's unbind)
+    assert cfast._fastio.entries(slot) == []
+    assert od.table.on_change is None and od.cslot == -1
+    c.bind(5, od, True)  # the next open takes the free slot again (for the fixture too)
+    assert od.cslot == slot and table(c, od) == []
