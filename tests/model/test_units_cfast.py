@@ -95,3 +95,16 @@ def test_last_handle_released_empties_it_and_frees_its_slot(cf):
     assert od.table.on_change is None and od.cslot == -1
     c.bind(5, od, True)  # the next open takes the free slot again (for the fixture too)
     assert od.cslot == slot and table(c, od) == []
+
+
+def test_unavailable_says_why(monkeypatch):
+    """Without the pyfuse3 patch or the extension the agent runs the Python path and
+    says why (mount.py logs this line once)."""
+    import pyfuse3
+    monkeypatch.delattr(pyfuse3, "process_raw")
+    assert "fastpath.patch" in (cfast.unavailable() or "")
+    monkeypatch.undo()
+    monkeypatch.setattr(cfast, "_fastio", None)
+    monkeypatch.setattr(cfast, "_IMPORT_ERROR", "No module named 'virtfs._fastio'")
+    assert "virtfs._fastio is not built" in (cfast.unavailable() or "")
+    assert cfast.stats() == (0, 0, 0)
