@@ -1,6 +1,6 @@
 /* virtfs._fastio: the C fast path of the agent's READ and WRITE requests (cfast.py).
  *
- * N worker pthreads each poll() and read() the mount's /dev/fuse fd (the session's
+ * N worker pthreads each epoll_wait() and read() the mount's /dev/fuse fd (the session's
  * own fd, set O_NONBLOCK: a thread that loses the race gets EAGAIN and polls again)
  * into a buffer of their own, and parse the fuse_in_header themselves. A FUSE_READ
  * (or FUSE_WRITE, of a handle opened for writing) whose file handle is bound to a
@@ -31,12 +31,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fuse.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -288,16 +288,35 @@ static void *worker(void *arg)
         wake();
         return NULL;
     }
-    struct pollfd p[2] = {{.fd = fuse_fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
+    /* one epoll per thread, the FUSE fd EPOLLEXCLUSIVE: a request wakes one thread, not
+     * all of them (each other one would read EAGAIN); the stop fd wakes every one */
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event fe = {.events = EPOLLIN | EPOLLEXCLUSIVE, .data.fd = fuse_fd};
+    struct epoll_event se = {.events = EPOLLIN, .data.fd = stop_fd};
+    if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, fuse_fd, &fe) < 0 ||
+        epoll_ctl(ep, EPOLL_CTL_ADD, stop_fd, &se) < 0) {
+        atomic_store(&ended, errno);
+        wake();
+        if (ep >= 0)
+            close(ep);
+        free(buf);
+        free(data);
+        return NULL;
+    }
     while (!atomic_load(&stopping)) {
-        if (poll(p, 2, -1) < 0) {
+        struct epoll_event ev[2];
+        int nev = epoll_wait(ep, ev, 2, -1);
+        if (nev < 0) {
             if (errno == EINTR)
                 continue;
             atomic_store(&ended, errno);
             wake();
             break;
         }
-        if (p[1].revents || atomic_load(&stopping))
+        int stop = atomic_load(&stopping);
+        for (int i = 0; i < nev; i++)
+            stop |= ev[i].data.fd == stop_fd; /* (the FUSE fd's errors: read says which) */
+        if (stop)
             break;
         ssize_t n = read(fuse_fd, buf, IN_BUF);
         if (n < 0) {
@@ -324,6 +343,7 @@ static void *worker(void *arg)
             continue;
         hand_over(buf, (size_t)n);
     }
+    close(ep);
     free(buf);
     free(data);
     return NULL;
