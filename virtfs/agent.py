@@ -59,6 +59,7 @@ class Session:
         self._renewed = trio.Event()
         self.on_push: PushHandler | None = None
         self.on_reconnect: ReconnectHandler | None = None
+        self.on_renew: Callable[[], None] | None = None  # after each renewal (cfast.py)
         self.reconnects = 0
         self._nursery: trio.Nursery | None = None
         self.outages = OutageLog(f"the controller at {addr}")  # when to say it is away
@@ -241,6 +242,8 @@ class Session:
 
     def _renew(self, sent: float) -> None:
         self.lease_until = sent + self.lease
+        if self.on_renew is not None:
+            self.on_renew()
         self._renewed.set()
         self._renewed = trio.Event()
 

@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 
 import trio
 
@@ -82,6 +83,16 @@ class ContainerIO:
         # disk key -> LUN -> the LUN's write count at the disk's last write there
         self._debts: dict[int, dict[int, int]] = {}
         self._poisoned: dict[int, str] = {}  # LUN -> why its sync failed
+        # called before an fd is retired or closed and after one is opened: the C fast
+        # path's tables hold fds (virtfs/cfast.py)
+        self.on_change: Callable[[], None] | None = None
+        # called before the sync debts are read or changed here (sync, unsynced, retire,
+        # forget): the C fast path adds the debts of the writes it served (cfast.py)
+        self.before_debts: Callable[[], None] | None = None
+
+    def _fold(self) -> None:
+        if self.before_debts is not None:
+            self.before_debts()
 
     def set_shared(self, shared: set[int]) -> None:
         """The LUNs shared between hosts (docs/fencing.md): their I/O is O_DIRECT. A LUN
@@ -93,6 +104,9 @@ class ContainerIO:
 
     def _retire(self, lun: int) -> None:
         """Close lun's fd now, or keep it until a sync has covered its writes."""
+        if lun in self._fds and self.on_change is not None:
+            self.on_change()
+        self._fold()
         fd = self._fds.pop(lun, None)
         if fd is not None:
             self._direct.discard(lun)
@@ -164,6 +178,8 @@ class ContainerIO:
             self._fds[lun] = fd
             if direct:
                 self._direct.add(lun)
+            if self.on_change is not None:
+                self.on_change()  # (the C tables can use it once they are rebuilt)
 
     def _open_checked(self, lun: int, path: str, want: tuple[str, str] | None,
                       direct: bool = False) -> int:
@@ -293,6 +309,7 @@ class ContainerIO:
     # ------------------------------------------------------------ sync debts
     def forget_disk(self, disk: int) -> None:
         """The disk key leaves the namespace: its debts go to ORPHAN (every sync pays them)."""
+        self._fold()
         debts = self._debts.pop(disk, None)
         if debts and disk != ORPHAN:
             orphan = self._debts.setdefault(ORPHAN, {})
@@ -306,6 +323,7 @@ class ContainerIO:
 
     def unsynced(self) -> dict[int, int]:
         """LUN -> writes on it that no finished fdatasync covers yet (the sync debt)."""
+        self._fold()
         return {lun: n - self._synced.get(lun, 0) for lun, n in self._written.items()
                 if n > self._synced.get(lun, 0)}
 
@@ -320,6 +338,7 @@ class ContainerIO:
         its fdatasync, now or earlier (a poisoned container keeps failing every sync
         that owes it writes).
         """
+        self._fold()
         own: dict[int, int] = {}
         for k in (list(self._debts) if disk is None else [disk]):
             for lun, n in self._debts.get(k, {}).items():
@@ -373,6 +392,8 @@ class ContainerIO:
 
     def close(self) -> None:
         """Close every fd (without syncing)."""
+        if self.on_change is not None:
+            self.on_change()
         for lun in list(self._fds):
             os.close(self._fds.pop(lun))
         self._direct.clear()

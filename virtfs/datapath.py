@@ -256,6 +256,7 @@ class DataPath:
             end = offset + len(data)
             if od.grow.eof is not None and od.grow.eof == end and end > size_before:
                 od.grow.eof = size_before
+                od.changed()
             raise
 
     async def _write(self, od: OpenDisk, offset: int, data: bytes | memoryview,

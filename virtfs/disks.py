@@ -213,6 +213,7 @@ class Volumes:
             od = self.ns.open.get(msg["disk"])
             if od is not None:
                 od.qos = limiter(msg.get("qos"))
+                od.changed()
         elif kind == "namespace":
             await self.ns.apply_namespace(msg)
         elif kind == "epochs":

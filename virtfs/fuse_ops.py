@@ -30,6 +30,7 @@ from controller.protocol import (
 )
 
 from . import perms
+from .cfast import CFast
 from .disks import Volumes
 from .errors import DiskError
 from .namespace import ROOT_INODE
@@ -94,6 +95,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.uid, self.gid = os.getuid(), os.getgid()
         self.initialized = trio.Event()  # the kernel's INIT has been answered
+        self.cfast: CFast | None = None  # the C fast path of reads (mount.py, cfast.py)
         self.started = time.time()
         volumes.kernel.invalidate = self._invalidate
         volumes.kernel.invalidate_wait = self._invalidate_wait
@@ -167,6 +169,8 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = (od, writable)
+        if self.cfast is not None:
+            self.cfast.bind(fh, od, writable)
         return fh
 
     def _handle(self, fh: int, write: bool = False) -> OpenDisk:
@@ -414,6 +418,8 @@ class Operations(pyfuse3.Operations):
     @handler
     async def release(self, fh: int) -> None:
         od, _ = self.handles.pop(fh, (None, False))
+        if self.cfast is not None:
+            self.cfast.unbind(fh)  # no C read of fh from now on
         if od is not None:
             await self.v.release(od)
 

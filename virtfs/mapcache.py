@@ -24,7 +24,7 @@ from __future__ import annotations
 import operator
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain, compress, islice
 from typing import Any
 
@@ -129,6 +129,9 @@ class DiskTable:
         self._gen = array("I")
         self.gen = 0
         self._alloc = 0  # bytes in entries without ZERO (st_blocks: read on every stat)
+        # called (no arguments) before any change of the entries or size returns:
+        # the C fast path's image of the table is emptied (virtfs/cfast.py)
+        self.on_change: Callable[[], None] | None = None
         self.load(size, epoch, rows, version, force=True)
 
     def stale(self, version: int | None) -> bool:
@@ -149,6 +152,7 @@ class DiskTable:
             self.restrict(0, self.size)
             return False
         cols = _columns(rows, 0, _check_size(size))
+        self._changed()
         self.size, self.epoch = size, epoch
         if version is not None:
             self.version = version if force else max(self.version, version)
@@ -174,12 +178,17 @@ class DiskTable:
         generation and are as sent. version: the push's stamp ("v"); the table's
         version rises to it, so an answer older than the freeze is not applied (it only
         restricts: DiskTable.replace) and cannot make an entry writable again."""
+        self._changed()
         self.gen += 1
         if type(version) is int:
             self.version = max(self.version, version)
 
     def __len__(self) -> int:
         return len(self._vs)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     @property
     def allocated(self) -> int:
@@ -258,6 +267,8 @@ class DiskTable:
     def resize(self, size: int) -> None:
         """Cut the table at size, or extend it with a zero entry. TableError on a bad size."""
         _check_size(size)
+        if size != self.size:
+            self._changed()
         if size < self.size:
             self._split(size)
             i = bisect_right(self._vs, size - 1) if size else 0
@@ -289,6 +300,7 @@ class DiskTable:
         new_size = self.size if size is None else _check_size(size)
         end = min(end, new_size)
         cols = _columns(rows, start, end)
+        self._changed()
         if version is not None:
             self.version = version
         if new_size != self.size:
@@ -312,6 +324,7 @@ class DiskTable:
         start, end = max(start, 0), min(end, self.size)
         if start >= end:
             return
+        self._changed()
         i, j = self._range(start, end)
         self._fl[i:j] = array("B", self._fl[i:j].tobytes().translate(_OR_INVALID))
 

@@ -39,8 +39,10 @@ from controller.statedir import default_socket, default_state_dir
 from controller.transport import ClientSecurity, SecurityConfigError, split_addrs
 from controller.units import SizeError, format_size, parse_size, seconds_arg
 
+from . import cfast
 from .agent import Session
 from .blockio import ContainerIO
+from .cfast import CFast
 from .datapath import fast_path_wanted
 from .disks import Volumes
 from .fuse_ops import Operations
@@ -54,6 +56,7 @@ DEMO_DISK = "demo"
 DEMO_SIZE = 1 << 30
 CONNECT_TIMEOUT = 30.0
 MAX_BACKGROUND = 64  # FUSE background requests in flight (--max-background)
+FAST_THREADS = 0  # C readers of the FUSE fd (--fast-threads; cfast.py); 0: off
 
 
 class MountError(Exception):
@@ -196,6 +199,16 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
                 print(f"virtfs-mount: metrics at http://{host}:{port}/metrics",
                       file=sys.stderr, flush=True)
             ops = Operations(volumes, nursery)
+            cf = None
+            if args.fast_threads and volumes.data.fast:
+                why = cfast.unavailable()
+                if why is not None:
+                    log.warning("--fast-threads %d: %s; Python serves every request",
+                                args.fast_threads, why)
+                else:
+                    cf = ops.cfast = CFast(volumes.data, args.fast_threads,
+                                           writes=os.environ.get(cfast.WRITES_ENV) != "0")
+                    cf.metrics = volumes.data.metrics
             options = set(pyfuse3.default_options)
             # the kernel checks each disk's mode, owner and group (docs/permissions.md):
             # pyfuse3's default, said here so that no change of it can drop it
@@ -210,6 +223,16 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
             except RuntimeError as e:
                 raise MountError(f"cannot mount {mountpoint}: {e}") from None
             stopper.serving()
+            if cf is not None:
+                try:
+                    cf.start()  # its threads read the FUSE fd; pyfuse3's loop does not
+                except (OSError, ValueError, RuntimeError) as e:
+                    log.warning("--fast-threads: cannot start the C readers (%s); Python "
+                                "serves every request", e)
+                    cf.stop()
+                    cf = ops.cfast = None
+            if cf is not None:
+                nursery.start_soon(cf.fold_timer)
 
             async def read_ahead() -> None:
                 await ops.initialized.wait()  # INIT caps read-ahead; raise it after
@@ -227,8 +250,24 @@ async def _serve(args: argparse.Namespace, stopper: Stopper) -> None:
 
             nursery.start_soon(ready)
             try:
-                await pyfuse3.main()
+                if cf is None:
+                    await pyfuse3.main()
+                else:
+                    # the handlers of the requests handed over run in this nursery, so
+                    # that, as in pyfuse3's loop, all have answered before close()
+                    async with trio.open_nursery() as requests:
+                        requests.start_soon(cf.run, requests)
+                        try:
+                            await pyfuse3.main(reader=False)
+                        finally:
+                            cf.stop()
             finally:
+                if cf is not None:
+                    cf.stop()  # joins its threads: before the fd closes
+                    reads, writes, handed = cfast.stats()
+                    print(f"virtfs-mount: the C fast path served {reads} reads and {writes} "
+                          f"writes; {handed} requests went to Python", file=sys.stderr,
+                          flush=True)
                 stopper.closing()
                 sdnotify.notify("STOPPING=1", f"STATUS=unmounting {mountpoint}")
                 pyfuse3.close(unmount=True)
@@ -391,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fast-path", action="store_true",
                    help="serve every read and write through the general data path (the "
                    "fast path for plain entries is off; also VIRTFS_FASTPATH=0)")
+    p.add_argument("--fast-threads", type=int, default=None, metavar="N",
+                   help="C threads that read FUSE requests and serve plain reads and "
+                   "writes without "
+                   f"Python (virtfs/cfast.py; default ${cfast.THREADS_ENV} or {FAST_THREADS}:"
+                   " off, pyfuse3's loop reads every request)")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md;"
                    " PORT 0 picks a free port, printed on stderr); with an embedded "
@@ -423,6 +467,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--fault-timeout must be more than 0 seconds")
     if args.read_ahead_kb < 0:
         p.error("--read-ahead-kb must not be negative")
+    if args.fast_threads is None:
+        try:
+            args.fast_threads = int(os.environ.get(cfast.THREADS_ENV, FAST_THREADS))
+        except ValueError:
+            p.error(f"${cfast.THREADS_ENV} must be a number of threads")
+    if not 0 <= args.fast_threads <= 64:
+        p.error("--fast-threads must be between 0 and 64")
     if not 0 <= args.max_background <= 65535:
         p.error("--max-background must be between 0 and 65535")
     if args.metrics is not None:

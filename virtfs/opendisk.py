@@ -118,6 +118,13 @@ class OpenDisk:
     reloading: Background = field(default_factory=lambda: Background(rerun=True))
     settling: Background = field(default_factory=Background)  # size and times (settle)
     qos: Limiter | None = None  # the disk's QoS limits (qos.py); None: unlimited
+    cslot: int = -1  # its slot in the C fast path (virtfs/cfast.py); -1: none
+
+    def changed(self) -> None:
+        """Its local end of file or QoS changed: the C fast path's image of it is
+        emptied before this returns (the table's own changes do that themselves)."""
+        if self.table.on_change is not None:
+            self.table.on_change()
 
     def touch(self, mtime: float | None = None) -> None:
         """The content or size changed now (or utimensat set mtime: seconds)."""

@@ -60,6 +60,7 @@ class Sizes:
                 return
             if od.grow.eof is not None and od.table.size == od.grow.to and size <= od.table.size:
                 od.grow.eof = size  # inside the step already taken: no round trip
+                od.changed()
                 return
             if ahead:
                 base = od.size
@@ -70,6 +71,7 @@ class Sizes:
                     od.grow.to, od.grow.eof = want, size
                 else:  # another writer made it larger meanwhile: its size stands
                     od.grow.eof = None
+                od.changed()
                 return
             # grow_only: a disk another writer made larger meanwhile stays as it is
             await self.resize(od.name, size, allow_shrink=False, od=od, grow_only=True)
@@ -143,10 +145,12 @@ class Sizes:
             eof, grown = od.grow.eof, od.grow.to
             if eof is None or od.table.size != grown or eof >= grown:
                 od.grow.eof, od.grow.to = None, -1
+                od.changed()
                 return
             r = await call(self.session, "disk.trim", f"trim {od.name}", timeout=timeout,
                            name=od.name, size=eof, expect=grown)
             od.grow.eof, od.grow.to = None, -1
+            od.changed()
             self.on_resize()
             u = r.get("update")
             if u is not None:
@@ -162,6 +166,7 @@ class Sizes:
         name = od.name  # as asked (a rename while the lock is taken does not change it)
         async with od.grow.lock:
             od.grow.eof, od.grow.to = None, -1
+            od.changed()
             await self.resize(name, size, allow_shrink=True, od=od)
 
     async def resize(self, name: str, size: int, allow_shrink: bool,

@@ -194,6 +194,7 @@ class Tables:
                        name=od.name)
         self.apply_update(od.table, TableUpdate.table(t))
         od.qos = limiter(t.get("qos"))  # (a "qos" push may have been lost meanwhile)
+        od.changed()
         self.kernel.invalidate(od.inode)
 
     async def reload_or_restrict(self, od: OpenDisk, timeout: float | None = None) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from rig import (
     BIN,
     ControllerProc,
@@ -22,21 +23,24 @@ from rig import (
 )
 
 
-def test_metrics_move_with_fio(tmp_path):
+@pytest.mark.parametrize("threads", ["0", "2"], ids=["python", "c-path"])
+def test_metrics_move_with_fio(tmp_path, threads):
+    """threads "2": the C fast path serves most reads and writes (virtfs/cfast.py), and
+    its counts are folded into the same metrics."""
     c = ControllerProc(tmp_path / "state", tmp_path / "controller.log")
     c.start(["--metrics", "127.0.0.1:0"])
     try:
-        run_with(c, tmp_path)
+        run_with(c, tmp_path, {"VIRTFS_FAST_THREADS": threads})
     finally:
         c.stop()
 
 
-def run_with(c: ControllerProc, tmp_path: Path) -> None:
+def run_with(c: ControllerProc, tmp_path: Path, env: dict[str, str] | None = None) -> None:
     add_container(c, "c1", tmp_path / "c1.img", "256M")
     vd(c, "disk", "create", "d", "--size", "64M")
     cport = metrics_port(c.log_path, "virtfs-controller")
     m = MountProc(tmp_path / "m", c.state_dir, tmp_path / "m.log", controller=f"unix:{c.sock}",
-                  args=["--metrics", "127.0.0.1:0"])
+                  args=["--metrics", "127.0.0.1:0"], env=env)
     m.start()
     try:
         aport = metrics_port(m.log_path, "virtfs-mount")

@@ -38,12 +38,13 @@ def disk_info(m, name):
     return vd(m, "disk", "info", name, "--format", "json").json()
 
 
-@pytest.mark.parametrize(("direct", "fast"), [("0", "1"), ("1", "1"), ("1", "0")],
-                         ids=["buffered", "direct", "direct-general-path"])
+@pytest.mark.parametrize(("direct", "fast"), [("0", "1"), ("1", "1"), ("1", "0"), ("1", "c")],
+                         ids=["buffered", "direct", "direct-general-path", "direct-c-path"])
 def test_fio_verify_randwrite_thin(mount_factory, direct, fast):
-    """fast "0": every request through the general data path (VIRTFS_FASTPATH=0)."""
-    m = mount_factory("mnt", args=["--default-container-size", "4G"],
-                      env={"VIRTFS_FASTPATH": fast})
+    """fast "0": every request through the general data path (VIRTFS_FASTPATH=0); "c":
+    the C readers on (VIRTFS_FAST_THREADS=2, virtfs/cfast.py)."""
+    env = {"VIRTFS_FAST_THREADS": "2"} if fast == "c" else {"VIRTFS_FASTPATH": fast}
+    m = mount_factory("mnt", args=["--default-container-size", "4G"], env=env)
     vd(m, "disk", "create", "d", "--size", "96M")
     fio(m.path / "d", "--size=96M", "--do_verify=1", f"--direct={direct}", *FIO_VERIFY)
     # the disk was thin: fio's writes allocated it, and the table says so

@@ -1,8 +1,8 @@
 """PEP 517 build backend: pyfuse3 from its vendored upstream sdist plus virtfs's patches.
 
 The distribution it builds is upstream pyfuse3 3.5.0 (``pyfuse3-3.5.0.tar.gz`` here, byte for
-byte the PyPI sdist: its SHA-256 is checked) with ``fallocate.patch`` and then ``lseek.patch``
-applied (README.md here says what they add and why), versioned ``3.5.0+virtfs.fallocate.lseek``
+byte the PyPI sdist: its SHA-256 is checked) with ``fallocate.patch``, ``lseek.patch`` and
+``fastpath.patch`` applied in that order (README.md here says what they add and why), versioned ``3.5.0+virtfs.fallocate.lseek.fastpath``
 so ``pip list`` shows the patched build. Each hook unpacks and patches the sdist in a temporary
 directory and hands over to upstream's own backend (``util/build_backend.py``, which configures
 the Cython extension from ``pkg-config fuse3``); nothing is written into this directory.
@@ -31,8 +31,8 @@ HERE = Path(__file__).resolve().parent
 UPSTREAM_VERSION = "3.5.0"
 SDIST = HERE / f"pyfuse3-{UPSTREAM_VERSION}.tar.gz"
 SDIST_SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
-PATCHES = ("fallocate.patch", "lseek.patch")  # applied in this order
-LOCAL_VERSION = f"{UPSTREAM_VERSION}+virtfs.fallocate.lseek"
+PATCHES = ("fallocate.patch", "lseek.patch", "fastpath.patch")  # applied in this order
+LOCAL_VERSION = f"{UPSTREAM_VERSION}+virtfs.fallocate.lseek.fastpath"
 
 
 def _unpack_patched(into: Path) -> Path:
