@@ -56,7 +56,9 @@ DEMO_DISK = "demo"
 DEMO_SIZE = 1 << 30
 CONNECT_TIMEOUT = 30.0
 MAX_BACKGROUND = 64  # FUSE background requests in flight (--max-background)
-FAST_THREADS = 0  # C readers of the FUSE fd (--fast-threads; cfast.py); 0: off
+# C readers of the FUSE fd (--fast-threads; cfast.py); 0: off. Two: on 2 cores a third
+# reader did no better, and one leaves a request waiting while it copies 1 MiB
+FAST_THREADS = 2
 
 
 class MountError(Exception):
@@ -433,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast-threads", type=int, default=None, metavar="N",
                    help="C threads that read FUSE requests and serve plain reads and "
                    "writes without "
-                   f"Python (virtfs/cfast.py; default ${cfast.THREADS_ENV} or {FAST_THREADS}:"
-                   " off, pyfuse3's loop reads every request)")
+                   f"Python (virtfs/cfast.py; default ${cfast.THREADS_ENV} or {FAST_THREADS};"
+                   " 0: off, pyfuse3's loop reads every request)")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md;"
                    " PORT 0 picks a free port, printed on stderr); with an embedded "

@@ -87,7 +87,8 @@ def test_migrate_under_4_fio_jobs_with_verify_c_path(controller, mount_factory, 
 
 def test_migrate_under_4_fio_jobs_with_verify(controller, mount_factory, tmp_path):
     assert os.environ.get("VIRTFS_FASTPATH", "1") != "0"  # the path under test
-    migrate_under_fio(controller, mount_factory, tmp_path, 4, 32 * MiB)
+    migrate_under_fio(controller, mount_factory, tmp_path, 4, 32 * MiB,
+                      env={"VIRTFS_FAST_THREADS": "0"})  # the Python fast path
 
 
 @pytest.mark.slow

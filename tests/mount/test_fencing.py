@@ -33,7 +33,8 @@ def test_agent_past_its_lease_does_no_container_io(controller, mount_factory, tm
     add_container(controller, "c1", tmp_path / "c1.img", "64M")
     vd(controller, "disk", "create", "d", "--size", "8M")
     m = agent(mount_factory, controller, args=["--fault-timeout", "30"],
-              env={"VIRTFS_FAST_THREADS": "2"} if fast == "c" else {"VIRTFS_FASTPATH": fast})
+              env={"VIRTFS_FAST_THREADS": "2"} if fast == "c" else {
+                  "VIRTFS_FASTPATH": fast, "VIRTFS_FAST_THREADS": "0"})
     fd = open_direct(m.path / "d")
     try:
         dwrite(fd, 0, b"A" * BLOCK)  # allocated and mapped: a plain valid entry

@@ -43,7 +43,8 @@ def disk_info(m, name):
 def test_fio_verify_randwrite_thin(mount_factory, direct, fast):
     """fast "0": every request through the general data path (VIRTFS_FASTPATH=0); "c":
     the C readers on (VIRTFS_FAST_THREADS=2, virtfs/cfast.py)."""
-    env = {"VIRTFS_FAST_THREADS": "2"} if fast == "c" else {"VIRTFS_FASTPATH": fast}
+    env = ({"VIRTFS_FAST_THREADS": "2"} if fast == "c"
+           else {"VIRTFS_FASTPATH": fast, "VIRTFS_FAST_THREADS": "0"})
     m = mount_factory("mnt", args=["--default-container-size", "4G"], env=env)
     vd(m, "disk", "create", "d", "--size", "96M")
     fio(m.path / "d", "--size=96M", "--do_verify=1", f"--direct={direct}", *FIO_VERIFY)

@@ -24,7 +24,8 @@ _names = itertools.count()
 
 @pytest.fixture(params=["1", "0"], ids=["fast-path", "general-path"])
 def model_mount(mount_factory, request):
-    """The mount, with the data path's fast path on, and off (VIRTFS_FASTPATH=0)."""
+    """The mount, with the data path's fast path on (its C readers too: the default),
+    and off (VIRTFS_FASTPATH=0)."""
     m = mount_factory("mm", args=["--default-container-size", "64M"],
                       env={"VIRTFS_FASTPATH": request.param})
     m.fast = request.param == "1"
