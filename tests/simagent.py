@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import trio
+
 from controller.client import open_controller
 from controller.protocol import ERROR, INVALID, NOWRITE, ZERO
 from virtfs.mapcache import DiskTable
@@ -88,17 +90,34 @@ class SimAgent:
 
 
 class agent_ctx:
-    def __init__(self, addr: str, name: str, nursery: Any):
-        self.addr, self.a, self.nursery = addr, SimAgent(name), nursery
+    """A registered SimAgent for the block. renew: it renews its lease (agent.heartbeat
+    every RENEW_EVERY seconds) as a real agent does, so a test slower than a lease (a
+    loaded machine) keeps it; else its lease runs out a lease after registering (for
+    tests of what the controller does with an agent that went silent)."""
+
+    RENEW_EVERY = 0.5
+
+    def __init__(self, addr: str, name: str, nursery: Any, renew: bool = False):
+        self.addr, self.a, self.nursery, self.renew = addr, SimAgent(name), nursery, renew
+        self.scope = trio.CancelScope()
 
     async def __aenter__(self) -> SimAgent:
         self.cm = open_controller(self.addr, role="agent", on_push=self.a.on_push)
         self.a.client = await self.cm.__aenter__()
         self.a.nursery = self.nursery
         await self.a.client.call("agent.register", name=self.a.name, host="h", mount="/m")
+        if self.renew:
+            self.nursery.start_soon(self._renew)
         return self.a
 
+    async def _renew(self) -> None:
+        with self.scope:
+            while True:
+                await trio.sleep(self.RENEW_EVERY)
+                await self.a.client.call("agent.heartbeat")
+
     async def __aexit__(self, *exc: Any) -> None:
+        self.scope.cancel()
         await self.cm.__aexit__(*exc)
 
 

@@ -170,7 +170,8 @@ async def test_copier_publishes_its_marked_blocks_writable_at_l2_to_every_agent(
     async with open_controller_service(state, lease=3.0) as svc:
         d, c2 = await _setup(tmp_path, svc)
         async with trio.open_nursery() as n:
-            async with agent_ctx(addr, "A", n) as A, agent_ctx(addr, "B", n) as B:
+            async with (agent_ctx(addr, "A", n, renew=True) as A,
+                        agent_ctx(addr, "B", n, renew=True) as B):
                 await A.open("d")
                 await B.open("d")
                 A.pwrite("d", 0, pattern(0x11, SEG))
@@ -183,7 +184,7 @@ async def test_copier_publishes_its_marked_blocks_writable_at_l2_to_every_agent(
                     assert not ag.can_write("d", 256 * BS, BS), ag.entry("d", 256 * BS)
                 A.pwrite("d", 5 * BS, pattern(0x22, BS))
                 assert B.pread("d", 5 * BS, BS) == pattern(0x22, BS)
-                async with agent_ctx(addr, "C", n) as C:
+                async with agent_ctx(addr, "C", n, renew=True) as C:
                     await C.open("d")
                     assert C.can_write("d", 0, 256 * BS), C.entry("d", 5 * BS)
                     assert C.pread("d", 5 * BS, BS) == pattern(0x22, BS)
