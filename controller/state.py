@@ -376,15 +376,21 @@ class State:
         perms.inherit(d, self.snaps[full])
         d.epoch += 1  # its storage is shared now: writes must copy first
 
-    def _snap_rm(self, rec: R.SnapRm) -> None:
-        """Drop a snapshot; free what no other table of its family maps."""
-        s = self.snaps.get(rec.name)
+    def _removable(self, name: str) -> Disk:
+        """Snapshot name, which snap.trim and snap.rm may remove; StateError if there is
+        none, or it has clones (they share its storage)."""
+        s = self.snaps.get(name)
         if s is None:
-            raise StateError(f"no such snapshot: {rec.name!r}")
+            raise StateError(f"no such snapshot: {name!r}")
         users = sorted(t.name for t in (*self.disks.values(), *self.snaps.values())
                        if t.origin == s.name)
         if users:
             raise StateError(f"snapshot {s.name!r} has clones: {', '.join(users)}")
+        return s
+
+    def _snap_rm(self, rec: R.SnapRm) -> None:
+        """Drop a snapshot; free what no other table of its family maps."""
+        s = self._removable(rec.name)
         del self.snaps[s.name]
         # what another table holds as the same extent chunk frees nothing: O(chunks)
         self.release_unshared(s.family, sharing.own_pieces(s, self.family(s.family)))
@@ -392,13 +398,7 @@ class State:
     def _snap_trim(self, rec: R.SnapTrim) -> None:
         """A snapshot being removed: marked so for good, and its extents in [start, end)
         dropped, freeing what no other table of its family maps (R.SnapTrim)."""
-        s = self.snaps.get(rec.name)
-        if s is None:
-            raise StateError(f"no such snapshot: {rec.name!r}")
-        users = sorted(t.name for t in (*self.disks.values(), *self.snaps.values())
-                       if t.origin == s.name)
-        if users:
-            raise StateError(f"snapshot {s.name!r} has clones: {', '.join(users)}")
+        s = self._removable(rec.name)
         start, end = rec.start, rec.end
         if not (0 <= start <= end <= s.size):
             raise StateError(f"trim range {start}..{end} outside snapshot {s.name!r}")

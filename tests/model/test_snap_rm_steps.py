@@ -129,24 +129,8 @@ def test_own_pieces_free_exactly_what_the_whole_walk_frees(seed: int) -> None:
     assert len(s.extents) > 2000  # several chunks
     # untouched: every chunk is the same object; nothing is the snapshot's own
     assert sharing.own_pieces(s, [d]) == []
-    # the disk changes: the first third unmapped here and there, the second remapped
-    # elsewhere here and there (same extents but for the offset), chunks of the last
-    # third copied unchanged (as a mutation copies them)
-    third = d.size // SEG // 3
-    for _ in range(40):
-        i = rnd.randrange(third)
-        seq += 1
-        state.apply(DiskUnmap("d", i * SEG, (i + rnd.randrange(1, 4)) * SEG), seq)
-    for _ in range(40):
-        i = third + rnd.randrange(third)
-        seq += 1
-        state.apply(DiskUnmap("d", i * SEG, (i + 1) * SEG), seq)
-        (off, n), = state.luns[1].space.plan(SEG)
-        seq += 1
-        state.apply(DiskMap("d", [(i * SEG, n, 1, off)]), seq)
-    for ci in range(0, len(d.extents._chunks)):
-        if d.extents._chunks[ci].vs[0] >= 2 * third * SEG:
-            d.extents._own(ci)
+    state, rnd, seq = _diverge(seed)
+    d, s = state.disks["d"], state.snaps["d@s"]
     own = sharing.own_pieces(s, [d])
     assert 0 < len(own) < len(s.extents)
     expect = _freed(state, "d@s", list(s.extents))
