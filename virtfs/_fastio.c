@@ -74,6 +74,16 @@ struct req {
     char data[];
 };
 
+/* a container read or write that failed here (answered with its error: handing it to
+ * Python would try it again and hide a transient error from the writer): Python logs
+ * and reports it (DataPath._io_error), as for its own I/O */
+struct ioerr {
+    struct ioerr *next;
+    uint64_t fh;
+    int64_t coff;
+    int lun, err, write;
+};
+
 static pthread_rwlock_t map_lock; /* the disk array and the fh map */
 static struct disk **disks;
 static size_t ndisks;
@@ -93,6 +103,7 @@ static pthread_t *threads;
 static size_t nthreads;
 static pthread_mutex_t q_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct req *q_head, *q_tail;
+static struct ioerr *e_head, *e_tail; /* under q_lock too */
 static atomic_ullong n_served, n_written, n_handed;
 static atomic_int pending; /* served I/O not yet folded */
 
@@ -119,6 +130,11 @@ static void wake(void)
     (void)r;
 }
 
+static ssize_t write_all_header(const struct fuse_out_header *out)
+{
+    return write(fuse_fd, out, sizeof *out);
+}
+
 static void hand_over(const char *buf, size_t n)
 {
     struct req *r = malloc(sizeof *r + n);
@@ -139,6 +155,31 @@ static void hand_over(const char *buf, size_t n)
     q_tail = r;
     pthread_mutex_unlock(&q_lock);
     atomic_fetch_add(&n_handed, 1);
+    wake();
+}
+
+/* A container I/O of fh's at (lun, coff) failed with err: queued for Python, which is
+ * woken; the request gets the error the Python path gives (reads EIO; writes ENOSPC
+ * and EDQUOT as they are, else EIO). */
+static void io_failed(const struct fuse_in_header *h, uint64_t fh, int lun, int64_t coff,
+                      int err, int is_write)
+{
+    struct ioerr *x = malloc(sizeof *x);
+    if (x != NULL) {
+        *x = (struct ioerr){.next = NULL, .fh = fh, .coff = coff, .lun = lun, .err = err,
+                            .write = is_write};
+        pthread_mutex_lock(&q_lock);
+        if (e_tail)
+            e_tail->next = x;
+        else
+            e_head = x;
+        e_tail = x;
+        pthread_mutex_unlock(&q_lock);
+    }
+    int code = is_write && (err == ENOSPC || err == EDQUOT) ? err : EIO;
+    struct fuse_out_header out = {.len = sizeof out, .error = -code, .unique = h->unique};
+    ssize_t w = write_all_header(&out);
+    (void)w;
     wake();
 }
 
@@ -218,11 +259,16 @@ static int serve_write(const struct fuse_in_header *h, const struct fuse_write_i
     int64_t off = (int64_t)in->offset, end = off + in->size;
     int64_t t0 = now_ns();
     ssize_t put = -1;
+    int err = 0, lun = -1;
+    int64_t coff = 0;
     struct ent *e = t0 < atomic_load(&lease_ns) ? find(d, off, end) : NULL;
     if (e != NULL && e->may_write) {
         atomic_fetch_add(&d->written[e->lun], 1);
         atomic_store(&pending, 1);
-        put = pwrite(e->fd, data, in->size, e->coff + (off - e->vstart));
+        lun = e->lun;
+        coff = e->coff + (off - e->vstart);
+        put = pwrite(e->fd, data, in->size, coff);
+        err = put < 0 ? errno : 0;
     }
     if (put == (ssize_t)in->size) { /* counted under the lock: the slot is still d's */
         atomic_min(&d->lo, off);
@@ -233,8 +279,12 @@ static int serve_write(const struct fuse_in_header *h, const struct fuse_write_i
         atomic_store(&pending, 1); /* (again: a fold may have run since the first) */
     }
     pthread_rwlock_unlock(&d->lock);
+    if (err != 0) {
+        io_failed(h, in->fh, lun, coff, err, 1);
+        return 1;
+    }
     if (put != (ssize_t)in->size)
-        return 0; /* a miss, an error or a short write: Python does it (again) */
+        return 0; /* a miss or a short write: Python does it (again) */
     atomic_fetch_add(&n_written, 1);
     struct fuse_out_header out = {
         .len = (uint32_t)(sizeof out + sizeof(struct fuse_write_out)), .error = 0,
@@ -258,16 +308,26 @@ static int serve_read(const struct fuse_in_header *h, const struct fuse_read_in 
     int64_t off = (int64_t)in->offset, end = off + in->size;
     int64_t t0 = now_ns();
     ssize_t got = -1;
+    int err = 0, lun = -1;
+    int64_t coff = 0;
     struct ent *e = t0 < atomic_load(&lease_ns) ? find(d, off, end) : NULL;
-    if (e != NULL && e->may_read)
-        got = pread(e->fd, data, in->size, e->coff + (off - e->vstart));
+    if (e != NULL && e->may_read) {
+        lun = e->lun;
+        coff = e->coff + (off - e->vstart);
+        got = pread(e->fd, data, in->size, coff);
+        err = got < 0 ? errno : 0;
+    }
     if (got == (ssize_t)in->size) {
         count(&d->r, in->size, t0); /* under the lock: the slot is still d's */
         atomic_store(&pending, 1);
     }
     pthread_rwlock_unlock(&d->lock);
+    if (err != 0) {
+        io_failed(h, in->fh, lun, coff, err, 0);
+        return 1;
+    }
     if (got != (ssize_t)in->size)
-        return 0; /* a miss, an error or a short read: Python does it again */
+        return 0; /* a miss or a short read: Python does it again */
     struct fuse_out_header out = {
         .len = (uint32_t)(sizeof out + in->size), .error = 0, .unique = h->unique};
     struct iovec iov[2] = {{&out, sizeof out}, {data, in->size}};
@@ -440,6 +500,30 @@ static PyObject *py_stop(PyObject *self, PyObject *unused)
         q = next;
     }
     Py_RETURN_NONE;
+}
+
+/* errors() -> [(fh, lun, container offset, errno, write)]: the container I/O that failed
+ * here since the last call (answered with its error already), oldest first */
+static PyObject *py_errors(PyObject *self, PyObject *unused)
+{
+    pthread_mutex_lock(&q_lock);
+    struct ioerr *x = e_head;
+    e_head = e_tail = NULL;
+    pthread_mutex_unlock(&q_lock);
+    PyObject *list = PyList_New(0);
+    while (x) {
+        struct ioerr *next = x->next;
+        PyObject *t = list ? Py_BuildValue("(KiLiO)", (unsigned long long)x->fh, x->lun,
+                                           (long long)x->coff, x->err,
+                                           x->write ? Py_True : Py_False)
+                           : NULL;
+        if (t == NULL || PyList_Append(list, t) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(t);
+        free(x);
+        x = next;
+    }
+    return list;
 }
 
 /* take() -> (list of raw requests (bytes), ended: 0 or the errno that ended the reader) */
@@ -784,6 +868,8 @@ static PyMethodDef methods[] = {
      "readers (writes: serve FUSE_WRITE too)"},
     {"stop", py_stop, METH_NOARGS, "stop() : stop and join the readers (idempotent)"},
     {"take", py_take, METH_NOARGS, "take() -> (raw requests handed over, ended errno or 0)"},
+    {"errors", py_errors, METH_NOARGS,
+     "errors() -> [(fh, lun, offset, errno, write)] of container I/O that failed in C"},
     {"set_lease", py_set_lease, METH_VARARGS, "set_lease(deadline_ns CLOCK_MONOTONIC)"},
     {"new_disk", py_new_disk, METH_NOARGS, "new_disk() -> slot"},
     {"publish", py_publish, METH_VARARGS,

@@ -239,6 +239,11 @@ class CFast:
                 pass
             requests, ended = _fastio.take()
             self.fold()  # what C served before these requests were read: before them
+            for fh, lun, coff, err, write in _fastio.errors():
+                od = self._fh.get(fh)
+                if od is not None:  # logged and reported (io.error) as the Python path does
+                    self.data._io_error(od, "write" if write else "read", lun, coff,
+                                        OSError(err, os.strerror(err)))
             for raw in requests:
                 self._one(raw, nursery)
             if ended:

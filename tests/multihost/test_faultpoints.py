@@ -104,7 +104,8 @@ def _param(point: str, action: str, when: int, phases: list[str], sees: str | No
 ELSEWHERE = {"relocate.copy", "relocate.record", "relocate.push", "relocate.punch",
              "movement.publish",
              "journal.before_head", "storage.copy_chunk", "storage.release",
-             "movement.lazy_settle", "faults.synced"}
+             "movement.lazy_settle", "faults.synced",
+             "snapshot.trim"}  # tests/mount/test_snap_rm_stall.py
 
 
 def test_every_point_has_a_case():
@@ -437,7 +438,10 @@ def test_one_transient_container_eio_in_the_agent(controller, mount_factory, tmp
                        for k in range(SEG // B)), f"segment {i} reads back wrong"
     finally:
         os.close(fd)
-    assert failed == [("write" if syscall == "pwrite64" else "read", 3)], failed
+    # which request meets the 4th call depends on the path that serves it (the C fast
+    # path's first read of a disk goes through Python and builds its table): one does
+    kind = "write" if syscall == "pwrite64" else "read"
+    assert len(failed) == 1 and failed[0][0] == kind, failed
     assert "Input/output error" in m.log()
     m.close()
     model.check(read_direct(agent(mount_factory, controller, "fresh").path / "d", 0, SIZE),
