@@ -130,7 +130,7 @@ class Workload:
                                         for k, v in self.params.items()))
         if self.table is not None:
             out.append(self.table)
-        else:
+        if self.table is None or rows:  # the figures too: the table may not show the aims
             out.append(line(head))
             out.append(line(["-" * w for w in widths]))
             out.extend(line(r) for r in rows)
