@@ -1,18 +1,7 @@
 """The copier: a move's background copy, its commit and its abort (docs/movement.md).
 
-Steps 3 to 5 of a segment's move (service/movement.py has 1 and 2, and the
-whole list):
-
-3. copier: copies a batch of unmarked blocks in steps, flushes the batch once,
-   marks it in one record, then publishes it (pushed at L2 to every agent,
-   drained, then writable, so later writes there need no fault). A write fault
-   on blocks being copied waits for that step, so a copy never overwrites a
-   block a host wrote meanwhile.
-4. commit: every block is marked: push entries that are plainly at L2 to every
-   agent (draining reads in flight on L1), punch L1, record ``move.commit``,
-   which frees L1.
-5. abort: restrict the segment at every agent (drained), copy marked blocks
-   back L2 -> L1, record ``move.abort``, which frees L2.
+Steps 3 to 5 of a segment's move: the list of all five steps is in
+service/movement.py's docstring, which does steps 1 and 2.
 """
 
 from __future__ import annotations

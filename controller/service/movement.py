@@ -16,8 +16,8 @@ One segment's move, step by step (docs/movement.md has the diagram):
    on blocks being copied waits for that step, so a copy never overwrites a
    block a host wrote meanwhile.
 4. commit: every block is marked: push entries that are plainly at L2 to every
-   agent (draining reads in flight on L1), punch L1, record ``move.commit``,
-   which frees L1.
+   agent (draining reads in flight on L1), record ``move.commit``, which frees
+   L1, with L1 held reserved until it is durable and punched (copier.py).
 5. abort: restrict the segment at every agent (drained), copy marked blocks
    back L2 -> L1, record ``move.abort``, which frees L2.
 
